@@ -1,0 +1,90 @@
+// Run-time CPU-feature dispatch shared by every kernel in csrc/.
+//
+// A kernel is a struct with `static PIUMR_ALWAYS_INLINE void run(const Args&)`. The body is
+// inlined into one wrapper per instruction set (AVX-512, AVX2+FMA, the baseline), so the
+// compiler vectorizes the same source three times; `run_for_this_cpu` picks the widest the
+// processor has. PIUMR_KERNELS_CPU_ISA=baseline|avx2|avx512 caps the choice (tests use it
+// to check every variant), and `selected_isa_name()` reports it for piumr_kernels.info().
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PIUMR_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PIUMR_ALWAYS_INLINE inline
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PIUMR_X86_DISPATCH 1
+#endif
+
+namespace piumr {
+
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline CpuIsa detected_isa() {
+#if defined(PIUMR_X86_DISPATCH)
+  static const CpuIsa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      return CpuIsa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return CpuIsa::kAvx2;
+    }
+    return CpuIsa::kBaseline;
+  }();
+  return isa;
+#else
+  return CpuIsa::kBaseline;
+#endif
+}
+
+// The detected ISA, lowered by PIUMR_KERNELS_CPU_ISA (read on every call: cheap, and lets
+// a test switch variants inside one process).
+inline CpuIsa selected_isa() {
+  CpuIsa isa = detected_isa();
+  const char* cap = std::getenv("PIUMR_KERNELS_CPU_ISA");
+  if (cap == nullptr) return isa;
+  CpuIsa wanted = isa;
+  if (std::strcmp(cap, "baseline") == 0) wanted = CpuIsa::kBaseline;
+  if (std::strcmp(cap, "avx2") == 0) wanted = CpuIsa::kAvx2;
+  return static_cast<int>(wanted) < static_cast<int>(isa) ? wanted : isa;
+}
+
+inline const char* selected_isa_name() {
+  switch (selected_isa()) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+#if defined(PIUMR_X86_DISPATCH)
+template <class Kernel, class Args>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void run_avx512(const Args& args) {
+  Kernel::run(args);
+}
+
+template <class Kernel, class Args>
+__attribute__((target("avx2,fma"))) void run_avx2(const Args& args) {
+  Kernel::run(args);
+}
+#endif
+
+template <class Kernel, class Args>
+void run_for_this_cpu(const Args& args) {
+#if defined(PIUMR_X86_DISPATCH)
+  switch (selected_isa()) {
+    case CpuIsa::kAvx512: return run_avx512<Kernel>(args);
+    case CpuIsa::kAvx2: return run_avx2<Kernel>(args);
+    default: break;
+  }
+#endif
+  Kernel::run(args);
+}
+
+}  // namespace piumr

@@ -1,0 +1,170 @@
+"""Backend selection shared by every op: reference (PyTorch), cpp (csrc/ extension), triton.
+
+`auto` sends CUDA tensors to triton and CPU tensors to cpp when the extension is built,
+else to the reference. `PIUMR_KERNELS_BACKEND` or `use_backend(name)` forces one; a forced
+backend that cannot run raises `BackendUnavailableError` instead of falling back.
+Under `torch.compile` the backend is resolved while tracing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import platform
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+_CHOICES = ("auto",) + BACKENDS
+_ENV_BACKEND = "PIUMR_KERNELS_BACKEND"
+_ENV_VALIDATE = "PIUMR_KERNELS_VALIDATE"
+
+# A plain module global (not a ContextVar) so torch.compile can read and guard on it.
+_forced: list[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run here."""
+
+
+def _load_extension() -> tuple[object | None, str]:
+    try:
+        module = importlib.import_module("piumr_kernels._C")
+    except ImportError as error:
+        return None, (
+            f"the C++ extension is not built ({error}); run "
+            "`pip install --no-build-isolation -e .` after installing torch"
+        )
+    return module, ""
+
+
+_EXTENSION, _EXTENSION_ERROR = _load_extension()
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return False, f"triton is not installed ({error})"
+    return True, ""
+
+
+_TRITON_OK, _TRITON_ERROR = _triton_status()
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _availability(backend: str, device: torch.device) -> str:
+    """Empty string when `backend` can run on `device`, else the reason it cannot."""
+    if backend == "reference":
+        return ""
+    if backend == "cpp":
+        if _EXTENSION is None:
+            return _EXTENSION_ERROR
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors only, got a tensor on {device}"
+        return ""
+    if not _TRITON_OK:
+        return _TRITON_ERROR
+    if device.type == "cuda":
+        return ""
+    if device.type == "cpu" and triton_interpreting():
+        return ""
+    return (
+        f"the triton backend runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+        f"got a tensor on {device}"
+    )
+
+
+def backend_available(backend: str) -> bool:
+    """Whether `backend` can run on some device here (its ops get registered)."""
+    if backend == "cpp":
+        return _EXTENSION is not None
+    if backend == "triton":
+        return _TRITON_OK
+    return backend == "reference"
+
+
+def requested_backend() -> str:
+    """The backend asked for: the innermost `use_backend`, else the environment, else auto."""
+    if _forced:
+        return _forced[-1]
+    name = os.environ.get(_ENV_BACKEND, "auto").strip().lower() or "auto"
+    if name not in _CHOICES:
+        raise ValueError(
+            f"{_ENV_BACKEND} must be one of {', '.join(_CHOICES)}, got {name!r}"
+        )
+    return name
+
+
+def resolve_backend(tensor: torch.Tensor) -> str:
+    """The backend that will run an op whose main input is `tensor`."""
+    name = requested_backend()
+    device = tensor.device
+    if name == "auto":
+        if device.type == "cuda" and not _availability("triton", device):
+            return "triton"
+        if device.type == "cpu" and not _availability("cpp", device):
+            return "cpp"
+        return "reference"
+    reason = _availability(name, device)
+    if reason:
+        raise BackendUnavailableError(f"backend {name!r} was requested but {reason}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every op inside the block onto one backend (`auto` restores the default)."""
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(_CHOICES)}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def validation_enabled(validate: bool | None) -> bool:
+    """Value checks (a pass over the data) run when asked for or when PIUMR_KERNELS_VALIDATE=1."""
+    if validate is not None:
+        return bool(validate)
+    return os.environ.get(_ENV_VALIDATE, "0") == "1"
+
+
+def info() -> dict:
+    """Which backends can run here, why the others cannot, and the versions in use."""
+    if not _TRITON_OK:
+        triton_reason = _TRITON_ERROR
+    elif torch.cuda.is_available() or triton_interpreting():
+        triton_reason = ""
+    else:
+        triton_reason = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+    backends = {
+        "reference": {"available": True, "reason": ""},
+        "cpp": {"available": _EXTENSION is not None, "reason": _EXTENSION_ERROR},
+        "triton": {"available": not triton_reason, "reason": triton_reason},
+    }
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from . import __version__
+
+    return {
+        "version": __version__,
+        "backends": backends,
+        "requested": requested_backend(),
+        "triton_interpret": triton_interpreting(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
