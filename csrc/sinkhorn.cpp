@@ -151,20 +151,24 @@ PIUMR_ALWAYS_INLINE void reduce_rows(int64_t n, int64_t m, acc_t* out, F&& term)
   }
 }
 
-// out[c] = sum_i term(e, r, c) over the column's entries (c = j * L + l is contiguous).
+// out[c] = sum_i term(e, r, c) over the column's entries (c = j * L + l). With lanes the
+// sum for one column stays in a register; with L == 1 whole rows are added at a time.
 template <typename acc_t, int L, typename F>
 PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
-  const int64_t ml = m * L;
-  for (int64_t c = 0; c < ml; ++c) out[c] = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (L == 1) {
+  if constexpr (L == 1) {
+    for (int64_t c = 0; c < m; ++c) out[c] = 0;
+    for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
-      for (int64_t c = 0; c < ml; ++c) out[c] += term(i * ml + c, i, c);
-    } else {
-      for (int64_t j = 0; j < m; ++j) {
+      for (int64_t c = 0; c < m; ++c) out[c] += term(i * m + c, i, c);
+    }
+  } else {
+    for (int64_t j = 0; j < m; ++j) {
+      acc_t s[L] = {};
+      for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
-        for (int l = 0; l < L; ++l) out[j * L + l] += term(i * ml + j * L + l, i * L + l, j * L + l);
+        for (int l = 0; l < L; ++l) s[l] += term((i * m + j) * L + l, i * L + l, j * L + l);
       }
+      for (int l = 0; l < L; ++l) out[j * L + l] = s[l];
     }
   }
 }
