@@ -3,8 +3,8 @@
 Three tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_plan`):
 - **packed** (`N, M <= 8`): many matrices per program, a `[BLOCK_B, BLOCK_N, BLOCK_M]`
   register tile (e.g. 128 hyper-connection 4x4 mixings per program);
-- **one matrix** (`N, M <= 128`): the same register-resident kernel with `BLOCK_B = 1`,
-  `num_warps` growing with the matrix;
+- **one matrix** (padded tile up to 4096 elements: 64x64, 32x128, ...): the same
+  register-resident kernel with `BLOCK_B = 1`, `num_warps` growing with the matrix;
 - **streaming** (anything larger): one program per matrix, `K` stays in global memory and
   every half-step is one pass over row or column tiles, using the factorization
   `P_t = diag(U) K diag(V)` (linear) or `L_t = K + f + g` (log) with the scale vectors /
@@ -30,11 +30,11 @@ from torch.library import wrap_triton
 
 from ..triton_variants import KernelVariant
 
-PACKED_MAX = 8            # N, M <= 8: many matrices per program
-REGISTER_MAX = 128        # N, M <= 128: one register-resident matrix per program
-PACKED_ELEMENTS = 2048    # elements of one packed program's tile
-STREAM_ELEMENTS = 4096    # elements of one streaming tile
-STREAM_MAX_COLS = 128     # widest streaming tile (512 contiguous bytes in fp32)
+PACKED_MAX = 8                 # N, M <= 8: many matrices per program
+PACKED_ELEMENTS = 1024         # elements of one packed program's tile
+REGISTER_MAX_ELEMENTS = 4096   # padded tile of a register-resident matrix (64x64, 32x128)
+STREAM_ELEMENTS = 2048         # elements of one streaming tile
+STREAM_MAX_COLS = 128          # widest streaming tile (512 contiguous bytes in fp32)
 STREAM_WARPS = 8
 
 
@@ -94,19 +94,20 @@ def _normalized_sum(target, scale, eps, LOG_DOMAIN: tl.constexpr):
 @triton.jit
 def _register_tile(n_matrices, n_rows, n_cols, n_iters,
                    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Offsets and masks of this program's matrices, and of their row/column stats."""
-    matrices = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """This program's first matrix (int64) and int32 offsets/masks inside its tile, for the
+    matrices and for their row/column stats (int32 tile offsets keep register use low)."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK_B
+    local = tl.arange(0, BLOCK_B)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
-    matrix_ok = (matrices < n_matrices)[:, None]
+    matrix_ok = (local < n_matrices - first)[:, None]
     row_ok = matrix_ok & (rows < n_rows)[None, :]
     col_ok = matrix_ok & (cols < n_cols)[None, :]
     mask = row_ok[:, :, None] & col_ok[:, None, :]
-    offsets = (matrices[:, None, None] * (n_rows * n_cols)
-               + rows[None, :, None] * n_cols + cols[None, None, :])
-    row_stats = matrices[:, None] * (n_iters * n_rows) + rows[None, :]
-    col_stats = matrices[:, None] * (n_iters * n_cols) + cols[None, :]
-    return offsets, mask, row_stats, row_ok, col_stats, col_ok
+    offsets = local[:, None, None] * (n_rows * n_cols) + rows[None, :, None] * n_cols + cols[None, None, :]
+    row_stats = local[:, None] * (n_iters * n_rows) + rows[None, :]
+    col_stats = local[:, None] * (n_iters * n_cols) + cols[None, :]
+    return first, offsets, mask, row_stats, row_ok, col_stats, col_ok
 
 
 @triton.jit
@@ -118,8 +119,12 @@ def _forward_register_kernel(
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
-    offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
+    first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
         n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
+    K_ptr += first * n_rows * n_cols
+    P_ptr += first * n_rows * n_cols
+    row_stats_ptr += first * n_iters * n_rows
+    col_stats_ptr += first * n_iters * n_cols
     if LOG_DOMAIN:
         x = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
         log_row = tl.log(row_sum)
@@ -159,10 +164,13 @@ def _backward_register_kernel(
     likewise; in log domain the steps are softmax-like: `dX = dY - softmax * sum(dY)`."""
     inv_row = 1.0 / tl.cast(row_sum, tl.float32)
     inv_col = 1.0 / tl.cast(col_sum, tl.float32)
-    offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
+    first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
         n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
-    row_stats_ptr += row_stats
-    col_stats_ptr += col_stats
+    grad_ptr += first * n_rows * n_cols
+    K_ptr += first * n_rows * n_cols
+    grad_K_ptr += first * n_rows * n_cols
+    row_stats_ptr += first * n_iters * n_rows + row_stats
+    col_stats_ptr += first * n_iters * n_cols + col_stats
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if LOG_DOMAIN:
         k = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
@@ -468,18 +476,22 @@ class LaunchPlan:
 
 
 def launch_plan(n_rows: int, n_cols: int) -> LaunchPlan:
-    """The tier, block sizes and warps the launchers use for `(N, M)` matrices."""
-    if n_rows <= REGISTER_MAX and n_cols <= REGISTER_MAX:
-        block_n, block_m = triton.next_power_of_2(n_rows), triton.next_power_of_2(n_cols)
-        if n_rows <= PACKED_MAX and n_cols <= PACKED_MAX:
-            block_b = PACKED_ELEMENTS // (block_n * block_m)
-            return LaunchPlan("packed", {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_M": block_m}, 4, block_b)
-        # About 16 elements per thread per live tile (the backward holds K, the gradient
-        # and a recomputed intermediate), which keeps 128x128 free of spills.
-        num_warps = min(16, max(1, block_n * block_m // 512))
+    """The tier, block sizes and warps the launchers use for `(N, M)` matrices.
+
+    The register tier stops at a 4096-element tile: under Triton 3.7 a register-resident
+    128x128 fp32 matrix spills on sm_80/sm_90 at 16 and at 32 warps (K, the gradient and
+    per-element addresses and masks do not fit), so 128x128 streams from L1/L2 instead,
+    still one program per matrix."""
+    block_n, block_m = triton.next_power_of_2(n_rows), triton.next_power_of_2(n_cols)
+    if n_rows <= PACKED_MAX and n_cols <= PACKED_MAX:
+        block_b = PACKED_ELEMENTS // (block_n * block_m)
+        return LaunchPlan("packed", {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_M": block_m}, 4, block_b)
+    if block_n * block_m <= REGISTER_MAX_ELEMENTS:
+        # About 16 elements per thread (8 at 64x64, where 8 warps spill).
+        num_warps = min(16, max(1, block_n * block_m // 256))
         return LaunchPlan("one_matrix", {"BLOCK_B": 1, "BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps, 1)
-    block_c = min(STREAM_MAX_COLS, triton.next_power_of_2(n_cols))
-    block_r = min(STREAM_ELEMENTS // block_c, triton.next_power_of_2(n_rows))
+    block_c = min(STREAM_MAX_COLS, block_m)
+    block_r = min(STREAM_ELEMENTS // block_c, block_n)
     return LaunchPlan("streaming", {"BLOCK_R": block_r, "BLOCK_C": block_c}, STREAM_WARPS, 1)
 
 
@@ -544,8 +556,8 @@ def sinkhorn_backward(
 # differ only in a power-of-two block dimension).
 AOT_SHAPES = {
     "packed": [(4, 4), (8, 8)],
-    "one_matrix": [(16, 16), (64, 64), (128, 128)],
-    "streaming": [(256, 256), (2048, 8)],
+    "one_matrix": [(16, 16), (64, 64)],
+    "streaming": [(128, 128), (2048, 8)],
 }
 _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 _SCALARS = {"n_matrices": "i32", "n_rows": "i32", "n_cols": "i32", "n_iters": "i32", "eps": "fp32", "row_sum": "fp32", "col_sum": "fp32"}
