@@ -33,9 +33,10 @@ from ..triton_variants import KernelVariant
 PACKED_MAX = 8                 # N, M <= 8: many matrices per program
 PACKED_ELEMENTS = 1024         # elements of one packed program's tile
 REGISTER_MAX_ELEMENTS = 4096   # padded tile of a register-resident matrix (64x64, 32x128)
-STREAM_ELEMENTS = 2048         # elements of one streaming tile
+STREAM_ELEMENTS = 1024         # elements of one streaming tile (2048 spills the backward at 8 warps)
 STREAM_MAX_COLS = 128          # widest streaming tile (512 contiguous bytes in fp32)
-STREAM_WARPS = 8
+STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
+STREAM_WARPS = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -491,7 +492,7 @@ def launch_plan(n_rows: int, n_cols: int) -> LaunchPlan:
         num_warps = min(16, max(1, block_n * block_m // 256))
         return LaunchPlan("one_matrix", {"BLOCK_B": 1, "BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps, 1)
     block_c = min(STREAM_MAX_COLS, block_m)
-    block_r = min(STREAM_ELEMENTS // block_c, block_n)
+    block_r = min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n)
     return LaunchPlan("streaming", {"BLOCK_R": block_r, "BLOCK_C": block_c}, STREAM_WARPS, 1)
 
 
