@@ -10,16 +10,18 @@ STACK or LOCAL: Triton inlines everything, so stack space is spilled registers).
 
     python tools/triton_static_check.py [--jobs 2] [--filter sinkhorn] [--arch 80 90]
 
-The Triton interpreter replaces `@triton.jit` functions with Python ones that cannot be
-compiled, so `TRITON_INTERPRET` is removed from this process's environment before Triton
-is imported.
+The check compiles what a GPU run compiles, with Triton's defaults: the interpreter
+replaces `@triton.jit` functions with Python ones that cannot be compiled, and the test
+suite's `TRITON_DEFAULT_FP_FUSION=0` changes the code ptxas sees, so both variables are
+removed from this process's environment before Triton is imported.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.pop("TRITON_INTERPRET", None)
+for _test_only_setting in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION"):
+    os.environ.pop(_test_only_setting, None)
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
