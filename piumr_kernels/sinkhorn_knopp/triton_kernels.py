@@ -2,10 +2,10 @@
 
 Three tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_plan`):
 - **packed** (`N, M <= 8`): many matrices per program, a `[BLOCK_B, BLOCK_N, BLOCK_M]`
-  register tile (e.g. 128 hyper-connection 4x4 mixings per program);
+  register tile (64 hyper-connection 4x4 mixings per program);
 - **one matrix** (padded tile up to 4096 elements: 64x64, 32x128, ...): the same
   register-resident kernel with `BLOCK_B = 1`, `num_warps` growing with the matrix;
-- **streaming** (anything larger): one program per matrix, `K` stays in global memory and
+- **streaming** (larger tiles, including 128x128): one program per matrix, `K` stays in global memory and
   every half-step is one pass over row or column tiles, using the factorization
   `P_t = diag(U) K diag(V)` (linear) or `L_t = K + f + g` (log) with the scale vectors /
   potentials kept in small global buffers. It covers every size; it is fast when the
@@ -488,7 +488,7 @@ def launch_plan(n_rows: int, n_cols: int) -> LaunchPlan:
         block_b = PACKED_ELEMENTS // (block_n * block_m)
         return LaunchPlan("packed", {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_M": block_m}, 4, block_b)
     if block_n * block_m <= REGISTER_MAX_ELEMENTS:
-        # About 16 elements per thread (8 at 64x64, where 8 warps spill).
+        # 8 elements per thread per live tile (64x64 spills at 8 warps, 16 per thread).
         num_warps = min(16, max(1, block_n * block_m // 256))
         return LaunchPlan("one_matrix", {"BLOCK_B": 1, "BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps, 1)
     block_c = min(STREAM_MAX_COLS, block_m)
