@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..backends import triton_interpreting
 from ..triton_variants import KernelVariant
 
 PACKED_MAX = 8                 # N, M <= 8: many matrices per program
@@ -37,6 +38,9 @@ STREAM_ELEMENTS = 1024         # elements of one streaming tile (2048 spills the
 STREAM_MAX_COLS = 128          # widest streaming tile (512 contiguous bytes in fp32)
 STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
 STREAM_WARPS = 4
+# The interpreter pays per tile operation, not per element, and has no registers to spill:
+# it streams 4096-element tiles of any height so the tests stay fast.
+INTERPRETED_STREAM_ELEMENTS = 4096
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,8 +480,9 @@ class LaunchPlan:
     matrices_per_program: int
 
 
-def launch_plan(n_rows: int, n_cols: int) -> LaunchPlan:
-    """The tier, block sizes and warps the launchers use for `(N, M)` matrices.
+def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPlan:
+    """The tier, block sizes and warps the launchers use for `(N, M)` matrices
+    (`interpreted`: under TRITON_INTERPRET=1, where streaming tiles are larger).
 
     The register tier stops at a 4096-element tile: under Triton 3.7 a register-resident
     128x128 fp32 matrix spills on sm_80/sm_90 at 16 and at 32 warps (K, the gradient and
@@ -492,7 +497,10 @@ def launch_plan(n_rows: int, n_cols: int) -> LaunchPlan:
         num_warps = min(16, max(1, block_n * block_m // 256))
         return LaunchPlan("one_matrix", {"BLOCK_B": 1, "BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps, 1)
     block_c = min(STREAM_MAX_COLS, block_m)
-    block_r = min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n)
+    if interpreted:
+        block_r = min(INTERPRETED_STREAM_ELEMENTS // block_c, block_n)
+    else:
+        block_r = min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n)
     return LaunchPlan("streaming", {"BLOCK_R": block_r, "BLOCK_C": block_c}, STREAM_WARPS, 1)
 
 
@@ -505,7 +513,7 @@ def sinkhorn_forward(
     col_stats = K.new_empty((batch, n_iters, n_cols), dtype=torch.float32)
     if batch == 0:
         return P, row_stats, col_stats
-    plan = launch_plan(n_rows, n_cols)
+    plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
     if plan.tier == "streaming":
         # Running U, V (linear); the log-domain potentials live in the stats.
         row_scale = K.new_empty((batch, n_rows) if not log_domain else (0,), dtype=torch.float32)
@@ -531,7 +539,7 @@ def sinkhorn_backward(
     grad_K = torch.empty_like(K)
     if batch == 0:
         return grad_K
-    plan = launch_plan(n_rows, n_cols)
+    plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
     if plan.tier == "streaming":
         if log_domain:
             row_potential, col_potential = row_stats, col_stats
