@@ -9,8 +9,8 @@
 //     R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel), stored in rows
 //     padded with p zeros on each side; then per filter d = (u, v) along W,
 //     E_d[h, w] = sum_j a_v[j] R_u[h, w + j] (k per pixel per filter, k^3 for the full bank).
-//     Each row of E_d is written once and its mean and M2 (two passes over the row, in L1)
-//     are merged into the running per-filter moments with Chan's formula.
+//     Each row of E_d is written once; its moments about E_d[0, 0] (two passes over the row,
+//     in L1) are merged into the running per-filter moments with Chan's formula.
 // Backward, per image b: recompute R from the saved s, rebuild each E_d row, form
 // G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, scatter it through the
 // adjoint of the W pass into Q_u, then g = adjoint of the H pass over the Q_u, and write
@@ -191,14 +191,18 @@ struct ForwardImageKernel {
       const acc_t* a_v = bank.basis.data() + bank.filter_v[n] * k;
       const acc_t* r_slot = rp + bank.filter_slot[n] * height * wp;
       scalar_t* E_n = a.E + n * height * width;
-      acc_t mean = 0, m2 = 0;
+      // Moments of E - shift, shift = E[0, 0]: the deviations are of the order of the spread,
+      // so a mean far from zero costs no precision (the "shifted data" method).
+      acc_t shift = 0, mean = 0, m2 = 0;
       for (int64_t h = 0; h < height; ++h) {
         filter_row_along_w(r_slot + h * wp, a_v, k, width, e);
+        if (h == 0) shift = e[0];
         scalar_t* out = E_n + h * width;
         acc_t row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
         for (int64_t w = 0; w < width; ++w) {
           out[w] = static_cast<scalar_t>(e[w]);
+          e[w] -= shift;
           row_sum += e[w];
         }
         const acc_t row_mean = row_sum * inv_width;
@@ -211,7 +215,7 @@ struct ForwardImageKernel {
         mean += delta * (static_cast<acc_t>(width) / total);
         m2 += row_m2 + delta * delta * (seen * static_cast<acc_t>(width) / total);
       }
-      a.mean[n] = mean;
+      a.mean[n] = shift + mean;
       a.var[n] = m2 / static_cast<acc_t>(height * width);
     }
   }

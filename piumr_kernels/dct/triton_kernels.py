@@ -5,7 +5,8 @@ Forward, three launches (each needs the whole previous result, so they cannot me
   2. `_filter_h_kernel`, grid (B, k, pixel tiles): R_u = the 1-D filter a_u along H of s
      (k^2 multiply-adds per pixel over all u).
   3. `_filter_w_stats_kernel`, grid (B, D): E_d = a_v along W of R_u (k per pixel), written
-     once, with the tile moments Chan-merged into the per-(b, d) mean and variance.
+     once, with the tile moments about E_d[0, 0] Chan-merged into the per-(b, d) mean and
+     variance.
 Backward, four launches: R again from s; `_grad_kernel` forms
 G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW (E_d rebuilt from R);
 `_adjoint_w_kernel` sums the W-pass adjoint of every G_d with the same u into Q_u;
@@ -92,6 +93,11 @@ def _filter_w_stats_kernel(
     n_pixels = height * width
     r_plane = r_ptr + (b * K + u) * n_pixels
     E_plane = E_ptr + (b * n_filters + n) * n_pixels
+    # Moments of E - shift with shift = E[0, 0] (the "shifted data" method: a mean far
+    # from zero costs no precision), two passes per tile, merged across tiles (Chan et al.).
+    first = tl.arange(0, BLOCK).to(tl.int64)
+    e = _filter_row_w(r_plane, basis_ptr, first, first < 1, first % width, width, v, K)
+    shift = tl.sum(tl.where(first == 0, e, 0.0), axis=0)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
     for start in range(0, n_pixels, BLOCK):
@@ -99,7 +105,7 @@ def _filter_w_stats_kernel(
         inside = pixels < n_pixels
         e = _filter_row_w(r_plane, basis_ptr, pixels, inside, pixels % width, width, v, K)
         tl.store(E_plane + pixels, e.to(E_ptr.dtype.element_ty), mask=inside)
-        # Two-pass moments of the tile, merged into the running ones (Chan et al.).
+        e -= shift
         count = tl.minimum(n_pixels - start, BLOCK).to(tl.float32)
         tile_mean = tl.sum(tl.where(inside, e, 0.0), axis=0) / count
         centred = tl.where(inside, e - tile_mean, 0.0)
@@ -109,7 +115,7 @@ def _filter_w_stats_kernel(
         delta = tile_mean - mean
         mean += delta * (count / total)
         m2 += tile_m2 + delta * delta * (seen * count / total)
-    tl.store(mean_ptr + b * n_filters + n, mean)
+    tl.store(mean_ptr + b * n_filters + n, shift + mean)
     tl.store(var_ptr + b * n_filters + n, m2 / n_pixels)
 
 
