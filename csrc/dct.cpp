@@ -5,16 +5,16 @@
 //     tasks (b, band of rows) so a small batch still fills the threads. Each task adds whole
 //     (c, t) planes element-wise into an L1-sized accumulator (vectorized along the plane,
 //     four planes per sweep; no horizontal reductions). Any strides for B, C, T, H, W.
-//  2. Per image b: the separable correlation. First the k 1-D filters along H,
-//     R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel), stored in rows
-//     padded with p zeros on each side; then per filter d = (u, v) along W,
-//     E_d[h, w] = sum_j a_v[j] R_u[h, w + j] (k per pixel per filter, k^3 for the full bank).
-//     Each row of E_d is written once; its moments about E_d[0, 0] (two passes over the row,
-//     in L1) are merged into the running per-filter moments with Chan's formula.
-// Backward, per image b: recompute R from the saved s, rebuild each E_d row, form
-// G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, scatter it through the
-// adjoint of the W pass into Q_u, then g = adjoint of the H pass over the Q_u, and write
-// the small (B, H, W) map g / T. The glue expands it over (C, T).
+//  2. Per image b: the separable correlation, in a flat layout with rows padded by p zeros
+//     (so each 1-D pass is one long vectorized loop, even for 7x7 maps). First the k 1-D
+//     filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel
+//     over all u); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
+//     (k per pixel per filter, k^3 for the full bank). E_d is written once; its mean and
+//     variance are two passes over the cached map of E_d - E_d[0, 0].
+// Backward, per image b: recompute R from the saved s, rebuild each E_d, form
+// G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, correlate it with the reversed
+// a_v into Q_u (the adjoint of the W pass), then g = the H-pass adjoint over the Q_u, and
+// write the small (B, H, W) map g / T. The glue expands it over (C, T).
 // Scratch is allocated once per thread; basis vectors are float64 cosines cast to acc_t.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -39,6 +40,7 @@ template <typename acc_t>
 struct Bank {
   int64_t k, pad, n_filters, n_slots;
   std::vector<acc_t> basis;          // (k, k): basis[u * k + i] = c(u) cos(pi (2i+1) u / 2k)
+  std::vector<acc_t> reversed;       // (k, k): reversed[v * k + j] = basis[v * k + k - 1 - j]
   std::vector<int64_t> slot_u;       // (n_slots): the u of each H-pass slot
   std::vector<int64_t> filter_slot;  // (n_filters): slot holding R_u for filter n
   std::vector<int64_t> filter_v;     // (n_filters)
@@ -53,6 +55,9 @@ struct Bank {
         basis[u * k + i] = static_cast<acc_t>(c * std::cos(pi * (2 * i + 1) * u / (2.0 * k)));
       }
     }
+    reversed.resize(k * k);
+    for (int64_t v = 0; v < k; ++v)
+      for (int64_t j = 0; j < k; ++j) reversed[v * k + j] = basis[v * k + k - 1 - j];
     std::vector<int64_t> slot_of_u(k, -1);
     for (int64_t d : frequencies) {
       const int64_t u = d % k;
@@ -117,39 +122,33 @@ struct ReduceKernel {
   }
 };
 
-// R_u rows for every slot: rp[(slot * H + h) * Wp + p + w] = sum_i a_u[i] s[h + i - p, w].
-// The p pad columns on each side stay zero (zero padding of the W pass).
-template <typename acc_t>
-PIUMR_ALWAYS_INLINE void filter_rows_along_h(const acc_t* s, const acc_t* basis, const int64_t* slot_u,
-                                             int64_t n_slots, int64_t k, int64_t pad, int64_t height,
-                                             int64_t width, acc_t* rp) {
-  const int64_t wp = width + 2 * pad;
-  for (int64_t e = 0; e < n_slots * height * wp; ++e) rp[e] = 0;
-  for (int64_t h = 0; h < height; ++h) {
-    const int64_t i_begin = std::max<int64_t>(0, pad - h);
-    const int64_t i_end = std::min<int64_t>(k, height + pad - h);
-    for (int64_t i = i_begin; i < i_end; ++i) {
-      const acc_t* s_row = s + (h + i - pad) * width;
-      for (int64_t slot = 0; slot < n_slots; ++slot) {
-        const acc_t a = basis[slot_u[slot] * k + i];
-        acc_t* r_row = rp + (slot * height + h) * wp + pad;
+// Image layout: every map is kept flat with rows of Wp = W + 2p (p = k // 2), value (h, w)
+// at h * Wp + p + w, p zero columns each side. A 1-D correlation along W or H is then one
+// long vectorized loop over the flat map (rows as short as W = 7 cost no per-row overhead):
+// out[i] = sum_j taps[j] in[i + j * stride], stride 1 (along W) or Wp (along H). Along W the
+// outputs at a row's last 2p positions mix two rows and are never read.
+// With the tap count KS known at compile time (k = 3, 5, 7) each output vector sums its taps
+// in registers; otherwise (KS = 0) one vectorized multiply-add sweep per tap.
+template <int KS, bool kAccumulate, typename acc_t>
+PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
+                                   acc_t* out) {
+  if constexpr (KS > 0) {
 #pragma omp simd
-        for (int64_t w = 0; w < width; ++w) r_row[w] += a * s_row[w];
-      }
+    for (int64_t i = 0; i < length; ++i) {
+      acc_t sum = 0;
+      for (int j = 0; j < KS; ++j) sum += taps[j] * in[i + j * stride];
+      out[i] = kAccumulate ? out[i] + sum : sum;
     }
-  }
-}
-
-// e[w] = sum_j a_v[j] r_padded[w + j]: one row of E_d from the padded row of R_u.
-template <typename acc_t>
-PIUMR_ALWAYS_INLINE void filter_row_along_w(const acc_t* r_padded, const acc_t* a_v, int64_t k, int64_t width,
-                                            acc_t* e) {
-  for (int64_t w = 0; w < width; ++w) e[w] = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const acc_t a = a_v[j];
-    const acc_t* r = r_padded + j;
+  } else {
+    if (!kAccumulate) {
+      for (int64_t i = 0; i < length; ++i) out[i] = 0;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t tap = taps[j];
+      const acc_t* row = in + j * stride;
 #pragma omp simd
-    for (int64_t w = 0; w < width; ++w) e[w] += a * r[w];
+      for (int64_t i = 0; i < length; ++i) out[i] += tap * row[i];
+    }
   }
 }
 
@@ -172,117 +171,144 @@ struct ImageArgs {
   acc_t* scratch;          // image_scratch_size()
 };
 
+// Per-thread scratch: s padded on all sides, then R_u per slot, then (backward) Q_u per slot
+// with p zero rows above and below, one padded map of G, and two flat work maps.
 template <typename acc_t>
 int64_t image_scratch_size(const Bank<acc_t>& bank, int64_t height, int64_t width) {
-  // R (padded rows), Q (padded rows, backward), one row of E and one of G.
-  return 2 * bank.n_slots * height * (width + 2 * bank.pad) + 2 * width;
+  const int64_t wp = width + 2 * bank.pad, padded = (height + 2 * bank.pad) * wp, map = height * wp;
+  return padded + bank.n_slots * map + bank.n_slots * padded + 3 * map;
 }
 
-template <typename scalar_t, typename acc_t>
+// s[b] into the padded layout (all pads zero), then R_u = the H pass of every slot.
+template <int KS, typename acc_t>
+PIUMR_ALWAYS_INLINE void filter_along_h(const Bank<acc_t>& bank, const acc_t* s, int64_t height, int64_t width,
+                                        acc_t* s_padded, acc_t* r) {
+  const int64_t k = bank.k, pad = bank.pad, wp = width + 2 * pad, map = height * wp;
+  for (int64_t i = 0; i < (height + 2 * pad) * wp; ++i) s_padded[i] = 0;
+  for (int64_t h = 0; h < height; ++h) {
+    const acc_t* src = s + h * width;
+    acc_t* dst = s_padded + (pad + h) * wp + pad;
+    for (int64_t w = 0; w < width; ++w) dst[w] = src[w];
+  }
+  for (int64_t slot = 0; slot < bank.n_slots; ++slot) {
+    correlate<KS, false>(s_padded, wp, bank.basis.data() + bank.slot_u[slot] * k, k, map, r + slot * map);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int KS>
 struct ForwardImageKernel {
   static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
     const Bank<acc_t>& bank = *a.bank;
-    const int64_t k = bank.k, height = a.height, width = a.width, wp = width + 2 * bank.pad;
-    acc_t* rp = a.scratch;
-    acc_t* e = rp + 2 * bank.n_slots * height * wp;
-    filter_rows_along_h(a.s, bank.basis.data(), bank.slot_u.data(), bank.n_slots, k, bank.pad, height, width, rp);
-    const acc_t inv_width = acc_t(1) / static_cast<acc_t>(width);
+    const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
+    const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
+    acc_t* s_padded = a.scratch;
+    acc_t* r = s_padded + (height + 2 * pad) * wp;
+    acc_t* e = r + bank.n_slots * map;
+    acc_t* valid = e + map;  // 1 at (h, w < W), 0 at the mixed positions
+    filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
+    for (int64_t i = 0; i < span; ++i) valid[i] = (i % wp) < width ? acc_t(1) : acc_t(0);
+    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(height * width);
     for (int64_t n = 0; n < bank.n_filters; ++n) {
-      const acc_t* a_v = bank.basis.data() + bank.filter_v[n] * k;
-      const acc_t* r_slot = rp + bank.filter_slot[n] * height * wp;
+      correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + bank.filter_v[n] * k, k, span, e);
       scalar_t* E_n = a.E + n * height * width;
-      // Moments of E - shift, shift = E[0, 0]: the deviations are of the order of the spread,
-      // so a mean far from zero costs no precision (the "shifted data" method).
-      acc_t shift = 0, mean = 0, m2 = 0;
       for (int64_t h = 0; h < height; ++h) {
-        filter_row_along_w(r_slot + h * wp, a_v, k, width, e);
-        if (h == 0) shift = e[0];
-        scalar_t* out = E_n + h * width;
-        acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t w = 0; w < width; ++w) {
-          out[w] = static_cast<scalar_t>(e[w]);
-          e[w] -= shift;
-          row_sum += e[w];
-        }
-        const acc_t row_mean = row_sum * inv_width;
-        acc_t row_m2 = 0;
-#pragma omp simd reduction(+ : row_m2)
-        for (int64_t w = 0; w < width; ++w) row_m2 += (e[w] - row_mean) * (e[w] - row_mean);
-        // Chan et al.: merge (h * W, mean, m2) with (W, row_mean, row_m2).
-        const acc_t seen = static_cast<acc_t>(h * width), total = seen + static_cast<acc_t>(width);
-        const acc_t delta = row_mean - mean;
-        mean += delta * (static_cast<acc_t>(width) / total);
-        m2 += row_m2 + delta * delta * (seen * static_cast<acc_t>(width) / total);
+        const acc_t* src = e + h * wp;
+        scalar_t* dst = E_n + h * width;
+#pragma omp simd
+        for (int64_t w = 0; w < width; ++w) dst[w] = static_cast<scalar_t>(src[w]);
       }
-      a.mean[n] = shift + mean;
-      a.var[n] = m2 / static_cast<acc_t>(height * width);
+      // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
+      // the order of the spread, so a mean far from zero costs no precision.
+      const acc_t shift = e[0];
+      acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < span; ++i) total += valid[i] * (e[i] - shift);
+      const acc_t offset = total * inv_hw;
+      acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
+      for (int64_t i = 0; i < span; ++i) {
+        const acc_t d = e[i] - shift - offset;
+        m2 += valid[i] * d * d;
+      }
+      a.mean[n] = shift + offset;
+      a.var[n] = m2 * inv_hw;
     }
   }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int KS>
 struct BackwardImageKernel {
   static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
     const Bank<acc_t>& bank = *a.bank;
-    const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width, wp = width + 2 * pad;
-    const int64_t plane = bank.n_slots * height * wp;
-    acc_t* rp = a.scratch;
-    acc_t* qp = rp + plane;
-    acc_t* e = qp + plane;
-    acc_t* g = e + width;
-    filter_rows_along_h(a.s, bank.basis.data(), bank.slot_u.data(), bank.n_slots, k, pad, height, width, rp);
-    for (int64_t i = 0; i < plane; ++i) qp[i] = 0;
+    const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
+    const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
+    const int64_t padded = (height + 2 * pad) * wp;
+    acc_t* s_padded = a.scratch;
+    acc_t* r = s_padded + padded;                // R_u per slot
+    acc_t* q = r + bank.n_slots * map;           // Q_u per slot, p zero rows above and below
+    acc_t* g = q + bank.n_slots * padded;        // G in the padded layout (pads zero)
+    acc_t* e = g + map;
+    acc_t* out = e + map;
+    filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
+    for (int64_t i = 0; i < bank.n_slots * padded; ++i) q[i] = 0;
+    for (int64_t i = 0; i < map; ++i) g[i] = 0;
     const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(height * width);
     for (int64_t n = 0; n < bank.n_filters; ++n) {
-      const acc_t* a_v = bank.basis.data() + bank.filter_v[n] * k;
-      const acc_t* r_slot = rp + bank.filter_slot[n] * height * wp;
-      acc_t* q_slot = qp + bank.filter_slot[n] * height * wp;
+      const int64_t v = bank.filter_v[n];
       const scalar_t* dE = a.grad_E + n * height * width;
       const acc_t from_mean = a.grad_mean[n] * inv_hw;
       const acc_t from_var = 2 * a.grad_var[n] * inv_hw;  // times (E - mean)
       const acc_t mean = a.saved_mean[n];
+      if (from_var != 0) {
+        correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + v * k, k, span, e);
+      }
+      // G = dE + dmean / HW + dvar * 2 (E - mean) / HW at the map positions.
       for (int64_t h = 0; h < height; ++h) {
         const scalar_t* dE_row = dE + h * width;
+        const acc_t* e_row = e + h * wp;
+        acc_t* g_row = g + h * wp + pad;
         if (from_var != 0) {
-          filter_row_along_w(r_slot + h * wp, a_v, k, width, e);
 #pragma omp simd
           for (int64_t w = 0; w < width; ++w) {
-            g[w] = static_cast<acc_t>(dE_row[w]) + from_mean + from_var * (e[w] - mean);
+            g_row[w] = static_cast<acc_t>(dE_row[w]) + from_mean + from_var * (e_row[w] - mean);
           }
         } else {
 #pragma omp simd
-          for (int64_t w = 0; w < width; ++w) g[w] = static_cast<acc_t>(dE_row[w]) + from_mean;
+          for (int64_t w = 0; w < width; ++w) g_row[w] = static_cast<acc_t>(dE_row[w]) + from_mean;
         }
-        // Adjoint of the W pass: Q_u[h, w + j] += a_v[j] G[h, w] (padded columns dropped later).
-        acc_t* q_row = q_slot + h * wp;
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t coef = a_v[j];
-          acc_t* q = q_row + j;
-#pragma omp simd
-          for (int64_t w = 0; w < width; ++w) q[w] += coef * g[w];
-        }
+      }
+      // Adjoint of the W pass: Q_u[h, x] += sum_j a_v[j] G[h, x - j + p] (the taps reversed).
+      correlate<KS, true>(g, 1, bank.reversed.data() + v * k, k, span, q + bank.filter_slot[n] * padded + pad * wp);
+    }
+    // Adjoint of the H pass: g[y] = sum_u sum_i a_u[i] Q_u[y - i + p] (reversed taps over Q's
+    // zero rows), then dx's map g / T.
+    for (int64_t slot = 0; slot < bank.n_slots; ++slot) {
+      const acc_t* taps = bank.reversed.data() + bank.slot_u[slot] * k;
+      if (slot == 0) {
+        correlate<KS, false>(q, wp, taps, k, span, out);
+      } else {
+        correlate<KS, true>(q + slot * padded, wp, taps, k, span, out);
       }
     }
-    // Adjoint of the H pass: g[y] = sum_u sum_i a_u[i] Q_u[y - i + p], rows inside the map.
     for (int64_t y = 0; y < height; ++y) {
-      for (int64_t w = 0; w < width; ++w) g[w] = 0;
-      const int64_t i_begin = std::max<int64_t>(0, y + pad - (height - 1));
-      const int64_t i_end = std::min<int64_t>(k, y + pad + 1);
-      for (int64_t i = i_begin; i < i_end; ++i) {
-        for (int64_t slot = 0; slot < bank.n_slots; ++slot) {
-          const acc_t coef = bank.basis[bank.slot_u[slot] * k + i];
-          const acc_t* q = qp + (slot * height + (y - i + pad)) * wp + pad;
+      const acc_t* src = out + y * wp;
+      scalar_t* dst = a.grad_map + y * width;
 #pragma omp simd
-          for (int64_t w = 0; w < width; ++w) g[w] += coef * q[w];
-        }
-      }
-      scalar_t* out = a.grad_map + y * width;
-#pragma omp simd
-      for (int64_t w = 0; w < width; ++w) out[w] = static_cast<scalar_t>(g[w] * a.inv_frames);
+      for (int64_t w = 0; w < width; ++w) dst[w] = static_cast<scalar_t>(src[w] * a.inv_frames);
     }
   }
 };
+
+// Calls f with the compile-time tap count for k = 3, 5, 7, else with 0 (run-time k).
+template <typename F>
+void with_tap_count(int64_t k, F&& f) {
+  switch (k) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -366,7 +392,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at:
         args.mean = mean_ptr + b * n_filters;
         args.var = var_ptr + b * n_filters;
         args.scratch = scratch.data();
-        run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t>>(args);
+        with_tap_count(kernel_size, [&](auto taps) {
+          run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+        });
       }
     });
   });
@@ -416,7 +444,9 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
         args.inv_frames = acc_t(1) / static_cast<acc_t>(frames);
         args.grad_map = out + b * height * width;
         args.scratch = scratch.data();
-        run_for_this_cpu<BackwardImageKernel<scalar_t, acc_t>>(args);
+        with_tap_count(kernel_size, [&](auto taps) {
+          run_for_this_cpu<BackwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+        });
       }
     });
   });
