@@ -4,7 +4,7 @@
 //  1. Channel/time reduction, the only large read: s[b] = (1/T) sum_{c,t} x[b, c, t], over
 //     tasks (b, band of rows) so a small batch still fills the threads. Each task adds whole
 //     (c, t) planes element-wise into an L1-sized accumulator (vectorized along the plane,
-//     four planes per sweep; no horizontal reductions). Any strides for B, C, T, H, W.
+//     eight planes per sweep; no horizontal reductions). Any strides for B, C, T, H, W.
 //  2. Per image b: the separable correlation, in a flat layout with rows padded by p zeros
 //     (so each 1-D pass is one long vectorized loop, even for 7x7 maps). First the k 1-D
 //     filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel
@@ -90,16 +90,18 @@ struct ReduceKernel {
     acc_t* acc = a.acc;
     for (int64_t e = 0; e < n; ++e) acc[e] = 0;
     if (flat) {
+      // Eight planes per sweep: one accumulator load/store per eight plane loads.
       int64_t q = 0;
-      for (; q + 4 <= a.n_planes; q += 4) {
-        const scalar_t* p0 = a.x + a.plane_offsets[q];
-        const scalar_t* p1 = a.x + a.plane_offsets[q + 1];
-        const scalar_t* p2 = a.x + a.plane_offsets[q + 2];
-        const scalar_t* p3 = a.x + a.plane_offsets[q + 3];
+      for (; q + 8 <= a.n_planes; q += 8) {
+        const int64_t* o = a.plane_offsets + q;
+        const scalar_t *p0 = a.x + o[0], *p1 = a.x + o[1], *p2 = a.x + o[2], *p3 = a.x + o[3];
+        const scalar_t *p4 = a.x + o[4], *p5 = a.x + o[5], *p6 = a.x + o[6], *p7 = a.x + o[7];
 #pragma omp simd
         for (int64_t e = 0; e < n; ++e) {
-          acc[e] += (static_cast<acc_t>(p0[e]) + static_cast<acc_t>(p1[e])) +
-                    (static_cast<acc_t>(p2[e]) + static_cast<acc_t>(p3[e]));
+          acc[e] += ((static_cast<acc_t>(p0[e]) + static_cast<acc_t>(p1[e])) +
+                     (static_cast<acc_t>(p2[e]) + static_cast<acc_t>(p3[e]))) +
+                    ((static_cast<acc_t>(p4[e]) + static_cast<acc_t>(p5[e])) +
+                     (static_cast<acc_t>(p6[e]) + static_cast<acc_t>(p7[e])));
         }
       }
       for (; q < a.n_planes; ++q) {
