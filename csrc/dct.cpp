@@ -333,7 +333,11 @@ void reduce_channels_and_frames(const at::Tensor& x, at::Tensor& s) {
   std::vector<int64_t> plane_offsets(channels * frames);
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t t = 0; t < frames; ++t) plane_offsets[c * frames + t] = c * x.stride(1) + t * x.stride(2);
-  const int64_t rows_per_band = std::max<int64_t>(1, kReduceChunk / width);
+  // Bands of at most kReduceChunk elements, and at least two tasks per thread when the
+  // batch alone cannot fill the threads.
+  const int64_t bands_wanted = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
+  const int64_t rows_per_band = std::max<int64_t>(
+      1, std::min(kReduceChunk / width, (height + bands_wanted - 1) / bands_wanted));
   const int64_t n_bands = (height + rows_per_band - 1) / rows_per_band;
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   acc_t* s_ptr = s.data_ptr<acc_t>();
