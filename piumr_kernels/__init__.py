@@ -7,11 +7,15 @@ see `piumr_kernels.info()` and `piumr_kernels.use_backend`.
 __version__ = "0.1.0"
 
 from .backends import BackendUnavailableError, info, use_backend
+from .dct import DCTFilterBank, dct_basis, dct_filter_bank
 from .sinkhorn_knopp import SinkhornKernel, sinkhorn
 
 __all__ = [
     "BackendUnavailableError",
+    "DCTFilterBank",
     "SinkhornKernel",
+    "dct_basis",
+    "dct_filter_bank",
     "info",
     "sinkhorn",
     "use_backend",
