@@ -20,7 +20,7 @@ STAT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torc
 OUT_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # (B, C, T, H, W): 20 planes per sample (two chunks of 16), H * W above the largest Triton
 # block (two blocks), and single-position planes.
-SHAPES = [(2, 5, 4, 6, 7), (1, 2, 3, 47, 49), (3, 1, 1, 1, 1)]
+SHAPES = [(2, 5, 4, 6, 7), (1, 2, 3, 33, 35), (3, 1, 1, 1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
