@@ -1,9 +1,9 @@
 """TFAM at X3D stage shapes: fused ops vs the reference backend vs torch.compile of it, and its memory floor.
 
 Implementations (`benchmark.extra_info["impl"]`):
-- fused: TFAM on the default backend (cpp on CPU, triton on CUDA);
+- fused: TFAM on the fused backend (cpp on CPU, triton on CUDA);
 - eager: TFAM on the reference backend (plain PyTorch ops);
-- compiled: `torch.compile` of TFAM on the reference backend;
+- compiled: `torch.compile(fullgraph=True)` of TFAM on the reference backend;
 - floor: the passes over `x` that TFAM cannot avoid. Forward: one `x.sum()` (the statistics
   read) plus one `x * 2` (the combining read and write). fwd+bwd adds the backward's
   `dot(dout, x)` (the scale-gradient reductions) and `dout * 2` (writing `dx`).
@@ -11,22 +11,29 @@ The module runs in training mode (fresh noise, the perturbed branch of the consi
 fusion), the configuration of a training step.
 """
 
+from __future__ import annotations
+
 import pytest
 import torch
 
 from piumr_kernels import use_backend
 from models.tfam import TFAM
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from harness import DEVICE, FUSED_BACKEND, record
+
 # (B, C, T, H, W): X3D-XS/M res2 and res3 outputs at 112x112 input, 16 frames.
 SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14)]
-MODES = ["fwd", "fwd+bwd"]
-IMPLS = ["fused", "eager", "compiled", "floor"]
 
 
-def _synchronize():
-    if DEVICE == "cuda":
+def _synchronized(fn):
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run():
+        fn()
         torch.cuda.synchronize()
+
+    return run
 
 
 def _floor_step(x, grad, mode):
@@ -36,45 +43,38 @@ def _floor_step(x, grad, mode):
         if mode == "fwd+bwd":
             torch.dot(grad.view(-1), x.view(-1))
             out = grad * 2
-        _synchronize()
         return out
 
     return step
 
 
-def _tfam_step(module, x, grad, mode):
+def _tfam_step(module, backend, x, grad, mode):
     def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                out = module(x)
-        else:
-            out = module(x)
-            out.backward(grad)
-            x.grad = None
-        _synchronize()
-        return out
+        with use_backend(backend):
+            if mode == "fwd":
+                with torch.no_grad():
+                    return module(x)
+            return torch.autograd.grad(module(x), x, grad)
 
     return step
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", ["fused", "eager", "compiled", "floor"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_tfam(benchmark, shape, mode, impl):
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_tfam(benchmark, impl, shape, mode):
     torch.manual_seed(0)
-    x = torch.randn(shape, device=DEVICE, requires_grad=(mode == "fwd+bwd" and impl != "floor"))
+    x = torch.randn(shape, device=DEVICE)
     grad = torch.randn(shape, device=DEVICE)
-    benchmark.group = f"tfam {'x'.join(map(str, shape))} {mode}"
-    benchmark.extra_info["impl"] = impl
+    group = f"tfam {'x'.join(map(str, shape))} {mode}"
     if impl == "floor":
-        benchmark(_floor_step(x.detach(), grad, mode))
+        record(benchmark, impl, group, _synchronized(_floor_step(x, grad, mode)))
         return
     module = TFAM(shape[1], shape[2]).to(DEVICE).train()
     if impl == "compiled":
         torch._dynamo.reset()
         module = torch.compile(module, fullgraph=True)
-    backend = "auto" if impl == "fused" else "reference"
-    with use_backend(backend):
-        step = _tfam_step(module, x, grad, mode)
-        step()  # compile / warm up outside the timing
-        benchmark(step)
+    x.requires_grad_(mode == "fwd+bwd")
+    step = _tfam_step(module, FUSED_BACKEND if impl == "fused" else "reference", x, grad, mode)
+    step()  # warm-up: compilation, extension start-up
+    record(benchmark, impl, group, _synchronized(step))
