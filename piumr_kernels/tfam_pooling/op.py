@@ -119,7 +119,12 @@ def _register_triton() -> None:
     _register_autograd(names)
 
 
-if backends.backend_available("cpp"):
+def _cpp_ops_built() -> bool:
+    """False when the extension predates csrc/tfam_pooling.cpp (built from an older checkout)."""
+    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "tfam_statistics_cpp")
+
+
+if _cpp_ops_built():
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -133,6 +138,11 @@ def _check_video(x: torch.Tensor) -> None:
 
 def _fused_backend(x: torch.Tensor) -> str:
     backend = backends.resolve_backend(x)
+    if backend == "cpp" and not _cpp_ops_built():
+        raise backends.BackendUnavailableError(
+            "the C++ extension was built without csrc/tfam_pooling.cpp; rebuild it "
+            "(`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`)"
+        )
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
     return backend
