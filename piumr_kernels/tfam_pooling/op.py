@@ -124,7 +124,8 @@ def _cpp_ops_built() -> bool:
     return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "tfam_statistics_cpp")
 
 
-if _cpp_ops_built():
+_CPP_OPS_BUILT = _cpp_ops_built()
+if _CPP_OPS_BUILT:
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -138,7 +139,7 @@ def _check_video(x: torch.Tensor) -> None:
 
 def _fused_backend(x: torch.Tensor) -> str:
     backend = backends.resolve_backend(x)
-    if backend == "cpp" and not _cpp_ops_built():
+    if backend == "cpp" and not _CPP_OPS_BUILT:
         raise backends.BackendUnavailableError(
             "the C++ extension was built without csrc/tfam_pooling.cpp; rebuild it "
             "(`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`)"
