@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .backends import BackendUnavailableError, info, use_backend
 from .dct import DCTFilterBank, dct_basis, dct_filter_bank
 from .sinkhorn_knopp import SinkhornKernel, sinkhorn
+from .tfam_pooling import tfam_combine, tfam_statistics
 
 __all__ = [
     "BackendUnavailableError",
@@ -18,5 +19,7 @@ __all__ = [
     "dct_filter_bank",
     "info",
     "sinkhorn",
+    "tfam_combine",
+    "tfam_statistics",
     "use_backend",
 ]
