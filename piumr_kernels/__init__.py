@@ -7,11 +7,14 @@ see `piumr_kernels.info()` and `piumr_kernels.use_backend`.
 __version__ = "0.1.0"
 
 from .backends import BackendUnavailableError, info, use_backend
+from .girl import GIRLLoss, girl_loss
 from .sinkhorn_knopp import SinkhornKernel, sinkhorn
 
 __all__ = [
     "BackendUnavailableError",
+    "GIRLLoss",
     "SinkhornKernel",
+    "girl_loss",
     "info",
     "sinkhorn",
     "use_backend",
