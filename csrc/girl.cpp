@@ -40,6 +40,9 @@ namespace {
 constexpr int64_t kRowTile = 128;       // anchors per work item
 constexpr int64_t kColTile = 256;       // partners per tile
 constexpr double kNormEps = 1e-12;      // f = z / max(||z||, kNormEps)
+// Multiply-adds a thread task should at least get: below that, waking threads costs more
+// than it saves (small batches run inline on the calling thread).
+constexpr int64_t kMinTaskWork = int64_t{1} << 22;
 constexpr int64_t kNumStats = 6;        // rows of the (6, B) stats tensor
 enum Stat { kNorm = 0, kLogitLse, kEmphasisLse, kPositiveWeight, kAnchorLoss, kNumPositive };
 constexpr int64_t kNumOnline = 7;       // running max/sum of both LSEs, positive sums, |P(i)|
@@ -126,7 +129,7 @@ void normalize_rows(const at::Tensor& z, at::Tensor& f, acc_t* norm) {
   const int64_t batch = z.size(0), width = z.size(1);
   const scalar_t* z_ptr = z.data_ptr<scalar_t>();
   acc_t* f_ptr = f.data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(width, 1));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     run_for_this_cpu<NormalizeKernel<scalar_t, acc_t>>(
         NormalizeArgs<scalar_t, acc_t>{z_ptr, f_ptr, norm, begin, end, width});
@@ -304,6 +307,15 @@ struct WorkItem {
   int64_t group, start, size, first_row, rows;  // rows first_row.. of the group at start..start+size
 };
 
+// Items per task so that each task has about kMinTaskWork multiply-adds (pairs x width).
+int64_t item_grain(const std::vector<WorkItem>& items, int64_t width) {
+  if (items.empty()) return 1;
+  int64_t work = 0;
+  for (const WorkItem& it : items) work += it.rows * it.size * (width + 32);
+  const int64_t per_item = std::max<int64_t>(1, work / static_cast<int64_t>(items.size()));
+  return std::max<int64_t>(1, kMinTaskWork / per_item);
+}
+
 std::vector<WorkItem> work_items(const int64_t* offsets, int64_t num_groups) {
   std::vector<WorkItem> items;
   for (int64_t g = 0; g < num_groups; ++g) {
@@ -329,9 +341,9 @@ template <typename scalar_t>
 void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& offsets, double tau,
                   double eta, at::Tensor& risks, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = features.size(0);
+  const int64_t B = features.size(0), width = features.size(1);
   const auto acc_opts = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor f = at::empty({B, features.size(1)}, acc_opts);
+  at::Tensor f = at::empty({B, width}, acc_opts);
   acc_t* st = stats.data_ptr<acc_t>();
   normalize_rows<scalar_t, acc_t>(features, f, st + kNorm * B);
   const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)};
@@ -340,7 +352,8 @@ void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t num_groups = offsets.size(0) - 1;
   const std::vector<WorkItem> items = work_items(off, num_groups);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = item_grain(items, width);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({kRowTile * kColTile}, acc_opts);
     std::vector<acc_t> online(kNumOnline * kRowTile);
     for (int64_t w = begin; w < end; ++w) {
@@ -401,7 +414,8 @@ void backward_impl(const at::Tensor& grad_risks, const at::Tensor& features, con
   const acc_t* norm_ptr = norm.data_ptr<acc_t>();
   scalar_t* out = grad_features.data_ptr<scalar_t>();
   const std::vector<WorkItem> items = work_items(offsets.data_ptr<int64_t>(), offsets.size(0) - 1);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = item_grain(items, width);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({kRowTile * kColTile}, acc_opts);
     at::Tensor grad_rows_buffer = at::empty({kRowTile * width}, acc_opts);
     for (int64_t w = begin; w < end; ++w) {
