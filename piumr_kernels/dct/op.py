@@ -71,10 +71,6 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
-def _cpp_ops_built() -> bool:
-    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "dct_filter_bank_cpp")
-
-
 def _register_cpp() -> None:
     torch.library.register_fake(CPP_FORWARD)(_fake_forward)
     torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
@@ -90,7 +86,7 @@ def _register_triton() -> None:
 
 
 _FUSED = {}
-if _cpp_ops_built():
+if backends.cpp_op_built("dct_filter_bank_cpp"):
     _register_cpp()
     _FUSED["cpp"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_cpp
 if backends.backend_available("triton"):
@@ -180,16 +176,11 @@ def dct_filter_bank(
         if size < 1:
             raise ValueError(f"x must have {name} >= 1 in (B, C, T, H, W), got shape {tuple(x.shape)}")
 
-    backend = backends.resolve_backend(x)
+    backend = backends.resolve_backend(x, cpp_op="dct_filter_bank_cpp")
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
     if backend == "reference" or batch == 0:
         return dct_filter_bank_reference(x, kernel_size, frequencies, return_stats)
-    if backend not in _FUSED:
-        raise backends.BackendUnavailableError(
-            f"backend {backend!r} was selected but the C++ extension was built before the DCT op "
-            "existed; rebuild it (`pip install --no-build-isolation -e .`)"
-        )
     E, mean, var, _ = _FUSED[backend]()(x, kernel_size, frequencies)
     if not return_stats:
         return E

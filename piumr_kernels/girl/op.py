@@ -78,11 +78,7 @@ def _register_triton() -> None:
     _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
 
 
-def _cpp_registered() -> bool:
-    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "girl_cpp")
-
-
-if _cpp_registered():
+if backends.cpp_op_built("girl_cpp"):
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -216,7 +212,7 @@ def girl_loss(
     else:
         order, sizes = explicit_partition(groups)
 
-    backend = backends.resolve_backend(features)
+    backend = backends.resolve_backend(features, cpp_op="girl_cpp")
     if backend == "reference":
         loss, group_risks, risk_var = girl_loss_reference(
             features, labels, order, sizes, tau, eta, lambda_var, var_grad, detach_weights

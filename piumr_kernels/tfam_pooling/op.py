@@ -119,13 +119,7 @@ def _register_triton() -> None:
     _register_autograd(names)
 
 
-def _cpp_ops_built() -> bool:
-    """False when the extension predates csrc/tfam_pooling.cpp (built from an older checkout)."""
-    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "tfam_statistics_cpp")
-
-
-_CPP_OPS_BUILT = _cpp_ops_built()
-if _CPP_OPS_BUILT:
+if backends.cpp_op_built("tfam_statistics_cpp"):
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -138,12 +132,7 @@ def _check_video(x: torch.Tensor) -> None:
 
 
 def _fused_backend(x: torch.Tensor) -> str:
-    backend = backends.resolve_backend(x)
-    if backend == "cpp" and not _CPP_OPS_BUILT:
-        raise backends.BackendUnavailableError(
-            "the C++ extension was built without csrc/tfam_pooling.cpp; rebuild it "
-            "(`python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`)"
-        )
+    backend = backends.resolve_backend(x, cpp_op="tfam_statistics_cpp")
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
     return backend
