@@ -96,13 +96,14 @@ ACTION_MOTIONS: tuple[tuple, ...] = (
     (Reach("together", both=True, envelope="hold"),),                         # putting hands together
     (Reach("together", both=True, rub=(0.02, 4, _V)),),                       # rubbing hands
     (Reach("chest_centre", rub=(0.015, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
-    (Move("finger", -1.0, "hold"), Move("hand_size", -0.25, "hold")),         # clenching fist
+    (Reach("lap_front", envelope="hold"), Move("finger", -1.0, "hold"),
+     Move("hand_size", -0.25, "hold")),                                       # clenching fist
     (Reach("overhead", both=True), Move("finger", 0.6)),                      # stretching arms
     (Reach("side_out", both=True, envelope="release"),),                      # retracting arms
     (Reach("wave", rub=(0.035, 3, _H)),),                                     # waving
     (Reach("spread", both=True, envelope="hold"), Move("finger", 0.8, "hold")),  # spreading hands
     (Reach("fingertips", both=True, rub=(0.008, 3, _H)),),                    # hands touching fingers
-    (Move("wiggle", 1.0, cycles=4.0),),                                       # other finger movements
+    (Reach("lap_front"), Move("wiggle", 1.3, cycles=4.0), Move("finger", 0.5)),  # other finger movements
     (Reach("gesture", rub=(0.05, 1.5, _D)),),                                 # illustrative gestures
     # lower limb 24-31
     (Move("leg_shake", 0.03, cycles=5.0),),                                   # shaking legs
@@ -477,10 +478,11 @@ def _background(person: PersonStyle, size: int) -> np.ndarray:
     return canvas.image[0]
 
 
-def render_clip(person: PersonStyle, execution: Execution, action: int, num_frames: int, size: int,
+def render_clip(person: PersonStyle, execution: Execution, action: int | None, num_frames: int, size: int,
                 background: np.ndarray | None = None) -> np.ndarray:
-    """`(num_frames, size, size, 3)` float32 RGB in [0, 1] of `person` doing `action`."""
-    motion = ACTION_MOTIONS[action]
+    """`(num_frames, size, size, 3)` float32 RGB in [0, 1] of `person` doing `action`
+    (None: sitting idle, with only the person's sway and breathing)."""
+    motion = () if action is None else ACTION_MOTIONS[action]
     time = ((np.arange(num_frames) + 0.5) / num_frames).astype(np.float32)
     pose = _Pose(person, execution, motion, time)
     amount, u, side = pose.amount, pose.unit, pose.side
