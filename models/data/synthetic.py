@@ -201,7 +201,7 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
         centre=(0.5 + rng.uniform(-0.06, 0.06), 0.61 + rng.uniform(-0.02, 0.02)),
         torso_width=rng.uniform(0.85, 1.2),
         torso_length=rng.uniform(0.9, 1.1),
-        head_radius=rng.uniform(0.058, 0.072),
+        head_radius=rng.uniform(0.068, 0.082),
         arm_length=rng.uniform(0.92, 1.08),
         leg_length=rng.uniform(0.9, 1.1),
         skin=skin.astype(np.float32),
@@ -502,7 +502,7 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
 
     hands = _hand_paths(pose, motion)
     arm_upper, arm_fore = 0.15 * person.arm_length * u, 0.15 * person.arm_length * u
-    hand_radius = 0.021 * u * (1 + amount["hand_size"])
+    hand_radius = 0.026 * u * (1 + amount["hand_size"])
     finger_length = 0.028 * u * np.clip(0.5 + amount["finger"], 0.0, 1.5)
 
     def draw_arm(s):
@@ -516,7 +516,7 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
         angle = (0.9 * amount["wiggle"] if s == side else 0.0)
         direction = np.stack([forearm[0] * np.cos(angle) - forearm[1] * np.sin(angle),
                               forearm[0] * np.sin(angle) + forearm[1] * np.cos(angle)])
-        hand_scale = hand_radius if s == side else 0.021 * u
+        hand_scale = hand_radius if s == side else 0.026 * u
         fingers = finger_length if s == side else 0.014 * u
         canvas.capsule(hand, hand + direction * (hand_scale + fingers), 0.008 * u, person.skin * 0.92)
         canvas.disc(hand, hand_scale, person.skin)
