@@ -287,14 +287,13 @@ class _Pose:
                     value = value * _oscillation(part.cycles * person.speed, time, execution)
                 amount[part.param] += value
         self.amount = amount
-        unit = person.scale
+        self.unit = unit = person.scale
         cx, cy = person.centre[0] + execution.shift[0], person.centre[1] + execution.shift[1]
         idle = person.sway * np.sin(2 * math.pi * person.sway_cycles * time + execution.idle_phase)
         breathing = 0.004 * np.sin(2 * math.pi * 1.3 * time + execution.idle_phase * 2)
 
         # Lower body (the hip centre is the origin of the figure).
         self.hip = np.stack([np.full_like(time, cx), np.full_like(time, cy)])
-        self.unit = unit
         # Upper body: sways, rises, slumps; a forward lean (seen from the front) lowers it.
         sway = amount["sway"] + idle
         torso = 0.27 * person.torso_length * (1 - amount["slump"])
@@ -334,45 +333,55 @@ class _Pose:
         self.foot_radius = 0.017 * leg * (1 + 0.5 * amount["feet_out"])
 
     def anchor(self, name: str, s: int) -> np.ndarray:
-        """Named target of a hand on side `s` (points follow the moving body)."""
-        u, r = self.unit, self.head_radius
+        """Point `name` of `_ANCHORS` for the hand on side `s`; it follows the moving body."""
+        if name == "rest":
+            base, (dx, dy), unit = self.hip, self.person.rest_hands, self.unit
+        else:
+            base_name, dx, dy, unit_name = _ANCHORS[name]
+            base = {"hip": lambda: self.hip, "hip_top": lambda: self.hip_top, "neck": lambda: self.neck_base,
+                    "head": lambda: self.head, "shoulder": lambda: self.shoulder[s],
+                    "other_shoulder": lambda: self.shoulder[-s], "knee": lambda: self.knee[s],
+                    "thigh": lambda: 0.5 * (self.hip + self.knee[s]), "foot": lambda: self.foot[s]}[base_name]()
+            unit = self.head_radius if unit_name == "head" else self.unit
+        return base + np.stack([np.full_like(self.time, s * dx * unit), np.full_like(self.time, dy * unit)])
 
-        def offset(point, dx, dy):
-            return point + np.stack([np.full_like(self.time, dx), np.full_like(self.time, dy)])
 
-        head, neck, hip = self.head, self.neck_base, self.hip
-        targets = {
-            "rest": lambda: offset(hip, s * self.person.rest_hands[0] * u, self.person.rest_hands[1] * u),
-            "lap_front": lambda: offset(hip, s * 0.035 * u, -0.06 * u),
-            "together": lambda: offset(hip, s * 0.012 * u, -0.12 * u),
-            "fingertips": lambda: offset(hip, s * 0.028 * u, -0.14 * u),
-            "chest_centre": lambda: offset(neck, s * 0.02 * u, 0.09 * u),
-            "gesture": lambda: offset(neck, s * 0.09 * u, 0.14 * u),
-            "overhead": lambda: offset(self.shoulder[s], s * 0.05 * u, -0.26 * u),
-            "side_out": lambda: offset(self.shoulder[s], s * 0.24 * u, 0.06 * u),
-            "spread": lambda: offset(self.shoulder[s], s * 0.17 * u, 0.15 * u),
-            "wave": lambda: offset(self.shoulder[s], s * 0.1 * u, -0.16 * u),
-            "other_arm": lambda: offset(self.shoulder[-s], s * 0.01 * u, 0.08 * u),
-            "other_shoulder": lambda: offset(self.shoulder[-s], s * 0.01 * u, 0.0),
-            "neck": lambda: offset(neck, s * 0.012 * u, -0.01 * u),
-            "chest": lambda: offset(neck, s * 0.05 * u, 0.07 * u),
-            "back": lambda: offset(hip, s * 0.11 * u, -0.13 * u),
-            "hip": lambda: offset(self.hip_top, s * 0.1 * u, -0.04 * u),
-            "hair": lambda: offset(head, s * 0.3 * r, -1.15 * r),
-            "hindbrain": lambda: offset(head, s * 0.85 * r, -0.75 * r),
-            "forehead": lambda: offset(head, s * 0.1 * r, -0.6 * r),
-            "eye": lambda: offset(head, s * 0.4 * r, -0.15 * r),
-            "bridge": lambda: offset(head, 0.0, -0.2 * r),
-            "nose": lambda: offset(head, 0.0, 0.15 * r),
-            "mouth": lambda: offset(head, 0.0, 0.5 * r),
-            "cheek": lambda: offset(head, s * 0.6 * r, 0.3 * r),
-            "face": lambda: offset(head, s * 0.35 * r, 0.1 * r),
-            "ear": lambda: offset(head, s * 1.05 * r, 0.0),
-            "thigh": lambda: offset(0.5 * (hip + self.knee[s]), s * 0.04 * u, 0.0),
-            "knee": lambda: offset(self.knee[s], 0.0, -0.005 * u),
-            "foot": lambda: offset(self.foot[s], 0.0, -0.02 * u),
-        }
-        return targets[name]()
+# Hand targets: name -> (body point, dx, dy, unit). dx points away from the body's midline
+# on the hand's own side (mirrored for the other hand); dy points down; "body" units are
+# the person's scale, "head" units the head radius.
+_ANCHORS = {
+    "lap_front": ("hip", 0.035, -0.06, "body"),
+    "together": ("hip", 0.012, -0.12, "body"),
+    "fingertips": ("hip", 0.028, -0.14, "body"),
+    "back": ("hip", 0.11, -0.13, "body"),
+    "hip": ("hip_top", 0.1, -0.04, "body"),
+    "chest_centre": ("neck", 0.02, 0.09, "body"),
+    "gesture": ("neck", 0.09, 0.14, "body"),
+    "neck": ("neck", 0.012, -0.01, "body"),
+    "chest": ("neck", 0.05, 0.07, "body"),
+    "overhead": ("shoulder", 0.05, -0.26, "body"),
+    "side_out": ("shoulder", 0.24, 0.06, "body"),
+    "spread": ("shoulder", 0.17, 0.15, "body"),
+    "wave": ("shoulder", 0.1, -0.16, "body"),
+    "other_arm": ("other_shoulder", 0.01, 0.08, "body"),
+    "other_shoulder": ("other_shoulder", 0.01, 0.0, "body"),
+    "hair": ("head", 0.3, -1.15, "head"),
+    "hindbrain": ("head", 0.85, -0.75, "head"),
+    "forehead": ("head", 0.1, -0.6, "head"),
+    "eye": ("head", 0.4, -0.15, "head"),
+    "bridge": ("head", 0.0, -0.2, "head"),
+    "nose": ("head", 0.0, 0.15, "head"),
+    "mouth": ("head", 0.0, 0.5, "head"),
+    "cheek": ("head", 0.6, 0.3, "head"),
+    "face": ("head", 0.35, 0.1, "head"),
+    "ear": ("head", 1.05, 0.0, "head"),
+    "thigh": ("thigh", 0.04, 0.0, "body"),
+    "knee": ("knee", 0.0, -0.005, "body"),
+    "foot": ("foot", 0.0, -0.02, "body"),
+}
+for _motion in ACTION_MOTIONS:
+    for _part in _motion:
+        assert not isinstance(_part, Reach) or _part.anchor in _ANCHORS, _part
 
 
 def _hand_paths(pose: _Pose, motion: tuple) -> dict[int, tuple[np.ndarray, bool]]:
