@@ -150,6 +150,8 @@ def test_export_from_keyword_arguments(tmp_path):
         assert len(MA52Dataset(tmp_path, split, num_frames=2, size=16, short_side=16)) == NUM_ACTIONS
     with pytest.raises(TypeError, match="source"):
         export_ma52(["not a dataset"], tmp_path)
+    with pytest.raises(ValueError, match="training=False"):
+        export_ma52(SyntheticMicroActions("val", persons_per_split=1, training=True, **SMALL), tmp_path)
 
 
 def test_held_out_persons_are_recognizable_from_motion():

@@ -683,6 +683,9 @@ def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_te
         if not all(isinstance(dataset, SyntheticMicroActions) for dataset in datasets):
             raise TypeError("source: expected a SyntheticMicroActions, a sequence of them or a dict of "
                             f"their keyword arguments, got {type(source).__name__}")
+    if any(dataset.training for dataset in datasets):
+        raise ValueError("source: expected datasets with training=False (training=True draws a new "
+                         "execution on every read, so the export would not match the dataset)")
     if frames_per_video < 1:
         raise ValueError(f"frames_per_video: expected >= 1, got {frames_per_video}")
     root = Path(root)
