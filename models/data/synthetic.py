@@ -78,65 +78,65 @@ _H, _V, _D = 0.0, math.pi / 2, math.pi / 4  # rub directions: horizontal, vertic
 
 ACTION_MOTIONS: tuple[tuple, ...] = (
     # body 0-4
-    (Move("sway", 0.045, cycles=3.0),),                                       # shaking body
+    (Move("sway", 0.06, cycles=3.0),),                                       # shaking body
     (Move("slump", 0.12, "release"), Move("rise", 0.02, "hold")),             # sitting straightly
-    (Move("shrug", 0.05),),                                                   # shrugging
+    (Move("shrug", 0.07),),                                                   # shrugging
     (Move("turn", 1.0), Move("sway", 0.03)),                                  # turning around
     (Move("rise", 0.07, "hold"),),                                            # rising up
     # head 5-10
     (Move("pitch", 1.0, "hold"),),                                            # bowing head
     (Move("pitch", -1.0, "hold"),),                                           # head up
-    (Move("roll", 0.45, "hold"),),                                            # tilting head
+    (Move("roll", 0.6, "hold"),),                                            # tilting head
     (Move("yaw", 1.0, "hold"),),                                              # turning head
     (Move("pitch", 0.8, cycles=2.5),),                                        # nodding
     (Move("yaw", 0.9, cycles=2.5),),                                          # shaking head
     # upper limb 11-23
-    (Reach("other_arm", rub=(0.02, 4, _V)),),                                 # scratching arms
-    (Reach("lap_front", both=True, rub=(0.015, 3, _D)), Move("object", 1.0)),  # playing objects
+    (Reach("other_arm", rub=(0.03, 4, _V)),),                                 # scratching arms
+    (Reach("lap_front", both=True, rub=(0.0225, 3, _D)), Move("object", 1.0)),  # playing objects
     (Reach("together", both=True, envelope="hold"),),                         # putting hands together
-    (Reach("together", both=True, rub=(0.02, 4, _V)),),                       # rubbing hands
-    (Reach("chest_centre", rub=(0.015, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
+    (Reach("together", both=True, rub=(0.03, 4, _V)),),                       # rubbing hands
+    (Reach("chest_centre", rub=(0.0225, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
     (Reach("lap_front", envelope="hold"), Move("finger", -1.0, "hold"),
      Move("hand_size", -0.25, "hold")),                                       # clenching fist
     (Reach("overhead", both=True), Move("finger", 0.6)),                      # stretching arms
     (Reach("side_out", both=True, envelope="release"),),                      # retracting arms
-    (Reach("wave", rub=(0.035, 3, _H)),),                                     # waving
+    (Reach("wave", rub=(0.0525, 3, _H)),),                                     # waving
     (Reach("spread", both=True, envelope="hold"), Move("finger", 0.8, "hold")),  # spreading hands
-    (Reach("fingertips", both=True, rub=(0.008, 3, _H)),),                    # hands touching fingers
+    (Reach("fingertips", both=True, rub=(0.012, 3, _H)),),                    # hands touching fingers
     (Reach("lap_front"), Move("wiggle", 1.3, cycles=4.0), Move("finger", 0.5)),  # other finger movements
-    (Reach("gesture", rub=(0.05, 1.5, _D)),),                                 # illustrative gestures
+    (Reach("gesture", rub=(0.075, 1.5, _D)),),                                 # illustrative gestures
     # lower limb 24-31
-    (Move("leg_shake", 0.03, cycles=5.0),),                                   # shaking legs
-    (Move("feet_up", 0.09, "hold"),),                                         # curling legs
-    (Move("knees_apart", 0.06, "hold"),),                                     # spread legs
-    (Move("knees_apart", 0.06, "release"),),                                  # closing legs
+    (Move("leg_shake", 0.045, cycles=5.0),),                                   # shaking legs
+    (Move("feet_up", 0.12, "hold"),),                                         # curling legs
+    (Move("knees_apart", 0.08, "hold"),),                                     # spread legs
+    (Move("knees_apart", 0.08, "release"),),                                  # closing legs
     (Move("cross", 1.0, "hold"),),                                            # crossing legs
     (Move("feet_out", 1.0, "hold"),),                                         # stretching feet
     (Move("feet_out", 1.0, "release"),),                                      # retracting feet
     (Move("tiptoe", 1.0),),                                                   # tiptoe
     # body-hand 32-37
-    (Reach("neck", rub=(0.012, 3, _H)),),                                     # scratching or touching neck
-    (Reach("chest", rub=(0.015, 3, _V)),),                                    # ... chest
-    (Reach("back", rub=(0.015, 3, _V), behind=True),),                        # ... back
-    (Reach("other_shoulder", rub=(0.012, 3, _H)),),                           # ... shoulder
+    (Reach("neck", rub=(0.018, 3, _H)),),                                     # scratching or touching neck
+    (Reach("chest", rub=(0.0225, 3, _V)),),                                    # ... chest
+    (Reach("back", rub=(0.0225, 3, _V), behind=True),),                        # ... back
+    (Reach("other_shoulder", rub=(0.018, 3, _H)),),                           # ... shoulder
     (Reach("hip", both=True, envelope="hold"),),                              # arms akimbo
     (Reach("other_arm", both=True, envelope="hold"),),                        # crossing arms
     # head-hand 38-47
-    (Reach("hair", rub=(0.02, 2, _H)),),                                      # playing or tidying hair
-    (Reach("hindbrain", rub=(0.012, 3, _V), behind=True),),                   # scratching or touching hindbrain
-    (Reach("forehead", rub=(0.012, 3, _H)),),                                 # ... forehead
-    (Reach("cheek", rub=(0.012, 3, _V)),),                                    # ... face
-    (Reach("eye", rub=(0.008, 4, _H)),),                                      # rubbing eyes
+    (Reach("hair", rub=(0.03, 2, _H)),),                                      # playing or tidying hair
+    (Reach("hindbrain", rub=(0.018, 3, _V), behind=True),),                   # scratching or touching hindbrain
+    (Reach("forehead", rub=(0.018, 3, _H)),),                                 # ... forehead
+    (Reach("cheek", rub=(0.018, 3, _V)),),                                    # ... face
+    (Reach("eye", rub=(0.012, 4, _H)),),                                      # rubbing eyes
     (Reach("nose"),),                                                         # touching nose
-    (Reach("ear", rub=(0.008, 2, _V)),),                                      # touching ears
+    (Reach("ear", rub=(0.012, 2, _V)),),                                      # touching ears
     (Reach("face", both=True),),                                              # covering face
     (Reach("mouth"),),                                                        # covering mouth
-    (Reach("bridge", rub=(0.015, 1, _V)),),                                   # pushing glasses
+    (Reach("bridge", rub=(0.0225, 1, _V)),),                                   # pushing glasses
     # leg-hand 48-51
-    (Reach("thigh", rub=(0.025, 4, _V)),),                                    # patting legs
+    (Reach("thigh", rub=(0.0375, 4, _V)),),                                    # patting legs
     (Reach("knee"),),                                                         # touching legs
-    (Reach("thigh", rub=(0.012, 5, _H)),),                                    # scratching legs
-    (Reach("foot", rub=(0.012, 3, _H)), Move("lean", 0.2)),                   # scratching feet
+    (Reach("thigh", rub=(0.018, 5, _H)),),                                    # scratching legs
+    (Reach("foot", rub=(0.018, 3, _H)), Move("lean", 0.2)),                   # scratching feet
 )
 assert len(ACTION_MOTIONS) == NUM_ACTIONS
 
@@ -211,13 +211,13 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
         trousers=_colour(rng, (0.1, 0.6), (0.1, 0.6)),
         shoes=_colour(rng, (0.0, 0.5), (0.05, 0.4)),
         chair=_colour(rng, (0.1, 0.6), (0.2, 0.7)),
-        background=_colour(rng, (0.05, 0.5), (0.45, 0.95)),
+        background=_colour(rng, (0.05, 0.4), (0.5, 0.9)),
         pattern=tuple((rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.35),
                        _colour(rng, (0.05, 0.5), (0.4, 0.95))) for _ in range(rng.integers(1, 4))),
         handedness=1 if rng.uniform() < 0.8 else -1,
         speed=rng.uniform(0.75, 1.3),
         amplitude=rng.uniform(0.75, 1.25),
-        sway=rng.uniform(0.0, 0.012),
+        sway=rng.uniform(0.0, 0.006),
         sway_cycles=rng.uniform(0.3, 1.2),
         rest_hands=(rng.uniform(0.015, 0.045), rng.uniform(-0.06, -0.02)),
         knee_gap=rng.uniform(0.05, 0.09),
@@ -313,7 +313,7 @@ class _Pose:
         neck_length = 0.03 * unit
         self.head = self.neck_base + np.stack([np.sin(roll) * (head_radius + neck_length) * self.side,
                                                -np.cos(roll) * (head_radius + neck_length)
-                                               + 0.25 * pitch * head_radius])
+                                               + 0.4 * pitch * head_radius])
         # Legs: knees and feet of each side.
         leg = person.leg_length * unit
         self.knee, self.foot, self.toe = {}, {}, {}
@@ -472,7 +472,7 @@ def _background(person: PersonStyle, size: int) -> np.ndarray:
     image *= (0.85 + 0.3 * grid)[:, None, None]  # a vertical light gradient
     for x, y, radius, colour in person.pattern:
         distance = np.hypot(grid[None, :] - x, grid[:, None] - y)
-        weight = np.clip(1.0 - distance / radius, 0.0, 1.0)[..., None] * 0.6
+        weight = np.clip(1.0 - distance / radius, 0.0, 1.0)[..., None] * 0.35
         image += weight * (colour - image)
     # The chair is static, so it belongs to the background.
     canvas = _Canvas(np.clip(image, 0.0, 1.0), 1)
@@ -548,14 +548,14 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
         return pose.head + np.stack([(cos_roll * dx - sin_roll * dy) * r, (sin_roll * dx + cos_roll * dy) * r])
 
     yaw, pitch = pose.yaw, pose.pitch
-    canvas.disc(head_point(-0.3 * yaw, -0.28 + 0.3 * pitch), r, person.hair)
+    canvas.disc(head_point(-0.4 * yaw, -0.28 + 0.4 * pitch), r, person.hair)
     canvas.disc(head_point(0.1 * yaw, 0.12 + 0.1 * pitch), 0.88 * r, person.skin)
-    eye_y = -0.05 + 0.45 * pitch
+    eye_y = -0.05 + 0.6 * pitch
     for eye in (-1, 1):
-        canvas.disc(head_point(0.45 * yaw + eye * 0.36 * (1 - 0.45 * np.abs(yaw)), eye_y), 0.13 * r,
+        canvas.disc(head_point(0.6 * yaw + eye * 0.36 * (1 - 0.45 * np.abs(yaw)), eye_y), 0.13 * r,
                     np.array([0.08, 0.06, 0.06], np.float32))
-    mouth_y = 0.5 + 0.35 * pitch
-    canvas.capsule(head_point(0.45 * yaw - 0.22, mouth_y), head_point(0.45 * yaw + 0.22, mouth_y), 0.07 * r,
+    mouth_y = 0.5 + 0.5 * pitch
+    canvas.capsule(head_point(0.6 * yaw - 0.22, mouth_y), head_point(0.6 * yaw + 0.22, mouth_y), 0.07 * r,
                    np.array([0.55, 0.15, 0.15], np.float32))
 
     for s in (1, -1):
