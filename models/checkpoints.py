@@ -17,7 +17,8 @@
   exactly SlowFast's computation; in training mode SlowFast would normalize that shortcut
   with batch statistics, which this layout cannot.
 
-Files are read with `torch.load(..., weights_only=True)` (no arbitrary code runs). A
+Files are read with `torch.load(..., weights_only=True)` (no arbitrary code runs); the
+Caffe2 `.pkl` files of the original X3D release are not supported. A
 `module.` prefix (DistributedDataParallel) is stripped. A classifier (`blocks.5.proj`)
 whose shape differs from the model's is not loaded: the model keeps its freshly
 initialised classifier for its own class count. BN `num_batches_tracked` counters may be
