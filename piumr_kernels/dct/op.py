@@ -94,13 +94,8 @@ if _cpp_ops_built():
     _register_cpp()
     _FUSED["cpp"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_cpp
 if backends.backend_available("triton"):
-    try:
-        from . import triton_kernels as _triton_kernels  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        _register_triton()
-        _FUSED["triton"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_triton
+    _register_triton()
+    _FUSED["triton"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_triton
 
 
 def _check_kernel_size(kernel_size: object) -> int:
@@ -187,8 +182,13 @@ def dct_filter_bank(
     backend = backends.resolve_backend(x)
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
-    if backend == "reference" or backend not in _FUSED or batch == 0:
+    if backend == "reference" or batch == 0:
         return dct_filter_bank_reference(x, kernel_size, frequencies, return_stats)
+    if backend not in _FUSED:
+        raise backends.BackendUnavailableError(
+            f"backend {backend!r} was selected but the C++ extension was built before the DCT op "
+            "existed; rebuild it (`pip install --no-build-isolation -e .`)"
+        )
     E, mean, var, _ = _FUSED[backend]()(x, kernel_size, frequencies)
     if not return_stats:
         return E
