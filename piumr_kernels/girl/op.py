@@ -24,7 +24,7 @@ CPP_BACKWARD = "piumr_kernels::girl_cpp_backward"
 TRITON_FORWARD = "piumr_kernels::girl_triton"
 TRITON_BACKWARD = "piumr_kernels::girl_triton_backward"
 
-# Per-sample statistics saved by the fused forward, in this column order:
+# Per-sample statistics saved by the fused forward, a (6, B) tensor with rows in this order:
 # 1 / max(||z_i||, 1e-12), LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij,
 # l_i, |P(i)|.
 STATS = ("inv_norm", "logit_lse", "emphasis_lse", "positive_weight", "anchor_loss", "num_positive")
@@ -34,7 +34,7 @@ def _fake_forward(features, labels, offsets, tau, eta, detach_weights):
     dtype = compute_dtype(features.dtype)
     return (
         features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
-        features.new_empty((features.shape[0], len(STATS)), dtype=dtype),
+        features.new_empty((len(STATS), features.shape[0]), dtype=dtype),
     )
 
 
@@ -101,26 +101,25 @@ def _check_integer_vector(name: str, value: object, length: int) -> None:
 
 def random_partition(
     batch: int, num_groups: int, device: torch.device, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """A fresh random split of `0..batch-1` into `num_groups` chunks (tensor_split sizes).
 
-    Returns `(group_index (B,), order (B,), offsets (G+1,))`: the samples of group `g` are
-    `order[offsets[g]:offsets[g+1]]`. The permutation is drawn on the generator's device
-    (the features' device without one), so one seed gives one partition on every backend.
+    Returns `(group_index (B,), order (B,), sizes)`: the samples of group `g` are the next
+    `sizes[g]` entries of `order`. The permutation is drawn on the generator's device (the
+    features' device without one), so one seed gives one partition on every backend.
     """
     draw_device = generator.device if generator is not None else device
     order = torch.randperm(batch, generator=generator, device=draw_device).to(device)
     base, extra = divmod(batch, num_groups)
     sizes = [base + 1] * extra + [base] * (num_groups - extra)
-    offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
     chunk_of_position = torch.repeat_interleave(
         torch.arange(num_groups, device=device), torch.tensor(sizes, device=device), output_size=batch
     )
     group_index = torch.empty_like(order).scatter_(0, order, chunk_of_position)
-    return group_index, order, offsets
+    return group_index, order, sizes
 
 
-def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Groups from ids (any integers): group `g` is the `g`-th smallest id. Same outputs as
     :func:`random_partition`; every group must have at least two members."""
     ids, group_index = torch.unique(groups, return_inverse=True)
@@ -133,8 +132,7 @@ def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
             f"members of its group), but group id(s) {bad} have only one"
         )
     order = torch.argsort(group_index, stable=True)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return group_index, order, offsets
+    return group_index, order, counts.tolist()
 
 
 def girl_loss(
@@ -207,19 +205,19 @@ def girl_loss(
         )
 
     if groups is None:
-        group_index, order, offsets = random_partition(batch, num_groups, features.device, generator)
+        group_index, order, sizes = random_partition(batch, num_groups, features.device, generator)
     else:
-        group_index, order, offsets = explicit_partition(groups)
-    num_groups = offsets.shape[0] - 1
+        group_index, order, sizes = explicit_partition(groups)
 
     backend = backends.resolve_backend(features)
     if backend == "reference":
         loss, group_risks, risk_var = girl_loss_reference(
-            features, labels, group_index, num_groups, tau, eta, lambda_var, var_grad, detach_weights
+            features, labels, order, sizes, tau, eta, lambda_var, var_grad, detach_weights
         )
     else:
         if backend == "triton" and features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
+        offsets = torch.tensor([0] + sizes, device=features.device).cumsum(0)
         sorted_features = features.index_select(0, order).contiguous()
         sorted_labels = labels.index_select(0, order).to(torch.int64).contiguous()
         group_risks, _ = _FUSED[backend]()(sorted_features, sorted_labels, offsets, tau, eta, bool(detach_weights))

@@ -29,7 +29,7 @@ SMALL_GROUP_MAX = 64   # largest group bound served by one program per group
 STREAM_BLOCK = 64      # anchors x partners per tile on the streaming path
 BLOCK_C = 32           # feature-width chunk of the cosine dot products
 ROW_BLOCK_C = 256      # feature-width chunk of the per-row kernels
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
 NUM_STATS = 6          # norm, logit LSE, emphasis LSE, positive weight, anchor loss, |P(i)|
 
 
