@@ -13,7 +13,8 @@ work (BN, activations, TFAM's pooling and gating). Counted on the reference back
 TFAM's DCT bank and affinity products are plain PyTorch ops the counter sees.
 `train-step` (X3D-XS / PIUmr-XS, batch 4, 16x112x112): forward, loss, backward and an
 AdamW step, training mode. Targets: fused <= 1.15x floor, and fused faster than eager.
-GIRL needs 2 samples per pseudo-group, so the batch of 4 uses 2 groups.
+GIRL needs 2 samples per pseudo-group, so the batch of 4 uses 2 groups. Each benchmark
+also records `peak_mem_mb` (benchmarks/harness.py) and the torch thread count.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness import DEVICE, FUSED_BACKEND, record
 from models.piumr import PIUmrLoss, build_piumr
 from piumr_kernels import use_backend
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["floor", "fused", "eager"]
 NUM_CLASSES = 52  # MA-52
-BACKEND = {"floor": "auto", "fused": "auto", "eager": "reference"}
+BACKEND = {"floor": "auto", "fused": FUSED_BACKEND, "eager": "reference"}
 
 
 def _synchronize():
-    if DEVICE == "cuda":
+    if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -49,20 +50,11 @@ def _parameters(module: torch.nn.Module) -> int:
 def test_size_m_16x224(benchmark, impl):
     model = _model("M", impl, 16).eval()
     x = torch.randn(1, 3, 16, 224, 224, device=DEVICE)
-    benchmark.group = "models size M 1x16x224x224 fwd"
-    benchmark.extra_info["impl"] = impl
     with torch.no_grad():
         with use_backend("reference"):
             counter = FlopCounterMode(display=False)
             with counter:
                 model(x)
-        with use_backend(BACKEND[impl]):
-
-            def forward():
-                model(x)
-                _synchronize()
-
-            benchmark.pedantic(forward, rounds=2, warmup_rounds=1, iterations=1)
     per_module = counter.get_flop_counts()
     tfam_flops = sum(sum(per_module[f"PIUmr.tfam.{stage}"].values()) for stage in model.tfam)
     benchmark.extra_info.update(
@@ -74,6 +66,13 @@ def test_size_m_16x224(benchmark, impl):
         }
     )
 
+    def forward():
+        with torch.no_grad(), use_backend(BACKEND[impl]):
+            model(x)
+        _synchronize()
+
+    record(benchmark, impl, "models size M 1x16x224x224 fwd", forward)
+
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_train_step_xs_b4_16x112(benchmark, impl):
@@ -83,17 +82,16 @@ def test_train_step_xs_b4_16x112(benchmark, impl):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 16, 112, 112, generator=generator).to(DEVICE)
     labels = torch.tensor([0, 0, 1, 2]).to(DEVICE)
-    benchmark.group = "models train-step XS 4x16x112x112 fwd+bwd"
-    benchmark.extra_info["impl"] = impl
     benchmark.extra_info["threads"] = torch.get_num_threads()
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits, features = model(x)
-        loss, _ = criterion(logits, features, labels)
-        loss.backward()
-        optimizer.step()
+        with use_backend(BACKEND[impl]):
+            optimizer.zero_grad(set_to_none=True)
+            logits, features = model(x)
+            loss, _ = criterion(logits, features, labels)
+            loss.backward()
+            optimizer.step()
         _synchronize()
 
-    with use_backend(BACKEND[impl]):
-        benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    step()  # warm up (lazy optimizer state) outside the timing
+    record(benchmark, impl, "models train-step XS 4x16x112x112 fwd+bwd", step)
