@@ -229,7 +229,7 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     with `strict=False` the matching tensors are loaded and the rest reported (warning).
     """
     if not isinstance(model, X3D):
-        raise TypeError(f"model must be a models.x3d.X3D, got {type(model).__name__}")
+        raise TypeError(f"model must be a models.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}")
     state = read_checkpoint(path)
     report = LoadReport(detect_format(state))
     if report.source_format == SLOWFAST:
