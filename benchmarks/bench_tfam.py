@@ -25,17 +25,6 @@ from harness import DEVICE, FUSED_BACKEND, record
 SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14)]
 
 
-def _synchronized(fn):
-    if DEVICE.type != "cuda":
-        return fn
-
-    def run():
-        fn()
-        torch.cuda.synchronize()
-
-    return run
-
-
 def _floor_step(x, grad, mode):
     def step():
         x.sum()
@@ -68,7 +57,7 @@ def test_tfam(benchmark, impl, shape, mode):
     grad = torch.randn(shape, device=DEVICE)
     group = f"tfam {'x'.join(map(str, shape))} {mode}"
     if impl == "floor":
-        record(benchmark, impl, group, _synchronized(_floor_step(x, grad, mode)))
+        record(benchmark, impl, group, _floor_step(x, grad, mode))
         return
     module = TFAM(shape[1], shape[2]).to(DEVICE).train()
     if impl == "compiled":
@@ -77,4 +66,4 @@ def test_tfam(benchmark, impl, shape, mode):
     x.requires_grad_(mode == "fwd+bwd")
     step = _tfam_step(module, FUSED_BACKEND if impl == "fused" else "reference", x, grad, mode)
     step()  # warm-up: compilation, extension start-up
-    record(benchmark, impl, group, _synchronized(step))
+    record(benchmark, impl, group, step)

@@ -35,8 +35,21 @@ def peak_memory_mb(fn) -> float:
     return peak / 2**20
 
 
+def _synchronized(fn):
+    """On CUDA, time the kernels rather than their asynchronous launch."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def record(benchmark, impl: str, group: str, fn) -> None:
     """Tag, measure peak memory once, then time `fn` with pytest-benchmark."""
+    fn = _synchronized(fn)
     benchmark.group = group
     benchmark.extra_info["impl"] = impl
     benchmark.extra_info["device"] = str(DEVICE)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from .._registration import library_op, register_fakes, register_triton_ops
 from .._checks import check_float_tensor, check_int
 from .reference import compute_dtype, dct_basis_reference, dct_filter_bank_reference
 
@@ -45,8 +46,7 @@ def _fake_backward(grad_E, grad_mean, grad_var, s, mean, kernel_size, frequencie
 
 
 def _register_autograd(forward_name: str, backward_name: str) -> None:
-    namespace, op_name = backward_name.split("::")
-    backward_op = getattr(getattr(torch.ops, namespace), op_name)
+    backward_op = library_op(backward_name)
 
     def setup_context(ctx, inputs, output):
         x, kernel_size, frequencies = inputs
@@ -71,26 +71,16 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
-def _register_cpp() -> None:
-    torch.library.register_fake(CPP_FORWARD)(_fake_forward)
-    torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
-    _register_autograd(CPP_FORWARD, CPP_BACKWARD)
-
-
-def _register_triton() -> None:
-    from . import triton_kernels
-
-    torch.library.triton_op(TRITON_FORWARD, triton_kernels.dct_forward, mutates_args=())
-    torch.library.triton_op(TRITON_BACKWARD, triton_kernels.dct_backward, mutates_args=())
-    _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
-
-
 _FUSED = {}
 if backends.cpp_op_built("dct_filter_bank_cpp"):
-    _register_cpp()
+    register_fakes({CPP_FORWARD: _fake_forward, CPP_BACKWARD: _fake_backward})
+    _register_autograd(CPP_FORWARD, CPP_BACKWARD)
     _FUSED["cpp"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_cpp
 if backends.backend_available("triton"):
-    _register_triton()
+    from . import triton_kernels
+
+    register_triton_ops({TRITON_FORWARD: triton_kernels.dct_forward, TRITON_BACKWARD: triton_kernels.dct_backward})
+    _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
     _FUSED["triton"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_triton
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from .._registration import library_op, register_fakes, register_triton_ops
 from .._checks import check_float_tensor, check_int, check_real, check_same_device
 from .reference import combine_group_risks, compute_dtype, girl_loss_reference
 
@@ -46,8 +47,7 @@ def _fake_backward(grad_risks, features, labels, offsets, stats, tau, eta, detac
 
 
 def _register_autograd(forward_name: str, backward_name: str) -> None:
-    namespace, op_name = backward_name.split("::")
-    backward_op = getattr(getattr(torch.ops, namespace), op_name)
+    backward_op = library_op(backward_name)
 
     def setup_context(ctx, inputs, output):
         features, labels, offsets, tau, eta, detach_weights = inputs
@@ -64,24 +64,14 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
-def _register_cpp() -> None:
-    torch.library.register_fake(CPP_FORWARD)(_fake_forward)
-    torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
+if backends.cpp_op_built("girl_cpp"):
+    register_fakes({CPP_FORWARD: _fake_forward, CPP_BACKWARD: _fake_backward})
     _register_autograd(CPP_FORWARD, CPP_BACKWARD)
-
-
-def _register_triton() -> None:
+if backends.backend_available("triton"):
     from . import triton_kernels
 
-    torch.library.triton_op(TRITON_FORWARD, triton_kernels.girl_forward, mutates_args=())
-    torch.library.triton_op(TRITON_BACKWARD, triton_kernels.girl_backward, mutates_args=())
+    register_triton_ops({TRITON_FORWARD: triton_kernels.girl_forward, TRITON_BACKWARD: triton_kernels.girl_backward})
     _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
-
-
-if backends.cpp_op_built("girl_cpp"):
-    _register_cpp()
-if backends.backend_available("triton"):
-    _register_triton()
 
 _FUSED = {
     "cpp": lambda: torch.ops.piumr_kernels.girl_cpp,

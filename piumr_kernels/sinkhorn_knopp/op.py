@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from .._registration import library_op, register_fakes, register_triton_ops
 from .._checks import check_float_tensor, check_int, check_real
 from .reference import sinkhorn_reference
 
@@ -56,8 +57,7 @@ def _fake_backward(grad_P, K, row_stats, col_stats, n_iters, eps, log_domain, ro
 
 
 def _register_autograd(forward_name: str, backward_name: str) -> None:
-    namespace, op_name = backward_name.split("::")
-    backward_op = getattr(getattr(torch.ops, namespace), op_name)
+    backward_op = library_op(backward_name)
 
     def setup_context(ctx, inputs, output):
         K, n_iters, eps, log_domain, row_sum, col_sum = inputs
@@ -74,26 +74,17 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
-def _register_cpp() -> None:
+if backends.cpp_op_built("sinkhorn_cpp"):
     # Autograd for the cpp ops is registered in C++ (csrc/sinkhorn.cpp): no Python per call.
     # Its stats are batch-last, (n_iters, N, batch), so 16 matrices store them as one run.
-    torch.library.register_fake(CPP_FORWARD)(_fake_cpp_forward)
-    torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
-
-
-def _register_triton() -> None:
+    register_fakes({CPP_FORWARD: _fake_cpp_forward, CPP_BACKWARD: _fake_backward})
+if backends.backend_available("triton"):
     from . import triton_kernels
 
-    torch.library.triton_op(TRITON_FORWARD, triton_kernels.sinkhorn_forward, mutates_args=())
-    torch.library.triton_op(TRITON_BACKWARD, triton_kernels.sinkhorn_backward, mutates_args=())
+    register_triton_ops(
+        {TRITON_FORWARD: triton_kernels.sinkhorn_forward, TRITON_BACKWARD: triton_kernels.sinkhorn_backward}
+    )
     _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
-
-
-if backends.cpp_op_built("sinkhorn_cpp"):
-    _register_cpp()
-if backends.backend_available("triton"):
-    _register_triton()
-
 
 
 def _check_values(K: torch.Tensor, log_domain: bool) -> None:

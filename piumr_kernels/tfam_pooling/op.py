@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends
+from .._registration import library_op, register_fakes, register_triton_ops
 from .._checks import check_float_tensor, check_same_device
 from .reference import accumulation_dtype, tfam_combine_reference, tfam_statistics_reference
 
@@ -36,11 +37,6 @@ _OPS = {
     }
     for backend in ("cpp", "triton")
 }
-
-
-def _op(qualified_name: str):
-    namespace, name = qualified_name.split("::")
-    return getattr(getattr(torch.ops, namespace), name)
 
 
 def _fake_statistics(x):
@@ -67,8 +63,8 @@ def _fake_combine_backward(grad_out, x, temporal_scale, spatial_scale):
 
 
 def _register_autograd(names: dict) -> None:
-    statistics_backward = _op(names["statistics_backward"])
-    combine_backward = _op(names["combine_backward"])
+    statistics_backward = library_op(names["statistics_backward"])
+    combine_backward = library_op(names["combine_backward"])
 
     def statistics_setup(ctx, inputs, output):
         (x,) = inputs
@@ -93,36 +89,30 @@ def _register_autograd(names: dict) -> None:
     torch.library.register_autograd(names["combine"], combine_grad, setup_context=combine_setup)
 
 
-def _register_fakes(names: dict) -> None:
-    torch.library.register_fake(names["statistics"])(_fake_statistics)
-    torch.library.register_fake(names["statistics_backward"])(_fake_statistics_backward)
-    torch.library.register_fake(names["combine"])(_fake_combine)
-    torch.library.register_fake(names["combine_backward"])(_fake_combine_backward)
-
-
-def _register_cpp() -> None:
-    _register_fakes(_OPS["cpp"])
-    _register_autograd(_OPS["cpp"])
-
-
-def _register_triton() -> None:
+if backends.cpp_op_built("tfam_statistics_cpp"):
+    names = _OPS["cpp"]
+    register_fakes(
+        {
+            names["statistics"]: _fake_statistics,
+            names["statistics_backward"]: _fake_statistics_backward,
+            names["combine"]: _fake_combine,
+            names["combine_backward"]: _fake_combine_backward,
+        }
+    )
+    _register_autograd(names)
+if backends.backend_available("triton"):
     from . import triton_kernels
 
     names = _OPS["triton"]
-    for key, function in (
-        ("statistics", triton_kernels.statistics_forward),
-        ("statistics_backward", triton_kernels.statistics_backward),
-        ("combine", triton_kernels.combine_forward),
-        ("combine_backward", triton_kernels.combine_backward),
-    ):
-        torch.library.triton_op(names[key], function, mutates_args=())
+    register_triton_ops(
+        {
+            names["statistics"]: triton_kernels.statistics_forward,
+            names["statistics_backward"]: triton_kernels.statistics_backward,
+            names["combine"]: triton_kernels.combine_forward,
+            names["combine_backward"]: triton_kernels.combine_backward,
+        }
+    )
     _register_autograd(names)
-
-
-if backends.cpp_op_built("tfam_statistics_cpp"):
-    _register_cpp()
-if backends.backend_available("triton"):
-    _register_triton()
 
 
 def _check_video(x: torch.Tensor) -> None:
@@ -151,7 +141,7 @@ def tfam_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     backend = _fused_backend(x)
     if backend == "reference" or x.shape[0] == 0:
         return tfam_statistics_reference(x)
-    frame_mean, frame_max, spatial, _ = _op(_OPS[backend]["statistics"])(x.contiguous())
+    frame_mean, frame_max, spatial, _ = library_op(_OPS[backend]["statistics"])(x.contiguous())
     return frame_mean, frame_max, spatial
 
 
@@ -182,6 +172,6 @@ def tfam_combine(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: t
     if backend == "reference" or batch == 0:
         return tfam_combine_reference(x, temporal_scale, spatial_scale)
     acc = accumulation_dtype(x.dtype)
-    return _op(_OPS[backend]["combine"])(
+    return library_op(_OPS[backend]["combine"])(
         x.contiguous(), temporal_scale.to(acc).contiguous(), spatial_scale.to(acc).contiguous()
     )
