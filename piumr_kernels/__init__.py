@@ -7,12 +7,19 @@ see `piumr_kernels.info()` and `piumr_kernels.use_backend`.
 __version__ = "0.1.0"
 
 from .backends import BackendUnavailableError, info, use_backend
+from .dct import DCTFilterBank, dct_basis, dct_filter_bank
 from .sinkhorn_knopp import SinkhornKernel, sinkhorn
+from .tfam_pooling import tfam_combine, tfam_statistics
 
 __all__ = [
     "BackendUnavailableError",
+    "DCTFilterBank",
     "SinkhornKernel",
+    "dct_basis",
+    "dct_filter_bank",
     "info",
     "sinkhorn",
+    "tfam_combine",
+    "tfam_statistics",
     "use_backend",
 ]

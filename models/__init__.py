@@ -1,0 +1,1 @@
+"""PIUmr reference model: X3D backbone, TFAM, training objective."""
