@@ -8,15 +8,18 @@ __version__ = "0.1.0"
 
 from .backends import BackendUnavailableError, info, use_backend
 from .dct import DCTFilterBank, dct_basis, dct_filter_bank
+from .girl import GIRLLoss, girl_loss
 from .sinkhorn_knopp import SinkhornKernel, sinkhorn
 from .tfam_pooling import tfam_combine, tfam_statistics
 
 __all__ = [
     "BackendUnavailableError",
     "DCTFilterBank",
+    "GIRLLoss",
     "SinkhornKernel",
     "dct_basis",
     "dct_filter_bank",
+    "girl_loss",
     "info",
     "sinkhorn",
     "tfam_combine",

@@ -1,0 +1,276 @@
+"""Public GIRL loss op (SPEC §3): pseudo-groups, argument checks, backend dispatch,
+torch.library registration.
+
+Every backend sees the same partition: the permutation (or the explicit `groups`) is
+turned into a group index here, in Python, before dispatch. The fused backends (cpp,
+triton) then work on the samples sorted by group, described by `offsets` (`G + 1`
+boundaries), and never form a `B x B` matrix. Their forward op returns the per-group risks
+`L_g` and six numbers per sample that the fused backward needs (see `STATS`); the mean
+and the variance penalty over the `G` risks are combined in PyTorch (a `G`-vector), so
+autograd applies `var_grad` for every backend the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import backends
+from .._checks import check_float_tensor, check_int, check_real, check_same_device
+from .reference import combine_group_risks, compute_dtype, girl_loss_reference
+
+CPP_FORWARD = "piumr_kernels::girl_cpp"
+CPP_BACKWARD = "piumr_kernels::girl_cpp_backward"
+TRITON_FORWARD = "piumr_kernels::girl_triton"
+TRITON_BACKWARD = "piumr_kernels::girl_triton_backward"
+
+# Per-sample statistics saved by the fused forward, in this column order:
+# 1 / max(||z_i||, 1e-12), LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij,
+# l_i, |P(i)|.
+STATS = ("inv_norm", "logit_lse", "emphasis_lse", "positive_weight", "anchor_loss", "num_positive")
+
+
+def _fake_forward(features, labels, offsets, tau, eta, detach_weights):
+    dtype = compute_dtype(features.dtype)
+    return (
+        features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
+        features.new_empty((features.shape[0], len(STATS)), dtype=dtype),
+    )
+
+
+def _fake_backward(grad_risks, features, labels, offsets, stats, tau, eta, detach_weights):
+    return torch.empty_like(features)
+
+
+def _register_autograd(forward_name: str, backward_name: str) -> None:
+    namespace, op_name = backward_name.split("::")
+    backward_op = getattr(getattr(torch.ops, namespace), op_name)
+
+    def setup_context(ctx, inputs, output):
+        features, labels, offsets, tau, eta, detach_weights = inputs
+        _, stats = output
+        ctx.save_for_backward(features, labels, offsets, stats)
+        ctx.params = (tau, eta, detach_weights)
+        ctx.mark_non_differentiable(stats)
+
+    def backward(ctx, grad_risks, _grad_stats):
+        features, labels, offsets, stats = ctx.saved_tensors
+        grad_features = backward_op(grad_risks.contiguous(), features, labels, offsets, stats, *ctx.params)
+        return grad_features, None, None, None, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+def _register_cpp() -> None:
+    torch.library.register_fake(CPP_FORWARD)(_fake_forward)
+    torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
+    _register_autograd(CPP_FORWARD, CPP_BACKWARD)
+
+
+def _register_triton() -> None:
+    from . import triton_kernels
+
+    torch.library.triton_op(TRITON_FORWARD, triton_kernels.girl_forward, mutates_args=())
+    torch.library.triton_op(TRITON_BACKWARD, triton_kernels.girl_backward, mutates_args=())
+    _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
+
+
+def _cpp_registered() -> bool:
+    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "girl_cpp")
+
+
+if _cpp_registered():
+    _register_cpp()
+if backends.backend_available("triton"):
+    pass  # TRITON_PENDING: _register_triton() once the kernels land
+
+_FUSED = {
+    "cpp": lambda: torch.ops.piumr_kernels.girl_cpp,
+    "triton": lambda: torch.ops.piumr_kernels.girl_triton,
+}
+
+
+def _check_integer_vector(name: str, value: object, length: int) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dim() != 1 or value.shape[0] != length:
+        raise ValueError(f"{name} must be 1-D of length {length} (one per feature row), got shape {tuple(value.shape)}")
+
+
+def random_partition(
+    batch: int, num_groups: int, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fresh random split of `0..batch-1` into `num_groups` chunks (tensor_split sizes).
+
+    Returns `(group_index (B,), order (B,), offsets (G+1,))`: the samples of group `g` are
+    `order[offsets[g]:offsets[g+1]]`. The permutation is drawn on the generator's device
+    (the features' device without one), so one seed gives one partition on every backend.
+    """
+    draw_device = generator.device if generator is not None else device
+    order = torch.randperm(batch, generator=generator, device=draw_device).to(device)
+    base, extra = divmod(batch, num_groups)
+    sizes = [base + 1] * extra + [base] * (num_groups - extra)
+    offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
+    chunk_of_position = torch.repeat_interleave(
+        torch.arange(num_groups, device=device), torch.tensor(sizes, device=device), output_size=batch
+    )
+    group_index = torch.empty_like(order).scatter_(0, order, chunk_of_position)
+    return group_index, order, offsets
+
+
+def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups from ids (any integers): group `g` is the `g`-th smallest id. Same outputs as
+    :func:`random_partition`; every group must have at least two members."""
+    ids, group_index = torch.unique(groups, return_inverse=True)
+    counts = torch.bincount(group_index, minlength=ids.shape[0])
+    small = counts < 2
+    if bool(small.any()):
+        bad = ids[small][:5].tolist()
+        raise ValueError(
+            f"groups: every group needs at least 2 members (a sample's partners are the other "
+            f"members of its group), but group id(s) {bad} have only one"
+        )
+    order = torch.argsort(group_index, stable=True)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return group_index, order, offsets
+
+
+def girl_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_groups: int = 4,
+    tau: float = 0.07,
+    eta: float = 0.2,
+    lambda_var: float = 1.0,
+    var_grad: bool = True,
+    detach_weights: bool = True,
+    groups: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_details: bool = False,
+):
+    """Group-invariant robust learning loss (PIUmr's GIRL), SPEC §3.
+
+    `features` `(B, C)` are the raw pre-classifier features; the op normalizes them,
+    `f = z / max(||z||, 1e-12)` (an all-zero row stays finite). `labels` `(B,)` are integer
+    class ids.
+
+    Pseudo-groups: a fresh random permutation of the batch per call (drawn with
+    `generator` when given) is split into `num_groups` contiguous chunks whose sizes differ
+    by at most one (`torch.tensor_split`); `groups` `(B,)` integer ids (e.g. subject ids)
+    replace that partition, and `num_groups` is then ignored. Every group needs at least
+    two members. With `num_groups=1` this is in-batch weighted SupCon.
+
+    Inside a group, for anchor `i` and each partner `j != i`: cosine `c_ij = f_i . f_j`,
+    logit `s_ij = c_ij / tau`, emphasis `r_ij = exp(-0.5 ((c_ij - eta) / eta)^2)`, weight
+    `w_ij = (|I_g| - 1) r_ij / sum_{k != i} r_ik` (mean one over the partners), positives
+    `P(i)`: partners with the anchor's label, and
+    `l_i = -sum_{j in P(i)} w_ij (s_ij - LSE_i) / max(|P(i)|, 1)` with `LSE_i` the
+    log-sum-exp of `s_ik` over the partners. An anchor with no positive gives 0 and still
+    counts in its group's mean `L_g`. Finally
+    `loss = mean_g L_g + lambda_var * mean_g (L_g - mean L)^2` (population variance).
+
+    Decisions against the paper's literal text (each with its option or reason):
+      1. the emphasis is a Gaussian on the cosine, not on `c / tau` (literal form: every
+         weight ~1e-26 at tau=0.07, eta=0.2); `eta` is the cosine where hard pairs peak;
+      2. self pairs are excluded from the positives and from `LSE_i` (SupCon form);
+      3. weights are scaled to mean one over the partners (paper: a softmax over the
+         group), so with a flat emphasis (`eta -> inf`) the loss is SupCon in each group;
+      4. `detach_weights=True` holds the weights constant in the gradient (importance
+         weights, Danskin's theorem for the DRO inner max); `False` differentiates
+         through them;
+      5. `var_grad=True` lets the variance penalty carry gradient (V-REx); `False` is the
+         paper's `Var(stopgrad(L_g))`: added to the loss and reported, but no gradient.
+
+    Float32 math for float16/bfloat16/float32 features (the loss has the features' dtype);
+    float64 on the reference and cpp backends. With `return_details=True` the result is
+    `(loss, details)`, `details` a dict of detached tensors: `group_risks` `(G,)` (`L_g`),
+    `risk_var` (the variance) and `group_index` `(B,)` (each sample's group).
+    """
+    check_float_tensor("features", features, dim=2)
+    batch = features.shape[0]
+    _check_integer_vector("labels", labels, batch)
+    tau = check_real("tau", tau, positive=True)
+    eta = check_real("eta", eta, positive=True)
+    lambda_var = check_real("lambda_var", lambda_var, minimum=0.0)
+    num_groups = check_int("num_groups", num_groups, 1)
+    tensors = {"features": features, "labels": labels}
+    if groups is not None:
+        _check_integer_vector("groups", groups, batch)
+        tensors["groups"] = groups
+    check_same_device(tensors)
+    if groups is None and 2 * num_groups > batch:
+        raise ValueError(
+            f"num_groups must allow at least 2 members per group (num_groups <= B // 2 = "
+            f"{batch // 2}), got num_groups={num_groups} for a batch of {batch}"
+        )
+
+    if groups is None:
+        group_index, order, offsets = random_partition(batch, num_groups, features.device, generator)
+    else:
+        group_index, order, offsets = explicit_partition(groups)
+    num_groups = offsets.shape[0] - 1
+
+    backend = backends.resolve_backend(features)
+    if backend == "reference":
+        loss, group_risks, risk_var = girl_loss_reference(
+            features, labels, group_index, num_groups, tau, eta, lambda_var, var_grad, detach_weights
+        )
+    else:
+        if backend == "triton" and features.dtype == torch.float64:
+            raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
+        sorted_features = features.index_select(0, order).contiguous()
+        sorted_labels = labels.index_select(0, order).to(torch.int64).contiguous()
+        group_risks, _ = _FUSED[backend]()(sorted_features, sorted_labels, offsets, tau, eta, bool(detach_weights))
+        loss, risk_var = combine_group_risks(group_risks, lambda_var, bool(var_grad))
+        loss = loss.to(features.dtype)
+    if not return_details:
+        return loss
+    details = {"group_risks": group_risks.detach(), "risk_var": risk_var.detach(), "group_index": group_index}
+    return loss, details
+
+
+class GIRLLoss(nn.Module):
+    """`nn.Module` form of :func:`girl_loss` (same options and SPEC §3 decisions).
+
+    `forward(features, labels, groups=None)` draws fresh pseudo-groups from the global RNG
+    on every call unless `groups` is given; `generator=` and `return_details=` pass through.
+    """
+
+    def __init__(
+        self,
+        num_groups: int = 4,
+        tau: float = 0.07,
+        eta: float = 0.2,
+        lambda_var: float = 1.0,
+        var_grad: bool = True,
+        detach_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_groups = check_int("num_groups", num_groups, 1)
+        self.tau = check_real("tau", tau, positive=True)
+        self.eta = check_real("eta", eta, positive=True)
+        self.lambda_var = check_real("lambda_var", lambda_var, minimum=0.0)
+        self.var_grad = bool(var_grad)
+        self.detach_weights = bool(detach_weights)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        return_details: bool = False,
+    ):
+        return girl_loss(
+            features, labels, self.num_groups, self.tau, self.eta, self.lambda_var, self.var_grad,
+            self.detach_weights, groups=groups, generator=generator, return_details=return_details,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_groups={self.num_groups}, tau={self.tau}, eta={self.eta}, lambda_var={self.lambda_var}, "
+            f"var_grad={self.var_grad}, detach_weights={self.detach_weights}"
+        )
