@@ -24,6 +24,7 @@ Decisions a user meets here:
 
 import json
 import math
+import numbers
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -49,10 +50,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def build_dataset(cfg: dict, split: str, train: bool):
-    """The split of the configured dataset; `train` turns on training augmentation."""
+    """The split of the configured dataset; `train` turns on training augmentation (random
+    crop and flip)."""
     from models.data import MA52Dataset, SyntheticMicroActions
 
-    common = dict(split=split, num_frames=cfg["num_frames"], size=cfg["crop_size"], train=train)
+    common = dict(split=split, num_frames=cfg["num_frames"], size=cfg["crop_size"], training=train)
     if cfg["dataset"] == "synthetic":
         return SyntheticMicroActions(**common, **cfg["synthetic_options"])
     return MA52Dataset(cfg["data_root"], **common)
@@ -279,8 +281,8 @@ def evaluate_predictions(pred: dict) -> dict:
     from models.metrics import compute_metrics
 
     metrics = compute_metrics(pred["scores"], pred["label"])
-    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float)) or
-            (torch.is_tensor(value) and value.numel() == 1)}
+    return {key: value if isinstance(value, int) else float(value) for key, value in metrics.items()
+            if isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)}
 
 
 def split_has_labels(cfg: dict, split: str) -> bool:
