@@ -29,8 +29,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm import tqdm
 
 from models import distributed as dist_utils
@@ -56,8 +57,14 @@ def build_dataset(cfg: dict, split: str, train: bool):
 
     common = dict(split=split, num_frames=cfg["num_frames"], size=cfg["crop_size"], training=train)
     if cfg["dataset"] == "synthetic":
-        return SyntheticMicroActions(**common, **cfg["synthetic_options"])
-    return MA52Dataset(cfg["data_root"], **common)
+        dataset = SyntheticMicroActions(**common, **cfg["synthetic_options"])
+    else:
+        dataset = MA52Dataset(cfg["data_root"], **common)
+    limit = cfg["max_train_clips"] if split == "train" else cfg["max_eval_clips"]
+    if limit is not None and limit < len(dataset):
+        # Evenly spaced clips keep every part of the list; items keep their original "index".
+        dataset = Subset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
+    return dataset
 
 
 class ShardSampler(Sampler):

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--data-root", help="MA-52 root folder (implies --dataset ma52)")
     data.add_argument("--num-frames", type=int)
     data.add_argument("--crop-size", type=int)
+    data.add_argument("--max-train-clips", type=int, help="train on this many clips only (smoke tests)")
+    data.add_argument("--max-eval-clips", type=int, help="validate/test on this many clips only")
 
     model = p.add_argument_group("model and ablations (paper Table 3)")
     model.add_argument("--preset", help="X3D preset (models.piumr.PRESETS)")

@@ -28,6 +28,8 @@ DEFAULTS = {
     "crop_size": 224,                # square crop fed to the network
     "synthetic_options": {},         # extra keyword arguments for SyntheticMicroActions
     "num_workers": 2,                # DataLoader worker processes per rank
+    "max_train_clips": None,         # use only this many training clips (evenly spaced; smoke tests)
+    "max_eval_clips": None,          # ... and validation/test clips
     # model (build_piumr); the ablation switches of the paper's Table 3
     "preset": "m",                   # X3D preset name in models.piumr.PRESETS
     "tfam": True,                    # insert TFAM after the stages below
@@ -124,6 +126,9 @@ def validate_config(cfg: dict) -> dict:
     for key in ("lr", "lambda_girl", "girl_tau", "girl_eta"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
             raise ValueError(f"config '{key}': expected a positive number, got {cfg[key]!r}")
+    for key in ("max_train_clips", "max_eval_clips"):
+        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise ValueError(f"config '{key}': expected a positive integer or null, got {cfg[key]!r}")
     if cfg["num_workers"] < 0:
         raise ValueError(f"config 'num_workers': expected >= 0, got {cfg['num_workers']!r}")
     bad_stages = [s for s in cfg["tfam_stages"] if s not in TFAM_STAGES]
