@@ -52,10 +52,12 @@ def normalize_clip(frames: np.ndarray) -> torch.Tensor:
     float32 `(3, T, H, W)` input with X3D's normalization."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames: expected shape (T, H, W, 3), got {frames.shape}")
-    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()
-    if frames.dtype == np.uint8:
-        clip = clip / 255.0
-    return (clip - X3D_MEAN) / X3D_STD
+    # numpy, not torch: this runs in DataLoader workers, where torch's intra-op threads
+    # only contend with each other (measured 30x slower on a loaded 2-core machine).
+    scale = 1.0 / (255.0 * X3D_STD) if frames.dtype == np.uint8 else 1.0 / X3D_STD
+    clip = np.transpose(frames, (3, 0, 1, 2)).astype(np.float32) * np.float32(scale)
+    clip -= np.float32(X3D_MEAN / X3D_STD)
+    return torch.from_numpy(np.ascontiguousarray(clip))
 
 
 def denormalize_clip(clip: torch.Tensor) -> torch.Tensor:
