@@ -97,26 +97,35 @@ def build_loader(dataset, cfg: dict, info: dist_utils.DistInfo, train: bool, bat
 # --------------------------------------------------------------------------- model, loss, optimiser
 
 
+def model_preset(cfg: dict):
+    """`preset` is an X3D preset name (XS, S, M, L) or a dict of X3DPreset fields (a custom
+    depth, e.g. the CPU-sized model of configs/synthetic_default.json)."""
+    preset = cfg["preset"]
+    if isinstance(preset, dict):
+        from models.x3d import X3DPreset
+
+        fields = {"name": "custom", "num_frames": cfg["num_frames"], "crop_size": cfg["crop_size"], **preset}
+        return X3DPreset(**fields)
+    return preset
+
+
 def build_model(cfg: dict, load_pretrained: bool = True) -> torch.nn.Module:
-    """PIUmr with the configured preset and ablation switches; `pretrained` X3D weights if set."""
-    from models.piumr import PRESETS, build_piumr
+    """PIUmr with the configured preset and ablation switches, sized for `num_frames` (TFAM's
+    T x T parameters); `pretrained` X3D weights into the backbone when `load_pretrained`."""
+    from models.piumr import build_piumr
 
-    if cfg["preset"] not in PRESETS:
-        raise ValueError(f"config 'preset': expected one of {sorted(PRESETS)}, got {cfg['preset']!r}")
-    model = build_piumr(cfg["preset"], NUM_CLASSES, tfam=cfg["tfam"], tfam_stages=tuple(cfg["tfam_stages"]),
-                        temporal=cfg["temporal"], frequency=cfg["frequency"], fusion=cfg["fusion"])
-    if load_pretrained and cfg["pretrained"]:
-        from models.checkpoints import load_pretrained as load_x3d
-
-        load_x3d(model, cfg["pretrained"])
-    return model
+    return build_piumr(model_preset(cfg), NUM_CLASSES, tfam=cfg["tfam"], tfam_stages=tuple(cfg["tfam_stages"]),
+                       temporal=cfg["temporal"], frequency=cfg["frequency"], fusion=cfg["fusion"],
+                       num_frames=cfg["num_frames"], pretrained=cfg["pretrained"] if load_pretrained else None)
 
 
 def build_loss(cfg: dict) -> torch.nn.Module:
     from models.piumr import PIUmrLoss
 
-    return PIUmrLoss(lambda_girl=cfg["lambda_girl"], girl=cfg["girl"], num_groups=cfg["girl_num_groups"],
-                     tau=cfg["girl_tau"], eta=cfg["girl_eta"], lambda_var=cfg["girl_lambda_var"])
+    if not cfg["girl"]:
+        return PIUmrLoss(lambda_girl=cfg["lambda_girl"], girl=False)
+    return PIUmrLoss(lambda_girl=cfg["lambda_girl"], num_groups=cfg["girl_num_groups"], tau=cfg["girl_tau"],
+                     eta=cfg["girl_eta"], lambda_var=cfg["girl_lambda_var"])
 
 
 def subject_groups(subjects: torch.Tensor) -> torch.Tensor:
@@ -396,7 +405,7 @@ class Run:
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"PIUmr {cfg['preset']} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
+        return (f"PIUmr {model_preset(cfg)} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
                 f"{'on ' + ','.join(cfg['tfam_stages']) if cfg['tfam'] else 'off'}; GIRL "
                 f"{cfg['girl_groups'] + ' groups' if cfg['girl'] else 'off'}) on {cfg['dataset']}: "
                 f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg['num_frames']}x"

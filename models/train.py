@@ -58,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--max-eval-clips", type=int, help="validate/test on this many clips only")
 
     model = p.add_argument_group("model and ablations (paper Table 3)")
-    model.add_argument("--preset", help="X3D preset (models.piumr.PRESETS)")
+    model.add_argument("--preset", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,
+                       help="X3D preset XS|S|M|L, or a JSON object of X3DPreset fields, e.g. "
+                       "'{\"name\": \"cpu\", \"depth_factor\": 0.5}'")
     model.add_argument("--pretrained", help="X3D checkpoint (PyTorchVideo X3D_*.pyth or SlowFast x3d_*.pyth)")
     model.add_argument("--no-tfam", dest="tfam", action="store_false", help="plain X3D backbone")
     model.add_argument("--tfam-stages", type=lambda s: [x for x in s.split(",") if x],

@@ -31,13 +31,13 @@ DEFAULTS = {
     "max_train_clips": None,         # use only this many training clips (evenly spaced; smoke tests)
     "max_eval_clips": None,          # ... and validation/test clips
     # model (build_piumr); the ablation switches of the paper's Table 3
-    "preset": "m",                   # X3D preset name in models.piumr.PRESETS
+    "preset": "M",                   # X3D preset (XS, S, M, L) or a dict of X3DPreset fields
     "tfam": True,                    # insert TFAM after the stages below
     "tfam_stages": ["res2", "res3", "res4", "res5"],
     "temporal": True,                # TFAM temporal branch
     "frequency": True,               # TFAM frequency branch
     "fusion": "consistency",         # consistency | mean
-    "pretrained": None,              # X3D checkpoint (PyTorchVideo or SlowFast layout)
+    "pretrained": None,              # X3D checkpoint (PyTorchVideo X3D_*.pyth or SlowFast x3d_*.pyth)
     "sync_bn": False,                # SyncBatchNorm under DDP
     # loss: CE + lambda_girl * GIRL
     "girl": True,

@@ -80,15 +80,21 @@ def test_torchrun_two_processes_gloo_agree_with_single_process_evaluation(tmp_pa
         assert gathered[key] == pytest.approx(single[key], abs=1e-9), key
 
 
-def test_synthetic_export_trains_through_the_ma52_loader(tmp_path):
+def export_tiny_ma52(root):
+    """One person per split (52 clips each), 48x48, 16 frames, test labels hidden (dummy 0)."""
     from models.data import export_ma52
 
-    root = tmp_path / "ma52"
-    export_ma52(root, num_persons={"train": 2, "val": 1, "test": 1}, clips_per_person=4, size=48, num_frames=8)
+    persons = {"train": 1, "val": 1, "test": 1}
+    return export_ma52({"size": 48, "persons_per_split": persons}, root, frames_per_video=16, hide_test_labels=True)
+
+
+def test_synthetic_export_trains_through_the_ma52_loader(tmp_path):
+    root = export_tiny_ma52(tmp_path / "ma52")
     out = tmp_path / "run"
     summary = train.main(tiny_args(out, epochs=1, train_clips=8, eval_clips=8) + ["--data-root", str(root)])
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["config"]["dataset"] == "ma52" and ckpt["global_step"] == 1
+    assert ckpt["val_metrics"]["num_samples"] == 8
     assert summary["test"] is None  # MA-52 test labels are dummy: no test metrics
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -151,7 +157,7 @@ def test_config_layering_and_errors(tmp_path):
     main_job = resolve_config({})
     assert main_job["dataset"] == "synthetic" and main_job["epochs"] < DEFAULTS["epochs"]
     paper = resolve_config({"data_root": str(tmp_path)})
-    assert paper["dataset"] == "ma52" and paper["preset"] == "m" and paper["batch_size"] == 80
+    assert paper["dataset"] == "ma52" and paper["preset"] == "M" and paper["batch_size"] == 80
     assert (paper["lr"], paper["weight_decay"], paper["epochs"], paper["lr_milestones"]) == (1e-3, 1e-4, 120, [30, 60])
     with pytest.raises(ValueError, match="unknown config key"):
         resolve_config({"learning_rate": 0.1})
