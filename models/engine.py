@@ -405,7 +405,10 @@ class Run:
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"PIUmr {model_preset(cfg)} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
+        preset = cfg["preset"]
+        name = (f"X3D-{preset.get('name', 'custom')} (depth factor {preset.get('depth_factor')})"
+                if isinstance(preset, dict) else f"X3D-{preset}")
+        return (f"PIUmr on {name} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
                 f"{'on ' + ','.join(cfg['tfam_stages']) if cfg['tfam'] else 'off'}; GIRL "
                 f"{cfg['girl_groups'] + ' groups' if cfg['girl'] else 'off'}) on {cfg['dataset']}: "
                 f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg['num_frames']}x"
@@ -429,6 +432,8 @@ def run_training(cfg: dict, resume_path=None, stop_after_epoch: int | None = Non
 
 def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) -> dict:
     started = time.perf_counter()
+    if cfg["torch_threads"]:
+        torch.set_num_threads(cfg["torch_threads"])
     run = Run(cfg, info, resume_path)
     run.say(run.describe())
     if run.start_epoch > 1:

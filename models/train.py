@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", choices=CHOICES["device"])
     run.add_argument("--amp", choices=CHOICES["amp"], help="mixed precision (auto: bf16/fp16 on GPU, off on CPU)")
     run.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers per process")
+    run.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads per process for torch")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     run.add_argument("--no-test", dest="test_at_end", action="store_false",
                      help="skip evaluating the best checkpoint on the test split at the end")

@@ -64,6 +64,7 @@ DEFAULTS = {
     # run
     "seed": 0,
     "device": "auto",                # auto | cpu | cuda
+    "torch_threads": None,           # intra-op CPU threads per process (None: torch's default)
     "out_dir": "runs/synthetic",
     "test_at_end": True,             # evaluate the best checkpoint on the test split (labelled splits only)
     "progress": True,                # tqdm progress bars
@@ -129,6 +130,8 @@ def validate_config(cfg: dict) -> dict:
     for key in ("max_train_clips", "max_eval_clips"):
         if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
             raise ValueError(f"config '{key}': expected a positive integer or null, got {cfg[key]!r}")
+    if cfg["torch_threads"] is not None and (not isinstance(cfg["torch_threads"], int) or cfg["torch_threads"] < 1):
+        raise ValueError(f"config 'torch_threads': expected a positive integer or null, got {cfg['torch_threads']!r}")
     if cfg["num_workers"] < 0:
         raise ValueError(f"config 'num_workers': expected >= 0, got {cfg['num_workers']!r}")
     bad_stages = [s for s in cfg["tfam_stages"] if s not in TFAM_STAGES]

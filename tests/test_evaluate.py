@@ -9,7 +9,7 @@ import pytest
 from models import evaluate, train
 from models.data import MA52Dataset
 from tests.test_train import export_tiny_ma52
-from tests.train_helpers import EVALUATE_SCRIPT, run_script, tiny_args
+from tests.train_helpers import EVALUATE_SCRIPT, one_thread, run_script, tiny_args  # noqa: F401
 
 FIGURES = ("tsne_body.png", "cosine_intra_class.png", "cosine_inter_class.png")
 CONFUSIONS = ("confusion_action.png", "confusion_body.png")

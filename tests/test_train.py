@@ -12,7 +12,7 @@ import torch
 from models import engine, train
 from models.train_config import DEFAULTS, resolve_config
 from models.training_state import load_checkpoint, save_atomic
-from tests.train_helpers import EVALUATE_SCRIPT, TRAIN_SCRIPT, run_script, tiny_args
+from tests.train_helpers import EVALUATE_SCRIPT, TRAIN_SCRIPT, one_thread, run_script, tiny_args  # noqa: F401
 
 
 def _history_metrics(ckpt: dict) -> list:
@@ -38,19 +38,11 @@ def test_train_script_end_to_end(tmp_path):
     assert ckpt["config"]["epochs"] == 2 and ckpt["config"]["dataset"] == "synthetic"
 
 
-@pytest.fixture
-def one_thread():
-    """CPU results depend on the thread count (reduction order): match the subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_stop_and_resume_equals_uninterrupted_run(tmp_path, one_thread):
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train.main(tiny_args(whole, epochs=3))
-    train.main(tiny_args(parts, epochs=3) + ["--stop-after-epoch", "1"])
+    # One DataLoader worker: its augmentation RNG must be reproducible too.
+    train.main(tiny_args(whole, epochs=3) + ["--workers", "1"])
+    train.main(tiny_args(parts, epochs=3) + ["--workers", "1", "--stop-after-epoch", "1"])
     assert load_checkpoint(parts / "last.pt")["epoch"] == 1
     # A fresh process continues, as after a real interruption; only --out and --resume given.
     run_script([TRAIN_SCRIPT, "--out", parts, "--resume", "--no-progress"])

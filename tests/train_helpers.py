@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "models" / "train.py"
 EVALUATE_SCRIPT = REPO_ROOT / "models" / "evaluate.py"
@@ -30,3 +33,13 @@ def run_script(args: list, timeout: int = 240, env_extra=None) -> subprocess.Com
                             text=True, timeout=timeout)
     assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread in-process, as in the subprocesses (OMP_NUM_THREADS=1): CPU results
+    depend on the thread count (reduction order), and tiny models run fastest this way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
