@@ -167,4 +167,6 @@ def info() -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        # The instruction set the cpp kernels run with (PIUMR_KERNELS_CPU_ISA can lower it).
+        "cpu_isa": torch.ops.piumr_kernels.cpu_isa() if _EXTENSION is not None else None,
     }

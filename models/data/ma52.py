@@ -81,7 +81,7 @@ def subject_of_name(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _first_existing(candidates: list[Path], is_dir: bool, what: str) -> Path:
+def _first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
     for path in candidates:
         if (path.is_dir() if is_dir else path.is_file()):
             return path
@@ -185,8 +185,8 @@ class MA52Dataset(torch.utils.data.Dataset):
         self.size = size
         self.training = training
 
-        self.list_path = _first_existing(list_file_candidates(self.root, split), False, f"{split} list")
-        self.video_dir = _first_existing(video_dir_candidates(self.root, split), True, f"{split} video folder")
+        self.list_path = _first_existing(list_file_candidates(self.root, split), f"{split} list", is_dir=False)
+        self.video_dir = _first_existing(video_dir_candidates(self.root, split), f"{split} video folder", is_dir=True)
         self.names, self.labels = read_video_list(self.list_path)
         self.bodies = [ACTION_TO_BODY[label] for label in self.labels]
         self.subjects = [subject_of_name(name) for name in self.names]

@@ -78,64 +78,65 @@ _H, _V, _D = 0.0, math.pi / 2, math.pi / 4  # rub directions: horizontal, vertic
 
 ACTION_MOTIONS: tuple[tuple, ...] = (
     # body 0-4
-    (Move("sway", 0.045, cycles=3.0),),                                       # shaking body
+    (Move("sway", 0.06, cycles=3.0),),                                       # shaking body
     (Move("slump", 0.12, "release"), Move("rise", 0.02, "hold")),             # sitting straightly
-    (Move("shrug", 0.05),),                                                   # shrugging
+    (Move("shrug", 0.07),),                                                   # shrugging
     (Move("turn", 1.0), Move("sway", 0.03)),                                  # turning around
     (Move("rise", 0.07, "hold"),),                                            # rising up
     # head 5-10
     (Move("pitch", 1.0, "hold"),),                                            # bowing head
     (Move("pitch", -1.0, "hold"),),                                           # head up
-    (Move("roll", 0.45, "hold"),),                                            # tilting head
+    (Move("roll", 0.6, "hold"),),                                            # tilting head
     (Move("yaw", 1.0, "hold"),),                                              # turning head
     (Move("pitch", 0.8, cycles=2.5),),                                        # nodding
     (Move("yaw", 0.9, cycles=2.5),),                                          # shaking head
     # upper limb 11-23
-    (Reach("other_arm", rub=(0.02, 4, _V)),),                                 # scratching arms
-    (Reach("lap_front", both=True, rub=(0.015, 3, _D)), Move("object", 1.0)),  # playing objects
+    (Reach("other_arm", rub=(0.03, 4, _V)),),                                 # scratching arms
+    (Reach("lap_front", both=True, rub=(0.0225, 3, _D)), Move("object", 1.0)),  # playing objects
     (Reach("together", both=True, envelope="hold"),),                         # putting hands together
-    (Reach("together", both=True, rub=(0.02, 4, _V)),),                       # rubbing hands
-    (Reach("chest_centre", rub=(0.015, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
-    (Move("finger", -1.0, "hold"), Move("hand_size", -0.25, "hold")),         # clenching fist
+    (Reach("together", both=True, rub=(0.03, 4, _V)),),                       # rubbing hands
+    (Reach("chest_centre", rub=(0.0225, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
+    (Reach("lap_front", envelope="hold"), Move("finger", -1.0, "hold"),
+     Move("hand_size", -0.25, "hold")),                                       # clenching fist
     (Reach("overhead", both=True), Move("finger", 0.6)),                      # stretching arms
     (Reach("side_out", both=True, envelope="release"),),                      # retracting arms
-    (Reach("wave", rub=(0.035, 3, _H)),),                                     # waving
+    (Reach("wave", rub=(0.0525, 3, _H)),),                                     # waving
     (Reach("spread", both=True, envelope="hold"), Move("finger", 0.8, "hold")),  # spreading hands
-    (Reach("fingertips", both=True, rub=(0.008, 3, _H)),),                    # hands touching fingers
-    (Move("wiggle", 1.0, cycles=4.0),),                                       # other finger movements
-    (Reach("gesture", rub=(0.05, 1.5, _D)),),                                 # illustrative gestures
+    (Reach("fingertips", both=True, rub=(0.012, 3, _H)),),                    # hands touching fingers
+    (Reach("lap_front"), Move("wiggle", 1.3, cycles=4.0), Move("finger", 0.5)),  # other finger movements
+    (Reach("gesture", rub=(0.075, 1.5, _D)),),                                 # illustrative gestures
     # lower limb 24-31
-    (Move("leg_shake", 0.03, cycles=5.0),),                                   # shaking legs
-    (Move("feet_up", 0.09, "hold"),),                                         # curling legs
-    (Move("knees_apart", 0.06, "hold"),),                                     # spread legs
-    (Move("knees_apart", 0.06, "release"),),                                  # closing legs
+    (Move("leg_shake", 0.045, cycles=5.0),),                                   # shaking legs
+    (Move("feet_up", 0.12, "hold"),),                                         # curling legs
+    (Move("knees_apart", 0.08, "hold"),),                                     # spread legs
+    (Move("knees_apart", 0.08, "release"),),                                  # closing legs
     (Move("cross", 1.0, "hold"),),                                            # crossing legs
     (Move("feet_out", 1.0, "hold"),),                                         # stretching feet
     (Move("feet_out", 1.0, "release"),),                                      # retracting feet
     (Move("tiptoe", 1.0),),                                                   # tiptoe
     # body-hand 32-37
-    (Reach("neck", rub=(0.012, 3, _H)),),                                     # scratching or touching neck
-    (Reach("chest", rub=(0.015, 3, _V)),),                                    # ... chest
-    (Reach("back", rub=(0.015, 3, _V), behind=True),),                        # ... back
-    (Reach("other_shoulder", rub=(0.012, 3, _H)),),                           # ... shoulder
+    (Reach("neck", rub=(0.018, 3, _H)),),                                     # scratching or touching neck
+    (Reach("chest", rub=(0.0225, 3, _V)),),                                    # ... chest
+    (Reach("back", rub=(0.0225, 3, _V), behind=True),),                        # ... back
+    (Reach("other_shoulder", rub=(0.018, 3, _H)),),                           # ... shoulder
     (Reach("hip", both=True, envelope="hold"),),                              # arms akimbo
     (Reach("other_arm", both=True, envelope="hold"),),                        # crossing arms
     # head-hand 38-47
-    (Reach("hair", rub=(0.02, 2, _H)),),                                      # playing or tidying hair
-    (Reach("hindbrain", rub=(0.012, 3, _V), behind=True),),                   # scratching or touching hindbrain
-    (Reach("forehead", rub=(0.012, 3, _H)),),                                 # ... forehead
-    (Reach("cheek", rub=(0.012, 3, _V)),),                                    # ... face
-    (Reach("eye", rub=(0.008, 4, _H)),),                                      # rubbing eyes
+    (Reach("hair", rub=(0.03, 2, _H)),),                                      # playing or tidying hair
+    (Reach("hindbrain", rub=(0.018, 3, _V), behind=True),),                   # scratching or touching hindbrain
+    (Reach("forehead", rub=(0.018, 3, _H)),),                                 # ... forehead
+    (Reach("cheek", rub=(0.018, 3, _V)),),                                    # ... face
+    (Reach("eye", rub=(0.012, 4, _H)),),                                      # rubbing eyes
     (Reach("nose"),),                                                         # touching nose
-    (Reach("ear", rub=(0.008, 2, _V)),),                                      # touching ears
+    (Reach("ear", rub=(0.012, 2, _V)),),                                      # touching ears
     (Reach("face", both=True),),                                              # covering face
     (Reach("mouth"),),                                                        # covering mouth
-    (Reach("bridge", rub=(0.015, 1, _V)),),                                   # pushing glasses
+    (Reach("bridge", rub=(0.0225, 1, _V)),),                                   # pushing glasses
     # leg-hand 48-51
-    (Reach("thigh", rub=(0.025, 4, _V)),),                                    # patting legs
+    (Reach("thigh", rub=(0.0375, 4, _V)),),                                    # patting legs
     (Reach("knee"),),                                                         # touching legs
-    (Reach("thigh", rub=(0.012, 5, _H)),),                                    # scratching legs
-    (Reach("foot", rub=(0.012, 3, _H)), Move("lean", 0.2)),                   # scratching feet
+    (Reach("thigh", rub=(0.018, 5, _H)),),                                    # scratching legs
+    (Reach("foot", rub=(0.018, 3, _H)), Move("lean", 0.2)),                   # scratching feet
 )
 assert len(ACTION_MOTIONS) == NUM_ACTIONS
 
@@ -200,7 +201,7 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
         centre=(0.5 + rng.uniform(-0.06, 0.06), 0.61 + rng.uniform(-0.02, 0.02)),
         torso_width=rng.uniform(0.85, 1.2),
         torso_length=rng.uniform(0.9, 1.1),
-        head_radius=rng.uniform(0.058, 0.072),
+        head_radius=rng.uniform(0.068, 0.082),
         arm_length=rng.uniform(0.92, 1.08),
         leg_length=rng.uniform(0.9, 1.1),
         skin=skin.astype(np.float32),
@@ -210,13 +211,13 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
         trousers=_colour(rng, (0.1, 0.6), (0.1, 0.6)),
         shoes=_colour(rng, (0.0, 0.5), (0.05, 0.4)),
         chair=_colour(rng, (0.1, 0.6), (0.2, 0.7)),
-        background=_colour(rng, (0.05, 0.5), (0.45, 0.95)),
+        background=_colour(rng, (0.05, 0.4), (0.5, 0.9)),
         pattern=tuple((rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.35),
                        _colour(rng, (0.05, 0.5), (0.4, 0.95))) for _ in range(rng.integers(1, 4))),
         handedness=1 if rng.uniform() < 0.8 else -1,
         speed=rng.uniform(0.75, 1.3),
         amplitude=rng.uniform(0.75, 1.25),
-        sway=rng.uniform(0.0, 0.012),
+        sway=rng.uniform(0.0, 0.006),
         sway_cycles=rng.uniform(0.3, 1.2),
         rest_hands=(rng.uniform(0.015, 0.045), rng.uniform(-0.06, -0.02)),
         knee_gap=rng.uniform(0.05, 0.09),
@@ -286,14 +287,13 @@ class _Pose:
                     value = value * _oscillation(part.cycles * person.speed, time, execution)
                 amount[part.param] += value
         self.amount = amount
-        unit = person.scale
+        self.unit = unit = person.scale
         cx, cy = person.centre[0] + execution.shift[0], person.centre[1] + execution.shift[1]
         idle = person.sway * np.sin(2 * math.pi * person.sway_cycles * time + execution.idle_phase)
         breathing = 0.004 * np.sin(2 * math.pi * 1.3 * time + execution.idle_phase * 2)
 
         # Lower body (the hip centre is the origin of the figure).
         self.hip = np.stack([np.full_like(time, cx), np.full_like(time, cy)])
-        self.unit = unit
         # Upper body: sways, rises, slumps; a forward lean (seen from the front) lowers it.
         sway = amount["sway"] + idle
         torso = 0.27 * person.torso_length * (1 - amount["slump"])
@@ -313,7 +313,7 @@ class _Pose:
         neck_length = 0.03 * unit
         self.head = self.neck_base + np.stack([np.sin(roll) * (head_radius + neck_length) * self.side,
                                                -np.cos(roll) * (head_radius + neck_length)
-                                               + 0.25 * pitch * head_radius])
+                                               + 0.4 * pitch * head_radius])
         # Legs: knees and feet of each side.
         leg = person.leg_length * unit
         self.knee, self.foot, self.toe = {}, {}, {}
@@ -333,45 +333,55 @@ class _Pose:
         self.foot_radius = 0.017 * leg * (1 + 0.5 * amount["feet_out"])
 
     def anchor(self, name: str, s: int) -> np.ndarray:
-        """Named target of a hand on side `s` (points follow the moving body)."""
-        u, r = self.unit, self.head_radius
+        """Point `name` of `_ANCHORS` for the hand on side `s`; it follows the moving body."""
+        if name == "rest":
+            base, (dx, dy), unit = self.hip, self.person.rest_hands, self.unit
+        else:
+            base_name, dx, dy, unit_name = _ANCHORS[name]
+            base = {"hip": lambda: self.hip, "hip_top": lambda: self.hip_top, "neck": lambda: self.neck_base,
+                    "head": lambda: self.head, "shoulder": lambda: self.shoulder[s],
+                    "other_shoulder": lambda: self.shoulder[-s], "knee": lambda: self.knee[s],
+                    "thigh": lambda: 0.5 * (self.hip + self.knee[s]), "foot": lambda: self.foot[s]}[base_name]()
+            unit = self.head_radius if unit_name == "head" else self.unit
+        return base + np.stack([np.full_like(self.time, s * dx * unit), np.full_like(self.time, dy * unit)])
 
-        def offset(point, dx, dy):
-            return point + np.stack([np.full_like(self.time, dx), np.full_like(self.time, dy)])
 
-        head, neck, hip = self.head, self.neck_base, self.hip
-        targets = {
-            "rest": lambda: offset(hip, s * self.person.rest_hands[0] * u, self.person.rest_hands[1] * u),
-            "lap_front": lambda: offset(hip, s * 0.035 * u, -0.06 * u),
-            "together": lambda: offset(hip, s * 0.012 * u, -0.12 * u),
-            "fingertips": lambda: offset(hip, s * 0.028 * u, -0.14 * u),
-            "chest_centre": lambda: offset(neck, s * 0.02 * u, 0.09 * u),
-            "gesture": lambda: offset(neck, s * 0.09 * u, 0.14 * u),
-            "overhead": lambda: offset(self.shoulder[s], s * 0.05 * u, -0.26 * u),
-            "side_out": lambda: offset(self.shoulder[s], s * 0.24 * u, 0.06 * u),
-            "spread": lambda: offset(self.shoulder[s], s * 0.17 * u, 0.15 * u),
-            "wave": lambda: offset(self.shoulder[s], s * 0.1 * u, -0.16 * u),
-            "other_arm": lambda: offset(self.shoulder[-s], s * 0.01 * u, 0.08 * u),
-            "other_shoulder": lambda: offset(self.shoulder[-s], s * 0.01 * u, 0.0),
-            "neck": lambda: offset(neck, s * 0.012 * u, -0.01 * u),
-            "chest": lambda: offset(neck, s * 0.05 * u, 0.07 * u),
-            "back": lambda: offset(hip, s * 0.11 * u, -0.13 * u),
-            "hip": lambda: offset(self.hip_top, s * 0.1 * u, -0.04 * u),
-            "hair": lambda: offset(head, s * 0.3 * r, -1.15 * r),
-            "hindbrain": lambda: offset(head, s * 0.85 * r, -0.75 * r),
-            "forehead": lambda: offset(head, s * 0.1 * r, -0.6 * r),
-            "eye": lambda: offset(head, s * 0.4 * r, -0.15 * r),
-            "bridge": lambda: offset(head, 0.0, -0.2 * r),
-            "nose": lambda: offset(head, 0.0, 0.15 * r),
-            "mouth": lambda: offset(head, 0.0, 0.5 * r),
-            "cheek": lambda: offset(head, s * 0.6 * r, 0.3 * r),
-            "face": lambda: offset(head, s * 0.35 * r, 0.1 * r),
-            "ear": lambda: offset(head, s * 1.05 * r, 0.0),
-            "thigh": lambda: offset(0.5 * (hip + self.knee[s]), s * 0.04 * u, 0.0),
-            "knee": lambda: offset(self.knee[s], 0.0, -0.005 * u),
-            "foot": lambda: offset(self.foot[s], 0.0, -0.02 * u),
-        }
-        return targets[name]()
+# Hand targets: name -> (body point, dx, dy, unit). dx points away from the body's midline
+# on the hand's own side (mirrored for the other hand); dy points down; "body" units are
+# the person's scale, "head" units the head radius.
+_ANCHORS = {
+    "lap_front": ("hip", 0.035, -0.06, "body"),
+    "together": ("hip", 0.012, -0.12, "body"),
+    "fingertips": ("hip", 0.028, -0.14, "body"),
+    "back": ("hip", 0.11, -0.13, "body"),
+    "hip": ("hip_top", 0.1, -0.04, "body"),
+    "chest_centre": ("neck", 0.02, 0.09, "body"),
+    "gesture": ("neck", 0.09, 0.14, "body"),
+    "neck": ("neck", 0.012, -0.01, "body"),
+    "chest": ("neck", 0.05, 0.07, "body"),
+    "overhead": ("shoulder", 0.05, -0.26, "body"),
+    "side_out": ("shoulder", 0.24, 0.06, "body"),
+    "spread": ("shoulder", 0.17, 0.15, "body"),
+    "wave": ("shoulder", 0.1, -0.16, "body"),
+    "other_arm": ("other_shoulder", 0.01, 0.08, "body"),
+    "other_shoulder": ("other_shoulder", 0.01, 0.0, "body"),
+    "hair": ("head", 0.3, -1.15, "head"),
+    "hindbrain": ("head", 0.85, -0.75, "head"),
+    "forehead": ("head", 0.1, -0.6, "head"),
+    "eye": ("head", 0.4, -0.15, "head"),
+    "bridge": ("head", 0.0, -0.2, "head"),
+    "nose": ("head", 0.0, 0.15, "head"),
+    "mouth": ("head", 0.0, 0.5, "head"),
+    "cheek": ("head", 0.6, 0.3, "head"),
+    "face": ("head", 0.35, 0.1, "head"),
+    "ear": ("head", 1.05, 0.0, "head"),
+    "thigh": ("thigh", 0.04, 0.0, "body"),
+    "knee": ("knee", 0.0, -0.005, "body"),
+    "foot": ("foot", 0.0, -0.02, "body"),
+}
+for _motion in ACTION_MOTIONS:
+    for _part in _motion:
+        assert not isinstance(_part, Reach) or _part.anchor in _ANCHORS, _part
 
 
 def _hand_paths(pose: _Pose, motion: tuple) -> dict[int, tuple[np.ndarray, bool]]:
@@ -462,7 +472,7 @@ def _background(person: PersonStyle, size: int) -> np.ndarray:
     image *= (0.85 + 0.3 * grid)[:, None, None]  # a vertical light gradient
     for x, y, radius, colour in person.pattern:
         distance = np.hypot(grid[None, :] - x, grid[:, None] - y)
-        weight = np.clip(1.0 - distance / radius, 0.0, 1.0)[..., None] * 0.6
+        weight = np.clip(1.0 - distance / radius, 0.0, 1.0)[..., None] * 0.35
         image += weight * (colour - image)
     # The chair is static, so it belongs to the background.
     canvas = _Canvas(np.clip(image, 0.0, 1.0), 1)
@@ -477,10 +487,11 @@ def _background(person: PersonStyle, size: int) -> np.ndarray:
     return canvas.image[0]
 
 
-def render_clip(person: PersonStyle, execution: Execution, action: int, num_frames: int, size: int,
+def render_clip(person: PersonStyle, execution: Execution, action: int | None, num_frames: int, size: int,
                 background: np.ndarray | None = None) -> np.ndarray:
-    """`(num_frames, size, size, 3)` float32 RGB in [0, 1] of `person` doing `action`."""
-    motion = ACTION_MOTIONS[action]
+    """`(num_frames, size, size, 3)` float32 RGB in [0, 1] of `person` doing `action`
+    (None: sitting idle, with only the person's sway and breathing)."""
+    motion = () if action is None else ACTION_MOTIONS[action]
     time = ((np.arange(num_frames) + 0.5) / num_frames).astype(np.float32)
     pose = _Pose(person, execution, motion, time)
     amount, u, side = pose.amount, pose.unit, pose.side
@@ -500,7 +511,7 @@ def render_clip(person: PersonStyle, execution: Execution, action: int, num_fram
 
     hands = _hand_paths(pose, motion)
     arm_upper, arm_fore = 0.15 * person.arm_length * u, 0.15 * person.arm_length * u
-    hand_radius = 0.021 * u * (1 + amount["hand_size"])
+    hand_radius = 0.026 * u * (1 + amount["hand_size"])
     finger_length = 0.028 * u * np.clip(0.5 + amount["finger"], 0.0, 1.5)
 
     def draw_arm(s):
@@ -514,7 +525,7 @@ def render_clip(person: PersonStyle, execution: Execution, action: int, num_fram
         angle = (0.9 * amount["wiggle"] if s == side else 0.0)
         direction = np.stack([forearm[0] * np.cos(angle) - forearm[1] * np.sin(angle),
                               forearm[0] * np.sin(angle) + forearm[1] * np.cos(angle)])
-        hand_scale = hand_radius if s == side else 0.021 * u
+        hand_scale = hand_radius if s == side else 0.026 * u
         fingers = finger_length if s == side else 0.014 * u
         canvas.capsule(hand, hand + direction * (hand_scale + fingers), 0.008 * u, person.skin * 0.92)
         canvas.disc(hand, hand_scale, person.skin)
@@ -537,14 +548,14 @@ def render_clip(person: PersonStyle, execution: Execution, action: int, num_fram
         return pose.head + np.stack([(cos_roll * dx - sin_roll * dy) * r, (sin_roll * dx + cos_roll * dy) * r])
 
     yaw, pitch = pose.yaw, pose.pitch
-    canvas.disc(head_point(-0.3 * yaw, -0.28 + 0.3 * pitch), r, person.hair)
+    canvas.disc(head_point(-0.4 * yaw, -0.28 + 0.4 * pitch), r, person.hair)
     canvas.disc(head_point(0.1 * yaw, 0.12 + 0.1 * pitch), 0.88 * r, person.skin)
-    eye_y = -0.05 + 0.45 * pitch
+    eye_y = -0.05 + 0.6 * pitch
     for eye in (-1, 1):
-        canvas.disc(head_point(0.45 * yaw + eye * 0.36 * (1 - 0.45 * np.abs(yaw)), eye_y), 0.13 * r,
+        canvas.disc(head_point(0.6 * yaw + eye * 0.36 * (1 - 0.45 * np.abs(yaw)), eye_y), 0.13 * r,
                     np.array([0.08, 0.06, 0.06], np.float32))
-    mouth_y = 0.5 + 0.35 * pitch
-    canvas.capsule(head_point(0.45 * yaw - 0.22, mouth_y), head_point(0.45 * yaw + 0.22, mouth_y), 0.07 * r,
+    mouth_y = 0.5 + 0.5 * pitch
+    canvas.capsule(head_point(0.6 * yaw - 0.22, mouth_y), head_point(0.6 * yaw + 0.22, mouth_y), 0.07 * r,
                    np.array([0.55, 0.15, 0.15], np.float32))
 
     for s in (1, -1):
@@ -672,6 +683,9 @@ def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_te
         if not all(isinstance(dataset, SyntheticMicroActions) for dataset in datasets):
             raise TypeError("source: expected a SyntheticMicroActions, a sequence of them or a dict of "
                             f"their keyword arguments, got {type(source).__name__}")
+    if any(dataset.training for dataset in datasets):
+        raise ValueError("source: expected datasets with training=False (training=True draws a new "
+                         "execution on every read, so the export would not match the dataset)")
     if frames_per_video < 1:
         raise ValueError(f"frames_per_video: expected >= 1, got {frames_per_video}")
     root = Path(root)

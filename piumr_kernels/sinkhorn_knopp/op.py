@@ -1,6 +1,7 @@
 """Public Sinkhorn–Knopp op: argument checks, backend dispatch, torch.library registration.
 
-The fused backends (cpp, triton) are two torch.library ops each, forward and backward.
+The fused backends (cpp, triton) are two torch.library ops each, forward and backward
+(autograd for cpp is registered in C++, for triton here).
 The forward returns `P` and, per matrix and iteration, what the backward needs to rebuild
 every intermediate from `K` (SPEC §1), so autograd saves `K` plus O(n_iters * (N + M)):
 - linear domain: the row scales `alpha_t = row_sum / (rowsum_t + eps)` (N per iteration)
@@ -27,14 +28,27 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(K, n_iters, eps, log_domain, row_sum, col_sum):
+def _fake_cpp_forward(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats):
     batch, n_rows, n_cols = K.shape
     dtype = stats_dtype(K.dtype)
+    stat_batch = batch if save_stats else 0
     return (
         torch.empty_like(K),
-        K.new_empty((batch, n_iters, n_rows), dtype=dtype),
-        K.new_empty((batch, n_iters, n_cols), dtype=dtype),
+        K.new_empty((n_iters, n_rows, stat_batch), dtype=dtype),
+        K.new_empty((n_iters, n_cols, stat_batch), dtype=dtype),
     )
+
+
+def cpp_saves_stats(K: torch.Tensor, n_iters: int) -> bool:
+    """Whether the cpp forward stores the per-iteration vectors for its backward.
+
+    Only when a gradient is coming and the vectors are small next to the matrix (at most a
+    quarter of it); otherwise the backward replays the forward, which for tiny matrices
+    (4x4 with 20 iterations: 160 values per 16-entry matrix) is cheaper than the traffic.
+    """
+    n_rows, n_cols = K.shape[-2:]
+    wanted = K.requires_grad and torch.is_grad_enabled()
+    return wanted and 4 * n_iters * (n_rows + n_cols) <= n_rows * n_cols
 
 
 def _fake_backward(grad_P, K, row_stats, col_stats, n_iters, eps, log_domain, row_sum, col_sum):
@@ -61,9 +75,10 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
 
 
 def _register_cpp() -> None:
-    torch.library.register_fake(CPP_FORWARD)(_fake_forward)
+    # Autograd for the cpp ops is registered in C++ (csrc/sinkhorn.cpp): no Python per call.
+    # Its stats are batch-last, (n_iters, N, batch), so 16 matrices store them as one run.
+    torch.library.register_fake(CPP_FORWARD)(_fake_cpp_forward)
     torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
-    _register_autograd(CPP_FORWARD, CPP_BACKWARD)
 
 
 def _register_triton() -> None:
@@ -79,10 +94,6 @@ if backends.backend_available("cpp"):
 if backends.backend_available("triton"):
     _register_triton()
 
-_FUSED = {
-    "cpp": lambda: torch.ops.piumr_kernels.sinkhorn_cpp,
-    "triton": lambda: torch.ops.piumr_kernels.sinkhorn_triton,
-}
 
 
 def _check_values(K: torch.Tensor, log_domain: bool) -> None:
@@ -142,7 +153,13 @@ def sinkhorn(
     if K.numel() == 0:
         return torch.empty_like(K)
     matrices = K.reshape(-1, n_rows, n_cols).contiguous()
-    P, _, _ = _FUSED[backend]()(matrices, n_iters, eps, log_domain, row_sum, col_sum)
+    if backend == "cpp":
+        save_stats = cpp_saves_stats(K, n_iters)
+        P, _, _ = torch.ops.piumr_kernels.sinkhorn_cpp(
+            matrices, n_iters, eps, log_domain, row_sum, col_sum, save_stats
+        )
+    else:
+        P, _, _ = torch.ops.piumr_kernels.sinkhorn_triton(matrices, n_iters, eps, log_domain, row_sum, col_sum)
     return P.view(K.shape)
 
 

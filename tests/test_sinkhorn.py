@@ -1,0 +1,427 @@
+"""Sinkhorn–Knopp on every backend against the fp64 reference (SPEC §1).
+
+Tolerances, relative to the largest magnitude of the fp64 result, floored at 1e-3 (inputs are
+rounded to the tested dtype first, so only the kernel's own arithmetic is measured):
+  float64 1e-10, float32 1e-4, float16 1e-2, bfloat16 4e-2 (forward and gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import piumr_kernels
+from piumr_kernels import backends
+from piumr_kernels.sinkhorn_knopp import op as sinkhorn_op
+from piumr_kernels.sinkhorn_knopp.reference import sinkhorn_reference
+
+from conftest import DEVICE
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _kernel(shape, log_domain, dtype, seed=0):
+    """Fresh random kernel: positive values in linear domain, real log-values in log domain."""
+    generator = torch.Generator().manual_seed(seed)
+    if log_domain:
+        K = 2.0 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    else:
+        K = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.05
+    return K.to(dtype).to(DEVICE)
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend has no float64 (SPEC §1)")
+
+
+def _assert_close(actual, expected, dtype, what):
+    # The floor keeps analytically-zero results (a single row: P is fixed by the column step)
+    # from demanding relative accuracy on rounding noise.
+    scale = expected.abs().max().clamp_min(1e-3)
+    error = (actual.double() - expected).abs().max()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert error <= TOLERANCE[dtype] * scale, f"{what}: max error {error:.3e} vs scale {scale:.3e}"
+
+
+def _check_against_reference(K, n_iters=3, **kwargs):
+    """Forward and gradient (non-uniform upstream gradient) against autograd on fp64."""
+    K = K.detach().requires_grad_()
+    P = piumr_kernels.sinkhorn(K, n_iters, **kwargs)
+    assert P.shape == K.shape and P.dtype == K.dtype
+    upstream = torch.randn(K.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(K.device)
+    (grad,) = torch.autograd.grad(P, K, upstream.to(K.dtype))
+
+    K64 = K.detach().double().requires_grad_()
+    P64 = sinkhorn_reference(K64, n_iters, **kwargs)
+    (grad64,) = torch.autograd.grad(P64, K64, upstream)
+    _assert_close(P, P64, K.dtype, "forward")
+    _assert_close(grad, grad64, K.dtype, "gradient")
+
+
+SHAPES = {
+    "B1-4x4": (1, 4, 4),
+    "tiny-4x4": (33, 4, 4),
+    "tiny-rect-3x8": (5, 3, 8),
+    "16x16": (4, 16, 16),
+    "rect-5x7": (3, 5, 7),
+    "128x128": (2, 128, 128),
+    "rect-40x100": (2, 40, 100),
+    "streaming-160x300": (2, 160, 300),
+    "leading-dims": (2, 3, 6, 6),
+    "single-row": (3, 1, 7),
+}
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference_float32(backend, shape, log_domain):
+    _check_against_reference(_kernel(shape, log_domain, torch.float32), log_domain=log_domain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
+@pytest.mark.parametrize("shape", [(9, 4, 4), (3, 16, 16), (2, 33, 20)], ids=str)
+def test_matches_reference_other_dtypes(backend, dtype, shape, log_domain):
+    _skip_unsupported(backend, dtype)
+    _check_against_reference(_kernel(shape, log_domain, dtype), log_domain=log_domain)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
+def test_marginals_and_many_iterations(backend, log_domain):
+    K = _kernel((6, 5, 7), log_domain, torch.float32, seed=3)
+    _check_against_reference(K, n_iters=20, log_domain=log_domain, row_sum=0.5, col_sum=0.25, eps=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_non_contiguous_input(backend, layout):
+    base = _kernel((4, 12, 10), False, torch.float32, seed=5)
+    if layout == "transposed":
+        K = base.transpose(-1, -2)
+    elif layout == "sliced":
+        K = base[:, ::2, 1:]
+    else:
+        K = base[:1].expand(3, -1, -1)
+    assert not K.is_contiguous()
+    _check_against_reference(K)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_zero_rows_and_columns_give_zeros(backend, eps):
+    K = _kernel((3, 6, 5), False, torch.float32, seed=7)
+    K[0, 2, :] = 0
+    K[1, :, 3] = 0
+    P = piumr_kernels.sinkhorn(K, 5, eps=eps)
+    assert torch.isfinite(P).all()
+    assert (P[0, 2, :] == 0).all() and (P[1, :, 3] == 0).all()
+    torch.testing.assert_close(P.double(), sinkhorn_reference(K.double(), 5, eps=eps), atol=1e-5, rtol=1e-4)
+
+
+def test_log_domain_masked_entries(backend):
+    K = _kernel((4, 6, 6), True, torch.float32, seed=9)
+    K[:, 0, 1] = float("-inf")
+    K[:, 3, 4] = float("-inf")
+    _check_against_reference(K, log_domain=True)
+    P = piumr_kernels.sinkhorn(K, 3, log_domain=True)
+    assert (P[:, 0, 1] == 0).all()
+
+
+def test_empty_batch(backend):
+    K = torch.rand(0, 4, 4, device=DEVICE)
+    assert piumr_kernels.sinkhorn(K).shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", [(20, 4, 4), (2, 64, 40)], ids=["lanes", "rows"])
+def test_cpp_every_cpu_variant(monkeypatch, isa, shape):
+    """The cpp kernels are compiled once per instruction set; each variant is checked."""
+    if not backends.backend_available("cpp"):
+        pytest.skip("cpp extension not built")
+    monkeypatch.setenv("PIUMR_KERNELS_CPU_ISA", isa)
+    with piumr_kernels.use_backend("cpp"):
+        for log_domain in (False, True):
+            _check_against_reference(_kernel(shape, log_domain, torch.float32), log_domain=log_domain)
+
+
+# --- gradcheck (fp64) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpp"])
+@pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 40, 30)], ids=["lanes", "rows"])
+def test_gradcheck_fp64(backend_name, log_domain, shape):
+    if not backends.backend_available(backend_name):
+        pytest.skip(f"{backend_name} not available")
+    K = _kernel(shape, log_domain, torch.float64, seed=11).cpu().requires_grad_()
+    with piumr_kernels.use_backend(backend_name):
+        assert torch.autograd.gradcheck(
+            lambda k: piumr_kernels.sinkhorn(k, 3, log_domain=log_domain), (K,), eps=1e-6, atol=1e-7
+        )
+
+
+# --- every output element is written ------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
+@pytest.mark.parametrize("shape", [(19, 4, 4), (3, 16, 16), (2, 150, 140)], ids=str)
+def test_fused_kernels_write_every_element(poisoned_empty, log_domain, shape):
+    """torch.empty returns NaN-filled memory here; finite inputs must give finite outputs."""
+    K = _kernel(shape, log_domain, torch.float32, seed=13)
+    grad = torch.randn(shape, device=DEVICE)
+    n_iters = 3
+    ops = []
+    if backends.backend_available("cpp") and DEVICE == "cpu":
+        ops.append(("cpp", torch.ops.piumr_kernels.sinkhorn_cpp, torch.ops.piumr_kernels.sinkhorn_cpp_backward))
+    if not backends._availability("triton", torch.device(DEVICE)):
+        ops.append(("triton", torch.ops.piumr_kernels.sinkhorn_triton, torch.ops.piumr_kernels.sinkhorn_triton_backward))
+    assert ops, "no fused backend to check"
+    for name, forward, backward in ops:
+        extra = (True,) if name == "cpp" else ()
+        P, row_stats, col_stats = forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, *extra)
+        grad_K = backward(grad, K, row_stats, col_stats, n_iters, 1e-8, log_domain, 1.0, 1.0)
+        for what, tensor in [("P", P), ("row_stats", row_stats), ("col_stats", col_stats), ("grad_K", grad_K)]:
+            assert torch.isfinite(tensor).all(), f"{name}: {what} has unwritten (NaN) elements"
+
+
+# --- memory saved for backward --------------------------------------------------------------
+
+
+def _saved_bytes(fn, K):
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(K)
+    return sum(saved)
+
+
+@pytest.mark.parametrize("shape,n_iters", [((64, 4, 4), 20), ((4, 48, 40), 3), ((2, 150, 200), 3)], ids=str)
+def test_fused_backward_saves_only_input_and_vectors(backend, shape, n_iters):
+    """Fused backends keep K plus O(n_iters * (N + M)) per matrix; eager keeps 2 * n_iters matrices."""
+    K = _kernel(shape, False, torch.float32).requires_grad_()
+    saved = _saved_bytes(lambda k: piumr_kernels.sinkhorn(k, n_iters), K)
+    batch, n, m = shape
+    input_bytes = K.numel() * K.element_size()
+    vector_bytes = batch * n_iters * (n + m) * 4
+    if backend == "reference":
+        assert saved >= 2 * n_iters * input_bytes
+    else:
+        assert saved <= input_bytes + vector_bytes
+
+
+# --- torch.compile ---------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph_matches_eager(backend):
+    if backend == "triton" and DEVICE == "cpu":
+        pytest.skip("Inductor cannot launch Triton kernels on CPU tensors (interpreter only)")
+
+    def normalize(scores):
+        return piumr_kernels.sinkhorn(scores.softmax(-1), 3) * 2.0
+
+    scores = torch.randn(6, 10, 10, device=DEVICE, requires_grad=True)
+    upstream = torch.randn(6, 10, 10, device=DEVICE)
+    compiled = torch.compile(normalize, fullgraph=True)
+    out = compiled(scores)
+    (grad,) = torch.autograd.grad(out, scores, upstream)
+    out_eager = normalize(scores)
+    (grad_eager,) = torch.autograd.grad(out_eager, scores, upstream)
+    torch.testing.assert_close(out, out_eager, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_eager, atol=1e-6, rtol=1e-5)
+
+
+# --- properties (hypothesis) ------------------------------------------------------------
+
+
+def _fast_backend():
+    return "cpp" if backends.backend_available("cpp") else "reference"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    m=st.integers(1, 12),
+    batch=st.integers(1, 5),
+    row_sum=st.floats(0.1, 10.0),
+    log_domain=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_marginals_reached(n, m, batch, row_sum, log_domain, seed):
+    K = _kernel((batch, n, m), log_domain, torch.float64, seed=seed).cpu()
+    with piumr_kernels.use_backend(_fast_backend()):
+        P = piumr_kernels.sinkhorn(K, 300, eps=0.0, log_domain=log_domain, row_sum=row_sum)
+    col_sum = row_sum * n / m
+    torch.testing.assert_close(P.sum(-2), torch.full((batch, m), col_sum, dtype=torch.float64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(P.sum(-1), torch.full((batch, n), row_sum, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    m=st.integers(1, 20),
+    n_iters=st.integers(1, 6),
+    log_domain=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_permutation_equivariance(n, m, n_iters, log_domain, seed):
+    K = _kernel((2, n, m), log_domain, torch.float64, seed=seed).cpu()
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = torch.randperm(n, generator=generator), torch.randperm(m, generator=generator)
+    with piumr_kernels.use_backend(_fast_backend()):
+        P = piumr_kernels.sinkhorn(K, n_iters, log_domain=log_domain)
+        P_permuted = piumr_kernels.sinkhorn(K[:, rows][:, :, cols], n_iters, log_domain=log_domain)
+    torch.testing.assert_close(P_permuted, P[:, rows][:, :, cols], rtol=1e-12, atol=1e-14)
+
+
+# --- drop-in proof -----------------------------------------------------------------------
+
+
+def test_drop_in_tfam_kernel_normalization(backend):
+    """SPEC §5 step 4 written out by hand: softmax(-M^2 / tau), symmetrize, 3 Sinkhorn iterations."""
+    generator = torch.Generator().manual_seed(21)
+    frames = torch.randn(8, 16, 32, generator=generator, dtype=torch.float64)  # (B, T, C)
+    centered = frames - frames.mean(1, keepdim=True)
+    unit = centered / centered.norm(dim=-1, keepdim=True)
+    affinity = unit @ unit.transpose(1, 2)
+    affinity = affinity - affinity.mean((1, 2), keepdim=True)
+    tau = 0.05 + affinity.var((1, 2), keepdim=True).sqrt()
+    kernel = torch.softmax(-(affinity**2) / tau, dim=-1)
+    kernel = (kernel + kernel.transpose(1, 2)) / 2
+
+    expected = kernel.clone()
+    for _ in range(3):
+        expected = expected / (expected.sum(-1, keepdim=True) + 1e-8)
+        expected = expected / (expected.sum(-2, keepdim=True) + 1e-8)
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    normalized = piumr_kernels.SinkhornKernel(n_iters=3)(kernel.to(dtype).to(DEVICE))
+    torch.testing.assert_close(normalized.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
+def test_drop_in_swav_prototype_assignment(backend, log_domain):
+    """SwAV/DINOv2 prototype assignment written the straightforward way vs SinkhornKernel."""
+    generator = torch.Generator().manual_seed(22)
+    batch, prototypes, temperature = 24, 10, 0.05
+    scores = torch.randn(batch, prototypes, generator=generator, dtype=torch.float64) * 0.3
+
+    Q = torch.exp(scores / temperature).t()  # (prototypes, batch)
+    Q /= Q.sum()
+    for _ in range(3):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= prototypes
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= batch
+    expected = (Q * batch).t()
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    layer = piumr_kernels.SinkhornKernel(
+        n_iters=3, eps=0.0, log_domain=log_domain, row_sum=1 / prototypes, col_sum=1 / batch
+    )
+    kernel = (scores / temperature).t() if log_domain else torch.exp(scores / temperature).t()
+    assignment = (layer(kernel.to(dtype).to(DEVICE)) * batch).t()
+    torch.testing.assert_close(assignment.double().cpu(), expected, rtol=1e-4, atol=1e-6)
+
+
+# --- API, dispatch and errors -------------------------------------------------------------
+
+
+def test_module_matches_function_and_repr():
+    layer = piumr_kernels.SinkhornKernel(n_iters=4, log_domain=True, row_sum=2.0)
+    K = _kernel((3, 5, 5), True, torch.float32)
+    torch.testing.assert_close(layer(K), piumr_kernels.sinkhorn(K, 4, log_domain=True, row_sum=2.0))
+    assert "n_iters=4" in repr(layer) and "log_domain=True" in repr(layer)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: piumr_kernels.sinkhorn(torch.rand(4)), ValueError, "K must have at least 2 dimensions"),
+        (lambda: piumr_kernels.sinkhorn(torch.ones(2, 3, 3, dtype=torch.int64)), TypeError, "K must have a floating dtype"),
+        (lambda: piumr_kernels.sinkhorn([[1.0]]), TypeError, "K must be a torch.Tensor"),
+        (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), n_iters=0), ValueError, "n_iters must be >= 1, got 0"),
+        (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), n_iters=2.5), TypeError, "n_iters must be an int"),
+        (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), eps=-1e-3), ValueError, "eps must be >= 0"),
+        (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), row_sum=0.0), ValueError, "row_sum must be > 0"),
+        (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), col_sum=-1.0), ValueError, "col_sum must be > 0"),
+        (lambda: piumr_kernels.sinkhorn(torch.rand(2, 0, 3)), ValueError, "N >= 1 rows and M >= 1 columns"),
+        (lambda: piumr_kernels.SinkhornKernel(n_iters=-1), ValueError, "n_iters must be >= 1"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_value_checks_are_opt_in(monkeypatch):
+    negative = torch.rand(2, 3, 3) - 0.5
+    with pytest.raises(ValueError, match="non-negative"):
+        piumr_kernels.sinkhorn(negative, validate=True)
+    masked = torch.randn(2, 3, 3)
+    masked[0, 1, :] = float("-inf")
+    with pytest.raises(ValueError, match="whole row or column of -inf"):
+        piumr_kernels.sinkhorn(masked, log_domain=True, validate=True)
+    monkeypatch.setenv("PIUMR_KERNELS_VALIDATE", "1")
+    with pytest.raises(ValueError, match="non-negative"):
+        piumr_kernels.sinkhorn(negative)
+
+
+def test_forced_unavailable_backend_is_an_error(monkeypatch):
+    meta = torch.empty(2, 3, 3, device="meta")
+    with piumr_kernels.use_backend("cpp"), pytest.raises(piumr_kernels.BackendUnavailableError, match="cpp"):
+        piumr_kernels.sinkhorn(meta)
+    monkeypatch.setenv("PIUMR_KERNELS_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="PIUMR_KERNELS_BACKEND must be one of"):
+        piumr_kernels.sinkhorn(torch.rand(2, 3, 3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with piumr_kernels.use_backend("fast"):
+            pass
+
+
+def test_triton_rejects_float64():
+    if backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip("triton not available")
+    with piumr_kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        piumr_kernels.sinkhorn(torch.rand(2, 3, 3, dtype=torch.float64, device=DEVICE))
+
+
+def test_auto_dispatch_and_environment(monkeypatch):
+    cpu = torch.rand(2, 3, 3)
+    expected = "cpp" if backends.backend_available("cpp") else "reference"
+    assert backends.resolve_backend(cpu) == expected
+    monkeypatch.setenv("PIUMR_KERNELS_BACKEND", "reference")
+    assert backends.resolve_backend(cpu) == "reference"
+    with piumr_kernels.use_backend("auto"):
+        assert backends.resolve_backend(cpu) == expected
+
+
+def test_info_reports_backends_and_versions():
+    report = piumr_kernels.info()
+    assert set(report["backends"]) == {"reference", "cpp", "triton"}
+    for name, entry in report["backends"].items():
+        assert entry["available"] or entry["reason"], f"{name} unavailable without a reason"
+    assert report["torch"] == torch.__version__
+    assert report["version"] == piumr_kernels.__version__
+    if backends.backend_available("cpp"):
+        assert report["cpu_isa"] in {"baseline", "avx2", "avx512"}
+
+
+def test_cpp_stats_rule_matches_fake():
+    """The Python rule for storing stats and the fake shapes agree with the real op."""
+    if not backends.backend_available("cpp"):
+        pytest.skip("cpp extension not built")
+    for shape, n_iters in [((3, 4, 4), 20), ((2, 64, 64), 3)]:
+        K = torch.rand(shape, requires_grad=True)
+        save = sinkhorn_op.cpp_saves_stats(K, n_iters)
+        real = torch.ops.piumr_kernels.sinkhorn_cpp(K.detach(), n_iters, 1e-8, False, 1.0, 1.0, save)
+        fake = sinkhorn_op._fake_cpp_forward(K.detach(), n_iters, 1e-8, False, 1.0, 1.0, save)
+        assert [t.shape for t in real] == [t.shape for t in fake]
+        assert save == (4 * n_iters * sum(shape[1:]) <= math.prod(shape[1:]))
