@@ -2,10 +2,12 @@
 //
 // Input: the features sorted by group ((B, C), group g is rows offsets[g]..offsets[g+1]),
 // their labels and the G + 1 offsets. The rows are normalized once into an O(B*C) buffer.
-// Each group is walked in square tiles of kTile x kTile pairs: the tile's cosines come
-// from one at::mm into a preallocated scratch tile (MKL, threaded), and the per-pair
-// work (logits, Gaussian emphasis, masks, exponentials) runs row-parallel over the tile
-// with at::parallel_for and the vectorized micro-kernels below. Memory: O(B*C + kTile^2).
+// The work items are blocks of kRowTile anchors of one group, spread over the threads by
+// one at::parallel_for (coarse tasks: the machine may be oversubscribed). An item walks
+// its group's partners in tiles of kColTile: the tile's cosines come from one at::mm into
+// the task's preallocated scratch (single-threaded MKL inside the parallel region), and the
+// per-pair work (logits, Gaussian emphasis, masks, exponentials) runs in the vectorized
+// micro-kernels below. Memory: O(B*C) plus O(kRowTile * (kColTile + C)) per thread.
 //
 // Forward: one pass over the partners of each anchor with two online log-sum-exps
 // (flash style): LSE_i of the logits and log sum_k r_ik of the emphasis, plus the
@@ -13,9 +15,10 @@
 // It saves six numbers per sample (see STATS in op.py) and returns the group risks.
 //
 // Backward: with gamma = dLoss/dL_g / |I_g| and G_ij = gamma * dl_i/dc_ij, the feature
-// gradient is dF_i = sum_j (G_ij + G_ji) f_j. Both terms come from saved per-sample
-// stats, so H = G + G^T is formed tile by tile and, being symmetric, only the tiles on or
-// above the diagonal are visited: dF_R += H F_C and dF_C += H^T F_R (two at::mm each).
+// gradient is dF_i = sum_j (G_ij + G_ji) f_j. Both terms come from the saved per-sample
+// stats, so an item forms H = G + G^T for its rows tile by tile, accumulates H F_C into
+// its own rows only (no races, deterministic) and finishes with the normalization
+// backward of those rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,13 +29,16 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "cpu_dispatch.h"
 
 namespace piumr {
 namespace {
 
-constexpr int64_t kTile = 256;          // anchors x partners per tile
+constexpr int64_t kRowTile = 128;       // anchors per work item
+constexpr int64_t kColTile = 256;       // partners per tile
 constexpr double kNormEps = 1e-12;      // f = z / max(||z||, kNormEps)
 constexpr int64_t kNumStats = 6;        // rows of the (6, B) stats tensor
 enum Stat { kNorm = 0, kLogitLse, kEmphasisLse, kPositiveWeight, kAnchorLoss, kNumPositive };
@@ -69,7 +75,6 @@ PIUMR_ALWAYS_INLINE acc_t vexp(acc_t x) {
 template <typename acc_t>
 struct Params {
   acc_t inv_tau, eta, inv_eta;
-  bool detach_weights;
 };
 
 // Gaussian emphasis exponent: log r = -0.5 ((c - eta) / eta)^2.
@@ -126,10 +131,9 @@ template <typename acc_t>
 struct ForwardTileArgs {
   const acc_t* cosine;      // (rows, cols) tile
   const int64_t* labels;    // (B,) sorted by group
-  acc_t* online;            // (kNumOnline, B) running state
-  int64_t batch;
-  int64_t row_begin, row_end;  // tile rows to process
-  int64_t first_row, first_col, cols;  // global index of tile row 0 / column 0
+  acc_t* online;            // (kNumOnline, kRowTile) running state of the item's rows
+  int64_t rows, cols;
+  int64_t first_row, first_col;  // global index of tile row 0 / column 0
   Params<acc_t> params;
 };
 
@@ -139,11 +143,10 @@ struct ForwardTileKernel {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     const Params<acc_t>& p = a.params;
     const int64_t* col_labels = a.labels + a.first_col;
-    for (int64_t r = a.row_begin; r < a.row_end; ++r) {
-      const int64_t i = a.first_row + r;
-      const int64_t self = i - a.first_col;  // column of the self pair (may be outside the tile)
+    for (int64_t r = 0; r < a.rows; ++r) {
+      const int64_t self = a.first_row + r - a.first_col;  // column of the self pair (may be outside)
       const acc_t* c = a.cosine + r * a.cols;
-      const int64_t label = a.labels[i];
+      const int64_t label = a.labels[a.first_row + r];
       acc_t cos_max = neg_inf, emph_max = neg_inf;
 #pragma omp simd reduction(max : cos_max, emph_max)
       for (int64_t j = 0; j < a.cols; ++j) {
@@ -152,10 +155,9 @@ struct ForwardTileKernel {
         emph_max = std::max(emph_max, partner ? log_emphasis(c[j], p) : neg_inf);
       }
       if (cos_max == neg_inf) continue;  // the tile holds only the self pair
-      acc_t* state = a.online;
-      const int64_t B = a.batch;
-      const acc_t logit_max = std::max(state[kLogitMax * B + i], cos_max * p.inv_tau);
-      const acc_t emph_max_new = std::max(state[kEmphMax * B + i], emph_max);
+      acc_t* state = a.online + r;
+      const acc_t logit_max = std::max(state[kLogitMax * kRowTile], cos_max * p.inv_tau);
+      const acc_t emph_max_new = std::max(state[kEmphMax * kRowTile], emph_max);
       acc_t logit_sum = 0, emph_sum = 0, pos_logit = 0, pos_weight = 0, pos_count = 0;
 #pragma omp simd reduction(+ : logit_sum, emph_sum, pos_logit, pos_weight, pos_count)
       for (int64_t j = 0; j < a.cols; ++j) {
@@ -170,15 +172,15 @@ struct ForwardTileKernel {
         pos_count += positive ? acc_t(1) : acc_t(0);
       }
       // Rescale the running sums to the new maxima (exp(-inf) = 0 on the first tile).
-      const acc_t logit_scale = std::exp(state[kLogitMax * B + i] - logit_max);
-      const acc_t emph_scale = std::exp(state[kEmphMax * B + i] - emph_max_new);
-      state[kLogitMax * B + i] = logit_max;
-      state[kEmphMax * B + i] = emph_max_new;
-      state[kLogitSum * B + i] = state[kLogitSum * B + i] * logit_scale + logit_sum;
-      state[kEmphSum * B + i] = state[kEmphSum * B + i] * emph_scale + emph_sum;
-      state[kPosLogit * B + i] = state[kPosLogit * B + i] * emph_scale + pos_logit;
-      state[kPosWeight * B + i] = state[kPosWeight * B + i] * emph_scale + pos_weight;
-      state[kPosCount * B + i] += pos_count;
+      const acc_t logit_scale = std::exp(state[kLogitMax * kRowTile] - logit_max);
+      const acc_t emph_scale = std::exp(state[kEmphMax * kRowTile] - emph_max_new);
+      state[kLogitMax * kRowTile] = logit_max;
+      state[kEmphMax * kRowTile] = emph_max_new;
+      state[kLogitSum * kRowTile] = state[kLogitSum * kRowTile] * logit_scale + logit_sum;
+      state[kEmphSum * kRowTile] = state[kEmphSum * kRowTile] * emph_scale + emph_sum;
+      state[kPosLogit * kRowTile] = state[kPosLogit * kRowTile] * emph_scale + pos_logit;
+      state[kPosWeight * kRowTile] = state[kPosWeight * kRowTile] * emph_scale + pos_weight;
+      state[kPosCount * kRowTile] += pos_count;
     }
   }
 };
@@ -189,8 +191,7 @@ struct BackwardTileArgs {
   acc_t* tile;              // (rows, cols): cosines in, H = gamma (G + G^T) out
   const int64_t* labels;
   const acc_t* stats;       // (kNumStats, B)
-  int64_t batch;
-  int64_t row_begin, row_end, first_row, first_col, cols;
+  int64_t batch, rows, cols, first_row, first_col;
   acc_t gamma, partners, inv_partners;  // dLoss/dL_g / |I_g|, |I_g| - 1, 1 / (|I_g| - 1)
   Params<acc_t> params;
 };
@@ -200,7 +201,7 @@ struct BackwardTileArgs {
 //   w_ij (q_ij - l_i / (|I_g| - 1)) dlogr_ij/dc_ij          through the weights (not detached),
 // where p_ij = softmax of the logits, w_ij = (|I_g| - 1) softmax of log r, W_i = sum_P w_ij,
 // q_ij = -[j in P(i)] (s_ij - LSE_i) / m_i and dlogr/dc = -(c - eta) / eta^2.
-template <typename acc_t>
+template <typename acc_t, bool kDetach>
 PIUMR_ALWAYS_INLINE acc_t anchor_cosine_grad(acc_t c, acc_t s, acc_t log_r, bool positive, acc_t logit_lse,
                                              acc_t emphasis_lse, acc_t positive_weight, acc_t anchor_loss,
                                              acc_t inv_m, acc_t partners, acc_t inv_partners,
@@ -208,14 +209,14 @@ PIUMR_ALWAYS_INLINE acc_t anchor_cosine_grad(acc_t c, acc_t s, acc_t log_r, bool
   const acc_t prob = vexp<acc_t>(s - logit_lse);
   const acc_t w = partners * vexp<acc_t>(log_r - emphasis_lse);
   acc_t g = -p.inv_tau * inv_m * ((positive ? w : acc_t(0)) - positive_weight * prob);
-  if (!p.detach_weights) {
+  if constexpr (!kDetach) {
     const acc_t q = positive ? -inv_m * (s - logit_lse) : acc_t(0);
     g += w * (q - anchor_loss * inv_partners) * (-(c - p.eta) * p.inv_eta * p.inv_eta);
   }
   return g;
 }
 
-template <typename acc_t>
+template <typename acc_t, bool kDetach>
 struct BackwardTileKernel {
   static PIUMR_ALWAYS_INLINE void run(const BackwardTileArgs<acc_t>& a) {
     const Params<acc_t>& p = a.params;
@@ -226,7 +227,7 @@ struct BackwardTileKernel {
     const acc_t* col_wpos = a.stats + kPositiveWeight * B + a.first_col;
     const acc_t* col_loss = a.stats + kAnchorLoss * B + a.first_col;
     const acc_t* col_npos = a.stats + kNumPositive * B + a.first_col;
-    for (int64_t r = a.row_begin; r < a.row_end; ++r) {
+    for (int64_t r = 0; r < a.rows; ++r) {
       const int64_t i = a.first_row + r;
       const int64_t self = i - a.first_col;
       acc_t* h = a.tile + r * a.cols;
@@ -241,10 +242,11 @@ struct BackwardTileKernel {
         const acc_t log_r = log_emphasis(c, p);
         const bool positive = col_labels[j] == label;
         const acc_t inv_m_j = acc_t(1) / std::max(col_npos[j], acc_t(1));
-        const acc_t g_ij = anchor_cosine_grad(c, s, log_r, positive, lse_i, emph_i, wpos_i, loss_i, inv_m_i,
-                                              a.partners, a.inv_partners, p);
-        const acc_t g_ji = anchor_cosine_grad(c, s, log_r, positive, col_lse[j], col_emph[j], col_wpos[j],
-                                              col_loss[j], inv_m_j, a.partners, a.inv_partners, p);
+        const acc_t g_ij = anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, lse_i, emph_i, wpos_i, loss_i,
+                                                              inv_m_i, a.partners, a.inv_partners, p);
+        const acc_t g_ji = anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, col_lse[j], col_emph[j],
+                                                              col_wpos[j], col_loss[j], inv_m_j, a.partners,
+                                                              a.inv_partners, p);
         h[j] = j != self ? a.gamma * (g_ij + g_ji) : acc_t(0);
       }
     }
@@ -254,28 +256,27 @@ struct BackwardTileKernel {
 // ---------------------------------------------------------------- normalization backward
 template <typename scalar_t, typename acc_t>
 struct InputGradArgs {
-  const acc_t* f;
-  const acc_t* grad_f;
-  const acc_t* norm;
-  scalar_t* grad_z;
-  int64_t begin, end, width;
+  const acc_t* f;           // (rows, C) normalized rows
+  const acc_t* grad_f;      // (rows, C)
+  const acc_t* norm;        // (rows,)
+  scalar_t* grad_z;         // (rows, C)
+  int64_t rows, width;
 };
 
 // f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps.
 template <typename scalar_t, typename acc_t>
 struct InputGradKernel {
   static PIUMR_ALWAYS_INLINE void run(const InputGradArgs<scalar_t, acc_t>& a) {
-    for (int64_t i = a.begin; i < a.end; ++i) {
+    for (int64_t i = 0; i < a.rows; ++i) {
       const acc_t* fi = a.f + i * a.width;
       const acc_t* gi = a.grad_f + i * a.width;
       scalar_t* out = a.grad_z + i * a.width;
       const acc_t norm = a.norm[i];
-      const bool clamped = norm < acc_t(kNormEps);
       const acc_t inv = acc_t(1) / std::max(norm, acc_t(kNormEps));
       acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
       for (int64_t k = 0; k < a.width; ++k) dot += fi[k] * gi[k];
-      if (clamped) dot = 0;
+      if (norm < acc_t(kNormEps)) dot = 0;
 #pragma omp simd
       for (int64_t k = 0; k < a.width; ++k) out[k] = static_cast<scalar_t>(inv * (gi[k] - fi[k] * dot));
     }
@@ -283,20 +284,27 @@ struct InputGradKernel {
 };
 
 // ---------------------------------------------------------------- drivers
-struct Groups {
-  const int64_t* offsets;
-  int64_t count;
+struct WorkItem {
+  int64_t group, start, size, first_row, rows;  // rows first_row.. of the group at start..start+size
 };
+
+std::vector<WorkItem> work_items(const int64_t* offsets, int64_t num_groups) {
+  std::vector<WorkItem> items;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t start = offsets[g], size = offsets[g + 1] - start;
+    for (int64_t r0 = 0; r0 < size; r0 += kRowTile)
+      items.push_back({g, start, size, start + r0, std::min(kRowTile, size - r0)});
+  }
+  return items;
+}
 
 // A (rows x cols) view of a flat scratch buffer, for at::mm_out.
 at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
   return scratch.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1)); }
-
 template <typename scalar_t>
-void forward_impl(const at::Tensor& features, const at::Tensor& labels, const Groups& groups, double tau,
+void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& offsets, double tau,
                   double eta, at::Tensor& risks, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = features.size(0);
@@ -304,57 +312,56 @@ void forward_impl(const at::Tensor& features, const at::Tensor& labels, const Gr
   at::Tensor f = at::empty({B, features.size(1)}, acc_opts);
   acc_t* st = stats.data_ptr<acc_t>();
   normalize_rows<scalar_t, acc_t>(features, f, st + kNorm * B);
-  at::Tensor online = at::empty({kNumOnline, B}, acc_opts);
-  acc_t* on = online.data_ptr<acc_t>();
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < B; ++i) {
-    on[kLogitMax * B + i] = neg_inf;
-    on[kEmphMax * B + i] = neg_inf;
-  }
-  for (int64_t s : {kLogitSum, kEmphSum, kPosLogit, kPosWeight, kPosCount})
-    std::fill(on + s * B, on + (s + 1) * B, acc_t(0));
-  at::Tensor scratch = at::empty({kTile * kTile}, acc_opts);
-  const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta), true};
+  const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)};
   const int64_t* label_ptr = labels.data_ptr<int64_t>();
-  acc_t* risk_ptr = risks.data_ptr<acc_t>();
-  for (int64_t g = 0; g < groups.count; ++g) {
-    const int64_t start = groups.offsets[g], n = groups.offsets[g + 1] - start;
-    for (int64_t r0 = 0; r0 < n; r0 += kTile) {
-      const int64_t rows = std::min(kTile, n - r0);
-      for (int64_t c0 = 0; c0 < n; c0 += kTile) {
-        const int64_t cols = std::min(kTile, n - c0);
-        at::Tensor tile = tile_view(scratch, rows, cols);
-        at::mm_out(tile, f.narrow(0, start + r0, rows), f.narrow(0, start + c0, cols).t());
-        const acc_t* tile_ptr = tile.data_ptr<acc_t>();
-        at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-          run_for_this_cpu<ForwardTileKernel<acc_t>>(ForwardTileArgs<acc_t>{
-              tile_ptr, label_ptr, on, B, begin, end, start + r0, start + c0, cols, params});
-        });
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t num_groups = offsets.size(0) - 1;
+  const std::vector<WorkItem> items = work_items(off, num_groups);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({kRowTile * kColTile}, acc_opts);
+    std::vector<acc_t> online(kNumOnline * kRowTile);
+    for (int64_t w = begin; w < end; ++w) {
+      const WorkItem& it = items[w];
+      std::fill(online.begin(), online.end(), acc_t(0));
+      std::fill_n(online.data() + kLogitMax * kRowTile, kRowTile, -std::numeric_limits<acc_t>::infinity());
+      std::fill_n(online.data() + kEmphMax * kRowTile, kRowTile, -std::numeric_limits<acc_t>::infinity());
+      const at::Tensor f_rows = f.narrow(0, it.first_row, it.rows);
+      for (int64_t c0 = 0; c0 < it.size; c0 += kColTile) {
+        const int64_t cols = std::min(kColTile, it.size - c0);
+        at::Tensor tile = tile_view(scratch, it.rows, cols);
+        at::mm_out(tile, f_rows, f.narrow(0, it.start + c0, cols).t());
+        run_for_this_cpu<ForwardTileKernel<acc_t>>(ForwardTileArgs<acc_t>{
+            tile.data_ptr<acc_t>(), label_ptr, online.data(), it.rows, cols, it.first_row, it.start + c0, params});
+      }
+      // l_i = -(|I_g| - 1) / sum_k r_ik * (sum_P r_ij s_ij - LSE_i sum_P r_ij) / max(|P(i)|, 1).
+      const acc_t partners = acc_t(it.size - 1);
+      for (int64_t r = 0; r < it.rows; ++r) {
+        const acc_t* state = online.data() + r;
+        const int64_t i = it.first_row + r;
+        const acc_t logit_lse = state[kLogitMax * kRowTile] + std::log(state[kLogitSum * kRowTile]);
+        const acc_t emph_sum = state[kEmphSum * kRowTile];
+        const acc_t num_pos = state[kPosCount * kRowTile];
+        st[kLogitLse * B + i] = logit_lse;
+        st[kEmphasisLse * B + i] = state[kEmphMax * kRowTile] + std::log(emph_sum);
+        st[kPositiveWeight * B + i] = partners * state[kPosWeight * kRowTile] / emph_sum;
+        st[kAnchorLoss * B + i] = -partners / emph_sum *
+                                  (state[kPosLogit * kRowTile] - logit_lse * state[kPosWeight * kRowTile]) /
+                                  std::max(num_pos, acc_t(1));
+        st[kNumPositive * B + i] = num_pos;
       }
     }
-    // l_i = -(|I_g| - 1) / sum_k r_ik * (sum_P r_ij s_ij - LSE_i sum_P r_ij) / max(|P(i)|, 1).
-    const acc_t partners = acc_t(n - 1);
+  });
+  acc_t* risk_ptr = risks.data_ptr<acc_t>();
+  for (int64_t g = 0; g < num_groups; ++g) {
     acc_t total = 0;
-    for (int64_t i = start; i < start + n; ++i) {
-      const acc_t logit_lse = on[kLogitMax * B + i] + std::log(on[kLogitSum * B + i]);
-      const acc_t emph_sum = on[kEmphSum * B + i];
-      const acc_t num_pos = on[kPosCount * B + i];
-      const acc_t loss = -partners / emph_sum * (on[kPosLogit * B + i] - logit_lse * on[kPosWeight * B + i]) /
-                         std::max(num_pos, acc_t(1));
-      st[kLogitLse * B + i] = logit_lse;
-      st[kEmphasisLse * B + i] = on[kEmphMax * B + i] + std::log(emph_sum);
-      st[kPositiveWeight * B + i] = partners * on[kPosWeight * B + i] / emph_sum;
-      st[kAnchorLoss * B + i] = loss;
-      st[kNumPositive * B + i] = num_pos;
-      total += loss;
-    }
-    risk_ptr[g] = total / acc_t(n);
+    for (int64_t i = off[g]; i < off[g + 1]; ++i) total += st[kAnchorLoss * B + i];
+    risk_ptr[g] = total / acc_t(off[g + 1] - off[g]);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kDetach>
 void backward_impl(const at::Tensor& grad_risks, const at::Tensor& features, const at::Tensor& labels,
-                   const Groups& groups, const at::Tensor& stats, double tau, double eta, bool detach_weights,
+                   const at::Tensor& offsets, const at::Tensor& stats, double tau, double eta,
                    at::Tensor& grad_features) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = features.size(0), width = features.size(1);
@@ -362,51 +369,47 @@ void backward_impl(const at::Tensor& grad_risks, const at::Tensor& features, con
   at::Tensor f = at::empty({B, width}, acc_opts);
   at::Tensor norm = at::empty({B}, acc_opts);
   normalize_rows<scalar_t, acc_t>(features, f, norm.data_ptr<acc_t>());
-  at::Tensor grad_f = at::zeros({B, width}, acc_opts);
-  at::Tensor scratch = at::empty({kTile * kTile}, acc_opts);
-  const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta), detach_weights};
+  const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)};
   const int64_t* label_ptr = labels.data_ptr<int64_t>();
   const acc_t* st = stats.data_ptr<acc_t>();
   const acc_t* grad_risk_ptr = grad_risks.data_ptr<acc_t>();
-  for (int64_t g = 0; g < groups.count; ++g) {
-    const int64_t start = groups.offsets[g], n = groups.offsets[g + 1] - start;
-    const acc_t gamma = grad_risk_ptr[g] / acc_t(n);
-    const acc_t partners = acc_t(n - 1);
-    for (int64_t r0 = 0; r0 < n; r0 += kTile) {
-      const int64_t rows = std::min(kTile, n - r0);
-      at::Tensor f_rows = f.narrow(0, start + r0, rows);
-      at::Tensor grad_rows = grad_f.narrow(0, start + r0, rows);
-      for (int64_t c0 = r0; c0 < n; c0 += kTile) {  // H is symmetric: tiles on/above the diagonal
-        const int64_t cols = std::min(kTile, n - c0);
-        at::Tensor f_cols = f.narrow(0, start + c0, cols);
-        at::Tensor tile = tile_view(scratch, rows, cols);
-        at::mm_out(tile, f_rows, f_cols.t());
-        acc_t* tile_ptr = tile.data_ptr<acc_t>();
-        at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-          run_for_this_cpu<BackwardTileKernel<acc_t>>(BackwardTileArgs<acc_t>{
-              tile_ptr, label_ptr, st, B, begin, end, start + r0, start + c0, cols, gamma, partners,
-              acc_t(1) / partners, params});
-        });
-        grad_rows.addmm_(tile, f_cols);
-        if (c0 != r0) grad_f.narrow(0, start + c0, cols).addmm_(tile.t(), f_rows);
-      }
-    }
-  }
   const acc_t* f_ptr = f.data_ptr<acc_t>();
-  const acc_t* gf_ptr = grad_f.data_ptr<acc_t>();
   const acc_t* norm_ptr = norm.data_ptr<acc_t>();
   scalar_t* out = grad_features.data_ptr<scalar_t>();
-  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t begin, int64_t end) {
-    run_for_this_cpu<InputGradKernel<scalar_t, acc_t>>(
-        InputGradArgs<scalar_t, acc_t>{f_ptr, gf_ptr, norm_ptr, out, begin, end, width});
+  const std::vector<WorkItem> items = work_items(offsets.data_ptr<int64_t>(), offsets.size(0) - 1);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    at::Tensor scratch = at::empty({kRowTile * kColTile}, acc_opts);
+    at::Tensor grad_rows_buffer = at::empty({kRowTile * width}, acc_opts);
+    for (int64_t w = begin; w < end; ++w) {
+      const WorkItem& it = items[w];
+      const acc_t partners = acc_t(it.size - 1);
+      const acc_t gamma = grad_risk_ptr[it.group] / acc_t(it.size);
+      const at::Tensor f_rows = f.narrow(0, it.first_row, it.rows);
+      at::Tensor grad_rows = tile_view(grad_rows_buffer, it.rows, width);
+      grad_rows.zero_();
+      for (int64_t c0 = 0; c0 < it.size; c0 += kColTile) {
+        const int64_t cols = std::min(kColTile, it.size - c0);
+        const at::Tensor f_cols = f.narrow(0, it.start + c0, cols);
+        at::Tensor tile = tile_view(scratch, it.rows, cols);
+        at::mm_out(tile, f_rows, f_cols.t());
+        run_for_this_cpu<BackwardTileKernel<acc_t, kDetach>>(BackwardTileArgs<acc_t>{
+            tile.data_ptr<acc_t>(), label_ptr, st, B, it.rows, cols, it.first_row, it.start + c0, gamma, partners,
+            acc_t(1) / partners, params});
+        grad_rows.addmm_(tile, f_cols);
+      }
+      run_for_this_cpu<InputGradKernel<scalar_t, acc_t>>(InputGradArgs<scalar_t, acc_t>{
+          f_ptr + it.first_row * width, grad_rows.data_ptr<acc_t>(), norm_ptr + it.first_row,
+          out + it.first_row * width, it.rows, width});
+    }
   });
 }
 
 // ---------------------------------------------------------------- op entry points
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-Groups check_inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& offsets, double tau,
-                    double eta) {
+// Returns the number of groups.
+int64_t check_inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& offsets, double tau,
+                     double eta) {
   TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu() && offsets.device().is_cpu(),
               "girl_cpp: features, labels and offsets must be CPU tensors");
   TORCH_CHECK(features.dim() == 2 && features.is_contiguous() && at::isFloatingType(features.scalar_type()),
@@ -424,18 +427,18 @@ Groups check_inputs(const at::Tensor& features, const at::Tensor& labels, const 
   for (int64_t g = 0; g < count; ++g)
     TORCH_CHECK(off[g + 1] - off[g] >= 2, "girl_cpp: every group needs at least 2 members, group ", g, " has ",
                 off[g + 1] - off[g]);
-  return Groups{off, count};
+  return count;
 }
 
 std::tuple<at::Tensor, at::Tensor> girl_forward(const at::Tensor& features, const at::Tensor& labels,
                                                 const at::Tensor& offsets, double tau, double eta,
-                                                bool detach_weights) {
-  const Groups groups = check_inputs(features, labels, offsets, tau, eta);
+                                                bool /*detach_weights: the forward is the same*/) {
+  const int64_t num_groups = check_inputs(features, labels, offsets, tau, eta);
   const auto opts = features.options().dtype(acc_type(features.scalar_type()));
-  at::Tensor risks = at::empty({groups.count}, opts);
+  at::Tensor risks = at::empty({num_groups}, opts);
   at::Tensor stats = at::empty({kNumStats, features.size(0)}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "girl_cpp", [&] {
-    forward_impl<scalar_t>(features, labels, groups, tau, eta, risks, stats);
+    forward_impl<scalar_t>(features, labels, offsets, tau, eta, risks, stats);
   });
   return {risks, stats};
 }
@@ -443,9 +446,9 @@ std::tuple<at::Tensor, at::Tensor> girl_forward(const at::Tensor& features, cons
 at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& features, const at::Tensor& labels,
                          const at::Tensor& offsets, const at::Tensor& stats, double tau, double eta,
                          bool detach_weights) {
-  const Groups groups = check_inputs(features, labels, offsets, tau, eta);
+  const int64_t num_groups = check_inputs(features, labels, offsets, tau, eta);
   const auto acc = acc_type(features.scalar_type());
-  TORCH_CHECK(grad_risks.dim() == 1 && grad_risks.size(0) == groups.count && grad_risks.scalar_type() == acc &&
+  TORCH_CHECK(grad_risks.dim() == 1 && grad_risks.size(0) == num_groups && grad_risks.scalar_type() == acc &&
                   grad_risks.is_contiguous(),
               "girl_cpp_backward: grad_risks must be a contiguous (G,) tensor of ", acc);
   TORCH_CHECK(stats.scalar_type() == acc && stats.is_contiguous() &&
@@ -453,7 +456,11 @@ at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& feature
               "girl_cpp_backward: stats must be the contiguous (6, B) tensor of the forward");
   at::Tensor grad_features = at::empty_like(features);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "girl_cpp_backward", [&] {
-    backward_impl<scalar_t>(grad_risks, features, labels, groups, stats, tau, eta, detach_weights, grad_features);
+    if (detach_weights) {
+      backward_impl<scalar_t, true>(grad_risks, features, labels, offsets, stats, tau, eta, grad_features);
+    } else {
+      backward_impl<scalar_t, false>(grad_risks, features, labels, offsets, stats, tau, eta, grad_features);
+    }
   });
   return grad_features;
 }

@@ -82,7 +82,7 @@ def _cpp_registered() -> bool:
 if _cpp_registered():
     _register_cpp()
 if backends.backend_available("triton"):
-    pass  # TRITON_PENDING: _register_triton() once the kernels land
+    _register_triton()
 
 _FUSED = {
     "cpp": lambda: torch.ops.piumr_kernels.girl_cpp,

@@ -26,7 +26,12 @@ from ..triton_variants import KernelVariant
 
 PLANES_PER_PROGRAM = 16
 TILE = 2048
-BLOCK_HW_TIERS = (64, 256, 1024, 2048)
+# Larger maps loop over 1024-position blocks (a 2048 tier spills in the combine backward).
+BLOCK_HW_TIERS = (64, 256, 1024)
+# Warps of the reduction kernels per BLOCK_HW tier (at most 8 positions per thread); the
+# element-wise tiles always hold TILE values.
+REDUCTION_WARPS = {64: 2, 256: 2, 1024: 4}
+TILE_WARPS = 8
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -166,7 +171,7 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     wrap_triton(_statistics_kernel)[(batch * n_groups, n_blocks)](
         x, plane_sum, plane_max, plane_arg, partial,
         channels * frames, positions, n_groups, n_blocks,
-        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier,
+        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, num_warps=REDUCTION_WARPS[tier],
     )
     frame_mean = (plane_sum.sum(dim=1) / positions).view(batch, channels, frames)
     frame_max = plane_max.amax(dim=1)
@@ -188,7 +193,7 @@ def statistics_backward(
     wrap_triton(_statistics_backward_kernel)[grid](
         grad_mean, grad_max, grad_spatial, argmax, grad_x,
         n_planes, channels * frames, positions, 1.0 / positions, 1.0 / frames,
-        BLOCK_P=planes_per_tile, BLOCK_HW=tier,
+        BLOCK_P=planes_per_tile, BLOCK_HW=tier, num_warps=TILE_WARPS,
     )
     return grad_x
 
@@ -200,7 +205,7 @@ def combine_forward(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale
     grid, planes_per_tile, tier = _tile_grid(n_planes, positions)
     wrap_triton(_combine_kernel)[grid](
         x, temporal_scale, spatial_scale, out, n_planes, channels * frames, frames, positions,
-        BLOCK_P=planes_per_tile, BLOCK_HW=tier,
+        BLOCK_P=planes_per_tile, BLOCK_HW=tier, num_warps=TILE_WARPS,
     )
     return out
 
@@ -216,7 +221,7 @@ def combine_backward(
     wrap_triton(_combine_backward_kernel)[(batch * n_groups, n_blocks)](
         grad_out, x, temporal_scale, spatial_scale, grad_x, plane_sum, partial,
         channels * frames, frames, positions, n_groups, n_blocks,
-        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier,
+        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, num_warps=REDUCTION_WARPS[tier],
     )
     grad_temporal = plane_sum.sum(dim=1).view(batch, channels, frames).sum(dim=1)
     grad_spatial = partial.sum(dim=1).view(batch, height, width)
@@ -239,7 +244,7 @@ def aot_variants() -> list[KernelVariant]:
                      "partial_ptr": "*fp32", "planes_per_sample": "i64", "positions": "i64",
                      "n_groups": "i64", "n_blocks": "i64",
                      "PLANES_PER_PROGRAM": "constexpr", "BLOCK_HW": "constexpr"},
-                    reduction,
+                    reduction, num_warps=REDUCTION_WARPS[tier],
                 ),
                 KernelVariant(
                     f"tfam_statistics.backward{tags}", _statistics_backward_kernel,
@@ -247,14 +252,14 @@ def aot_variants() -> list[KernelVariant]:
                      "argmax_ptr": "*i32", "grad_x_ptr": ptr, "n_planes": "i64", "planes_per_sample": "i64",
                      "positions": "i64", "inv_positions": "fp32", "inv_frames": "fp32",
                      "BLOCK_P": "constexpr", "BLOCK_HW": "constexpr"},
-                    tile,
+                    tile, num_warps=TILE_WARPS,
                 ),
                 KernelVariant(
                     f"tfam_combine.forward{tags}", _combine_kernel,
                     {"x_ptr": ptr, "temporal_ptr": "*fp32", "spatial_ptr": "*fp32", "out_ptr": ptr,
                      "n_planes": "i64", "planes_per_sample": "i64", "frames": "i64", "positions": "i64",
                      "BLOCK_P": "constexpr", "BLOCK_HW": "constexpr"},
-                    tile,
+                    tile, num_warps=TILE_WARPS,
                 ),
                 KernelVariant(
                     f"tfam_combine.backward{tags}", _combine_backward_kernel,
@@ -262,7 +267,7 @@ def aot_variants() -> list[KernelVariant]:
                      "grad_x_ptr": ptr, "plane_sum_ptr": "*fp32", "partial_ptr": "*fp32",
                      "planes_per_sample": "i64", "frames": "i64", "positions": "i64", "n_groups": "i64",
                      "n_blocks": "i64", "PLANES_PER_PROGRAM": "constexpr", "BLOCK_HW": "constexpr"},
-                    reduction,
+                    reduction, num_warps=REDUCTION_WARPS[tier],
                 ),
             ]
     return variants

@@ -1,0 +1,209 @@
+"""PIUmr: X3D with TFAM after selected stages, and its training objective CE + GIRL.
+
+`build_piumr(preset, num_classes)` is the entry point:
+
+    model = build_piumr("M", 52, pretrained="X3D_M.pyth")   # Kinetics backbone, new head
+    criterion = PIUmrLoss(lambda_girl=1.0)
+    logits, features = model(clips)                         # clips: (B, 3, T, H, W)
+    loss, parts = criterion(logits, features, labels)        # parts: {"ce", "girl"}
+
+- TFAM (SPEC §5, `models.tfam.TFAM`) runs on the output of each selected X3D stage
+  (res2..res5, default all four; X3D keeps `T`, so every TFAM sees all `T` frames). Its
+  `T x T` parameters are sized by the clip length: `num_frames` (default the preset's,
+  see `PRESETS`), and the model then needs clips of exactly that length.
+- `features` are the head's pooled 2048-d embedding before dropout and the classifier:
+  what GIRL groups and contrasts (SPEC §3).
+- The objective is `CE + lambda_girl * GIRL` (paper: loss = CE + GIRL, so 1.0).
+
+Ablations (paper Tables 2 and 3) are named in `ABLATIONS`; `tfam=False` leaves the model
+a plain X3D (no TFAM module at all) and `girl=False` makes the loss plain cross-entropy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from piumr_kernels import GIRLLoss
+from piumr_kernels._checks import check_real
+
+from .checkpoints import load_x3d_checkpoint
+from .tfam import FUSIONS, TFAM
+from .x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
+
+__all__ = ["ABLATIONS", "Ablation", "PIUmr", "PIUmrLoss", "PRESETS", "STAGE_NAMES", "build_piumr"]
+
+
+class PIUmr(nn.Module):
+    """X3D backbone with a TFAM after each stage in `tfam_stages`.
+
+    `forward(x)` takes clips `(B, 3, T, H, W)` with `T == num_frames` and returns
+    `(logits (B, num_classes), features (B, 2048))`. The backbone keeps PyTorchVideo's
+    names under `backbone.` (load Kinetics weights with
+    `models.checkpoints.load_x3d_checkpoint(model.backbone, path)`); TFAMs live in
+    `tfam[stage]`. Extra keyword arguments go to every TFAM.
+    """
+
+    def __init__(
+        self,
+        backbone: X3D,
+        num_frames: int,
+        *,
+        tfam_stages: tuple[str, ...] | list[str] = STAGE_NAMES,
+        temporal: bool = True,
+        frequency: bool = True,
+        fusion: str = "consistency",
+        **tfam_kwargs,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, X3D):
+            raise TypeError(f"backbone must be a models.x3d.X3D, got {type(backbone).__name__}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        stages = tuple(tfam_stages)
+        unknown = [stage for stage in stages if stage not in STAGE_NAMES]
+        if unknown or len(set(stages)) != len(stages):
+            raise ValueError(f"tfam_stages must be distinct names from {STAGE_NAMES}, got {stages}")
+        if stages and not (temporal or frequency):
+            raise ValueError("TFAM with both branches off is the identity: pass tfam=False (or tfam_stages=()) instead")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.backbone = backbone
+        self.num_frames = num_frames
+        widths = dict(zip(STAGE_NAMES, backbone.stage_widths))
+        self.tfam = nn.ModuleDict(
+            {
+                stage: TFAM(widths[stage], num_frames, temporal=temporal, frequency=frequency, fusion=fusion, **tfam_kwargs)
+                for stage in STAGE_NAMES
+                if stage in stages
+            }
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_clip(x)
+        if len(self.tfam) and x.shape[2] != self.num_frames:
+            raise ValueError(
+                f"x must have T = num_frames = {self.num_frames} frames (TFAM's T x T parameters are "
+                f"sized by it), got shape {tuple(x.shape)}"
+            )
+        blocks = self.backbone.blocks
+        x = blocks[0](x)
+        for name, stage in zip(STAGE_NAMES, blocks[1:5]):
+            x = stage(x)
+            if name in self.tfam:
+                x = self.tfam[name](x)
+        features = self.backbone.head.features(x)
+        return self.backbone.head.classify(features), features
+
+
+class PIUmrLoss(nn.Module):
+    """`CE(logits, labels) + lambda_girl * GIRL(features, labels, groups)`.
+
+    `forward(logits, features, labels, groups=None) -> (loss, {"ce", "girl"})`, the parts
+    detached for logging (`girl` is 0 when off). `girl_kwargs` go to
+    `piumr_kernels.GIRLLoss` (num_groups=4, tau=0.07, eta=0.2, lambda_var=1.0,
+    var_grad=True, detach_weights=True; see SPEC §3): the batch is split into
+    `num_groups` random pseudo-groups of at least 2 samples each, or by `groups` (e.g.
+    subject ids) when given. `girl=False` is the "GIRL off" ablation: the loss is CE.
+    """
+
+    def __init__(self, lambda_girl: float = 1.0, girl: bool = True, **girl_kwargs) -> None:
+        super().__init__()
+        self.lambda_girl = check_real("lambda_girl", lambda_girl, minimum=0.0)
+        if not girl and girl_kwargs:
+            raise ValueError(f"GIRL options {sorted(girl_kwargs)} were given with girl=False")
+        self.girl = GIRLLoss(**girl_kwargs) if girl else None
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce = F.cross_entropy(logits, labels)
+        if self.girl is None:
+            return ce, {"ce": ce.detach(), "girl": torch.zeros_like(ce).detach()}
+        girl = self.girl(features, labels, groups)
+        loss = ce + self.lambda_girl * girl
+        return loss, {"ce": ce.detach(), "girl": girl.detach()}
+
+    def extra_repr(self) -> str:
+        return f"lambda_girl={self.lambda_girl}"
+
+
+def build_piumr(
+    preset: str | X3DPreset,
+    num_classes: int,
+    *,
+    tfam: bool = True,
+    tfam_stages: tuple[str, ...] | list[str] = STAGE_NAMES,
+    temporal: bool = True,
+    frequency: bool = True,
+    fusion: str = "consistency",
+    num_frames: int | None = None,
+    pretrained: str | os.PathLike | None = None,
+    dropout_rate: float = 0.5,
+    **tfam_kwargs,
+) -> PIUmr:
+    """PIUmr on X3D-`preset` (XS, S, M, L) with `num_classes` outputs.
+
+    `tfam=False` gives plain X3D (no TFAM modules); `tfam_stages` picks the stages TFAM
+    follows; `temporal`/`frequency`/`fusion` are TFAM's ablation switches. `num_frames`
+    defaults to the preset's clip length (`PRESETS[preset].num_frames`). `pretrained` is a
+    PyTorchVideo `X3D_*.pyth` or SlowFast `x3d_*.pyth` file, loaded strictly into the
+    backbone (the Kinetics classifier is replaced when `num_classes != 400`; TFAM starts
+    fresh).
+    """
+    spec = get_preset(preset)
+    backbone = build_x3d(spec, num_classes, dropout_rate=dropout_rate)
+    if pretrained is not None:
+        load_x3d_checkpoint(backbone, pretrained)
+    return PIUmr(
+        backbone,
+        spec.num_frames if num_frames is None else num_frames,
+        tfam_stages=tfam_stages if tfam else (),
+        temporal=temporal,
+        frequency=frequency,
+        fusion=fusion,
+        **tfam_kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One row of the paper's ablation tables: what `build_piumr` and `PIUmrLoss` get."""
+
+    tfam: bool = True
+    temporal: bool = True
+    frequency: bool = True
+    fusion: str = "consistency"
+    girl: bool = True
+
+    def model_kwargs(self) -> dict:
+        kwargs = asdict(self)
+        del kwargs["girl"]
+        return kwargs
+
+    def loss_kwargs(self) -> dict:
+        return {"girl": self.girl}
+
+
+# Table 2 (components) and Table 3 (TFAM branches and fusion; GIRL on, as in the full model).
+ABLATIONS = {
+    "baseline": Ablation(tfam=False, girl=False),  # X3D + CE
+    "tfam_only": Ablation(girl=False),  # + TFAM, no GIRL
+    "girl_only": Ablation(tfam=False),  # + GIRL, no TFAM
+    "temporal_only": Ablation(frequency=False),
+    "frequency_only": Ablation(temporal=False),
+    "mean_fusion": Ablation(fusion="mean"),
+    "full": Ablation(),
+}

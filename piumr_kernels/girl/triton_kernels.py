@@ -1,0 +1,329 @@
+"""Triton kernels for the GIRL loss (SPEC §3) and their launchers (wrapped as triton_op in op.py).
+
+The samples arrive sorted by group (`offsets`, `G + 1` boundaries). A program owns a block
+of `BLOCK` anchors of one group (grid `(G, anchor blocks)`) and streams over the group's
+partners in blocks of `BLOCK` with online log-sum-exps, so nothing `B x B` is formed.
+Groups of at most `SMALL_GROUP_MAX` members take one program per group (`BLOCK` is the
+next power of two of the largest possible group, a single partner block); larger groups
+use `STREAM_BLOCK` blocks. Cosine tiles accumulate over the feature width in chunks of
+`BLOCK_C` with `tl.dot`, so any width works.
+
+Kernels: row norms; the forward (per-sample stats, see op.STATS); the per-group risks;
+the backward `dF_i = sum_j (G_ij + G_ji) f_j` (both terms from the saved stats, so each
+program writes only its own rows); the normalization backward to `dz`.
+Every load is upcast to float32 at once (the interpreter mishandles bf16 arithmetic),
+scalar arguments are cast to float32 in the kernels (Inductor passes float64), and
+offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..triton_variants import KernelVariant
+
+SMALL_GROUP_MAX = 64   # largest group bound served by one program per group
+STREAM_BLOCK = 64      # anchors x partners per tile on the streaming path
+BLOCK_C = 32           # feature-width chunk of the cosine dot products
+ROW_BLOCK_C = 256      # feature-width chunk of the per-row kernels
+NORM_EPS = 1e-12
+NUM_STATS = 6          # norm, logit LSE, emphasis LSE, positive weight, anchor loss, |P(i)|
+
+
+@triton.jit
+def _row_norm_kernel(z_ptr, stats_ptr, width, BLOCK_W: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    sum_sq = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_W):
+        z = tl.load(z_ptr + row * width + k0 + cols, mask=k0 + cols < width, other=0.0).to(tl.float32)
+        sum_sq += z * z
+    tl.store(stats_ptr + row, tl.sqrt(tl.sum(sum_sq, axis=0)))  # stats row 0: ||z_i||
+
+
+@triton.jit
+def _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width,
+                 BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """f_rows . f_cols for a BLOCK x BLOCK tile, accumulated over the width in BLOCK_C chunks."""
+    k = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_C):
+        k_ok = k0 + k < width
+        a = tl.load(z_ptr + rows[:, None] * width + k0 + k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(z_ptr + cols[:, None] * width + k0 + k[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+    return acc * inv_rows[:, None] * inv_cols[None, :]
+
+
+@triton.jit
+def _forward_kernel(
+    z_ptr, labels_ptr, offsets_ptr, stats_ptr, batch, width, tau, eta,
+    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    group = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    start = tl.load(offsets_ptr + group)
+    end = tl.load(offsets_ptr + group + 1)
+    n = end - start
+    if block * BLOCK < n:
+        inv_tau = 1.0 / tl.cast(tau, tl.float32)
+        eta = tl.cast(eta, tl.float32)
+        inv_eta = 1.0 / eta
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
+        rows = start + block * BLOCK + lanes
+        row_ok = rows < end
+        inv_rows = 1.0 / tl.maximum(tl.load(stats_ptr + rows, mask=row_ok, other=1.0), NORM_EPS)
+        row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        logit_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+        emph_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+        logit_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        emph_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos_logit = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos_weight = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos_count = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c0 in range(0, n, BLOCK):
+            cols = start + c0 + lanes
+            col_ok = cols < end
+            inv_cols = 1.0 / tl.maximum(tl.load(stats_ptr + cols, mask=col_ok, other=1.0), NORM_EPS)
+            col_labels = tl.load(labels_ptr + cols, mask=col_ok, other=-1)
+            c = _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width, BLOCK, BLOCK_C)
+            partner = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
+            positive = partner & (row_labels[:, None] == col_labels[None, :])
+            s = c * inv_tau
+            d = (c - eta) * inv_eta
+            log_r = -0.5 * d * d
+            s_masked = tl.where(partner, s, float("-inf"))
+            log_r_masked = tl.where(partner, log_r, float("-inf"))
+            new_logit_max = tl.maximum(logit_max, tl.max(s_masked, axis=1))
+            new_emph_max = tl.maximum(emph_max, tl.max(log_r_masked, axis=1))
+            # A row with no partner yet keeps -inf maxima; shift by 0 there so no inf - inf.
+            logit_shift = tl.where(new_logit_max == float("-inf"), 0.0, new_logit_max)
+            emph_shift = tl.where(new_emph_max == float("-inf"), 0.0, new_emph_max)
+            logit_scale = tl.exp(logit_max - logit_shift)
+            emph_scale = tl.exp(emph_max - emph_shift)
+            r = tl.exp(log_r_masked - emph_shift[:, None])
+            logit_sum = logit_sum * logit_scale + tl.sum(tl.exp(s_masked - logit_shift[:, None]), axis=1)
+            emph_sum = emph_sum * emph_scale + tl.sum(r, axis=1)
+            pos_logit = pos_logit * emph_scale + tl.sum(tl.where(positive, r * s, 0.0), axis=1)
+            pos_weight = pos_weight * emph_scale + tl.sum(tl.where(positive, r, 0.0), axis=1)
+            pos_count += tl.sum(positive.to(tl.float32), axis=1)
+            logit_max = new_logit_max
+            emph_max = new_emph_max
+        # Lanes past the group's end hold no partner; neutral values keep them finite.
+        logit_max = tl.where(row_ok, logit_max, 0.0)
+        emph_max = tl.where(row_ok, emph_max, 0.0)
+        logit_sum = tl.where(row_ok, logit_sum, 1.0)
+        emph_sum = tl.where(row_ok, emph_sum, 1.0)
+        partners = (n - 1).to(tl.float32)
+        logit_lse = logit_max + tl.log(logit_sum)
+        loss = -partners / emph_sum * (pos_logit - logit_lse * pos_weight) / tl.maximum(pos_count, 1.0)
+        tl.store(stats_ptr + 1 * batch + rows, logit_lse, mask=row_ok)
+        tl.store(stats_ptr + 2 * batch + rows, emph_max + tl.log(emph_sum), mask=row_ok)
+        tl.store(stats_ptr + 3 * batch + rows, partners * pos_weight / emph_sum, mask=row_ok)
+        tl.store(stats_ptr + 4 * batch + rows, loss, mask=row_ok)
+        tl.store(stats_ptr + 5 * batch + rows, pos_count, mask=row_ok)
+
+
+@triton.jit
+def _group_risk_kernel(offsets_ptr, stats_ptr, risks_ptr, batch, BLOCK: tl.constexpr):
+    group = tl.program_id(0).to(tl.int64)
+    start = tl.load(offsets_ptr + group)
+    end = tl.load(offsets_ptr + group + 1)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK):
+        total += tl.load(stats_ptr + 4 * batch + r0 + lanes, mask=r0 + lanes < end, other=0.0)
+    tl.store(risks_ptr + group, tl.sum(total, axis=0) / (end - start).to(tl.float32))
+
+
+@triton.jit
+def _anchor_cosine_grad(c, s, log_r, positive, logit_lse, emphasis_lse, positive_weight, anchor_loss,
+                        inv_m, partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS: tl.constexpr):
+    """dl_i/dc_ij for anchors along rows (stats as (BLOCK, 1) or (1, BLOCK) columns); see girl.cpp."""
+    prob = tl.exp(s - logit_lse)
+    w = partners * tl.exp(log_r - emphasis_lse)
+    g = -inv_tau * inv_m * (tl.where(positive, w, 0.0) - positive_weight * prob)
+    if not DETACH_WEIGHTS:
+        q = tl.where(positive, -inv_m * (s - logit_lse), 0.0)
+        g += w * (q - anchor_loss / partners) * (-(c - eta) * inv_eta * inv_eta)
+    return g
+
+
+@triton.jit
+def _load_anchor_stats(stats_ptr, idx, ok, batch):
+    logit_lse = tl.load(stats_ptr + 1 * batch + idx, mask=ok, other=0.0)
+    emphasis_lse = tl.load(stats_ptr + 2 * batch + idx, mask=ok, other=0.0)
+    positive_weight = tl.load(stats_ptr + 3 * batch + idx, mask=ok, other=0.0)
+    anchor_loss = tl.load(stats_ptr + 4 * batch + idx, mask=ok, other=0.0)
+    inv_m = 1.0 / tl.maximum(tl.load(stats_ptr + 5 * batch + idx, mask=ok, other=1.0), 1.0)
+    return logit_lse, emphasis_lse, positive_weight, anchor_loss, inv_m
+
+
+@triton.jit
+def _backward_kernel(
+    grad_risks_ptr, z_ptr, labels_ptr, offsets_ptr, stats_ptr, grad_f_ptr, batch, width, tau, eta,
+    DETACH_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_f[rows] = sum over partner blocks of H_tile @ f[cols]; grad_f starts at zero."""
+    group = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    start = tl.load(offsets_ptr + group)
+    end = tl.load(offsets_ptr + group + 1)
+    n = end - start
+    if block * BLOCK < n:
+        inv_tau = 1.0 / tl.cast(tau, tl.float32)
+        eta = tl.cast(eta, tl.float32)
+        inv_eta = 1.0 / eta
+        partners = (n - 1).to(tl.float32)
+        gamma = tl.load(grad_risks_ptr + group).to(tl.float32) / n.to(tl.float32)
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
+        k = tl.arange(0, BLOCK_C)
+        rows = start + block * BLOCK + lanes
+        row_ok = rows < end
+        inv_rows = 1.0 / tl.maximum(tl.load(stats_ptr + rows, mask=row_ok, other=1.0), NORM_EPS)
+        row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
+        for c0 in range(0, n, BLOCK):
+            cols = start + c0 + lanes
+            col_ok = cols < end
+            inv_cols = 1.0 / tl.maximum(tl.load(stats_ptr + cols, mask=col_ok, other=1.0), NORM_EPS)
+            col_labels = tl.load(labels_ptr + cols, mask=col_ok, other=-2)
+            lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(stats_ptr, cols, col_ok, batch)
+            c = _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width, BLOCK, BLOCK_C)
+            partner = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
+            positive = partner & (row_labels[:, None] == col_labels[None, :])
+            s = c * inv_tau
+            d = (c - eta) * inv_eta
+            log_r = -0.5 * d * d
+            g_ij = _anchor_cosine_grad(c, s, log_r, positive, lse_i[:, None], emph_i[:, None], wpos_i[:, None],
+                                       loss_i[:, None], inv_m_i[:, None], partners, inv_tau, eta, inv_eta,
+                                       DETACH_WEIGHTS)
+            g_ji = _anchor_cosine_grad(c, s, log_r, positive, lse_j[None, :], emph_j[None, :], wpos_j[None, :],
+                                       loss_j[None, :], inv_m_j[None, :], partners, inv_tau, eta, inv_eta,
+                                       DETACH_WEIGHTS)
+            h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
+            for k0 in range(0, width, BLOCK_C):
+                k_ok = k0 + k < width
+                f_cols = tl.load(z_ptr + cols[:, None] * width + k0 + k[None, :],
+                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                f_cols = f_cols * inv_cols[:, None]
+                out = grad_f_ptr + rows[:, None] * width + k0 + k[None, :]
+                out_mask = row_ok[:, None] & k_ok[None, :]
+                partial = tl.dot(h, f_cols, input_precision="ieee")
+                tl.store(out, tl.load(out, mask=out_mask, other=0.0) + partial, mask=out_mask)
+
+
+@triton.jit
+def _input_grad_kernel(z_ptr, stats_ptr, grad_f_ptr, grad_z_ptr, width, BLOCK_W: tl.constexpr):
+    """f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    norm = tl.load(stats_ptr + row)
+    inv = 1.0 / tl.maximum(norm, NORM_EPS)
+    dot = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_W):
+        ok = k0 + cols < width
+        f = tl.load(z_ptr + row * width + k0 + cols, mask=ok, other=0.0).to(tl.float32) * inv
+        dot += f * tl.load(grad_f_ptr + row * width + k0 + cols, mask=ok, other=0.0)
+    projection = tl.where(norm >= NORM_EPS, tl.sum(dot, axis=0), 0.0)
+    for k0 in range(0, width, BLOCK_W):
+        ok = k0 + cols < width
+        f = tl.load(z_ptr + row * width + k0 + cols, mask=ok, other=0.0).to(tl.float32) * inv
+        df = tl.load(grad_f_ptr + row * width + k0 + cols, mask=ok, other=0.0)
+        tl.store(grad_z_ptr + row * width + k0 + cols,
+                 (inv * (df - f * projection)).to(grad_z_ptr.dtype.element_ty), mask=ok)
+
+
+def tile_block(batch: int, num_groups: int) -> tuple[int, int]:
+    """`(BLOCK, anchor blocks per group)`: one block per group when the largest possible
+    group (every other group has 2 members) is at most SMALL_GROUP_MAX, else streaming."""
+    largest = batch - 2 * (num_groups - 1)
+    if largest <= SMALL_GROUP_MAX:
+        block = max(16, triton.next_power_of_2(largest))
+    else:
+        block = STREAM_BLOCK
+    return block, triton.cdiv(largest, block)
+
+
+def _row_block(width: int) -> int:
+    return min(ROW_BLOCK_C, max(16, triton.next_power_of_2(width)))
+
+
+def girl_forward(
+    features: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor, tau: float, eta: float, detach_weights: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, width = features.shape
+    num_groups = offsets.shape[0] - 1
+    risks = features.new_empty((num_groups,), dtype=torch.float32)
+    stats = features.new_empty((NUM_STATS, batch), dtype=torch.float32)
+    block, blocks_per_group = tile_block(batch, num_groups)
+    wrap_triton(_row_norm_kernel)[(batch,)](features, stats, width, BLOCK_W=_row_block(width))
+    wrap_triton(_forward_kernel)[(num_groups, blocks_per_group)](
+        features, labels, offsets, stats, batch, width, tau, eta, BLOCK=block, BLOCK_C=BLOCK_C,
+    )
+    wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=block)
+    return risks, stats
+
+
+def girl_backward(
+    grad_risks: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor,
+    stats: torch.Tensor, tau: float, eta: float, detach_weights: bool,
+) -> torch.Tensor:
+    batch, width = features.shape
+    num_groups = offsets.shape[0] - 1
+    grad_f = torch.zeros((batch, width), dtype=torch.float32, device=features.device)
+    grad_features = torch.empty_like(features)
+    block, blocks_per_group = tile_block(batch, num_groups)
+    wrap_triton(_backward_kernel)[(num_groups, blocks_per_group)](
+        grad_risks, features, labels, offsets, stats, grad_f, batch, width, tau, eta,
+        DETACH_WEIGHTS=detach_weights, BLOCK=block, BLOCK_C=BLOCK_C,
+    )
+    wrap_triton(_input_grad_kernel)[(batch,)](features, stats, grad_f, grad_features, width,
+                                              BLOCK_W=_row_block(width))
+    return grad_features
+
+
+_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+def aot_variants() -> list[KernelVariant]:
+    """Every (kernel, dtype, block) the launchers can pick, for tools/triton_static_check.py."""
+    variants = []
+    blocks = sorted({16, 32, SMALL_GROUP_MAX, STREAM_BLOCK})
+    row_blocks = sorted({16, 32, 64, 128, ROW_BLOCK_C})
+    for dtype, ptr in _DTYPES.items():
+        for block_w in row_blocks:
+            variants.append(KernelVariant(
+                f"girl.row_norm[{dtype},BLOCK_W={block_w}]", _row_norm_kernel,
+                {"z_ptr": ptr, "stats_ptr": "*fp32", "width": "i32", "BLOCK_W": "constexpr"},
+                {"BLOCK_W": block_w}))
+            variants.append(KernelVariant(
+                f"girl.input_grad[{dtype},BLOCK_W={block_w}]", _input_grad_kernel,
+                {"z_ptr": ptr, "stats_ptr": "*fp32", "grad_f_ptr": "*fp32", "grad_z_ptr": ptr, "width": "i32",
+                 "BLOCK_W": "constexpr"},
+                {"BLOCK_W": block_w}))
+        for block in blocks:
+            variants.append(KernelVariant(
+                f"girl.forward[{dtype},BLOCK={block}]", _forward_kernel,
+                {"z_ptr": ptr, "labels_ptr": "*i64", "offsets_ptr": "*i64", "stats_ptr": "*fp32", "batch": "i32",
+                 "width": "i32", "tau": "fp32", "eta": "fp32", "BLOCK": "constexpr", "BLOCK_C": "constexpr"},
+                {"BLOCK": block, "BLOCK_C": BLOCK_C}))
+            for detach in (True, False):
+                variants.append(KernelVariant(
+                    f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]", _backward_kernel,
+                    {"grad_risks_ptr": "*fp32", "z_ptr": ptr, "labels_ptr": "*i64", "offsets_ptr": "*i64",
+                     "stats_ptr": "*fp32", "grad_f_ptr": "*fp32", "batch": "i32", "width": "i32", "tau": "fp32",
+                     "eta": "fp32", "DETACH_WEIGHTS": "constexpr", "BLOCK": "constexpr", "BLOCK_C": "constexpr"},
+                    {"DETACH_WEIGHTS": detach, "BLOCK": block, "BLOCK_C": BLOCK_C}))
+    for block in blocks:
+        variants.append(KernelVariant(
+            f"girl.group_risk[BLOCK={block}]", _group_risk_kernel,
+            {"offsets_ptr": "*i64", "stats_ptr": "*fp32", "risks_ptr": "*fp32", "batch": "i32",
+             "BLOCK": "constexpr"},
+            {"BLOCK": block}))
+    return variants

@@ -1,0 +1,324 @@
+"""GIRL loss (SPEC §3): every backend against the float64 reference, the semantic limits,
+the pseudo-group partition and the argument errors.
+
+Tolerances (against the float64 reference on the same, already rounded, inputs):
+- float64 (reference, cpp): 1e-9 relative;
+- float32: loss and group risks 1e-4 relative, gradients 1e-4 of the largest gradient entry;
+- float16 / bfloat16 features (float32 math, gradient rounded to the input dtype): loss
+  2e-3 / 1e-2 relative, gradients 2e-3 / 1e-2 of the largest entry.
+The Triton cases run in the interpreter on CPU (tests/conftest.py), so their shapes stay small.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import piumr_kernels
+from piumr_kernels import GIRLLoss, girl_loss, use_backend
+from piumr_kernels.girl import girl_loss_reference
+from piumr_kernels.girl.op import explicit_partition, random_partition
+
+from .conftest import DEVICE
+
+TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def make_inputs(batch, width, num_classes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    features = (torch.randn(batch, width, generator=gen, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(DEVICE)
+    return features, labels
+
+
+def fp64_reference(features, labels, group_index, num_groups, **options):
+    """Loss, group risks and feature gradient of the float64 reference for a fixed partition."""
+    z = features.detach().double().requires_grad_()
+    loss, risks, risk_var = girl_loss_reference(z, labels, group_index, num_groups, **options)
+    loss.backward()
+    return loss.detach(), risks.detach(), risk_var.detach(), z.grad
+
+
+def assert_close_scaled(actual, expected, tol, what):
+    """|actual - expected| <= tol * max|expected| (+ a tiny floor), elementwise."""
+    actual = actual.double()
+    scale = expected.abs().max().item() + 1e-12
+    err = (actual - expected).abs().max().item()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:g} * {scale:.3e}"
+
+
+def check_against_reference(features, labels, num_groups=None, groups=None, seed=5, grad_scale=1.7, **options):
+    """Runs the active backend and compares loss, details and gradients with float64."""
+    z = features.detach().clone().requires_grad_()
+    kwargs = dict(options)
+    if groups is None:
+        kwargs.update(num_groups=num_groups, generator=torch.Generator().manual_seed(seed))
+    else:
+        kwargs.update(groups=groups)
+    loss, details = girl_loss(z, labels, return_details=True, **kwargs)
+    (loss * grad_scale).backward()
+    group_index = details["group_index"]
+    count = details["group_risks"].shape[0]
+    ref_loss, ref_risks, ref_var, ref_grad = fp64_reference(
+        features, labels, group_index, count, **{k: v for k, v in options.items()}
+    )
+    loss_tol, grad_tol = TOL[features.dtype]
+    assert loss.dtype == features.dtype and z.grad.dtype == features.dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=loss_tol * 1e-2)
+    torch.testing.assert_close(details["group_risks"].double(), ref_risks, rtol=loss_tol, atol=loss_tol * 1e-2)
+    torch.testing.assert_close(details["risk_var"].double(), ref_var, rtol=loss_tol, atol=loss_tol * 1e-2)
+    assert_close_scaled(z.grad, ref_grad * grad_scale, grad_tol, "feature gradient")
+    return details
+
+
+# (B, C, G, detach_weights, var_grad): all four option pairs, B % G != 0, one group.
+CASES = [
+    (12, 8, 3, True, True),
+    (37, 24, 4, False, True),
+    (30, 16, 4, True, False),
+    (20, 40, 1, False, False),
+]
+
+
+@pytest.mark.parametrize("batch,width,num_groups,detach_weights,var_grad", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_float64_reference(backend, poisoned_empty, dtype, batch, width, num_groups, detach_weights, var_grad):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend has no float64")
+    features, labels = make_inputs(batch, width, num_classes=3, dtype=dtype)
+    check_against_reference(
+        features, labels, num_groups, tau=0.1, eta=0.3, lambda_var=2.0,
+        detach_weights=detach_weights, var_grad=var_grad,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_features(backend, dtype):
+    features, labels = make_inputs(24, 16, num_classes=3, dtype=dtype)
+    check_against_reference(features, labels, 3, detach_weights=False)
+
+
+def test_fused_op_backward_with_nonuniform_group_weights(backend):
+    """The group-risk output's backward with an arbitrary upstream vector, not only the loss."""
+    if backend == "reference":
+        pytest.skip("the reference has no separate op")
+    features, labels = make_inputs(26, 12, num_classes=3)
+    group_index, order, offsets = random_partition(26, 3, features.device, torch.Generator().manual_seed(1))
+    upstream = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, device=DEVICE)
+    op = getattr(torch.ops.piumr_kernels, f"girl_{backend}")
+    for detach in (True, False):
+        z = features.clone().requires_grad_()
+        sorted_z = z.index_select(0, order)
+        risks, stats = op(sorted_z, labels.index_select(0, order), offsets, 0.07, 0.2, detach)
+        (risks * upstream.float()).sum().backward()
+        ref = features.double().requires_grad_()
+        _, ref_risks, _ = girl_loss_reference(ref, labels, group_index, 3, detach_weights=detach)
+        (ref_risks * upstream).sum().backward()
+        torch.testing.assert_close(risks.double(), ref_risks.detach(), rtol=1e-4, atol=1e-6)
+        assert stats.shape == (6, 26) and torch.isfinite(stats).all()
+        assert_close_scaled(z.grad, ref.grad, 1e-4, f"gradient (detach_weights={detach})")
+
+
+def test_anchors_without_positives(backend):
+    features, labels = make_inputs(18, 10, num_classes=3)
+    labels = labels.clone()
+    labels[:6] = torch.arange(100, 106, device=DEVICE)  # six anchors whose label nobody shares
+    check_against_reference(features, labels, 2, detach_weights=False)
+    # No positive anywhere: every l_i is 0, so the loss and its gradient are exactly 0.
+    z = features.clone().requires_grad_()
+    loss = girl_loss(z, torch.arange(18, device=DEVICE), num_groups=3)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(z.grad) == 0
+
+
+def test_explicit_groups(backend):
+    features, labels = make_inputs(21, 12, num_classes=3)
+    ids = torch.tensor([7, 3, 7, 3, 100, 100, 7, 3, 3, 7, 100, 7, 3, 7, 3, 100, 7, 3, 7, 7, 3], device=DEVICE)
+    details = check_against_reference(features, labels, groups=ids, detach_weights=False, var_grad=True)
+    # Group g is the g-th smallest id.
+    expected = torch.searchsorted(torch.tensor([3, 7, 100], device=DEVICE), ids)
+    assert torch.equal(details["group_index"], expected)
+    assert details["group_risks"].shape == (3,)
+
+
+def test_large_group_takes_streaming_path(backend, monkeypatch):
+    if backend == "triton":
+        from piumr_kernels.girl import triton_kernels
+
+        # Small stand-ins for the GPU block sizes so the interpreter streams over several
+        # partner blocks and feature chunks at a small shape.
+        monkeypatch.setattr(triton_kernels, "SMALL_GROUP_MAX", 16)
+        monkeypatch.setattr(triton_kernels, "STREAM_BLOCK", 16)
+        monkeypatch.setattr(triton_kernels, "BLOCK_C", 16)
+        batch, width = 45, 40
+        block, blocks = triton_kernels.tile_block(batch, 1)
+        assert block == 16 and blocks == 3
+    else:
+        batch, width = 300, 12  # cpp: 128-anchor items, 256-partner tiles
+    features, labels = make_inputs(batch, width, num_classes=5, seed=3)
+    for detach_weights in (True, False):
+        check_against_reference(features, labels, 1, detach_weights=detach_weights, var_grad=True)
+
+
+def test_zero_feature_rows_stay_finite(backend):
+    features, labels = make_inputs(16, 8, num_classes=2)
+    features[[0, 5, 9]] = 0.0
+    check_against_reference(features, labels, 2, detach_weights=False)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpp"])
+@pytest.mark.parametrize("detach_weights,var_grad,lambda_var", [(False, True, 1.5), (False, False, 0.0)])
+def test_gradcheck_float64(backend_name, detach_weights, var_grad, lambda_var):
+    """Exact gradients where the options make the gradient the true derivative of the loss
+    (detached weights or a detached variance are, by design, not differentiated)."""
+    if not piumr_kernels.info()["backends"][backend_name]["available"]:
+        pytest.skip(f"{backend_name} backend unavailable")
+    features, labels = make_inputs(9, 5, num_classes=2, dtype=torch.float64)
+    groups = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1], device=DEVICE)
+
+    def loss_fn(z):
+        return girl_loss(z, labels, tau=0.5, eta=0.4, lambda_var=lambda_var, var_grad=var_grad,
+                         detach_weights=detach_weights, groups=groups)
+
+    with use_backend(backend_name):
+        assert torch.autograd.gradcheck(loss_fn, (features.requires_grad_(),))
+
+
+def test_flat_emphasis_single_group_is_supcon(backend):
+    """eta -> inf, G = 1: every weight is 1 and the loss is SupCon over the batch."""
+    features, labels = make_inputs(20, 6, num_classes=3, seed=11)
+    labels[0] = 50  # an anchor without positives: contributes 0, still counts
+    tau = 0.2
+    loss = girl_loss(features, labels, num_groups=1, tau=tau, eta=1e6)
+
+    f = torch.nn.functional.normalize(features.double(), dim=1)
+    total = 0.0
+    for i in range(20):
+        others = [j for j in range(20) if j != i]
+        logits = torch.stack([f[i] @ f[j] / tau for j in others])
+        log_prob = logits - torch.logsumexp(logits, dim=0)
+        positives = [k for k, j in enumerate(others) if labels[j] == labels[i]]
+        if positives:
+            total += -log_prob[positives].mean()
+    supcon = total / 20
+    torch.testing.assert_close(loss.double(), torch.as_tensor(supcon, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_var_grad_false_gradient_is_mean_risk_gradient(backend):
+    features, labels = make_inputs(24, 8, num_classes=3)
+    grads, losses, details = [], [], []
+    for lambda_var in (3.0, 0.0):
+        z = features.clone().requires_grad_()
+        loss, d = girl_loss(z, labels, num_groups=4, lambda_var=lambda_var, var_grad=False,
+                            generator=torch.Generator().manual_seed(2), return_details=True)
+        loss.backward()
+        grads.append(z.grad)
+        losses.append(loss.detach())
+        details.append(d)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    # ...while the penalty is still in the loss value.
+    assert details[0]["risk_var"] > 0
+    torch.testing.assert_close(losses[0], losses[1] + 3.0 * details[0]["risk_var"], rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_groups_on_every_backend():
+    features, labels = make_inputs(23, 8, num_classes=3)
+    seen = {}
+    for name in piumr_kernels.backends.BACKENDS:
+        if piumr_kernels.backends._availability(name, torch.device(DEVICE)):
+            continue
+        with use_backend(name):
+            _, details = girl_loss(features, labels, num_groups=4, generator=torch.Generator().manual_seed(9),
+                                   return_details=True)
+        seen[name] = details["group_index"]
+    assert len(seen) >= 2
+    first = next(iter(seen.values()))
+    assert all(torch.equal(first, index) for index in seen.values())
+    # tensor_split sizes: 23 = 6 + 6 + 6 + 5, and a fresh permutation per call without a generator.
+    assert torch.bincount(first).tolist() == [6, 6, 6, 5]
+    _, other = girl_loss(features, labels, num_groups=4, generator=torch.Generator().manual_seed(10),
+                         return_details=True)
+    assert not torch.equal(first, other["group_index"])
+
+
+def test_partitions_sort_samples_by_group():
+    group_index, order, offsets = random_partition(11, 3, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert offsets.tolist() == [0, 4, 8, 11]
+    assert torch.equal(group_index[order], torch.tensor([0] * 4 + [1] * 4 + [2] * 3))
+    group_index, order, offsets = explicit_partition(torch.tensor([5, 2, 5, 2, 2]))
+    assert group_index.tolist() == [1, 0, 1, 0, 0] and offsets.tolist() == [0, 3, 5]
+
+
+def test_module_matches_function():
+    features, labels = make_inputs(16, 8, num_classes=2)
+    module = GIRLLoss(num_groups=2, tau=0.1, eta=0.3, lambda_var=0.5, var_grad=False, detach_weights=False)
+    expected = girl_loss(features, labels, 2, 0.1, 0.3, 0.5, False, False, generator=torch.Generator().manual_seed(4))
+    got = module(features, labels, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(got, expected)
+    assert "num_groups=2" in repr(module)
+
+
+BAD_INPUTS = [
+    (dict(features=torch.randn(4, 3, 2)), ValueError, "features must be 2-D"),
+    (dict(features=torch.randint(0, 3, (8, 4))), TypeError, "features must have a floating dtype"),
+    (dict(labels=torch.zeros(8)), TypeError, "labels must have an integer dtype"),
+    (dict(labels=torch.zeros(8, dtype=torch.bool)), TypeError, "labels must have an integer dtype"),
+    (dict(labels=torch.zeros(7, dtype=torch.long)), ValueError, "labels must be 1-D of length 8"),
+    (dict(labels=torch.zeros(8, 1, dtype=torch.long)), ValueError, "labels must be 1-D of length 8"),
+    (dict(num_groups=0), ValueError, "num_groups must be >= 1"),
+    (dict(num_groups=5), ValueError, "num_groups must allow at least 2 members"),
+    (dict(num_groups=2.0), TypeError, "num_groups must be an int"),
+    (dict(tau=0.0), ValueError, "tau must be > 0"),
+    (dict(tau=-1.0), ValueError, "tau must be > 0"),
+    (dict(eta=0.0), ValueError, "eta must be > 0"),
+    (dict(lambda_var=-1.0), ValueError, "lambda_var must be >= 0"),
+    (dict(groups=torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])), ValueError, "at least 2 members"),
+    (dict(groups=torch.zeros(7, dtype=torch.long)), ValueError, "groups must be 1-D of length 8"),
+    (dict(groups=torch.zeros(8)), TypeError, "groups must have an integer dtype"),
+    (dict(labels=torch.zeros(8, dtype=torch.long, device="meta")), ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize("override,error,message", BAD_INPUTS)
+def test_bad_input_errors(override, error, message):
+    arguments = dict(features=torch.randn(8, 4), labels=torch.zeros(8, dtype=torch.long))
+    arguments.update(override)
+    with pytest.raises(error, match=message):
+        girl_loss(**arguments)
+
+
+def test_triton_refuses_float64():
+    if backends_reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip(backends_reason)
+    features, labels = make_inputs(8, 4, num_classes=2, dtype=torch.float64)
+    with use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        girl_loss(features, labels, num_groups=2)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpp"])
+def test_torch_compile_fullgraph(backend_name):
+    if piumr_kernels.backends._availability(backend_name, torch.device("cpu")):
+        pytest.skip(f"{backend_name} backend unavailable")
+    torch._dynamo.reset()
+    features, labels = make_inputs(20, 8, num_classes=3)
+    features = features.cpu()
+    labels = labels.cpu()
+
+    def step(z, y):
+        loss, details = girl_loss(z, y, num_groups=3, detach_weights=False, return_details=True)
+        loss.backward()
+        return loss, details["group_index"]
+
+    compiled = torch.compile(step, fullgraph=True)
+    z = features.clone().requires_grad_()
+    with use_backend(backend_name):
+        loss, group_index = compiled(z, labels)
+    ref_loss, _, _, ref_grad = fp64_reference(features, labels, group_index, 3, detach_weights=False)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
+    assert_close_scaled(z.grad, ref_grad, 1e-4, "compiled gradient")
