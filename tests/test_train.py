@@ -136,8 +136,9 @@ def test_grad_scaler_skips_and_counts_a_non_finite_step(tmp_path):
     (["--tfam-stages", "res4,res5"], {"tfam_stages": ["res4", "res5"]}),
     (["--no-girl"], {"girl": False}),
     (["--girl-groups", "subject"], {"girl_groups": "subject"}),
+    (["--amp", "bf16"], {"amp": "bf16"}),  # CPU bf16 autocast
 ])
-def test_ablation_switches_train_a_step(tmp_path, flags, expected):
+def test_switches_train_a_step(tmp_path, flags, expected):
     args = tiny_args(tmp_path, epochs=1, train_clips=8, eval_clips=4) + ["--no-test"] + flags
     cfg = resolve_config(train.overrides_from_args(train.parse_args(args)))
     assert {k: cfg[k] for k in expected} == expected
