@@ -40,10 +40,20 @@ namespace {
 constexpr int64_t kRowTile = 128;       // anchors per work item
 constexpr int64_t kColTile = 256;       // partners per tile
 constexpr double kNormEps = 1e-12;      // f = z / max(||z||, kNormEps)
+// Multiply-adds a thread task should at least get: below that, waking threads costs more
+// than it saves (small batches run inline on the calling thread).
+constexpr int64_t kMinTaskWork = int64_t{1} << 22;
 constexpr int64_t kNumStats = 6;        // rows of the (6, B) stats tensor
 enum Stat { kNorm = 0, kLogitLse, kEmphasisLse, kPositiveWeight, kAnchorLoss, kNumPositive };
 constexpr int64_t kNumOnline = 7;       // running max/sum of both LSEs, positive sums, |P(i)|
 enum Online { kLogitMax = 0, kLogitSum, kEmphMax, kEmphSum, kPosLogit, kPosWeight, kPosCount };
+
+// Value-semantics min/max for the simd loops: std::max takes references, and under
+// `omp simd` the referenced temporaries become per-lane arrays that block vectorization.
+template <typename T>
+PIUMR_ALWAYS_INLINE T max_of(T a, T b) { return a > b ? a : b; }
+template <typename T>
+PIUMR_ALWAYS_INLINE T min_of(T a, T b) { return a < b ? a : b; }
 
 // exp for float that the compiler vectorizes inside `omp simd` loops (std::exp is a
 // scalar libm call): 2^k * p(r), |r| <= ln2 / 2, degree-7 Taylor (< 1 ulp error there).
@@ -52,7 +62,7 @@ enum Online { kLogitMax = 0, kLogitSum, kEmphMax, kEmphSum, kPosLogit, kPosWeigh
 template <typename acc_t>
 PIUMR_ALWAYS_INLINE acc_t vexp(acc_t x) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    x = std::min(std::max(x, -87.0f), 88.0f);
+    x = min_of(max_of(x, -87.0f), 88.0f);
     const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const float t = x * 1.44269504088896341f + shifter;
     const float k = t - shifter;
@@ -119,7 +129,7 @@ void normalize_rows(const at::Tensor& z, at::Tensor& f, acc_t* norm) {
   const int64_t batch = z.size(0), width = z.size(1);
   const scalar_t* z_ptr = z.data_ptr<scalar_t>();
   acc_t* f_ptr = f.data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(width, 1));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     run_for_this_cpu<NormalizeKernel<scalar_t, acc_t>>(
         NormalizeArgs<scalar_t, acc_t>{z_ptr, f_ptr, norm, begin, end, width});
@@ -130,7 +140,7 @@ void normalize_rows(const at::Tensor& z, at::Tensor& f, acc_t* norm) {
 template <typename acc_t>
 struct ForwardTileArgs {
   const acc_t* cosine;      // (rows, cols) tile
-  const int64_t* labels;    // (B,) sorted by group
+  const int32_t* labels;    // (B,) dense class ids, sorted by group
   acc_t* online;            // (kNumOnline, kRowTile) running state of the item's rows
   int64_t rows, cols;
   int64_t first_row, first_col;  // global index of tile row 0 / column 0
@@ -142,17 +152,22 @@ struct ForwardTileKernel {
   static PIUMR_ALWAYS_INLINE void run(const ForwardTileArgs<acc_t>& a) {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     const Params<acc_t>& p = a.params;
-    const int64_t* col_labels = a.labels + a.first_col;
+    const int32_t* col_labels = a.labels + a.first_col;
+    const int32_t cols = static_cast<int32_t>(a.cols);
     for (int64_t r = 0; r < a.rows; ++r) {
-      const int64_t self = a.first_row + r - a.first_col;  // column of the self pair (may be outside)
+      // Column of the self pair (may be outside the tile); |self| <= group size < 2^31.
+      const int32_t self = static_cast<int32_t>(a.first_row + r - a.first_col);
       const acc_t* c = a.cosine + r * a.cols;
-      const int64_t label = a.labels[a.first_row + r];
+      const int32_t label = a.labels[a.first_row + r];
       acc_t cos_max = neg_inf, emph_max = neg_inf;
+      // Loads happen unconditionally and masks select values: branch-free bodies vectorize.
 #pragma omp simd reduction(max : cos_max, emph_max)
-      for (int64_t j = 0; j < a.cols; ++j) {
+      for (int32_t j = 0; j < cols; ++j) {
+        const acc_t cj = c[j];
+        const acc_t log_r = log_emphasis(cj, p);
         const bool partner = j != self;
-        cos_max = std::max(cos_max, partner ? c[j] : neg_inf);
-        emph_max = std::max(emph_max, partner ? log_emphasis(c[j], p) : neg_inf);
+        cos_max = max_of(cos_max, partner ? cj : neg_inf);
+        emph_max = max_of(emph_max, partner ? log_r : neg_inf);
       }
       if (cos_max == neg_inf) continue;  // the tile holds only the self pair
       acc_t* state = a.online + r;
@@ -160,12 +175,14 @@ struct ForwardTileKernel {
       const acc_t emph_max_new = std::max(state[kEmphMax * kRowTile], emph_max);
       acc_t logit_sum = 0, emph_sum = 0, pos_logit = 0, pos_weight = 0, pos_count = 0;
 #pragma omp simd reduction(+ : logit_sum, emph_sum, pos_logit, pos_weight, pos_count)
-      for (int64_t j = 0; j < a.cols; ++j) {
+      for (int32_t j = 0; j < cols; ++j) {
+        const acc_t cj = c[j];
         const bool partner = j != self;
-        const bool positive = partner && col_labels[j] == label;
-        const acc_t s = c[j] * p.inv_tau;
-        const acc_t r_exp = vexp<acc_t>(log_emphasis(c[j], p) - emph_max_new);
-        logit_sum += partner ? vexp<acc_t>(s - logit_max) : acc_t(0);
+        const bool positive = partner & (col_labels[j] == label);
+        const acc_t s = cj * p.inv_tau;
+        const acc_t r_exp = vexp<acc_t>(log_emphasis(cj, p) - emph_max_new);
+        const acc_t p_exp = vexp<acc_t>(s - logit_max);
+        logit_sum += partner ? p_exp : acc_t(0);
         emph_sum += partner ? r_exp : acc_t(0);
         pos_logit += positive ? r_exp * s : acc_t(0);
         pos_weight += positive ? r_exp : acc_t(0);
@@ -189,7 +206,7 @@ struct ForwardTileKernel {
 template <typename acc_t>
 struct BackwardTileArgs {
   acc_t* tile;              // (rows, cols): cosines in, H = gamma (G + G^T) out
-  const int64_t* labels;
+  const int32_t* labels;    // (B,) dense class ids, sorted by group
   const acc_t* stats;       // (kNumStats, B)
   int64_t batch, rows, cols, first_row, first_col;
   acc_t gamma, partners, inv_partners;  // dLoss/dL_g / |I_g|, |I_g| - 1, 1 / (|I_g| - 1)
@@ -221,7 +238,8 @@ struct BackwardTileKernel {
   static PIUMR_ALWAYS_INLINE void run(const BackwardTileArgs<acc_t>& a) {
     const Params<acc_t>& p = a.params;
     const int64_t B = a.batch;
-    const int64_t* col_labels = a.labels + a.first_col;
+    const int32_t* col_labels = a.labels + a.first_col;
+    const int32_t cols = static_cast<int32_t>(a.cols);
     const acc_t* col_lse = a.stats + kLogitLse * B + a.first_col;
     const acc_t* col_emph = a.stats + kEmphasisLse * B + a.first_col;
     const acc_t* col_wpos = a.stats + kPositiveWeight * B + a.first_col;
@@ -229,25 +247,26 @@ struct BackwardTileKernel {
     const acc_t* col_npos = a.stats + kNumPositive * B + a.first_col;
     for (int64_t r = 0; r < a.rows; ++r) {
       const int64_t i = a.first_row + r;
-      const int64_t self = i - a.first_col;
+      const int32_t self = static_cast<int32_t>(i - a.first_col);
       acc_t* h = a.tile + r * a.cols;
-      const int64_t label = a.labels[i];
+      const int32_t label = a.labels[i];
       const acc_t lse_i = a.stats[kLogitLse * B + i], emph_i = a.stats[kEmphasisLse * B + i];
       const acc_t wpos_i = a.stats[kPositiveWeight * B + i], loss_i = a.stats[kAnchorLoss * B + i];
       const acc_t inv_m_i = acc_t(1) / std::max(a.stats[kNumPositive * B + i], acc_t(1));
 #pragma omp simd
-      for (int64_t j = 0; j < a.cols; ++j) {
+      for (int32_t j = 0; j < cols; ++j) {
         const acc_t c = h[j];
         const acc_t s = c * p.inv_tau;
         const acc_t log_r = log_emphasis(c, p);
         const bool positive = col_labels[j] == label;
-        const acc_t inv_m_j = acc_t(1) / std::max(col_npos[j], acc_t(1));
+        const acc_t inv_m_j = acc_t(1) / max_of(col_npos[j], acc_t(1));
         const acc_t g_ij = anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, lse_i, emph_i, wpos_i, loss_i,
                                                               inv_m_i, a.partners, a.inv_partners, p);
         const acc_t g_ji = anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, col_lse[j], col_emph[j],
                                                               col_wpos[j], col_loss[j], inv_m_j, a.partners,
                                                               a.inv_partners, p);
-        h[j] = j != self ? a.gamma * (g_ij + g_ji) : acc_t(0);
+        const acc_t value = a.gamma * (g_ij + g_ji);
+        h[j] = j != self ? value : acc_t(0);
       }
     }
   }
@@ -288,6 +307,15 @@ struct WorkItem {
   int64_t group, start, size, first_row, rows;  // rows first_row.. of the group at start..start+size
 };
 
+// Items per task so that each task has about kMinTaskWork multiply-adds (pairs x width).
+int64_t item_grain(const std::vector<WorkItem>& items, int64_t width) {
+  if (items.empty()) return 1;
+  int64_t work = 0;
+  for (const WorkItem& it : items) work += it.rows * it.size * (width + 32);
+  const int64_t per_item = std::max<int64_t>(1, work / static_cast<int64_t>(items.size()));
+  return std::max<int64_t>(1, kMinTaskWork / per_item);
+}
+
 std::vector<WorkItem> work_items(const int64_t* offsets, int64_t num_groups) {
   std::vector<WorkItem> items;
   for (int64_t g = 0; g < num_groups; ++g) {
@@ -296,6 +324,12 @@ std::vector<WorkItem> work_items(const int64_t* offsets, int64_t num_groups) {
       items.push_back({g, start, size, start + r0, std::min(kRowTile, size - r0)});
   }
   return items;
+}
+
+// Class ids renumbered 0..K-1 as int32, so the label tests in the float loops use 32-bit
+// lanes like the values (mixed 64/32-bit masks keep GCC from vectorizing them).
+at::Tensor dense_labels(const at::Tensor& labels) {
+  return std::get<1>(at::_unique(labels, /*sorted=*/false, /*return_inverse=*/true)).to(at::kInt).contiguous();
 }
 
 // A (rows x cols) view of a flat scratch buffer, for at::mm_out.
@@ -307,17 +341,19 @@ template <typename scalar_t>
 void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& offsets, double tau,
                   double eta, at::Tensor& risks, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = features.size(0);
+  const int64_t B = features.size(0), width = features.size(1);
   const auto acc_opts = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor f = at::empty({B, features.size(1)}, acc_opts);
+  at::Tensor f = at::empty({B, width}, acc_opts);
   acc_t* st = stats.data_ptr<acc_t>();
   normalize_rows<scalar_t, acc_t>(features, f, st + kNorm * B);
   const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)};
-  const int64_t* label_ptr = labels.data_ptr<int64_t>();
+  const at::Tensor label_ids = dense_labels(labels);
+  const int32_t* label_ptr = label_ids.data_ptr<int32_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t num_groups = offsets.size(0) - 1;
   const std::vector<WorkItem> items = work_items(off, num_groups);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = item_grain(items, width);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({kRowTile * kColTile}, acc_opts);
     std::vector<acc_t> online(kNumOnline * kRowTile);
     for (int64_t w = begin; w < end; ++w) {
@@ -370,14 +406,16 @@ void backward_impl(const at::Tensor& grad_risks, const at::Tensor& features, con
   at::Tensor norm = at::empty({B}, acc_opts);
   normalize_rows<scalar_t, acc_t>(features, f, norm.data_ptr<acc_t>());
   const Params<acc_t> params{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)};
-  const int64_t* label_ptr = labels.data_ptr<int64_t>();
+  const at::Tensor label_ids = dense_labels(labels);
+  const int32_t* label_ptr = label_ids.data_ptr<int32_t>();
   const acc_t* st = stats.data_ptr<acc_t>();
   const acc_t* grad_risk_ptr = grad_risks.data_ptr<acc_t>();
   const acc_t* f_ptr = f.data_ptr<acc_t>();
   const acc_t* norm_ptr = norm.data_ptr<acc_t>();
   scalar_t* out = grad_features.data_ptr<scalar_t>();
   const std::vector<WorkItem> items = work_items(offsets.data_ptr<int64_t>(), offsets.size(0) - 1);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = item_grain(items, width);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({kRowTile * kColTile}, acc_opts);
     at::Tensor grad_rows_buffer = at::empty({kRowTile * width}, acc_opts);
     for (int64_t w = begin; w < end; ++w) {

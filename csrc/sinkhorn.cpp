@@ -131,40 +131,74 @@ PIUMR_ALWAYS_INLINE void for_each_entry(int64_t n, int64_t m, F&& f) {
   }
 }
 
+// Reductions keep kChains independent accumulators: one add chain would wait on the add
+// latency (4 cycles) at every step instead of issuing back to back.
+constexpr int kChains = 4;
+
 // out[i, l] = sum_j term(e, r, c) over the row's entries.
 template <typename acc_t, int L, typename F>
 PIUMR_ALWAYS_INLINE void reduce_rows(int64_t n, int64_t m, acc_t* out, F&& term) {
   for (int64_t i = 0; i < n; ++i) {
     if constexpr (L == 1) {
+      // Along the contiguous row: kChains vectors' worth of partial sums.
+      constexpr int64_t kWidth = kChains * 64 / sizeof(acc_t);
+      acc_t partial[kWidth] = {};
+      int64_t j = 0;
+      for (; j + kWidth <= m; j += kWidth) {
+#pragma omp simd
+        for (int64_t k = 0; k < kWidth; ++k) partial[k] += term(i * m + j + k, i, j + k);
+      }
       acc_t s = 0;
+      for (; j < m; ++j) s += term(i * m + j, i, j);
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < m; ++j) s += term(i * m + j, i, j);
+      for (int64_t k = 0; k < kWidth; ++k) s += partial[k];
       out[i] = s;
     } else {
-      acc_t s[L] = {};
-      for (int64_t j = 0; j < m; ++j) {
+      acc_t s[kChains][L] = {};
+      int64_t j = 0;
+      for (; j + kChains <= m; j += kChains) {
+        for (int u = 0; u < kChains; ++u) {
 #pragma omp simd
-        for (int l = 0; l < L; ++l) s[l] += term((i * m + j) * L + l, i * L + l, j * L + l);
+          for (int l = 0; l < L; ++l) s[u][l] += term((i * m + j + u) * L + l, i * L + l, (j + u) * L + l);
+        }
       }
-      for (int l = 0; l < L; ++l) out[i * L + l] = s[l];
+      for (; j < m; ++j) {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) s[0][l] += term((i * m + j) * L + l, i * L + l, j * L + l);
+      }
+#pragma omp simd
+      for (int l = 0; l < L; ++l) out[i * L + l] = (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]);
     }
   }
 }
 
-// out[c] = sum_i term(e, r, c) over the column's entries (c = j * L + l is contiguous).
+// out[c] = sum_i term(e, r, c) over the column's entries (c = j * L + l). With lanes each
+// column's sums stay in registers; with L == 1 whole rows are added at a time (the
+// columns are independent chains already).
 template <typename acc_t, int L, typename F>
 PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
-  const int64_t ml = m * L;
-  for (int64_t c = 0; c < ml; ++c) out[c] = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (L == 1) {
+  if constexpr (L == 1) {
+    for (int64_t c = 0; c < m; ++c) out[c] = 0;
+    for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
-      for (int64_t c = 0; c < ml; ++c) out[c] += term(i * ml + c, i, c);
-    } else {
-      for (int64_t j = 0; j < m; ++j) {
+      for (int64_t c = 0; c < m; ++c) out[c] += term(i * m + c, i, c);
+    }
+  } else {
+    for (int64_t j = 0; j < m; ++j) {
+      acc_t s[kChains][L] = {};
+      int64_t i = 0;
+      for (; i + kChains <= n; i += kChains) {
+        for (int u = 0; u < kChains; ++u) {
 #pragma omp simd
-        for (int l = 0; l < L; ++l) out[j * L + l] += term(i * ml + j * L + l, i * L + l, j * L + l);
+          for (int l = 0; l < L; ++l) s[u][l] += term(((i + u) * m + j) * L + l, (i + u) * L + l, j * L + l);
+        }
       }
+      for (; i < n; ++i) {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) s[0][l] += term((i * m + j) * L + l, i * L + l, j * L + l);
+      }
+#pragma omp simd
+      for (int l = 0; l < L; ++l) out[j * L + l] = (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]);
     }
   }
 }

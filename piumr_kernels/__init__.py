@@ -1,4 +1,5 @@
-"""Fused kernels for PIUmr: batched Sinkhorn–Knopp, the DCT filter bank and the GIRL loss.
+"""Fused kernels for PIUmr: batched Sinkhorn–Knopp, the DCT filter bank, the GIRL loss and
+TFAM's two passes over the activation.
 
 Every op has a reference (plain PyTorch), a cpp (compiled CPU) and a triton (GPU) backend;
 see `piumr_kernels.info()` and `piumr_kernels.use_backend`.

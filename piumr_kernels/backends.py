@@ -89,6 +89,12 @@ def backend_available(backend: str) -> bool:
     return backend == "reference"
 
 
+def cpp_op_built(name: str) -> bool:
+    """Whether the built extension has the op `name` (False when it was built from an older
+    checkout that predates the op)."""
+    return _EXTENSION is not None and hasattr(torch.ops.piumr_kernels, name)
+
+
 def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else the environment, else auto."""
     if _forced:
@@ -101,19 +107,27 @@ def requested_backend() -> str:
     return name
 
 
-def resolve_backend(tensor: torch.Tensor) -> str:
-    """The backend that will run an op whose main input is `tensor`."""
+def resolve_backend(tensor: torch.Tensor, cpp_op: str | None = None) -> str:
+    """The backend that will run an op whose main input is `tensor`; `cpp_op` names the op's
+    C++ kernel, so a stale extension gives a clear error instead of a missing attribute."""
     name = requested_backend()
     device = tensor.device
     if name == "auto":
         if device.type == "cuda" and not _availability("triton", device):
-            return "triton"
-        if device.type == "cpu" and not _availability("cpp", device):
-            return "cpp"
-        return "reference"
-    reason = _availability(name, device)
-    if reason:
-        raise BackendUnavailableError(f"backend {name!r} was requested but {reason}")
+            name = "triton"
+        elif device.type == "cpu" and not _availability("cpp", device):
+            name = "cpp"
+        else:
+            name = "reference"
+    else:
+        reason = _availability(name, device)
+        if reason:
+            raise BackendUnavailableError(f"backend {name!r} was requested but {reason}")
+    if name == "cpp" and cpp_op is not None and not cpp_op_built(cpp_op):
+        raise BackendUnavailableError(
+            f"backend 'cpp' was selected but the C++ extension has no {cpp_op} (it was built "
+            "from an older checkout); rebuild it with `pip install --no-build-isolation -e .`"
+        )
     return name
 
 

@@ -17,9 +17,9 @@ import torch
 import piumr_kernels
 from piumr_kernels import GIRLLoss, girl_loss, use_backend
 from piumr_kernels.girl import girl_loss_reference
-from piumr_kernels.girl.op import explicit_partition, random_partition
+from piumr_kernels.girl.op import explicit_partition, group_index_of, random_partition
 
-from .conftest import DEVICE
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {
     torch.float64: (1e-9, 1e-9),
@@ -36,10 +36,11 @@ def make_inputs(batch, width, num_classes, dtype=torch.float32, seed=0):
     return features, labels
 
 
-def fp64_reference(features, labels, group_index, num_groups, **options):
+def fp64_reference(features, labels, group_index, **options):
     """Loss, group risks and feature gradient of the float64 reference for a fixed partition."""
     z = features.detach().double().requires_grad_()
-    loss, risks, risk_var = girl_loss_reference(z, labels, group_index, num_groups, **options)
+    order, sizes = explicit_partition(group_index)
+    loss, risks, risk_var = girl_loss_reference(z, labels, order, sizes, **options)
     loss.backward()
     return loss.detach(), risks.detach(), risk_var.detach(), z.grad
 
@@ -63,11 +64,7 @@ def check_against_reference(features, labels, num_groups=None, groups=None, seed
         kwargs.update(groups=groups)
     loss, details = girl_loss(z, labels, return_details=True, **kwargs)
     (loss * grad_scale).backward()
-    group_index = details["group_index"]
-    count = details["group_risks"].shape[0]
-    ref_loss, ref_risks, ref_var, ref_grad = fp64_reference(
-        features, labels, group_index, count, **{k: v for k, v in options.items()}
-    )
+    ref_loss, ref_risks, ref_var, ref_grad = fp64_reference(features, labels, details["group_index"], **options)
     loss_tol, grad_tol = TOL[features.dtype]
     assert loss.dtype == features.dtype and z.grad.dtype == features.dtype
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=loss_tol * 1e-2)
@@ -109,7 +106,8 @@ def test_fused_op_backward_with_nonuniform_group_weights(backend):
     if backend == "reference":
         pytest.skip("the reference has no separate op")
     features, labels = make_inputs(26, 12, num_classes=3)
-    group_index, order, offsets = random_partition(26, 3, features.device, torch.Generator().manual_seed(1))
+    order, sizes = random_partition(26, 3, features.device, torch.Generator().manual_seed(1))
+    offsets = torch.tensor([0, sizes[0], sizes[0] + sizes[1], 26], device=DEVICE)
     upstream = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, device=DEVICE)
     op = getattr(torch.ops.piumr_kernels, f"girl_{backend}")
     for detach in (True, False):
@@ -118,11 +116,22 @@ def test_fused_op_backward_with_nonuniform_group_weights(backend):
         risks, stats = op(sorted_z, labels.index_select(0, order), offsets, 0.07, 0.2, detach)
         (risks * upstream.float()).sum().backward()
         ref = features.double().requires_grad_()
-        _, ref_risks, _ = girl_loss_reference(ref, labels, group_index, 3, detach_weights=detach)
+        _, ref_risks, _ = girl_loss_reference(ref, labels, order, sizes, detach_weights=detach)
         (ref_risks * upstream).sum().backward()
         torch.testing.assert_close(risks.double(), ref_risks.detach(), rtol=1e-4, atol=1e-6)
         assert stats.shape == (6, 26) and torch.isfinite(stats).all()
         assert_close_scaled(z.grad, ref.grad, 1e-4, f"gradient (detach_weights={detach})")
+
+
+def test_opcheck_cpp():
+    """torch.library.opcheck: schema, fake kernel, autograd registration of the cpp op."""
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    features, labels = make_inputs(10, 6, num_classes=2)
+    offsets = torch.tensor([0, 4, 10])
+    for detach in (True, False):
+        torch.library.opcheck(torch.ops.piumr_kernels.girl_cpp,
+                              (features.cpu().requires_grad_(), labels.cpu(), offsets, 0.1, 0.3, detach))
 
 
 def test_anchors_without_positives(backend):
@@ -248,11 +257,13 @@ def test_same_seed_same_groups_on_every_backend():
 
 
 def test_partitions_sort_samples_by_group():
-    group_index, order, offsets = random_partition(11, 3, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert offsets.tolist() == [0, 4, 8, 11]
+    order, sizes = random_partition(11, 3, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert sizes == [4, 4, 3] and sorted(order.tolist()) == list(range(11))
+    group_index = group_index_of(order, sizes)
     assert torch.equal(group_index[order], torch.tensor([0] * 4 + [1] * 4 + [2] * 3))
-    group_index, order, offsets = explicit_partition(torch.tensor([5, 2, 5, 2, 2]))
-    assert group_index.tolist() == [1, 0, 1, 0, 0] and offsets.tolist() == [0, 3, 5]
+    order, sizes = explicit_partition(torch.tensor([5, 2, 5, 2, 2]))
+    assert sizes == [3, 2] and order.tolist() == [1, 3, 4, 0, 2]
+    assert group_index_of(order, sizes).tolist() == [1, 0, 1, 0, 0]
 
 
 def test_module_matches_function():
@@ -312,13 +323,32 @@ def test_torch_compile_fullgraph(backend_name):
 
     def step(z, y):
         loss, details = girl_loss(z, y, num_groups=3, detach_weights=False, return_details=True)
-        loss.backward()
         return loss, details["group_index"]
 
     compiled = torch.compile(step, fullgraph=True)
     z = features.clone().requires_grad_()
     with use_backend(backend_name):
         loss, group_index = compiled(z, labels)
-    ref_loss, _, _, ref_grad = fp64_reference(features, labels, group_index, 3, detach_weights=False)
+        loss.backward()
+    ref_loss, _, _, ref_grad = fp64_reference(features, labels, group_index, detach_weights=False)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
     assert_close_scaled(z.grad, ref_grad, 1e-4, "compiled gradient")
+
+
+def test_aot_variants_cover_every_launch_choice():
+    """tools/triton_static_check.py compiles aot_variants(); every block the launchers can
+    pick must be listed there (forward, both backward variants, risks, row kernels)."""
+    triton_kernels = pytest.importorskip("piumr_kernels.girl.triton_kernels")
+    names = {variant.name for variant in triton_kernels.aot_variants()}
+    for batch, num_groups in [(4, 2), (40, 2), (80, 4), (130, 1), (1024, 8), (4096, 1)]:
+        block, _ = triton_kernels.tile_block(batch, num_groups)
+        assert f"girl.group_risk[BLOCK={block}]" in names
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert f"girl.forward[{dtype},BLOCK={block}]" in names
+            for detach in (True, False):
+                assert f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]" in names
+    for width in (1, 7, 16, 100, 2048, 4096):
+        block_w = triton_kernels._row_block(width)
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert f"girl.row_norm[{dtype},BLOCK_W={block_w}]" in names
+            assert f"girl.input_grad[{dtype},BLOCK_W={block_w}]" in names

@@ -237,3 +237,30 @@ def test_bad_arguments_raise_clear_errors():
         TFAM(4, 5, mask_prob=1.0)
     with pytest.raises(ValueError, match="num_frames must be an int >= 1"):
         TFAM(4, 0)
+
+
+class _LargeTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reads or writes a tensor with as many elements as `x`."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel = numel
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if any(t.numel() == self.numel for t in tensors):
+            self.ops.append(func.__name__.split(".")[0])
+        return out
+
+
+def test_forward_touches_x_in_exactly_two_fused_passes(backend):
+    if backend == "reference":
+        pytest.skip("the reference backend is the unfused baseline")
+    module = _module().train()
+    x = _x()
+    recorder = _LargeTensorOps(x.numel())
+    with torch.no_grad(), recorder:
+        module(x)
+    assert recorder.ops == [f"tfam_statistics_{backend}", f"tfam_combine_{backend}"]

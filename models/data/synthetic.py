@@ -32,7 +32,6 @@ What it is not
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 
 from models.data.clips import normalize_clip
-from models.data.labels import ACTION_NAMES, ACTION_TO_BODY, NUM_ACTIONS
+from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
+from models.data.ma52 import write_h264_mp4
 
 SPLITS = ("train", "val", "test")
 DEFAULT_PERSONS_PER_SPLIT = {"train": 24, "val": 8, "test": 8}
@@ -664,15 +664,14 @@ def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_te
     """Write synthetic data as an MA-52-format folder that `MA52Dataset` reads:
     `root/{split}_list_videos.txt` (CRLF line ends; the test list without a final newline,
     as in the official release) and `root/{split}/<name>.mp4` (H.264, `frames_per_video`
-    frames at `fps`; the default 48 frames make MA52Dataset's 16-frame sampling land on
-    exactly the times the dataset itself renders).
+    frames at `fps`; when that is an odd multiple of the reader's `num_frames`, as the
+    default 48 is of 16, MA52Dataset's sampling lands exactly on the instants the dataset
+    itself renders).
 
     `source`: a `SyntheticMicroActions` (writes its split), a sequence of them, or a dict
     of `SyntheticMicroActions` keyword arguments (writes train, val and test with them).
     `hide_test_labels=True` writes dummy zeros as test labels, like the official list.
     Returns `root`."""
-    from models.data.ma52 import write_h264_mp4
-
     if isinstance(source, SyntheticMicroActions):
         datasets = [source]
     elif isinstance(source, dict):

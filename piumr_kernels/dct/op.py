@@ -71,10 +71,6 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
 
-def _cpp_ops_built() -> bool:
-    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "dct_filter_bank_cpp")
-
-
 def _register_cpp() -> None:
     torch.library.register_fake(CPP_FORWARD)(_fake_forward)
     torch.library.register_fake(CPP_BACKWARD)(_fake_backward)
@@ -90,17 +86,12 @@ def _register_triton() -> None:
 
 
 _FUSED = {}
-if _cpp_ops_built():
+if backends.cpp_op_built("dct_filter_bank_cpp"):
     _register_cpp()
     _FUSED["cpp"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_cpp
 if backends.backend_available("triton"):
-    try:
-        from . import triton_kernels as _triton_kernels  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        _register_triton()
-        _FUSED["triton"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_triton
+    _register_triton()
+    _FUSED["triton"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_triton
 
 
 def _check_kernel_size(kernel_size: object) -> int:
@@ -169,7 +160,8 @@ def dct_filter_bank(
     `frequencies`: `None` for all `D = k*k` filters, else the filter indices `d` to keep,
     in the order given. `return_stats=True` also returns `mean` and `var`, each `(B, D)`
     in `x.dtype`: the mean and population variance (divide by `H * W`) over the positions,
-    computed stably (merged per-row two-pass moments, not `E[x^2] - E[x]^2`).
+    computed stably: moments of `E - E[b, d, 0, 0]`, two passes over each cached map (cpp,
+    reference) or per tile merged with Chan's formula (triton); never `E[x^2] - E[x]^2`.
 
     Gradients flow through `E` and the stats; the gradient of `x` is `(1/T) g[b]` with
     `g = sum_d D_d (convolved with) dE_d`, the same for every `(c, t)`, and the fused
@@ -184,10 +176,10 @@ def dct_filter_bank(
         if size < 1:
             raise ValueError(f"x must have {name} >= 1 in (B, C, T, H, W), got shape {tuple(x.shape)}")
 
-    backend = backends.resolve_backend(x)
+    backend = backends.resolve_backend(x, cpp_op="dct_filter_bank_cpp")
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
-    if backend == "reference" or backend not in _FUSED or batch == 0:
+    if backend == "reference" or batch == 0:
         return dct_filter_bank_reference(x, kernel_size, frequencies, return_stats)
     E, mean, var, _ = _FUSED[backend]()(x, kernel_size, frequencies)
     if not return_stats:

@@ -53,6 +53,11 @@ def dct_filter_bank_reference(
     E = F.conv2d(x.to(acc).mean(dim=2), weight, padding=kernel_size // 2)
     if not return_stats:
         return E.to(x.dtype)
-    # torch.var_mean is a stable (Welford-style) reduction, not E[x^2] - E[x]^2.
-    var, mean = torch.var_mean(E, dim=(2, 3), correction=0)
+    # Two passes over E - E[..., 0, 0] (mean, then mean squared deviation): stable, unlike
+    # E[x^2] - E[x]^2, and the shift keeps a mean far from zero from costing precision.
+    shift = E[:, :, :1, :1]
+    deviation = E - shift
+    offset = deviation.mean(dim=(2, 3), keepdim=True)
+    var = (deviation - offset).square().mean(dim=(2, 3))
+    mean = (shift + offset)[:, :, 0, 0]
     return E.to(x.dtype), mean.to(x.dtype), var.to(x.dtype)

@@ -2,15 +2,18 @@
 torch.library registration.
 
 Every backend sees the same partition: the permutation (or the explicit `groups`) is
-turned into a group index here, in Python, before dispatch. The fused backends (cpp,
-triton) then work on the samples sorted by group, described by `offsets` (`G + 1`
-boundaries), and never form a `B x B` matrix. Their forward op returns the per-group risks
+turned into `(order, sizes)` here, in Python, before dispatch (group `g` is the next
+`sizes[g]` samples of `order`; the sizes are Python ints, static under torch.compile).
+The fused backends (cpp, triton) then work on the samples sorted by group, described by
+`offsets` (`G + 1` boundaries), and never form a `B x B` matrix. Their forward op returns the per-group risks
 `L_g` and six numbers per sample that the fused backward needs (see `STATS`); the mean
 and the variance penalty over the `G` risks are combined in PyTorch (a `G`-vector), so
 autograd applies `var_grad` for every backend the same way.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
@@ -24,7 +27,7 @@ CPP_BACKWARD = "piumr_kernels::girl_cpp_backward"
 TRITON_FORWARD = "piumr_kernels::girl_triton"
 TRITON_BACKWARD = "piumr_kernels::girl_triton_backward"
 
-# Per-sample statistics saved by the fused forward, in this column order:
+# Per-sample statistics saved by the fused forward, a (6, B) tensor with rows in this order:
 # 1 / max(||z_i||, 1e-12), LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij,
 # l_i, |P(i)|.
 STATS = ("inv_norm", "logit_lse", "emphasis_lse", "positive_weight", "anchor_loss", "num_positive")
@@ -34,7 +37,7 @@ def _fake_forward(features, labels, offsets, tau, eta, detach_weights):
     dtype = compute_dtype(features.dtype)
     return (
         features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
-        features.new_empty((features.shape[0], len(STATS)), dtype=dtype),
+        features.new_empty((len(STATS), features.shape[0]), dtype=dtype),
     )
 
 
@@ -75,11 +78,7 @@ def _register_triton() -> None:
     _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
 
 
-def _cpp_registered() -> bool:
-    return backends.backend_available("cpp") and hasattr(torch.ops.piumr_kernels, "girl_cpp")
-
-
-if _cpp_registered():
+if backends.cpp_op_built("girl_cpp"):
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -101,30 +100,24 @@ def _check_integer_vector(name: str, value: object, length: int) -> None:
 
 def random_partition(
     batch: int, num_groups: int, device: torch.device, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, list[int]]:
     """A fresh random split of `0..batch-1` into `num_groups` chunks (tensor_split sizes).
 
-    Returns `(group_index (B,), order (B,), offsets (G+1,))`: the samples of group `g` are
-    `order[offsets[g]:offsets[g+1]]`. The permutation is drawn on the generator's device
-    (the features' device without one), so one seed gives one partition on every backend.
+    Returns `(order (B,), sizes)`: the samples of group `g` are the next `sizes[g]` entries
+    of `order`. The permutation is drawn on the generator's device (the features' device
+    without one), so one seed gives one partition on every backend.
     """
     draw_device = generator.device if generator is not None else device
     order = torch.randperm(batch, generator=generator, device=draw_device).to(device)
     base, extra = divmod(batch, num_groups)
-    sizes = [base + 1] * extra + [base] * (num_groups - extra)
-    offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
-    chunk_of_position = torch.repeat_interleave(
-        torch.arange(num_groups, device=device), torch.tensor(sizes, device=device), output_size=batch
-    )
-    group_index = torch.empty_like(order).scatter_(0, order, chunk_of_position)
-    return group_index, order, offsets
+    return order, [base + 1] * extra + [base] * (num_groups - extra)
 
 
-def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Groups from ids (any integers): group `g` is the `g`-th smallest id. Same outputs as
     :func:`random_partition`; every group must have at least two members."""
-    ids, group_index = torch.unique(groups, return_inverse=True)
-    counts = torch.bincount(group_index, minlength=ids.shape[0])
+    ids, group_of_sample = torch.unique(groups, return_inverse=True)
+    counts = torch.bincount(group_of_sample, minlength=ids.shape[0])
     small = counts < 2
     if bool(small.any()):
         bad = ids[small][:5].tolist()
@@ -132,9 +125,16 @@ def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
             f"groups: every group needs at least 2 members (a sample's partners are the other "
             f"members of its group), but group id(s) {bad} have only one"
         )
-    order = torch.argsort(group_index, stable=True)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return group_index, order, offsets
+    return torch.argsort(group_of_sample, stable=True), counts.tolist()
+
+
+def group_index_of(order: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """`(B,)` group of each sample for a partition given as `(order, sizes)`."""
+    group_of_position = torch.repeat_interleave(
+        torch.arange(len(sizes), device=order.device), torch.tensor(sizes, device=order.device),
+        output_size=order.shape[0],
+    )
+    return torch.empty_like(order).scatter_(0, order, group_of_position)
 
 
 def girl_loss(
@@ -169,7 +169,8 @@ def girl_loss(
     `l_i = -sum_{j in P(i)} w_ij (s_ij - LSE_i) / max(|P(i)|, 1)` with `LSE_i` the
     log-sum-exp of `s_ik` over the partners. An anchor with no positive gives 0 and still
     counts in its group's mean `L_g`. Finally
-    `loss = mean_g L_g + lambda_var * mean_g (L_g - mean L)^2` (population variance).
+    `loss = mean_g L_g + lambda_var * mean_g (L_g - mean L)^2` (population variance,
+    `lambda_var >= 0`; `tau > 0` and `eta > 0`).
 
     Decisions against the paper's literal text (each with its option or reason):
       1. the emphasis is a Gaussian on the cosine, not on `c / tau` (literal form: every
@@ -207,19 +208,19 @@ def girl_loss(
         )
 
     if groups is None:
-        group_index, order, offsets = random_partition(batch, num_groups, features.device, generator)
+        order, sizes = random_partition(batch, num_groups, features.device, generator)
     else:
-        group_index, order, offsets = explicit_partition(groups)
-    num_groups = offsets.shape[0] - 1
+        order, sizes = explicit_partition(groups)
 
-    backend = backends.resolve_backend(features)
+    backend = backends.resolve_backend(features, cpp_op="girl_cpp")
     if backend == "reference":
         loss, group_risks, risk_var = girl_loss_reference(
-            features, labels, group_index, num_groups, tau, eta, lambda_var, var_grad, detach_weights
+            features, labels, order, sizes, tau, eta, lambda_var, var_grad, detach_weights
         )
     else:
         if backend == "triton" and features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
+        offsets = torch.tensor(list(itertools.accumulate([0] + sizes)), device=features.device)
         sorted_features = features.index_select(0, order).contiguous()
         sorted_labels = labels.index_select(0, order).to(torch.int64).contiguous()
         group_risks, _ = _FUSED[backend]()(sorted_features, sorted_labels, offsets, tau, eta, bool(detach_weights))
@@ -227,7 +228,11 @@ def girl_loss(
         loss = loss.to(features.dtype)
     if not return_details:
         return loss
-    details = {"group_risks": group_risks.detach(), "risk_var": risk_var.detach(), "group_index": group_index}
+    details = {
+        "group_risks": group_risks.detach(),
+        "risk_var": risk_var.detach(),
+        "group_index": group_index_of(order, sizes),
+    }
     return loss, details
 
 

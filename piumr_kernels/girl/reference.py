@@ -58,20 +58,20 @@ def combine_group_risks(
 def girl_loss_reference(
     features: torch.Tensor,
     labels: torch.Tensor,
-    group_index: torch.Tensor,
-    num_groups: int,
+    order: torch.Tensor,
+    sizes: list[int],
     tau: float = 0.07,
     eta: float = 0.2,
     lambda_var: float = 1.0,
     var_grad: bool = True,
     detach_weights: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC §3 for a given partition: `group_index[b]` in `0..num_groups-1` is the group of
-    sample `b`. Returns `(loss, group_risks, risk_var)`; the loss has the features' dtype."""
+    """SPEC §3 for a given partition: group `g` is the samples `order[o_g : o_g + sizes[g]]`
+    (`o_g = sum(sizes[:g])`). Group sizes are Python ints, so `torch.compile` sees static
+    shapes. Returns `(loss, group_risks, risk_var)`; the loss has the features' dtype."""
     normalized = F.normalize(features.to(compute_dtype(features.dtype)), dim=1, eps=NORM_EPS)
     risks = []
-    for g in range(num_groups):
-        members = (group_index == g).nonzero().squeeze(1)
+    for members in torch.split(order, sizes):
         anchor_losses = group_anchor_losses(normalized[members], labels[members], tau, eta, detach_weights)
         risks.append(anchor_losses.mean())
     group_risks = torch.stack(risks)

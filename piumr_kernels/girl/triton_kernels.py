@@ -27,9 +27,11 @@ from ..triton_variants import KernelVariant
 
 SMALL_GROUP_MAX = 64   # largest group bound served by one program per group
 STREAM_BLOCK = 64      # anchors x partners per tile on the streaming path
-BLOCK_C = 32           # feature-width chunk of the cosine dot products
+BLOCK_C = 16           # feature-width chunk of the cosine dot products (16 keeps 64x64 tiles spill-free)
 ROW_BLOCK_C = 256      # feature-width chunk of the per-row kernels
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
+# Full fp32 products for the cosines (the logits are cosines / tau; TF32 would cost ~1e-2 there).
+DOT_PRECISION = tl.constexpr("ieee")
 NUM_STATS = 6          # norm, logit LSE, emphasis LSE, positive weight, anchor loss, |P(i)|
 
 
@@ -56,7 +58,7 @@ def _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(z_ptr + cols[:, None] * width + k0 + k[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        acc += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
     return acc * inv_rows[:, None] * inv_cols[None, :]
 
 
@@ -214,7 +216,7 @@ def _backward_kernel(
                 f_cols = f_cols * inv_cols[:, None]
                 out = grad_f_ptr + rows[:, None] * width + k0 + k[None, :]
                 out_mask = row_ok[:, None] & k_ok[None, :]
-                partial = tl.dot(h, f_cols, input_precision="ieee")
+                partial = tl.dot(h, f_cols, input_precision=DOT_PRECISION)
                 tl.store(out, tl.load(out, mask=out_mask, other=0.0) + partial, mask=out_mask)
 
 
@@ -250,6 +252,12 @@ def tile_block(batch: int, num_groups: int) -> tuple[int, int]:
     return block, triton.cdiv(largest, block)
 
 
+def tile_launch_options(block: int) -> dict:
+    """Warps and stages of the tile kernels: 8 warps from 32x32 tiles on, one stage (the
+    feature chunks are small); checked spill-free on sm_80/sm_90 for every variant."""
+    return {"num_warps": 4 if block <= 16 else 8, "num_stages": 1}
+
+
 def _row_block(width: int) -> int:
     return min(ROW_BLOCK_C, max(16, triton.next_power_of_2(width)))
 
@@ -265,6 +273,7 @@ def girl_forward(
     wrap_triton(_row_norm_kernel)[(batch,)](features, stats, width, BLOCK_W=_row_block(width))
     wrap_triton(_forward_kernel)[(num_groups, blocks_per_group)](
         features, labels, offsets, stats, batch, width, tau, eta, BLOCK=block, BLOCK_C=BLOCK_C,
+        **tile_launch_options(block),
     )
     wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=block)
     return risks, stats
@@ -281,7 +290,7 @@ def girl_backward(
     block, blocks_per_group = tile_block(batch, num_groups)
     wrap_triton(_backward_kernel)[(num_groups, blocks_per_group)](
         grad_risks, features, labels, offsets, stats, grad_f, batch, width, tau, eta,
-        DETACH_WEIGHTS=detach_weights, BLOCK=block, BLOCK_C=BLOCK_C,
+        DETACH_WEIGHTS=detach_weights, BLOCK=block, BLOCK_C=BLOCK_C, **tile_launch_options(block),
     )
     wrap_triton(_input_grad_kernel)[(batch,)](features, stats, grad_f, grad_features, width,
                                               BLOCK_W=_row_block(width))
@@ -312,14 +321,15 @@ def aot_variants() -> list[KernelVariant]:
                 f"girl.forward[{dtype},BLOCK={block}]", _forward_kernel,
                 {"z_ptr": ptr, "labels_ptr": "*i64", "offsets_ptr": "*i64", "stats_ptr": "*fp32", "batch": "i32",
                  "width": "i32", "tau": "fp32", "eta": "fp32", "BLOCK": "constexpr", "BLOCK_C": "constexpr"},
-                {"BLOCK": block, "BLOCK_C": BLOCK_C}))
+                {"BLOCK": block, "BLOCK_C": BLOCK_C}, **tile_launch_options(block)))
             for detach in (True, False):
                 variants.append(KernelVariant(
                     f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]", _backward_kernel,
                     {"grad_risks_ptr": "*fp32", "z_ptr": ptr, "labels_ptr": "*i64", "offsets_ptr": "*i64",
                      "stats_ptr": "*fp32", "grad_f_ptr": "*fp32", "batch": "i32", "width": "i32", "tau": "fp32",
                      "eta": "fp32", "DETACH_WEIGHTS": "constexpr", "BLOCK": "constexpr", "BLOCK_C": "constexpr"},
-                    {"DETACH_WEIGHTS": detach, "BLOCK": block, "BLOCK_C": BLOCK_C}))
+                    {"DETACH_WEIGHTS": detach, "BLOCK": block, "BLOCK_C": BLOCK_C},
+                    **tile_launch_options(block)))
     for block in blocks:
         variants.append(KernelVariant(
             f"girl.group_risk[BLOCK={block}]", _group_risk_kernel,

@@ -89,7 +89,7 @@ def _register_triton() -> None:
     _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
 
 
-if backends.backend_available("cpp"):
+if backends.cpp_op_built("sinkhorn_cpp"):
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -145,7 +145,7 @@ def sinkhorn(
     if backends.validation_enabled(validate):
         _check_values(K, log_domain)
 
-    backend = backends.resolve_backend(K)
+    backend = backends.resolve_backend(K, cpp_op="sinkhorn_cpp")
     if backend == "reference":
         return sinkhorn_reference(K, n_iters, eps, log_domain, row_sum, col_sum)
     if backend == "triton" and K.dtype == torch.float64:

@@ -1,5 +1,19 @@
 """Triton kernels for Sinkhorn–Knopp (SPEC §1) and their launchers (wrapped as triton_op in op.py).
 
+Three tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_plan`):
+- **packed** (`N, M <= 8`): many matrices per program, a `[BLOCK_B, BLOCK_N, BLOCK_M]`
+  register tile (64 hyper-connection 4x4 mixings per program);
+- **one matrix** (padded tile up to 4096 elements: 64x64, 32x128, ...): the same
+  register-resident kernel with `BLOCK_B = 1`, `num_warps` growing with the matrix;
+- **streaming** (larger tiles, including 128x128): one program per matrix, `K` stays in global memory and
+  every half-step is one pass over row or column tiles, using the factorization
+  `P_t = diag(U) K diag(V)` (linear) or `L_t = K + f + g` (log) with the scale vectors /
+  potentials kept in small global buffers. It covers every size; it is fast when the
+  batch fills the GPU (one program per matrix), slow for a single huge matrix.
+
+Backward keeps `O(n_iters * (N + M))` per matrix on every tier (the forward's per-iteration
+row/column scales or potentials) and recomputes the intermediate matrices from `K`.
+
 Every load is upcast to float32 at once (the interpreter mishandles bf16 arithmetic) and
 scalar arguments are cast to float32 inside the kernels (Inductor passes float64).
 Offsets are int64 so batches past 2**31 elements index correctly.
@@ -7,125 +21,487 @@ Offsets are int64 so batches past 2**31 elements index correctly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..backends import triton_interpreting
+from ..triton_variants import KernelVariant
+
+PACKED_MAX = 8                 # N, M <= 8: many matrices per program
+PACKED_ELEMENTS = 1024         # elements of one packed program's tile
+REGISTER_MAX_ELEMENTS = 4096   # padded tile of a register-resident matrix (64x64, 32x128)
+STREAM_ELEMENTS = 1024         # elements of one streaming tile (2048 spills the backward at 8 warps)
+STREAM_MAX_COLS = 128          # widest streaming tile (512 contiguous bytes in fp32)
+STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
+STREAM_WARPS = 4
+# The interpreter pays per tile operation, not per element, and has no registers to spill:
+# it streams 4096-element tiles of any height so the tests stay fast.
+INTERPRETED_STREAM_ELEMENTS = 4096
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _safe_scale(target, total, eps):
+    """`target / (total + eps)`, 0 where the denominator is 0 (a zero row stays zero)."""
     denominator = total + eps
     nonzero = denominator > 0
     return tl.where(nonzero, target / tl.where(nonzero, denominator, 1.0), 0.0)
 
 
 @triton.jit
-def _forward_one_matrix_kernel(
+def _logsumexp(x, AXIS: tl.constexpr):
+    peak = tl.max(x, axis=AXIS)
+    peak = tl.where(peak == float("-inf"), 0.0, peak)
+    return peak + tl.log(tl.sum(tl.exp(x - tl.expand_dims(peak, AXIS)), axis=AXIS))
+
+
+@triton.jit
+def _scaling(k, row_potential, col_potential, LOG_DOMAIN: tl.constexpr):
+    """Linear: `U_i V_j` (entry of P over K); log: `exp(K_ij + f_i + g_j)` (the entry itself)."""
+    if LOG_DOMAIN:
+        return tl.exp(k + row_potential[:, None] + col_potential[None, :])
+    else:
+        return row_potential[:, None] * col_potential[None, :]
+
+
+@triton.jit
+def _entries(k, row_potential, col_potential, LOG_DOMAIN: tl.constexpr):
+    """A `[rows, cols]` tile of `diag(U) K diag(V)` (linear) or `exp(K + f + g)` (log)."""
+    if LOG_DOMAIN:
+        return _scaling(k, row_potential, col_potential, LOG_DOMAIN)
+    else:
+        return _scaling(k, row_potential, col_potential, LOG_DOMAIN) * k
+
+
+@triton.jit
+def _normalized_sum(target, scale, eps, LOG_DOMAIN: tl.constexpr):
+    """The row (column) sums right after a row (column) step: `target * s / (s + eps)`,
+    i.e. `target - eps * scale` (0 for a zero row), exactly `target` in log domain."""
+    if LOG_DOMAIN:
+        return tl.zeros_like(scale) + target
+    else:
+        return tl.where(scale > 0, target - eps * scale, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Packed and one-matrix tiers: whole matrices in registers, [BLOCK_B, BLOCK_N, BLOCK_M]
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _register_tile(n_matrices, n_rows, n_cols, n_iters,
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's first matrix (int64) and int32 offsets/masks inside its tile, for the
+    matrices and for their row/column stats (int32 tile offsets keep register use low)."""
+    first = tl.program_id(0).to(tl.int64) * BLOCK_B
+    local = tl.arange(0, BLOCK_B)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    matrix_ok = (local < n_matrices - first)[:, None]
+    row_ok = matrix_ok & (rows < n_rows)[None, :]
+    col_ok = matrix_ok & (cols < n_cols)[None, :]
+    mask = row_ok[:, :, None] & col_ok[:, None, :]
+    offsets = local[:, None, None] * (n_rows * n_cols) + rows[None, :, None] * n_cols + cols[None, None, :]
+    row_stats = local[:, None] * (n_iters * n_rows) + rows[None, :]
+    col_stats = local[:, None] * (n_iters * n_cols) + cols[None, :]
+    return first, offsets, mask, row_stats, row_ok, col_stats, col_ok
+
+
+@triton.jit
+def _forward_register_kernel(
     K_ptr, P_ptr, row_stats_ptr, col_stats_ptr,
-    n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    LOG_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    matrix = tl.program_id(0).to(tl.int64)
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
-    rows = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = matrix * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :]
-    row_stats = row_stats_ptr + matrix * n_iters * n_rows + rows
-    col_stats = col_stats_ptr + matrix * n_iters * n_cols + cols
+    first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
+        n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
+    K_ptr += first * n_rows * n_cols
+    P_ptr += first * n_rows * n_cols
+    row_stats_ptr += first * n_iters * n_rows
+    col_stats_ptr += first * n_iters * n_cols
     if LOG_DOMAIN:
         x = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
         log_row = tl.log(row_sum)
         log_col = tl.log(col_sum)
-        f = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        g = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
         for t in range(n_iters):
-            peak = tl.max(x, axis=1)
-            peak = tl.where(peak == float("-inf"), 0.0, peak)
-            lse = peak + tl.log(tl.sum(tl.exp(x - peak[:, None]), axis=1))
-            step = tl.where(row_ok, log_row - lse, 0.0)
-            x = x + step[:, None]
+            step = tl.where(row_ok, log_row - _logsumexp(x, 2), 0.0)
+            x = x + step[:, :, None]
             f += step
-            tl.store(row_stats + t * n_rows, f, mask=row_ok)
-            peak = tl.max(x, axis=0)
-            peak = tl.where(peak == float("-inf"), 0.0, peak)
-            lse = peak + tl.log(tl.sum(tl.exp(x - peak[None, :]), axis=0))
-            step = tl.where(col_ok, log_col - lse, 0.0)
-            x = x + step[None, :]
+            tl.store(row_stats_ptr + row_stats + t * n_rows, f, mask=row_ok)
+            step = tl.where(col_ok, log_col - _logsumexp(x, 1), 0.0)
+            x = x + step[:, None, :]
             g += step
-            tl.store(col_stats + t * n_cols, g, mask=col_ok)
+            tl.store(col_stats_ptr + col_stats + t * n_cols, g, mask=col_ok)
         x = tl.exp(x)
     else:
         x = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         for t in range(n_iters):
-            alpha = _safe_scale(row_sum, tl.sum(x, axis=1), eps)
-            x = x * alpha[:, None]
-            tl.store(row_stats + t * n_rows, alpha, mask=row_ok)
-            beta = _safe_scale(col_sum, tl.sum(x, axis=0), eps)
-            x = x * beta[None, :]
-            tl.store(col_stats + t * n_cols, beta, mask=col_ok)
+            alpha = _safe_scale(row_sum, tl.sum(x, axis=2), eps)
+            x = x * alpha[:, :, None]
+            tl.store(row_stats_ptr + row_stats + t * n_rows, alpha, mask=row_ok)
+            beta = _safe_scale(col_sum, tl.sum(x, axis=1), eps)
+            x = x * beta[:, None, :]
+            tl.store(col_stats_ptr + col_stats + t * n_cols, beta, mask=col_ok)
     tl.store(P_ptr + offsets, x.to(P_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_one_matrix_kernel(
+def _backward_register_kernel(
     grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, grad_K_ptr,
-    n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    LOG_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    matrix = tl.program_id(0).to(tl.int64)
+    """Walks the iterations backwards with the gradient in registers: a column step
+    `Y = X diag(beta)` maps `dY` to `beta * (dY - colsum(dY * Y) / col_sum)`, a row step
+    likewise; in log domain the steps are softmax-like: `dX = dY - softmax * sum(dY)`."""
     inv_row = 1.0 / tl.cast(row_sum, tl.float32)
     inv_col = 1.0 / tl.cast(col_sum, tl.float32)
-    rows = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = matrix * n_rows * n_cols + rows[:, None] * n_cols + cols[None, :]
-    row_stats = row_stats_ptr + matrix * n_iters * n_rows + rows
-    col_stats = col_stats_ptr + matrix * n_iters * n_cols + cols
+    first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
+        n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
+    grad_ptr += first * n_rows * n_cols
+    K_ptr += first * n_rows * n_cols
+    grad_K_ptr += first * n_rows * n_cols
+    row_stats_ptr += first * n_iters * n_rows + row_stats
+    col_stats_ptr += first * n_iters * n_cols + col_stats
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if LOG_DOMAIN:
         k = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-        f = tl.load(row_stats + (n_iters - 1) * n_rows, mask=row_ok, other=0.0)
-        g = tl.load(col_stats + (n_iters - 1) * n_cols, mask=col_ok, other=0.0)
-        grad = grad * tl.exp(k + f[:, None] + g[None, :])
+        f = tl.load(row_stats_ptr + (n_iters - 1) * n_rows, mask=row_ok, other=0.0)
+        g = tl.load(col_stats_ptr + (n_iters - 1) * n_cols, mask=col_ok, other=0.0)
+        grad = grad * tl.exp(k + f[:, :, None] + g[:, None, :])
         for step in range(n_iters):
             t = n_iters - 1 - step
-            f = tl.load(row_stats + t * n_rows, mask=row_ok, other=0.0)
-            g = tl.load(col_stats + t * n_cols, mask=col_ok, other=0.0)
-            softmax = tl.exp(k + f[:, None] + g[None, :])
-            grad = grad - softmax * (tl.sum(grad, axis=0) * inv_col)[None, :]
-            g = tl.load(col_stats + (t - 1) * n_cols, mask=col_ok & (t > 0), other=0.0)
-            softmax = tl.exp(k + f[:, None] + g[None, :])
-            grad = grad - softmax * (tl.sum(grad, axis=1) * inv_row)[:, None]
+            f = tl.load(row_stats_ptr + t * n_rows, mask=row_ok, other=0.0)
+            g = tl.load(col_stats_ptr + t * n_cols, mask=col_ok, other=0.0)
+            softmax = tl.exp(k + f[:, :, None] + g[:, None, :])
+            grad = grad - softmax * (tl.sum(grad, axis=1) * inv_col)[:, None, :]
+            g = tl.load(col_stats_ptr + (t - 1) * n_cols, mask=col_ok & (t > 0), other=0.0)
+            softmax = tl.exp(k + f[:, :, None] + g[:, None, :])
+            grad = grad - softmax * (tl.sum(grad, axis=2) * inv_row)[:, :, None]
     else:
         k = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        # Cumulative scales U_t = prod alpha_s, V_t = prod beta_s (s <= t), from t = T-1
+        # down by division; a zero scale only occurs for a zero row/column of K, whose
+        # recomputed entries are zero whatever U, V are, so 0 stands in for the quotient.
+        u = tl.full((BLOCK_B, BLOCK_N), 1.0, tl.float32)
+        v = tl.full((BLOCK_B, BLOCK_M), 1.0, tl.float32)
+        for t in range(n_iters):
+            u *= tl.load(row_stats_ptr + t * n_rows, mask=row_ok, other=1.0)
+            v *= tl.load(col_stats_ptr + t * n_cols, mask=col_ok, other=1.0)
         for step in range(n_iters):
             t = n_iters - 1 - step
-            # Running products U_t = prod alpha_s, V_t = prod beta_s (s <= t), V_{t-1}.
-            u = tl.full((BLOCK_N,), 1.0, tl.float32)
-            v_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
-            for s in range(t):
-                u *= tl.load(row_stats + s * n_rows, mask=row_ok, other=0.0)
-                v_prev *= tl.load(col_stats + s * n_cols, mask=col_ok, other=0.0)
-            alpha = tl.load(row_stats + t * n_rows, mask=row_ok, other=0.0)
-            beta = tl.load(col_stats + t * n_cols, mask=col_ok, other=0.0)
-            u *= alpha
-            q = u[:, None] * k * (v_prev * beta)[None, :]
-            grad = beta[None, :] * (grad - (tl.sum(grad * q, axis=0) * inv_col)[None, :])
-            q = u[:, None] * k * v_prev[None, :]
-            grad = alpha[:, None] * (grad - (tl.sum(grad * q, axis=1) * inv_row)[:, None])
+            alpha = tl.load(row_stats_ptr + t * n_rows, mask=row_ok, other=1.0)
+            beta = tl.load(col_stats_ptr + t * n_cols, mask=col_ok, other=1.0)
+            after_col = u[:, :, None] * k * v[:, None, :]
+            grad = beta[:, None, :] * (grad - (tl.sum(grad * after_col, axis=1) * inv_col)[:, None, :])
+            v = tl.where(beta > 0, v / beta, 0.0)
+            after_row = u[:, :, None] * k * v[:, None, :]
+            grad = alpha[:, :, None] * (grad - (tl.sum(grad * after_row, axis=2) * inv_row)[:, :, None])
+            u = tl.where(alpha > 0, u / alpha, 0.0)
     tl.store(grad_K_ptr + offsets, grad.to(grad_K_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(n_rows: int, n_cols: int) -> dict:
-    return {"BLOCK_N": triton.next_power_of_2(n_rows), "BLOCK_M": triton.next_power_of_2(n_cols)}
+# ---------------------------------------------------------------------------------------
+# Streaming tier: one program per matrix, K streamed tile by tile every half-step
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_streaming_kernel(
+    K_ptr, P_ptr, row_stats_ptr, col_stats_ptr, row_scale_ptr, col_scale_ptr,
+    n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    LOG_DOMAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row step t: linear `rowsum_i = U_i * sum_j K_ij V_j`, `alpha = row_sum / (rowsum + eps)`,
+    `U <- U * alpha`; log `f_i = log(row_sum) - logsumexp_j(K_ij + g_j)` (online logsumexp).
+    Column steps alike. `U`, `V` live in `row_scale`/`col_scale` (linear); the log-domain
+    potentials are the stats themselves. A barrier orders each pass's vector stores
+    before the next pass reads them from other threads."""
+    matrix = tl.program_id(0).to(tl.int64)
+    eps = tl.cast(eps, tl.float32)
+    row_sum = tl.cast(row_sum, tl.float32)
+    col_sum = tl.cast(col_sum, tl.float32)
+    K_ptr += matrix * n_rows * n_cols
+    P_ptr += matrix * n_rows * n_cols
+    row_stats_ptr += matrix * n_iters * n_rows
+    col_stats_ptr += matrix * n_iters * n_cols
+    row_scale_ptr += matrix * n_rows
+    col_scale_ptr += matrix * n_cols
+    tile_rows = tl.arange(0, BLOCK_R)
+    tile_cols = tl.arange(0, BLOCK_C)
+    for t in range(n_iters):
+        # Row step: rows outer, columns streamed.
+        for row_start in range(0, n_rows, BLOCK_R):
+            rows = row_start + tile_rows
+            row_ok = rows < n_rows
+            peak = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+            total = tl.zeros((BLOCK_R,), tl.float32)
+            for col_start in range(0, n_cols, BLOCK_C):
+                cols = col_start + tile_cols
+                col_ok = cols < n_cols
+                tile = row_ok[:, None] & col_ok[None, :]
+                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                if LOG_DOMAIN:
+                    g = tl.load(col_stats_ptr + (t - 1) * n_cols + cols, mask=col_ok & (t > 0), other=0.0)
+                    x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + g[None, :]
+                    new_peak = tl.maximum(peak, tl.max(x, axis=1))
+                    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+                    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+                    peak = new_peak
+                else:
+                    v = tl.load(col_scale_ptr + cols, mask=col_ok & (t > 0), other=1.0)
+                    k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+                    total += tl.sum(k * v[None, :], axis=1)
+            if LOG_DOMAIN:
+                shift = tl.where(peak == float("-inf"), 0.0, peak)
+                f = tl.log(row_sum) - (shift + tl.log(total))
+                tl.store(row_stats_ptr + t * n_rows + rows, f, mask=row_ok)
+            else:
+                u = tl.load(row_scale_ptr + rows, mask=row_ok & (t > 0), other=1.0)
+                alpha = _safe_scale(row_sum, u * total, eps)
+                tl.store(row_stats_ptr + t * n_rows + rows, alpha, mask=row_ok)
+                # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
+                tl.store(row_scale_ptr + rows, tl.where(total == 0, 0.0, u * alpha), mask=row_ok)
+        tl.debug_barrier()
+        # Column step: columns outer, rows streamed.
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tile_cols
+            col_ok = cols < n_cols
+            peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+            total = tl.zeros((BLOCK_C,), tl.float32)
+            for row_start in range(0, n_rows, BLOCK_R):
+                rows = row_start + tile_rows
+                row_ok = rows < n_rows
+                tile = row_ok[:, None] & col_ok[None, :]
+                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                if LOG_DOMAIN:
+                    f = tl.load(row_stats_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                    x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + f[:, None]
+                    new_peak = tl.maximum(peak, tl.max(x, axis=0))
+                    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+                    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
+                    peak = new_peak
+                else:
+                    u = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+                    k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+                    total += tl.sum(u[:, None] * k, axis=0)
+            if LOG_DOMAIN:
+                shift = tl.where(peak == float("-inf"), 0.0, peak)
+                g = tl.log(col_sum) - (shift + tl.log(total))
+                tl.store(col_stats_ptr + t * n_cols + cols, g, mask=col_ok)
+            else:
+                v = tl.load(col_scale_ptr + cols, mask=col_ok & (t > 0), other=1.0)
+                beta = _safe_scale(col_sum, v * total, eps)
+                tl.store(col_stats_ptr + t * n_cols + cols, beta, mask=col_ok)
+                tl.store(col_scale_ptr + cols, tl.where(total == 0, 0.0, v * beta), mask=col_ok)
+        tl.debug_barrier()
+    # Output pass: P = U K V (linear) or exp(K + f + g) (log).
+    if LOG_DOMAIN:
+        row_potential_ptr = row_stats_ptr + (n_iters - 1) * n_rows
+        col_potential_ptr = col_stats_ptr + (n_iters - 1) * n_cols
+    else:
+        row_potential_ptr = row_scale_ptr
+        col_potential_ptr = col_scale_ptr
+    for row_start in range(0, n_rows, BLOCK_R):
+        rows = row_start + tile_rows
+        row_ok = rows < n_rows
+        row_potential = tl.load(row_potential_ptr + rows, mask=row_ok, other=0.0)
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tile_cols
+            col_ok = cols < n_cols
+            tile = row_ok[:, None] & col_ok[None, :]
+            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            col_potential = tl.load(col_potential_ptr + cols, mask=col_ok, other=0.0)
+            k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+            p = _entries(k, row_potential, col_potential, LOG_DOMAIN)
+            tl.store(P_ptr + offsets, p.to(P_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _backward_streaming_kernel(
+    grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, row_potential_ptr, col_potential_ptr,
+    row_work_ptr, col_work_ptr, grad_K_ptr,
+    n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    LOG_DOMAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward in `H = dX * X` form, where every step only subtracts rank-one-scaled copies
+    of the step's matrix: a column step `t` (`Y = P_{t+1}`) gives `H <- H - Y diag(w_t / c)`
+    with `w_t = colsum(H)`, a row step `H <- H - diag(z_t / r) A_t` with `z_t = rowsum(H)`.
+    Only the row/column sums `R`, `C` of `H` are tracked (one streamed matrix-vector
+    product per half-step; the other sum follows from the known marginals), and at the
+    end `dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1))`, with
+    `S(t, s) = U_t V_s^T` (linear) or `exp(K + f_t + g_s)` (log).
+
+    `row_potential`/`col_potential` hold `U_t, V_t` (linear: cumulative products of the
+    stats) or `f_t, g_t` (log: the stats). `row_work` is `(n_iters + 1, N)` per matrix:
+    `z_t` then `R`; `col_work` likewise `w_t` then `C`."""
+    matrix = tl.program_id(0).to(tl.int64)
+    eps = tl.cast(eps, tl.float32)
+    row_sum = tl.cast(row_sum, tl.float32)
+    col_sum = tl.cast(col_sum, tl.float32)
+    NEUTRAL: tl.constexpr = 0.0 if LOG_DOMAIN else 1.0  # potential / scale before any step
+    grad_ptr += matrix * n_rows * n_cols
+    K_ptr += matrix * n_rows * n_cols
+    grad_K_ptr += matrix * n_rows * n_cols
+    row_stats_ptr += matrix * n_iters * n_rows
+    col_stats_ptr += matrix * n_iters * n_cols
+    row_potential_ptr += matrix * n_iters * n_rows
+    col_potential_ptr += matrix * n_iters * n_cols
+    z_ptr = row_work_ptr + matrix * (n_iters + 1) * n_rows
+    w_ptr = col_work_ptr + matrix * (n_iters + 1) * n_cols
+    R_ptr = z_ptr + n_iters * n_rows
+    C_ptr = w_ptr + n_iters * n_cols
+    tile_rows = tl.arange(0, BLOCK_R)
+    tile_cols = tl.arange(0, BLOCK_C)
+    last = n_iters - 1
+
+    # C = colsum(G * P_T).
+    for col_start in range(0, n_cols, BLOCK_C):
+        cols = col_start + tile_cols
+        col_ok = cols < n_cols
+        g = tl.load(col_potential_ptr + last * n_cols + cols, mask=col_ok, other=0.0)
+        total = tl.zeros((BLOCK_C,), tl.float32)
+        for row_start in range(0, n_rows, BLOCK_R):
+            rows = row_start + tile_rows
+            row_ok = rows < n_rows
+            tile = row_ok[:, None] & col_ok[None, :]
+            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            f = tl.load(row_potential_ptr + last * n_rows + rows, mask=row_ok, other=0.0)
+            k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+            upstream = tl.load(grad_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+            total += tl.sum(upstream * _entries(k, f, g, LOG_DOMAIN), axis=0)
+        tl.store(C_ptr + cols, total, mask=col_ok)
+    tl.debug_barrier()
+
+    for step in range(n_iters):
+        t = n_iters - 1 - step
+        # Column step t: w_t = C; C <- C - colsum(P_{t+1}) * w_t / c.
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tile_cols
+            col_ok = cols < n_cols
+            w = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
+            beta = tl.load(col_stats_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+            tl.store(w_ptr + t * n_cols + cols, w, mask=col_ok)
+            tl.store(C_ptr + cols, w - _normalized_sum(col_sum, beta, eps, LOG_DOMAIN) * w / col_sum, mask=col_ok)
+        tl.debug_barrier()
+        # R <- R - P_{t+1} w_t / c (at the first step R starts as rowsum(G * P_T), P_T = P_{t+1}).
+        for row_start in range(0, n_rows, BLOCK_R):
+            rows = row_start + tile_rows
+            row_ok = rows < n_rows
+            f = tl.load(row_potential_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+            total = tl.load(R_ptr + rows, mask=row_ok & (step > 0), other=0.0)
+            for col_start in range(0, n_cols, BLOCK_C):
+                cols = col_start + tile_cols
+                col_ok = cols < n_cols
+                tile = row_ok[:, None] & col_ok[None, :]
+                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                g = tl.load(col_potential_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+                w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+                k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+                upstream = tl.load(grad_ptr + offsets, mask=tile & (step == 0), other=0.0).to(tl.float32)
+                total += tl.sum(_entries(k, f, g, LOG_DOMAIN) * (upstream - w[None, :] / col_sum), axis=1)
+            tl.store(R_ptr + rows, total, mask=row_ok)
+        tl.debug_barrier()
+        # Row step t: z_t = R; R <- R - rowsum(A_t) * z_t / r.
+        for row_start in range(0, n_rows, BLOCK_R):
+            rows = row_start + tile_rows
+            row_ok = rows < n_rows
+            z = tl.load(R_ptr + rows, mask=row_ok, other=0.0)
+            alpha = tl.load(row_stats_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+            tl.store(z_ptr + t * n_rows + rows, z, mask=row_ok)
+            tl.store(R_ptr + rows, z - _normalized_sum(row_sum, alpha, eps, LOG_DOMAIN) * z / row_sum, mask=row_ok)
+        tl.debug_barrier()
+        # C <- C - A_t^T z_t / r, A_t = S(t, t-1) * K.
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tile_cols
+            col_ok = cols < n_cols
+            g = tl.load(col_potential_ptr + (t - 1) * n_cols + cols, mask=col_ok & (t > 0), other=NEUTRAL)
+            total = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
+            for row_start in range(0, n_rows, BLOCK_R):
+                rows = row_start + tile_rows
+                row_ok = rows < n_rows
+                tile = row_ok[:, None] & col_ok[None, :]
+                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                f = tl.load(row_potential_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+                total -= tl.sum(_entries(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum), axis=0)
+            tl.store(C_ptr + cols, total, mask=col_ok)
+        tl.debug_barrier()
+
+    # dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1)).
+    for row_start in range(0, n_rows, BLOCK_R):
+        rows = row_start + tile_rows
+        row_ok = rows < n_rows
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tile_cols
+            col_ok = cols < n_cols
+            tile = row_ok[:, None] & col_ok[None, :]
+            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+            upstream = tl.load(grad_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+            f = tl.load(row_potential_ptr + last * n_rows + rows, mask=row_ok, other=0.0)
+            g = tl.load(col_potential_ptr + last * n_cols + cols, mask=col_ok, other=0.0)
+            result = _scaling(k, f, g, LOG_DOMAIN) * upstream
+            for t in range(n_iters):
+                f = tl.load(row_potential_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                g = tl.load(col_potential_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+                w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+                result -= _scaling(k, f, g, LOG_DOMAIN) * (w[None, :] / col_sum)
+                g = tl.load(col_potential_ptr + (t - 1) * n_cols + cols, mask=col_ok & (t > 0), other=NEUTRAL)
+                z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                result -= _scaling(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum)
+            tl.store(grad_K_ptr + offsets, result.to(grad_K_ptr.dtype.element_ty), mask=tile)
+
+
+# ---------------------------------------------------------------------------------------
+# Tier choice, launchers, ahead-of-time variants
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    tier: str                 # "packed" | "one_matrix" | "streaming"
+    constexprs: dict          # block sizes (LOG_DOMAIN is added per call)
+    num_warps: int
+    matrices_per_program: int
+
+
+def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPlan:
+    """The tier, block sizes and warps the launchers use for `(N, M)` matrices
+    (`interpreted`: under TRITON_INTERPRET=1, where streaming tiles are larger).
+
+    The register tier stops at a 4096-element tile: under Triton 3.7 a register-resident
+    128x128 fp32 matrix spills on sm_80/sm_90 at 16 and at 32 warps (K, the gradient and
+    per-element addresses and masks do not fit), so 128x128 streams from L1/L2 instead,
+    still one program per matrix."""
+    block_n, block_m = triton.next_power_of_2(n_rows), triton.next_power_of_2(n_cols)
+    if n_rows <= PACKED_MAX and n_cols <= PACKED_MAX:
+        block_b = PACKED_ELEMENTS // (block_n * block_m)
+        return LaunchPlan("packed", {"BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_M": block_m}, 4, block_b)
+    if block_n * block_m <= REGISTER_MAX_ELEMENTS:
+        # 8 elements per thread per live tile (64x64 spills at 8 warps, 16 per thread).
+        num_warps = min(16, max(1, block_n * block_m // 256))
+        return LaunchPlan("one_matrix", {"BLOCK_B": 1, "BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps, 1)
+    block_c = min(STREAM_MAX_COLS, block_m)
+    if interpreted:
+        block_r = min(INTERPRETED_STREAM_ELEMENTS // block_c, block_n)
+    else:
+        block_r = min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n)
+    return LaunchPlan("streaming", {"BLOCK_R": block_r, "BLOCK_C": block_c}, STREAM_WARPS, 1)
 
 
 def sinkhorn_forward(
@@ -135,10 +511,22 @@ def sinkhorn_forward(
     P = torch.empty_like(K)
     row_stats = K.new_empty((batch, n_iters, n_rows), dtype=torch.float32)
     col_stats = K.new_empty((batch, n_iters, n_cols), dtype=torch.float32)
-    if batch:
-        wrap_triton(_forward_one_matrix_kernel)[(batch,)](
-            K, P, row_stats, col_stats, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, **_blocks(n_rows, n_cols),
+    if batch == 0:
+        return P, row_stats, col_stats
+    plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
+    if plan.tier == "streaming":
+        # Running U, V (linear); the log-domain potentials live in the stats.
+        row_scale = K.new_empty((batch, n_rows) if not log_domain else (0,), dtype=torch.float32)
+        col_scale = K.new_empty((batch, n_cols) if not log_domain else (0,), dtype=torch.float32)
+        wrap_triton(_forward_streaming_kernel)[(batch,)](
+            K, P, row_stats, col_stats, row_scale, col_scale,
+            n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
+        )
+    else:
+        wrap_triton(_forward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
+            K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
         )
     return P, row_stats, col_stats
 
@@ -149,9 +537,79 @@ def sinkhorn_backward(
 ) -> torch.Tensor:
     batch, n_rows, n_cols = K.shape
     grad_K = torch.empty_like(K)
-    if batch:
-        wrap_triton(_backward_one_matrix_kernel)[(batch,)](
-            grad_P, K, row_stats, col_stats, grad_K, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, **_blocks(n_rows, n_cols),
+    if batch == 0:
+        return grad_K
+    plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
+    if plan.tier == "streaming":
+        if log_domain:
+            row_potential, col_potential = row_stats, col_stats
+        else:
+            row_potential, col_potential = torch.cumprod(row_stats, 1), torch.cumprod(col_stats, 1)
+        row_work = K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32)
+        col_work = K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32)
+        wrap_triton(_backward_streaming_kernel)[(batch,)](
+            grad_P, K, row_stats, col_stats, row_potential, col_potential, row_work, col_work, grad_K,
+            n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
+        )
+    else:
+        wrap_triton(_backward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
+            grad_P, K, row_stats, col_stats, grad_K, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
         )
     return grad_K
+
+
+# Representative shapes per tier: every distinct block-size / warp configuration the
+# launchers pick for typical sizes (other sizes round up to one of these block shapes or
+# differ only in a power-of-two block dimension).
+AOT_SHAPES = {
+    "packed": [(4, 4), (8, 8)],
+    "one_matrix": [(16, 16), (64, 64)],
+    "streaming": [(128, 128), (2048, 8)],
+}
+_TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_SCALARS = {"n_matrices": "i32", "n_rows": "i32", "n_cols": "i32", "n_iters": "i32", "eps": "fp32", "row_sum": "fp32", "col_sum": "fp32"}
+
+
+def _signature(kernel, data_type: str) -> dict[str, str]:
+    """Triton types of `kernel`'s arguments: matrices in `data_type`, stats and work in fp32."""
+    matrices = {"K_ptr", "P_ptr", "grad_ptr", "grad_K_ptr"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in _SCALARS:
+            signature[name] = _SCALARS[name]
+        elif name.endswith("_ptr"):
+            signature[name] = data_type if name in matrices else "*fp32"
+        else:
+            signature[name] = "constexpr"
+    return signature
+
+
+def aot_variants() -> list[KernelVariant]:
+    """Every kernel variant the launchers pick for the representative shapes in
+    `AOT_SHAPES`: each tier x forward/backward x fp32/fp16/bf16 x linear/log."""
+    kernels = {
+        ("packed", "forward"): _forward_register_kernel, ("packed", "backward"): _backward_register_kernel,
+        ("one_matrix", "forward"): _forward_register_kernel, ("one_matrix", "backward"): _backward_register_kernel,
+        ("streaming", "forward"): _forward_streaming_kernel, ("streaming", "backward"): _backward_streaming_kernel,
+    }
+    variants = []
+    for tier, shapes in AOT_SHAPES.items():
+        for n_rows, n_cols in shapes:
+            plan = launch_plan(n_rows, n_cols)
+            assert plan.tier == tier, (tier, n_rows, n_cols, plan.tier)
+            blocks = ",".join(f"{key}={value}" for key, value in plan.constexprs.items())
+            for direction in ("forward", "backward"):
+                kernel = kernels[tier, direction]
+                for dtype_name, pointer_type in _TRITON_DTYPES.items():
+                    for log_domain in (False, True):
+                        domain = "log" if log_domain else "linear"
+                        variants.append(KernelVariant(
+                            name=f"sinkhorn.{direction}.{tier}[{dtype_name},{domain},{blocks},warps={plan.num_warps}]",
+                            kernel=kernel,
+                            signature=_signature(kernel, pointer_type),
+                            constexprs={"LOG_DOMAIN": log_domain, **plan.constexprs},
+                            num_warps=plan.num_warps,
+                        ))
+    return variants

@@ -119,7 +119,7 @@ def _register_triton() -> None:
     _register_autograd(names)
 
 
-if backends.backend_available("cpp"):
+if backends.cpp_op_built("tfam_statistics_cpp"):
     _register_cpp()
 if backends.backend_available("triton"):
     _register_triton()
@@ -132,7 +132,7 @@ def _check_video(x: torch.Tensor) -> None:
 
 
 def _fused_backend(x: torch.Tensor) -> str:
-    backend = backends.resolve_backend(x)
+    backend = backends.resolve_backend(x, cpp_op="tfam_statistics_cpp")
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
     return backend

@@ -1,0 +1,475 @@
+// Fused DCT filter bank on the CPU (SPEC §2): forward (energies + stable stats) and backward.
+//
+// Forward, one op call, two parallel phases:
+//  1. Channel/time reduction, the only large read: s[b] = (1/T) sum_{c,t} x[b, c, t], over
+//     tasks (b, band of rows) so a small batch still fills the threads. Each task adds whole
+//     (c, t) planes element-wise into an L1-sized accumulator (vectorized along the plane,
+//     eight planes per sweep; no horizontal reductions). Any strides for B, C, T, H, W.
+//  2. Per image b: the separable correlation, in a flat layout with rows padded by p zeros
+//     (so each 1-D pass is one long vectorized loop, even for 7x7 maps). First the k 1-D
+//     filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel
+//     over all u); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
+//     (k per pixel per filter, k^3 for the full bank). E_d is written once; its mean and
+//     variance are two passes over the cached map of E_d - E_d[0, 0].
+// Backward, per image b: recompute R from the saved s, rebuild each E_d, form
+// G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, correlate it with the reversed
+// a_v into Q_u (the adjoint of the W pass), then g = the H-pass adjoint over the Q_u, and
+// write the small (B, H, W) map g / T. The glue expands it over (C, T).
+// Scratch is allocated once per thread; basis vectors are float64 cosines cast to acc_t.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_dispatch.h"
+
+namespace piumr {
+namespace {
+
+// Elements of the accumulator one reduction task sweeps: 4096 floats = 16 KiB, in L1.
+constexpr int64_t kReduceChunk = 4096;
+
+// The separable bank: the 1-D rows needed (`slots`) and, per output filter, its slot and v.
+template <typename acc_t>
+struct Bank {
+  int64_t k, pad, n_filters, n_slots;
+  std::vector<acc_t> basis;          // (k, k): basis[u * k + i] = c(u) cos(pi (2i+1) u / 2k)
+  std::vector<acc_t> reversed;       // (k, k): reversed[v * k + j] = basis[v * k + k - 1 - j]
+  std::vector<int64_t> slot_u;       // (n_slots): the u of each H-pass slot
+  std::vector<int64_t> filter_slot;  // (n_filters): slot holding R_u for filter n
+  std::vector<int64_t> filter_v;     // (n_filters)
+
+  Bank(int64_t kernel_size, const std::vector<int64_t>& frequencies)
+      : k(kernel_size), pad(kernel_size / 2), n_filters(static_cast<int64_t>(frequencies.size())) {
+    basis.resize(k * k);
+    const double pi = std::acos(-1.0);
+    for (int64_t u = 0; u < k; ++u) {
+      const double c = std::sqrt((u == 0 ? 1.0 : 2.0) / static_cast<double>(k));
+      for (int64_t i = 0; i < k; ++i) {
+        basis[u * k + i] = static_cast<acc_t>(c * std::cos(pi * (2 * i + 1) * u / (2.0 * k)));
+      }
+    }
+    reversed.resize(k * k);
+    for (int64_t v = 0; v < k; ++v)
+      for (int64_t j = 0; j < k; ++j) reversed[v * k + j] = basis[v * k + k - 1 - j];
+    std::vector<int64_t> slot_of_u(k, -1);
+    for (int64_t d : frequencies) {
+      const int64_t u = d % k;
+      if (slot_of_u[u] < 0) {
+        slot_of_u[u] = static_cast<int64_t>(slot_u.size());
+        slot_u.push_back(u);
+      }
+      filter_slot.push_back(slot_of_u[u]);
+      filter_v.push_back(d / k);
+    }
+    n_slots = static_cast<int64_t>(slot_u.size());
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct ReduceArgs {
+  const scalar_t* x;              // x[b] at row h0
+  const int64_t* plane_offsets;   // (C * T) element offsets of each (c, t) plane
+  int64_t n_planes, n_rows, width, stride_h, stride_w;
+  acc_t scale;                    // 1 / T
+  acc_t* acc;                     // n_rows * width accumulator (scratch)
+  acc_t* out;                     // s[b] at row h0, contiguous rows
+};
+
+template <typename scalar_t, typename acc_t>
+struct ReduceKernel {
+  static PIUMR_ALWAYS_INLINE void run(const ReduceArgs<scalar_t, acc_t>& a) {
+    const bool flat = a.stride_w == 1 && (a.stride_h == a.width || a.n_rows == 1);
+    const int64_t n = a.n_rows * a.width;
+    acc_t* acc = a.acc;
+    for (int64_t e = 0; e < n; ++e) acc[e] = 0;
+    if (flat) {
+      // Eight planes per sweep: one accumulator load/store per eight plane loads.
+      int64_t q = 0;
+      for (; q + 8 <= a.n_planes; q += 8) {
+        const int64_t* o = a.plane_offsets + q;
+        const scalar_t *p0 = a.x + o[0], *p1 = a.x + o[1], *p2 = a.x + o[2], *p3 = a.x + o[3];
+        const scalar_t *p4 = a.x + o[4], *p5 = a.x + o[5], *p6 = a.x + o[6], *p7 = a.x + o[7];
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) {
+          acc[e] += ((static_cast<acc_t>(p0[e]) + static_cast<acc_t>(p1[e])) +
+                     (static_cast<acc_t>(p2[e]) + static_cast<acc_t>(p3[e]))) +
+                    ((static_cast<acc_t>(p4[e]) + static_cast<acc_t>(p5[e])) +
+                     (static_cast<acc_t>(p6[e]) + static_cast<acc_t>(p7[e])));
+        }
+      }
+      for (; q < a.n_planes; ++q) {
+        const scalar_t* p0 = a.x + a.plane_offsets[q];
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) acc[e] += static_cast<acc_t>(p0[e]);
+      }
+    } else {
+      for (int64_t q = 0; q < a.n_planes; ++q) {
+        for (int64_t h = 0; h < a.n_rows; ++h) {
+          const scalar_t* row = a.x + a.plane_offsets[q] + h * a.stride_h;
+          acc_t* acc_row = acc + h * a.width;
+#pragma omp simd
+          for (int64_t w = 0; w < a.width; ++w) acc_row[w] += static_cast<acc_t>(row[w * a.stride_w]);
+        }
+      }
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) a.out[e] = acc[e] * a.scale;
+  }
+};
+
+// Image layout: every map is kept flat with rows of Wp = W + 2p (p = k // 2), value (h, w)
+// at h * Wp + p + w, p zero columns each side. A 1-D correlation along W or H is then one
+// long vectorized loop over the flat map (rows as short as W = 7 cost no per-row overhead):
+// out[i] = sum_j taps[j] in[i + j * stride], stride 1 (along W) or Wp (along H). Along W the
+// outputs at a row's last 2p positions mix two rows and are never read.
+// With the tap count KS known at compile time (k = 3, 5, 7) each output vector sums its taps
+// in registers; otherwise (KS = 0) one vectorized multiply-add sweep per tap.
+template <int KS, bool kAccumulate, typename acc_t>
+PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
+                                   acc_t* out) {
+  if constexpr (KS > 0) {
+#pragma omp simd
+    for (int64_t i = 0; i < length; ++i) {
+      acc_t sum = 0;
+      for (int j = 0; j < KS; ++j) sum += taps[j] * in[i + j * stride];
+      out[i] = kAccumulate ? out[i] + sum : sum;
+    }
+  } else {
+    if (!kAccumulate) {
+      for (int64_t i = 0; i < length; ++i) out[i] = 0;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t tap = taps[j];
+      const acc_t* row = in + j * stride;
+#pragma omp simd
+      for (int64_t i = 0; i < length; ++i) out[i] += tap * row[i];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct ImageArgs {
+  const Bank<acc_t>* bank;
+  int64_t height, width;
+  const acc_t* s;          // s[b], (H, W)
+  // forward
+  scalar_t* E;             // E[b], (D, H, W)
+  acc_t* mean;             // mean[b], (D)
+  acc_t* var;              // var[b], (D)
+  // backward
+  const scalar_t* grad_E;  // (D, H, W)
+  const acc_t* grad_mean;  // (D)
+  const acc_t* grad_var;   // (D)
+  const acc_t* saved_mean; // (D)
+  acc_t inv_frames;
+  scalar_t* grad_map;      // (H, W)
+  acc_t* scratch;          // image_scratch_size()
+};
+
+// Per-thread scratch: s padded on all sides, then R_u per slot, then (backward) Q_u per slot
+// with p zero rows above and below, one padded map of G, and two flat work maps.
+template <typename acc_t>
+int64_t image_scratch_size(const Bank<acc_t>& bank, int64_t height, int64_t width) {
+  const int64_t wp = width + 2 * bank.pad, padded = (height + 2 * bank.pad) * wp, map = height * wp;
+  return padded + bank.n_slots * map + bank.n_slots * padded + 3 * map;
+}
+
+// s[b] into the padded layout (all pads zero), then R_u = the H pass of every slot.
+template <int KS, typename acc_t>
+PIUMR_ALWAYS_INLINE void filter_along_h(const Bank<acc_t>& bank, const acc_t* s, int64_t height, int64_t width,
+                                        acc_t* s_padded, acc_t* r) {
+  const int64_t k = bank.k, pad = bank.pad, wp = width + 2 * pad, map = height * wp;
+  for (int64_t i = 0; i < (height + 2 * pad) * wp; ++i) s_padded[i] = 0;
+  for (int64_t h = 0; h < height; ++h) {
+    const acc_t* src = s + h * width;
+    acc_t* dst = s_padded + (pad + h) * wp + pad;
+    for (int64_t w = 0; w < width; ++w) dst[w] = src[w];
+  }
+  for (int64_t slot = 0; slot < bank.n_slots; ++slot) {
+    correlate<KS, false>(s_padded, wp, bank.basis.data() + bank.slot_u[slot] * k, k, map, r + slot * map);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int KS>
+struct ForwardImageKernel {
+  static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
+    const Bank<acc_t>& bank = *a.bank;
+    const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
+    const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
+    acc_t* s_padded = a.scratch;
+    acc_t* r = s_padded + (height + 2 * pad) * wp;
+    acc_t* e = r + bank.n_slots * map;
+    acc_t* valid = e + map;  // 1 at (h, w < W), 0 at the mixed positions
+    filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
+    for (int64_t i = 0; i < span; ++i) valid[i] = (i % wp) < width ? acc_t(1) : acc_t(0);
+    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(height * width);
+    for (int64_t n = 0; n < bank.n_filters; ++n) {
+      correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + bank.filter_v[n] * k, k, span, e);
+      scalar_t* E_n = a.E + n * height * width;
+      for (int64_t h = 0; h < height; ++h) {
+        const acc_t* src = e + h * wp;
+        scalar_t* dst = E_n + h * width;
+#pragma omp simd
+        for (int64_t w = 0; w < width; ++w) dst[w] = static_cast<scalar_t>(src[w]);
+      }
+      // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
+      // the order of the spread, so a mean far from zero costs no precision.
+      const acc_t shift = e[0];
+      acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < span; ++i) total += valid[i] * (e[i] - shift);
+      const acc_t offset = total * inv_hw;
+      acc_t m2 = 0;
+#pragma omp simd reduction(+ : m2)
+      for (int64_t i = 0; i < span; ++i) {
+        const acc_t d = e[i] - shift - offset;
+        m2 += valid[i] * d * d;
+      }
+      a.mean[n] = shift + offset;
+      a.var[n] = m2 * inv_hw;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, int KS>
+struct BackwardImageKernel {
+  static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
+    const Bank<acc_t>& bank = *a.bank;
+    const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
+    const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
+    const int64_t padded = (height + 2 * pad) * wp;
+    acc_t* s_padded = a.scratch;
+    acc_t* r = s_padded + padded;                // R_u per slot
+    acc_t* q = r + bank.n_slots * map;           // Q_u per slot, p zero rows above and below
+    acc_t* g = q + bank.n_slots * padded;        // G in the padded layout (pads zero)
+    acc_t* e = g + map;
+    acc_t* out = e + map;
+    filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
+    for (int64_t i = 0; i < bank.n_slots * padded; ++i) q[i] = 0;
+    for (int64_t i = 0; i < map; ++i) g[i] = 0;
+    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(height * width);
+    for (int64_t n = 0; n < bank.n_filters; ++n) {
+      const int64_t v = bank.filter_v[n];
+      const scalar_t* dE = a.grad_E + n * height * width;
+      const acc_t from_mean = a.grad_mean[n] * inv_hw;
+      const acc_t from_var = 2 * a.grad_var[n] * inv_hw;  // times (E - mean)
+      const acc_t mean = a.saved_mean[n];
+      if (from_var != 0) {
+        correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + v * k, k, span, e);
+      }
+      // G = dE + dmean / HW + dvar * 2 (E - mean) / HW at the map positions.
+      for (int64_t h = 0; h < height; ++h) {
+        const scalar_t* dE_row = dE + h * width;
+        const acc_t* e_row = e + h * wp;
+        acc_t* g_row = g + h * wp + pad;
+        if (from_var != 0) {
+#pragma omp simd
+          for (int64_t w = 0; w < width; ++w) {
+            g_row[w] = static_cast<acc_t>(dE_row[w]) + from_mean + from_var * (e_row[w] - mean);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t w = 0; w < width; ++w) g_row[w] = static_cast<acc_t>(dE_row[w]) + from_mean;
+        }
+      }
+      // Adjoint of the W pass: Q_u[h, x] += sum_j a_v[j] G[h, x - j + p] (the taps reversed).
+      correlate<KS, true>(g, 1, bank.reversed.data() + v * k, k, span, q + bank.filter_slot[n] * padded + pad * wp);
+    }
+    // Adjoint of the H pass: g[y] = sum_u sum_i a_u[i] Q_u[y - i + p] (reversed taps over Q's
+    // zero rows), then dx's map g / T.
+    for (int64_t slot = 0; slot < bank.n_slots; ++slot) {
+      const acc_t* taps = bank.reversed.data() + bank.slot_u[slot] * k;
+      if (slot == 0) {
+        correlate<KS, false>(q, wp, taps, k, span, out);
+      } else {
+        correlate<KS, true>(q + slot * padded, wp, taps, k, span, out);
+      }
+    }
+    for (int64_t y = 0; y < height; ++y) {
+      const acc_t* src = out + y * wp;
+      scalar_t* dst = a.grad_map + y * width;
+#pragma omp simd
+      for (int64_t w = 0; w < width; ++w) dst[w] = static_cast<scalar_t>(src[w] * a.inv_frames);
+    }
+  }
+};
+
+// Calls f with the compile-time tap count for k = 3, 5, 7, else with 0 (run-time k).
+template <typename F>
+void with_tap_count(int64_t k, F&& f) {
+  switch (k) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_bank(int64_t kernel_size, const std::vector<int64_t>& frequencies, const char* op) {
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, op, ": kernel_size must be odd and >= 1, got ",
+              kernel_size);
+  TORCH_CHECK(!frequencies.empty(), op, ": frequencies must not be empty");
+  for (int64_t d : frequencies) {
+    TORCH_CHECK(d >= 0 && d < kernel_size * kernel_size, op, ": frequency index ", d, " outside [0, ",
+                kernel_size * kernel_size, ")");
+  }
+}
+
+// Phase 1: s = (1/T) sum_{c,t} x, over (b, band of rows) tasks.
+template <typename scalar_t>
+void reduce_channels_and_frames(const at::Tensor& x, at::Tensor& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = x.size(0), channels = x.size(1), frames = x.size(2);
+  const int64_t height = x.size(3), width = x.size(4);
+  std::vector<int64_t> plane_offsets(channels * frames);
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t t = 0; t < frames; ++t) plane_offsets[c * frames + t] = c * x.stride(1) + t * x.stride(2);
+  // Bands of at most kReduceChunk elements, and at least two tasks per thread when the
+  // batch alone cannot fill the threads.
+  const int64_t bands_wanted = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
+  const int64_t rows_per_band = std::max<int64_t>(
+      1, std::min(kReduceChunk / width, (height + bands_wanted - 1) / bands_wanted));
+  const int64_t n_bands = (height + rows_per_band - 1) / rows_per_band;
+  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+  acc_t* s_ptr = s.data_ptr<acc_t>();
+  const acc_t scale = acc_t(1) / static_cast<acc_t>(frames);
+  at::parallel_for(0, batch * n_bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(std::min(height, rows_per_band) * width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_bands, h0 = (task % n_bands) * rows_per_band;
+      const int64_t n_rows = std::min(rows_per_band, height - h0);
+      ReduceArgs<scalar_t, acc_t> args{x_ptr + b * x.stride(0) + h0 * x.stride(3),
+                                       plane_offsets.data(),
+                                       channels * frames,
+                                       n_rows,
+                                       width,
+                                       x.stride(3),
+                                       x.stride(4),
+                                       scale,
+                                       acc.data(),
+                                       s_ptr + (b * height + h0) * width};
+      run_for_this_cpu<ReduceKernel<scalar_t, acc_t>>(args);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at::Tensor& x, int64_t kernel_size,
+                                                                        at::IntArrayRef frequencies) {
+  const char* op = "dct_filter_bank_cpp";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 5, op, ": x must be (B, C, T, H, W), got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ", x.scalar_type());
+  for (int64_t dim = 1; dim < 5; ++dim) TORCH_CHECK(x.size(dim) >= 1, op, ": x must have C, T, H, W >= 1");
+  const std::vector<int64_t> freq(frequencies.begin(), frequencies.end());
+  check_bank(kernel_size, freq, op);
+  const int64_t batch = x.size(0), height = x.size(3), width = x.size(4);
+  const int64_t n_filters = static_cast<int64_t>(freq.size());
+  auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor E = at::empty({batch, n_filters, height, width}, x.options());
+  at::Tensor mean = at::empty({batch, n_filters}, acc_opts);
+  at::Tensor var = at::empty({batch, n_filters}, acc_opts);
+  at::Tensor s = at::empty({batch, height, width}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dct_filter_bank_cpp", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    reduce_channels_and_frames<scalar_t>(x, s);
+    const Bank<acc_t> bank(kernel_size, freq);
+    const acc_t* s_ptr = s.data_ptr<acc_t>();
+    scalar_t* E_ptr = E.data_ptr<scalar_t>();
+    acc_t* mean_ptr = mean.data_ptr<acc_t>();
+    acc_t* var_ptr = var.data_ptr<acc_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(image_scratch_size(bank, height, width));
+      for (int64_t b = begin; b < end; ++b) {
+        ImageArgs<scalar_t, acc_t> args{};
+        args.bank = &bank;
+        args.height = height;
+        args.width = width;
+        args.s = s_ptr + b * height * width;
+        args.E = E_ptr + b * n_filters * height * width;
+        args.mean = mean_ptr + b * n_filters;
+        args.var = var_ptr + b * n_filters;
+        args.scratch = scratch.data();
+        with_tap_count(kernel_size, [&](auto taps) {
+          run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+        });
+      }
+    });
+  });
+  return {E, mean, var, s};
+}
+
+at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                        const at::Tensor& s, const at::Tensor& mean, int64_t kernel_size,
+                        at::IntArrayRef frequencies, int64_t frames) {
+  const char* op = "dct_filter_bank_cpp_backward";
+  const std::vector<int64_t> freq(frequencies.begin(), frequencies.end());
+  check_bank(kernel_size, freq, op);
+  TORCH_CHECK(frames >= 1, op, ": frames must be >= 1, got ", frames);
+  TORCH_CHECK(s.dim() == 3 && s.is_contiguous(), op, ": s must be contiguous (B, H, W)");
+  const int64_t batch = s.size(0), height = s.size(1), width = s.size(2);
+  const int64_t n_filters = static_cast<int64_t>(freq.size());
+  const auto acc = acc_type(grad_E.scalar_type());
+  TORCH_CHECK(grad_E.is_contiguous() && grad_E.sizes() == at::IntArrayRef({batch, n_filters, height, width}),
+              op, ": grad_E must be contiguous (B, D, H, W)");
+  for (const at::Tensor* t : {&grad_mean, &grad_var, &mean}) {
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef({batch, n_filters}) && t->scalar_type() == acc,
+                op, ": grad_mean, grad_var and mean must be contiguous (B, D) of ", acc);
+  }
+  TORCH_CHECK(s.scalar_type() == acc, op, ": s must be ", acc);
+  at::Tensor grad_map = at::empty({batch, height, width}, grad_E.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_E.scalar_type(), "dct_filter_bank_cpp_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Bank<acc_t> bank(kernel_size, freq);
+    const scalar_t* gE = grad_E.data_ptr<scalar_t>();
+    const acc_t* gm = grad_mean.data_ptr<acc_t>();
+    const acc_t* gv = grad_var.data_ptr<acc_t>();
+    const acc_t* mu = mean.data_ptr<acc_t>();
+    const acc_t* s_ptr = s.data_ptr<acc_t>();
+    scalar_t* out = grad_map.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(image_scratch_size(bank, height, width));
+      for (int64_t b = begin; b < end; ++b) {
+        ImageArgs<scalar_t, acc_t> args{};
+        args.bank = &bank;
+        args.height = height;
+        args.width = width;
+        args.s = s_ptr + b * height * width;
+        args.grad_E = gE + b * n_filters * height * width;
+        args.grad_mean = gm + b * n_filters;
+        args.grad_var = gv + b * n_filters;
+        args.saved_mean = mu + b * n_filters;
+        args.inv_frames = acc_t(1) / static_cast<acc_t>(frames);
+        args.grad_map = out + b * height * width;
+        args.scratch = scratch.data();
+        with_tap_count(kernel_size, [&](auto taps) {
+          run_for_this_cpu<BackwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+        });
+      }
+    });
+  });
+  return grad_map;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
+  m.def("dct_filter_bank_cpp(Tensor x, int kernel_size, int[] frequencies) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dct_filter_bank_cpp_backward(Tensor grad_E, Tensor grad_mean, Tensor grad_var, Tensor s, Tensor mean,"
+        " int kernel_size, int[] frequencies, int frames) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
+  m.impl("dct_filter_bank_cpp", &dct_forward);
+  m.impl("dct_filter_bank_cpp_backward", &dct_backward);
+}
+
+}  // namespace piumr

@@ -1,0 +1,295 @@
+"""Triton kernels for the DCT filter bank (SPEC §2) and their launchers (triton_op in op.py).
+
+Forward, three launches (each needs the whole previous result, so they cannot merge):
+  1. `_reduce_kernel`, grid (B, pixel tiles): s = (1/T) sum_{c,t} x, the one read of x.
+  2. `_filter_h_kernel`, grid (B, k, pixel tiles): R_u = the 1-D filter a_u along H of s
+     (k^2 multiply-adds per pixel over all u).
+  3. `_filter_w_stats_kernel`, grid (B, D): E_d = a_v along W of R_u (k per pixel), written
+     once, with the tile moments about E_d[0, 0] Chan-merged into the per-(b, d) mean and
+     variance.
+Backward, four launches: R again from s; `_grad_kernel` forms
+G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW (E_d rebuilt from R);
+`_adjoint_w_kernel` sums the W-pass adjoint of every G_d with the same u into Q_u;
+`_adjoint_h_kernel` applies the H-pass adjoint and writes the (B, H, W) map g / T.
+Loads are upcast to float32 at once; offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..triton_variants import KernelVariant
+from .reference import dct_basis_1d
+
+REDUCE_BLOCK = 1024
+TILE_BLOCK = 256
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _reduce_kernel(
+    x_ptr, s_ptr, channels, frames, height, width,
+    stride_b, stride_c, stride_t, stride_h, stride_w,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pixels = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = pixels < height * width
+    offsets = b * stride_b + (pixels // width) * stride_h + (pixels % width) * stride_w
+    stride_c = stride_c.to(tl.int64)
+    stride_t = stride_t.to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(channels):
+        for t in range(frames):
+            plane = c * stride_c + t * stride_t
+            acc += tl.load(x_ptr + plane + offsets, mask=inside, other=0.0).to(tl.float32)
+    tl.store(s_ptr + b * height * width + pixels, acc / frames, mask=inside)
+
+
+@triton.jit
+def _filter_h_kernel(s_ptr, basis_ptr, r_ptr, height, width, K, BLOCK: tl.constexpr):
+    """R[b, u, h, w] = sum_i a_u[i] s[b, h + i - k//2, w] (zero outside the map)."""
+    b = tl.program_id(0).to(tl.int64)
+    u = tl.program_id(1).to(tl.int64)
+    pixels = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = pixels < height * width
+    h = pixels // width
+    pad = K // 2
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(K):
+        a = tl.load(basis_ptr + u * K + i)
+        shift = i - pad
+        ok = inside & (h + shift >= 0) & (h + shift < height)
+        acc += a * tl.load(s_ptr + b * height * width + pixels + shift * width, mask=ok, other=0.0)
+    tl.store(r_ptr + (b * K + u) * height * width + pixels, acc, mask=inside)
+
+
+@triton.jit
+def _filter_row_w(r_ptr, basis_ptr, pixels, inside, w, width, v, K):
+    """E = sum_j a_v[j] R[h, w + j - k//2] for the pixels of one tile (R points at (b, u))."""
+    pad = K // 2
+    acc = tl.zeros(pixels.shape, dtype=tl.float32)
+    for j in range(K):
+        a = tl.load(basis_ptr + v * K + j)
+        shift = j - pad
+        ok = inside & (w + shift >= 0) & (w + shift < width)
+        acc += a * tl.load(r_ptr + pixels + shift, mask=ok, other=0.0)
+    return acc
+
+
+@triton.jit
+def _filter_w_stats_kernel(
+    r_ptr, basis_ptr, freq_ptr, E_ptr, mean_ptr, var_ptr, n_filters, height, width, K,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    d = tl.load(freq_ptr + n).to(tl.int64)
+    u = d % K
+    v = d // K
+    n_pixels = height * width
+    r_plane = r_ptr + (b * K + u) * n_pixels
+    E_plane = E_ptr + (b * n_filters + n) * n_pixels
+    # Moments of E - shift with shift = E[0, 0] (the "shifted data" method: a mean far
+    # from zero costs no precision), two passes per tile, merged across tiles (Chan et al.).
+    first = tl.arange(0, BLOCK).to(tl.int64)
+    e = _filter_row_w(r_plane, basis_ptr, first, first < 1, first % width, width, v, K)
+    shift = tl.sum(tl.where(first == 0, e, 0.0), axis=0)
+    mean = tl.zeros((), dtype=tl.float32)
+    m2 = tl.zeros((), dtype=tl.float32)
+    for start in range(0, n_pixels, BLOCK):
+        pixels = start + tl.arange(0, BLOCK).to(tl.int64)
+        inside = pixels < n_pixels
+        e = _filter_row_w(r_plane, basis_ptr, pixels, inside, pixels % width, width, v, K)
+        tl.store(E_plane + pixels, e.to(E_ptr.dtype.element_ty), mask=inside)
+        e -= shift
+        count = tl.minimum(n_pixels - start, BLOCK).to(tl.float32)
+        tile_mean = tl.sum(tl.where(inside, e, 0.0), axis=0) / count
+        centred = tl.where(inside, e - tile_mean, 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=0)
+        seen = start * 1.0
+        total = seen + count
+        delta = tile_mean - mean
+        mean += delta * (count / total)
+        m2 += tile_m2 + delta * delta * (seen * count / total)
+    tl.store(mean_ptr + b * n_filters + n, shift + mean)
+    tl.store(var_ptr + b * n_filters + n, m2 / n_pixels)
+
+
+@triton.jit
+def _grad_kernel(
+    grad_E_ptr, grad_mean_ptr, grad_var_ptr, mean_ptr, r_ptr, basis_ptr, freq_ptr, G_ptr,
+    n_filters, height, width, K, BLOCK: tl.constexpr,
+):
+    """G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, with E_d rebuilt from R."""
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    pixels = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n_pixels = height * width
+    inside = pixels < n_pixels
+    d = tl.load(freq_ptr + n).to(tl.int64)
+    u = d % K
+    v = d // K
+    item = b * n_filters + n
+    from_mean = tl.load(grad_mean_ptr + item) / n_pixels
+    from_var = 2.0 * tl.load(grad_var_ptr + item) / n_pixels
+    mean = tl.load(mean_ptr + item)
+    e = _filter_row_w(r_ptr + (b * K + u) * n_pixels, basis_ptr, pixels, inside, pixels % width, width, v, K)
+    g = tl.load(grad_E_ptr + item * n_pixels + pixels, mask=inside, other=0.0).to(tl.float32)
+    g += from_mean + from_var * (e - mean)
+    tl.store(G_ptr + item * n_pixels + pixels, g, mask=inside)
+
+
+@triton.jit
+def _adjoint_w_kernel(G_ptr, basis_ptr, freq_ptr, Q_ptr, n_filters, height, width, K, BLOCK: tl.constexpr):
+    """Q[b, u, h, x] = sum over filters n with u_n = u of sum_j a_v[j] G_n[h, x - j + k//2]."""
+    b = tl.program_id(0).to(tl.int64)
+    u = tl.program_id(1).to(tl.int64)
+    pixels = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n_pixels = height * width
+    inside = pixels < n_pixels
+    w = pixels % width
+    pad = K // 2
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for n in range(n_filters):
+        d = tl.load(freq_ptr + n).to(tl.int64)
+        if d % K == u:
+            v = d // K
+            G_plane = G_ptr + (b * n_filters + n) * n_pixels
+            for j in range(K):
+                a = tl.load(basis_ptr + v * K + j)
+                shift = pad - j
+                ok = inside & (w + shift >= 0) & (w + shift < width)
+                acc += a * tl.load(G_plane + pixels + shift, mask=ok, other=0.0)
+    tl.store(Q_ptr + (b * K + u) * n_pixels + pixels, acc, mask=inside)
+
+
+@triton.jit
+def _adjoint_h_kernel(Q_ptr, basis_ptr, out_ptr, height, width, K, frames, BLOCK: tl.constexpr):
+    """out[b, y, x] = (1/T) sum_u sum_i a_u[i] Q[b, u, y - i + k//2, x]."""
+    b = tl.program_id(0).to(tl.int64)
+    pixels = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n_pixels = height * width
+    inside = pixels < n_pixels
+    y = pixels // width
+    pad = K // 2
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for u in range(K):
+        Q_plane = Q_ptr + (b * K + u) * n_pixels
+        for i in range(K):
+            a = tl.load(basis_ptr + u * K + i)
+            shift = pad - i
+            ok = inside & (y + shift >= 0) & (y + shift < height)
+            acc += a * tl.load(Q_plane + pixels + shift * width, mask=ok, other=0.0)
+    tl.store(out_ptr + b * n_pixels + pixels, (acc / frames).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _bank_tensors(kernel_size: int, frequencies: list[int], device: torch.device):
+    basis = dct_basis_1d(kernel_size).to(device=device, dtype=torch.float32)
+    freq = torch.tensor(frequencies, dtype=torch.int32, device=device)
+    return basis, freq
+
+
+def _filter_h(s: torch.Tensor, basis: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    batch, height, width = s.shape
+    R = s.new_empty((batch, kernel_size, height, width))
+    grid = (batch, kernel_size, triton.cdiv(height * width, TILE_BLOCK))
+    wrap_triton(_filter_h_kernel)[grid](s, basis, R, height, width, kernel_size, BLOCK=TILE_BLOCK)
+    return R
+
+
+def dct_forward(
+    x: torch.Tensor, kernel_size: int, frequencies: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, channels, frames, height, width = x.shape
+    n_filters = len(frequencies)
+    basis, freq = _bank_tensors(kernel_size, frequencies, x.device)
+    s = x.new_empty((batch, height, width), dtype=torch.float32)
+    E = x.new_empty((batch, n_filters, height, width))
+    mean = x.new_empty((batch, n_filters), dtype=torch.float32)
+    var = x.new_empty((batch, n_filters), dtype=torch.float32)
+    wrap_triton(_reduce_kernel)[(batch, triton.cdiv(height * width, REDUCE_BLOCK))](
+        x, s, channels, frames, height, width, *x.stride(), BLOCK=REDUCE_BLOCK,
+    )
+    R = _filter_h(s, basis, kernel_size)
+    wrap_triton(_filter_w_stats_kernel)[(batch, n_filters)](
+        R, basis, freq, E, mean, var, n_filters, height, width, kernel_size, BLOCK=TILE_BLOCK,
+    )
+    return E, mean, var, s
+
+
+def dct_backward(
+    grad_E: torch.Tensor, grad_mean: torch.Tensor, grad_var: torch.Tensor, s: torch.Tensor, mean: torch.Tensor,
+    kernel_size: int, frequencies: list[int], frames: int,
+) -> torch.Tensor:
+    batch, height, width = s.shape
+    n_filters = len(frequencies)
+    basis, freq = _bank_tensors(kernel_size, frequencies, s.device)
+    tiles = triton.cdiv(height * width, TILE_BLOCK)
+    R = _filter_h(s, basis, kernel_size)
+    G = s.new_empty((batch, n_filters, height, width))
+    wrap_triton(_grad_kernel)[(batch, n_filters, tiles)](
+        grad_E, grad_mean, grad_var, mean, R, basis, freq, G, n_filters, height, width, kernel_size,
+        BLOCK=TILE_BLOCK,
+    )
+    Q = s.new_empty((batch, kernel_size, height, width))
+    wrap_triton(_adjoint_w_kernel)[(batch, kernel_size, tiles)](
+        G, basis, freq, Q, n_filters, height, width, kernel_size, BLOCK=TILE_BLOCK,
+    )
+    grad_map = grad_E.new_empty((batch, height, width))
+    wrap_triton(_adjoint_h_kernel)[(batch, tiles)](
+        Q, basis, grad_map, height, width, kernel_size, frames, BLOCK=TILE_BLOCK,
+    )
+    return grad_map
+
+
+def aot_variants() -> list[KernelVariant]:
+    """Every kernel the launchers above can pick: one BLOCK each, every x dtype where it matters."""
+    sizes = {"height": "i32", "width": "i32", "K": "i32"}
+    variants = []
+    for dtype, ty in _TRITON_DTYPES.items():
+        variants += [
+            KernelVariant(
+                f"dct.forward.reduce[{ty},BLOCK={REDUCE_BLOCK}]", _reduce_kernel,
+                {"x_ptr": f"*{ty}", "s_ptr": "*fp32", "channels": "i32", "frames": "i32", "height": "i32",
+                 "width": "i32", "stride_b": "i64", "stride_c": "i64", "stride_t": "i64", "stride_h": "i64",
+                 "stride_w": "i64", "BLOCK": "constexpr"},
+                {"BLOCK": REDUCE_BLOCK},
+            ),
+            KernelVariant(
+                f"dct.forward.filter_w_stats[{ty},BLOCK={TILE_BLOCK}]", _filter_w_stats_kernel,
+                {"r_ptr": "*fp32", "basis_ptr": "*fp32", "freq_ptr": "*i32", "E_ptr": f"*{ty}",
+                 "mean_ptr": "*fp32", "var_ptr": "*fp32", "n_filters": "i32", **sizes, "BLOCK": "constexpr"},
+                {"BLOCK": TILE_BLOCK},
+            ),
+            KernelVariant(
+                f"dct.backward.grad[{ty},BLOCK={TILE_BLOCK}]", _grad_kernel,
+                {"grad_E_ptr": f"*{ty}", "grad_mean_ptr": "*fp32", "grad_var_ptr": "*fp32", "mean_ptr": "*fp32",
+                 "r_ptr": "*fp32", "basis_ptr": "*fp32", "freq_ptr": "*i32", "G_ptr": "*fp32", "n_filters": "i32",
+                 **sizes, "BLOCK": "constexpr"},
+                {"BLOCK": TILE_BLOCK},
+            ),
+            KernelVariant(
+                f"dct.backward.adjoint_h[{ty},BLOCK={TILE_BLOCK}]", _adjoint_h_kernel,
+                {"Q_ptr": "*fp32", "basis_ptr": "*fp32", "out_ptr": f"*{ty}", **sizes, "frames": "i32",
+                 "BLOCK": "constexpr"},
+                {"BLOCK": TILE_BLOCK},
+            ),
+        ]
+    variants += [
+        KernelVariant(
+            f"dct.filter_h[fp32,BLOCK={TILE_BLOCK}]", _filter_h_kernel,
+            {"s_ptr": "*fp32", "basis_ptr": "*fp32", "r_ptr": "*fp32", **sizes, "BLOCK": "constexpr"},
+            {"BLOCK": TILE_BLOCK},
+        ),
+        KernelVariant(
+            f"dct.backward.adjoint_w[fp32,BLOCK={TILE_BLOCK}]", _adjoint_w_kernel,
+            {"G_ptr": "*fp32", "basis_ptr": "*fp32", "freq_ptr": "*i32", "Q_ptr": "*fp32", "n_filters": "i32",
+             **sizes, "BLOCK": "constexpr"},
+            {"BLOCK": TILE_BLOCK},
+        ),
+    ]
+    return variants
