@@ -17,7 +17,8 @@
   exactly SlowFast's computation; in training mode SlowFast would normalize that shortcut
   with batch statistics, which this layout cannot.
 
-Files are read with `torch.load(..., weights_only=True)` (no arbitrary code runs). A
+Files are read with `torch.load(..., weights_only=True)` (no arbitrary code runs); the
+Caffe2 `.pkl` files of the original X3D release are not supported. A
 `module.` prefix (DistributedDataParallel) is stripped. A classifier (`blocks.5.proj`)
 whose shape differs from the model's is not loaded: the model keeps its freshly
 initialised classifier for its own class count. BN `num_batches_tracked` counters may be
@@ -228,7 +229,7 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     with `strict=False` the matching tensors are loaded and the rest reported (warning).
     """
     if not isinstance(model, X3D):
-        raise TypeError(f"model must be a models.x3d.X3D, got {type(model).__name__}")
+        raise TypeError(f"model must be a models.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}")
     state = read_checkpoint(path)
     report = LoadReport(detect_format(state))
     if report.source_format == SLOWFAST:

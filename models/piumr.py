@@ -94,9 +94,8 @@ class PIUmr(nn.Module):
                 f"x must have T = num_frames = {self.num_frames} frames (TFAM's T x T parameters are "
                 f"sized by it), got shape {tuple(x.shape)}"
             )
-        blocks = self.backbone.blocks
-        x = blocks[0](x)
-        for name, stage in zip(STAGE_NAMES, blocks[1:5]):
+        x = self.backbone.blocks[0](x)  # stem
+        for name, stage in self.backbone.stages().items():
             x = stage(x)
             if name in self.tfam:
                 x = self.tfam[name](x)

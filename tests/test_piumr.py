@@ -167,13 +167,20 @@ def test_reference_and_cpp_backends_agree():
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize(
+    "compiler",
+    # aot_eager traces the whole model in one graph through every op's fake implementation
+    # and autograd registration; inductor also generates code (minutes of C++ compiling on CPU).
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],
+)
+def test_torch_compile_fullgraph_matches_eager(compiler):
     torch.manual_seed(0)
     model = build_piumr("XS", 10).eval()
     x = clip("XS", batch=2, seed=5)
+    torch._dynamo.reset()
     with torch.no_grad():
         eager = model(x)
-        compiled = torch.compile(model, fullgraph=True)(x)
+        compiled = torch.compile(model, fullgraph=True, backend=compiler)(x)
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
 
