@@ -257,16 +257,29 @@ PIUMR_ALWAYS_INLINE void run_iterations(const Problem& p, acc_t* x, acc_t* rt, a
     }
     return;
   }
+  // Two passes per iteration: each scaling pass also sums what the next step needs (the
+  // row scale with the column sums, the column scale with the next row sums).
   const acc_t eps = static_cast<acc_t>(p.eps);
+  reduce_rows<acc_t, L>(n, m, rt, [&](int64_t e, int64_t, int64_t) { return x[e]; });
   for (int64_t t = 0; t < p.n_iters; ++t) {
     acc_t* alpha = rt + t * nl;
     acc_t* beta = ct + t * ml;
-    reduce_rows<acc_t, L>(n, m, alpha, [&](int64_t e, int64_t, int64_t) { return x[e]; });
     safe_scales<acc_t>(alpha, nl, static_cast<acc_t>(p.row_sum), eps);
-    for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { x[e] *= alpha[r]; });
-    reduce_cols<acc_t, L>(n, m, beta, [&](int64_t e, int64_t, int64_t) { return x[e]; });
+    reduce_cols<acc_t, L>(n, m, beta, [&](int64_t e, int64_t r, int64_t) {
+      const acc_t scaled = x[e] * alpha[r];
+      x[e] = scaled;
+      return scaled;
+    });
     safe_scales<acc_t>(beta, ml, static_cast<acc_t>(p.col_sum), eps);
-    for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { x[e] *= beta[c]; });
+    if (t + 1 < p.n_iters) {
+      reduce_rows<acc_t, L>(n, m, alpha + nl, [&](int64_t e, int64_t, int64_t c) {
+        const acc_t scaled = x[e] * beta[c];
+        x[e] = scaled;
+        return scaled;
+      });
+    } else {
+      for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { x[e] *= beta[c]; });
+    }
   }
 }
 
@@ -330,20 +343,37 @@ struct BackwardKernel {
     for (int64_t k = ml; k < p.n_iters * ml; ++k) s.cv[k] = s.cv[k - ml] * s.ct[k];
     acc_t* ones = s.tmp;
     for (int64_t k = 0; k < ml; ++k) ones[k] = 1;
+    // Two passes per iteration, as in the forward: each gradient update also accumulates the
+    // dot products the following (earlier) step needs.
+    acc_t* col = s.col;
+    acc_t* row = s.row;
+    {
+      const acc_t* u = s.cu + (p.n_iters - 1) * nl;
+      reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) { return gr[e] * kx[e] * u[r]; });
+    }
     for (int64_t t = p.n_iters - 1; t >= 0; --t) {
       const acc_t* alpha = s.rt + t * nl;
       const acc_t* beta = s.ct + t * ml;
       const acc_t* u = s.cu + t * nl;
       const acc_t* v = s.cv + t * ml;
       const acc_t* v_prev = t > 0 ? s.cv + (t - 1) * ml : ones;
-      acc_t* col = s.col;
-      acc_t* row = s.row;
-      reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) { return gr[e] * kx[e] * u[r]; });
       for (int64_t k = 0; k < ml; ++k) col[k] *= v[k] * inv_c;
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { gr[e] = beta[c] * (gr[e] - col[c]); });
-      reduce_rows<acc_t, L>(n, m, row, [&](int64_t e, int64_t, int64_t c) { return gr[e] * kx[e] * v_prev[c]; });
+      reduce_rows<acc_t, L>(n, m, row, [&](int64_t e, int64_t, int64_t c) {
+        const acc_t g = beta[c] * (gr[e] - col[c]);
+        gr[e] = g;
+        return g * kx[e] * v_prev[c];
+      });
       for (int64_t k = 0; k < nl; ++k) row[k] *= u[k] * inv_r;
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { gr[e] = alpha[r] * (gr[e] - row[r]); });
+      if (t > 0) {
+        const acc_t* u_prev = s.cu + (t - 1) * nl;
+        reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) {
+          const acc_t g = alpha[r] * (gr[e] - row[r]);
+          gr[e] = g;
+          return g * kx[e] * u_prev[r];
+        });
+      } else {
+        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { gr[e] = alpha[r] * (gr[e] - row[r]); });
+      }
     }
   }
 
