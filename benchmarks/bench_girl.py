@@ -7,8 +7,6 @@ a larger batch with more groups, and one large group (in-batch contrastive, stre
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -16,16 +14,11 @@ import piumr_kernels
 from piumr_kernels.girl.op import random_partition
 from piumr_kernels.girl.reference import girl_loss_reference
 
-from harness import DEVICE, FUSED_BACKEND, record
+from harness import DEVICE, implementations, record
 
 # (B, C, G)
 SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1)]
 NUM_CLASSES = 52  # MA-52
-
-
-def _fused(features, labels, num_groups):
-    with piumr_kernels.use_backend(FUSED_BACKEND):
-        return piumr_kernels.girl_loss(features, labels, num_groups)
 
 
 def _reference(features, labels, num_groups):
@@ -34,16 +27,7 @@ def _reference(features, labels, num_groups):
     return loss
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(num_groups):
-    return torch.compile(functools.partial(_reference, num_groups=num_groups), dynamic=False)
-
-
-IMPLS = {
-    "fused": lambda num_groups: functools.partial(_fused, num_groups=num_groups),
-    "eager": lambda num_groups: functools.partial(_reference, num_groups=num_groups),
-    "compiled": _compiled,
-}
+IMPLS = implementations(piumr_kernels.girl_loss, _reference)
 
 
 def _inputs(batch, width, requires_grad):
@@ -58,7 +42,7 @@ def _inputs(batch, width, requires_grad):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_girl(benchmark, impl, shape, mode):
     batch, width, num_groups = shape
-    op = IMPLS[impl](num_groups)
+    op = IMPLS[impl](num_groups=num_groups)
     features, labels = _inputs(batch, width, requires_grad=mode == "fwd+bwd")
 
     if mode == "fwd":

@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import piumr_kernels
 from piumr_kernels.sinkhorn_knopp.reference import sinkhorn_reference
 
-from harness import DEVICE, FUSED_BACKEND, record
+from harness import DEVICE, implementations, record
 
 # (batch, N, M, n_iters): TFAM (80 clips x 2 maps), hyper-connection mixing, two larger tiers.
 SHAPES = [(160, 16, 16, 3), (65536, 4, 4, 20), (256, 64, 64, 3), (32, 128, 128, 3)]
 
 
-def _fused(K, n_iters):
-    with piumr_kernels.use_backend(FUSED_BACKEND):
-        return piumr_kernels.sinkhorn(K, n_iters)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(n_iters):
-    return torch.compile(functools.partial(sinkhorn_reference, n_iters=n_iters), dynamic=False)
-
-
-IMPLS = {
-    "fused": lambda n_iters: functools.partial(_fused, n_iters=n_iters),
-    "eager": lambda n_iters: functools.partial(sinkhorn_reference, n_iters=n_iters),
-    "compiled": _compiled,
-}
+IMPLS = implementations(piumr_kernels.sinkhorn, sinkhorn_reference)
 
 
 def _inputs(batch, n, m, requires_grad):
@@ -45,7 +29,7 @@ def _inputs(batch, n, m, requires_grad):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_sinkhorn(benchmark, impl, shape, mode):
     batch, n, m, n_iters = shape
-    op = IMPLS[impl](n_iters)
+    op = IMPLS[impl](n_iters=n_iters)
     K, grad = _inputs(batch, n, m, requires_grad=mode == "fwd+bwd")
 
     if mode == "fwd":

@@ -7,6 +7,9 @@ tools/bench_table.py can turn a `--benchmark-json` file into ratio tables.
 
 from __future__ import annotations
 
+import functools
+
+import piumr_kernels
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,3 +58,26 @@ def record(benchmark, impl: str, group: str, fn) -> None:
     benchmark.extra_info["device"] = str(DEVICE)
     benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(fn), 3)
     benchmark(fn)
+
+
+def implementations(public_op, reference_op) -> dict:
+    """The timed versions of an op, each `factory(**settings) -> callable`: the public op on
+    the fused backend, the eager reference, and torch.compile of the reference (compiled
+    once per setting)."""
+
+    def fused(**settings):
+        def run(*inputs):
+            with piumr_kernels.use_backend(FUSED_BACKEND):
+                return public_op(*inputs, **settings)
+
+        return run
+
+    @functools.lru_cache(maxsize=None)
+    def compiled(**settings):
+        return torch.compile(functools.partial(reference_op, **settings), dynamic=False)
+
+    return {
+        "fused": fused,
+        "eager": lambda **settings: functools.partial(reference_op, **settings),
+        "compiled": compiled,
+    }
