@@ -34,6 +34,9 @@ namespace {
 
 // Elements of the accumulator one reduction task sweeps: 4096 floats = 16 KiB, in L1.
 constexpr int64_t kReduceChunk = 4096;
+// (c, t) planes one reduction sweep adds, and the elements per software-prefetch step.
+constexpr int kPlanesPerSweep = 8;
+constexpr int64_t kPrefetchBlock = 64;
 
 // The separable bank: the 1-D rows needed (`slots`) and, per output filter, its slot and v.
 template <typename acc_t>
@@ -82,6 +85,17 @@ struct ReduceArgs {
   acc_t* out;                     // s[b] at row h0, contiguous rows
 };
 
+// acc[e] += sum_j planes[j][e] for e in [begin, end).
+template <typename scalar_t, typename acc_t>
+PIUMR_ALWAYS_INLINE void add_planes(const scalar_t* const* planes, int64_t begin, int64_t end, acc_t* acc) {
+#pragma omp simd
+  for (int64_t e = begin; e < end; ++e) {
+    acc_t sum = 0;
+    for (int j = 0; j < kPlanesPerSweep; ++j) sum += static_cast<acc_t>(planes[j][e]);
+    acc[e] += sum;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct ReduceKernel {
   static PIUMR_ALWAYS_INLINE void run(const ReduceArgs<scalar_t, acc_t>& a) {
@@ -90,19 +104,28 @@ struct ReduceKernel {
     acc_t* acc = a.acc;
     for (int64_t e = 0; e < n; ++e) acc[e] = 0;
     if (flat) {
-      // Eight planes per sweep: one accumulator load/store per eight plane loads.
+      // kPlanesPerSweep planes per sweep (one accumulator load/store per kPlanesPerSweep plane
+      // loads). The planes are short streams (a few KiB) that the hardware prefetcher barely
+      // ramps up on, so each block also prefetches the same block of the next sweep's planes
+      // into L2: measured, this brings the pass from ~1.6x to ~1x the time of x.sum().
+      constexpr int64_t kLineBytes = 64, kBlockBytes = kPrefetchBlock * sizeof(scalar_t);
       int64_t q = 0;
-      for (; q + 8 <= a.n_planes; q += 8) {
-        const int64_t* o = a.plane_offsets + q;
-        const scalar_t *p0 = a.x + o[0], *p1 = a.x + o[1], *p2 = a.x + o[2], *p3 = a.x + o[3];
-        const scalar_t *p4 = a.x + o[4], *p5 = a.x + o[5], *p6 = a.x + o[6], *p7 = a.x + o[7];
-#pragma omp simd
-        for (int64_t e = 0; e < n; ++e) {
-          acc[e] += ((static_cast<acc_t>(p0[e]) + static_cast<acc_t>(p1[e])) +
-                     (static_cast<acc_t>(p2[e]) + static_cast<acc_t>(p3[e]))) +
-                    ((static_cast<acc_t>(p4[e]) + static_cast<acc_t>(p5[e])) +
-                     (static_cast<acc_t>(p6[e]) + static_cast<acc_t>(p7[e])));
+      for (; q + kPlanesPerSweep <= a.n_planes; q += kPlanesPerSweep) {
+        const scalar_t* planes[kPlanesPerSweep];
+        const char* next[kPlanesPerSweep];
+        for (int j = 0; j < kPlanesPerSweep; ++j) {
+          planes[j] = a.x + a.plane_offsets[q + j];
+          const int64_t later = q + kPlanesPerSweep + j;
+          next[j] = reinterpret_cast<const char*>(later < a.n_planes ? a.x + a.plane_offsets[later] : planes[j]);
         }
+        int64_t e = 0;
+        for (; e + kPrefetchBlock <= n; e += kPrefetchBlock) {
+          for (int j = 0; j < kPlanesPerSweep; ++j)
+            for (int64_t line = 0; line < kBlockBytes; line += kLineBytes)
+              __builtin_prefetch(next[j] + e * static_cast<int64_t>(sizeof(scalar_t)) + line, 0, 2);
+          add_planes<scalar_t, acc_t>(planes, e, e + kPrefetchBlock, acc);
+        }
+        add_planes<scalar_t, acc_t>(planes, e, n, acc);
       }
       for (; q < a.n_planes; ++q) {
         const scalar_t* p0 = a.x + a.plane_offsets[q];
@@ -135,10 +158,14 @@ template <int KS, bool kAccumulate, typename acc_t>
 PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
                                    acc_t* out) {
   if constexpr (KS > 0) {
+    // Local copies: `out` could alias `taps` as far as the compiler knows, which would
+    // reload and re-broadcast every tap in every iteration.
+    acc_t t[KS];
+    for (int j = 0; j < KS; ++j) t[j] = taps[j];
 #pragma omp simd
     for (int64_t i = 0; i < length; ++i) {
       acc_t sum = 0;
-      for (int j = 0; j < KS; ++j) sum += taps[j] * in[i + j * stride];
+      for (int j = 0; j < KS; ++j) sum += t[j] * in[i + j * stride];
       out[i] = kAccumulate ? out[i] + sum : sum;
     }
   } else {
@@ -152,6 +179,25 @@ PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t*
       for (int64_t i = 0; i < length; ++i) out[i] += tap * row[i];
     }
   }
+}
+
+// sum_i valid[i] * f(in[i]) over four interleaved partial sums: a single accumulator would
+// make the loop wait on the add latency at every vector.
+template <typename acc_t, typename F>
+PIUMR_ALWAYS_INLINE acc_t masked_sum(const acc_t* in, const acc_t* valid, int64_t length, F f) {
+  const int64_t quarter = length / 4;
+  const acc_t *in1 = in + quarter, *in2 = in1 + quarter, *in3 = in2 + quarter;
+  const acc_t *valid1 = valid + quarter, *valid2 = valid1 + quarter, *valid3 = valid2 + quarter;
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < quarter; ++i) {
+    s0 += valid[i] * f(in[i]);
+    s1 += valid1[i] * f(in1[i]);
+    s2 += valid2[i] * f(in2[i]);
+    s3 += valid3[i] * f(in3[i]);
+  }
+  for (int64_t i = 4 * quarter; i < length; ++i) s0 += valid[i] * f(in[i]);
+  return (s0 + s1) + (s2 + s3);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -222,16 +268,11 @@ struct ForwardImageKernel {
       // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
       // the order of the spread, so a mean far from zero costs no precision.
       const acc_t shift = e[0];
-      acc_t total = 0;
-#pragma omp simd reduction(+ : total)
-      for (int64_t i = 0; i < span; ++i) total += valid[i] * (e[i] - shift);
-      const acc_t offset = total * inv_hw;
-      acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-      for (int64_t i = 0; i < span; ++i) {
-        const acc_t d = e[i] - shift - offset;
-        m2 += valid[i] * d * d;
-      }
+      const acc_t offset = masked_sum(e, valid, span, [shift](acc_t v) { return v - shift; }) * inv_hw;
+      const acc_t m2 = masked_sum(e, valid, span, [shift, offset](acc_t v) {
+        const acc_t d = v - shift - offset;
+        return d * d;
+      });
       a.mean[n] = shift + offset;
       a.var[n] = m2 * inv_hw;
     }
