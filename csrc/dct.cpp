@@ -152,51 +152,61 @@ struct ReduceKernel {
 // long vectorized loop over the flat map (rows as short as W = 7 cost no per-row overhead):
 // out[i] = sum_j taps[j] in[i + j * stride], stride 1 (along W) or Wp (along H). Along W the
 // outputs at a row's last 2p positions mix two rows and are never read.
+// `rows` > 1 repeats that over segments, segment r reading from in + r * in_row_stride and
+// writing to out + r * out_row_stride (the forward writes E_d row by row this way).
 // With the tap count KS known at compile time (k = 3, 5, 7) each output vector sums its taps
 // in registers; otherwise (KS = 0) one vectorized multiply-add sweep per tap.
 template <int KS, bool kAccumulate, typename acc_t>
 PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
-                                   acc_t* out) {
+                                   acc_t* out, int64_t rows = 1, int64_t in_row_stride = 0,
+                                   int64_t out_row_stride = 0) {
   if constexpr (KS > 0) {
-    // Local copies: `out` could alias `taps` as far as the compiler knows, which would
-    // reload and re-broadcast every tap in every iteration.
+    // Local copies, loaded once: `out` could alias `taps` as far as the compiler knows, which
+    // would reload and re-broadcast every tap in every iteration.
     acc_t t[KS];
     for (int j = 0; j < KS; ++j) t[j] = taps[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* in_r = in + r * in_row_stride;
+      acc_t* out_r = out + r * out_row_stride;
 #pragma omp simd
-    for (int64_t i = 0; i < length; ++i) {
-      acc_t sum = 0;
-      for (int j = 0; j < KS; ++j) sum += t[j] * in[i + j * stride];
-      out[i] = kAccumulate ? out[i] + sum : sum;
+      for (int64_t i = 0; i < length; ++i) {
+        acc_t sum = 0;
+        for (int j = 0; j < KS; ++j) sum += t[j] * in_r[i + j * stride];
+        out_r[i] = kAccumulate ? out_r[i] + sum : sum;
+      }
     }
   } else {
-    if (!kAccumulate) {
-      for (int64_t i = 0; i < length; ++i) out[i] = 0;
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const acc_t tap = taps[j];
-      const acc_t* row = in + j * stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* in_r = in + r * in_row_stride;
+      acc_t* out_r = out + r * out_row_stride;
+      if (!kAccumulate) {
+        for (int64_t i = 0; i < length; ++i) out_r[i] = 0;
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t tap = taps[j];
+        const acc_t* row = in_r + j * stride;
 #pragma omp simd
-      for (int64_t i = 0; i < length; ++i) out[i] += tap * row[i];
+        for (int64_t i = 0; i < length; ++i) out_r[i] += tap * row[i];
+      }
     }
   }
 }
 
-// sum_i valid[i] * f(in[i]) over four interleaved partial sums: a single accumulator would
-// make the loop wait on the add latency at every vector.
+// sum_i f(in[i]) over four interleaved partial sums: a single accumulator would make the
+// loop wait on the add latency at every vector.
 template <typename acc_t, typename F>
-PIUMR_ALWAYS_INLINE acc_t masked_sum(const acc_t* in, const acc_t* valid, int64_t length, F f) {
+PIUMR_ALWAYS_INLINE acc_t sum_over(const acc_t* in, int64_t length, F f) {
   const int64_t quarter = length / 4;
   const acc_t *in1 = in + quarter, *in2 = in1 + quarter, *in3 = in2 + quarter;
-  const acc_t *valid1 = valid + quarter, *valid2 = valid1 + quarter, *valid3 = valid2 + quarter;
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (int64_t i = 0; i < quarter; ++i) {
-    s0 += valid[i] * f(in[i]);
-    s1 += valid1[i] * f(in1[i]);
-    s2 += valid2[i] * f(in2[i]);
-    s3 += valid3[i] * f(in3[i]);
+    s0 += f(in[i]);
+    s1 += f(in1[i]);
+    s2 += f(in2[i]);
+    s3 += f(in3[i]);
   }
-  for (int64_t i = 4 * quarter; i < length; ++i) s0 += valid[i] * f(in[i]);
+  for (int64_t i = 4 * quarter; i < length; ++i) s0 += f(in[i]);
   return (s0 + s1) + (s2 + s3);
 }
 
@@ -248,33 +258,40 @@ struct ForwardImageKernel {
   static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
     const Bank<acc_t>& bank = *a.bank;
     const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
-    const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
+    const int64_t wp = width + 2 * pad, map = height * wp, hw = height * width;
     acc_t* s_padded = a.scratch;
     acc_t* r = s_padded + (height + 2 * pad) * wp;
-    acc_t* e = r + bank.n_slots * map;
-    acc_t* valid = e + map;  // 1 at (h, w < W), 0 at the mixed positions
+    acc_t* e_scratch = r + bank.n_slots * map;
     filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
-    for (int64_t i = 0; i < span; ++i) valid[i] = (i % wp) < width ? acc_t(1) : acc_t(0);
-    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(height * width);
+    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(hw);
     for (int64_t n = 0; n < bank.n_filters; ++n) {
-      correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + bank.filter_v[n] * k, k, span, e);
-      scalar_t* E_n = a.E + n * height * width;
-      for (int64_t h = 0; h < height; ++h) {
-        const acc_t* src = e + h * wp;
-        scalar_t* dst = E_n + h * width;
-#pragma omp simd
-        for (int64_t w = 0; w < width; ++w) dst[w] = static_cast<scalar_t>(src[w]);
+      scalar_t* E_n = a.E + n * hw;
+      // E_d in acc_t, contiguous (H, W): straight into the output when that is acc_t.
+      acc_t* e = nullptr;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        e = E_n;
+      } else {
+        e = e_scratch;
       }
+      // The W pass row by row (R_u's zero pad columns make every row self-contained), so E_d
+      // is written once, contiguous, and the stats below need no mask.
+      const acc_t* r_n = r + bank.filter_slot[n] * map;
+      const acc_t* taps = bank.basis.data() + bank.filter_v[n] * k;
+      correlate<KS, false>(r_n, 1, taps, k, width, e, height, wp, width);
       // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
       // the order of the spread, so a mean far from zero costs no precision.
       const acc_t shift = e[0];
-      const acc_t offset = masked_sum(e, valid, span, [shift](acc_t v) { return v - shift; }) * inv_hw;
-      const acc_t m2 = masked_sum(e, valid, span, [shift, offset](acc_t v) {
+      const acc_t offset = sum_over(e, hw, [shift](acc_t v) { return v - shift; }) * inv_hw;
+      const acc_t m2 = sum_over(e, hw, [shift, offset](acc_t v) {
         const acc_t d = v - shift - offset;
         return d * d;
       });
       a.mean[n] = shift + offset;
       a.var[n] = m2 * inv_hw;
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) E_n[i] = static_cast<scalar_t>(e[i]);
+      }
     }
   }
 };
