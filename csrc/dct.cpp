@@ -37,6 +37,8 @@ constexpr int64_t kReduceChunk = 4096;
 // (c, t) planes one reduction sweep adds, and the elements per software-prefetch step.
 constexpr int kPlanesPerSweep = 8;
 constexpr int64_t kPrefetchBlock = 64;
+// Outputs a row of the forward's W pass rounds up to (a multiple of every ISA's vector width).
+constexpr int64_t kRowBlock = 16;
 
 // The separable bank: the 1-D rows needed (`slots`) and, per output filter, its slot and v.
 template <typename acc_t>
@@ -152,24 +154,30 @@ struct ReduceKernel {
 // long vectorized loop over the flat map (rows as short as W = 7 cost no per-row overhead):
 // out[i] = sum_j taps[j] in[i + j * stride], stride 1 (along W) or Wp (along H). Along W the
 // outputs at a row's last 2p positions mix two rows and are never read.
-// `rows` > 1 repeats that over segments, segment r reading from in + r * in_row_stride and
-// writing to out + r * out_row_stride (the forward writes E_d row by row this way).
+// `rows` > 1 repeats that over segments: segment r reads from in + r * in_row_stride (all
+// reads within in[0, in_size)) and writes the contiguous rows out[r * length, (r + 1) * length)
+// (the forward writes E_d row by row this way). With KS > 0 a row may run its vector loop
+// up to a multiple of kRowBlock outputs past its end, into rows computed after it, whenever
+// its reads stay in bounds: rows like W = 28 then need no scalar remainder loop.
 // With the tap count KS known at compile time (k = 3, 5, 7) each output vector sums its taps
 // in registers; otherwise (KS = 0) one vectorized multiply-add sweep per tap.
 template <int KS, bool kAccumulate, typename acc_t>
 PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
-                                   acc_t* out, int64_t rows = 1, int64_t in_row_stride = 0,
-                                   int64_t out_row_stride = 0) {
+                                   acc_t* out, int64_t rows = 1, int64_t in_row_stride = 0, int64_t in_size = 0) {
   if constexpr (KS > 0) {
     // Local copies, loaded once: `out` could alias `taps` as far as the compiler knows, which
     // would reload and re-broadcast every tap in every iteration.
     acc_t t[KS];
     for (int j = 0; j < KS; ++j) t[j] = taps[j];
+    const int64_t rounded = (length + kRowBlock - 1) / kRowBlock * kRowBlock;
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t* in_r = in + r * in_row_stride;
-      acc_t* out_r = out + r * out_row_stride;
+      acc_t* out_r = out + r * length;
+      const bool overrun_ok = !kAccumulate && r * length + rounded <= rows * length &&
+                              r * in_row_stride + rounded + (KS - 1) * stride <= in_size;
+      const int64_t n = overrun_ok ? rounded : length;
 #pragma omp simd
-      for (int64_t i = 0; i < length; ++i) {
+      for (int64_t i = 0; i < n; ++i) {
         acc_t sum = 0;
         for (int j = 0; j < KS; ++j) sum += t[j] * in_r[i + j * stride];
         out_r[i] = kAccumulate ? out_r[i] + sum : sum;
@@ -178,7 +186,7 @@ PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t*
   } else {
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t* in_r = in + r * in_row_stride;
-      acc_t* out_r = out + r * out_row_stride;
+      acc_t* out_r = out + r * length;
       if (!kAccumulate) {
         for (int64_t i = 0; i < length; ++i) out_r[i] = 0;
       }
@@ -277,7 +285,7 @@ struct ForwardImageKernel {
       // is written once, contiguous, and the stats below need no mask.
       const acc_t* r_n = r + bank.filter_slot[n] * map;
       const acc_t* taps = bank.basis.data() + bank.filter_v[n] * k;
-      correlate<KS, false>(r_n, 1, taps, k, width, e, height, wp, width);
+      correlate<KS, false>(r_n, 1, taps, k, width, e, height, wp, map);
       // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
       // the order of the spread, so a mean far from zero costs no precision.
       const acc_t shift = e[0];
