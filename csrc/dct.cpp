@@ -4,13 +4,16 @@
 //  1. Channel/time reduction, the only large read: s[b] = (1/T) sum_{c,t} x[b, c, t], over
 //     tasks (b, band of rows) so a small batch still fills the threads. Each task adds whole
 //     (c, t) planes element-wise into an L1-sized accumulator (vectorized along the plane,
-//     eight planes per sweep; no horizontal reductions). Any strides for B, C, T, H, W.
-//  2. Per image b: the separable correlation, in a flat layout with rows padded by p zeros
-//     (so each 1-D pass is one long vectorized loop, even for 7x7 maps). First the k 1-D
-//     filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel
-//     over all u); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
-//     (k per pixel per filter, k^3 for the full bank). E_d is written once; its mean and
-//     variance are two passes over the cached map of E_d - E_d[0, 0].
+//     eight planes per sweep; no horizontal reductions), prefetching the next sweep's planes
+//     into L2 (the planes are streams too short for the hardware prefetcher): about the speed
+//     of x.sum() over the same tensor. Any strides for B, C, T, H, W.
+//  2. Per image b: the separable correlation on maps with rows padded by p zeros. First the k
+//     1-D filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per
+//     pixel over all u), one long vectorized loop over the flat padded map (even for 7x7
+//     maps); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
+//     (k per pixel per filter, k^3 for the full bank), row by row straight into E (float32,
+//     float64; an acc_t map below that). E_d is written once; its mean and variance are two
+//     passes over the cached map of E_d - E_d[0, 0].
 // Backward, per image b: recompute R from the saved s, rebuild each E_d, form
 // G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, correlate it with the reversed
 // a_v into Q_u (the adjoint of the W pass), then g = the H-pass adjoint over the Q_u, and
