@@ -112,7 +112,8 @@ struct ReduceKernel {
       // kPlanesPerSweep planes per sweep (one accumulator load/store per kPlanesPerSweep plane
       // loads). The planes are short streams (a few KiB) that the hardware prefetcher barely
       // ramps up on, so each block also prefetches the same block of the next sweep's planes
-      // into L2: measured, this brings the pass from ~1.6x to ~1x the time of x.sum().
+      // into L2. Measured on one core: 8 planes with prefetch beat 8 or 16 without (from
+      // 1.3-1.6x to 1.0-1.4x the time of x.sum() at 56x56 and 28x28 planes).
       constexpr int64_t kLineBytes = 64, kBlockBytes = kPrefetchBlock * sizeof(scalar_t);
       int64_t q = 0;
       for (; q + kPlanesPerSweep <= a.n_planes; q += kPlanesPerSweep) {
