@@ -4,13 +4,16 @@
 //  1. Channel/time reduction, the only large read: s[b] = (1/T) sum_{c,t} x[b, c, t], over
 //     tasks (b, band of rows) so a small batch still fills the threads. Each task adds whole
 //     (c, t) planes element-wise into an L1-sized accumulator (vectorized along the plane,
-//     eight planes per sweep; no horizontal reductions). Any strides for B, C, T, H, W.
-//  2. Per image b: the separable correlation, in a flat layout with rows padded by p zeros
-//     (so each 1-D pass is one long vectorized loop, even for 7x7 maps). First the k 1-D
-//     filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per pixel
-//     over all u); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
-//     (k per pixel per filter, k^3 for the full bank). E_d is written once; its mean and
-//     variance are two passes over the cached map of E_d - E_d[0, 0].
+//     eight planes per sweep; no horizontal reductions), prefetching the next sweep's planes
+//     into L2 (the planes are streams too short for the hardware prefetcher): about the speed
+//     of x.sum() over the same tensor. Any strides for B, C, T, H, W.
+//  2. Per image b: the separable correlation on maps with rows padded by p zeros. First the k
+//     1-D filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per
+//     pixel over all u), one long vectorized loop over the flat padded map (even for 7x7
+//     maps); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
+//     (k per pixel per filter, k^3 for the full bank), row by row straight into E (float32,
+//     float64; an acc_t map below that). E_d is written once; its mean and variance are two
+//     passes over the cached map of E_d - E_d[0, 0].
 // Backward, per image b: recompute R from the saved s, rebuild each E_d, form
 // G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, correlate it with the reversed
 // a_v into Q_u (the adjoint of the W pass), then g = the H-pass adjoint over the Q_u, and
@@ -34,6 +37,11 @@ namespace {
 
 // Elements of the accumulator one reduction task sweeps: 4096 floats = 16 KiB, in L1.
 constexpr int64_t kReduceChunk = 4096;
+// (c, t) planes one reduction sweep adds, and the elements per software-prefetch step.
+constexpr int kPlanesPerSweep = 8;
+constexpr int64_t kPrefetchBlock = 64;
+// Outputs a row of the forward's W pass rounds up to (a multiple of every ISA's vector width).
+constexpr int64_t kRowBlock = 16;
 
 // The separable bank: the 1-D rows needed (`slots`) and, per output filter, its slot and v.
 template <typename acc_t>
@@ -82,6 +90,17 @@ struct ReduceArgs {
   acc_t* out;                     // s[b] at row h0, contiguous rows
 };
 
+// acc[e] += sum_j planes[j][e] for e in [begin, end).
+template <typename scalar_t, typename acc_t>
+PIUMR_ALWAYS_INLINE void add_planes(const scalar_t* const* planes, int64_t begin, int64_t end, acc_t* acc) {
+#pragma omp simd
+  for (int64_t e = begin; e < end; ++e) {
+    acc_t sum = 0;
+    for (int j = 0; j < kPlanesPerSweep; ++j) sum += static_cast<acc_t>(planes[j][e]);
+    acc[e] += sum;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct ReduceKernel {
   static PIUMR_ALWAYS_INLINE void run(const ReduceArgs<scalar_t, acc_t>& a) {
@@ -90,19 +109,29 @@ struct ReduceKernel {
     acc_t* acc = a.acc;
     for (int64_t e = 0; e < n; ++e) acc[e] = 0;
     if (flat) {
-      // Eight planes per sweep: one accumulator load/store per eight plane loads.
+      // kPlanesPerSweep planes per sweep (one accumulator load/store per kPlanesPerSweep plane
+      // loads). The planes are short streams (a few KiB) that the hardware prefetcher barely
+      // ramps up on, so each block also prefetches the same block of the next sweep's planes
+      // into L2. Measured on one core: 8 planes with prefetch beat 8 or 16 without (from
+      // 1.3-1.6x to 1.0-1.4x the time of x.sum() at 56x56 and 28x28 planes).
+      constexpr int64_t kLineBytes = 64, kBlockBytes = kPrefetchBlock * sizeof(scalar_t);
       int64_t q = 0;
-      for (; q + 8 <= a.n_planes; q += 8) {
-        const int64_t* o = a.plane_offsets + q;
-        const scalar_t *p0 = a.x + o[0], *p1 = a.x + o[1], *p2 = a.x + o[2], *p3 = a.x + o[3];
-        const scalar_t *p4 = a.x + o[4], *p5 = a.x + o[5], *p6 = a.x + o[6], *p7 = a.x + o[7];
-#pragma omp simd
-        for (int64_t e = 0; e < n; ++e) {
-          acc[e] += ((static_cast<acc_t>(p0[e]) + static_cast<acc_t>(p1[e])) +
-                     (static_cast<acc_t>(p2[e]) + static_cast<acc_t>(p3[e]))) +
-                    ((static_cast<acc_t>(p4[e]) + static_cast<acc_t>(p5[e])) +
-                     (static_cast<acc_t>(p6[e]) + static_cast<acc_t>(p7[e])));
+      for (; q + kPlanesPerSweep <= a.n_planes; q += kPlanesPerSweep) {
+        const scalar_t* planes[kPlanesPerSweep];
+        const char* next[kPlanesPerSweep];
+        for (int j = 0; j < kPlanesPerSweep; ++j) {
+          planes[j] = a.x + a.plane_offsets[q + j];
+          const int64_t later = q + kPlanesPerSweep + j;
+          next[j] = reinterpret_cast<const char*>(later < a.n_planes ? a.x + a.plane_offsets[later] : planes[j]);
         }
+        int64_t e = 0;
+        for (; e + kPrefetchBlock <= n; e += kPrefetchBlock) {
+          for (int j = 0; j < kPlanesPerSweep; ++j)
+            for (int64_t line = 0; line < kBlockBytes; line += kLineBytes)
+              __builtin_prefetch(next[j] + e * static_cast<int64_t>(sizeof(scalar_t)) + line, 0, 2);
+          add_planes<scalar_t, acc_t>(planes, e, e + kPrefetchBlock, acc);
+        }
+        add_planes<scalar_t, acc_t>(planes, e, n, acc);
       }
       for (; q < a.n_planes; ++q) {
         const scalar_t* p0 = a.x + a.plane_offsets[q];
@@ -129,29 +158,68 @@ struct ReduceKernel {
 // long vectorized loop over the flat map (rows as short as W = 7 cost no per-row overhead):
 // out[i] = sum_j taps[j] in[i + j * stride], stride 1 (along W) or Wp (along H). Along W the
 // outputs at a row's last 2p positions mix two rows and are never read.
+// `rows` > 1 repeats that over segments: segment r reads from in + r * in_row_stride (all
+// reads within in[0, in_size)) and writes the contiguous rows out[r * length, (r + 1) * length)
+// (the forward writes E_d row by row this way). With KS > 0 a row may run its vector loop
+// up to a multiple of kRowBlock outputs past its end, into rows computed after it, whenever
+// its reads stay in bounds: rows like W = 28 then need no scalar remainder loop.
 // With the tap count KS known at compile time (k = 3, 5, 7) each output vector sums its taps
 // in registers; otherwise (KS = 0) one vectorized multiply-add sweep per tap.
 template <int KS, bool kAccumulate, typename acc_t>
 PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
-                                   acc_t* out) {
+                                   acc_t* out, int64_t rows = 1, int64_t in_row_stride = 0, int64_t in_size = 0) {
   if constexpr (KS > 0) {
+    // Local copies, loaded once: `out` could alias `taps` as far as the compiler knows, which
+    // would reload and re-broadcast every tap in every iteration.
+    acc_t t[KS];
+    for (int j = 0; j < KS; ++j) t[j] = taps[j];
+    const int64_t rounded = (length + kRowBlock - 1) / kRowBlock * kRowBlock;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* in_r = in + r * in_row_stride;
+      acc_t* out_r = out + r * length;
+      const bool overrun_ok = !kAccumulate && r * length + rounded <= rows * length &&
+                              r * in_row_stride + rounded + (KS - 1) * stride <= in_size;
+      const int64_t n = overrun_ok ? rounded : length;
 #pragma omp simd
-    for (int64_t i = 0; i < length; ++i) {
-      acc_t sum = 0;
-      for (int j = 0; j < KS; ++j) sum += taps[j] * in[i + j * stride];
-      out[i] = kAccumulate ? out[i] + sum : sum;
+      for (int64_t i = 0; i < n; ++i) {
+        acc_t sum = 0;
+        for (int j = 0; j < KS; ++j) sum += t[j] * in_r[i + j * stride];
+        out_r[i] = kAccumulate ? out_r[i] + sum : sum;
+      }
     }
   } else {
-    if (!kAccumulate) {
-      for (int64_t i = 0; i < length; ++i) out[i] = 0;
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const acc_t tap = taps[j];
-      const acc_t* row = in + j * stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* in_r = in + r * in_row_stride;
+      acc_t* out_r = out + r * length;
+      if (!kAccumulate) {
+        for (int64_t i = 0; i < length; ++i) out_r[i] = 0;
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t tap = taps[j];
+        const acc_t* row = in_r + j * stride;
 #pragma omp simd
-      for (int64_t i = 0; i < length; ++i) out[i] += tap * row[i];
+        for (int64_t i = 0; i < length; ++i) out_r[i] += tap * row[i];
+      }
     }
   }
+}
+
+// sum_i f(in[i]) over four interleaved partial sums: a single accumulator would make the
+// loop wait on the add latency at every vector.
+template <typename acc_t, typename F>
+PIUMR_ALWAYS_INLINE acc_t sum_over(const acc_t* in, int64_t length, F f) {
+  const int64_t quarter = length / 4;
+  const acc_t *in1 = in + quarter, *in2 = in1 + quarter, *in3 = in2 + quarter;
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < quarter; ++i) {
+    s0 += f(in[i]);
+    s1 += f(in1[i]);
+    s2 += f(in2[i]);
+    s3 += f(in3[i]);
+  }
+  for (int64_t i = 4 * quarter; i < length; ++i) s0 += f(in[i]);
+  return (s0 + s1) + (s2 + s3);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -202,38 +270,40 @@ struct ForwardImageKernel {
   static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
     const Bank<acc_t>& bank = *a.bank;
     const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
-    const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
+    const int64_t wp = width + 2 * pad, map = height * wp, hw = height * width;
     acc_t* s_padded = a.scratch;
     acc_t* r = s_padded + (height + 2 * pad) * wp;
-    acc_t* e = r + bank.n_slots * map;
-    acc_t* valid = e + map;  // 1 at (h, w < W), 0 at the mixed positions
+    acc_t* e_scratch = r + bank.n_slots * map;
     filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
-    for (int64_t i = 0; i < span; ++i) valid[i] = (i % wp) < width ? acc_t(1) : acc_t(0);
-    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(height * width);
+    const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(hw);
     for (int64_t n = 0; n < bank.n_filters; ++n) {
-      correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + bank.filter_v[n] * k, k, span, e);
-      scalar_t* E_n = a.E + n * height * width;
-      for (int64_t h = 0; h < height; ++h) {
-        const acc_t* src = e + h * wp;
-        scalar_t* dst = E_n + h * width;
-#pragma omp simd
-        for (int64_t w = 0; w < width; ++w) dst[w] = static_cast<scalar_t>(src[w]);
+      scalar_t* E_n = a.E + n * hw;
+      // E_d in acc_t, contiguous (H, W): straight into the output when that is acc_t.
+      acc_t* e = nullptr;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        e = E_n;
+      } else {
+        e = e_scratch;
       }
+      // The W pass row by row (R_u's zero pad columns make every row self-contained), so E_d
+      // is written once, contiguous, and the stats below need no mask.
+      const acc_t* r_n = r + bank.filter_slot[n] * map;
+      const acc_t* taps = bank.basis.data() + bank.filter_v[n] * k;
+      correlate<KS, false>(r_n, 1, taps, k, width, e, height, wp, map);
       // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
       // the order of the spread, so a mean far from zero costs no precision.
       const acc_t shift = e[0];
-      acc_t total = 0;
-#pragma omp simd reduction(+ : total)
-      for (int64_t i = 0; i < span; ++i) total += valid[i] * (e[i] - shift);
-      const acc_t offset = total * inv_hw;
-      acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-      for (int64_t i = 0; i < span; ++i) {
-        const acc_t d = e[i] - shift - offset;
-        m2 += valid[i] * d * d;
-      }
+      const acc_t offset = sum_over(e, hw, [shift](acc_t v) { return v - shift; }) * inv_hw;
+      const acc_t m2 = sum_over(e, hw, [shift, offset](acc_t v) {
+        const acc_t d = v - shift - offset;
+        return d * d;
+      });
       a.mean[n] = shift + offset;
       a.var[n] = m2 * inv_hw;
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) E_n[i] = static_cast<scalar_t>(e[i]);
+      }
     }
   }
 };

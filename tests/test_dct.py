@@ -228,6 +228,30 @@ def test_cpp_every_instruction_set(isa, monkeypatch):
     assert_close(dx, dx_ref, TOLERANCE[torch.float32], "dx")
 
 
+# (B, C, T, H, W) for the cpp forward's blocked loops: C*T planes as whole 8-plane sweeps plus
+# leftovers (20 = 2 * 8 + 4, 9 = 8 + 1), planes (or row bands) of whole 64-element prefetch
+# blocks plus a remainder (260, 192, 26), and W-pass rows whose vector loop runs on into the
+# next row (W = 20, 13) or fits exactly (W = 32).
+CPP_BLOCKED_SHAPES = [(2, 5, 4, 13, 20), (1, 3, 3, 6, 32), (3, 2, 10, 2, 13)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", CPP_BLOCKED_SHAPES)
+def test_cpp_blocked_loops_match_fp64(shape, dtype, threads, poisoned_empty):
+    """Every remainder of the reduction sweeps, prefetch blocks, row bands (2 threads split a
+    small batch into bands of rows) and W-pass rows, with every output poisoned until written."""
+    if not backends.backend_available("cpp"):
+        pytest.skip("the C++ extension is not built")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with piumr_kernels.use_backend("cpp"):
+            check_against_fp64(dtype, shape, [48, 0, 9, 24])
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 @pytest.mark.parametrize("frequencies", [None, [7, 2, 2]])
 def test_gradcheck_float64(name, frequencies):
