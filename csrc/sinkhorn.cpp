@@ -342,10 +342,22 @@ PIUMR_ALWAYS_INLINE void run_iterations(const Problem& p, acc_t* x, acc_t* rt, a
   }
 }
 
-template <typename scalar_t, typename acc_t, int L>
+// Common small shapes get N and M as compile-time constants (kN, kM > 0): every loop over
+// the tile then unrolls completely, which at 4x4 removes most of the per-entry work.
+template <int kN, int kM>
+PIUMR_ALWAYS_INLINE Problem with_fixed_shape(const Problem& problem) {
+  Problem p = problem;
+  if constexpr (kN > 0) {
+    p.n_rows = kN;
+    p.n_cols = kM;
+  }
+  return p;
+}
+
+template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct ForwardKernel {
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
-    const Problem& p = *a.problem;
+    const Problem p = with_fixed_shape<kN, kM>(*a.problem);
     const int64_t n = p.n_rows, m = p.n_cols, nm = n * m;
     Scratch<acc_t, L> s(a.scratch, p);
     load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
@@ -362,10 +374,10 @@ struct ForwardKernel {
   }
 };
 
-template <typename scalar_t, typename acc_t, int L>
+template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct BackwardKernel {
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
-    const Problem& p = *a.problem;
+    const Problem p = with_fixed_shape<kN, kM>(*a.problem);
     const int64_t n = p.n_rows, m = p.n_cols, nm = n * m;
     Scratch<acc_t, L> s(a.scratch, p);
     if (p.has_stats) {
@@ -471,7 +483,7 @@ struct BackwardKernel {
   }
 };
 
-template <template <typename, typename, int> class Kernel, typename scalar_t, int L>
+template <template <typename, typename, int, int, int> class Kernel, typename scalar_t, int L, int kN = 0, int kM = 0>
 void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, at::Tensor& out,
                 at::Tensor& row_stats, at::Tensor& col_stats) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -498,19 +510,27 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
                                       cs_ptr ? cs_ptr + first : nullptr,
                                       std::min<int64_t>(L, p.batch - first),
                                       scratch.get()};
-      run_for_this_cpu<Kernel<scalar_t, acc_t, L>>(args);
+      run_for_this_cpu<Kernel<scalar_t, acc_t, L, kN, kM>>(args);
     }
   });
 }
 
-template <template <typename, typename, int> class Kernel, typename scalar_t>
+template <template <typename, typename, int, int, int> class Kernel, typename scalar_t>
 void run(const Problem& p, const at::Tensor& K, const at::Tensor* grad, at::Tensor& out, at::Tensor& row_stats,
          at::Tensor& col_stats) {
-  if (p.n_rows * p.n_cols <= kLanesMaxEntries) {
-    run_blocks<Kernel, scalar_t, kLanes>(p, K, grad, out, row_stats, col_stats);
-  } else {
+  if (p.n_rows * p.n_cols > kLanesMaxEntries) {
     run_blocks<Kernel, scalar_t, 1>(p, K, grad, out, row_stats, col_stats);
+    return;
   }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Hyper-connection mixing (4x4), 8x8 and TFAM kernels (16x16).
+    if (p.n_rows == 4 && p.n_cols == 4) return run_blocks<Kernel, scalar_t, kLanes, 4, 4>(p, K, grad, out, row_stats, col_stats);
+    if (p.n_rows == 8 && p.n_cols == 8) return run_blocks<Kernel, scalar_t, kLanes, 8, 8>(p, K, grad, out, row_stats, col_stats);
+    if (p.n_rows == 16 && p.n_cols == 16) {
+      return run_blocks<Kernel, scalar_t, kLanes, 16, 16>(p, K, grad, out, row_stats, col_stats);
+    }
+  }
+  run_blocks<Kernel, scalar_t, kLanes>(p, K, grad, out, row_stats, col_stats);
 }
 
 void check_matrices(const at::Tensor& t, const char* name) {
