@@ -32,6 +32,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -204,19 +205,22 @@ struct RowStatsKernel {
     const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     const Params<acc_t>& p = a.params;
     const int32_t cols = static_cast<int32_t>(a.cols);
+    const int32_t* col_labels = a.col_labels;
     for (int64_t r = 0; r < a.rows; ++r) {
       // |self| <= group size < 2^31.
       const int32_t self = static_cast<int32_t>(r + a.self_offset);
       const acc_t* c = a.cosine + r * a.cols;
       const int32_t label = a.row_labels[r];
       acc_t cos_max = neg_inf, emph_max = neg_inf;
-      // Loads happen unconditionally and masks select values: branch-free bodies vectorize.
+      // Values are computed unconditionally and masks select them: branch-free bodies
+      // vectorize (a select of a possibly trapping expression keeps its branch).
 #pragma omp simd reduction(max : cos_max, emph_max)
       for (int32_t j = 0; j < cols; ++j) {
         const acc_t cj = c[j];
+        const acc_t log_r = log_emphasis(cj, p);
         const bool partner = j != self;
         cos_max = max_of(cos_max, partner ? cj : neg_inf);
-        emph_max = max_of(emph_max, partner ? log_emphasis(cj, p) : neg_inf);
+        emph_max = max_of(emph_max, partner ? log_r : neg_inf);
       }
       if (cos_max == neg_inf) continue;  // the tile holds only the self pair
       acc_t* state = a.online + r;
@@ -228,7 +232,7 @@ struct RowStatsKernel {
       for (int32_t j = 0; j < cols; ++j) {
         const acc_t cj = c[j];
         const bool partner = j != self;
-        const bool positive = partner & (a.col_labels[j] == label);
+        const bool positive = partner & (col_labels[j] == label);
         const acc_t logit = cj * p.inv_tau;
         const acc_t r_exp = vexp<acc_t>(log_emphasis(cj, p) - emph_max_new);
         const acc_t p_exp = vexp<acc_t>(logit - logit_max);
@@ -757,6 +761,54 @@ at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& grad_ris
   return grad_features;
 }
 
+// Autograd in C++: a Python autograd.Function around the op costs more per call than the
+// whole kernel at the paper's batch (B = 80). Both ops are called through the dispatcher,
+// so torch.compile traces them with their fake kernels (piumr_kernels/girl/op.py).
+class GirlFunction : public torch::autograd::Function<GirlFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features,
+                                                const at::Tensor& labels, const at::Tensor& order,
+                                                const at::Tensor& offsets, double tau, double eta, double lambda_var,
+                                                bool var_grad, bool detach_weights, bool need_grad) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("piumr_kernels::girl_cpp", "")
+                               .typed<decltype(girl_forward)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, risks, risk_var, direction] =
+        op.call(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad);
+    ctx->save_for_backward({risks, direction, order, offsets});
+    ctx->saved_data["lambda_var"] = lambda_var;
+    ctx->saved_data["var_grad"] = var_grad;
+    ctx->saved_data["dtype"] = features.scalar_type();
+    ctx->mark_non_differentiable({direction});
+    return {loss, risks, risk_var, direction};
+  }
+
+  // Unused outputs get zero gradients (materialized by autograd).
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("piumr_kernels::girl_cpp_backward", "")
+                               .typed<decltype(girl_backward)>();
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_features =
+        op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3],
+                ctx->saved_data["lambda_var"].toDouble(), ctx->saved_data["var_grad"].toBool(),
+                ctx->saved_data["dtype"].toScalarType());
+    torch::autograd::variable_list out(10);
+    out[0] = grad_features;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> girl_forward_autograd(
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order, const at::Tensor& offsets,
+    double tau, double eta, double lambda_var, bool var_grad, bool detach_weights, bool need_grad) {
+  const auto out =
+      GirlFunction::apply(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
@@ -771,6 +823,10 @@ TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("girl_cpp", &girl_forward);
   m.impl("girl_cpp_backward", &girl_backward);
+}
+
+TORCH_LIBRARY_IMPL(piumr_kernels, Autograd, m) {
+  m.impl("girl_cpp", &girl_forward_autograd);
 }
 
 }  // namespace piumr

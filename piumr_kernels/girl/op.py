@@ -84,28 +84,9 @@ def _fake_cpp_backward(grad_loss, grad_risks, grad_risk_var, group_risks, direct
     return direction.new_empty(direction.shape, dtype=dtype)
 
 
-def _register_cpp_autograd() -> None:
-    backward_op = library_op(CPP_BACKWARD)
-
-    def setup_context(ctx, inputs, output):
-        features, _, order, offsets, _, _, lambda_var, var_grad, _, _ = inputs
-        _, group_risks, _, direction = output
-        ctx.save_for_backward(group_risks, direction, order, offsets)
-        ctx.params = (lambda_var, var_grad, features.dtype)
-        ctx.mark_non_differentiable(direction)
-
-    def backward(ctx, grad_loss, grad_risks, grad_risk_var, _grad_direction):
-        group_risks, direction, order, offsets = ctx.saved_tensors
-        grad_features = backward_op(grad_loss, grad_risks, grad_risk_var, group_risks, direction, order, offsets,
-                                    *ctx.params)
-        return (grad_features,) + (None,) * 9
-
-    torch.library.register_autograd(CPP_FORWARD, backward, setup_context=setup_context)
-
-
 if backends.cpp_op_built("girl_cpp"):
+    # Its autograd formula is registered in C++ (csrc/girl.cpp), for the per-call overhead.
     register_fakes({CPP_FORWARD: _fake_cpp_forward, CPP_BACKWARD: _fake_cpp_backward})
-    _register_cpp_autograd()
 if backends.backend_available("triton"):
     from . import triton_kernels
 
