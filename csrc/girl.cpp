@@ -781,18 +781,26 @@ class GirlFunction : public torch::autograd::Function<GirlFunction> {
     ctx->saved_data["var_grad"] = var_grad;
     ctx->saved_data["dtype"] = features.scalar_type();
     ctx->mark_non_differentiable({direction});
+    // Autograd would otherwise fill a (B, C) zero gradient for `direction` on every call.
+    ctx->set_materialize_grads(false);
     return {loss, risks, risk_var, direction};
   }
 
-  // Unused outputs get zero gradients (materialized by autograd).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("piumr_kernels::girl_cpp_backward", "")
                                .typed<decltype(girl_backward)>();
     const auto saved = ctx->get_saved_variables();
+    const at::Tensor& risks = saved[0];
+    // Outputs that got no gradient (undefined) contribute zero.
+    const auto or_zeros = [](const at::Tensor& grad, const at::Tensor& like) {
+      return grad.defined() ? grad : at::zeros(like.sizes(), like.options());
+    };
+    const at::Tensor scalar = risks.new_empty({});
     at::Tensor grad_features =
-        op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3],
+        op.call(or_zeros(grads[0], scalar), or_zeros(grads[1], risks), or_zeros(grads[2], scalar), risks, saved[1],
+                saved[2], saved[3],
                 ctx->saved_data["lambda_var"].toDouble(), ctx->saved_data["var_grad"].toBool(),
                 ctx->saved_data["dtype"].toScalarType());
     torch::autograd::variable_list out(10);
