@@ -455,13 +455,33 @@ at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
   return scratch.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// out = F F^T. From kSplitGram rows on, as three products of half the rows (the upper
+// blocks) and a transposed copy: 3/4 of the multiply-adds, at nearly the same BLAS speed.
+constexpr int64_t kSplitGram = 128;
+void symmetric_gram(at::Tensor& out, const at::Tensor& f) {
+  const int64_t size = f.size(0);
+  if (size < kSplitGram) {
+    at::mm_out(out, f, f.t());
+    return;
+  }
+  const int64_t half = size / 2, rest = size - half;
+  const at::Tensor top = f.narrow(0, 0, half), bottom = f.narrow(0, half, rest);
+  at::Tensor upper = out.narrow(0, 0, half).narrow(1, half, rest);
+  at::Tensor top_left = out.narrow(0, 0, half).narrow(1, 0, half);
+  at::Tensor bottom_right = out.narrow(0, half, rest).narrow(1, half, rest);
+  at::mm_out(top_left, top, top.t());
+  at::mm_out(upper, top, bottom.t());
+  at::mm_out(bottom_right, bottom, bottom.t());
+  out.narrow(0, half, rest).narrow(1, 0, half).copy_(upper.t());
+}
+
 // A group of at most kTile samples, start..start+size: statistics, then (with a
 // gradient) D = H F for its rows, all from one cosine tile.
 template <typename acc_t, bool kDetach>
 void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Tensor& scratch, acc_t* online) {
   const at::Tensor f_group = d.f.narrow(0, start, size);
   at::Tensor tile = tile_view(scratch, size, size);
-  at::mm_out(tile, f_group, f_group.t());
+  symmetric_gram(tile, f_group);
   acc_t* cosine = tile.data_ptr<acc_t>();
   const int32_t* labels = d.labels + start;
   reset_online(online, kTile);

@@ -238,9 +238,10 @@ def test_large_group_takes_streaming_path(backend, monkeypatch):
 
 # (B, G, threads): groups above the cpp tile side (256) are streamed over tiles I <= J,
 # split into one chunk per thread. Three row blocks with a 3-row remainder (515 = 2 * 256
-# + 3), two streamed groups of 300, and a 256-sample group (one tile, kept whole) next to
-# a 257-sample one (streamed, a 1-row remainder).
-@pytest.mark.parametrize("batch,num_groups,threads", [(515, 1, 1), (515, 1, 2), (600, 2, 2), (513, 2, 2)])
+# + 3), two streamed groups of 300, a 256-sample group (one tile, kept whole) next to a
+# 257-sample one (streamed, a 1-row remainder), and whole groups of 130 and 129 (cosines
+# from half-row blocks, split 64 + 65 for the odd one).
+@pytest.mark.parametrize("batch,num_groups,threads", [(515, 1, 1), (515, 1, 2), (600, 2, 2), (513, 2, 2), (259, 2, 1)])
 def test_cpp_streaming_tiles(batch, num_groups, threads):
     if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
         pytest.skip("cpp backend unavailable")
