@@ -52,6 +52,8 @@ constexpr double kNormEps = 1e-12;      // f = z / max(||z||, kNormEps)
 // Multiply-adds a thread task should at least get: below that, waking threads costs more
 // than it saves (small batches run inline on the calling thread).
 constexpr int64_t kMinTaskWork = int64_t{1} << 22;
+// Elements a task of a memory-bound pass over rows (normalize, scatter) should at least get.
+constexpr int64_t kMinTaskElements = int64_t{1} << 18;
 constexpr int64_t kNumStats = 5;        // per-sample statistics, rows of a (5, B) buffer
 enum Stat { kLogitLse = 0, kEmphasisLse, kPositiveWeight, kAnchorLoss, kNumPositive };
 constexpr int64_t kNumOnline = 7;       // running max/sum of both LSEs, positive sums, |P(i)|
@@ -506,13 +508,14 @@ struct TilePair {
 };
 
 // Tiles (I, J), I <= J, of a group, split into `chunks` contiguous runs of about equal
-// cost (an off-diagonal tile does twice the per-pair work of a diagonal one).
+// cost (with a gradient, the heavier pass: a diagonal tile takes two products, an
+// off-diagonal one three).
 std::vector<std::vector<TilePair>> tile_chunks(int64_t size, int64_t chunks) {
   std::vector<TilePair> tiles;
   for (int64_t r0 = 0; r0 < size; r0 += kTile)
     for (int64_t c0 = r0; c0 < size; c0 += kTile)
       tiles.push_back({r0, std::min(kTile, size - r0), c0, std::min(kTile, size - c0)});
-  const auto cost = [](const TilePair& t) { return t.rows * t.cols * (t.row0 == t.col0 ? 1 : 2); };
+  const auto cost = [](const TilePair& t) { return t.rows * t.cols * (t.row0 == t.col0 ? 2 : 3); };
   int64_t total = 0;
   for (const TilePair& t : tiles) total += cost(t);
   chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, static_cast<int64_t>(tiles.size())));
@@ -586,7 +589,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
     }
   });
   for (int64_t chunk = 1; chunk < num_chunks; ++chunk) grad_group.add_(partial[chunk - 1]);
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(width, 1));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
   at::parallel_for(0, size, grain, [&](int64_t begin, int64_t end) {
     run_for_this_cpu<NormBackwardKernel<acc_t>>(NormBackwardArgs<acc_t>{
         d.f_ptr + (start + begin) * width, d.direction + (start + begin) * width, d.norm + start + begin,
@@ -625,7 +628,7 @@ void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at
   const at::Tensor label_ids = group_order_labels(labels, order_ptr);
   {
     const scalar_t* z = features.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(width, 1));
+    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       run_for_this_cpu<NormalizeKernel<scalar_t, acc_t>>(NormalizeArgs<scalar_t, acc_t>{
           z, order_ptr, f.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), begin, end, width});
@@ -772,7 +775,7 @@ at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& grad_ris
     const acc_t* dir = direction.data_ptr<acc_t>();
     const int64_t* order_ptr = order.data_ptr<int64_t>();
     scalar_t* out = grad_features.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(width, 1));
+    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       run_for_this_cpu<ScatterKernel<scalar_t, acc_t>>(
           ScatterArgs<scalar_t, acc_t>{dir, order_ptr, row_scale.data(), out, begin, end, width});
