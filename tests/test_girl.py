@@ -434,3 +434,17 @@ def test_aot_variants_cover_every_launch_choice():
         for dtype in ("fp32", "fp16", "bf16"):
             assert f"girl.row_norm[{dtype},BLOCK_W={block_w}]" in names
             assert f"girl.input_grad[{dtype},BLOCK_W={block_w}]" in names
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpp_cpu_isa_variants(isa, monkeypatch):
+    """The vectorized cpp kernels are compiled per instruction set; the narrower variants
+    (picked here with PIUMR_KERNELS_CPU_ISA) must agree too: whole and streamed groups."""
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.setenv("PIUMR_KERNELS_CPU_ISA", isa)
+    with use_backend("cpp"):
+        for batch, num_groups in ((40, 4), (300, 1)):
+            features, labels = make_inputs(batch, 10, num_classes=5, seed=6)
+            check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=False, var_grad=True,
+                                    tau=0.1, eta=0.3)
