@@ -27,7 +27,12 @@
 //    chunk accumulates into its own partial buffers (statistics O(B), gradient O(n*C)),
 //    summed in chunk order afterwards: no races, and deterministic for a thread count.
 // Tile cosines come from at::mm into per-task scratch (single-threaded BLAS inside the
-// parallel region); per-pair work runs in the vectorized micro-kernels below.
+// parallel region); per-pair work runs in the vectorized micro-kernels below. Memory:
+// F and D, O(B*C); per streamed group one O(n*C) partial gradient per extra chunk (thread);
+// O(kTile^2) scratch per task.
+//
+// Autograd is registered in C++ (GirlFunction below): a Python autograd.Function costs
+// more per call than the whole kernel at the paper's batch of 80.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -784,9 +789,8 @@ at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& grad_ris
   return grad_features;
 }
 
-// Autograd in C++: a Python autograd.Function around the op costs more per call than the
-// whole kernel at the paper's batch (B = 80). Both ops are called through the dispatcher,
-// so torch.compile traces them with their fake kernels (piumr_kernels/girl/op.py).
+// Autograd in C++ (see the top). Both ops are called through the dispatcher, so
+// torch.compile traces them with their fake kernels (piumr_kernels/girl/op.py).
 class GirlFunction : public torch::autograd::Function<GirlFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features,
