@@ -109,18 +109,76 @@ def test_fused_op_backward_with_nonuniform_group_weights(backend):
     order, sizes = random_partition(26, 3, features.device, torch.Generator().manual_seed(1))
     offsets = torch.tensor([0, sizes[0], sizes[0] + sizes[1], 26], device=DEVICE)
     upstream = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, device=DEVICE)
-    op = getattr(torch.ops.piumr_kernels, f"girl_{backend}")
     for detach in (True, False):
         z = features.clone().requires_grad_()
-        sorted_z = z.index_select(0, order)
-        risks, stats = op(sorted_z, labels.index_select(0, order), offsets, 0.07, 0.2, detach)
+        if backend == "cpp":
+            # The cpp op takes the batch order and returns the combined loss too.
+            _, risks, _, _ = torch.ops.piumr_kernels.girl_cpp(z, labels, order, offsets, 0.07, 0.2, 1.0, True, detach,
+                                                              True)
+        else:
+            risks, stats = torch.ops.piumr_kernels.girl_triton(
+                z.index_select(0, order), labels.index_select(0, order), offsets, 0.07, 0.2, detach
+            )
+            assert stats.shape == (6, 26) and torch.isfinite(stats).all()
         (risks * upstream.float()).sum().backward()
         ref = features.double().requires_grad_()
         _, ref_risks, _ = girl_loss_reference(ref, labels, order, sizes, detach_weights=detach)
         (ref_risks * upstream).sum().backward()
         torch.testing.assert_close(risks.double(), ref_risks.detach(), rtol=1e-4, atol=1e-6)
-        assert stats.shape == (6, 26) and torch.isfinite(stats).all()
         assert_close_scaled(z.grad, ref.grad, 1e-4, f"gradient (detach_weights={detach})")
+
+
+@pytest.mark.parametrize("var_grad", [True, False])
+def test_cpp_op_backward_of_every_output(var_grad):
+    """The cpp op's loss, group risks and variance, each with its own upstream gradient."""
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    features, labels = make_inputs(27, 10, num_classes=3, dtype=torch.float64)
+    features, labels = features.cpu(), labels.cpu()
+    order, sizes = random_partition(27, 3, torch.device("cpu"), torch.Generator().manual_seed(2))
+    offsets = torch.tensor([0, 9, 18, 27])
+    upstream = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    outputs = []
+    for run in ("cpp", "reference"):
+        z = features.clone().requires_grad_()
+        if run == "cpp":
+            loss, risks, risk_var, _ = torch.ops.piumr_kernels.girl_cpp(z, labels, order, offsets, 0.1, 0.3, 1.5,
+                                                                        var_grad, False, True)
+        else:
+            loss, risks, risk_var = girl_loss_reference(z, labels, order, sizes, 0.1, 0.3, 1.5, var_grad, False)
+        (0.7 * loss + (risks * upstream).sum() - 2.5 * risk_var).backward()
+        outputs.append((loss.detach(), risks.detach(), risk_var.detach(), z.grad))
+    for got, expected in zip(*outputs):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_cpp_forward_without_gradient_and_wide_labels():
+    """need_grad=False (no_grad / inference) gives the same loss; a backward then errors
+    clearly. Labels beyond the int32 range are renumbered, not truncated."""
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    features, labels = make_inputs(20, 8, num_classes=3)
+    features, labels = features.cpu(), labels.cpu()
+    wide = labels * (2**40) + 7  # 0, 2^40 + 7, 2^41 + 7: truncation to 32 bits would merge them
+    kwargs = dict(num_groups=2, detach_weights=False)
+    with use_backend("cpp"):
+        with torch.no_grad():
+            no_grad = girl_loss(features, wide, generator=torch.Generator().manual_seed(3), **kwargs)
+        z = features.clone().requires_grad_()
+        loss = girl_loss(z, wide, generator=torch.Generator().manual_seed(3), **kwargs)
+        loss.backward()
+        with use_backend("reference"):
+            z_ref = features.clone().requires_grad_()
+            ref = girl_loss(z_ref, labels, generator=torch.Generator().manual_seed(3), **kwargs)
+            ref.backward()
+    torch.testing.assert_close(no_grad, loss.detach())
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert_close_scaled(z.grad, z_ref.grad.double(), 1e-4, "gradient with wide labels")
+    order, offsets = torch.arange(20), torch.tensor([0, 10, 20])
+    z = features.clone().requires_grad_()
+    loss, *_ = torch.ops.piumr_kernels.girl_cpp(z, labels, order, offsets, 0.07, 0.2, 1.0, True, True, False)
+    with pytest.raises(RuntimeError, match="without need_grad"):
+        loss.backward()
 
 
 def test_opcheck_cpp():
@@ -128,10 +186,13 @@ def test_opcheck_cpp():
     if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
         pytest.skip("cpp backend unavailable")
     features, labels = make_inputs(10, 6, num_classes=2)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
     offsets = torch.tensor([0, 4, 10])
     for detach in (True, False):
-        torch.library.opcheck(torch.ops.piumr_kernels.girl_cpp,
-                              (features.cpu().requires_grad_(), labels.cpu(), offsets, 0.1, 0.3, detach))
+        for need_grad in (True, False):
+            torch.library.opcheck(torch.ops.piumr_kernels.girl_cpp,
+                                  (features.cpu().requires_grad_(need_grad), labels.cpu(), order, offsets, 0.1, 0.3,
+                                   0.5, True, detach, need_grad))
 
 
 def test_anchors_without_positives(backend):
@@ -169,10 +230,31 @@ def test_large_group_takes_streaming_path(backend, monkeypatch):
         block, blocks = triton_kernels.tile_block(batch, 1)
         assert block == 16 and blocks == 3
     else:
-        batch, width = 300, 12  # cpp: 128-anchor items, 256-partner tiles
+        batch, width = 300, 12  # cpp: 256 x 256 tiles, so a diagonal, an off-diagonal and a ragged tile
     features, labels = make_inputs(batch, width, num_classes=5, seed=3)
     for detach_weights in (True, False):
         check_against_reference(features, labels, 1, detach_weights=detach_weights, var_grad=True)
+
+
+# (B, G, threads): groups above the cpp tile side (256) are streamed over tiles I <= J,
+# split into one chunk per thread. Three row blocks with a 3-row remainder (515 = 2 * 256
+# + 3), two streamed groups of 300, a 256-sample group (one tile, kept whole) next to a
+# 257-sample one (streamed, a 1-row remainder), and whole groups of 130 and 129 (cosines
+# from half-row blocks, split 64 + 65 for the odd one).
+@pytest.mark.parametrize("batch,num_groups,threads", [(515, 1, 1), (515, 1, 2), (600, 2, 2), (513, 2, 2), (259, 2, 1)])
+def test_cpp_streaming_tiles(batch, num_groups, threads):
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    features, labels = make_inputs(batch, 10, num_classes=7, seed=4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with use_backend("cpp"):
+            for detach_weights, var_grad in ((True, True), (False, False)):
+                check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=detach_weights,
+                                        var_grad=var_grad, tau=0.1, eta=0.3, lambda_var=2.0)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_zero_feature_rows_stay_finite(backend):
@@ -352,3 +434,17 @@ def test_aot_variants_cover_every_launch_choice():
         for dtype in ("fp32", "fp16", "bf16"):
             assert f"girl.row_norm[{dtype},BLOCK_W={block_w}]" in names
             assert f"girl.input_grad[{dtype},BLOCK_W={block_w}]" in names
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpp_cpu_isa_variants(isa, monkeypatch):
+    """The vectorized cpp kernels are compiled per instruction set; the narrower variants
+    (picked here with PIUMR_KERNELS_CPU_ISA) must agree too: whole and streamed groups."""
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.setenv("PIUMR_KERNELS_CPU_ISA", isa)
+    with use_backend("cpp"):
+        for batch, num_groups in ((40, 4), (300, 1)):
+            features, labels = make_inputs(batch, 10, num_classes=5, seed=6)
+            check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=False, var_grad=True,
+                                    tau=0.1, eta=0.3)

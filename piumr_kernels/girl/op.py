@@ -4,11 +4,17 @@ torch.library registration.
 Every backend sees the same partition: the permutation (or the explicit `groups`) is
 turned into `(order, sizes)` here, in Python, before dispatch (group `g` is the next
 `sizes[g]` samples of `order`; the sizes are Python ints, static under torch.compile).
-The fused backends (cpp, triton) then work on the samples sorted by group, described by
-`offsets` (`G + 1` boundaries), and never form a `B x B` matrix. Their forward op returns the per-group risks
-`L_g` and six numbers per sample that the fused backward needs (see `STATS`); the mean
-and the variance penalty over the `G` risks are combined in PyTorch (a `G`-vector), so
-autograd applies `var_grad` for every backend the same way.
+Group `g` is described to the fused backends by `offsets` (`G + 1` boundaries into
+`order`); they never form a `B x B` matrix.
+
+- triton: works on the samples sorted by group; its forward op returns the group risks
+  `L_g` and six numbers per sample that its backward needs (see `STATS`), and the mean and
+  variance penalty over the `G` risks are combined in PyTorch.
+- cpp: one op for the whole loss, to keep the per-call overhead of small batches low. It
+  reads the features through `order` (no gathered copy, no scatter in autograd), combines
+  the risks itself and, when a gradient is needed, computes `dL_g/dz` for every row in the
+  forward while each group's cosines are at hand; its backward only scales and scatters
+  those rows (see csrc/girl.cpp). Its loss, risks and variance are all differentiable.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ CPP_BACKWARD = "piumr_kernels::girl_cpp_backward"
 TRITON_FORWARD = "piumr_kernels::girl_triton"
 TRITON_BACKWARD = "piumr_kernels::girl_triton_backward"
 
-# Per-sample statistics saved by the fused forward, a (6, B) tensor with rows in this order:
+# Per-sample statistics saved by the triton forward, a (6, B) tensor with rows in this order:
 # 1 / max(||z_i||, 1e-12), LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij,
 # l_i, |P(i)|.
 STATS = ("inv_norm", "logit_lse", "emphasis_lse", "positive_weight", "anchor_loss", "num_positive")
 
 
-def _fake_forward(features, labels, offsets, tau, eta, detach_weights):
+def _fake_triton_forward(features, labels, offsets, tau, eta, detach_weights):
     dtype = compute_dtype(features.dtype)
     return (
         features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
@@ -42,12 +48,8 @@ def _fake_forward(features, labels, offsets, tau, eta, detach_weights):
     )
 
 
-def _fake_backward(grad_risks, features, labels, offsets, stats, tau, eta, detach_weights):
-    return torch.empty_like(features)
-
-
-def _register_autograd(forward_name: str, backward_name: str) -> None:
-    backward_op = library_op(backward_name)
+def _register_triton_autograd() -> None:
+    backward_op = library_op(TRITON_BACKWARD)
 
     def setup_context(ctx, inputs, output):
         features, labels, offsets, tau, eta, detach_weights = inputs
@@ -61,22 +63,35 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
         grad_features = backward_op(grad_risks.contiguous(), features, labels, offsets, stats, *ctx.params)
         return grad_features, None, None, None, None, None
 
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(TRITON_FORWARD, backward, setup_context=setup_context)
+
+
+def _fake_cpp_forward(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad):
+    """(loss, group_risks, risk_var, direction): `direction` is `dL_g/dz` in group order,
+    `(B, C)` with `need_grad` and `(0, C)` without."""
+    dtype = compute_dtype(features.dtype)
+    rows = features.shape[0] if need_grad else 0
+    return (
+        features.new_empty(()),
+        features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
+        features.new_empty((), dtype=dtype),
+        features.new_empty((rows, features.shape[1]), dtype=dtype),
+    )
+
+
+def _fake_cpp_backward(grad_loss, grad_risks, grad_risk_var, group_risks, direction, order, offsets, lambda_var,
+                       var_grad, dtype):
+    return direction.new_empty(direction.shape, dtype=dtype)
 
 
 if backends.cpp_op_built("girl_cpp"):
-    register_fakes({CPP_FORWARD: _fake_forward, CPP_BACKWARD: _fake_backward})
-    _register_autograd(CPP_FORWARD, CPP_BACKWARD)
+    # Its autograd formula is registered in C++ (csrc/girl.cpp), for the per-call overhead.
+    register_fakes({CPP_FORWARD: _fake_cpp_forward, CPP_BACKWARD: _fake_cpp_backward})
 if backends.backend_available("triton"):
     from . import triton_kernels
 
     register_triton_ops({TRITON_FORWARD: triton_kernels.girl_forward, TRITON_BACKWARD: triton_kernels.girl_backward})
-    _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
-
-_FUSED = {
-    "cpp": lambda: torch.ops.piumr_kernels.girl_cpp,
-    "triton": lambda: torch.ops.piumr_kernels.girl_triton,
-}
+    _register_triton_autograd()
 
 
 def _check_integer_vector(name: str, value: object, length: int) -> None:
@@ -207,13 +222,22 @@ def girl_loss(
         loss, group_risks, risk_var = girl_loss_reference(
             features, labels, order, sizes, tau, eta, lambda_var, var_grad, detach_weights
         )
+    elif backend == "cpp":
+        offsets = torch.tensor(list(itertools.accumulate([0] + sizes)))
+        need_grad = torch.is_grad_enabled() and features.requires_grad
+        loss, group_risks, risk_var, _ = torch.ops.piumr_kernels.girl_cpp(
+            features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets, tau, eta, lambda_var,
+            bool(var_grad), bool(detach_weights), need_grad,
+        )
     else:
-        if backend == "triton" and features.dtype == torch.float64:
+        if features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
         offsets = torch.tensor(list(itertools.accumulate([0] + sizes)), device=features.device)
         sorted_features = features.index_select(0, order).contiguous()
         sorted_labels = labels.index_select(0, order).to(torch.int64).contiguous()
-        group_risks, _ = _FUSED[backend]()(sorted_features, sorted_labels, offsets, tau, eta, bool(detach_weights))
+        group_risks, _ = torch.ops.piumr_kernels.girl_triton(
+            sorted_features, sorted_labels, offsets, tau, eta, bool(detach_weights)
+        )
         loss, risk_var = combine_group_risks(group_risks, lambda_var, bool(var_grad))
         loss = loss.to(features.dtype)
     if not return_details:
