@@ -157,7 +157,7 @@ def test_export_from_keyword_arguments(tmp_path):
 def test_held_out_persons_are_recognizable_from_motion():
     """Learnability, cheaply: a nearest-class-mean classifier on coarse motion energy
     (|frame difference| pooled on a 4 x 8 x 8 grid), fitted on 8 persons and scored on 4
-    unseen ones, reaches about 35% action and 70% body top-1 (chance: 2% and at best 25%)."""
+    unseen ones, reaches about 38% action and 76% body top-1 (chance: 2% and at best 25%)."""
     def motion_features(dataset):
         features = []
         for index in range(len(dataset)):

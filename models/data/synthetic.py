@@ -8,12 +8,18 @@ What it is
   RGB with anti-aliased shapes: head nod vs shake vs tilt, shrug, hand to forehead vs
   nose vs ear vs mouth, hand patting vs scratching the leg, leg shake, crossing legs,
   arms akimbo, ... (`ACTION_MOTIONS` lists them all).
+- Sized for small frames: the figure fills the frame's height and is drawn chunky (thick
+  limbs, big hands and head), and the motions are made large enough that at the main job's
+  32x32 a hand is about 4 pixels across and a reach or rub moves it by several pixels.
+  Thinner limbs and smaller motions made the moving parts so small next to the static
+  picture that an RGB video network did not start to learn within the job's budget.
 - Each synthetic person has a persistent style drawn from (seed, person id): body size
   and proportions, position, skin/hair/clothes/chair/background colours and background
   pattern, sleeve length, handedness, execution speed, amplitude, idle sway and
   breathing, rest pose. The same action therefore looks different across persons.
-- Each clip adds its own execution: onset, duration, amplitude, phase, which hand,
-  brightness. Time is continuous, so any `num_frames` samples the same motion.
+- Each clip adds its own execution: onset, duration, amplitude, phase, which hand, and a
+  mild brightness change (+-3%) and shift (+-0.6% of the frame). Time is continuous, so any
+  `num_frames` samples the same motion.
 - Persons of the train, val and test splits are disjoint (ids 0-999, 1000-1999 and
   2000-2999), so held-out accuracy measures person independence. `subject` is the person id.
 - `training=True` draws each clip's execution from torch's RNG (a new execution of the
@@ -24,6 +30,8 @@ What it is not
 - Not real video: no faces, no hand shapes beyond one finger, no occlusion other than
   drawing order, no camera motion, no audio. Accuracy on it says that a pipeline learns
   motion of the right body part across persons; it says nothing about MA-52 accuracy.
+- Not to scale: relative to the body, limbs, hands and head are chunkier and the motions
+  larger than a real person's micro-actions, so that they show at 32x32.
 
 `export_ma52` writes a dataset as an MA-52-format folder (CRLF lists, H.264 MP4s) that
 `MA52Dataset` reads back.
@@ -78,65 +86,65 @@ _H, _V, _D = 0.0, math.pi / 2, math.pi / 4  # rub directions: horizontal, vertic
 
 ACTION_MOTIONS: tuple[tuple, ...] = (
     # body 0-4
-    (Move("sway", 0.06, cycles=3.0),),                                       # shaking body
-    (Move("slump", 0.12, "release"), Move("rise", 0.02, "hold")),             # sitting straightly
-    (Move("shrug", 0.07),),                                                   # shrugging
-    (Move("turn", 1.0), Move("sway", 0.03)),                                  # turning around
-    (Move("rise", 0.07, "hold"),),                                            # rising up
+    (Move("sway", 0.12, cycles=3.0),),                                        # shaking body
+    (Move("slump", 0.18, "release"), Move("rise", 0.04, "hold")),             # sitting straightly
+    (Move("shrug", 0.14),),                                                   # shrugging
+    (Move("turn", 1.0), Move("sway", 0.06)),                                  # turning around
+    (Move("rise", 0.14, "hold"),),                                            # rising up
     # head 5-10
     (Move("pitch", 1.0, "hold"),),                                            # bowing head
     (Move("pitch", -1.0, "hold"),),                                           # head up
-    (Move("roll", 0.6, "hold"),),                                            # tilting head
+    (Move("roll", 0.6, "hold"),),                                             # tilting head
     (Move("yaw", 1.0, "hold"),),                                              # turning head
     (Move("pitch", 0.8, cycles=2.5),),                                        # nodding
     (Move("yaw", 0.9, cycles=2.5),),                                          # shaking head
     # upper limb 11-23
-    (Reach("other_arm", rub=(0.03, 4, _V)),),                                 # scratching arms
-    (Reach("lap_front", both=True, rub=(0.0225, 3, _D)), Move("object", 1.0)),  # playing objects
+    (Reach("other_arm", rub=(0.075, 4, _V)),),                                # scratching arms
+    (Reach("lap_front", both=True, rub=(0.0562, 3, _D)), Move("object", 1.0)),  # playing objects
     (Reach("together", both=True, envelope="hold"),),                         # putting hands together
-    (Reach("together", both=True, rub=(0.03, 4, _V)),),                       # rubbing hands
-    (Reach("chest_centre", rub=(0.0225, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
+    (Reach("together", both=True, rub=(0.075, 4, _V)),),                      # rubbing hands
+    (Reach("chest_centre", rub=(0.0562, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
     (Reach("lap_front", envelope="hold"), Move("finger", -1.0, "hold"),
      Move("hand_size", -0.25, "hold")),                                       # clenching fist
     (Reach("overhead", both=True), Move("finger", 0.6)),                      # stretching arms
     (Reach("side_out", both=True, envelope="release"),),                      # retracting arms
-    (Reach("wave", rub=(0.0525, 3, _H)),),                                     # waving
+    (Reach("wave", rub=(0.1313, 3, _H)),),                                    # waving
     (Reach("spread", both=True, envelope="hold"), Move("finger", 0.8, "hold")),  # spreading hands
-    (Reach("fingertips", both=True, rub=(0.012, 3, _H)),),                    # hands touching fingers
+    (Reach("fingertips", both=True, rub=(0.03, 3, _H)),),                     # hands touching fingers
     (Reach("lap_front"), Move("wiggle", 1.3, cycles=4.0), Move("finger", 0.5)),  # other finger movements
-    (Reach("gesture", rub=(0.075, 1.5, _D)),),                                 # illustrative gestures
+    (Reach("gesture", rub=(0.1875, 1.5, _D)),),                               # illustrative gestures
     # lower limb 24-31
-    (Move("leg_shake", 0.045, cycles=5.0),),                                   # shaking legs
-    (Move("feet_up", 0.12, "hold"),),                                         # curling legs
-    (Move("knees_apart", 0.08, "hold"),),                                     # spread legs
-    (Move("knees_apart", 0.08, "release"),),                                  # closing legs
+    (Move("leg_shake", 0.09, cycles=5.0),),                                   # shaking legs
+    (Move("feet_up", 0.18, "hold"),),                                         # curling legs
+    (Move("knees_apart", 0.16, "hold"),),                                     # spread legs
+    (Move("knees_apart", 0.16, "release"),),                                  # closing legs
     (Move("cross", 1.0, "hold"),),                                            # crossing legs
     (Move("feet_out", 1.0, "hold"),),                                         # stretching feet
     (Move("feet_out", 1.0, "release"),),                                      # retracting feet
     (Move("tiptoe", 1.0),),                                                   # tiptoe
     # body-hand 32-37
-    (Reach("neck", rub=(0.018, 3, _H)),),                                     # scratching or touching neck
-    (Reach("chest", rub=(0.0225, 3, _V)),),                                    # ... chest
-    (Reach("back", rub=(0.0225, 3, _V), behind=True),),                        # ... back
-    (Reach("other_shoulder", rub=(0.018, 3, _H)),),                           # ... shoulder
+    (Reach("neck", rub=(0.045, 3, _H)),),                                     # scratching or touching neck
+    (Reach("chest", rub=(0.0562, 3, _V)),),                                   # ... chest
+    (Reach("back", rub=(0.0562, 3, _V), behind=True),),                       # ... back
+    (Reach("other_shoulder", rub=(0.045, 3, _H)),),                           # ... shoulder
     (Reach("hip", both=True, envelope="hold"),),                              # arms akimbo
     (Reach("other_arm", both=True, envelope="hold"),),                        # crossing arms
     # head-hand 38-47
-    (Reach("hair", rub=(0.03, 2, _H)),),                                      # playing or tidying hair
-    (Reach("hindbrain", rub=(0.018, 3, _V), behind=True),),                   # scratching or touching hindbrain
-    (Reach("forehead", rub=(0.018, 3, _H)),),                                 # ... forehead
-    (Reach("cheek", rub=(0.018, 3, _V)),),                                    # ... face
-    (Reach("eye", rub=(0.012, 4, _H)),),                                      # rubbing eyes
+    (Reach("hair", rub=(0.075, 2, _H)),),                                     # playing or tidying hair
+    (Reach("hindbrain", rub=(0.045, 3, _V), behind=True),),                   # scratching or touching hindbrain
+    (Reach("forehead", rub=(0.045, 3, _H)),),                                 # ... forehead
+    (Reach("cheek", rub=(0.045, 3, _V)),),                                    # ... face
+    (Reach("eye", rub=(0.03, 4, _H)),),                                       # rubbing eyes
     (Reach("nose"),),                                                         # touching nose
-    (Reach("ear", rub=(0.012, 2, _V)),),                                      # touching ears
+    (Reach("ear", rub=(0.03, 2, _V)),),                                       # touching ears
     (Reach("face", both=True),),                                              # covering face
     (Reach("mouth"),),                                                        # covering mouth
-    (Reach("bridge", rub=(0.0225, 1, _V)),),                                   # pushing glasses
+    (Reach("bridge", rub=(0.0562, 1, _V)),),                                  # pushing glasses
     # leg-hand 48-51
-    (Reach("thigh", rub=(0.0375, 4, _V)),),                                    # patting legs
+    (Reach("thigh", rub=(0.0938, 4, _V)),),                                   # patting legs
     (Reach("knee"),),                                                         # touching legs
-    (Reach("thigh", rub=(0.018, 5, _H)),),                                    # scratching legs
-    (Reach("foot", rub=(0.018, 3, _H)), Move("lean", 0.2)),                   # scratching feet
+    (Reach("thigh", rub=(0.045, 5, _H)),),                                    # scratching legs
+    (Reach("foot", rub=(0.045, 3, _H)), Move("lean", 0.2)),                   # scratching feet
 )
 assert len(ACTION_MOTIONS) == NUM_ACTIONS
 
@@ -201,7 +209,7 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
         centre=(0.5 + rng.uniform(-0.06, 0.06), 0.61 + rng.uniform(-0.02, 0.02)),
         torso_width=rng.uniform(0.85, 1.2),
         torso_length=rng.uniform(0.9, 1.1),
-        head_radius=rng.uniform(0.068, 0.082),
+        head_radius=rng.uniform(0.095, 0.115),
         arm_length=rng.uniform(0.92, 1.08),
         leg_length=rng.uniform(0.9, 1.1),
         skin=skin.astype(np.float32),
@@ -245,7 +253,7 @@ def make_execution(person: PersonStyle, rng: np.random.Generator) -> Execution:
         onset=onset, duration=duration, ramp=min(0.3, 0.14 / person.speed) * rng.uniform(0.8, 1.2),
         amplitude=person.amplitude * rng.uniform(0.85, 1.15), phase=rng.uniform(0, 2 * math.pi),
         side=person.handedness if rng.uniform() < 0.85 else -person.handedness,
-        brightness=rng.uniform(0.9, 1.1), shift=(rng.uniform(-0.012, 0.012), rng.uniform(-0.012, 0.012)),
+        brightness=rng.uniform(0.97, 1.03), shift=(rng.uniform(-0.006, 0.006), rng.uniform(-0.006, 0.006)),
         idle_phase=rng.uniform(0, 2 * math.pi))
 
 
@@ -330,7 +338,7 @@ class _Pose:
             toe_dx = s * 0.035 * (1 - 0.8 * amount["tiptoe"]) * (1 + 0.6 * amount["feet_out"])
             toe_dy = 0.04 * amount["tiptoe"] + 0.02 * amount["feet_out"]
             self.toe[s] = self.foot[s] + np.stack([toe_dx * unit, toe_dy * leg])
-        self.foot_radius = 0.017 * leg * (1 + 0.5 * amount["feet_out"])
+        self.foot_radius = 0.037 * leg * (1 + 0.5 * amount["feet_out"])
 
     def anchor(self, name: str, s: int) -> np.ndarray:
         """Point `name` of `_ANCHORS` for the hand on side `s`; it follows the moving body."""
@@ -472,7 +480,7 @@ def _background(person: PersonStyle, size: int) -> np.ndarray:
     image *= (0.85 + 0.3 * grid)[:, None, None]  # a vertical light gradient
     for x, y, radius, colour in person.pattern:
         distance = np.hypot(grid[None, :] - x, grid[:, None] - y)
-        weight = np.clip(1.0 - distance / radius, 0.0, 1.0)[..., None] * 0.35
+        weight = np.clip(1.0 - distance / radius, 0.0, 1.0)[..., None] * 0.1
         image += weight * (colour - image)
     # The chair is static, so it belongs to the background.
     canvas = _Canvas(np.clip(image, 0.0, 1.0), 1)
@@ -505,29 +513,29 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
     leg_order = (-side, side)
     for s in leg_order:
         hip_joint = pose.hip + np.stack([still + s * 0.05 * u, still])
-        canvas.capsule(hip_joint, pose.knee[s], 0.042 * u, person.trousers)
-        canvas.capsule(pose.knee[s], pose.foot[s], 0.03 * u, person.trousers * 0.9)
+        canvas.capsule(hip_joint, pose.knee[s], 0.09 * u, person.trousers)
+        canvas.capsule(pose.knee[s], pose.foot[s], 0.066 * u, person.trousers * 0.9)
         canvas.capsule(pose.foot[s], pose.toe[s], pose.foot_radius, person.shoes)
 
     hands = _hand_paths(pose, motion)
     arm_upper, arm_fore = 0.15 * person.arm_length * u, 0.15 * person.arm_length * u
-    hand_radius = 0.026 * u * (1 + amount["hand_size"])
+    hand_radius = 0.057 * u * (1 + amount["hand_size"])
     finger_length = 0.028 * u * np.clip(0.5 + amount["finger"], 0.0, 1.5)
 
     def draw_arm(s):
         hand_target, _ = hands[s]
         elbow, hand = _elbow(pose.shoulder[s], hand_target, arm_upper, arm_fore, s)
         # Arms a shade darker than the torso, so a hand in front of the body stands out.
-        canvas.capsule(pose.shoulder[s], elbow, 0.024 * u, person.shirt * 0.8)
-        canvas.capsule(elbow, hand, 0.019 * u, person.sleeve * 0.85)
+        canvas.capsule(pose.shoulder[s], elbow, 0.053 * u, person.shirt * 0.8)
+        canvas.capsule(elbow, hand, 0.042 * u, person.sleeve * 0.85)
         # The finger points along the forearm, wiggling for "other finger movements".
         forearm = (hand - elbow) / np.maximum(np.hypot(*(hand - elbow)), 1e-6)
         angle = (0.9 * amount["wiggle"] if s == side else 0.0)
         direction = np.stack([forearm[0] * np.cos(angle) - forearm[1] * np.sin(angle),
                               forearm[0] * np.sin(angle) + forearm[1] * np.cos(angle)])
-        hand_scale = hand_radius if s == side else 0.026 * u
+        hand_scale = hand_radius if s == side else 0.057 * u
         fingers = finger_length if s == side else 0.014 * u
-        canvas.capsule(hand, hand + direction * (hand_scale + fingers), 0.008 * u, person.skin * 0.92)
+        canvas.capsule(hand, hand + direction * (hand_scale + fingers), 0.018 * u, person.skin * 0.92)
         canvas.disc(hand, hand_scale, person.skin)
 
     for s in (1, -1):
