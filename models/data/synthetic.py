@@ -8,7 +8,7 @@ What it is
   RGB with anti-aliased shapes: head nod vs shake vs tilt, shrug, hand to forehead vs
   nose vs ear vs mouth, hand patting vs scratching the leg, leg shake, crossing legs,
   arms akimbo, ... (`ACTION_MOTIONS` lists them all).
-- Sized for small frames: the figure fills the frame's height and is drawn chunky (thick
+- Sized for small frames: the figure spans most of the frame's height and is drawn chunky (thick
   limbs, big hands and head), and the motions are made large enough that at the main job's
   32x32 a hand is about 4 pixels across and a reach or rub moves it by several pixels.
   Thinner limbs and smaller motions made the moving parts so small next to the static
