@@ -249,6 +249,23 @@ int64_t image_scratch_size(const Bank<acc_t>& bank, int64_t height, int64_t widt
   return padded + bank.n_slots * map + bank.n_slots * padded + 3 * map;
 }
 
+// Calls body(args, b) for every image b over the threads; args already holds the bank, the
+// map size and the thread's scratch (allocated once per thread), body adds the pointers.
+template <typename scalar_t, typename acc_t, typename Body>
+void for_each_image(const Bank<acc_t>& bank, int64_t batch, int64_t height, int64_t width, Body&& body) {
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(image_scratch_size(bank, height, width));
+    for (int64_t b = begin; b < end; ++b) {
+      ImageArgs<scalar_t, acc_t> args{};
+      args.bank = &bank;
+      args.height = height;
+      args.width = width;
+      args.scratch = scratch.data();
+      body(args, b);
+    }
+  });
+}
+
 // s[b] into the padded layout (all pads zero), then R_u = the H pass of every slot.
 template <int KS, typename acc_t>
 PIUMR_ALWAYS_INLINE void filter_along_h(const Bank<acc_t>& bank, const acc_t* s, int64_t height, int64_t width,
@@ -456,22 +473,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at:
     scalar_t* E_ptr = E.data_ptr<scalar_t>();
     acc_t* mean_ptr = mean.data_ptr<acc_t>();
     acc_t* var_ptr = var.data_ptr<acc_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(image_scratch_size(bank, height, width));
-      for (int64_t b = begin; b < end; ++b) {
-        ImageArgs<scalar_t, acc_t> args{};
-        args.bank = &bank;
-        args.height = height;
-        args.width = width;
-        args.s = s_ptr + b * height * width;
-        args.E = E_ptr + b * n_filters * height * width;
-        args.mean = mean_ptr + b * n_filters;
-        args.var = var_ptr + b * n_filters;
-        args.scratch = scratch.data();
-        with_tap_count(kernel_size, [&](auto taps) {
-          run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
-        });
-      }
+    for_each_image<scalar_t>(bank, batch, height, width, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b) {
+      args.s = s_ptr + b * height * width;
+      args.E = E_ptr + b * n_filters * height * width;
+      args.mean = mean_ptr + b * n_filters;
+      args.var = var_ptr + b * n_filters;
+      with_tap_count(kernel_size, [&](auto taps) {
+        run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+      });
     });
   });
   return {E, mean, var, s};
@@ -505,25 +514,17 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
     const acc_t* mu = mean.data_ptr<acc_t>();
     const acc_t* s_ptr = s.data_ptr<acc_t>();
     scalar_t* out = grad_map.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(image_scratch_size(bank, height, width));
-      for (int64_t b = begin; b < end; ++b) {
-        ImageArgs<scalar_t, acc_t> args{};
-        args.bank = &bank;
-        args.height = height;
-        args.width = width;
-        args.s = s_ptr + b * height * width;
-        args.grad_E = gE + b * n_filters * height * width;
-        args.grad_mean = gm + b * n_filters;
-        args.grad_var = gv + b * n_filters;
-        args.saved_mean = mu + b * n_filters;
-        args.inv_frames = acc_t(1) / static_cast<acc_t>(frames);
-        args.grad_map = out + b * height * width;
-        args.scratch = scratch.data();
-        with_tap_count(kernel_size, [&](auto taps) {
-          run_for_this_cpu<BackwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
-        });
-      }
+    for_each_image<scalar_t>(bank, batch, height, width, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b) {
+      args.s = s_ptr + b * height * width;
+      args.grad_E = gE + b * n_filters * height * width;
+      args.grad_mean = gm + b * n_filters;
+      args.grad_var = gv + b * n_filters;
+      args.saved_mean = mu + b * n_filters;
+      args.inv_frames = acc_t(1) / static_cast<acc_t>(frames);
+      args.grad_map = out + b * height * width;
+      with_tap_count(kernel_size, [&](auto taps) {
+        run_for_this_cpu<BackwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+      });
     });
   });
   return grad_map;

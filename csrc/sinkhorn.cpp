@@ -26,7 +26,6 @@
 #include <memory>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "cpu_dispatch.h"
 
