@@ -218,12 +218,13 @@ def girl_loss(
         order, sizes = explicit_partition(groups)
 
     backend = backends.resolve_backend(features, cpp_op="girl_cpp")
+    group_starts = list(itertools.accumulate([0] + sizes))  # fused ops: group g is order[starts[g]:starts[g+1]]
     if backend == "reference":
         loss, group_risks, risk_var = girl_loss_reference(
             features, labels, order, sizes, tau, eta, lambda_var, var_grad, detach_weights
         )
     elif backend == "cpp":
-        offsets = torch.tensor(list(itertools.accumulate([0] + sizes)))
+        offsets = torch.tensor(group_starts)
         need_grad = torch.is_grad_enabled() and features.requires_grad
         loss, group_risks, risk_var, _ = torch.ops.piumr_kernels.girl_cpp(
             features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets, tau, eta, lambda_var,
@@ -232,7 +233,7 @@ def girl_loss(
     else:
         if features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
-        offsets = torch.tensor(list(itertools.accumulate([0] + sizes)), device=features.device)
+        offsets = torch.tensor(group_starts, device=features.device)
         sorted_features = features.index_select(0, order).contiguous()
         sorted_labels = labels.index_select(0, order).to(torch.int64).contiguous()
         group_risks, _ = torch.ops.piumr_kernels.girl_triton(
