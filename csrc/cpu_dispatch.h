@@ -12,8 +12,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define PIUMR_ALWAYS_INLINE inline __attribute__((always_inline))
+#define PIUMR_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define PIUMR_ALWAYS_INLINE inline
+#define PIUMR_ALWAYS_INLINE_LAMBDA
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

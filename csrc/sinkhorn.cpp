@@ -55,17 +55,19 @@ struct BlockArgs {
   acc_t* scratch;        // Scratch<acc_t, L>::size(problem) values
 };
 
-// Per-block scratch: two matrix tiles and, per iteration, the row and column vectors
-// (alpha_t / f_t, beta_t / g_t) and their running products (linear backward).
+// Per-block scratch: two matrix tiles; per iteration, the row and column vectors
+// (alpha_t / f_t, beta_t / g_t) and their running products (linear backward); four work
+// vectors, each long enough for a row or a column vector.
 template <typename acc_t, int L>
 struct Scratch {
-  acc_t *x, *gr, *rt, *ct, *cu, *cv, *row, *col, *tmp;
+  acc_t *x, *gr, *rt, *ct, *cu, *cv, *row, *col, *tmp, *aux;
+  static int64_t vector_len(const Problem& p) { return std::max(p.n_rows, p.n_cols) * L; }
   static int64_t size(const Problem& p) {
     const int64_t n = p.n_rows, m = p.n_cols;
-    return L * (2 * n * m + 4 * p.n_iters * (n + m) + n + 2 * m);
+    return L * (2 * n * m + 4 * p.n_iters * (n + m)) + 4 * vector_len(p);
   }
   PIUMR_ALWAYS_INLINE Scratch(acc_t* base, const Problem& p) {
-    const int64_t n = p.n_rows, m = p.n_cols, t = p.n_iters;
+    const int64_t n = p.n_rows, m = p.n_cols, t = p.n_iters, len = vector_len(p);
     x = base;
     gr = x + n * m * L;
     rt = gr + n * m * L;
@@ -73,8 +75,9 @@ struct Scratch {
     cu = ct + t * m * L;
     cv = cu + t * n * L;
     row = cv + t * m * L;
-    col = row + n * L;
-    tmp = col + m * L;
+    col = row + len;
+    tmp = col + len;
+    aux = tmp + len;
   }
 };
 
@@ -193,40 +196,89 @@ PIUMR_ALWAYS_INLINE void for_each_entry(int64_t n, int64_t m, F&& f) {
 // latency (4 cycles) at every step instead of issuing back to back.
 constexpr int kChains = 4;
 
+// Rows reduced together along contiguous rows (L == 1): their chains are independent, so
+// one row's horizontal sum and whatever the caller does with it overlap the next rows'.
+constexpr int64_t kRowGroup = 8;
+
+// out[i] = sum_j term(e, i, j) for the kRows rows from i0, with kRowChains vectors of
+// partial sums per row.
+template <int kRows, int kRowChains, typename acc_t, typename F>
+PIUMR_ALWAYS_INLINE void reduce_row_group(int64_t i0, int64_t m, acc_t* out, F&& term) {
+  constexpr int64_t kWidth = kRowChains * 64 / sizeof(acc_t);
+  const int64_t full = m - m % kWidth;
+  acc_t partial[kRows][kWidth] = {};
+  // Rows written out (a fold, not a loop) so every partial sum has a fixed register.
+  const auto add_row = [&](int r, int64_t j) PIUMR_ALWAYS_INLINE_LAMBDA {
+    const int64_t i = i0 + r;
+#pragma omp simd
+    for (int64_t k = 0; k < kWidth; ++k) partial[r][k] += term(i * m + j + k, i, j + k);
+  };
+  [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+    for (int64_t j = 0; j < full; j += kWidth) (add_row(R, j), ...);
+  }(std::make_integer_sequence<int, kRows>{});
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t i = i0 + r;
+    acc_t s = 0;
+    for (int64_t j = full; j < m; ++j) s += term(i * m + j, i, j);
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < kWidth; ++k) s += partial[r][k];
+    out[i] = s;
+  }
+}
+
 // out[i, l] = sum_j term(e, r, c) over the row's entries.
 template <typename acc_t, int L, typename F>
 PIUMR_ALWAYS_INLINE void reduce_rows(int64_t n, int64_t m, acc_t* out, F&& term) {
+  if constexpr (L == 1) {
+    const int64_t grouped = n - n % kRowGroup;
+    for (int64_t i = 0; i < grouped; i += kRowGroup) reduce_row_group<kRowGroup, 1>(i, m, out, term);
+    for (int64_t i = grouped; i < n; ++i) reduce_row_group<1, kChains>(i, m, out, term);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
-    if constexpr (L == 1) {
-      // Along the contiguous row: kChains vectors' worth of partial sums.
-      constexpr int64_t kWidth = kChains * 64 / sizeof(acc_t);
-      acc_t partial[kWidth] = {};
-      int64_t j = 0;
-      for (; j + kWidth <= m; j += kWidth) {
+    // The remainder's start is computed, not carried out of the main loop, so with a
+    // compile-time m the empty remainder folds away.
+    const int64_t full = m - m % kChains;
+    acc_t s[kChains][L] = {};
+    for (int64_t j = 0; j < full; j += kChains) {
+      for (int u = 0; u < kChains; ++u) {
 #pragma omp simd
-        for (int64_t k = 0; k < kWidth; ++k) partial[k] += term(i * m + j + k, i, j + k);
+        for (int l = 0; l < L; ++l) s[u][l] += term((i * m + j + u) * L + l, i * L + l, (j + u) * L + l);
       }
-      acc_t s = 0;
-      for (; j < m; ++j) s += term(i * m + j, i, j);
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < kWidth; ++k) s += partial[k];
-      out[i] = s;
-    } else {
-      acc_t s[kChains][L] = {};
-      int64_t j = 0;
-      for (; j + kChains <= m; j += kChains) {
-        for (int u = 0; u < kChains; ++u) {
-#pragma omp simd
-          for (int l = 0; l < L; ++l) s[u][l] += term((i * m + j + u) * L + l, i * L + l, (j + u) * L + l);
-        }
-      }
-      for (; j < m; ++j) {
-#pragma omp simd
-        for (int l = 0; l < L; ++l) s[0][l] += term((i * m + j) * L + l, i * L + l, j * L + l);
-      }
-#pragma omp simd
-      for (int l = 0; l < L; ++l) out[i * L + l] = (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]);
     }
+    for (int64_t j = full; j < m; ++j) {
+#pragma omp simd
+      for (int l = 0; l < L; ++l) s[0][l] += term((i * m + j) * L + l, i * L + l, j * L + l);
+    }
+#pragma omp simd
+    for (int l = 0; l < L; ++l) out[i * L + l] = (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]);
+  }
+}
+
+// out[c] += sum_i term(e, r, c) over the column's entries (c = j * L + l). Along contiguous
+// rows (L == 1) kRowGroup rows are added per load and store of out.
+template <typename acc_t, int L, typename F>
+PIUMR_ALWAYS_INLINE void accumulate_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
+  if constexpr (L == 1) {
+    const int64_t grouped = n - n % kRowGroup;
+    for (int64_t i0 = 0; i0 < grouped; i0 += kRowGroup) {
+      // The group's rows are written out (a fold, not a loop) so the loop over c vectorizes
+      // whatever the size of term.
+      [&]<int64_t... R>(std::integer_sequence<int64_t, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+#pragma omp simd
+        for (int64_t c = 0; c < m; ++c) {
+          acc_t s = out[c];
+          ((s += term((i0 + R) * m + c, i0 + R, c)), ...);
+          out[c] = s;
+        }
+      }(std::make_integer_sequence<int64_t, kRowGroup>{});
+    }
+    for (int64_t i = grouped; i < n; ++i) {
+#pragma omp simd
+      for (int64_t c = 0; c < m; ++c) out[c] += term(i * m + c, i, c);
+    }
+  } else {
+    for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { out[c] += term(e, r, c); });
   }
 }
 
@@ -236,22 +288,19 @@ PIUMR_ALWAYS_INLINE void reduce_rows(int64_t n, int64_t m, acc_t* out, F&& term)
 template <typename acc_t, int L, typename F>
 PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
   if constexpr (L == 1) {
-    for (int64_t c = 0; c < m; ++c) out[c] = 0;
-    for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-      for (int64_t c = 0; c < m; ++c) out[c] += term(i * m + c, i, c);
-    }
+    std::fill(out, out + m, acc_t(0));
+    accumulate_cols<acc_t, L>(n, m, out, term);
   } else {
     for (int64_t j = 0; j < m; ++j) {
+      const int64_t full = n - n % kChains;
       acc_t s[kChains][L] = {};
-      int64_t i = 0;
-      for (; i + kChains <= n; i += kChains) {
+      for (int64_t i = 0; i < full; i += kChains) {
         for (int u = 0; u < kChains; ++u) {
 #pragma omp simd
           for (int l = 0; l < L; ++l) s[u][l] += term(((i + u) * m + j) * L + l, (i + u) * L + l, j * L + l);
         }
       }
-      for (; i < n; ++i) {
+      for (int64_t i = full; i < n; ++i) {
 #pragma omp simd
         for (int l = 0; l < L; ++l) s[0][l] += term((i * m + j) * L + l, i * L + l, j * L + l);
       }
@@ -261,13 +310,26 @@ PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term)
   }
 }
 
-// v <- target / (v + eps), or 0 where the denominator is 0 (a zero row stays zero, never NaN).
+// The scale target / (sum + eps) of a row or column, or 0 where the denominator is 0.
 template <typename acc_t>
-PIUMR_ALWAYS_INLINE void safe_scales(acc_t* v, int64_t len, acc_t target, acc_t eps) {
+PIUMR_ALWAYS_INLINE acc_t safe_scale(acc_t sum, acc_t target, acc_t eps) {
+  const acc_t d = sum + eps;
+  return d > 0 ? target / (d > 0 ? d : acc_t(1)) : acc_t(0);
+}
+
+// scale[k] = safe_scale(sum[k] * cumulative[k]) for a row or column of diag(u) K diag(v),
+// whose sum is cumulative[k] times the sum of K weighted by the other side's scales;
+// then cumulative[k] takes the new scale, except where the sum is 0: that row or column is
+// zero for good, and leaving its scale alone keeps it finite (target / eps per iteration
+// would overflow, and 0 * inf is NaN).
+template <typename acc_t>
+PIUMR_ALWAYS_INLINE void update_scales(acc_t* scale, acc_t* cumulative, const acc_t* sum, int64_t len, acc_t target,
+                                       acc_t eps) {
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
-    const acc_t d = v[k] + eps;
-    v[k] = d > 0 ? target / (d > 0 ? d : acc_t(1)) : acc_t(0);
+    const acc_t total = sum[k] * cumulative[k];
+    scale[k] = safe_scale(total, target, eps);
+    cumulative[k] *= total != 0 ? scale[k] : acc_t(1);
   }
 }
 
@@ -288,56 +350,61 @@ PIUMR_ALWAYS_INLINE void col_logsumexp(const acc_t* x, acc_t* out, acc_t* peak, 
   for (int64_t k = 0; k < m * L; ++k) out[k] = peak[k] + std::log(out[k]);
 }
 
-// The n_iters iterations on the tile x, in place. Writes each iteration's row vector to
-// rt[t] and column vector to ct[t]: the scales alpha_t, beta_t (linear) or the cumulative
-// potentials f_t, g_t (log domain). `peak` is scratch for the log-domain maxima.
+// Log domain: the n_iters iterations on the tile x, in place. Writes each iteration's
+// cumulative potentials f_t to rt[t] and g_t to ct[t]; `peak` is scratch for the maxima.
 template <typename acc_t, int L>
-PIUMR_ALWAYS_INLINE void run_iterations(const Problem& p, acc_t* x, acc_t* rt, acc_t* ct, acc_t* peak) {
+PIUMR_ALWAYS_INLINE void log_iterations(const Problem& p, acc_t* x, acc_t* rt, acc_t* ct, acc_t* peak) {
   const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
-  if (p.log_domain) {
-    const acc_t log_r = std::log(static_cast<acc_t>(p.row_sum));
-    const acc_t log_c = std::log(static_cast<acc_t>(p.col_sum));
-    for (int64_t t = 0; t < p.n_iters; ++t) {
-      acc_t* f = rt + t * nl;
-      acc_t* g = ct + t * ml;
-      row_logsumexp<acc_t, L>(x, f, peak, n, m);
-      for (int64_t k = 0; k < nl; ++k) f[k] = log_r - f[k];
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { x[e] += f[r]; });
-      if (t > 0) {
-        for (int64_t k = 0; k < nl; ++k) f[k] += f[k - nl];
-      }
-      col_logsumexp<acc_t, L>(x, g, peak, n, m);
-      for (int64_t k = 0; k < ml; ++k) g[k] = log_c - g[k];
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { x[e] += g[c]; });
-      if (t > 0) {
-        for (int64_t k = 0; k < ml; ++k) g[k] += g[k - ml];
-      }
+  const acc_t log_r = std::log(static_cast<acc_t>(p.row_sum));
+  const acc_t log_c = std::log(static_cast<acc_t>(p.col_sum));
+  for (int64_t t = 0; t < p.n_iters; ++t) {
+    acc_t* f = rt + t * nl;
+    acc_t* g = ct + t * ml;
+    row_logsumexp<acc_t, L>(x, f, peak, n, m);
+    for (int64_t k = 0; k < nl; ++k) f[k] = log_r - f[k];
+    for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { x[e] += f[r]; });
+    if (t > 0) {
+      for (int64_t k = 0; k < nl; ++k) f[k] += f[k - nl];
     }
-    return;
+    col_logsumexp<acc_t, L>(x, g, peak, n, m);
+    for (int64_t k = 0; k < ml; ++k) g[k] = log_c - g[k];
+    for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { x[e] += g[c]; });
+    if (t > 0) {
+      for (int64_t k = 0; k < ml; ++k) g[k] += g[k - ml];
+    }
   }
-  // Two passes per iteration: each scaling pass also sums what the next step needs (the
-  // row scale with the column sums, the column scale with the next row sums).
+}
+
+// Rows handled per step of the row-by-row passes: one lanes row, or kRowGroup plain rows.
+template <int L>
+constexpr int64_t kRowStep = L == 1 ? kRowGroup : 1;
+
+// Linear domain: the n_iters iterations with one read-only pass over x per iteration. The
+// current matrix is diag(u) x diag(v), so row i's sum u_i (x v)_i gives its scale as soon
+// as the row has been read, and the row, still in L1, then adds u_i x_i to the column sums.
+// Writes the scales alpha_t to rt[t] and beta_t to ct[t]; leaves the cumulative scales in
+// u (N vectors) and v (M vectors); col_sums is M-vector scratch.
+template <typename acc_t, int L>
+PIUMR_ALWAYS_INLINE void linear_iterations(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct, acc_t* u,
+                                           acc_t* v, acc_t* col_sums) {
+  const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
   const acc_t eps = static_cast<acc_t>(p.eps);
-  reduce_rows<acc_t, L>(n, m, rt, [&](int64_t e, int64_t, int64_t) { return x[e]; });
+  std::fill(u, u + nl, acc_t(1));
+  std::fill(v, v + ml, acc_t(1));
   for (int64_t t = 0; t < p.n_iters; ++t) {
     acc_t* alpha = rt + t * nl;
     acc_t* beta = ct + t * ml;
-    safe_scales<acc_t>(alpha, nl, static_cast<acc_t>(p.row_sum), eps);
-    reduce_cols<acc_t, L>(n, m, beta, [&](int64_t e, int64_t r, int64_t) {
-      const acc_t scaled = x[e] * alpha[r];
-      x[e] = scaled;
-      return scaled;
-    });
-    safe_scales<acc_t>(beta, ml, static_cast<acc_t>(p.col_sum), eps);
-    if (t + 1 < p.n_iters) {
-      reduce_rows<acc_t, L>(n, m, alpha + nl, [&](int64_t e, int64_t, int64_t c) {
-        const acc_t scaled = x[e] * beta[c];
-        x[e] = scaled;
-        return scaled;
-      });
-    } else {
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { x[e] *= beta[c]; });
+    std::fill(col_sums, col_sums + ml, acc_t(0));
+    for (int64_t i0 = 0; i0 < n; i0 += kRowStep<L>) {
+      const int64_t rows = std::min(kRowStep<L>, n - i0);
+      const acc_t* x_g = x + i0 * m * L;
+      acc_t* u_g = u + i0 * L;
+      acc_t weighted[kRowStep<L> * L];
+      reduce_rows<acc_t, L>(rows, m, weighted, [&](int64_t e, int64_t, int64_t c) { return x_g[e] * v[c]; });
+      update_scales<acc_t>(alpha + i0 * L, u_g, weighted, rows * L, static_cast<acc_t>(p.row_sum), eps);
+      accumulate_cols<acc_t, L>(rows, m, col_sums, [&](int64_t e, int64_t r, int64_t) { return u_g[r] * x_g[e]; });
     }
+    update_scales<acc_t>(beta, v, col_sums, ml, static_cast<acc_t>(p.col_sum), eps);
   }
 }
 
@@ -353,19 +420,36 @@ PIUMR_ALWAYS_INLINE Problem with_fixed_shape(const Problem& problem) {
   return p;
 }
 
+// Large float/double matrices are read from and written to the tensors directly; everything
+// else goes through the scratch tile (lanes layout, or float math for half types).
+template <typename scalar_t, typename acc_t, int L>
+constexpr bool kDirect = L == 1 && std::is_same_v<scalar_t, acc_t>;
+
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct ForwardKernel {
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
     const Problem p = with_fixed_shape<kN, kM>(*a.problem);
     const int64_t n = p.n_rows, m = p.n_cols, nm = n * m;
     Scratch<acc_t, L> s(a.scratch, p);
-    load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
-    run_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.tmp);
     if (p.log_domain) {
+      load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
+      log_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.tmp);
 #pragma omp simd
       for (int64_t k = 0; k < nm * L; ++k) s.x[k] = std::exp(s.x[k]);
+      store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
+    } else {
+      const acc_t* u = s.row;
+      const acc_t* v = s.col;
+      if constexpr (kDirect<scalar_t, acc_t, L>) {
+        linear_iterations<acc_t, L>(p, a.K, s.rt, s.ct, s.row, s.col, s.tmp);
+        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { a.out[e] = u[r] * a.K[e] * v[c]; });
+      } else {
+        load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
+        linear_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.row, s.col, s.tmp);
+        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { s.x[e] = u[r] * s.x[e] * v[c]; });
+        store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
+      }
     }
-    store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
     if (p.has_stats) {
       store_stats<acc_t, L>(s.rt, a.row_stats, a.count, p.batch, p.n_iters * n);
       store_stats<acc_t, L>(s.ct, a.col_stats, a.count, p.batch, p.n_iters * m);
@@ -382,44 +466,51 @@ struct BackwardKernel {
     if (p.has_stats) {
       load_stats<acc_t, L>(a.row_stats, s.rt, a.count, p.batch, p.n_iters * n);
       load_stats<acc_t, L>(a.col_stats, s.ct, a.count, p.batch, p.n_iters * m);
-    } else {
-      // Not stored (cheaper to recompute than to write and read back): replay the forward.
-      load_lanes<scalar_t, acc_t, L>(a.K, s.gr, a.count, nm, acc_t(1));
-      run_iterations<acc_t, L>(p, s.gr, s.rt, s.ct, s.tmp);
     }
-    load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(0));
-    load_lanes<scalar_t, acc_t, L>(a.grad, s.gr, a.count, nm, acc_t(0));
     if (p.log_domain) {
+      if (!p.has_stats) {
+        // Not stored (cheaper to recompute than to write and read back): replay the forward.
+        load_lanes<scalar_t, acc_t, L>(a.K, s.gr, a.count, nm, acc_t(1));
+        log_iterations<acc_t, L>(p, s.gr, s.rt, s.ct, s.tmp);
+      }
+      load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(0));
+      load_lanes<scalar_t, acc_t, L>(a.grad, s.gr, a.count, nm, acc_t(0));
       backward_log(p, s);
+      store_lanes<scalar_t, acc_t, L>(s.gr, a.out, a.count, nm);
+    } else if constexpr (kDirect<scalar_t, acc_t, L>) {
+      if (!p.has_stats) linear_iterations<acc_t, L>(p, a.K, s.rt, s.ct, s.row, s.col, s.tmp);
+      backward_linear(p, s, a.K, a.grad, a.out);
     } else {
-      backward_linear(p, s);
+      load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(0));
+      if (!p.has_stats) linear_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.row, s.col, s.tmp);
+      load_lanes<scalar_t, acc_t, L>(a.grad, s.gr, a.count, nm, acc_t(0));
+      backward_linear(p, s, s.x, s.gr, s.gr);
+      store_lanes<scalar_t, acc_t, L>(s.gr, a.out, a.count, nm);
     }
-    store_lanes<scalar_t, acc_t, L>(s.gr, a.out, a.count, nm);
   }
 
   // Linear domain: the matrix after the row step of iteration t is U_t K V_{t-1}, after its
   // column step U_t K V_t, where U_t, V_t are the running products of the scales. A step
   // Q = diag(alpha) P has the adjoint dP = alpha (dQ - <dQ_i, Q_i> / row_sum), and likewise
-  // for columns.
-  static PIUMR_ALWAYS_INLINE void backward_linear(const Problem& p, const Scratch<acc_t, L>& s) {
+  // for columns. One pass per iteration, row by row: a row's column-step adjoint gives the
+  // dot product its row step needs, and the row step then adds to the next column products.
+  // The gradient is read from `grad` in the first pass and kept in `out` (may be the same).
+  static PIUMR_ALWAYS_INLINE void backward_linear(const Problem& p, const Scratch<acc_t, L>& s, const acc_t* kx,
+                                                  const acc_t* grad, acc_t* out) {
     const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
     const acc_t inv_r = acc_t(1) / static_cast<acc_t>(p.row_sum);
     const acc_t inv_c = acc_t(1) / static_cast<acc_t>(p.col_sum);
-    const acc_t* kx = s.x;
-    acc_t* gr = s.gr;
     for (int64_t k = 0; k < nl; ++k) s.cu[k] = s.rt[k];
     for (int64_t k = nl; k < p.n_iters * nl; ++k) s.cu[k] = s.cu[k - nl] * s.rt[k];
     for (int64_t k = 0; k < ml; ++k) s.cv[k] = s.ct[k];
     for (int64_t k = ml; k < p.n_iters * ml; ++k) s.cv[k] = s.cv[k - ml] * s.ct[k];
-    acc_t* ones = s.tmp;
-    for (int64_t k = 0; k < ml; ++k) ones[k] = 1;
-    // Two passes per iteration, as in the forward: each gradient update also accumulates the
-    // dot products the following (earlier) step needs.
+    acc_t* ones = s.aux;
+    std::fill(ones, ones + ml, acc_t(1));
     acc_t* col = s.col;
-    acc_t* row = s.row;
+    acc_t* next_col = s.tmp;
     {
       const acc_t* u = s.cu + (p.n_iters - 1) * nl;
-      reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) { return gr[e] * kx[e] * u[r]; });
+      reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) { return grad[e] * kx[e] * u[r]; });
     }
     for (int64_t t = p.n_iters - 1; t >= 0; --t) {
       const acc_t* alpha = s.rt + t * nl;
@@ -427,23 +518,38 @@ struct BackwardKernel {
       const acc_t* u = s.cu + t * nl;
       const acc_t* v = s.cv + t * ml;
       const acc_t* v_prev = t > 0 ? s.cv + (t - 1) * ml : ones;
+      const acc_t* u_prev = t > 0 ? s.cu + (t - 1) * nl : nullptr;
+      const acc_t* in = t == p.n_iters - 1 ? grad : out;
+#pragma omp simd
       for (int64_t k = 0; k < ml; ++k) col[k] *= v[k] * inv_c;
-      reduce_rows<acc_t, L>(n, m, row, [&](int64_t e, int64_t, int64_t c) {
-        const acc_t g = beta[c] * (gr[e] - col[c]);
-        gr[e] = g;
-        return g * kx[e] * v_prev[c];
-      });
-      for (int64_t k = 0; k < nl; ++k) row[k] *= u[k] * inv_r;
-      if (t > 0) {
-        const acc_t* u_prev = s.cu + (t - 1) * nl;
-        reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) {
-          const acc_t g = alpha[r] * (gr[e] - row[r]);
-          gr[e] = g;
-          return g * kx[e] * u_prev[r];
+      if (t > 0) std::fill(next_col, next_col + ml, acc_t(0));
+      for (int64_t i0 = 0; i0 < n; i0 += kRowStep<L>) {
+        const int64_t rows = std::min(kRowStep<L>, n - i0);
+        const acc_t* k_g = kx + i0 * m * L;
+        const acc_t* in_g = in + i0 * m * L;
+        acc_t* out_g = out + i0 * m * L;
+        const acc_t* alpha_g = alpha + i0 * L;
+        const acc_t* u_g = u + i0 * L;
+        acc_t row[kRowStep<L> * L];
+        reduce_rows<acc_t, L>(rows, m, row, [&](int64_t e, int64_t, int64_t c) {
+          const acc_t g = beta[c] * (in_g[e] - col[c]);
+          out_g[e] = g;
+          return g * k_g[e] * v_prev[c];
         });
-      } else {
-        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { gr[e] = alpha[r] * (gr[e] - row[r]); });
+#pragma omp simd
+        for (int64_t k = 0; k < rows * L; ++k) row[k] *= u_g[k] * inv_r;
+        if (t > 0) {
+          const acc_t* u_prev_g = u_prev + i0 * L;
+          accumulate_cols<acc_t, L>(rows, m, next_col, [&](int64_t e, int64_t r, int64_t) {
+            const acc_t g = alpha_g[r] * (out_g[e] - row[r]);
+            out_g[e] = g;
+            return g * k_g[e] * u_prev_g[r];
+          });
+        } else {
+          for_each_entry<L>(rows, m, [&](int64_t e, int64_t r, int64_t) { out_g[e] = alpha_g[r] * (out_g[e] - row[r]); });
+        }
       }
+      std::swap(col, next_col);
     }
   }
 
