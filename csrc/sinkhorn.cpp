@@ -196,8 +196,9 @@ PIUMR_ALWAYS_INLINE void for_each_entry(int64_t n, int64_t m, F&& f) {
 // latency (4 cycles) at every step instead of issuing back to back.
 constexpr int kChains = 4;
 
-// Rows reduced together along contiguous rows (L == 1): their chains are independent, so
-// one row's horizontal sum and whatever the caller does with it overlap the next rows'.
+// The row-by-row passes take kRowGroup rows at a time: along contiguous rows (L == 1) their
+// reductions are independent chains, so one row's horizontal sum overlaps the next rows',
+// and the column sums they feed are loaded and stored once per group.
 constexpr int64_t kRowGroup = 8;
 
 // out[i] = sum_j term(e, i, j) for the kRows rows from i0, with kRowChains vectors of
@@ -256,14 +257,16 @@ PIUMR_ALWAYS_INLINE void reduce_rows(int64_t n, int64_t m, acc_t* out, F&& term)
 }
 
 // out[c] += sum_i term(e, r, c) over the column's entries (c = j * L + l). Along contiguous
-// rows (L == 1) kRowGroup rows are added per load and store of out.
+// rows (L == 1) kRowGroup rows are added per load and store of out (the columns are
+// independent chains already); with lanes each column's sums stay in registers, with
+// kChains independent chains.
 template <typename acc_t, int L, typename F>
 PIUMR_ALWAYS_INLINE void accumulate_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
   if constexpr (L == 1) {
     const int64_t grouped = n - n % kRowGroup;
     for (int64_t i0 = 0; i0 < grouped; i0 += kRowGroup) {
-      // The group's rows are written out (a fold, not a loop) so the loop over c vectorizes
-      // whatever the size of term.
+      // The group's rows are written out (a fold, not a loop) so the loop over c
+      // vectorizes whatever the size of term.
       [&]<int64_t... R>(std::integer_sequence<int64_t, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
 #pragma omp simd
         for (int64_t c = 0; c < m; ++c) {
@@ -277,19 +280,6 @@ PIUMR_ALWAYS_INLINE void accumulate_cols(int64_t n, int64_t m, acc_t* out, F&& t
 #pragma omp simd
       for (int64_t c = 0; c < m; ++c) out[c] += term(i * m + c, i, c);
     }
-  } else {
-    for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { out[c] += term(e, r, c); });
-  }
-}
-
-// out[c] = sum_i term(e, r, c) over the column's entries (c = j * L + l). With lanes each
-// column's sums stay in registers; with L == 1 whole rows are added at a time (the
-// columns are independent chains already).
-template <typename acc_t, int L, typename F>
-PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
-  if constexpr (L == 1) {
-    std::fill(out, out + m, acc_t(0));
-    accumulate_cols<acc_t, L>(n, m, out, term);
   } else {
     for (int64_t j = 0; j < m; ++j) {
       const int64_t full = n - n % kChains;
@@ -305,9 +295,16 @@ PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term)
         for (int l = 0; l < L; ++l) s[0][l] += term((i * m + j) * L + l, i * L + l, j * L + l);
       }
 #pragma omp simd
-      for (int l = 0; l < L; ++l) out[j * L + l] = (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]);
+      for (int l = 0; l < L; ++l) out[j * L + l] += (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]);
     }
   }
+}
+
+// out[c] = sum_i term(e, r, c) over the column's entries.
+template <typename acc_t, int L, typename F>
+PIUMR_ALWAYS_INLINE void reduce_cols(int64_t n, int64_t m, acc_t* out, F&& term) {
+  std::fill(out, out + m * L, acc_t(0));
+  accumulate_cols<acc_t, L>(n, m, out, term);
 }
 
 // The scale target / (sum + eps) of a row or column, or 0 where the denominator is 0.
@@ -315,6 +312,13 @@ template <typename acc_t>
 PIUMR_ALWAYS_INLINE acc_t safe_scale(acc_t sum, acc_t target, acc_t eps) {
   const acc_t d = sum + eps;
   return d > 0 ? target / (d > 0 ? d : acc_t(1)) : acc_t(0);
+}
+
+// v <- safe_scale(v) in place: sums to scales.
+template <typename acc_t>
+PIUMR_ALWAYS_INLINE void safe_scales(acc_t* v, int64_t len, acc_t target, acc_t eps) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) v[k] = safe_scale(v[k], target, eps);
 }
 
 // scale[k] = safe_scale(sum[k] * cumulative[k]) for a row or column of diag(u) K diag(v),
@@ -375,18 +379,48 @@ PIUMR_ALWAYS_INLINE void log_iterations(const Problem& p, acc_t* x, acc_t* rt, a
   }
 }
 
-// Rows handled per step of the row-by-row passes: one lanes row, or kRowGroup plain rows.
-template <int L>
-constexpr int64_t kRowStep = L == 1 ? kRowGroup : 1;
 
-// Linear domain: the n_iters iterations with one read-only pass over x per iteration. The
+// Linear domain on a tile in L1 (lanes; also the backward's replay): the n_iters iterations
+// on x in place, two passes per iteration, each scaling pass also summing what the next step needs (the row scale
+// with the column sums, the column scale with the next row sums). Writes the scales alpha_t
+// to rt[t] and beta_t to ct[t].
+template <typename acc_t, int L>
+PIUMR_ALWAYS_INLINE void linear_iterations_in_place(const Problem& p, acc_t* x, acc_t* rt, acc_t* ct) {
+  const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+  reduce_rows<acc_t, L>(n, m, rt, [&](int64_t e, int64_t, int64_t) { return x[e]; });
+  for (int64_t t = 0; t < p.n_iters; ++t) {
+    acc_t* alpha = rt + t * nl;
+    acc_t* beta = ct + t * ml;
+    safe_scales<acc_t>(alpha, nl, static_cast<acc_t>(p.row_sum), eps);
+    reduce_cols<acc_t, L>(n, m, beta, [&](int64_t e, int64_t r, int64_t) {
+      const acc_t scaled = x[e] * alpha[r];
+      x[e] = scaled;
+      return scaled;
+    });
+    safe_scales<acc_t>(beta, ml, static_cast<acc_t>(p.col_sum), eps);
+    if (t + 1 < p.n_iters) {
+      reduce_rows<acc_t, L>(n, m, alpha + nl, [&](int64_t e, int64_t, int64_t c) {
+        const acc_t scaled = x[e] * beta[c];
+        x[e] = scaled;
+        return scaled;
+      });
+    } else {
+      for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { x[e] *= beta[c]; });
+    }
+  }
+}
+
+// Linear domain on plain rows (L == 1, streamed from L2): the n_iters iterations with one
+// read-only pass over x per iteration. The
 // current matrix is diag(u) x diag(v), so row i's sum u_i (x v)_i gives its scale as soon
 // as the row has been read, and the row, still in L1, then adds u_i x_i to the column sums.
 // Writes the scales alpha_t to rt[t] and beta_t to ct[t]; leaves the cumulative scales in
 // u (N vectors) and v (M vectors); col_sums is M-vector scratch.
 template <typename acc_t, int L>
-PIUMR_ALWAYS_INLINE void linear_iterations(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct, acc_t* u,
+PIUMR_ALWAYS_INLINE void linear_iterations_read_only(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct, acc_t* u,
                                            acc_t* v, acc_t* col_sums) {
+  static_assert(L == 1, "lanes tiles use linear_iterations_in_place");
   const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
   const acc_t eps = static_cast<acc_t>(p.eps);
   std::fill(u, u + nl, acc_t(1));
@@ -395,11 +429,11 @@ PIUMR_ALWAYS_INLINE void linear_iterations(const Problem& p, const acc_t* x, acc
     acc_t* alpha = rt + t * nl;
     acc_t* beta = ct + t * ml;
     std::fill(col_sums, col_sums + ml, acc_t(0));
-    for (int64_t i0 = 0; i0 < n; i0 += kRowStep<L>) {
-      const int64_t rows = std::min(kRowStep<L>, n - i0);
+    for (int64_t i0 = 0; i0 < n; i0 += kRowGroup) {
+      const int64_t rows = std::min(kRowGroup, n - i0);
       const acc_t* x_g = x + i0 * m * L;
       acc_t* u_g = u + i0 * L;
-      acc_t weighted[kRowStep<L> * L];
+      acc_t weighted[kRowGroup];
       reduce_rows<acc_t, L>(rows, m, weighted, [&](int64_t e, int64_t, int64_t c) { return x_g[e] * v[c]; });
       update_scales<acc_t>(alpha + i0 * L, u_g, weighted, rows * L, static_cast<acc_t>(p.row_sum), eps);
       accumulate_cols<acc_t, L>(rows, m, col_sums, [&](int64_t e, int64_t r, int64_t) { return u_g[r] * x_g[e]; });
@@ -441,12 +475,16 @@ struct ForwardKernel {
       const acc_t* u = s.row;
       const acc_t* v = s.col;
       if constexpr (kDirect<scalar_t, acc_t, L>) {
-        linear_iterations<acc_t, L>(p, a.K, s.rt, s.ct, s.row, s.col, s.tmp);
+        linear_iterations_read_only<acc_t, L>(p, a.K, s.rt, s.ct, s.row, s.col, s.tmp);
         for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { a.out[e] = u[r] * a.K[e] * v[c]; });
+      } else if constexpr (L == 1) {
+        load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
+        linear_iterations_read_only<acc_t, L>(p, s.x, s.rt, s.ct, s.row, s.col, s.tmp);
+        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { s.x[e] = u[r] * s.x[e] * v[c]; });
+        store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
       } else {
         load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
-        linear_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.row, s.col, s.tmp);
-        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { s.x[e] = u[r] * s.x[e] * v[c]; });
+        linear_iterations_in_place<acc_t, L>(p, s.x, s.rt, s.ct);
         store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
       }
     }
@@ -456,6 +494,15 @@ struct ForwardKernel {
     }
   }
 };
+
+// Rows per step of the linear backward. Plain rows (L == 1) stream from L2, so a step is
+// kRowGroup rows and the two halves of an iteration share one pass while the rows are in
+// L1. A lanes tile sits in L1 whole; there one step is the whole tile (two passes per
+// iteration), which keeps every vector op independent of the previous row's result.
+template <int L>
+PIUMR_ALWAYS_INLINE int64_t rows_per_step(int64_t n) {
+  return L == 1 ? kRowGroup : n;
+}
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct BackwardKernel {
@@ -467,22 +514,24 @@ struct BackwardKernel {
       load_stats<acc_t, L>(a.row_stats, s.rt, a.count, p.batch, p.n_iters * n);
       load_stats<acc_t, L>(a.col_stats, s.ct, a.count, p.batch, p.n_iters * m);
     }
-    if (p.log_domain) {
-      if (!p.has_stats) {
-        // Not stored (cheaper to recompute than to write and read back): replay the forward.
-        load_lanes<scalar_t, acc_t, L>(a.K, s.gr, a.count, nm, acc_t(1));
+    if (!p.has_stats) {
+      // Not stored (cheaper to recompute than to write and read back): replay the forward.
+      load_lanes<scalar_t, acc_t, L>(a.K, s.gr, a.count, nm, acc_t(1));
+      if (p.log_domain) {
         log_iterations<acc_t, L>(p, s.gr, s.rt, s.ct, s.tmp);
+      } else {
+        linear_iterations_in_place<acc_t, L>(p, s.gr, s.rt, s.ct);
       }
+    }
+    if (p.log_domain) {
       load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(0));
       load_lanes<scalar_t, acc_t, L>(a.grad, s.gr, a.count, nm, acc_t(0));
       backward_log(p, s);
       store_lanes<scalar_t, acc_t, L>(s.gr, a.out, a.count, nm);
     } else if constexpr (kDirect<scalar_t, acc_t, L>) {
-      if (!p.has_stats) linear_iterations<acc_t, L>(p, a.K, s.rt, s.ct, s.row, s.col, s.tmp);
       backward_linear(p, s, a.K, a.grad, a.out);
     } else {
       load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(0));
-      if (!p.has_stats) linear_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.row, s.col, s.tmp);
       load_lanes<scalar_t, acc_t, L>(a.grad, s.gr, a.count, nm, acc_t(0));
       backward_linear(p, s, s.x, s.gr, s.gr);
       store_lanes<scalar_t, acc_t, L>(s.gr, a.out, a.count, nm);
@@ -508,6 +557,7 @@ struct BackwardKernel {
     std::fill(ones, ones + ml, acc_t(1));
     acc_t* col = s.col;
     acc_t* next_col = s.tmp;
+    acc_t* row = s.row;
     {
       const acc_t* u = s.cu + (p.n_iters - 1) * nl;
       reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t r, int64_t) { return grad[e] * kx[e] * u[r]; });
@@ -523,14 +573,13 @@ struct BackwardKernel {
 #pragma omp simd
       for (int64_t k = 0; k < ml; ++k) col[k] *= v[k] * inv_c;
       if (t > 0) std::fill(next_col, next_col + ml, acc_t(0));
-      for (int64_t i0 = 0; i0 < n; i0 += kRowStep<L>) {
-        const int64_t rows = std::min(kRowStep<L>, n - i0);
+      for (int64_t i0 = 0; i0 < n; i0 += rows_per_step<L>(n)) {
+        const int64_t rows = std::min(rows_per_step<L>(n), n - i0);
         const acc_t* k_g = kx + i0 * m * L;
         const acc_t* in_g = in + i0 * m * L;
         acc_t* out_g = out + i0 * m * L;
         const acc_t* alpha_g = alpha + i0 * L;
         const acc_t* u_g = u + i0 * L;
-        acc_t row[kRowStep<L> * L];
         reduce_rows<acc_t, L>(rows, m, row, [&](int64_t e, int64_t, int64_t c) {
           const acc_t g = beta[c] * (in_g[e] - col[c]);
           out_g[e] = g;
