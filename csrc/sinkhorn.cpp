@@ -6,6 +6,12 @@
 // matrices use L = 1 and vectorize along the contiguous rows. Blocks are spread over
 // threads with at::parallel_for; each thread allocates its scratch once.
 //
+// A lanes tile sits in L1, and there the linear-domain iterations scale it in place, two
+// passes per iteration. Large matrices stream from L2, so there the pass count decides: the
+// linear forward reads float/double matrices in place as diag(u) K diag(v), one read-only
+// pass per iteration, and the linear backward does both steps of an iteration in one pass,
+// eight rows at a time.
+//
 // What the backward needs per matrix and iteration: linear domain, the row scales
 // alpha_t = row_sum / (rowsum_t + eps) and column scales beta_t; log domain, the
 // cumulative potentials f_t, g_t with L_t = K + f_t + g_t. The backward rebuilds every

@@ -73,6 +73,8 @@ SHAPES = {
     "rect-5x7": (3, 5, 7),
     "128x128": (2, 128, 128),
     "rect-40x100": (2, 40, 100),
+    # cpp plain-row path: rows past the last group of 8 and columns past the last vector
+    "ragged-37x45": (2, 37, 45),
     "streaming-160x300": (2, 160, 300),
     "leading-dims": (2, 3, 6, 6),
     "single-row": (3, 1, 7),
@@ -87,7 +89,7 @@ def test_matches_reference_float32(backend, shape, log_domain):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
-@pytest.mark.parametrize("shape", [(9, 4, 4), (3, 16, 16), (2, 33, 20)], ids=str)
+@pytest.mark.parametrize("shape", [(9, 4, 4), (3, 16, 16), (2, 33, 20), (2, 37, 45)], ids=str)
 def test_matches_reference_other_dtypes(backend, dtype, shape, log_domain):
     _skip_unsupported(backend, dtype)
     _check_against_reference(_kernel(shape, log_domain, dtype), log_domain=log_domain)

@@ -143,7 +143,8 @@ def sinkhorn(
         raise TypeError("K: the triton backend supports float16, bfloat16 and float32, got float64")
     if K.numel() == 0:
         return torch.empty_like(K)
-    matrices = K.reshape(-1, n_rows, n_cols).contiguous()
+    # A (batch, N, M) contiguous K goes in as it is: tiny problems feel every view op.
+    matrices = K if K.dim() == 3 and K.is_contiguous() else K.reshape(-1, n_rows, n_cols).contiguous()
     if backend == "cpp":
         save_stats = cpp_saves_stats(K, n_iters)
         P, _, _ = torch.ops.piumr_kernels.sinkhorn_cpp(
@@ -151,7 +152,7 @@ def sinkhorn(
         )
     else:
         P, _, _ = torch.ops.piumr_kernels.sinkhorn_triton(matrices, n_iters, eps, log_domain, row_sum, col_sum)
-    return P.view(K.shape)
+    return P if matrices is K else P.view(K.shape)
 
 
 class SinkhornKernel(nn.Module):
