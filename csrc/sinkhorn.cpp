@@ -58,25 +58,24 @@ struct BlockArgs {
   acc_t* row_stats;      // (n_iters, N, batch), offset to the block's first matrix
   acc_t* col_stats;      // (n_iters, M, batch), likewise
   int64_t count;         // matrices in this block, <= L
-  acc_t* scratch;        // Scratch<acc_t, L>::size(problem) values
+  acc_t* scratch;        // Scratch<acc_t, L>::size(problem, Kernel::needs_tiles(problem)) values
 };
 
-// Per-block scratch: two matrix tiles; per iteration, the row and column vectors
-// (alpha_t / f_t, beta_t / g_t) and their running products (linear backward); four work
-// vectors, each long enough for a row or a column vector.
+// Per-block scratch: per iteration, the row and column vectors (alpha_t / f_t, beta_t /
+// g_t) and their running products (linear backward); four work vectors, each long enough
+// for a row or a column vector; then two matrix tiles, left out (with_tiles = false) when
+// the kernel works on the tensors directly, so big matrices need no big scratch.
 template <typename acc_t, int L>
 struct Scratch {
-  acc_t *x, *gr, *rt, *ct, *cu, *cv, *row, *col, *tmp, *aux;
+  acc_t *rt, *ct, *cu, *cv, *row, *col, *tmp, *aux, *x, *gr;
   static int64_t vector_len(const Problem& p) { return std::max(p.n_rows, p.n_cols) * L; }
-  static int64_t size(const Problem& p) {
+  static int64_t size(const Problem& p, bool with_tiles) {
     const int64_t n = p.n_rows, m = p.n_cols;
-    return L * (2 * n * m + 4 * p.n_iters * (n + m)) + 4 * vector_len(p);
+    return L * 2 * p.n_iters * (n + m) + 4 * vector_len(p) + (with_tiles ? 2 * n * m * L : 0);
   }
   PIUMR_ALWAYS_INLINE Scratch(acc_t* base, const Problem& p) {
     const int64_t n = p.n_rows, m = p.n_cols, t = p.n_iters, len = vector_len(p);
-    x = base;
-    gr = x + n * m * L;
-    rt = gr + n * m * L;
+    rt = base;
     ct = rt + t * n * L;
     cu = ct + t * m * L;
     cv = cu + t * n * L;
@@ -84,6 +83,8 @@ struct Scratch {
     col = row + len;
     tmp = col + len;
     aux = tmp + len;
+    x = aux + len;
+    gr = x + n * m * L;
   }
 };
 
@@ -467,6 +468,8 @@ constexpr bool kDirect = L == 1 && std::is_same_v<scalar_t, acc_t>;
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct ForwardKernel {
+  static bool needs_tiles(const Problem& p) { return p.log_domain || !kDirect<scalar_t, acc_t, L>; }
+
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
     const Problem p = with_fixed_shape<kN, kM>(*a.problem);
     const int64_t n = p.n_rows, m = p.n_cols, nm = n * m;
@@ -512,6 +515,10 @@ PIUMR_ALWAYS_INLINE int64_t rows_per_step(int64_t n) {
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct BackwardKernel {
+  static bool needs_tiles(const Problem& p) {
+    return p.log_domain || !p.has_stats || !kDirect<scalar_t, acc_t, L>;
+  }
+
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
     const Problem p = with_fixed_shape<kN, kM>(*a.problem);
     const int64_t n = p.n_rows, m = p.n_cols, nm = n * m;
@@ -659,7 +666,8 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
   acc_t* cs_ptr = p.has_stats ? col_stats.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
     // Not value-initialized: every value is written before it is read.
-    std::unique_ptr<acc_t[]> scratch(new acc_t[Scratch<acc_t, L>::size(p)]);
+    using BlockKernel = Kernel<scalar_t, acc_t, L, kN, kM>;
+    std::unique_ptr<acc_t[]> scratch(new acc_t[Scratch<acc_t, L>::size(p, BlockKernel::needs_tiles(p))]);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t first = blk * L;
       BlockArgs<scalar_t, acc_t> args{&p,
@@ -670,7 +678,7 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
                                       cs_ptr ? cs_ptr + first : nullptr,
                                       std::min<int64_t>(L, p.batch - first),
                                       scratch.get()};
-      run_for_this_cpu<Kernel<scalar_t, acc_t, L, kN, kM>>(args);
+      run_for_this_cpu<BlockKernel>(args);
     }
   });
 }
