@@ -386,11 +386,10 @@ PIUMR_ALWAYS_INLINE void log_iterations(const Problem& p, acc_t* x, acc_t* rt, a
   }
 }
 
-
 // Linear domain on a tile in L1 (lanes; also the backward's replay): the n_iters iterations
-// on x in place, two passes per iteration, each scaling pass also summing what the next step needs (the row scale
-// with the column sums, the column scale with the next row sums). Writes the scales alpha_t
-// to rt[t] and beta_t to ct[t].
+// on x in place, two passes per iteration, each scaling pass also summing what the next
+// step needs (the row scale with the column sums, the column scale with the next row
+// sums). Writes the scales alpha_t to rt[t] and beta_t to ct[t].
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void linear_iterations_in_place(const Problem& p, acc_t* x, acc_t* rt, acc_t* ct) {
   const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
@@ -419,33 +418,29 @@ PIUMR_ALWAYS_INLINE void linear_iterations_in_place(const Problem& p, acc_t* x, 
 }
 
 // Linear domain on plain rows (L == 1, streamed from L2): the n_iters iterations with one
-// read-only pass over x per iteration. The
-// current matrix is diag(u) x diag(v), so row i's sum u_i (x v)_i gives its scale as soon
-// as the row has been read, and the row, still in L1, then adds u_i x_i to the column sums.
-// Writes the scales alpha_t to rt[t] and beta_t to ct[t]; leaves the cumulative scales in
-// u (N vectors) and v (M vectors); col_sums is M-vector scratch.
-template <typename acc_t, int L>
-PIUMR_ALWAYS_INLINE void linear_iterations_read_only(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct, acc_t* u,
-                                           acc_t* v, acc_t* col_sums) {
-  static_assert(L == 1, "lanes tiles use linear_iterations_in_place");
-  const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
+// read-only pass over x per iteration. The current matrix is diag(u) x diag(v), so row i's
+// sum u_i (x v)_i gives its scale as soon as the row has been read, and the row, still in
+// L1, then adds u_i x_i to the column sums. Writes the scales alpha_t to rt[t] and beta_t to
+// ct[t]; leaves the cumulative scales in u (N) and v (M); col_sums is M-long scratch.
+template <typename acc_t>
+PIUMR_ALWAYS_INLINE void linear_iterations_read_only(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct,
+                                                     acc_t* u, acc_t* v, acc_t* col_sums) {
+  const int64_t n = p.n_rows, m = p.n_cols;
   const acc_t eps = static_cast<acc_t>(p.eps);
-  std::fill(u, u + nl, acc_t(1));
-  std::fill(v, v + ml, acc_t(1));
+  std::fill(u, u + n, acc_t(1));
+  std::fill(v, v + m, acc_t(1));
   for (int64_t t = 0; t < p.n_iters; ++t) {
-    acc_t* alpha = rt + t * nl;
-    acc_t* beta = ct + t * ml;
-    std::fill(col_sums, col_sums + ml, acc_t(0));
+    std::fill(col_sums, col_sums + m, acc_t(0));
     for (int64_t i0 = 0; i0 < n; i0 += kRowGroup) {
       const int64_t rows = std::min(kRowGroup, n - i0);
-      const acc_t* x_g = x + i0 * m * L;
-      acc_t* u_g = u + i0 * L;
+      const acc_t* x_g = x + i0 * m;
+      acc_t* u_g = u + i0;
       acc_t weighted[kRowGroup];
-      reduce_rows<acc_t, L>(rows, m, weighted, [&](int64_t e, int64_t, int64_t c) { return x_g[e] * v[c]; });
-      update_scales<acc_t>(alpha + i0 * L, u_g, weighted, rows * L, static_cast<acc_t>(p.row_sum), eps);
-      accumulate_cols<acc_t, L>(rows, m, col_sums, [&](int64_t e, int64_t r, int64_t) { return u_g[r] * x_g[e]; });
+      reduce_rows<acc_t, 1>(rows, m, weighted, [&](int64_t e, int64_t, int64_t c) { return x_g[e] * v[c]; });
+      update_scales<acc_t>(rt + t * n + i0, u_g, weighted, rows, static_cast<acc_t>(p.row_sum), eps);
+      accumulate_cols<acc_t, 1>(rows, m, col_sums, [&](int64_t e, int64_t r, int64_t) { return u_g[r] * x_g[e]; });
     }
-    update_scales<acc_t>(beta, v, col_sums, ml, static_cast<acc_t>(p.col_sum), eps);
+    update_scales<acc_t>(ct + t * m, v, col_sums, m, static_cast<acc_t>(p.col_sum), eps);
   }
 }
 
@@ -481,16 +476,22 @@ struct ForwardKernel {
       for (int64_t k = 0; k < nm * L; ++k) s.x[k] = std::exp(s.x[k]);
       store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
     } else {
-      const acc_t* u = s.row;
-      const acc_t* v = s.col;
-      if constexpr (kDirect<scalar_t, acc_t, L>) {
-        linear_iterations_read_only<acc_t, L>(p, a.K, s.rt, s.ct, s.row, s.col, s.tmp);
-        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { a.out[e] = u[r] * a.K[e] * v[c]; });
-      } else if constexpr (L == 1) {
-        load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
-        linear_iterations_read_only<acc_t, L>(p, s.x, s.rt, s.ct, s.row, s.col, s.tmp);
-        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { s.x[e] = u[r] * s.x[e] * v[c]; });
-        store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
+      if constexpr (L == 1) {
+        // P = diag(u) K diag(v), written straight to the output when K is read in place.
+        const acc_t* x;
+        acc_t* P;
+        if constexpr (kDirect<scalar_t, acc_t, L>) {
+          x = a.K;
+          P = a.out;
+        } else {
+          load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
+          x = P = s.x;
+        }
+        linear_iterations_read_only<acc_t>(p, x, s.rt, s.ct, s.row, s.col, s.tmp);
+        const acc_t* u = s.row;
+        const acc_t* v = s.col;
+        for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { P[e] = u[r] * x[e] * v[c]; });
+        if constexpr (!kDirect<scalar_t, acc_t, L>) store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
       } else {
         load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
         linear_iterations_in_place<acc_t, L>(p, s.x, s.rt, s.ct);
@@ -526,8 +527,7 @@ struct BackwardKernel {
     if (p.has_stats) {
       load_stats<acc_t, L>(a.row_stats, s.rt, a.count, p.batch, p.n_iters * n);
       load_stats<acc_t, L>(a.col_stats, s.ct, a.count, p.batch, p.n_iters * m);
-    }
-    if (!p.has_stats) {
+    } else {
       // Not stored (cheaper to recompute than to write and read back): replay the forward.
       load_lanes<scalar_t, acc_t, L>(a.K, s.gr, a.count, nm, acc_t(1));
       if (p.log_domain) {
