@@ -67,11 +67,15 @@ struct BlockArgs {
 // the kernel works on the tensors directly, so big matrices need no big scratch.
 template <typename acc_t, int L>
 struct Scratch {
+  // Gap between the two tiles: 16 KiB tiles (16x16 floats in 16 lanes) would otherwise sit
+  // a multiple of 4 KiB apart, and loads from one then falsely wait on stores to the other
+  // (4K aliasing).
+  static constexpr int64_t kTileSkew = 3 * 64 / sizeof(acc_t);
   acc_t *rt, *ct, *cu, *cv, *row, *col, *tmp, *aux, *x, *gr;
   static int64_t vector_len(const Problem& p) { return std::max(p.n_rows, p.n_cols) * L; }
   static int64_t size(const Problem& p, bool with_tiles) {
     const int64_t n = p.n_rows, m = p.n_cols;
-    return L * 2 * p.n_iters * (n + m) + 4 * vector_len(p) + (with_tiles ? 2 * n * m * L : 0);
+    return L * 2 * p.n_iters * (n + m) + 4 * vector_len(p) + (with_tiles ? 2 * n * m * L + kTileSkew : 0);
   }
   PIUMR_ALWAYS_INLINE Scratch(acc_t* base, const Problem& p) {
     const int64_t n = p.n_rows, m = p.n_cols, t = p.n_iters, len = vector_len(p);
@@ -84,7 +88,7 @@ struct Scratch {
     tmp = col + len;
     aux = tmp + len;
     x = aux + len;
-    gr = x + n * m * L;
+    gr = x + n * m * L + kTileSkew;
   }
 };
 
@@ -123,6 +127,9 @@ constexpr bool kTransposeInRegisters = std::is_same_v<scalar_t, float> && std::i
 
 template <typename scalar_t, typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void load_lanes(const scalar_t* src, acc_t* dst, int64_t count, int64_t nm, acc_t fill) {
+  // A partial block fills its unused lanes first, with whole-vector stores (lane by lane,
+  // the strided scalar stores cost more than the block's math).
+  if (count < L) std::fill(dst, dst + nm * L, fill);
   int64_t done = 0;
   if constexpr (kTransposeInRegisters<scalar_t, acc_t, L>) {
     if (count == L) {
@@ -137,9 +144,6 @@ PIUMR_ALWAYS_INLINE void load_lanes(const scalar_t* src, acc_t* dst, int64_t cou
   for (int64_t l = 0; l < count; ++l) {
     const scalar_t* s = src + l * nm;
     for (int64_t e = done; e < nm; ++e) dst[e * L + l] = static_cast<acc_t>(s[e]);
-  }
-  for (int64_t l = count; l < L; ++l) {
-    for (int64_t e = 0; e < nm; ++e) dst[e * L + l] = fill;
   }
 }
 
@@ -166,19 +170,13 @@ PIUMR_ALWAYS_INLINE void store_lanes(const acc_t* src, scalar_t* dst, int64_t co
 // store and load them as one contiguous run; the tile keeps them as v[k * L + l].
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void store_stats(const acc_t* v, acc_t* stats, int64_t count, int64_t batch, int64_t rows) {
-  for (int64_t k = 0; k < rows; ++k) {
-    acc_t* s = stats + k * batch;
-    for (int64_t l = 0; l < count; ++l) s[l] = v[k * L + l];
-  }
+  for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, count * sizeof(acc_t));
 }
 
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void load_stats(const acc_t* stats, acc_t* v, int64_t count, int64_t batch, int64_t rows) {
-  for (int64_t k = 0; k < rows; ++k) {
-    const acc_t* s = stats + k * batch;
-    for (int64_t l = 0; l < count; ++l) v[k * L + l] = s[l];
-    for (int64_t l = count; l < L; ++l) v[k * L + l] = 0;
-  }
+  if (count < L) std::fill(v, v + rows * L, acc_t(0));
+  for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, count * sizeof(acc_t));
 }
 
 // Calls f(e, r, c) for every entry of an n x m tile: e = (i * m + j) * L + l is the entry,
