@@ -1,6 +1,8 @@
 // Fused DCT filter bank on the CPU (SPEC §2): forward (energies + stable stats) and backward.
 //
-// Forward, one op call, two parallel phases:
+// Forward, one op call, two phases; with at least two images per thread both phases of an
+// image run in one task (its filtering overlaps the other threads' reading of x), otherwise
+// phase 1 runs over all tasks first:
 //  1. Channel/time reduction, the only large read: s[b] = (1/T) sum_{c,t} x[b, c, t], over
 //     tasks (b, band of rows) so a small batch still fills the threads. Each task adds whole
 //     (c, t) planes element-wise into an L1-sized accumulator (vectorized along the plane,
@@ -23,6 +25,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -249,19 +252,22 @@ int64_t image_scratch_size(const Bank<acc_t>& bank, int64_t height, int64_t widt
   return padded + bank.n_slots * map + bank.n_slots * padded + 3 * map;
 }
 
-// Calls body(args, b) for every image b over the threads; args already holds the bank, the
-// map size and the thread's scratch (allocated once per thread), body adds the pointers.
+// Calls body(args, b, extra) for every image b over the threads; args already holds the bank,
+// the map size and the thread's scratch, `extra` points to `extra_size` more scratch values
+// (both allocated once per thread); body adds the pointers.
 template <typename scalar_t, typename acc_t, typename Body>
-void for_each_image(const Bank<acc_t>& bank, int64_t batch, int64_t height, int64_t width, Body&& body) {
+void for_each_image(const Bank<acc_t>& bank, int64_t batch, int64_t height, int64_t width, int64_t extra_size,
+                    Body&& body) {
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(image_scratch_size(bank, height, width));
+    const int64_t image_size = image_scratch_size(bank, height, width);
+    std::vector<acc_t> scratch(image_size + extra_size);
     for (int64_t b = begin; b < end; ++b) {
       ImageArgs<scalar_t, acc_t> args{};
       args.bank = &bank;
       args.height = height;
       args.width = width;
       args.scratch = scratch.data();
-      body(args, b);
+      body(args, b, scratch.data() + image_size);
     }
   });
 }
@@ -411,43 +417,62 @@ void check_bank(int64_t kernel_size, const std::vector<int64_t>& frequencies, co
   }
 }
 
-// Phase 1: s = (1/T) sum_{c,t} x, over (b, band of rows) tasks.
+// Phase 1: s = (1/T) sum_{c,t} x, as (b, band of rows) tasks.
 template <typename scalar_t>
-void reduce_channels_and_frames(const at::Tensor& x, at::Tensor& s) {
+class ChannelReduction {
+ public:
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = x.size(0), channels = x.size(1), frames = x.size(2);
-  const int64_t height = x.size(3), width = x.size(4);
-  std::vector<int64_t> plane_offsets(channels * frames);
-  for (int64_t c = 0; c < channels; ++c)
-    for (int64_t t = 0; t < frames; ++t) plane_offsets[c * frames + t] = c * x.stride(1) + t * x.stride(2);
-  // Bands of at most kReduceChunk elements, and at least two tasks per thread when the
-  // batch alone cannot fill the threads.
-  const int64_t bands_wanted = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
-  const int64_t rows_per_band = std::max<int64_t>(
-      1, std::min(kReduceChunk / width, (height + bands_wanted - 1) / bands_wanted));
-  const int64_t n_bands = (height + rows_per_band - 1) / rows_per_band;
-  const scalar_t* x_ptr = x.data_ptr<scalar_t>();
-  acc_t* s_ptr = s.data_ptr<acc_t>();
-  const acc_t scale = acc_t(1) / static_cast<acc_t>(frames);
-  at::parallel_for(0, batch * n_bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(std::min(height, rows_per_band) * width);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_bands, h0 = (task % n_bands) * rows_per_band;
-      const int64_t n_rows = std::min(rows_per_band, height - h0);
-      ReduceArgs<scalar_t, acc_t> args{x_ptr + b * x.stride(0) + h0 * x.stride(3),
-                                       plane_offsets.data(),
-                                       channels * frames,
-                                       n_rows,
-                                       width,
-                                       x.stride(3),
-                                       x.stride(4),
-                                       scale,
-                                       acc.data(),
-                                       s_ptr + (b * height + h0) * width};
-      run_for_this_cpu<ReduceKernel<scalar_t, acc_t>>(args);
-    }
-  });
-}
+
+  ChannelReduction(const at::Tensor& x, at::Tensor& s)
+      : x_(x), s_ptr_(s.data_ptr<acc_t>()), plane_offsets_(x.size(1) * x.size(2)) {
+    const int64_t batch = x.size(0), frames = x.size(2), height = x.size(3), width = x.size(4);
+    for (int64_t c = 0; c < x.size(1); ++c)
+      for (int64_t t = 0; t < frames; ++t) plane_offsets_[c * frames + t] = c * x.stride(1) + t * x.stride(2);
+    // Bands of at most kReduceChunk elements, and at least two tasks per thread when the
+    // batch alone cannot fill the threads.
+    const int64_t bands_wanted = (2 * at::get_num_threads() + batch - 1) / std::max<int64_t>(batch, 1);
+    rows_per_band_ = std::max<int64_t>(1, std::min(kReduceChunk / width, (height + bands_wanted - 1) / bands_wanted));
+    n_bands_ = (height + rows_per_band_ - 1) / rows_per_band_;
+    scale_ = acc_t(1) / static_cast<acc_t>(frames);
+  }
+
+  int64_t n_tasks() const { return x_.size(0) * n_bands_; }
+  // One task per image: the image's filtering can follow its reduction in the same task.
+  bool whole_images() const { return n_bands_ == 1; }
+  int64_t accumulator_size() const { return std::min(x_.size(3), rows_per_band_) * x_.size(4); }
+
+  // Task (b, band) into s; `acc` holds accumulator_size() values.
+  void run(int64_t task, acc_t* acc) const {
+    const int64_t height = x_.size(3), width = x_.size(4);
+    const int64_t b = task / n_bands_, h0 = (task % n_bands_) * rows_per_band_;
+    const ReduceArgs<scalar_t, acc_t> args{x_.data_ptr<scalar_t>() + b * x_.stride(0) + h0 * x_.stride(3),
+                                           plane_offsets_.data(),
+                                           static_cast<int64_t>(plane_offsets_.size()),
+                                           std::min(rows_per_band_, height - h0),
+                                           width,
+                                           x_.stride(3),
+                                           x_.stride(4),
+                                           scale_,
+                                           acc,
+                                           s_ptr_ + (b * height + h0) * width};
+    run_for_this_cpu<ReduceKernel<scalar_t, acc_t>>(args);
+  }
+
+  // Every task over the threads.
+  void run_all() const {
+    at::parallel_for(0, n_tasks(), 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(accumulator_size());
+      for (int64_t task = begin; task < end; ++task) run(task, acc.data());
+    });
+  }
+
+ private:
+  const at::Tensor& x_;
+  acc_t* s_ptr_;
+  std::vector<int64_t> plane_offsets_;
+  int64_t rows_per_band_, n_bands_;
+  acc_t scale_;
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at::Tensor& x, int64_t kernel_size,
                                                                         at::IntArrayRef frequencies) {
@@ -467,13 +492,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at:
   at::Tensor s = at::empty({batch, height, width}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dct_filter_bank_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    reduce_channels_and_frames<scalar_t>(x, s);
+    const ChannelReduction<scalar_t> reduction(x, s);
+    // With one reduction task per image, each image is filtered right after its reduction, in
+    // the same task: its map is still in cache, and one thread's filtering (compute) overlaps
+    // the other threads' reading of x (memory) instead of waiting for it at a barrier.
+    const bool fused = reduction.whole_images();
+    if (!fused) reduction.run_all();
     const Bank<acc_t> bank(kernel_size, freq);
     const acc_t* s_ptr = s.data_ptr<acc_t>();
     scalar_t* E_ptr = E.data_ptr<scalar_t>();
     acc_t* mean_ptr = mean.data_ptr<acc_t>();
     acc_t* var_ptr = var.data_ptr<acc_t>();
-    for_each_image<scalar_t>(bank, batch, height, width, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b) {
+    const int64_t acc_size = fused ? reduction.accumulator_size() : 0;
+    for_each_image<scalar_t>(bank, batch, height, width, acc_size, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b,
+                                                                       acc_t* acc) {
+      if (fused) reduction.run(b, acc);
       args.s = s_ptr + b * height * width;
       args.E = E_ptr + b * n_filters * height * width;
       args.mean = mean_ptr + b * n_filters;
@@ -514,7 +547,7 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
     const acc_t* mu = mean.data_ptr<acc_t>();
     const acc_t* s_ptr = s.data_ptr<acc_t>();
     scalar_t* out = grad_map.data_ptr<scalar_t>();
-    for_each_image<scalar_t>(bank, batch, height, width, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b) {
+    for_each_image<scalar_t>(bank, batch, height, width, 0, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b, acc_t*) {
       args.s = s_ptr + b * height * width;
       args.grad_E = gE + b * n_filters * height * width;
       args.grad_mean = gm + b * n_filters;
@@ -530,6 +563,51 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
   return grad_map;
 }
 
+// Autograd in C++, as for the other cpp ops: a Python autograd formula would cost tens of
+// microseconds per call, a sizable share of the forward at X3D's smaller stages. Saves only
+// s (B, H, W) and mean (B, D); the gradient of x is the (B, H, W) map expanded over (C, T).
+class DctFunction : public torch::autograd::Function<DctFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                int64_t kernel_size, at::IntArrayRef frequencies) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("piumr_kernels::dct_filter_bank_cpp", "")
+                               .typed<decltype(dct_forward)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [E, mean, var, s] = op.call(x, kernel_size, frequencies);
+    ctx->save_for_backward({s, mean});
+    ctx->saved_data["kernel_size"] = kernel_size;
+    ctx->saved_data["frequencies"] = frequencies.vec();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->mark_non_differentiable({s});
+    return {E, mean, var, s};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("piumr_kernels::dct_filter_bank_cpp_backward", "")
+                               .typed<decltype(dct_backward)>();
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+    const std::vector<int64_t> frequencies = ctx->saved_data["frequencies"].toIntVector();
+    // Gradients of unused outputs arrive as zeros (materialized by autograd).
+    const at::Tensor grad_map =
+        op.call(grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), saved[0], saved[1],
+                ctx->saved_data["kernel_size"].toInt(), frequencies, x_sizes[2]);
+    // dx[b, c, t] = g[b] / T for every (c, t): an expanded view, never materialized.
+    at::Tensor grad_x = grad_map.view({x_sizes[0], 1, 1, x_sizes[3], x_sizes[4]}).expand(x_sizes);
+    return {grad_x, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward_autograd(const at::Tensor& x,
+                                                                                 int64_t kernel_size,
+                                                                                 at::IntArrayRef frequencies) {
+  const auto out = DctFunction::apply(x, kernel_size, frequencies);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
@@ -541,6 +619,10 @@ TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("dct_filter_bank_cpp", &dct_forward);
   m.impl("dct_filter_bank_cpp_backward", &dct_backward);
+}
+
+TORCH_LIBRARY_IMPL(piumr_kernels, Autograd, m) {
+  m.impl("dct_filter_bank_cpp", &dct_forward_autograd);
 }
 
 }  // namespace piumr

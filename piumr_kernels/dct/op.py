@@ -73,8 +73,8 @@ def _register_autograd(forward_name: str, backward_name: str) -> None:
 
 _FUSED = {}
 if backends.cpp_op_built("dct_filter_bank_cpp"):
+    # Autograd for the cpp ops is registered in C++ (csrc/dct.cpp): no Python per call.
     register_fakes({CPP_FORWARD: _fake_forward, CPP_BACKWARD: _fake_backward})
-    _register_autograd(CPP_FORWARD, CPP_BACKWARD)
     _FUSED["cpp"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_cpp
 if backends.backend_available("triton"):
     from . import triton_kernels
