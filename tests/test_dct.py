@@ -138,6 +138,18 @@ def test_selected_filters_match_fp64(backend, dtype, shape):
     check_against_fp64(dtype, shape, [5, 0, 48, 13, 13])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 2, 3, 6, 21), (1, 2, 2, 3, 40), (1, 1, 2, 17, 33)])
+def test_wide_maps_match_fp64(backend, dtype, shape):
+    """Rows longer than a vector block and not a multiple of it (the cpp W pass runs a row's
+    vector loop on into the next rows): the full bank and a selection with repeats."""
+    skip_unsupported(backend, dtype)
+    if backend == "triton":
+        pytest.skip("interpreter time: the triton tiles are covered by the shapes above")
+    check_against_fp64(dtype, shape, None)
+    check_against_fp64(dtype, shape, [47, 1, 1, 8])
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_full_bank_matches_fp64(backend, shape):
     if backend == "triton" and shape not in SHAPES[1:3]:
