@@ -7,8 +7,9 @@
 //
 // The gradient is computed in the forward. The loss is linear in no step after the group
 // risks L_g, and dL_g/dz depends only on the forward's own quantities, so when the caller
-// needs a gradient the forward also writes D = dL_g/dz for every row of group g (one
-// (B, C) buffer, O(B*C)). The backward then only scales each group's rows by
+// needs a gradient the forward also forms D = dL_g/dz for every row of group g and writes
+// it over that group's rows of F once they are no longer read, so F's buffer becomes D
+// (one (B, C) buffer for both: one large allocation less per call). The backward then only scales each group's rows by
 // dOut/dL_g (from the upstream gradients of the loss, the risks and the variance) and
 // scatters them back to batch order: no second pass over the pairs, and the cosines of a
 // small group are used for the statistics and for the gradient while they are in cache.
@@ -18,18 +19,18 @@
 // symmetric. Two kinds of work:
 //  - a group of at most kTile samples is one work item: one at::mm for its cosines, the
 //    per-anchor statistics (two log-sum-exps and the positive sums), then H on the same
-//    tile and D = H F with a second at::mm;
+//    tile, H F with a second at::mm into per-task scratch, and D from it over F's rows;
 //  - a larger group is streamed in kTile x kTile tiles (I, J), I <= J only (the cosine
 //    matrix is symmetric, so each pair is computed once). Pass 1: flash-style online
 //    log-sum-exps, updated row-wise for the anchors of I and column-wise for those of J.
-//    Pass 2 (with a gradient): the tile's cosines again, H_IJ, then D_I += H_IJ F_J and
-//    D_J += H_IJ^T F_I. The tiles are split into one contiguous chunk per thread; each
+//    Pass 2 (with a gradient): the tile's cosines again, H_IJ, then (HF)_I += H_IJ F_J and
+//    (HF)_J += H_IJ^T F_I into an O(n*C) group buffer; D from it over F's rows at the end. The tiles are split into one contiguous chunk per thread; each
 //    chunk accumulates into its own partial buffers (statistics O(B), gradient O(n*C)),
 //    summed in chunk order afterwards: no races, and deterministic for a thread count.
 // Tile cosines come from at::mm into per-task scratch (single-threaded BLAS inside the
 // parallel region); per-pair work runs in the vectorized micro-kernels below. Memory:
-// F and D, O(B*C); per streamed group one O(n*C) partial gradient per extra chunk (thread);
-// O(kTile^2) scratch per task.
+// F (then D), O(B*C); per streamed group one O(n*C) gradient per chunk (thread);
+// O(kTile^2) scratch per task, plus O(kTile*C) with a gradient.
 //
 // Autograd is registered in C++ (GirlFunction below): a Python autograd.Function costs
 // more per call than the whole kernel at the paper's batch of 80.
@@ -395,8 +396,8 @@ struct GradTileKernel {
 // ---------------------------------------------------------------- normalization backward
 template <typename acc_t>
 struct NormBackwardArgs {
-  const acc_t* f;           // (rows, C) normalized rows
-  acc_t* grad;              // (rows, C): dL/df in, dL/dz out (in place)
+  acc_t* f;                 // (rows, C): normalized rows in, dL/dz out (in place)
+  const acc_t* grad;        // (rows, C) dL/df
   const acc_t* norm;        // (rows,)
   int64_t rows, width;
 };
@@ -406,8 +407,8 @@ template <typename acc_t>
 struct NormBackwardKernel {
   static PIUMR_ALWAYS_INLINE void run(const NormBackwardArgs<acc_t>& a) {
     for (int64_t i = 0; i < a.rows; ++i) {
-      const acc_t* fi = a.f + i * a.width;
-      acc_t* gi = a.grad + i * a.width;
+      acc_t* fi = a.f + i * a.width;
+      const acc_t* gi = a.grad + i * a.width;
       const acc_t norm = a.norm[i];
       const acc_t inv = acc_t(1) / std::max(norm, acc_t(kNormEps));
       acc_t dot = 0;
@@ -415,7 +416,7 @@ struct NormBackwardKernel {
       for (int64_t k = 0; k < a.width; ++k) dot += fi[k] * gi[k];
       if (norm < acc_t(kNormEps)) dot = 0;
 #pragma omp simd
-      for (int64_t k = 0; k < a.width; ++k) gi[k] = inv * (gi[k] - fi[k] * dot);
+      for (int64_t k = 0; k < a.width; ++k) fi[k] = inv * (gi[k] - fi[k] * dot);
     }
   }
 };
@@ -447,12 +448,12 @@ struct ScatterKernel {
 // Everything a forward needs, in group order.
 template <typename acc_t>
 struct GroupData {
-  at::Tensor f;               // (B, C) normalized rows
-  const acc_t* f_ptr;
+  at::Tensor f;               // (B, C) normalized rows; with a gradient, D = dL_g/dz at the end
+  acc_t* f_ptr;
   const acc_t* norm;          // (B,)
   const int32_t* labels;      // (B,) dense class ids
   acc_t* stats;               // (kNumStats, B)
-  acc_t* direction;           // (B, C) dL_g/dz, or nullptr without gradient
+  bool need_grad;
   int64_t batch, width;
   Params<acc_t> params;
 };
@@ -483,9 +484,11 @@ void symmetric_gram(at::Tensor& out, const at::Tensor& f) {
 }
 
 // A group of at most kTile samples, start..start+size: statistics, then (with a
-// gradient) D = H F for its rows, all from one cosine tile.
+// gradient) H F for its rows into `grad_scratch` (kTile x C) and D over F's rows, all
+// from one cosine tile.
 template <typename acc_t, bool kDetach>
-void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Tensor& scratch, acc_t* online) {
+void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Tensor& scratch,
+                 const at::Tensor& grad_scratch, acc_t* online) {
   const at::Tensor f_group = d.f.narrow(0, start, size);
   at::Tensor tile = tile_view(scratch, size, size);
   symmetric_gram(tile, f_group);
@@ -496,16 +499,15 @@ void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Ten
       StatsTileArgs<acc_t>{cosine, labels, labels, online, nullptr, size, size, kTile, 0, d.params});
   acc_t* stats = d.stats + start;
   finish_stats(online, kTile, size, size, stats, d.batch);
-  if (d.direction == nullptr) return;
+  if (!d.need_grad) return;
   const acc_t partners = acc_t(size - 1);
   run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
       cosine, labels, labels, stats, stats, d.batch, size, size, 0, acc_t(1) / acc_t(size), partners,
       acc_t(1) / partners, d.params});
-  acc_t* grad = d.direction + start * d.width;
-  at::Tensor grad_rows = at::from_blob(grad, {size, d.width}, d.f.options());
+  at::Tensor grad_rows = grad_scratch.narrow(0, 0, size);
   at::mm_out(grad_rows, tile, f_group);
-  run_for_this_cpu<NormBackwardKernel<acc_t>>(
-      NormBackwardArgs<acc_t>{d.f_ptr + start * d.width, grad, d.norm + start, size, d.width});
+  run_for_this_cpu<NormBackwardKernel<acc_t>>(NormBackwardArgs<acc_t>{
+      d.f_ptr + start * d.width, grad_rows.data_ptr<acc_t>(), d.norm + start, size, d.width});
 }
 
 struct TilePair {
@@ -571,16 +573,15 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
     merge_online(online.data(), online.data() + chunk * kNumOnline * size, size, size);
   acc_t* stats = d.stats + start;
   finish_stats(online.data(), size, size, size, stats, d.batch);
-  if (d.direction == nullptr) return;
+  if (!d.need_grad) return;
 
-  // Pass 2: chunk 0 accumulates dL_g/dF into the output rows, the others into buffers.
-  at::Tensor grad_group = at::from_blob(d.direction + start * width, {size, width}, opts);
-  grad_group.zero_();
-  at::Tensor partial = at::zeros({std::max<int64_t>(num_chunks - 1, 0), size, width}, opts);
+  // Pass 2: each chunk accumulates dL_g/dF into its own buffer; chunk 0's gets the sum.
+  at::Tensor partial = at::zeros({num_chunks, size, width}, opts);
+  at::Tensor grad_group = partial[0];
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({kTile * kTile}, opts);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      at::Tensor grad = chunk == 0 ? grad_group : partial[chunk - 1];
+      at::Tensor grad = partial[chunk];
       for (const TilePair& t : chunks[chunk]) {
         const at::Tensor f_rows = f_group.narrow(0, t.row0, t.rows), f_cols = f_group.narrow(0, t.col0, t.cols);
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
@@ -593,12 +594,13 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
       }
     }
   });
-  for (int64_t chunk = 1; chunk < num_chunks; ++chunk) grad_group.add_(partial[chunk - 1]);
+  for (int64_t chunk = 1; chunk < num_chunks; ++chunk) grad_group.add_(partial[chunk]);
+  const acc_t* grad_ptr = grad_group.data_ptr<acc_t>();
   const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
   at::parallel_for(0, size, grain, [&](int64_t begin, int64_t end) {
     run_for_this_cpu<NormBackwardKernel<acc_t>>(NormBackwardArgs<acc_t>{
-        d.f_ptr + (start + begin) * width, d.direction + (start + begin) * width, d.norm + start + begin,
-        end - begin, width});
+        d.f_ptr + (start + begin) * width, grad_ptr + begin * width, d.norm + start + begin, end - begin,
+        width});
   });
 }
 
@@ -620,9 +622,10 @@ at::Tensor group_order_labels(const at::Tensor& labels, const int64_t* order) {
   return out;
 }
 
+// Writes the group risks; returns D = dL_g/dz (B, C) in group order with `need_grad`.
 template <typename scalar_t, bool kDetach>
-void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order,
-                  const at::Tensor& offsets, double tau, double eta, at::Tensor& risks, at::Tensor& direction) {
+at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order,
+                        const at::Tensor& offsets, double tau, double eta, bool need_grad, at::Tensor& risks) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = features.size(0), width = features.size(1);
   const auto acc_opts = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -640,27 +643,29 @@ void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at
     });
   }
   const GroupData<acc_t> data{f, f.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), label_ids.data_ptr<int32_t>(),
-                              stats.data_ptr<acc_t>(),
-                              direction.numel() > 0 ? direction.data_ptr<acc_t>() : nullptr, B, width,
-                              Params<acc_t>{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)}};
+                              stats.data_ptr<acc_t>(), need_grad, B, width, Params<acc_t>{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)}};
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t num_groups = offsets.size(0) - 1;
   std::vector<int64_t> small, large;
-  int64_t small_work = 0;
+  int64_t small_work = 0, largest_small = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t size = off[g + 1] - off[g];
     (size <= kTile ? small : large).push_back(g);
-    if (size <= kTile) small_work += size * size * (width + 32) * (data.direction ? 2 : 1);
+    if (size > kTile) continue;
+    small_work += size * size * (width + 32) * (need_grad ? 2 : 1);
+    largest_small = std::max(largest_small, size);
   }
   if (!small.empty()) {
     const int64_t per_group = std::max<int64_t>(1, small_work / static_cast<int64_t>(small.size()));
     at::parallel_for(0, static_cast<int64_t>(small.size()), std::max<int64_t>(1, kMinTaskWork / per_group),
                      [&](int64_t begin, int64_t end) {
                        at::Tensor scratch = at::empty({kTile * kTile}, acc_opts);
+                       const at::Tensor grad_scratch = at::empty({need_grad ? largest_small : 0, width}, acc_opts);
                        std::vector<acc_t> online(kNumOnline * kTile);
                        for (int64_t k = begin; k < end; ++k) {
                          const int64_t g = small[k];
-                         small_group<acc_t, kDetach>(data, off[g], off[g + 1] - off[g], scratch, online.data());
+                         small_group<acc_t, kDetach>(data, off[g], off[g + 1] - off[g], scratch, grad_scratch,
+                                                     online.data());
                        }
                      });
   }
@@ -673,6 +678,7 @@ void forward_impl(const at::Tensor& features, const at::Tensor& labels, const at
     for (int64_t i = off[g]; i < off[g + 1]; ++i) total += anchor_loss[i];
     risk_ptr[g] = total / acc_t(off[g + 1] - off[g]);
   }
+  return need_grad ? f : at::empty({0, width}, acc_opts);
 }
 
 // ---------------------------------------------------------------- op entry points
@@ -727,15 +733,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> girl_forward(
   const int64_t num_groups = check_partition(order, offsets, features.size(0));
   const auto opts = features.options().dtype(acc_type(features.scalar_type()));
   at::Tensor risks = at::empty({num_groups}, opts);
-  at::Tensor direction = at::empty({need_grad ? features.size(0) : 0, features.size(1)}, opts);
+  at::Tensor direction;
   at::Tensor loss = at::empty({}, features.options());
   at::Tensor risk_var = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "girl_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (detach_weights) {
-      forward_impl<scalar_t, true>(features, labels, order, offsets, tau, eta, risks, direction);
+      direction = forward_impl<scalar_t, true>(features, labels, order, offsets, tau, eta, need_grad, risks);
     } else {
-      forward_impl<scalar_t, false>(features, labels, order, offsets, tau, eta, risks, direction);
+      direction = forward_impl<scalar_t, false>(features, labels, order, offsets, tau, eta, need_grad, risks);
     }
     const auto [value, var] = combine_risks(risks.data_ptr<acc_t>(), num_groups, lambda_var);
     loss.fill_(value);
