@@ -444,6 +444,53 @@ struct ScatterKernel {
   }
 };
 
+// ---------------------------------------------------------------- symmetric Gram
+template <typename acc_t>
+struct GramArgs {
+  const acc_t* f;           // (rows, width) contiguous rows
+  int64_t rows, width;
+  acc_t* out;               // (rows, rows) = f f^T
+};
+
+// Only the 4 x 4 blocks on and above the diagonal, then mirrored: 16 dot products at a
+// time along the rows (16 vector accumulators; 8 row loads per 16 multiply-adds). For
+// groups of up to kTile rows this beats BLAS, which packs both operands and computes
+// every block: at C = 2048 on one Zen 4 core, 11 vs 36 us at 20 rows, 0.40 vs 0.69 ms at
+// 128 (the full product; 0.52 ms as three half-size products).
+constexpr int64_t kGramBlock = 4;
+
+template <typename acc_t>
+struct GramKernel {
+  static PIUMR_ALWAYS_INLINE void run(const GramArgs<acc_t>& a) {
+    const int64_t n = a.rows, width = a.width;
+    // Block rows past the end repeat the last row; their sums are not stored.
+    const auto row = [&](int64_t i) { return a.f + std::min(i, n - 1) * width; };
+    for (int64_t i0 = 0; i0 < n; i0 += kGramBlock) {
+      const acc_t *x0 = row(i0), *x1 = row(i0 + 1), *x2 = row(i0 + 2), *x3 = row(i0 + 3);
+      for (int64_t j0 = i0; j0 < n; j0 += kGramBlock) {
+        const acc_t *y0 = row(j0), *y1 = row(j0 + 1), *y2 = row(j0 + 2), *y3 = row(j0 + 3);
+        acc_t s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+        acc_t s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+        for (int64_t k = 0; k < width; ++k) {
+          const acc_t u0 = x0[k], u1 = x1[k], u2 = x2[k], u3 = x3[k];
+          const acc_t v0 = y0[k], v1 = y1[k], v2 = y2[k], v3 = y3[k];
+          s00 += u0 * v0, s01 += u0 * v1, s02 += u0 * v2, s03 += u0 * v3;
+          s10 += u1 * v0, s11 += u1 * v1, s12 += u1 * v2, s13 += u1 * v3;
+          s20 += u2 * v0, s21 += u2 * v1, s22 += u2 * v2, s23 += u2 * v3;
+          s30 += u3 * v0, s31 += u3 * v1, s32 += u3 * v2, s33 += u3 * v3;
+        }
+        const acc_t sums[kGramBlock][kGramBlock] = {
+            {s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+        for (int64_t r = 0; r < kGramBlock && i0 + r < n; ++r)
+          for (int64_t c = 0; c < kGramBlock && j0 + c < n; ++c) a.out[(i0 + r) * n + j0 + c] = sums[r][c];
+      }
+    }
+    for (int64_t i = 1; i < n; ++i)
+      for (int64_t j = 0; j < i; ++j) a.out[i * n + j] = a.out[j * n + i];
+  }
+};
+
 // ---------------------------------------------------------------- drivers
 // Everything a forward needs, in group order.
 template <typename acc_t>
@@ -463,24 +510,10 @@ at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
   return scratch.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// out = F F^T. From kSplitGram rows on, as three products of half the rows (the upper
-// blocks) and a transposed copy: 3/4 of the multiply-adds, at nearly the same BLAS speed.
-constexpr int64_t kSplitGram = 128;
-void symmetric_gram(at::Tensor& out, const at::Tensor& f) {
-  const int64_t size = f.size(0);
-  if (size < kSplitGram) {
-    at::mm_out(out, f, f.t());
-    return;
-  }
-  const int64_t half = size / 2, rest = size - half;
-  const at::Tensor top = f.narrow(0, 0, half), bottom = f.narrow(0, half, rest);
-  at::Tensor upper = out.narrow(0, 0, half).narrow(1, half, rest);
-  at::Tensor top_left = out.narrow(0, 0, half).narrow(1, 0, half);
-  at::Tensor bottom_right = out.narrow(0, half, rest).narrow(1, half, rest);
-  at::mm_out(top_left, top, top.t());
-  at::mm_out(upper, top, bottom.t());
-  at::mm_out(bottom_right, bottom, bottom.t());
-  out.narrow(0, half, rest).narrow(1, 0, half).copy_(upper.t());
+// tile = the cosines of rows..rows+size of F with themselves (a diagonal tile).
+template <typename acc_t>
+void symmetric_gram(at::Tensor& tile, const acc_t* rows, int64_t size, int64_t width) {
+  run_for_this_cpu<GramKernel<acc_t>>(GramArgs<acc_t>{rows, size, width, tile.data_ptr<acc_t>()});
 }
 
 // A group of at most kTile samples, start..start+size: statistics, then (with a
@@ -491,7 +524,7 @@ void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Ten
                  const at::Tensor& grad_scratch, acc_t* online) {
   const at::Tensor f_group = d.f.narrow(0, start, size);
   at::Tensor tile = tile_view(scratch, size, size);
-  symmetric_gram(tile, f_group);
+  symmetric_gram(tile, d.f_ptr + start * d.width, size, d.width);
   acc_t* cosine = tile.data_ptr<acc_t>();
   const int32_t* labels = d.labels + start;
   reset_online(online, kTile);
@@ -513,6 +546,16 @@ void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Ten
 struct TilePair {
   int64_t row0, rows, col0, cols;  // offsets within the group
 };
+
+// The cosines of tile t of the group f_group (rows of F starting at f_rows_ptr).
+template <typename acc_t>
+void tile_cosines(at::Tensor& tile, const at::Tensor& f_group, const acc_t* f_rows_ptr, const TilePair& t) {
+  if (t.row0 == t.col0) {
+    symmetric_gram(tile, f_rows_ptr + t.row0 * f_group.size(1), t.rows, f_group.size(1));
+  } else {
+    at::mm_out(tile, f_group.narrow(0, t.row0, t.rows), f_group.narrow(0, t.col0, t.cols).t());
+  }
+}
 
 // Tiles (I, J), I <= J, of a group, split into `chunks` contiguous runs of about equal
 // cost (with a gradient, the heavier pass: a diagonal tile takes two products, an
@@ -544,6 +587,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
   const auto chunks = tile_chunks(size, at::get_num_threads());
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const at::Tensor f_group = d.f.narrow(0, start, size);
+  const acc_t* f_rows_ptr = d.f_ptr + start * width;
   const int32_t* labels = d.labels + start;
   const acc_t partners = acc_t(size - 1);
 
@@ -557,7 +601,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
       reset_online(state, size);
       for (const TilePair& t : chunks[chunk]) {
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
-        at::mm_out(tile, f_group.narrow(0, t.row0, t.rows), f_group.narrow(0, t.col0, t.cols).t());
+        tile_cosines(tile, f_group, f_rows_ptr, t);
         const StatsTileArgs<acc_t> rows{tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, state + t.row0,
                                         column_max.data(), t.rows, t.cols, size, t.row0 - t.col0, d.params};
         run_for_this_cpu<RowStatsKernel<acc_t>>(rows);
@@ -585,7 +629,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
       for (const TilePair& t : chunks[chunk]) {
         const at::Tensor f_rows = f_group.narrow(0, t.row0, t.rows), f_cols = f_group.narrow(0, t.col0, t.cols);
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
-        at::mm_out(tile, f_rows, f_cols.t());
+        tile_cosines(tile, f_group, f_rows_ptr, t);
         run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
             tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, stats + t.row0, stats + t.col0, d.batch,
             t.rows, t.cols, t.row0 - t.col0, acc_t(1) / acc_t(size), partners, acc_t(1) / partners, d.params});

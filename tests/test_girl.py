@@ -239,8 +239,8 @@ def test_large_group_takes_streaming_path(backend, monkeypatch):
 # (B, G, threads): groups above the cpp tile side (256) are streamed over tiles I <= J,
 # split into one chunk per thread. Three row blocks with a 3-row remainder (515 = 2 * 256
 # + 3), two streamed groups of 300, a 256-sample group (one tile, kept whole) next to a
-# 257-sample one (streamed, a 1-row remainder), and whole groups of 130 and 129 (cosines
-# from half-row blocks, split 64 + 65 for the odd one).
+# 257-sample one (streamed, a 1-row remainder), and whole groups of 130 and 129 (4-row
+# Gram blocks with a 2- and a 1-row remainder).
 @pytest.mark.parametrize("batch,num_groups,threads", [(515, 1, 1), (515, 1, 2), (600, 2, 2), (513, 2, 2), (259, 2, 1)])
 def test_cpp_streaming_tiles(batch, num_groups, threads):
     if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
@@ -255,6 +255,25 @@ def test_cpp_streaming_tiles(batch, num_groups, threads):
                                         var_grad=var_grad, tau=0.1, eta=0.3, lambda_var=2.0)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_group_sizes_every_gram_block_remainder(isa, dtype, monkeypatch):
+    """The cpp cosines of a whole group come in 4 x 4 blocks of rows (the last block repeats
+    the last row): groups of 2, 3, 5, 6, 7 and 8 members cover every remainder, and a width
+    of 37 a ragged vector tail, on each instruction set."""
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.setenv("PIUMR_KERNELS_CPU_ISA", isa)
+    sizes = [2, 3, 5, 6, 7, 8]
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(2))]
+    features, labels = make_inputs(len(ids), 37, num_classes=2, dtype=dtype, seed=8)
+    with use_backend("cpp"):
+        details = check_against_reference(features.cpu(), labels.cpu(), groups=ids, detach_weights=False,
+                                          var_grad=True, tau=0.1, eta=0.3, lambda_var=1.5)
+    assert torch.bincount(details["group_index"]).tolist() == sizes
 
 
 def test_zero_feature_rows_stay_finite(backend):
