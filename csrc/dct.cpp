@@ -12,10 +12,14 @@
 //  2. Per image b: the separable correlation on maps with rows padded by p zeros. First the k
 //     1-D filters along H, R_u[h, w] = sum_i a_u[i] s[h + i - p, w] (k^2 multiply-adds per
 //     pixel over all u), one long vectorized loop over the flat padded map (even for 7x7
-//     maps); then per filter d = (u, v) along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p]
-//     (k per pixel per filter, k^3 for the full bank), row by row straight into E (float32,
-//     float64; an acc_t map below that). E_d is written once; its mean and variance are two
-//     passes over the cached map of E_d - E_d[0, 0].
+//     maps); then along W, E_d[h, w] = sum_j a_v[j] R_u[h, w + j - p] for d = (u, v), row by
+//     row straight into E (float32, float64; acc_t maps below that). For k = 3, 5, 7 all v of
+//     a slot come from one read of R_u, folded by the basis' symmetry
+//     a_v[k - 1 - j] = (-1)^v a_v[j]: the (k + 1) / 2 sums and (k - 1) / 2 differences of
+//     mirrored taps, then (k + 1) / 2 or (k - 1) / 2 multiply-adds per filter (25 instead of
+//     49 per pixel and slot at k = 7, and 7 loads instead of 49); the same loop sums each
+//     E_d. E_d is written once; its variance is one more pass over the cached map, about the
+//     mean (corrected two-pass). A filter asked for twice is computed once and copied.
 // Backward, per image b: recompute R from the saved s, rebuild each E_d, form
 // G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, correlate it with the reversed
 // a_v into Q_u (the adjoint of the W pass), then g = the H-pass adjoint over the Q_u, and
@@ -30,7 +34,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_dispatch.h"
@@ -43,8 +49,20 @@ constexpr int64_t kReduceChunk = 4096;
 // (c, t) planes one reduction sweep adds, and the elements per software-prefetch step.
 constexpr int kPlanesPerSweep = 8;
 constexpr int64_t kPrefetchBlock = 64;
-// Outputs a row of the forward's W pass rounds up to (a multiple of every ISA's vector width).
-constexpr int64_t kRowBlock = 16;
+// Elements past the last R_u map that the forward's W pass may read (kept zero).
+constexpr int64_t kReadSlack = 64;
+
+// 64-byte vectors (GCC/Clang vector extensions) of the accumulation types.
+template <typename acc_t>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  using type = float __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64<double> {
+  using type = double __attribute__((vector_size(64)));
+};
 
 // The separable bank: the 1-D rows needed (`slots`) and, per output filter, its slot and v.
 template <typename acc_t>
@@ -55,6 +73,8 @@ struct Bank {
   std::vector<int64_t> slot_u;       // (n_slots): the u of each H-pass slot
   std::vector<int64_t> filter_slot;  // (n_filters): slot holding R_u for filter n
   std::vector<int64_t> filter_v;     // (n_filters)
+  std::vector<int64_t> slot_filter;  // (n_slots, k): the first filter with that slot and v, or -1
+  std::vector<int64_t> first_of;     // (n_filters): the first filter equal to filter n
 
   Bank(int64_t kernel_size, const std::vector<int64_t>& frequencies)
       : k(kernel_size), pad(kernel_size / 2), n_filters(static_cast<int64_t>(frequencies.size())) {
@@ -80,6 +100,12 @@ struct Bank {
       filter_v.push_back(d / k);
     }
     n_slots = static_cast<int64_t>(slot_u.size());
+    slot_filter.assign(n_slots * k, -1);
+    for (int64_t n = 0; n < n_filters; ++n) {
+      int64_t& first = slot_filter[filter_slot[n] * k + filter_v[n]];
+      if (first < 0) first = n;
+      first_of.push_back(first);
+    }
   }
 };
 
@@ -161,30 +187,24 @@ struct ReduceKernel {
 // long vectorized loop over the flat map (rows as short as W = 7 cost no per-row overhead):
 // out[i] = sum_j taps[j] in[i + j * stride], stride 1 (along W) or Wp (along H). Along W the
 // outputs at a row's last 2p positions mix two rows and are never read.
-// `rows` > 1 repeats that over segments: segment r reads from in + r * in_row_stride (all
-// reads within in[0, in_size)) and writes the contiguous rows out[r * length, (r + 1) * length)
-// (the forward writes E_d row by row this way). With KS > 0 a row may run its vector loop
-// up to a multiple of kRowBlock outputs past its end, into rows computed after it, whenever
-// its reads stay in bounds: rows like W = 28 then need no scalar remainder loop.
+// `rows` > 1 repeats that over segments: segment r reads from in + r * in_row_stride and
+// writes the contiguous rows out[r * length, (r + 1) * length) (the forward's W pass for
+// k > 7 writes E_d row by row this way).
 // With the tap count KS known at compile time (k = 3, 5, 7) each output vector sums its taps
 // in registers; otherwise (KS = 0) one vectorized multiply-add sweep per tap.
 template <int KS, bool kAccumulate, typename acc_t>
 PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t* taps, int64_t k, int64_t length,
-                                   acc_t* out, int64_t rows = 1, int64_t in_row_stride = 0, int64_t in_size = 0) {
+                                   acc_t* out, int64_t rows = 1, int64_t in_row_stride = 0) {
   if constexpr (KS > 0) {
     // Local copies, loaded once: `out` could alias `taps` as far as the compiler knows, which
     // would reload and re-broadcast every tap in every iteration.
     acc_t t[KS];
     for (int j = 0; j < KS; ++j) t[j] = taps[j];
-    const int64_t rounded = (length + kRowBlock - 1) / kRowBlock * kRowBlock;
     for (int64_t r = 0; r < rows; ++r) {
       const acc_t* in_r = in + r * in_row_stride;
       acc_t* out_r = out + r * length;
-      const bool overrun_ok = !kAccumulate && r * length + rounded <= rows * length &&
-                              r * in_row_stride + rounded + (KS - 1) * stride <= in_size;
-      const int64_t n = overrun_ok ? rounded : length;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
+      for (int64_t i = 0; i < length; ++i) {
         acc_t sum = 0;
         for (int j = 0; j < KS; ++j) sum += t[j] * in_r[i + j * stride];
         out_r[i] = kAccumulate ? out_r[i] + sum : sum;
@@ -207,22 +227,27 @@ PIUMR_ALWAYS_INLINE void correlate(const acc_t* in, int64_t stride, const acc_t*
   }
 }
 
-// sum_i f(in[i]) over four interleaved partial sums: a single accumulator would make the
-// loop wait on the add latency at every vector.
-template <typename acc_t, typename F>
-PIUMR_ALWAYS_INLINE acc_t sum_over(const acc_t* in, int64_t length, F f) {
-  const int64_t quarter = length / 4;
-  const acc_t *in1 = in + quarter, *in2 = in1 + quarter, *in3 = in2 + quarter;
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < quarter; ++i) {
-    s0 += f(in[i]);
-    s1 += f(in1[i]);
-    s2 += f(in2[i]);
-    s3 += f(in3[i]);
+// The sums of d and d^2 for d = in[i] - center, over two interleaved halves: a single
+// accumulator each would make the loop wait on the add latency at every vector.
+template <typename acc_t>
+PIUMR_ALWAYS_INLINE std::pair<acc_t, acc_t> deviation_sums(const acc_t* in, int64_t length, acc_t center) {
+  const int64_t half = length / 2;
+  const acc_t* in1 = in + half;
+  acc_t d0 = 0, d1 = 0, q0 = 0, q1 = 0;
+#pragma omp simd reduction(+ : d0, d1, q0, q1)
+  for (int64_t i = 0; i < half; ++i) {
+    const acc_t a = in[i] - center, b = in1[i] - center;
+    d0 += a;
+    d1 += b;
+    q0 += a * a;
+    q1 += b * b;
   }
-  for (int64_t i = 4 * quarter; i < length; ++i) s0 += f(in[i]);
-  return (s0 + s1) + (s2 + s3);
+  if (length % 2) {
+    const acc_t a = in[length - 1] - center;
+    d0 += a;
+    q0 += a * a;
+  }
+  return {d0 + d1, q0 + q1};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -244,12 +269,14 @@ struct ImageArgs {
   acc_t* scratch;          // image_scratch_size()
 };
 
-// Per-thread scratch: s padded on all sides, then R_u per slot, then (backward) Q_u per slot
-// with p zero rows above and below, one padded map of G, and two flat work maps.
+// Per-thread scratch: s padded on all sides, then R_u per slot, then either (forward)
+// kReadSlack zeros and k + 1 acc_t maps of E_d (one slot's, and one for the v nobody asked
+// for) or (backward) Q_u per slot with p zero rows above and below, one padded map of G, and
+// two flat work maps.
 template <typename acc_t>
 int64_t image_scratch_size(const Bank<acc_t>& bank, int64_t height, int64_t width) {
   const int64_t wp = width + 2 * bank.pad, padded = (height + 2 * bank.pad) * wp, map = height * wp;
-  return padded + bank.n_slots * map + bank.n_slots * padded + 3 * map;
+  return padded + bank.n_slots * map + std::max(bank.n_slots * padded + 3 * map, kReadSlack + (bank.k + 1) * map);
 }
 
 // Calls body(args, b, extra) for every image b over the threads; args already holds the bank,
@@ -288,45 +315,157 @@ PIUMR_ALWAYS_INLINE void filter_along_h(const Bank<acc_t>& bank, const acc_t* s,
   }
 }
 
+// The W pass of one slot (k = KS > 0, see the top): E_(u,v) into maps[v] (H, W) and its
+// sum into sums[v], for every v (kOnly < 0) or for v = kOnly alone, with the same
+// arithmetic either way (the same values whichever filters are asked for). Row by row, one
+// vector of outputs at a time (GCC/Clang vector extensions: one register per vector on
+// every ISA build). A vector past a row's end reads into the next row (or the zero slack
+// after the maps) and stores into the next row of the map, written after it; only its
+// in-row lanes are summed, and at the map's end only they are stored.
+template <int KS, int kOnly, typename acc_t>
+PIUMR_ALWAYS_INLINE void filter_slot_along_w(const acc_t* r, int64_t wp, const acc_t* basis, int64_t height,
+                                             int64_t width, acc_t* const* maps, acc_t* sums) {
+  using Vec = typename Vec64<acc_t>::type;
+  constexpr int64_t kVec = 64 / sizeof(acc_t);
+  constexpr int kHalf = KS / 2;
+  constexpr int kFirst = kOnly < 0 ? 0 : kOnly, kEnd = kOnly < 0 ? KS : kOnly + 1;
+  acc_t taps[KS][kHalf + 1];  // a_v[j] for j <= kHalf
+  for (int v = 0; v < KS; ++v)
+    for (int j = 0; j <= kHalf; ++j) taps[v][j] = basis[v * KS + j];
+  const int64_t hw = height * width;
+  Vec tail_keep;  // 1 for the lanes of a row's partial last vector that are in the row
+  for (int64_t l = 0; l < kVec; ++l) tail_keep[l] = l < width % kVec ? acc_t(1) : acc_t(0);
+  Vec total[KS] = {};
+  for (int64_t h = 0; h < height; ++h) {
+    const acc_t* row = r + h * wp;
+    for (int64_t w0 = 0; w0 < width; w0 += kVec) {
+      Vec x[KS];
+      for (int j = 0; j < KS; ++j) std::memcpy(&x[j], row + w0 + j, sizeof(Vec));
+      // Mirrored taps: even v weight x[j] + x[KS-1-j] (and the centre), odd v the difference.
+      Vec mirrored_sum[kHalf + 1], mirrored_diff[kHalf];
+      for (int j = 0; j < kHalf; ++j) {
+        mirrored_sum[j] = x[j] + x[KS - 1 - j];
+        mirrored_diff[j] = x[j] - x[KS - 1 - j];
+      }
+      mirrored_sum[kHalf] = x[kHalf];
+      Vec e[KS];
+      for (int v = kFirst; v < kEnd; ++v) {
+        Vec acc = {};
+        if (v % 2 == 0) {
+          for (int j = 0; j <= kHalf; ++j) acc += taps[v][j] * mirrored_sum[j];
+        } else {
+          for (int j = 0; j < kHalf; ++j) acc += taps[v][j] * mirrored_diff[j];
+        }
+        e[v] = acc;
+      }
+      const int64_t at = h * width + w0;
+      if (w0 + kVec <= width) {
+        for (int v = kFirst; v < kEnd; ++v) total[v] += e[v];
+      } else {
+        for (int v = kFirst; v < kEnd; ++v) total[v] += e[v] * tail_keep;
+      }
+      if (at + kVec <= hw) {
+        for (int v = kFirst; v < kEnd; ++v) std::memcpy(maps[v] + at, &e[v], sizeof(Vec));
+      } else {
+        for (int v = kFirst; v < kEnd; ++v)
+          for (int64_t l = 0; at + l < hw; ++l) maps[v][at + l] = e[v][l];
+      }
+    }
+  }
+  for (int v = kFirst; v < kEnd; ++v) {
+    acc_t sum = 0;
+    for (int64_t l = 0; l < kVec; ++l) sum += total[v][l];
+    sums[v] = sum;
+  }
+}
+
+// filter_slot_along_w for the one filter v (a run-time value).
+template <int KS, typename acc_t>
+PIUMR_ALWAYS_INLINE void filter_one_along_w(int64_t v, const acc_t* r, int64_t wp, const acc_t* basis,
+                                            int64_t height, int64_t width, acc_t* const* maps, acc_t* sums) {
+  [&]<int... V>(std::integer_sequence<int, V...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+    ((V == v ? filter_slot_along_w<KS, V>(r, wp, basis, height, width, maps, sums) : void()), ...);
+  }(std::make_integer_sequence<int, KS>{});
+}
+
 template <typename scalar_t, typename acc_t, int KS>
 struct ForwardImageKernel {
   static PIUMR_ALWAYS_INLINE void run(const ImageArgs<scalar_t, acc_t>& a) {
+    constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // E_d computed straight into E
     const Bank<acc_t>& bank = *a.bank;
     const int64_t k = bank.k, pad = bank.pad, height = a.height, width = a.width;
     const int64_t wp = width + 2 * pad, map = height * wp, hw = height * width;
     acc_t* s_padded = a.scratch;
     acc_t* r = s_padded + (height + 2 * pad) * wp;
-    acc_t* e_scratch = r + bank.n_slots * map;
+    acc_t* slack = r + bank.n_slots * map;
+    acc_t* e_maps = slack + kReadSlack;  // k + 1 maps of hw
+    std::fill(slack, e_maps, acc_t(0));
     filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
     const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(hw);
-    for (int64_t n = 0; n < bank.n_filters; ++n) {
-      scalar_t* E_n = a.E + n * hw;
-      // E_d in acc_t, contiguous (H, W): straight into the output when that is acc_t.
-      acc_t* e = nullptr;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        e = E_n;
-      } else {
-        e = e_scratch;
-      }
-      // The W pass row by row (R_u's zero pad columns make every row self-contained), so E_d
-      // is written once, contiguous, and the stats below need no mask.
-      const acc_t* r_n = r + bank.filter_slot[n] * map;
-      const acc_t* taps = bank.basis.data() + bank.filter_v[n] * k;
-      correlate<KS, false>(r_n, 1, taps, k, width, e, height, wp, map);
-      // Two passes over the map (in cache) of E - shift, shift = E[0, 0]: the deviations are of
-      // the order of the spread, so a mean far from zero costs no precision.
-      const acc_t shift = e[0];
-      const acc_t offset = sum_over(e, hw, [shift](acc_t v) { return v - shift; }) * inv_hw;
-      const acc_t m2 = sum_over(e, hw, [shift, offset](acc_t v) {
-        const acc_t d = v - shift - offset;
-        return d * d;
-      });
-      a.mean[n] = shift + offset;
-      a.var[n] = m2 * inv_hw;
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    // Filter n's map e (acc_t) and its sum: stats, and E_n when it was not written directly.
+    // Corrected two-pass: the deviations from the first mean also sum to its rounding error
+    // (large next to the spread when the mean is far from zero), which corrects both moments.
+    const auto finish = [&](int64_t n, const acc_t* e, acc_t sum) PIUMR_ALWAYS_INLINE_LAMBDA {
+      const acc_t first_mean = sum * inv_hw;
+      const auto [dev, dev_sq] = deviation_sums(e, hw, first_mean);
+      a.mean[n] = first_mean + dev * inv_hw;
+      a.var[n] = (dev_sq - dev * dev * inv_hw) * inv_hw;
+      if constexpr (!kDirect) {
+        scalar_t* E_n = a.E + n * hw;
 #pragma omp simd
         for (int64_t i = 0; i < hw; ++i) E_n[i] = static_cast<scalar_t>(e[i]);
       }
+    };
+    if constexpr (KS > 0) {
+      for (int64_t slot = 0; slot < bank.n_slots; ++slot) {
+        const int64_t* filters = bank.slot_filter.data() + slot * KS;
+        const auto map_of = [&](int64_t v) PIUMR_ALWAYS_INLINE_LAMBDA {
+          if constexpr (kDirect) {
+            return a.E + filters[v] * hw;
+          } else {
+            return e_maps + v * hw;
+          }
+        };
+        const int64_t asked = KS - std::count(filters, filters + KS, int64_t{-1});
+        acc_t* maps[KS];
+        for (int v = 0; v < KS; ++v) maps[v] = filters[v] < 0 ? e_maps + KS * hw : map_of(v);  // unused: scratch
+        acc_t sums[KS];
+        // All of the slot's filters cost about as much as KS / 2 of them alone.
+        if (2 * asked >= KS) {
+          filter_slot_along_w<KS, -1>(r + slot * map, wp, bank.basis.data(), height, width, maps, sums);
+        } else {
+          for (int v = 0; v < KS; ++v) {
+            if (filters[v] >= 0) {
+              filter_one_along_w<KS>(v, r + slot * map, wp, bank.basis.data(), height, width, maps, sums);
+            }
+          }
+        }
+        for (int v = 0; v < KS; ++v) {
+          if (filters[v] >= 0) finish(filters[v], map_of(v), sums[v]);
+        }
+      }
+    } else {
+      for (int64_t n = 0; n < bank.n_filters; ++n) {
+        if (bank.first_of[n] != n) continue;
+        acc_t* e = nullptr;
+        if constexpr (kDirect) {
+          e = a.E + n * hw;
+        } else {
+          e = e_maps;
+        }
+        // Row by row: R_u's zero pad columns make every row self-contained.
+        correlate<KS, false>(r + bank.filter_slot[n] * map, 1, bank.basis.data() + bank.filter_v[n] * k, k, width, e,
+                             height, wp);
+        finish(n, e, deviation_sums(e, hw, acc_t(0)).first);
+      }
+    }
+    // A filter asked for again: a copy of its first occurrence.
+    for (int64_t n = 0; n < bank.n_filters; ++n) {
+      const int64_t first = bank.first_of[n];
+      if (first == n) continue;
+      std::copy(a.E + first * hw, a.E + (first + 1) * hw, a.E + n * hw);
+      a.mean[n] = a.mean[first];
+      a.var[n] = a.var[first];
     }
   }
 };

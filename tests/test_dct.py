@@ -150,6 +150,21 @@ def test_wide_maps_match_fp64(backend, dtype, shape):
     check_against_fp64(dtype, shape, [47, 1, 1, 8])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_any_selection_gives_the_full_banks_values(backend, dtype):
+    """A selection returns exactly the full bank's maps and stats: the cpp W pass computes a
+    slot (filters sharing u) whole when at least half of it is asked for (here u = 4 with
+    four of seven v, one asked twice) and filter by filter otherwise (u = 0, 6)."""
+    if backend != "cpp":
+        pytest.skip("a property of the cpp W pass (the reference's conv2d blocks by output channel)")
+    x = random_input((2, 3, 2, 9, 20), dtype)
+    selection = [4, 18, 25, 39, 18, 0, 48]
+    E_all, mean_all, var_all = dct_filter_bank(x, 7, return_stats=True)
+    E, mean, var = dct_filter_bank(x, 7, selection, return_stats=True)
+    assert torch.equal(E, E_all[:, selection])
+    assert torch.equal(mean, mean_all[:, selection]) and torch.equal(var, var_all[:, selection])
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_full_bank_matches_fp64(backend, shape):
     if backend == "triton" and shape not in SHAPES[1:3]:
