@@ -150,8 +150,10 @@ def dct_filter_bank(
     `frequencies`: `None` for all `D = k*k` filters, else the filter indices `d` to keep,
     in the order given. `return_stats=True` also returns `mean` and `var`, each `(B, D)`
     in `x.dtype`: the mean and population variance (divide by `H * W`) over the positions,
-    computed stably: moments of `E - E[b, d, 0, 0]`, two passes over each cached map (cpp,
-    reference) or per tile merged with Chan's formula (triton); never `E[x^2] - E[x]^2`.
+    computed stably: moments of `E - E[b, d, 0, 0]` in two passes (reference), the map's
+    sum then the deviations from that mean, whose sum corrects its rounding (cpp: corrected
+    two-pass), or per-tile moments merged with Chan's formula (triton); never
+    `E[x^2] - E[x]^2`.
 
     Gradients flow through `E` and the stats; the gradient of `x` is `(1/T) g[b]` with
     `g = sum_d D_d (convolved with) dE_d`, the same for every `(c, t)`, and the fused
