@@ -24,6 +24,19 @@
 
 namespace piumr {
 
+// 64-byte vectors (GCC/Clang vector extensions) of float or double: one register per
+// vector in the AVX-512 variant, two or four in the narrower ones.
+template <typename T>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  using type = float __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64<double> {
+  using type = double __attribute__((vector_size(64)));
+};
+
 enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 inline CpuIsa detected_isa() {

@@ -52,18 +52,6 @@ constexpr int64_t kPrefetchBlock = 64;
 // Elements past the last R_u map that the forward's W pass may read (kept zero).
 constexpr int64_t kReadSlack = 64;
 
-// 64-byte vectors (GCC/Clang vector extensions) of the accumulation types.
-template <typename acc_t>
-struct Vec64;
-template <>
-struct Vec64<float> {
-  using type = float __attribute__((vector_size(64)));
-};
-template <>
-struct Vec64<double> {
-  using type = double __attribute__((vector_size(64)));
-};
-
 // The separable bank: the 1-D rows needed (`slots`) and, per output filter, its slot and v.
 template <typename acc_t>
 struct Bank {

@@ -9,7 +9,7 @@
 // risks L_g, and dL_g/dz depends only on the forward's own quantities, so when the caller
 // needs a gradient the forward also forms D = dL_g/dz for every row of group g and writes
 // it over that group's rows of F once they are no longer read, so F's buffer becomes D
-// (one (B, C) buffer for both: one large allocation less per call). The backward then only scales each group's rows by
+// (one (B, C) buffer for both). The backward then only scales each group's rows by
 // dOut/dL_g (from the upstream gradients of the loss, the risks and the variance) and
 // scatters them back to batch order: no second pass over the pairs, and the cosines of a
 // small group are used for the statistics and for the gradient while they are in cache.
@@ -17,18 +17,18 @@
 // Within a group, with gamma = 1 / |I_g| and g_ij = dl_i/dc_ij (a function of c_ij and the
 // per-sample statistics of i), dL_g/dF_i = gamma sum_j (g_ij + g_ji) F_j = (H F)_i with H
 // symmetric. Two kinds of work:
-//  - a group of at most kTile samples is one work item: one at::mm for its cosines, the
+//  - a group of at most kTile samples is one work item: its cosines (GramKernel), the
 //    per-anchor statistics (two log-sum-exps and the positive sums), then H on the same
 //    tile, H F with a second at::mm into per-task scratch, and D from it over F's rows;
 //  - a larger group is streamed in kTile x kTile tiles (I, J), I <= J only (the cosine
 //    matrix is symmetric, so each pair is computed once). Pass 1: flash-style online
 //    log-sum-exps, updated row-wise for the anchors of I and column-wise for those of J.
 //    Pass 2 (with a gradient): the tile's cosines again, H_IJ, then (HF)_I += H_IJ F_J and
-//    (HF)_J += H_IJ^T F_I into an O(n*C) group buffer; D from it over F's rows at the end. The tiles are split into one contiguous chunk per thread; each
-//    chunk accumulates into its own partial buffers (statistics O(B), gradient O(n*C)),
+//    (HF)_J += H_IJ^T F_I; D from it over F's rows at the end. The tiles are split into one
+//    contiguous chunk per thread; each chunk accumulates into its own partial buffers (statistics O(B), gradient O(n*C)),
 //    summed in chunk order afterwards: no races, and deterministic for a thread count.
-// Tile cosines come from at::mm into per-task scratch (single-threaded BLAS inside the
-// parallel region); per-pair work runs in the vectorized micro-kernels below. Memory:
+// Tile cosines come from GramKernel (diagonal tiles) or at::mm (single-threaded BLAS inside
+// the parallel region) into per-task scratch; per-pair work runs in the vectorized micro-kernels below. Memory:
 // F (then D), O(B*C); per streamed group one O(n*C) gradient per chunk (thread);
 // O(kTile^2) scratch per task, plus O(kTile*C) with a gradient.
 //
@@ -547,11 +547,12 @@ struct TilePair {
   int64_t row0, rows, col0, cols;  // offsets within the group
 };
 
-// The cosines of tile t of the group f_group (rows of F starting at f_rows_ptr).
+// The cosines of tile t of the group's rows f_group (contiguous).
 template <typename acc_t>
-void tile_cosines(at::Tensor& tile, const at::Tensor& f_group, const acc_t* f_rows_ptr, const TilePair& t) {
+void tile_cosines(at::Tensor& tile, const at::Tensor& f_group, const TilePair& t) {
   if (t.row0 == t.col0) {
-    symmetric_gram(tile, f_rows_ptr + t.row0 * f_group.size(1), t.rows, f_group.size(1));
+    const int64_t width = f_group.size(1);
+    symmetric_gram(tile, f_group.data_ptr<acc_t>() + t.row0 * width, t.rows, width);
   } else {
     at::mm_out(tile, f_group.narrow(0, t.row0, t.rows), f_group.narrow(0, t.col0, t.cols).t());
   }
@@ -587,7 +588,6 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
   const auto chunks = tile_chunks(size, at::get_num_threads());
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
   const at::Tensor f_group = d.f.narrow(0, start, size);
-  const acc_t* f_rows_ptr = d.f_ptr + start * width;
   const int32_t* labels = d.labels + start;
   const acc_t partners = acc_t(size - 1);
 
@@ -601,7 +601,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
       reset_online(state, size);
       for (const TilePair& t : chunks[chunk]) {
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
-        tile_cosines(tile, f_group, f_rows_ptr, t);
+        tile_cosines<acc_t>(tile, f_group, t);
         const StatsTileArgs<acc_t> rows{tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, state + t.row0,
                                         column_max.data(), t.rows, t.cols, size, t.row0 - t.col0, d.params};
         run_for_this_cpu<RowStatsKernel<acc_t>>(rows);
@@ -629,7 +629,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
       for (const TilePair& t : chunks[chunk]) {
         const at::Tensor f_rows = f_group.narrow(0, t.row0, t.rows), f_cols = f_group.narrow(0, t.col0, t.cols);
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
-        tile_cosines(tile, f_group, f_rows_ptr, t);
+        tile_cosines<acc_t>(tile, f_group, t);
         run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
             tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, stats + t.row0, stats + t.col0, d.batch,
             t.rows, t.cols, t.row0 - t.col0, acc_t(1) / acc_t(size), partners, acc_t(1) / partners, d.params});
@@ -687,7 +687,8 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
     });
   }
   const GroupData<acc_t> data{f, f.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), label_ids.data_ptr<int32_t>(),
-                              stats.data_ptr<acc_t>(), need_grad, B, width, Params<acc_t>{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)}};
+                              stats.data_ptr<acc_t>(), need_grad, B, width,
+                              Params<acc_t>{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)}};
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t num_groups = offsets.size(0) - 1;
   std::vector<int64_t> small, large;

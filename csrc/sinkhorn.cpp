@@ -94,7 +94,7 @@ struct Scratch {
 
 // Lanes <-> matrices: 16 x 16 float transposes in registers (GCC/Clang vector extensions,
 // one two-source permute per shuffle on AVX-512) instead of 256 strided scalar moves.
-using Vec16f = float __attribute__((vector_size(64)));
+using Vec16f = Vec64<float>::type;
 
 // Exchanges bit kBit of the row index with bit kBit of the column index between rows a
 // (bit clear) and b (bit set); doing it for bits 0..3 transposes a 16 x 16 tile.
