@@ -206,6 +206,38 @@ constexpr int kChains = 4;
 // and the column sums they feed are loaded and stored once per group.
 constexpr int64_t kRowGroup = 8;
 
+// Lane o of the vector that packs, for x's and then y's rows (kRows per vector, kLanes
+// lanes each), half h of each row's lanes: rows keep their order, lanes halve.
+constexpr int packed_lane(int o, int rows, int lanes, int width, int h) {
+  const int row = o / (lanes / 2);
+  return (row < rows ? 0 : width) + (row % rows) * lanes + h * (lanes / 2) + o % (lanes / 2);
+}
+
+template <int kRows, int kLanes, typename V, int... O>
+PIUMR_ALWAYS_INLINE void add_halves(const V& x, const V& y, V& out, std::integer_sequence<int, O...>) {
+  constexpr int kWidth = sizeof...(O);
+  out = __builtin_shufflevector(x, y, packed_lane(O, kRows, kLanes, kWidth, 0)...) +
+        __builtin_shufflevector(x, y, packed_lane(O, kRows, kLanes, kWidth, 1)...);
+}
+
+// sums[r] = the sum of partial[r]'s lanes for 8 rows of one 64-byte vector each, as a
+// shuffle-and-add tree (each level packs twice the rows into a vector with half the lanes
+// each): 15 shuffles and 8 adds instead of 8 lane-by-lane reductions, which cost more than
+// the row sums themselves at 128 columns.
+template <typename acc_t>
+PIUMR_ALWAYS_INLINE void sum_lanes_of_8_rows(const acc_t (&partial)[8][64 / sizeof(acc_t)], acc_t* sums) {
+  using V = typename Vec64<acc_t>::type;
+  constexpr int kWidth = 64 / sizeof(acc_t);
+  constexpr auto lanes = std::make_integer_sequence<int, kWidth>{};
+  V v[8];
+  for (int r = 0; r < 8; ++r) std::memcpy(&v[r], partial[r], sizeof(V));
+  for (int i = 0; i < 4; ++i) add_halves<1, kWidth>(v[2 * i], v[2 * i + 1], v[i], lanes);
+  for (int i = 0; i < 2; ++i) add_halves<2, kWidth / 2>(v[2 * i], v[2 * i + 1], v[i], lanes);
+  add_halves<4, kWidth / 4>(v[0], v[1], v[0], lanes);
+  if constexpr (kWidth == 16) add_halves<8, 2>(v[0], v[0], v[0], lanes);
+  std::memcpy(sums, &v[0], 8 * sizeof(acc_t));
+}
+
 // out[i] = sum_j term(e, i, j) for the kRows rows from i0, with kRowChains vectors of
 // partial sums per row.
 template <int kRows, int kRowChains, typename acc_t, typename F>
@@ -222,12 +254,21 @@ PIUMR_ALWAYS_INLINE void reduce_row_group(int64_t i0, int64_t m, acc_t* out, F&&
   [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
     for (int64_t j = 0; j < full; j += kWidth) (add_row(R, j), ...);
   }(std::make_integer_sequence<int, kRows>{});
+  acc_t sums[kRows];
+  if constexpr (kRows == 8 && kRowChains == 1) {
+    sum_lanes_of_8_rows<acc_t>(partial, sums);
+  } else {
+    for (int r = 0; r < kRows; ++r) {
+      acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < kWidth; ++k) s += partial[r][k];
+      sums[r] = s;
+    }
+  }
   for (int r = 0; r < kRows; ++r) {
     const int64_t i = i0 + r;
-    acc_t s = 0;
+    acc_t s = sums[r];
     for (int64_t j = full; j < m; ++j) s += term(i * m + j, i, j);
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < kWidth; ++k) s += partial[r][k];
     out[i] = s;
   }
 }
