@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "vec_math.h"
 
 namespace piumr {
 namespace {
@@ -64,40 +65,6 @@ constexpr int64_t kNumStats = 5;        // per-sample statistics, rows of a (5, 
 enum Stat { kLogitLse = 0, kEmphasisLse, kPositiveWeight, kAnchorLoss, kNumPositive };
 constexpr int64_t kNumOnline = 7;       // running max/sum of both LSEs, positive sums, |P(i)|
 enum Online { kLogitMax = 0, kLogitSum, kEmphMax, kEmphSum, kPosLogit, kPosWeight, kPosCount };
-
-// Value-semantics min/max for the simd loops: std::max takes references, and under
-// `omp simd` the referenced temporaries become per-lane arrays that block vectorization.
-template <typename T>
-PIUMR_ALWAYS_INLINE T max_of(T a, T b) { return a > b ? a : b; }
-template <typename T>
-PIUMR_ALWAYS_INLINE T min_of(T a, T b) { return a < b ? a : b; }
-
-// exp for float that the compiler vectorizes inside `omp simd` loops (std::exp is a
-// scalar libm call): 2^k * p(r), |r| <= ln2 / 2, degree-7 Taylor (< 1 ulp error there).
-// Inputs are clamped to [-87, 88]; callers only use it for exp(x - running max) <= 1,
-// where exp(-87) ~ 1e-38 is as good as 0. Double keeps std::exp (the gradcheck path).
-template <typename acc_t>
-PIUMR_ALWAYS_INLINE acc_t vexp(acc_t x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    x = min_of(max_of(x, -87.0f), 88.0f);
-    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const float t = x * 1.44269504088896341f + shifter;
-    const float k = t - shifter;
-    const int32_t ki = __builtin_bit_cast(int32_t, t) - __builtin_bit_cast(int32_t, shifter);
-    const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    return p * __builtin_bit_cast(float, (ki + 127) << 23);
-  } else {
-    return std::exp(x);
-  }
-}
 
 template <typename acc_t>
 struct Params {

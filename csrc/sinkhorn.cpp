@@ -34,6 +34,7 @@
 #include <utility>
 
 #include "cpu_dispatch.h"
+#include "vec_math.h"
 
 namespace piumr {
 namespace {
@@ -387,17 +388,19 @@ PIUMR_ALWAYS_INLINE void update_scales(acc_t* scale, acc_t* cumulative, const ac
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void row_logsumexp(const acc_t* x, acc_t* out, acc_t* peak, int64_t n, int64_t m) {
   for (int64_t k = 0; k < n * L; ++k) peak[k] = -std::numeric_limits<acc_t>::infinity();
-  for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { peak[r] = std::max(peak[r], x[e]); });
-  reduce_rows<acc_t, L>(n, m, out, [&](int64_t e, int64_t r, int64_t) { return std::exp(x[e] - peak[r]); });
-  for (int64_t k = 0; k < n * L; ++k) out[k] = peak[k] + std::log(out[k]);
+  for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t) { peak[r] = max_of(peak[r], x[e]); });
+  reduce_rows<acc_t, L>(n, m, out, [&](int64_t e, int64_t r, int64_t) { return vexp<acc_t>(x[e] - peak[r]); });
+#pragma omp simd
+  for (int64_t k = 0; k < n * L; ++k) out[k] = peak[k] + vlog<acc_t>(out[k]);
 }
 
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void col_logsumexp(const acc_t* x, acc_t* out, acc_t* peak, int64_t n, int64_t m) {
   for (int64_t k = 0; k < m * L; ++k) peak[k] = -std::numeric_limits<acc_t>::infinity();
-  for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { peak[c] = std::max(peak[c], x[e]); });
-  reduce_cols<acc_t, L>(n, m, out, [&](int64_t e, int64_t, int64_t c) { return std::exp(x[e] - peak[c]); });
-  for (int64_t k = 0; k < m * L; ++k) out[k] = peak[k] + std::log(out[k]);
+  for_each_entry<L>(n, m, [&](int64_t e, int64_t, int64_t c) { peak[c] = max_of(peak[c], x[e]); });
+  reduce_cols<acc_t, L>(n, m, out, [&](int64_t e, int64_t, int64_t c) { return vexp<acc_t>(x[e] - peak[c]); });
+#pragma omp simd
+  for (int64_t k = 0; k < m * L; ++k) out[k] = peak[k] + vlog<acc_t>(out[k]);
 }
 
 // Log domain: the n_iters iterations on the tile x, in place. Writes each iteration's
@@ -512,7 +515,7 @@ struct ForwardKernel {
       load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
       log_iterations<acc_t, L>(p, s.x, s.rt, s.ct, s.tmp);
 #pragma omp simd
-      for (int64_t k = 0; k < nm * L; ++k) s.x[k] = std::exp(s.x[k]);
+      for (int64_t k = 0; k < nm * L; ++k) s.x[k] = vexp<acc_t>(s.x[k]);
       store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
     } else {
       if constexpr (L == 1) {
@@ -667,7 +670,7 @@ struct BackwardKernel {
     {
       const acc_t* f = s.rt + (p.n_iters - 1) * nl;
       const acc_t* g = s.ct + (p.n_iters - 1) * ml;
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { gr[e] *= std::exp(kx[e] + f[r] + g[c]); });
+      for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { gr[e] *= vexp<acc_t>(kx[e] + f[r] + g[c]); });
     }
     for (int64_t t = p.n_iters - 1; t >= 0; --t) {
       const acc_t* f = s.rt + t * nl;
@@ -678,12 +681,12 @@ struct BackwardKernel {
       reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t, int64_t) { return gr[e]; });
       for (int64_t k = 0; k < ml; ++k) col[k] *= inv_c;
       for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) {
-        gr[e] -= std::exp(kx[e] + f[r] + g[c]) * col[c];
+        gr[e] -= vexp<acc_t>(kx[e] + f[r] + g[c]) * col[c];
       });
       reduce_rows<acc_t, L>(n, m, row, [&](int64_t e, int64_t, int64_t) { return gr[e]; });
       for (int64_t k = 0; k < nl; ++k) row[k] *= inv_r;
       for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) {
-        gr[e] -= std::exp(kx[e] + f[r] + g_prev[c]) * row[r];
+        gr[e] -= vexp<acc_t>(kx[e] + f[r] + g_prev[c]) * row[r];
       });
     }
   }
