@@ -95,6 +95,15 @@ def test_matches_reference_other_dtypes(backend, dtype, shape, log_domain):
     _check_against_reference(_kernel(shape, log_domain, dtype), log_domain=log_domain)
 
 
+@pytest.mark.parametrize("shape", [(20, 4, 4), (20, 16, 16), (2, 37, 45)], ids=str)
+def test_log_domain_peaky_kernel(backend, shape):
+    """Log-values spread over hundreds (a small temperature): most exp() terms underflow,
+    where the cpp kernels' vectorized exp flushes to 0 and their log sees sums near 1."""
+    generator = torch.Generator().manual_seed(11)
+    K = (60.0 * torch.randn(shape, generator=generator, dtype=torch.float64)).float().to(DEVICE)
+    _check_against_reference(K, log_domain=True)
+
+
 @pytest.mark.parametrize("log_domain", [False, True], ids=["linear", "log"])
 def test_marginals_and_many_iterations(backend, log_domain):
     K = _kernel((6, 5, 7), log_domain, torch.float32, seed=3)
