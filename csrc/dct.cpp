@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "output_cache.h"
 
 namespace piumr {
 namespace {
@@ -613,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at:
   const int64_t batch = x.size(0), height = x.size(3), width = x.size(4);
   const int64_t n_filters = static_cast<int64_t>(freq.size());
   auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor E = at::empty({batch, n_filters, height, width}, x.options());
+  at::Tensor E = empty_output({batch, n_filters, height, width}, x.options());
   at::Tensor mean = at::empty({batch, n_filters}, acc_opts);
   at::Tensor var = at::empty({batch, n_filters}, acc_opts);
   at::Tensor s = at::empty({batch, height, width}, acc_opts);
@@ -664,7 +665,7 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
                 op, ": grad_mean, grad_var and mean must be contiguous (B, D) of ", acc);
   }
   TORCH_CHECK(s.scalar_type() == acc, op, ": s must be ", acc);
-  at::Tensor grad_map = at::empty({batch, height, width}, grad_E.options());
+  at::Tensor grad_map = empty_output({batch, height, width}, grad_E.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_E.scalar_type(), "dct_filter_bank_cpp_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Bank<acc_t> bank(kernel_size, freq);

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "output_cache.h"
 #include "vec_math.h"
 
 namespace piumr {
@@ -641,7 +642,7 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
   const int64_t B = features.size(0), width = features.size(1);
   const auto acc_opts = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t* order_ptr = order.data_ptr<int64_t>();
-  at::Tensor f = at::empty({B, width}, acc_opts);
+  at::Tensor f = empty_output({B, width}, acc_opts);
   at::Tensor norm = at::empty({B}, acc_opts);
   at::Tensor stats = at::empty({kNumStats, B}, acc_opts);
   const at::Tensor label_ids = group_order_labels(labels, order_ptr);
@@ -778,7 +779,7 @@ at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& grad_ris
   TORCH_CHECK(grad_loss.numel() == 1 && grad_risk_var.numel() == 1 && grad_risks.numel() == num_groups,
               "girl_cpp_backward: expected gradients of shapes (), (G,), ()");
   const int64_t width = direction.size(1);
-  at::Tensor grad_features = at::empty({B, width}, direction.options().dtype(dtype));
+  at::Tensor grad_features = empty_output({B, width}, direction.options().dtype(dtype));
   const double upstream_loss = grad_loss.item<double>(), upstream_var = grad_risk_var.item<double>();
   const at::Tensor upstream_risks = grad_risks.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "girl_cpp_backward", [&] {

@@ -34,6 +34,7 @@
 #include <utility>
 
 #include "cpu_dispatch.h"
+#include "output_cache.h"
 #include "vec_math.h"
 
 namespace piumr {
@@ -769,7 +770,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward(const at::Tensor
                                                                 bool save_stats) {
   check_matrices(K, "K");
   const Problem p = make_problem(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
-  at::Tensor out = at::empty_like(K);
+  at::Tensor out = empty_output_like(K);
   auto stat_opts = K.options().dtype(stats_type(K.scalar_type()));
   const int64_t stat_batch = save_stats ? K.size(0) : 0;
   at::Tensor row_stats = at::empty({n_iters, p.n_rows, stat_batch}, stat_opts);
@@ -797,7 +798,7 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_P, const at::Tensor& K, cons
   TORCH_CHECK(col_stats.scalar_type() == st && col_stats.is_contiguous() &&
                   col_stats.sizes() == at::IntArrayRef({n_iters, p.n_cols, stat_batch}),
               "sinkhorn_cpp_backward: col_stats must be contiguous (n_iters, M, batch or 0) of ", st);
-  at::Tensor grad_K = at::empty_like(K);
+  at::Tensor grad_K = empty_output_like(K);
   at::Tensor rs = row_stats, cs = col_stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "sinkhorn_cpp_backward", [&] {
     run<BackwardKernel, scalar_t>(p, K, &grad_P, grad_K, rs, cs);
@@ -813,16 +814,20 @@ using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at
 using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      int64_t, double, bool, double, double);
 
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("piumr_kernels::sinkhorn_cpp", "")
+                             .typed<ForwardSignature>();
+  return op;
+}
+
 class SinkhornFunction : public torch::autograd::Function<SinkhornFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& K,
                                                 int64_t n_iters, double eps, bool log_domain, double row_sum,
                                                 double col_sum, bool save_stats) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("piumr_kernels::sinkhorn_cpp", "")
-                         .typed<ForwardSignature>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [P, row_stats, col_stats] = op.call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
+    auto [P, row_stats, col_stats] = forward_op().call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
     ctx->save_for_backward({K, row_stats, col_stats});
     ctx->saved_data["n_iters"] = n_iters;
     ctx->saved_data["eps"] = eps;
@@ -852,6 +857,11 @@ class SinkhornFunction : public torch::autograd::Function<SinkhornFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_autograd(const at::Tensor& K, int64_t n_iters, double eps,
                                                                  bool log_domain, double row_sum, double col_sum,
                                                                  bool save_stats) {
+  if (!(at::GradMode::is_enabled() && K.requires_grad())) {
+    // No graph to record: skip the autograd Function's bookkeeping (a small call feels it).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
+  }
   auto outputs = SinkhornFunction::apply(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
   return {outputs[0], outputs[1], outputs[2]};
 }

@@ -20,6 +20,7 @@
 #include <limits>
 
 #include "cpu_dispatch.h"
+#include "output_cache.h"
 
 namespace piumr {
 namespace {
@@ -252,7 +253,7 @@ at::Tensor statistics_backward(const at::Tensor& grad_mean, const at::Tensor& gr
   check_small(grad_max, op, "grad_max", frame_shape, acc);
   check_small(argmax, op, "argmax", frame_shape, at::kInt);
   check_small(grad_spatial, op, "grad_spatial", {x.size(0), x.size(3), x.size(4)}, acc);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tfam_pooling_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gm = grad_mean.data_ptr<acc_t>();
@@ -283,7 +284,7 @@ at::Tensor combine_forward(const at::Tensor& x, const at::Tensor& temporal_scale
   check_video(x, op, "x");
   check_scales(x, temporal_scale, spatial_scale, op);
   const Layout l = layout_of(x);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_output_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tfam_pooling_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
@@ -310,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_backward(const at::Tensor
               ": grad_out must match x in shape and dtype");
   check_scales(x, temporal_scale, spatial_scale, op);
   const Layout l = layout_of(x);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = empty_output_like(x);
   at::Tensor plane_sum = at::empty({x.size(0), x.size(1), x.size(2)}, temporal_scale.options());
   at::Tensor partial = at::empty({l.batch, l.chunks_per_sample, l.positions}, spatial_scale.options());
   at::Tensor grad_spatial = at::empty_like(spatial_scale);

@@ -149,9 +149,12 @@ def sinkhorn(
     matrices = K if K.dim() == 3 and K.is_contiguous() else K.reshape(-1, n_rows, n_cols).contiguous()
     if backend == "cpp":
         save_stats = cpp_saves_stats(K, n_iters)
-        P, _, _ = torch.ops.piumr_kernels.sinkhorn_cpp(
-            matrices, n_iters, eps, log_domain, row_sum, col_sum, save_stats
-        )
+        if torch.compiler.is_compiling():
+            P, _, _ = torch.ops.piumr_kernels.sinkhorn_cpp(
+                matrices, n_iters, eps, log_domain, row_sum, col_sum, save_stats
+            )
+        else:
+            P = backends.extension().sinkhorn(matrices, n_iters, eps, log_domain, row_sum, col_sum, save_stats)
     else:
         P, _, _ = torch.ops.piumr_kernels.sinkhorn_triton(matrices, n_iters, eps, log_domain, row_sum, col_sum)
     return P if matrices is K else P.view(K.shape)
