@@ -170,14 +170,24 @@ PIUMR_ALWAYS_INLINE void store_lanes(const acc_t* src, scalar_t* dst, int64_t co
 
 // Stats are batch-last, stats[(t * len + k) * batch + matrix], so the 16 lanes of a block
 // store and load them as one contiguous run; the tile keeps them as v[k * L + l].
+// A full block copies with a compile-time size (inlined vector moves); a variable-size
+// memcpy is a library call per row, which at 16x16 cost more than the copies themselves.
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void store_stats(const acc_t* v, acc_t* stats, int64_t count, int64_t batch, int64_t rows) {
+  if (count == L) {
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, L * sizeof(acc_t));
+    return;
+  }
   for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, count * sizeof(acc_t));
 }
 
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void load_stats(const acc_t* stats, acc_t* v, int64_t count, int64_t batch, int64_t rows) {
-  if (count < L) std::fill(v, v + rows * L, acc_t(0));
+  if (count == L) {
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, L * sizeof(acc_t));
+    return;
+  }
+  std::fill(v, v + rows * L, acc_t(0));
   for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, count * sizeof(acc_t));
 }
 

@@ -139,16 +139,17 @@ def resolve_backend(tensor: torch.Tensor, cpp_op: str | None = None) -> str:
     """The backend that will run an op whose main input is `tensor`; `cpp_op` names the op's
     C++ kernel, so a stale extension gives a clear error instead of a missing attribute."""
     name = requested_backend()
-    device = tensor.device
+    # tensor.is_cpu / is_cuda, not tensor.device.type: this runs on every op call, and
+    # building a torch.device costs more than the rest of the dispatch decision.
     if name == "auto":
-        if device.type == "cuda" and not _availability("triton", device):
-            name = "triton"
-        elif device.type == "cpu" and not _availability("cpp", device):
+        if tensor.is_cuda:
+            name = "triton" if _TRITON_OK else "reference"
+        elif tensor.is_cpu and _EXTENSION is not None:
             name = "cpp"
         else:
             name = "reference"
-    else:
-        reason = _availability(name, device)
+    elif not (name == "cpp" and tensor.is_cpu and _EXTENSION is not None):
+        reason = _availability(name, tensor.device)
         if reason:
             raise BackendUnavailableError(f"backend {name!r} was requested but {reason}")
     if name == "cpp" and cpp_op is not None and not cpp_op_built(cpp_op):

@@ -128,7 +128,7 @@ def sinkhorn(
     n_iters = check_int("n_iters", n_iters, 1)
     eps = check_real("eps", eps, minimum=0.0)
     row_sum = check_real("row_sum", row_sum, positive=True)
-    n_rows, n_cols = K.shape[-2], K.shape[-1]
+    n_rows, n_cols = K.shape[-2:]
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"K must have N >= 1 rows and M >= 1 columns, got shape {tuple(K.shape)}")
     if col_sum is None:
