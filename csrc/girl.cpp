@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -459,6 +460,77 @@ struct GramKernel {
   }
 };
 
+// ---------------------------------------------------------------- H F products
+template <typename acc_t>
+struct ProductArgs {
+  const acc_t* a;                    // A(i, k) = a[i * a_row_stride + k * a_col_stride]
+  int64_t a_row_stride, a_col_stride;  // (a transposed tile: swap the strides)
+  const acc_t* b;                    // (inner, width) contiguous rows
+  int64_t rows, inner, width;
+  acc_t* out;                        // (rows, width) contiguous rows
+  bool accumulate;                   // out += A B instead of out = A B
+};
+
+// out (+)= A B for the gradient products H F (A at most kTile x kTile, B = F's rows): a
+// 4-row x 4-vector register block of accumulators, each step one row of B (4 vector loads)
+// against 4 broadcast entries of A (16 multiply-adds). MKL's sgemm runs its AVX2 kernel
+// on AMD processors; on the project's Zen 5 machine this is 1.8x faster at 128 x 128 x
+// 2048 (one core: 0.36 vs 0.65 ms). The columns past the last full block take a plain loop.
+constexpr int kProductRows = 4;
+constexpr int kProductVectors = 4;
+
+template <typename acc_t>
+struct ProductKernel {
+  static PIUMR_ALWAYS_INLINE void run(const ProductArgs<acc_t>& p) {
+    using V = typename Vec64<acc_t>::type;
+    constexpr int64_t kLanes = 64 / sizeof(acc_t);
+    constexpr int64_t kBlock = kProductVectors * kLanes;
+    const int64_t full = p.width - p.width % kBlock;
+    const auto a_at = [&](int64_t i, int64_t k) { return p.a[i * p.a_row_stride + k * p.a_col_stride]; };
+    for (int64_t j0 = 0; j0 < full; j0 += kBlock) {
+      for (int64_t i0 = 0; i0 < p.rows; i0 += kProductRows) {
+        // Block rows past the end repeat the last row; they are not stored.
+        int64_t row[kProductRows];
+        for (int r = 0; r < kProductRows; ++r) row[r] = std::min(i0 + r, p.rows - 1);
+        V acc[kProductRows][kProductVectors];
+        for (int r = 0; r < kProductRows; ++r) {
+          for (int q = 0; q < kProductVectors; ++q) {
+            if (p.accumulate) {
+              std::memcpy(&acc[r][q], p.out + row[r] * p.width + j0 + q * kLanes, sizeof(V));
+            } else {
+              acc[r][q] = V{};
+            }
+          }
+        }
+        for (int64_t k = 0; k < p.inner; ++k) {
+          V b[kProductVectors];
+          for (int q = 0; q < kProductVectors; ++q) std::memcpy(&b[q], p.b + k * p.width + j0 + q * kLanes, sizeof(V));
+          for (int r = 0; r < kProductRows; ++r) {
+            const V a = V{} + a_at(row[r], k);
+            for (int q = 0; q < kProductVectors; ++q) acc[r][q] += a * b[q];
+          }
+        }
+        for (int r = 0; r < kProductRows && i0 + r < p.rows; ++r) {
+          for (int q = 0; q < kProductVectors; ++q) {
+            std::memcpy(p.out + (i0 + r) * p.width + j0 + q * kLanes, &acc[r][q], sizeof(V));
+          }
+        }
+      }
+    }
+    if (full == p.width) return;
+    for (int64_t i = 0; i < p.rows; ++i) {
+      acc_t* out = p.out + i * p.width;
+      if (!p.accumulate) std::fill(out + full, out + p.width, acc_t(0));
+      for (int64_t k = 0; k < p.inner; ++k) {
+        const acc_t a = a_at(i, k);
+        const acc_t* b = p.b + k * p.width;
+#pragma omp simd
+        for (int64_t c = full; c < p.width; ++c) out[c] += a * b[c];
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------- drivers
 // Everything a forward needs, in group order.
 template <typename acc_t>
@@ -490,7 +562,6 @@ void symmetric_gram(at::Tensor& tile, const acc_t* rows, int64_t size, int64_t w
 template <typename acc_t, bool kDetach>
 void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Tensor& scratch,
                  const at::Tensor& grad_scratch, acc_t* online) {
-  const at::Tensor f_group = d.f.narrow(0, start, size);
   at::Tensor tile = tile_view(scratch, size, size);
   symmetric_gram(tile, d.f_ptr + start * d.width, size, d.width);
   acc_t* cosine = tile.data_ptr<acc_t>();
@@ -505,10 +576,11 @@ void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Ten
   run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
       cosine, labels, labels, stats, stats, d.batch, size, size, 0, acc_t(1) / acc_t(size), partners,
       acc_t(1) / partners, d.params});
-  at::Tensor grad_rows = grad_scratch.narrow(0, 0, size);
-  at::mm_out(grad_rows, tile, f_group);
-  run_for_this_cpu<NormBackwardKernel<acc_t>>(NormBackwardArgs<acc_t>{
-      d.f_ptr + start * d.width, grad_rows.data_ptr<acc_t>(), d.norm + start, size, d.width});
+  acc_t* grad_rows = grad_scratch.data_ptr<acc_t>();
+  run_for_this_cpu<ProductKernel<acc_t>>(
+      ProductArgs<acc_t>{cosine, size, 1, d.f_ptr + start * d.width, size, size, d.width, grad_rows, false});
+  run_for_this_cpu<NormBackwardKernel<acc_t>>(
+      NormBackwardArgs<acc_t>{d.f_ptr + start * d.width, grad_rows, d.norm + start, size, d.width});
 }
 
 struct TilePair {
@@ -601,8 +673,14 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
         run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
             tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, stats + t.row0, stats + t.col0, d.batch,
             t.rows, t.cols, t.row0 - t.col0, acc_t(1) / acc_t(size), partners, acc_t(1) / partners, d.params});
-        grad.narrow(0, t.row0, t.rows).addmm_(tile, f_cols);
-        if (t.row0 != t.col0) grad.narrow(0, t.col0, t.cols).addmm_(tile.t(), f_rows);
+        acc_t* grad_ptr = grad.data_ptr<acc_t>();
+        const acc_t* h = tile.data_ptr<acc_t>();
+        run_for_this_cpu<ProductKernel<acc_t>>(ProductArgs<acc_t>{
+            h, t.cols, 1, f_cols.data_ptr<acc_t>(), t.rows, t.cols, width, grad_ptr + t.row0 * width, true});
+        if (t.row0 != t.col0) {
+          run_for_this_cpu<ProductKernel<acc_t>>(ProductArgs<acc_t>{
+              h, 1, t.cols, f_rows.data_ptr<acc_t>(), t.cols, t.rows, width, grad_ptr + t.col0 * width, true});
+        }
       }
     }
   });
