@@ -276,6 +276,24 @@ def test_cpp_group_sizes_every_gram_block_remainder(isa, dtype, monkeypatch):
     assert torch.bincount(details["group_index"]).tolist() == sizes
 
 
+# (B, C, G): the cpp gradient products H F take 4-row blocks of H against blocks of 64
+# float (32 double) columns of F, then a plain loop over the remaining columns. Groups of
+# 13 (a 1-row remainder) at widths 100 (full blocks and a tail) and 128 (no tail), and a
+# streamed group of 300 at width 70, whose off-diagonal 256 x 44 tile also runs the
+# transposed product.
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,width,num_groups", [(26, 100, 2), (26, 128, 2), (300, 70, 1)])
+def test_cpp_gradient_products_every_block_remainder(isa, dtype, batch, width, num_groups, monkeypatch):
+    if piumr_kernels.backends._availability("cpp", torch.device("cpu")):
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.setenv("PIUMR_KERNELS_CPU_ISA", isa)
+    features, labels = make_inputs(batch, width, num_classes=4, dtype=dtype, seed=12)
+    with use_backend("cpp"):
+        check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=False, var_grad=True,
+                                tau=0.1, eta=0.3, lambda_var=1.5)
+
+
 def test_zero_feature_rows_stay_finite(backend):
     features, labels = make_inputs(16, 8, num_classes=2)
     features[[0, 5, 9]] = 0.0
