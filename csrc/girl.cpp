@@ -19,7 +19,7 @@
 // symmetric. Two kinds of work:
 //  - a group of at most kTile samples is one work item: its cosines (GramKernel), the
 //    per-anchor statistics (two log-sum-exps and the positive sums), then H on the same
-//    tile, H F with a second at::mm into per-task scratch, and D from it over F's rows;
+//    tile, H F (ProductKernel) into per-task scratch, and D from it over F's rows;
 //  - a larger group is streamed in kTile x kTile tiles (I, J), I <= J only (the cosine
 //    matrix is symmetric, so each pair is computed once). Pass 1: flash-style online
 //    log-sum-exps, updated row-wise for the anchors of I and column-wise for those of J.
@@ -28,7 +28,7 @@
 //    contiguous chunk per thread; each chunk accumulates into its own partial buffers (statistics O(B), gradient O(n*C)),
 //    summed in chunk order afterwards: no races, and deterministic for a thread count.
 // Tile cosines come from GramKernel (diagonal tiles) or at::mm (single-threaded BLAS inside
-// the parallel region) into per-task scratch; per-pair work runs in the vectorized micro-kernels below. Memory:
+// the parallel region) into per-task scratch, the products H F from ProductKernel; per-pair work runs in the vectorized micro-kernels below. Memory:
 // F (then D), O(B*C); per streamed group one O(n*C) gradient per chunk (thread);
 // O(kTile^2) scratch per task, plus O(kTile*C) with a gradient.
 //
