@@ -429,6 +429,24 @@ def test_info_reports_backends_and_versions():
         assert report["cpu_isa"] in {"baseline", "avx2", "avx512"}
 
 
+@pytest.mark.skipif(not backends.backend_available("cpp") or DEVICE != "cpu", reason="needs the cpp backend")
+def test_eager_entry_point_dispatches_like_torch_ops():
+    """The eager cpp call goes through the extension's pybind11 entry, which calls the op
+    through the dispatcher: fake tensors get the registered fake, autograd records a graph."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(), piumr_kernels.use_backend("cpp"):
+        K = torch.rand(5, 16, 16, requires_grad=True)
+        P = piumr_kernels.sinkhorn(K, 3)
+        assert isinstance(P, FakeTensor) and P.shape == K.shape and P.grad_fn is not None
+        P.sum().backward()
+        assert K.grad.shape == K.shape
+    K = _kernel((5, 16, 16), False, torch.float32).requires_grad_()
+    with piumr_kernels.use_backend("cpp"):
+        P = piumr_kernels.sinkhorn(K, 3)
+    assert P.grad_fn is not None and "SinkhornFunction" in P.grad_fn.name()
+
+
 def test_cpp_stats_rule_matches_fake():
     """The Python rule for storing stats and the fake shapes agree with the real op."""
     if not backends.backend_available("cpp"):
