@@ -7,25 +7,18 @@
 #include <torch/extension.h>
 
 #include <string>
-#include <tuple>
 
 #include "cpu_dispatch.h"
 
 namespace piumr {
+
+// Defined next to the op they call (csrc/<op>.cpp).
+at::Tensor sinkhorn_eager(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum,
+                          double col_sum, bool save_stats);
+
 namespace {
 
 std::string cpu_isa() { return selected_isa_name(); }
-
-using SinkhornSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool,
-                                                                         double, double, bool);
-
-at::Tensor sinkhorn(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum, double col_sum,
-                    bool save_stats) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("piumr_kernels::sinkhorn_cpp", "")
-                             .typed<SinkhornSignature>();
-  return std::get<0>(op.call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats));
-}
 
 }  // namespace
 
@@ -36,5 +29,5 @@ TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
 }  // namespace piumr
 
 PYBIND11_MODULE(_C, m) {
-  m.def("sinkhorn", &piumr::sinkhorn, "P of torch.ops.piumr_kernels.sinkhorn_cpp (same arguments)");
+  m.def("sinkhorn", &piumr::sinkhorn_eager, "P of torch.ops.piumr_kernels.sinkhorn_cpp (same arguments)");
 }

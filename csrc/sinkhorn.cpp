@@ -880,6 +880,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_autograd(const at::Tenso
 
 }  // namespace
 
+// P of sinkhorn_cpp through the dispatcher, for the extension's eager entry point (module.cpp).
+at::Tensor sinkhorn_eager(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum,
+                          double col_sum, bool save_stats) {
+  return std::get<0>(forward_op().call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats));
+}
+
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
   m.def("sinkhorn_cpp(Tensor K, int n_iters, float eps, bool log_domain, float row_sum, float col_sum,"
         " bool save_stats) -> (Tensor, Tensor, Tensor)");
