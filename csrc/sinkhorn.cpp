@@ -560,13 +560,84 @@ struct ForwardKernel {
   }
 };
 
-// Rows per step of the linear backward. Plain rows (L == 1) stream from L2, so a step is
-// kRowGroup rows and the two halves of an iteration share one pass while the rows are in
-// L1. A lanes tile sits in L1 whole; there one step is the whole tile (two passes per
-// iteration), which keeps every vector op independent of the previous row's result.
-template <int L>
-PIUMR_ALWAYS_INLINE int64_t rows_per_step(int64_t n) {
-  return L == 1 ? kRowGroup : n;
+// One step of the linear backward on kRows plain (L == 1) rows i, streamed from L2: the
+// column step's adjoint g = beta (in - col) with the dots row_i = u_i <g_i, K_i v_prev> / r,
+// then, while the rows are in L1, the row step's adjoint alpha_i (g_i - row_i), written to
+// out, with its column sums next_col += (...) K u_prev (none at the first iteration,
+// u_prev == nullptr). Written out instead of built from reduce_rows / accumulate_cols: the
+// compiler must assume the gradient stores alias every vector, so those reload each
+// column's vectors and each row's scalars once per row, which made the step load-bound;
+// staged in local arrays, they stay in registers. `in` may be `out`.
+template <typename acc_t, int kRows>
+PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t* out, const acc_t* k,
+                                              const acc_t* beta, const acc_t* col, const acc_t* v_prev,
+                                              const acc_t* alpha, const acc_t* u, acc_t inv_r, const acc_t* u_prev,
+                                              acc_t* next_col) {
+  constexpr int64_t kWidth = 64 / sizeof(acc_t);
+  const int64_t full = m - m % kWidth;
+  constexpr auto rows = std::make_integer_sequence<int, kRows>{};
+  acc_t partial[kRows][kWidth] = {};
+  for (int64_t j = 0; j < full; j += kWidth) {
+    acc_t b[kWidth], c[kWidth], w[kWidth];
+    std::memcpy(b, beta + j, sizeof(b));
+    std::memcpy(c, col + j, sizeof(c));
+    std::memcpy(w, v_prev + j, sizeof(w));
+    [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+      ([&] {
+#pragma omp simd
+        for (int64_t q = 0; q < kWidth; ++q) {
+          const int64_t e = R * m + j + q;
+          const acc_t g = b[q] * (in[e] - c[q]);
+          out[e] = g;
+          partial[R][q] += g * k[e] * w[q];
+        }
+      }(), ...);
+    }(rows);
+  }
+  acc_t dot[kRows];
+  if constexpr (kRows == 8) {
+    sum_lanes_of_8_rows<acc_t>(partial, dot);
+  } else {
+    for (int r = 0; r < kRows; ++r) {
+      acc_t sum = 0;
+      for (int64_t q = 0; q < kWidth; ++q) sum += partial[r][q];
+      dot[r] = sum;
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int64_t j = full; j < m; ++j) {
+      const int64_t e = r * m + j;
+      const acc_t g = beta[j] * (in[e] - col[j]);
+      out[e] = g;
+      dot[r] += g * k[e] * v_prev[j];
+    }
+    dot[r] *= u[r] * inv_r;
+  }
+  acc_t a[kRows], w[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    a[r] = alpha[r];
+    w[r] = u_prev ? u_prev[r] : acc_t(0);
+  }
+  if (u_prev == nullptr) {
+    for (int r = 0; r < kRows; ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) out[r * m + j] = a[r] * (out[r * m + j] - dot[r]);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    acc_t sum = next_col[j];
+    [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+      ([&] {
+        const int64_t e = R * m + j;
+        const acc_t g = a[R] * (out[e] - dot[R]);
+        out[e] = g;
+        sum += g * k[e] * w[R];
+      }(), ...);
+    }(rows);
+    next_col[j] = sum;
+  }
 }
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
@@ -641,29 +712,33 @@ struct BackwardKernel {
 #pragma omp simd
       for (int64_t k = 0; k < ml; ++k) col[k] *= v[k] * inv_c;
       if (t > 0) std::fill(next_col, next_col + ml, acc_t(0));
-      for (int64_t i0 = 0; i0 < n; i0 += rows_per_step<L>(n)) {
-        const int64_t rows = std::min(rows_per_step<L>(n), n - i0);
-        const acc_t* k_g = kx + i0 * m * L;
-        const acc_t* in_g = in + i0 * m * L;
-        acc_t* out_g = out + i0 * m * L;
-        const acc_t* alpha_g = alpha + i0 * L;
-        const acc_t* u_g = u + i0 * L;
-        reduce_rows<acc_t, L>(rows, m, row, [=](int64_t e, int64_t, int64_t c) {
-          const acc_t g = beta[c] * (in_g[e] - col[c]);
-          out_g[e] = g;
-          return g * k_g[e] * v_prev[c];
+      if constexpr (L == 1) {
+        // Plain rows stream from L2: both steps of the iteration in one pass, 8 rows at a time.
+        const auto step = [&]<int kRows>(int64_t i) PIUMR_ALWAYS_INLINE_LAMBDA {
+          linear_backward_rows<acc_t, kRows>(m, in + i * m, out + i * m, kx + i * m, beta, col, v_prev, alpha + i,
+                                             u + i, inv_r, u_prev ? u_prev + i : nullptr, next_col);
+        };
+        const int64_t grouped = n - n % kRowGroup;
+        for (int64_t i = 0; i < grouped; i += kRowGroup) step.template operator()<kRowGroup>(i);
+        for (int64_t i = grouped; i < n; ++i) step.template operator()<1>(i);
+      } else {
+        // A lanes tile sits in L1 whole: two passes per iteration, so every vector op is
+        // independent of the previous row's result.
+        reduce_rows<acc_t, L>(n, m, row, [=](int64_t e, int64_t, int64_t c) {
+          const acc_t g = beta[c] * (in[e] - col[c]);
+          out[e] = g;
+          return g * kx[e] * v_prev[c];
         });
 #pragma omp simd
-        for (int64_t k = 0; k < rows * L; ++k) row[k] *= u_g[k] * inv_r;
+        for (int64_t k = 0; k < nl; ++k) row[k] *= u[k] * inv_r;
         if (t > 0) {
-          const acc_t* u_prev_g = u_prev + i0 * L;
-          accumulate_cols<acc_t, L>(rows, m, next_col, [=](int64_t e, int64_t r, int64_t) {
-            const acc_t g = alpha_g[r] * (out_g[e] - row[r]);
-            out_g[e] = g;
-            return g * k_g[e] * u_prev_g[r];
+          accumulate_cols<acc_t, L>(n, m, next_col, [=](int64_t e, int64_t r, int64_t) {
+            const acc_t g = alpha[r] * (out[e] - row[r]);
+            out[e] = g;
+            return g * kx[e] * u_prev[r];
           });
         } else {
-          for_each_entry<L>(rows, m, [=](int64_t e, int64_t r, int64_t) { out_g[e] = alpha_g[r] * (out_g[e] - row[r]); });
+          for_each_entry<L>(n, m, [=](int64_t e, int64_t r, int64_t) { out[e] = alpha[r] * (out[e] - row[r]); });
         }
       }
       std::swap(col, next_col);
