@@ -583,7 +583,7 @@ PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t*
     std::memcpy(c, col + j, sizeof(c));
     std::memcpy(w, v_prev + j, sizeof(w));
     [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
-      ([&] {
+      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
 #pragma omp simd
         for (int64_t q = 0; q < kWidth; ++q) {
           const int64_t e = R * m + j + q;
@@ -629,7 +629,7 @@ PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t*
   for (int64_t j = 0; j < m; ++j) {
     acc_t sum = next_col[j];
     [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
-      ([&] {
+      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
         const int64_t e = R * m + j;
         const acc_t g = a[R] * (out[e] - dot[R]);
         out[e] = g;
@@ -638,6 +638,57 @@ PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t*
     }(rows);
     next_col[j] = sum;
   }
+}
+
+// The same step on a whole lanes tile of compile-time shape kN x kM (in L1): two passes,
+// each with its sums in registers and the other side's vectors staged in locals, so an
+// entry costs two loads and a store. Pass one goes column by column, adding to the kN row
+// dots; pass two row by row, adding to the kM column sums.
+template <typename acc_t, int L, int kN, int kM>
+PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const acc_t* k, const acc_t* beta,
+                                              const acc_t* col, const acc_t* v_prev, const acc_t* alpha,
+                                              const acc_t* u, acc_t inv_r, const acc_t* u_prev, acc_t* next_col) {
+  acc_t dot[kN][L] = {};
+  for (int j = 0; j < kM; ++j) {
+    acc_t b[L], c[L], w[L];
+    std::memcpy(b, beta + j * L, sizeof(b));
+    std::memcpy(c, col + j * L, sizeof(c));
+    std::memcpy(w, v_prev + j * L, sizeof(w));
+    [&]<int... I>(std::integer_sequence<int, I...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) {
+          const int64_t e = (I * kM + j) * L + l;
+          const acc_t g = b[l] * (in[e] - c[l]);
+          out[e] = g;
+          dot[I][l] += g * k[e] * w[l];
+        }
+      }(), ...);
+    }(std::make_integer_sequence<int, kN>{});
+  }
+  for (int i = 0; i < kN; ++i) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) dot[i][l] *= u[i * L + l] * inv_r;
+  }
+  acc_t sums[kM][L];
+  if (u_prev != nullptr) std::memcpy(sums, next_col, sizeof(sums));
+  for (int i = 0; i < kN; ++i) {
+    acc_t a[L], w[L];
+    std::memcpy(a, alpha + i * L, sizeof(a));
+    if (u_prev != nullptr) std::memcpy(w, u_prev + i * L, sizeof(w));
+    [&]<int... J>(std::integer_sequence<int, J...>) PIUMR_ALWAYS_INLINE_LAMBDA {
+      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) {
+          const int64_t e = (i * kM + J) * L + l;
+          const acc_t g = a[l] * (out[e] - dot[i][l]);
+          out[e] = g;
+          if (u_prev != nullptr) sums[J][l] += g * k[e] * w[l];
+        }
+      }(), ...);
+    }(std::make_integer_sequence<int, kM>{});
+  }
+  if (u_prev != nullptr) std::memcpy(next_col, sums, sizeof(sums));
 }
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
@@ -721,6 +772,8 @@ struct BackwardKernel {
         const int64_t grouped = n - n % kRowGroup;
         for (int64_t i = 0; i < grouped; i += kRowGroup) step.template operator()<kRowGroup>(i);
         for (int64_t i = grouped; i < n; ++i) step.template operator()<1>(i);
+      } else if constexpr (kN > 0) {
+        linear_backward_tile<acc_t, L, kN, kM>(in, out, kx, beta, col, v_prev, alpha, u, inv_r, u_prev, next_col);
       } else {
         // A lanes tile sits in L1 whole: two passes per iteration, so every vector op is
         // independent of the previous row's result.
