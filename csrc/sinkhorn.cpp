@@ -57,8 +57,9 @@ struct BlockArgs {
   const scalar_t* K;     // first matrix of the block, (count, N, M) contiguous
   const scalar_t* grad;  // backward only: upstream gradient, same layout as K
   scalar_t* out;         // P (forward) or grad_K (backward)
-  acc_t* row_stats;      // (n_iters, N, batch), offset to the block's first matrix
-  acc_t* col_stats;      // (n_iters, M, batch), likewise
+  acc_t* row_stats;      // (n_iters, N, stride) from the block's first matrix
+  acc_t* col_stats;      // (n_iters, M, stride), likewise
+  int64_t stats_stride;  // batch (the stats tensors) or kLanes (a plain-rows block's staging)
   int64_t count;         // matrices in this block, <= L
   acc_t* scratch;        // Scratch<acc_t, L>::size(problem, Kernel::needs_tiles(problem)) values
 };
@@ -172,25 +173,38 @@ PIUMR_ALWAYS_INLINE void store_lanes(const acc_t* src, scalar_t* dst, int64_t co
 // store and load them as one contiguous run; the tile keeps them as v[k * L + l].
 // A full lanes block copies with a compile-time size (inlined vector moves); a variable-size
 // memcpy is a library call per row, which at 16x16 cost more than the copies themselves.
-// (Not for L == 1: there the fixed-size copies vectorize into AVX-512 scatters and gathers,
-// which are slow on AMD; 256x64x64 forward +20%.)
+// A plain-rows block (L == 1) is one matrix: a strided copy of single values, out of line
+// and not vectorized (a memcpy call per value was a tenth of a 32x128x128 forward and
+// backward; vectorized, the strided side becomes AVX-512 scatters or gathers, slow on AMD).
+// Its stride is kLanes: run_blocks stages plain-rows stats in lanes order.
+template <typename acc_t>
+__attribute__((noinline, optimize("no-tree-vectorize"))) void copy_strided(const acc_t* src, int64_t src_stride,
+                                                                          acc_t* dst, int64_t dst_stride,
+                                                                          int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k * dst_stride] = src[k * src_stride];
+}
+
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void store_stats(const acc_t* v, acc_t* stats, int64_t count, int64_t batch, int64_t rows) {
-  if (L > 1 && count == L) {
+  if constexpr (L == 1) {
+    copy_strided(v, 1, stats, batch, rows);
+  } else if (count == L) {
     for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, L * sizeof(acc_t));
-    return;
+  } else {
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, count * sizeof(acc_t));
   }
-  for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, count * sizeof(acc_t));
 }
 
 template <typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void load_stats(const acc_t* stats, acc_t* v, int64_t count, int64_t batch, int64_t rows) {
-  if (L > 1 && count == L) {
+  if constexpr (L == 1) {
+    copy_strided(stats, batch, v, 1, rows);
+  } else if (count == L) {
     for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, L * sizeof(acc_t));
-    return;
+  } else {
+    std::fill(v, v + rows * L, acc_t(0));
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, count * sizeof(acc_t));
   }
-  std::fill(v, v + rows * L, acc_t(0));
-  for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, count * sizeof(acc_t));
 }
 
 // Calls f(e, r, c) for every entry of an n x m tile: e = (i * m + j) * L + l is the entry,
@@ -518,6 +532,7 @@ constexpr bool kDirect = L == 1 && std::is_same_v<scalar_t, acc_t>;
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct ForwardKernel {
+  static constexpr bool kWritesStats = true;
   static bool needs_tiles(const Problem& p) { return p.log_domain || !kDirect<scalar_t, acc_t, L>; }
 
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
@@ -554,8 +569,8 @@ struct ForwardKernel {
       }
     }
     if (p.has_stats) {
-      store_stats<acc_t, L>(s.rt, a.row_stats, a.count, p.batch, p.n_iters * n);
-      store_stats<acc_t, L>(s.ct, a.col_stats, a.count, p.batch, p.n_iters * m);
+      store_stats<acc_t, L>(s.rt, a.row_stats, a.count, a.stats_stride, p.n_iters * n);
+      store_stats<acc_t, L>(s.ct, a.col_stats, a.count, a.stats_stride, p.n_iters * m);
     }
   }
 };
@@ -693,6 +708,7 @@ PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct BackwardKernel {
+  static constexpr bool kWritesStats = false;
   static bool needs_tiles(const Problem& p) {
     return p.log_domain || !p.has_stats || !kDirect<scalar_t, acc_t, L>;
   }
@@ -702,8 +718,8 @@ struct BackwardKernel {
     const int64_t n = p.n_rows, m = p.n_cols, nm = n * m;
     Scratch<acc_t, L> s(a.scratch, p);
     if (p.has_stats) {
-      load_stats<acc_t, L>(a.row_stats, s.rt, a.count, p.batch, p.n_iters * n);
-      load_stats<acc_t, L>(a.col_stats, s.ct, a.count, p.batch, p.n_iters * m);
+      load_stats<acc_t, L>(a.row_stats, s.rt, a.count, a.stats_stride, p.n_iters * n);
+      load_stats<acc_t, L>(a.col_stats, s.ct, a.count, a.stats_stride, p.n_iters * m);
     } else {
       // Not stored (cheaper to recompute than to write and read back): replay the forward.
       load_lanes<scalar_t, acc_t, L>(a.K, s.gr, a.count, nm, acc_t(1));
@@ -851,17 +867,42 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
     // Not value-initialized: every value is written before it is read.
     using BlockKernel = Kernel<scalar_t, acc_t, L, kN, kM>;
     std::unique_ptr<acc_t[]> scratch(new acc_t[Scratch<acc_t, L>::size(p, BlockKernel::needs_tiles(p))]);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t first = blk * L;
-      BlockArgs<scalar_t, acc_t> args{&p,
-                                      k_ptr + first * nm,
-                                      g_ptr ? g_ptr + first * nm : nullptr,
-                                      out_ptr + first * nm,
-                                      rs_ptr ? rs_ptr + first : nullptr,
-                                      cs_ptr ? cs_ptr + first : nullptr,
-                                      std::min<int64_t>(L, p.batch - first),
-                                      scratch.get()};
-      run_for_this_cpu<BlockKernel>(args);
+    // A plain-rows block is one matrix, whose stats are single values a batch apart in the
+    // tensors; at power-of-two batch sizes those accesses fall into a few cache sets and
+    // miss (256x64x64 forward +20%). So kLanes such blocks at a time stage their stats in
+    // lanes order, moved to or from the tensors as contiguous runs, like a lanes block's.
+    const bool staged = L == 1 && p.has_stats;
+    const int64_t row_len = p.n_iters * p.n_rows, col_len = p.n_iters * p.n_cols;
+    std::unique_ptr<acc_t[]> stage(staged ? new acc_t[kLanes * (row_len + col_len)] : nullptr);
+    acc_t* stage_rows = stage.get();
+    acc_t* stage_cols = staged ? stage_rows + kLanes * row_len : nullptr;
+    const int64_t group = staged ? kLanes : end - begin;
+    for (int64_t g0 = begin; g0 < end; g0 += group) {
+      const int64_t g1 = std::min(end, g0 + group);
+      if (staged && !BlockKernel::kWritesStats) {
+        load_stats<acc_t, kLanes>(rs_ptr + g0, stage_rows, g1 - g0, p.batch, row_len);
+        load_stats<acc_t, kLanes>(cs_ptr + g0, stage_cols, g1 - g0, p.batch, col_len);
+      }
+      for (int64_t blk = g0; blk < g1; ++blk) {
+        const int64_t first = blk * L;
+        const auto stats_at = [&](acc_t* stats, acc_t* staging) -> acc_t* {
+          return staged ? staging + (blk - g0) : (stats ? stats + first : nullptr);
+        };
+        BlockArgs<scalar_t, acc_t> args{&p,
+                                        k_ptr + first * nm,
+                                        g_ptr ? g_ptr + first * nm : nullptr,
+                                        out_ptr + first * nm,
+                                        stats_at(rs_ptr, stage_rows),
+                                        stats_at(cs_ptr, stage_cols),
+                                        staged ? kLanes : p.batch,
+                                        std::min<int64_t>(L, p.batch - first),
+                                        scratch.get()};
+        run_for_this_cpu<BlockKernel>(args);
+      }
+      if (staged && BlockKernel::kWritesStats) {
+        store_stats<acc_t, kLanes>(stage_rows, rs_ptr + g0, g1 - g0, p.batch, row_len);
+        store_stats<acc_t, kLanes>(stage_cols, cs_ptr + g0, g1 - g0, p.batch, col_len);
+      }
     }
   });
 }

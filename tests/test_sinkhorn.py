@@ -75,6 +75,8 @@ SHAPES = {
     "rect-40x100": (2, 40, 100),
     # cpp plain-row path: rows past the last group of 8 and columns past the last vector
     "ragged-37x45": (2, 37, 45),
+    # cpp plain-row path, stats staged 16 matrices at a time: two groups and a partial one
+    "rows-37-matrices": (37, 33, 40),
     "streaming-160x300": (2, 160, 300),
     "leading-dims": (2, 3, 6, 6),
     "single-row": (3, 1, 7),
