@@ -91,15 +91,22 @@ __attribute__((target("avx2,fma"))) void run_avx2(const Args& args) {
 #endif
 
 template <class Kernel, class Args>
-void run_for_this_cpu(const Args& args) {
+void run_for_isa(CpuIsa isa, const Args& args) {
 #if defined(PIUMR_X86_DISPATCH)
-  switch (selected_isa()) {
+  switch (isa) {
     case CpuIsa::kAvx512: return run_avx512<Kernel>(args);
     case CpuIsa::kAvx2: return run_avx2<Kernel>(args);
     default: break;
   }
 #endif
   Kernel::run(args);
+}
+
+// One kernel call on the selected ISA. A kernel called once per small block takes
+// selected_isa() once per op instead (run_for_isa): getenv scans the whole environment.
+template <class Kernel, class Args>
+void run_for_this_cpu(const Args& args) {
+  run_for_isa<Kernel>(selected_isa(), args);
 }
 
 }  // namespace piumr

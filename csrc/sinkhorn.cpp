@@ -863,6 +863,7 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   acc_t* rs_ptr = p.has_stats ? row_stats.data_ptr<acc_t>() : nullptr;
   acc_t* cs_ptr = p.has_stats ? col_stats.data_ptr<acc_t>() : nullptr;
+  const CpuIsa isa = selected_isa();
   at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
     // Not value-initialized: every value is written before it is read.
     using BlockKernel = Kernel<scalar_t, acc_t, L, kN, kM>;
@@ -897,7 +898,7 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
                                         staged ? kLanes : p.batch,
                                         std::min<int64_t>(L, p.batch - first),
                                         scratch.get()};
-        run_for_this_cpu<BlockKernel>(args);
+        run_for_isa<BlockKernel>(isa, args);
       }
       if (staged && BlockKernel::kWritesStats) {
         store_stats<acc_t, kLanes>(stage_rows, rs_ptr + g0, g1 - g0, p.batch, row_len);
