@@ -170,7 +170,8 @@ PIUMR_ALWAYS_INLINE void store_lanes(const acc_t* src, scalar_t* dst, int64_t co
 }
 
 // Stats are batch-last, stats[(t * len + k) * batch + matrix], so the 16 lanes of a block
-// store and load them as one contiguous run; the tile keeps them as v[k * L + l].
+// store and load them as one contiguous run; the tile keeps them as v[k * L + l]. `stride`
+// is the distance between a matrix's consecutive values: batch, or kLanes when staged.
 // A full lanes block copies with a compile-time size (inlined vector moves); a variable-size
 // memcpy is a library call per row, which at 16x16 cost more than the copies themselves.
 // A plain-rows block (L == 1) is one matrix: a strided copy of single values, out of line
@@ -185,25 +186,25 @@ __attribute__((noinline, optimize("no-tree-vectorize"))) void copy_strided(const
 }
 
 template <typename acc_t, int L>
-PIUMR_ALWAYS_INLINE void store_stats(const acc_t* v, acc_t* stats, int64_t count, int64_t batch, int64_t rows) {
+PIUMR_ALWAYS_INLINE void store_stats(const acc_t* v, acc_t* stats, int64_t count, int64_t stride, int64_t rows) {
   if constexpr (L == 1) {
-    copy_strided(v, 1, stats, batch, rows);
+    copy_strided(v, 1, stats, stride, rows);
   } else if (count == L) {
-    for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, L * sizeof(acc_t));
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * stride, v + k * L, L * sizeof(acc_t));
   } else {
-    for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * batch, v + k * L, count * sizeof(acc_t));
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(stats + k * stride, v + k * L, count * sizeof(acc_t));
   }
 }
 
 template <typename acc_t, int L>
-PIUMR_ALWAYS_INLINE void load_stats(const acc_t* stats, acc_t* v, int64_t count, int64_t batch, int64_t rows) {
+PIUMR_ALWAYS_INLINE void load_stats(const acc_t* stats, acc_t* v, int64_t count, int64_t stride, int64_t rows) {
   if constexpr (L == 1) {
-    copy_strided(stats, batch, v, 1, rows);
+    copy_strided(stats, stride, v, 1, rows);
   } else if (count == L) {
-    for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, L * sizeof(acc_t));
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * stride, L * sizeof(acc_t));
   } else {
     std::fill(v, v + rows * L, acc_t(0));
-    for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * batch, count * sizeof(acc_t));
+    for (int64_t k = 0; k < rows; ++k) std::memcpy(v + k * L, stats + k * stride, count * sizeof(acc_t));
   }
 }
 
