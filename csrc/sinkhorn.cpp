@@ -879,6 +879,8 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
     acc_t* stage_rows = stage.get();
     acc_t* stage_cols = staged ? stage_rows + kLanes * row_len : nullptr;
     const int64_t group = staged ? kLanes : end - begin;
+    acc_t* rows_base = staged ? stage_rows : rs_ptr;  // null without stats
+    acc_t* cols_base = staged ? stage_cols : cs_ptr;
     for (int64_t g0 = begin; g0 < end; g0 += group) {
       const int64_t g1 = std::min(end, g0 + group);
       if (staged && !BlockKernel::kWritesStats) {
@@ -887,15 +889,13 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
       }
       for (int64_t blk = g0; blk < g1; ++blk) {
         const int64_t first = blk * L;
-        const auto stats_at = [&](acc_t* stats, acc_t* staging) -> acc_t* {
-          return staged ? staging + (blk - g0) : (stats ? stats + first : nullptr);
-        };
+        const int64_t stats_offset = staged ? blk - g0 : first;
         BlockArgs<scalar_t, acc_t> args{&p,
                                         k_ptr + first * nm,
                                         g_ptr ? g_ptr + first * nm : nullptr,
                                         out_ptr + first * nm,
-                                        stats_at(rs_ptr, stage_rows),
-                                        stats_at(cs_ptr, stage_cols),
+                                        rows_base ? rows_base + stats_offset : nullptr,
+                                        cols_base ? cols_base + stats_offset : nullptr,
                                         staged ? kLanes : p.batch,
                                         std::min<int64_t>(L, p.batch - first),
                                         scratch.get()};
