@@ -62,6 +62,7 @@ struct BlockArgs {
   int64_t stats_stride;  // batch (the stats tensors) or kLanes (a plain-rows block's staging)
   int64_t count;         // matrices in this block, <= L
   acc_t* scratch;        // Scratch<acc_t, L>::size(problem, Kernel::needs_tiles(problem)) values
+  bool wide_registers;   // running the AVX-512 variant (32 vector registers of 64 bytes)
 };
 
 // Per-block scratch: per iteration, the row and column vectors (alpha_t / f_t, beta_t /
@@ -127,6 +128,12 @@ PIUMR_ALWAYS_INLINE void transpose16(Vec16f (&rows)[16]) {
 // past the last multiple of 16 go through the scalar loops.
 template <typename scalar_t, typename acc_t, int L>
 constexpr bool kTransposeInRegisters = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && L == 16;
+
+// Whether blocks of this kernel can go through the chunked tile passes (linear_forward_tile
+// and the backward's transposing first and last steps): float lanes blocks of compile-time
+// shape whose 16-entry chunks hold whole rows. They run for full blocks on AVX-512 only.
+template <typename scalar_t, typename acc_t, int L, int kM>
+constexpr bool kChunkedTile = kTransposeInRegisters<scalar_t, acc_t, L> && kM > 0 && 16 % (kM > 0 ? kM : 1) == 0;
 
 template <typename scalar_t, typename acc_t, int L>
 PIUMR_ALWAYS_INLINE void load_lanes(const scalar_t* src, acc_t* dst, int64_t count, int64_t nm, acc_t fill) {
@@ -514,6 +521,85 @@ PIUMR_ALWAYS_INLINE void linear_iterations_read_only(const Problem& p, const acc
   }
 }
 
+// sum = v[0] + ... + v[kCount - 1] as a balanced tree: a chain of adds would wait on the add
+// latency at every step, and the row sums sit on the critical path of each row's scale.
+template <int kCount>
+PIUMR_ALWAYS_INLINE void tree_sum(const Vec16f* v, Vec16f& sum) {
+  if constexpr (kCount == 1) {
+    sum = v[0];
+  } else {
+    Vec16f low, high;
+    tree_sum<kCount / 2>(v, low);
+    tree_sum<kCount - kCount / 2>(v + kCount / 2, high);
+    sum = low + high;
+  }
+}
+
+// A full float lanes block of compile-time shape kN x kM, kM dividing 16, in the linear
+// domain: one pass per iteration instead of two, the lanes transposes folded into the first
+// and last. A pass takes 16 entries (16 / kM whole rows) at a time into registers, applies
+// the previous column scales, sums each row, applies its scale and adds the result to the
+// column sums, so an entry costs a load, a store and three vector ops. The first pass reads
+// K through the transpose; the last column scaling is applied on the way out. Needs the 32
+// 64-byte registers of AVX-512: with 16 narrower ones the row chunk and the column sums spill.
+template <int kN, int kM>
+PIUMR_ALWAYS_INLINE void linear_forward_tile(const Problem& p, const float* K, float* out, float* x, float* rt,
+                                             float* ct) {
+  static_assert(16 % kM == 0 && (kN * kM) % 16 == 0, "a chunk of 16 entries holds whole rows");
+  constexpr int kRowsPerChunk = 16 / kM, kChunks = kN * kM / 16, nm = kN * kM;
+  const Vec16f eps = Vec16f{} + static_cast<float>(p.eps);
+  const Vec16f row_target = Vec16f{} + static_cast<float>(p.row_sum);
+  const Vec16f col_target = Vec16f{} + static_cast<float>(p.col_sum);
+  const auto store_scale = [&](const Vec16f& sum, const Vec16f& target, float* dst,
+                               Vec16f& scale) PIUMR_ALWAYS_INLINE_LAMBDA {
+    const Vec16f d = sum + eps;
+    scale = d > 0 ? target / d : Vec16f{};
+    std::memcpy(dst, &scale, sizeof(scale));
+  };
+  // v[q] = x's entry chunk * 16 + q times its column's scale.
+  const auto load_scaled = [&](const float* beta, int chunk, Vec16f (&v)[16]) PIUMR_ALWAYS_INLINE_LAMBDA {
+    for (int q = 0; q < 16; ++q) {
+      Vec16f b;
+      std::memcpy(&b, beta + (q % kM) * kLanes, sizeof(b));
+      std::memcpy(&v[q], x + (chunk * 16 + q) * kLanes, sizeof(v[q]));
+      v[q] *= b;
+    }
+  };
+  for (int64_t t = 0; t < p.n_iters; ++t) {
+    Vec16f col_sums[kM] = {};
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+      Vec16f v[16];
+      if (t == 0) {
+        for (int l = 0; l < 16; ++l) std::memcpy(&v[l], K + l * nm + chunk * 16, sizeof(v[l]));
+        transpose16(v);
+      } else {
+        load_scaled(ct + (t - 1) * kM * kLanes, chunk, v);
+      }
+      for (int r = 0; r < kRowsPerChunk; ++r) {
+        Vec16f* row = v + r * kM;
+        Vec16f sum, alpha;
+        tree_sum<kM>(row, sum);
+        store_scale(sum, row_target, rt + (t * kN + chunk * kRowsPerChunk + r) * kLanes, alpha);
+        for (int j = 0; j < kM; ++j) {
+          row[j] *= alpha;
+          col_sums[j] += row[j];
+        }
+      }
+      for (int q = 0; q < 16; ++q) std::memcpy(x + (chunk * 16 + q) * kLanes, &v[q], sizeof(v[q]));
+    }
+    for (int j = 0; j < kM; ++j) {
+      Vec16f beta;
+      store_scale(col_sums[j], col_target, ct + (t * kM + j) * kLanes, beta);
+    }
+  }
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    Vec16f v[16];
+    load_scaled(ct + (p.n_iters - 1) * kM * kLanes, chunk, v);
+    transpose16(v);
+    for (int l = 0; l < 16; ++l) std::memcpy(out + l * nm + chunk * 16, &v[l], sizeof(v[l]));
+  }
+}
+
 // Common small shapes get N and M as compile-time constants (kN, kM > 0): every loop over
 // the tile then unrolls completely, which at 4x4 removes most of the per-entry work.
 template <int kN, int kM>
@@ -564,15 +650,25 @@ struct ForwardKernel {
         for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) { P[e] = u[r] * x[e] * v[c]; });
         if constexpr (!kDirect<scalar_t, acc_t, L>) store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
       } else {
+        if constexpr (kChunkedTile<scalar_t, acc_t, L, kM>) {
+          if (a.count == L && a.wide_registers) {
+            linear_forward_tile<kN, kM>(p, a.K, a.out, s.x, s.rt, s.ct);
+            if (p.has_stats) store_block_stats(p, s, a);
+            return;
+          }
+        }
         load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(1));
         linear_iterations_in_place<acc_t, L>(p, s.x, s.rt, s.ct);
         store_lanes<scalar_t, acc_t, L>(s.x, a.out, a.count, nm);
       }
     }
-    if (p.has_stats) {
-      store_stats<acc_t, L>(s.rt, a.row_stats, a.count, a.stats_stride, p.n_iters * n);
-      store_stats<acc_t, L>(s.ct, a.col_stats, a.count, a.stats_stride, p.n_iters * m);
-    }
+    if (p.has_stats) store_block_stats(p, s, a);
+  }
+
+  static PIUMR_ALWAYS_INLINE void store_block_stats(const Problem& p, const Scratch<acc_t, L>& s,
+                                                    const BlockArgs<scalar_t, acc_t>& a) {
+    store_stats<acc_t, L>(s.rt, a.row_stats, a.count, a.stats_stride, p.n_iters * p.n_rows);
+    store_stats<acc_t, L>(s.ct, a.col_stats, a.count, a.stats_stride, p.n_iters * p.n_cols);
   }
 };
 
@@ -661,10 +757,10 @@ PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t*
 // entry costs two loads and a store. Pass one goes column by column, adding to the kN row
 // dots; pass two row by row, adding to the kM column sums.
 template <typename acc_t, int L, int kN, int kM>
-PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const acc_t* k, const acc_t* beta,
-                                              const acc_t* col, const acc_t* v_prev, const acc_t* alpha,
-                                              const acc_t* u, acc_t inv_r, const acc_t* u_prev, acc_t* next_col) {
-  acc_t dot[kN][L] = {};
+PIUMR_ALWAYS_INLINE void linear_backward_tile_columns(const acc_t* in, acc_t* out, const acc_t* k, const acc_t* beta,
+                                                      const acc_t* col, const acc_t* v_prev, const acc_t* u,
+                                                      acc_t inv_r, acc_t (&dot)[kN][L]) {
+  for (int i = 0; i < kN; ++i) std::fill(dot[i], dot[i] + L, acc_t(0));
   for (int j = 0; j < kM; ++j) {
     acc_t b[L], c[L], w[L];
     std::memcpy(b, beta + j * L, sizeof(b));
@@ -686,6 +782,14 @@ PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const
 #pragma omp simd
     for (int l = 0; l < L; ++l) dot[i][l] *= u[i * L + l] * inv_r;
   }
+}
+
+template <typename acc_t, int L, int kN, int kM>
+PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const acc_t* k, const acc_t* beta,
+                                              const acc_t* col, const acc_t* v_prev, const acc_t* alpha,
+                                              const acc_t* u, acc_t inv_r, const acc_t* u_prev, acc_t* next_col) {
+  acc_t dot[kN][L];
+  linear_backward_tile_columns<acc_t, L, kN, kM>(in, out, k, beta, col, v_prev, u, inv_r, dot);
   acc_t sums[kM][L];
   if (u_prev != nullptr) std::memcpy(sums, next_col, sizeof(sums));
   for (int i = 0; i < kN; ++i) {
@@ -705,6 +809,50 @@ PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const
     }(std::make_integer_sequence<int, kM>{});
   }
   if (u_prev != nullptr) std::memcpy(next_col, sums, sizeof(sums));
+}
+
+// The backward's first pass on a chunked tile (see kChunkedTile): the gradient comes in
+// through the lanes transpose into gr, and its column sums col[j] = sum_i grad K u_i (u the
+// last row scales' running product) are taken on the way.
+template <int kN, int kM>
+PIUMR_ALWAYS_INLINE void load_grad_with_col_sums(const float* grad, const float* kx, const float* u, float* gr,
+                                                 float* col) {
+  constexpr int kRowsPerChunk = 16 / kM, kChunks = kN * kM / 16, nm = kN * kM;
+  Vec16f sums[kM] = {};
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    Vec16f v[16];
+    for (int l = 0; l < 16; ++l) std::memcpy(&v[l], grad + l * nm + chunk * 16, sizeof(v[l]));
+    transpose16(v);
+    for (int q = 0; q < 16; ++q) {
+      Vec16f k, w;
+      std::memcpy(&k, kx + (chunk * 16 + q) * kLanes, sizeof(k));
+      std::memcpy(&w, u + (chunk * kRowsPerChunk + q / kM) * kLanes, sizeof(w));
+      sums[q % kM] += v[q] * k * w;
+      std::memcpy(gr + (chunk * 16 + q) * kLanes, &v[q], sizeof(v[q]));
+    }
+  }
+  for (int j = 0; j < kM; ++j) std::memcpy(col + j * kLanes, &sums[j], sizeof(sums[j]));
+}
+
+// The backward's last row step on a chunked tile, written to grad_K through the lanes
+// transpose: grad_K = alpha_i (g - dot_i).
+template <int kN, int kM>
+PIUMR_ALWAYS_INLINE void store_last_row_step(const float* gr, const float* alpha, const float (&dot)[kN][kLanes],
+                                             float* grad_K) {
+  constexpr int kRowsPerChunk = 16 / kM, kChunks = kN * kM / 16, nm = kN * kM;
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    Vec16f v[16];
+    for (int q = 0; q < 16; ++q) {
+      const int row = chunk * kRowsPerChunk + q / kM;
+      Vec16f g, a, d;
+      std::memcpy(&g, gr + (chunk * 16 + q) * kLanes, sizeof(g));
+      std::memcpy(&a, alpha + row * kLanes, sizeof(a));
+      std::memcpy(&d, dot[row], sizeof(d));
+      v[q] = a * (g - d);
+    }
+    transpose16(v);
+    for (int l = 0; l < 16; ++l) std::memcpy(grad_K + l * nm + chunk * 16, &v[l], sizeof(v[l]));
+  }
 }
 
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
@@ -739,6 +887,12 @@ struct BackwardKernel {
       backward_linear(p, s, a.K, a.grad, a.out);
     } else {
       load_lanes<scalar_t, acc_t, L>(a.K, s.x, a.count, nm, acc_t(0));
+      if constexpr (kChunkedTile<scalar_t, acc_t, L, kM>) {
+        if (a.count == L && a.wide_registers) {
+          backward_linear(p, s, s.x, s.gr, s.gr, &a);
+          return;
+        }
+      }
       load_lanes<scalar_t, acc_t, L>(a.grad, s.gr, a.count, nm, acc_t(0));
       backward_linear(p, s, s.x, s.gr, s.gr);
       store_lanes<scalar_t, acc_t, L>(s.gr, a.out, a.count, nm);
@@ -751,8 +905,11 @@ struct BackwardKernel {
   // for columns. One pass per iteration, row by row: a row's column-step adjoint gives the
   // dot product its row step needs, and the row step then adds to the next column products.
   // The gradient is read from `grad` in the first pass and kept in `out` (may be the same).
+  // A chunked tile passes its block (`chunked`): the first pass then reads the gradient
+  // tensor into the tile `grad`, and the last writes grad_K, both through the transpose.
   static PIUMR_ALWAYS_INLINE void backward_linear(const Problem& p, const Scratch<acc_t, L>& s, const acc_t* kx,
-                                                  const acc_t* grad, acc_t* out) {
+                                                  const acc_t* grad, acc_t* out,
+                                                  const BlockArgs<scalar_t, acc_t>* chunked = nullptr) {
     const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
     const acc_t inv_r = acc_t(1) / static_cast<acc_t>(p.row_sum);
     const acc_t inv_c = acc_t(1) / static_cast<acc_t>(p.col_sum);
@@ -767,7 +924,12 @@ struct BackwardKernel {
     acc_t* row = s.row;
     {
       const acc_t* u = s.cu + (p.n_iters - 1) * nl;
-      reduce_cols<acc_t, L>(n, m, col, [=](int64_t e, int64_t r, int64_t) { return grad[e] * kx[e] * u[r]; });
+      if constexpr (kChunkedTile<scalar_t, acc_t, L, kM>) {
+        if (chunked) load_grad_with_col_sums<kN, kM>(chunked->grad, kx, u, out, col);
+      }
+      if (!chunked) {
+        reduce_cols<acc_t, L>(n, m, col, [=](int64_t e, int64_t r, int64_t) { return grad[e] * kx[e] * u[r]; });
+      }
     }
     for (int64_t t = p.n_iters - 1; t >= 0; --t) {
       const acc_t* alpha = s.rt + t * nl;
@@ -790,6 +952,14 @@ struct BackwardKernel {
         for (int64_t i = 0; i < grouped; i += kRowGroup) step.template operator()<kRowGroup>(i);
         for (int64_t i = grouped; i < n; ++i) step.template operator()<1>(i);
       } else if constexpr (kN > 0) {
+        if constexpr (kChunkedTile<scalar_t, acc_t, L, kM>) {
+          if (chunked && t == 0) {
+            acc_t dot[kN][L];
+            linear_backward_tile_columns<acc_t, L, kN, kM>(in, out, kx, beta, col, v_prev, u, inv_r, dot);
+            store_last_row_step<kN, kM>(out, alpha, dot, chunked->out);
+            break;
+          }
+        }
         linear_backward_tile<acc_t, L, kN, kM>(in, out, kx, beta, col, v_prev, alpha, u, inv_r, u_prev, next_col);
       } else {
         // A lanes tile sits in L1 whole: two passes per iteration, so every vector op is
@@ -898,7 +1068,8 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
                                         cols_base ? cols_base + stats_offset : nullptr,
                                         staged ? kLanes : p.batch,
                                         std::min<int64_t>(L, p.batch - first),
-                                        scratch.get()};
+                                        scratch.get(),
+                                        isa == CpuIsa::kAvx512};
         run_for_isa<BlockKernel>(isa, args);
       }
       if (staged && BlockKernel::kWritesStats) {
