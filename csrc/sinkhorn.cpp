@@ -1189,6 +1189,9 @@ class SinkhornFunction : public torch::autograd::Function<SinkhornFunction> {
     ctx->saved_data["row_sum"] = row_sum;
     ctx->saved_data["col_sum"] = col_sum;
     ctx->mark_non_differentiable({row_stats, col_stats});
+    // The stats never get a gradient: left undefined instead of materialized as zeros (two
+    // allocations and fills per backward, which a small call feels).
+    ctx->set_materialize_grads(false);
     return {P, row_stats, col_stats};
   }
 
