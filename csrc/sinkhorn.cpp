@@ -7,7 +7,8 @@
 // threads with at::parallel_for; each thread allocates its scratch once.
 //
 // A lanes tile sits in L1, and there the linear-domain iterations scale it in place, two
-// passes per iteration. Large matrices stream from L2, so there the pass count decides: the
+// passes per iteration (one for full float blocks of compile-time shape on AVX-512, see
+// linear_forward_tile). Large matrices stream from L2, so there the pass count decides: the
 // linear forward reads float/double matrices in place as diag(u) K diag(v), one read-only
 // pass per iteration, and the linear backward does both steps of an iteration in one pass,
 // eight rows at a time.
