@@ -125,6 +125,19 @@ PIUMR_ALWAYS_INLINE void transpose16(Vec16f (&rows)[16]) {
   transpose_stage<3>(rows);
 }
 
+// Chunk `first / 16` of 16 float matrices nm entries apart, into lanes order through the
+// register transpose: v[e] holds entry first + e of every matrix.
+PIUMR_ALWAYS_INLINE void load_chunk(const float* src, int64_t nm, int64_t first, Vec16f (&v)[16]) {
+  for (int l = 0; l < 16; ++l) std::memcpy(&v[l], src + l * nm + first, sizeof(v[l]));
+  transpose16(v);
+}
+
+// The inverse: lanes-order v (transposed in place) to entries first.. of 16 matrices.
+PIUMR_ALWAYS_INLINE void store_chunk(Vec16f (&v)[16], float* dst, int64_t nm, int64_t first) {
+  transpose16(v);
+  for (int l = 0; l < 16; ++l) std::memcpy(dst + l * nm + first, &v[l], sizeof(v[l]));
+}
+
 // Whether a block takes the register-transpose path: float, full 16-lane block; entries
 // past the last multiple of 16 go through the scalar loops.
 template <typename scalar_t, typename acc_t, int L>
@@ -146,8 +159,7 @@ PIUMR_ALWAYS_INLINE void load_lanes(const scalar_t* src, acc_t* dst, int64_t cou
     if (count == L) {
       for (; done + 16 <= nm; done += 16) {
         Vec16f rows[16];
-        for (int l = 0; l < 16; ++l) std::memcpy(&rows[l], src + l * nm + done, sizeof(Vec16f));
-        transpose16(rows);
+        load_chunk(src, nm, done, rows);
         for (int e = 0; e < 16; ++e) std::memcpy(dst + (done + e) * L, &rows[e], sizeof(Vec16f));
       }
     }
@@ -166,8 +178,7 @@ PIUMR_ALWAYS_INLINE void store_lanes(const acc_t* src, scalar_t* dst, int64_t co
       for (; done + 16 <= nm; done += 16) {
         Vec16f rows[16];
         for (int e = 0; e < 16; ++e) std::memcpy(&rows[e], src + (done + e) * L, sizeof(Vec16f));
-        transpose16(rows);
-        for (int l = 0; l < 16; ++l) std::memcpy(dst + l * nm + done, &rows[l], sizeof(Vec16f));
+        store_chunk(rows, dst, nm, done);
       }
     }
   }
@@ -571,8 +582,7 @@ PIUMR_ALWAYS_INLINE void linear_forward_tile(const Problem& p, const float* K, f
     for (int chunk = 0; chunk < kChunks; ++chunk) {
       Vec16f v[16];
       if (t == 0) {
-        for (int l = 0; l < 16; ++l) std::memcpy(&v[l], K + l * nm + chunk * 16, sizeof(v[l]));
-        transpose16(v);
+        load_chunk(K, nm, chunk * 16, v);
       } else {
         load_scaled(ct + (t - 1) * kM * kLanes, chunk, v);
       }
@@ -596,8 +606,7 @@ PIUMR_ALWAYS_INLINE void linear_forward_tile(const Problem& p, const float* K, f
   for (int chunk = 0; chunk < kChunks; ++chunk) {
     Vec16f v[16];
     load_scaled(ct + (p.n_iters - 1) * kM * kLanes, chunk, v);
-    transpose16(v);
-    for (int l = 0; l < 16; ++l) std::memcpy(out + l * nm + chunk * 16, &v[l], sizeof(v[l]));
+    store_chunk(v, out, nm, chunk * 16);
   }
 }
 
@@ -822,8 +831,7 @@ PIUMR_ALWAYS_INLINE void load_grad_with_col_sums(const float* grad, const float*
   Vec16f sums[kM] = {};
   for (int chunk = 0; chunk < kChunks; ++chunk) {
     Vec16f v[16];
-    for (int l = 0; l < 16; ++l) std::memcpy(&v[l], grad + l * nm + chunk * 16, sizeof(v[l]));
-    transpose16(v);
+    load_chunk(grad, nm, chunk * 16, v);
     for (int q = 0; q < 16; ++q) {
       Vec16f k, w;
       std::memcpy(&k, kx + (chunk * 16 + q) * kLanes, sizeof(k));
@@ -851,8 +859,7 @@ PIUMR_ALWAYS_INLINE void store_last_row_step(const float* gr, const float* alpha
       std::memcpy(&d, dot[row], sizeof(d));
       v[q] = a * (g - d);
     }
-    transpose16(v);
-    for (int l = 0; l < 16; ++l) std::memcpy(grad_K + l * nm + chunk * 16, &v[l], sizeof(v[l]));
+    store_chunk(v, grad_K, nm, chunk * 16);
   }
 }
 
