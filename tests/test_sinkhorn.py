@@ -446,7 +446,29 @@ def test_eager_entry_point_dispatches_like_torch_ops():
     K = _kernel((5, 16, 16), False, torch.float32).requires_grad_()
     with piumr_kernels.use_backend("cpp"):
         P = piumr_kernels.sinkhorn(K, 3)
-    assert P.grad_fn is not None and "SinkhornFunction" in P.grad_fn.name()
+    assert P.grad_fn is not None and P.grad_fn.name() == "SinkhornBackward"
+
+
+@pytest.mark.skipif(not backends.backend_available("cpp") or DEVICE != "cpu", reason="needs the cpp backend")
+def test_cpp_autograd_node_follows_graph_rules():
+    """The cpp autograd node behaves like PyTorch's own: retain_graph allows a second
+    backward with the same gradient, without it the second backward raises autograd's error,
+    a P that does not require grad gets no node, and forward-mode AD is refused clearly."""
+    K = _kernel((18, 16, 16), False, torch.float32).requires_grad_()
+    upstream = torch.randn(K.shape, generator=torch.Generator().manual_seed(3))
+    with piumr_kernels.use_backend("cpp"):
+        P = piumr_kernels.sinkhorn(K, 3)
+        (first,) = torch.autograd.grad(P, K, upstream, retain_graph=True)
+        (second,) = torch.autograd.grad(P, K, upstream)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            torch.autograd.grad(P, K, upstream)
+        with torch.no_grad():
+            assert piumr_kernels.sinkhorn(K, 3).grad_fn is None
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            piumr_kernels.sinkhorn(fwAD.make_dual(K.detach(), torch.ones_like(K)), 3)
 
 
 def test_cpp_stats_rule_matches_fake():
@@ -455,7 +477,7 @@ def test_cpp_stats_rule_matches_fake():
         pytest.skip("cpp extension not built")
     for shape, n_iters in [((3, 4, 4), 20), ((2, 16, 16), 3), ((2, 64, 64), 3)]:
         K = torch.rand(shape, requires_grad=True)
-        save = sinkhorn_op.cpp_saves_stats(K, n_iters)
+        save = sinkhorn_op.cpp_saves_stats(K, n_iters, *shape[1:])
         real = torch.ops.piumr_kernels.sinkhorn_cpp(K.detach(), n_iters, 1e-8, False, 1.0, 1.0, save)
         fake = sinkhorn_op._fake_cpp_forward(K.detach(), n_iters, 1e-8, False, 1.0, 1.0, save)
         assert [t.shape for t in real] == [t.shape for t in fake]

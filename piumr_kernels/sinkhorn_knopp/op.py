@@ -40,8 +40,9 @@ def _fake_cpp_forward(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats)
     )
 
 
-def cpp_saves_stats(K: torch.Tensor, n_iters: int) -> bool:
-    """Whether the cpp forward stores the per-iteration vectors for its backward.
+def cpp_saves_stats(K: torch.Tensor, n_iters: int, n_rows: int, n_cols: int) -> bool:
+    """Whether the cpp forward stores the per-iteration vectors for its backward (`K` is
+    `(..., n_rows, n_cols)`).
 
     Only when a gradient is coming and the vectors are at most 1.5 times the matrix
     (16x16 with 3 iterations: 96 values per 256 entries); beyond that the backward replays
@@ -49,7 +50,6 @@ def cpp_saves_stats(K: torch.Tensor, n_iters: int) -> bool:
     matrix) is cheaper than the traffic. Measured on the cpp kernels: the replay costs
     about as much as the forward, storing the vectors a small fraction of it.
     """
-    n_rows, n_cols = K.shape[-2:]
     wanted = K.requires_grad and torch.is_grad_enabled()
     return wanted and 2 * n_iters * (n_rows + n_cols) <= 3 * n_rows * n_cols
 
@@ -128,7 +128,9 @@ def sinkhorn(
     n_iters = check_int("n_iters", n_iters, 1)
     eps = check_real("eps", eps, minimum=0.0)
     row_sum = check_real("row_sum", row_sum, positive=True)
-    n_rows, n_cols = K.shape[-2:]
+    # Indexed, not sliced: a sliced torch.Size is a new object, and this runs on every call.
+    shape = K.shape
+    n_rows, n_cols = shape[-2], shape[-1]
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"K must have N >= 1 rows and M >= 1 columns, got shape {tuple(K.shape)}")
     if col_sum is None:
@@ -148,7 +150,7 @@ def sinkhorn(
     # A (batch, N, M) contiguous K goes in as it is: tiny problems feel every view op.
     matrices = K if K.dim() == 3 and K.is_contiguous() else K.reshape(-1, n_rows, n_cols).contiguous()
     if backend == "cpp":
-        save_stats = cpp_saves_stats(K, n_iters)
+        save_stats = cpp_saves_stats(K, n_iters, n_rows, n_cols)
         if torch.compiler.is_compiling():
             P, _, _ = torch.ops.piumr_kernels.sinkhorn_cpp(
                 matrices, n_iters, eps, log_domain, row_sum, col_sum, save_stats
