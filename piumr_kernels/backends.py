@@ -65,8 +65,13 @@ def _environment_reader():
     if not (isinstance(data, dict) and callable(encode) and callable(decode)):
         return os.environ.get
 
+    encoded: dict[str, object] = {}  # the few names asked for, encoded once
+
     def get(name: str, default: str | None = None) -> str | None:
-        value = data.get(encode(name))
+        key = encoded.get(name)
+        if key is None:
+            key = encoded[name] = encode(name)
+        value = data.get(key)
         return default if value is None else decode(value)
 
     return get

@@ -125,9 +125,14 @@ def sinkhorn(
     and cpp backends).
     """
     check_float_tensor("K", K, min_dim=2)
-    n_iters = check_int("n_iters", n_iters, 1)
-    eps = check_real("eps", eps, minimum=0.0)
-    row_sum = check_real("row_sum", row_sum, positive=True)
+    # The usual scalars (an int and floats in range) pass a quick test; anything else goes
+    # through the generic checks, which normalize it or raise. They cost more than a tiny
+    # problem's kernel.
+    if not (type(n_iters) is int and n_iters >= 1 and type(eps) is float and eps >= 0.0
+            and type(row_sum) is float and row_sum > 0.0):
+        n_iters = check_int("n_iters", n_iters, 1)
+        eps = check_real("eps", eps, minimum=0.0)
+        row_sum = check_real("row_sum", row_sum, positive=True)
     # Indexed, not sliced: a sliced torch.Size is a new object, and this runs on every call.
     shape = K.shape
     n_rows, n_cols = shape[-2], shape[-1]
@@ -135,7 +140,8 @@ def sinkhorn(
         raise ValueError(f"K must have N >= 1 rows and M >= 1 columns, got shape {tuple(K.shape)}")
     if col_sum is None:
         col_sum = row_sum * n_rows / n_cols
-    col_sum = check_real("col_sum", col_sum, positive=True)
+    if type(col_sum) is not float or not col_sum > 0.0:
+        col_sum = check_real("col_sum", col_sum, positive=True)
     log_domain = bool(log_domain)
     if backends.validation_enabled(validate):
         _check_values(K, log_domain)
