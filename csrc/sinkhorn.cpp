@@ -1033,6 +1033,14 @@ struct BackwardKernel {
   }
 };
 
+// Per-thread scratch of `values` acc_t, not value-initialized (every value is written before
+// it is read) and 64-byte aligned by c10's allocator, so a tile's vectors never straddle two
+// cache lines: from malloc's 16-byte alignment a 16x16 float backward took ~20% longer.
+template <typename acc_t>
+std::unique_ptr<acc_t, decltype(&c10::free_cpu)> aligned_scratch(int64_t values) {
+  return {static_cast<acc_t*>(c10::alloc_cpu(values * sizeof(acc_t))), &c10::free_cpu};
+}
+
 template <template <typename, typename, int, int, int> class Kernel, typename scalar_t, int L, int kN = 0, int kM = 0>
 void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, at::Tensor& out,
                 at::Tensor& row_stats, at::Tensor& col_stats) {
@@ -1049,22 +1057,15 @@ void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, a
   acc_t* cs_ptr = p.has_stats ? col_stats.data_ptr<acc_t>() : nullptr;
   const CpuIsa isa = selected_isa();
   at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
-    // Not value-initialized: every value is written before it is read. 64-byte aligned (c10's
-    // allocator), so a tile's vectors never straddle two cache lines: from malloc's 16-byte
-    // alignment, a 16x16 float backward took ~25% longer.
     using BlockKernel = Kernel<scalar_t, acc_t, L, kN, kM>;
-    const auto aligned_scratch = [](int64_t values) {
-      return std::unique_ptr<acc_t, decltype(&c10::free_cpu)>(
-          static_cast<acc_t*>(c10::alloc_cpu(values * sizeof(acc_t))), &c10::free_cpu);
-    };
-    const auto scratch = aligned_scratch(Scratch<acc_t, L>::size(p, BlockKernel::needs_tiles(p)));
+    const auto scratch = aligned_scratch<acc_t>(Scratch<acc_t, L>::size(p, BlockKernel::needs_tiles(p)));
     // A plain-rows block is one matrix, whose stats are single values a batch apart in the
     // tensors; at power-of-two batch sizes those accesses fall into a few cache sets and
     // miss (256x64x64 forward +20%). So kLanes such blocks at a time stage their stats in
     // lanes order, moved to or from the tensors as contiguous runs, like a lanes block's.
     const bool staged = L == 1 && p.has_stats;
     const int64_t row_len = p.n_iters * p.n_rows, col_len = p.n_iters * p.n_cols;
-    const auto stage = aligned_scratch(staged ? kLanes * (row_len + col_len) : 0);
+    const auto stage = aligned_scratch<acc_t>(staged ? kLanes * (row_len + col_len) : 0);
     acc_t* stage_rows = stage.get();
     acc_t* stage_cols = staged ? stage_rows + kLanes * row_len : nullptr;
     const int64_t group = staged ? kLanes : end - begin;
@@ -1187,17 +1188,18 @@ using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at
 using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      int64_t, double, bool, double, double);
 
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("piumr_kernels::sinkhorn_cpp", "")
-                             .typed<ForwardSignature>();
+  static const auto op = find_op<ForwardSignature>("piumr_kernels::sinkhorn_cpp");
   return op;
 }
 
 const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("piumr_kernels::sinkhorn_cpp_backward", "")
-                             .typed<BackwardSignature>();
+  static const auto op = find_op<BackwardSignature>("piumr_kernels::sinkhorn_cpp_backward");
   return op;
 }
 

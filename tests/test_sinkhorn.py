@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -465,8 +466,6 @@ def test_cpp_autograd_node_follows_graph_rules():
             torch.autograd.grad(P, K, upstream)
         with torch.no_grad():
             assert piumr_kernels.sinkhorn(K, 3).grad_fn is None
-        import torch.autograd.forward_ad as fwAD
-
         with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
             piumr_kernels.sinkhorn(fwAD.make_dual(K.detach(), torch.ones_like(K)), 3)
 
