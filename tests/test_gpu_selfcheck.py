@@ -208,6 +208,23 @@ def test_compiles_are_skipped_past_the_budget_every_op_first_shape_first(monkeyp
                                                                "skipped: time budget", "1.00x", "-"]
 
 
+def test_describe_error_names_the_project_line_and_the_error_it_replaced():
+    def failing_op():
+        raise ValueError("the cause\nsecond line")
+
+    try:
+        try:
+            failing_op()
+        except ValueError:
+            raise RuntimeError("raised while handling it")
+    except RuntimeError as error:
+        text = selfcheck.describe_error(error)
+    here = "tests/test_gpu_selfcheck.py"
+    assert text.startswith(f"RuntimeError: raised while handling it at {here}:")
+    assert f"; while handling ValueError: the cause at {here}:" in text
+    assert text.endswith("(failing_op)") and "second line" not in text
+
+
 def test_scaled_error():
     expected = torch.tensor([1.0, -4.0], dtype=torch.float64)
     assert selfcheck.scaled_error(torch.tensor([1.0, -3.0]), expected) == (1.0, 0.25)

@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -106,6 +107,7 @@ class Section:
     failed: int = 0
     skipped: int = 0
     gates_exit: bool = True  # whether a failure here makes the exit status non-zero
+    seconds: float = 0.0  # how long the part took
 
     def count(self, status: str) -> None:
         if status == "pass":
@@ -347,6 +349,27 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def project_location(error: BaseException) -> str:
+    """`path:line (function)` of the innermost traceback frame in the project outside this
+    tool (where an op synchronized or failed), or "" when there is none."""
+    this_tool = Path(__file__).resolve()
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if path.is_file() and path.is_relative_to(ROOT) and path != this_tool:
+            return f"{path.relative_to(ROOT)}:{frame.lineno} ({frame.name})"
+    return ""
+
+
+def describe_error(error: BaseException) -> str:
+    """The error's first line and where in the project it was raised; with the error it
+    replaced (an exception raised while handling another, e.g. when ending a failed graph
+    capture), that one too, as it is usually the cause."""
+    location = project_location(error)
+    text = first_line(error) + (f" at {location}" if location else "")
+    cause = error.__cause__ or error.__context__
+    return text if cause is None else f"{text}; while handling {describe_error(cause)}"
+
+
 # --------------------------------------------------------------------------- part 1: test suite
 
 
@@ -455,14 +478,14 @@ def sync_status(case: OpCase, device: torch.device, backend: str) -> tuple[str, 
         step = prepare_step(on_backend(case.call, backend), case.make_inputs(torch.float32, device), backward=True)
         torch.cuda.synchronize(device)
     except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
-        return "fail", f"error before the check: {first_line(error)}"
+        return "fail", f"error before the check: {describe_error(error)}"
     torch.cuda.set_sync_debug_mode("error")
     try:
         step.run()
     except RuntimeError as error:
         if "synchroniz" in str(error):
-            return "fail", f"**synchronizes**: {first_line(error)}"
-        return "fail", f"error: {first_line(error)}"
+            return "fail", f"**synchronizes**: {describe_error(error)}"
+        return "fail", f"error: {describe_error(error)}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize(device)
@@ -533,7 +556,7 @@ def check_training_step_graph(device: torch.device, backend: str, dry_run: bool)
         setup = build_training_setup(device, dry_run)
     except Exception as error:  # noqa: BLE001 - reported as the check's result
         section.count("fail")
-        section.notes.append(f"**failed to build the model**: {first_line(error)}")
+        section.notes.append(f"**failed to build the model**: {describe_error(error)}")
         return section
     section.notes.append(setup.description + f"; TFAM and GIRL on the {backend} backend.")
     with piumr_kernels.use_backend(backend):
@@ -543,7 +566,7 @@ def check_training_step_graph(device: torch.device, backend: str, dry_run: bool)
             detail = capture_and_replay(setup)
         except Exception as error:  # noqa: BLE001 - reported as the check's result
             section.count("fail")
-            section.notes.append(f"**capture or replay failed**: {first_line(error)}")
+            section.notes.append(f"**capture or replay failed**: {describe_error(error)}")
             return section
     section.count("pass")
     section.notes.append(f"captured and replayed: {detail}")
@@ -556,7 +579,7 @@ def run_step_eagerly(section: Section, setup: TrainingSetup) -> Section:
         losses = [float(training_step(setup)) for _ in range(2)]
     except Exception as error:  # noqa: BLE001 - reported as the check's result
         section.count("fail")
-        section.notes.append(f"**the eager training step failed**: {first_line(error)}")
+        section.notes.append(f"**the eager training step failed**: {describe_error(error)}")
         return section
     section.count("skip")
     section.notes.append(f"skipped: no CUDA (the step ran eagerly on cpu instead: losses "
@@ -664,7 +687,7 @@ def correctness_row(case: OpCase, dtype, device, backend, section: Section) -> l
         comparison = compare_with_reference(case, dtype, device, backend)
     except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
         section.count("fail")
-        return label + ["-", "-", "-", f"{TOLERANCE[dtype]:g}", f"**error**: {first_line(error)}"]
+        return label + ["-", "-", "-", f"{TOLERANCE[dtype]:g}", f"**error**: {describe_error(error)}"]
     status = "pass" if comparison.max_rel <= TOLERANCE[dtype] else "fail"
     section.count(status)
     return label + [comparison.worst_tensor, f"{comparison.max_abs:.2e}", f"{comparison.max_rel:.2e}",
@@ -723,7 +746,7 @@ def bench(fn: Callable[..., tuple], inputs: Inputs, backward: bool) -> tuple[int
         step = prepare_step(fn, inputs, backward)
         return step.bytes_moved, do_bench(step.run, return_mode="median")
     except Exception as error:  # noqa: BLE001 - reported in the table cell
-        return 0, f"error: {first_line(error)}"
+        return 0, f"error: {describe_error(error)}"
 
 
 def compiled(fn: Callable) -> Callable:
@@ -832,9 +855,9 @@ def render_report(environment: dict[str, str], sections: list[Section]) -> str:
              f"**Result: {'FAIL' if failed else 'PASS'}**", ""]
     parts += [f"- {key}: {value}" for key, value in environment.items()]
     parts += ["", "## Totals", "",
-              markdown_table(["part", "status", "passed", "failed", "skipped"],
+              markdown_table(["part", "status", "passed", "failed", "skipped", "time"],
                              [[s.title, s.status if s.gates_exit else s.status.lower() + " (informational)",
-                               s.passed, s.failed, s.skipped] for s in sections]),
+                               s.passed, s.failed, s.skipped, f"{s.seconds:.0f} s"] for s in sections]),
               ""]
     for section in sections:
         parts += [f"## {section.title}", ""]
@@ -914,6 +937,15 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "cpp" if piumr_kernels.info()["backends"]["cpp"]["available"] else "reference"
 
 
+def timed(name: str, part: Callable[[], Section]) -> Section:
+    """Run one part, saying so on stderr (the run takes minutes), and record its duration."""
+    print(f"gpu_selfcheck: {name} ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    section = part()
+    section.seconds = time.monotonic() - started
+    return section
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -925,15 +957,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         tests = skipped_section("1. Test suite", "--quick")
     else:
-        tests = run_test_suite(shlex.split(args.pytest_args), min(args.pytest_timeout, deadline.left()))
-    correctness = check_correctness(cases, device, backend, (torch.float32, torch.bfloat16))
-    synchronizations = check_synchronizations(cases, device, backend)
+        pytest_timeout = min(args.pytest_timeout, deadline.left())
+        tests = timed("1. test suite", lambda: run_test_suite(shlex.split(args.pytest_args), pytest_timeout))
+    correctness = timed("4. correctness",
+                        lambda: check_correctness(cases, device, backend, (torch.float32, torch.bfloat16)))
+    synchronizations = timed("2. host synchronizations", lambda: check_synchronizations(cases, device, backend))
     # After parts 2 and 4: a failed capture can leave the device unusable for later work.
-    graph = check_training_step_graph(device, backend, args.dry_run)
+    graph = timed("3. training step graph", lambda: check_training_step_graph(device, backend, args.dry_run))
     if args.skip_timing:
         timings = skipped_section("5. Timing and bandwidth", "--skip-timing", gates_exit=False)
     else:
-        timings = measure_timings(cases, device, backend, deadline, reserve_s=15.0)
+        timings = timed("5. timing", lambda: measure_timings(cases, device, backend, deadline, reserve_s=15.0))
 
     sections = [tests, synchronizations, graph, correctness, timings]
     report = render_report(describe_environment(device, backend, args, time.monotonic() - started), sections)
