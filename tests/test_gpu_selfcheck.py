@@ -119,8 +119,9 @@ def test_unknown_device_peak_comes_from_memory_clock_and_bus_width():
     peak, source = selfcheck.peak_bandwidth("Some GPU", properties)
     assert peak == pytest.approx(2 * 1.5e9 * 384 / 8)
     assert "384-bit" in source
-    assert selfcheck.peak_bandwidth("Some GPU", SimpleNamespace()) [0] is None
+    assert selfcheck.peak_bandwidth("Some GPU", SimpleNamespace())[0] is None
     assert selfcheck.peak_bandwidth("Some GPU")[1].startswith("n/a")
+    assert selfcheck.peak_bandwidth("NVIDIA GH200 480GB")[0] is None  # not an H200
 
 
 def test_bandwidth_formatting():

@@ -57,7 +57,8 @@ NUM_CLASSES = 52  # MA-52, as in the benchmarks
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
-# Peak memory bandwidth in TB/s by device name: every listed word must appear (case-insensitive).
+# Peak memory bandwidth in TB/s by device name: every listed word must start a word of the
+# name (case-insensitive), so "H200" does not match a GH200, whose memory differs.
 KNOWN_PEAK_TBPS = [
     (("H100", "PCIE"), 2.0),
     (("H100", "HBM3"), 3.35),  # H100 SXM reports itself as "NVIDIA H100 80GB HBM3"
@@ -82,7 +83,7 @@ DEFAULT_PYTEST_ARGS = "tests -v -m 'not slow' --maxfail=10 -p no:cacheprovider"
 BYTE_FORMULAS = {
     "sinkhorn": "fwd: K + P = 2·B·N·M·s; fwd+bwd adds dP + dK: 4·B·N·M·s",
     "dct": "fwd: x + E + mean + var = (B·C·T·H·W + B·D·H·W + 2·B·D)·s; fwd+bwd adds dE, dmean, dvar and dx "
-           "(the fused backends return dx as an expanded view of B·H·W elements)",
+           "(B·C·T·H·W·s, or B·H·W·s where the backend returns dx as an expanded view)",
     "girl": "fwd: features B·C·s + labels B·8 + loss; fwd+bwd adds dloss + dfeatures B·C·s "
             "(compute-bound: about B²·C/G multiply-adds, so far below the bandwidth peak by nature)",
     "tfam_statistics": "fwd: x B·C·T·H·W·s + frame_mean, frame_max 2·B·C·T·4 + spatial B·H·W·4; "
@@ -463,8 +464,8 @@ def check_synchronizations(cases: list[OpCase], device: torch.device, backend: s
     if device.type != "cuda":
         section.notes.append("skipped: no CUDA (sync debug mode is a CUDA feature)")
         return section
-    section.notes.append(f"One forward+backward per case on the {backend} backend in float32, after one warm-up "
-                         "call; a case fails when any call in it synchronizes with the host.")
+    section.notes.append(f"One forward+backward per case on the {backend} backend in float32, after a warm-up; "
+                         "a case fails when any call in it synchronizes with the host.")
     section.headers = ["op", "shape", "result"]
     for case in cases:
         status, detail = sync_status(case, device, backend)
@@ -474,6 +475,7 @@ def check_synchronizations(cases: list[OpCase], device: torch.device, backend: s
 
 
 def sync_status(case: OpCase, device: torch.device, backend: str) -> tuple[str, str]:
+    """("pass" or "fail", what happened) for one forward+backward under sync debug mode."""
     try:
         step = prepare_step(on_backend(case.call, backend), case.make_inputs(torch.float32, device), backward=True)
         torch.cuda.synchronize(device)
@@ -482,7 +484,7 @@ def sync_status(case: OpCase, device: torch.device, backend: str) -> tuple[str, 
     torch.cuda.set_sync_debug_mode("error")
     try:
         step.run()
-    except RuntimeError as error:
+    except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
         if "synchroniz" in str(error):
             return "fail", f"**synchronizes**: {describe_error(error)}"
         return "fail", f"error: {describe_error(error)}"
@@ -555,36 +557,32 @@ def check_training_step_graph(device: torch.device, backend: str, dry_run: bool)
     try:
         setup = build_training_setup(device, dry_run)
     except Exception as error:  # noqa: BLE001 - reported as the check's result
-        section.count("fail")
-        section.notes.append(f"**failed to build the model**: {describe_error(error)}")
-        return section
-    section.notes.append(setup.description + f"; TFAM and GIRL on the {backend} backend.")
-    with piumr_kernels.use_backend(backend):
-        if device.type != "cuda":
-            return run_step_eagerly(section, setup)
-        try:
-            detail = capture_and_replay(setup)
-        except Exception as error:  # noqa: BLE001 - reported as the check's result
-            section.count("fail")
-            section.notes.append(f"**capture or replay failed**: {describe_error(error)}")
-            return section
-    section.count("pass")
-    section.notes.append(f"captured and replayed: {detail}")
+        status, note = "fail", f"**failed to build the model**: {describe_error(error)}"
+    else:
+        section.notes.append(setup.description + f"; TFAM and GIRL on the {backend} backend.")
+        with piumr_kernels.use_backend(backend):
+            status, note = graph_status(setup) if device.type == "cuda" else eager_step_status(setup)
+    section.count(status)
+    section.notes.append(note)
     return section
 
 
-def run_step_eagerly(section: Section, setup: TrainingSetup) -> Section:
+def graph_status(setup: TrainingSetup) -> tuple[str, str]:
+    try:
+        detail = capture_and_replay(setup)
+    except Exception as error:  # noqa: BLE001 - reported as the check's result
+        return "fail", f"**capture or replay failed**: {describe_error(error)}"
+    return "pass", f"captured and replayed: {detail}"
+
+
+def eager_step_status(setup: TrainingSetup) -> tuple[str, str]:
     """Without CUDA: the same step, run eagerly twice, to check how it is composed."""
     try:
         losses = [float(training_step(setup)) for _ in range(2)]
     except Exception as error:  # noqa: BLE001 - reported as the check's result
-        section.count("fail")
-        section.notes.append(f"**the eager training step failed**: {describe_error(error)}")
-        return section
-    section.count("skip")
-    section.notes.append(f"skipped: no CUDA (the step ran eagerly on cpu instead: losses "
-                         f"{', '.join(f'{loss:.4f}' for loss in losses)})")
-    return section
+        return "fail", f"**the eager training step failed**: {describe_error(error)}"
+    return "skip", ("skipped: no CUDA (the step ran eagerly on cpu instead: losses "
+                    f"{', '.join(f'{loss:.4f}' for loss in losses)})")
 
 
 def capture_and_replay(setup: TrainingSetup, replays: int = 5) -> str:
@@ -671,27 +669,31 @@ def check_correctness(cases: list[OpCase], device: torch.device, backend: str,
     section.notes.append(
         f"The public op on the {backend} backend vs the same op on the reference backend (the functions of "
         f"piumr_kernels/<op>/reference.py) in float64 on {device.type}, on the same (rounded) inputs; outputs "
-        "and input gradients, with standard normal upstream gradients. rel = max |error| / max |reference| of the worst tensor; tolerance: "
+        "and input gradients, with standard normal upstream gradients. rel = max |error| / max |reference| of "
+        "the worst tensor; tolerance: "
         + ", ".join(f"{DTYPE_NAMES[d]} {TOLERANCE[d]:g}" for d in dtypes)
         + ". GIRL is compared with `groups=` (the random pseudo-groups are not reproducible across backends).")
     section.headers = ["op", "shape", "dtype", "worst tensor", "max abs err", "max rel err", "tolerance", "result"]
     for case in (c for c in cases if c.compare):
         for dtype in dtypes:
-            section.rows.append(correctness_row(case, dtype, device, backend, section))
+            status, row = correctness_row(case, dtype, device, backend)
+            section.count(status)
+            section.rows.append(row)
     return section
 
 
-def correctness_row(case: OpCase, dtype, device, backend, section: Section) -> list[str]:
+def correctness_row(case: OpCase, dtype: torch.dtype, device: torch.device, backend: str) -> tuple[str, list[str]]:
+    """("pass" or "fail", the table row) of one case in one dtype."""
     label = [case.op, case.shape, DTYPE_NAMES[dtype]]
+    tolerance = TOLERANCE[dtype]
     try:
         comparison = compare_with_reference(case, dtype, device, backend)
     except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
-        section.count("fail")
-        return label + ["-", "-", "-", f"{TOLERANCE[dtype]:g}", f"**error**: {describe_error(error)}"]
-    status = "pass" if comparison.max_rel <= TOLERANCE[dtype] else "fail"
-    section.count(status)
-    return label + [comparison.worst_tensor, f"{comparison.max_abs:.2e}", f"{comparison.max_rel:.2e}",
-                    f"{TOLERANCE[dtype]:g}", "pass" if status == "pass" else "**FAIL**"]
+        return "fail", label + ["-", "-", "-", f"{tolerance:g}", f"**error**: {describe_error(error)}"]
+    passed = comparison.max_rel <= tolerance
+    return ("pass" if passed else "fail"), label + [
+        comparison.worst_tensor, f"{comparison.max_abs:.2e}", f"{comparison.max_rel:.2e}", f"{tolerance:g}",
+        "pass" if passed else "**FAIL**"]
 
 
 # --------------------------------------------------------------------------- part 5: timing
@@ -702,7 +704,7 @@ def peak_bandwidth(name: str, properties: object | None = None) -> tuple[float |
     unknown names fall back to the memory clock and bus width the driver reports."""
     upper = name.upper()
     for words, tbps in KNOWN_PEAK_TBPS:
-        if all(word in upper for word in words):
+        if all(re.search(rf"(?<![A-Z0-9]){word}", upper) for word in words):
             return tbps * 1e12, f"{tbps} TB/s (known peak of {' '.join(words)})"
     clock_khz = getattr(properties, "memory_clock_rate", None)
     bus_bits = getattr(properties, "memory_bus_width", None)
