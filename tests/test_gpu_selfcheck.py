@@ -256,6 +256,16 @@ def test_pytest_summary_of_a_run_cut_short_counts_the_finished_tests():
     assert summary.counts == {"passed": 1, "failed": 1}
 
 
+def test_default_pytest_run_puts_the_kernel_tests_first_and_leaves_out_its_own():
+    args = selfcheck.default_pytest_args()
+    files = [arg for arg in args if arg.startswith("tests/")]
+    assert sorted(files) == sorted(f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")
+                                   if path.name != "test_gpu_selfcheck.py")
+    assert files[0] == "tests/test_sinkhorn.py"
+    assert files.index("tests/test_tfam_pooling.py") < files.index("tests/test_cmake_build.py")
+    assert args[len(files):] == ["-v", "-m", "not slow", "--maxfail=10", "-p", "no:cacheprovider"]
+
+
 def test_run_test_suite_reports_counts_failures_and_timeouts(tmp_path):
     (tmp_path / "test_tiny.py").write_text(
         "import time, pytest\n"
@@ -267,6 +277,10 @@ def test_run_test_suite_reports_counts_failures_and_timeouts(tmp_path):
     section = selfcheck.run_test_suite([str(tmp_path), "-v", "-p", "no:cacheprovider"], timeout_s=60)
     assert (section.passed, section.failed, section.skipped) == (1, 1, 1)
     assert any("test_tiny.py::test_fail" in note for note in section.notes)
+    assert not any("incomplete" in note for note in section.notes)
+
+    section = selfcheck.run_test_suite([str(tmp_path), "-v", "-x", "-p", "no:cacheprovider"], timeout_s=60)
+    assert any("--maxfail limit" in note for note in section.notes)
 
     (tmp_path / "test_tiny.py").write_text("import time\ndef test_slow(): time.sleep(60)\n")
     section = selfcheck.run_test_suite([str(tmp_path), "-v", "-p", "no:cacheprovider"], timeout_s=5)

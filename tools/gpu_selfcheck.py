@@ -76,7 +76,10 @@ DRY_RUN_SHAPES = {
     "tfam": [(2, 3, 4, 5, 6)],
 }
 
-DEFAULT_PYTEST_ARGS = "tests -v -m 'not slow' --maxfail=10 -p no:cacheprovider"
+PYTEST_FLAGS = "-v -m 'not slow' --maxfail=10 -p no:cacheprovider"
+# Test files run first, so that a run cut short by the time limit has covered the kernels and the model.
+FIRST_TEST_FILES = ("test_sinkhorn", "test_dct", "test_girl", "test_tfam", "test_op_contract", "test_no_host_sync",
+                    "test_devices", "test_piumr")
 
 # Bytes each op's bandwidth figure counts (s: bytes per element of the main input;
 # statistics and scales are float32). Every tensor is counted once, at its stored size.
@@ -412,6 +415,16 @@ def summarize_pytest_output(text: str) -> PytestSummary:
     return PytestSummary(per_test, failures, finished=False)
 
 
+def default_pytest_args() -> list[str]:
+    """Every tests/test_*.py but this tool's own (CPU) tests, the kernel and model tests
+    first, with PYTEST_FLAGS."""
+    names = sorted(path.name for path in (ROOT / "tests").glob("test_*.py") if path.name != "test_gpu_selfcheck.py")
+    first = sorted((name for name in names if name.startswith(FIRST_TEST_FILES)),
+                   key=lambda name: next(i for i, prefix in enumerate(FIRST_TEST_FILES) if name.startswith(prefix)))
+    ordered = first + [name for name in names if name not in first]
+    return [f"tests/{name}" for name in ordered] + shlex.split(PYTEST_FLAGS)
+
+
 def run_test_suite(pytest_args: list[str], timeout_s: float) -> Section:
     section = Section("1. Test suite")
     command = [sys.executable, "-m", "pytest", *pytest_args]
@@ -434,6 +447,8 @@ def run_test_suite(pytest_args: list[str], timeout_s: float) -> Section:
     if return_code is None:
         section.notes.append(f"**incomplete**: stopped after the {timeout_s:.0f} s limit; the counts are the tests "
                              "finished by then (raise --pytest-timeout or narrow --pytest-args)")
+    elif re.search(r"^!+ stopping after \d+ failures", output, re.MULTILINE):
+        section.notes.append("**incomplete**: pytest stopped at its --maxfail limit; the later tests did not run")
     elif not summary.finished:
         section.failed += 1
         section.notes.append(f"**pytest ended without a summary** (exit status {return_code}); last lines:")
@@ -917,7 +932,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: %(default)s)")
     parser.add_argument("--pytest-timeout", type=float, default=150.0,
                         help="time limit of part 1 in seconds (default: %(default)s)")
-    parser.add_argument("--pytest-args", default=DEFAULT_PYTEST_ARGS, help="pytest arguments (default: %(default)s)")
+    parser.add_argument("--pytest-args", default=None,
+                        help=f"pytest arguments (default: every tests/test_*.py but the self-check's own, the kernel "
+                             f"and model tests first, with {PYTEST_FLAGS})")
     return parser.parse_args(argv)
 
 
@@ -960,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
         tests = skipped_section("1. Test suite", "--quick")
     else:
         pytest_timeout = min(args.pytest_timeout, deadline.left())
-        tests = timed("1. test suite", lambda: run_test_suite(shlex.split(args.pytest_args), pytest_timeout))
+        pytest_args = default_pytest_args() if args.pytest_args is None else shlex.split(args.pytest_args)
+        tests = timed("1. test suite", lambda: run_test_suite(pytest_args, pytest_timeout))
     correctness = timed("4. correctness",
                         lambda: check_correctness(cases, device, backend, (torch.float32, torch.bfloat16)))
     synchronizations = timed("2. host synchronizations", lambda: check_synchronizations(cases, device, backend))
