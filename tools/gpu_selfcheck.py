@@ -428,7 +428,7 @@ def default_pytest_args() -> list[str]:
 def run_test_suite(pytest_args: list[str], timeout_s: float) -> Section:
     section = Section("1. Test suite")
     command = [sys.executable, "-m", "pytest", *pytest_args]
-    section.notes.append(f"`{shlex.join(['python', '-m', 'pytest', *pytest_args])}` in {ROOT.name}/, "
+    section.notes.append(f"`{shlex.join(['python', '-m', 'pytest', *pytest_args])}` from the repository root, "
                          f"time limit {timeout_s:.0f} s; tests run on CUDA when it is available (tests/conftest.py)")
     started = time.monotonic()
     try:
@@ -907,7 +907,7 @@ def describe_environment(device: torch.device, backend: str, args: argparse.Name
         "device": device_text,
         "fused backend": backend,
         "mode": ", ".join(mode),
-        "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
+        "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU-only build'})",
         "triton": triton_version(),
         "piumr_kernels": piumr_kernels.__version__,
         "elapsed": f"{elapsed_s:.0f} s",
