@@ -226,6 +226,12 @@ def test_describe_error_names_the_project_line_and_the_error_it_replaced():
     assert text.endswith("(failing_op)") and "second line" not in text
 
 
+def test_project_sources_exclude_a_virtual_environment_in_the_repository():
+    assert selfcheck.is_project_source(ROOT / "piumr_kernels" / "girl" / "op.py")
+    assert not selfcheck.is_project_source(ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "torch" / "_ops.py")
+    assert not selfcheck.is_project_source(Path("/usr/lib/python3/some_module.py"))
+
+
 def test_scaled_error():
     expected = torch.tensor([1.0, -4.0], dtype=torch.float64)
     assert selfcheck.scaled_error(torch.tensor([1.0, -3.0]), expected) == (1.0, 0.25)

@@ -359,9 +359,17 @@ def project_location(error: BaseException) -> str:
     this_tool = Path(__file__).resolve()
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = Path(frame.filename).resolve()
-        if path.is_file() and path.is_relative_to(ROOT) and path != this_tool:
+        if path.is_file() and path != this_tool and is_project_source(path):
             return f"{path.relative_to(ROOT)}:{frame.lineno} ({frame.name})"
     return ""
+
+
+def is_project_source(path: Path) -> bool:
+    """In the repository, but not in an installed package (a virtual environment there)."""
+    if not path.is_relative_to(ROOT):
+        return False
+    parts = path.relative_to(ROOT).parts
+    return not parts[0].startswith(".") and "site-packages" not in parts
 
 
 def describe_error(error: BaseException) -> str:
