@@ -236,6 +236,9 @@ def test_scaled_error():
     expected = torch.tensor([1.0, -4.0], dtype=torch.float64)
     assert selfcheck.scaled_error(torch.tensor([1.0, -3.0]), expected) == (1.0, 0.25)
     assert selfcheck.scaled_error(torch.tensor([float("nan"), 0.0]), expected) == (float("inf"), float("inf"))
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert selfcheck.scaled_error(torch.tensor([1e-9]), zero) == pytest.approx((1e-9, 1e-6))  # floor 1e-3
+    assert selfcheck.scaled_error(torch.zeros(0), torch.zeros(0, dtype=torch.float64)) == (0.0, 0.0)
 
 
 PYTEST_FINISHED = """\

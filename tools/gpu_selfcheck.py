@@ -55,6 +55,10 @@ NUM_CLASSES = 52  # MA-52, as in the benchmarks
 # Largest error allowed, as a fraction of the reference tensor's largest magnitude (the
 # tests' scaled-error criterion, at their loosest per-dtype setting).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
+# Smallest magnitude the errors are measured against, as in the tests (tests/op_harness.py):
+# an analytically zero result (e.g. the risk variance of a single group) is not asked for
+# relative accuracy on rounding noise.
+SCALE_FLOOR = 1e-3
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 # Peak memory bandwidth in TB/s by device name: every listed word must start a word of the
@@ -655,13 +659,14 @@ class Comparison:
 
 
 def scaled_error(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(max absolute error, that error relative to the reference's largest magnitude)."""
-    difference = (got.double() - expected).abs()
-    max_abs = float(difference.max()) if difference.numel() else 0.0
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    """(max absolute error, that error relative to the reference's largest magnitude, at
+    least SCALE_FLOOR); NaN or inf anywhere in the difference counts as an infinite error."""
+    if expected.numel() == 0:
+        return 0.0, 0.0
+    max_abs = float((got.double() - expected).abs().max())
     if not math.isfinite(max_abs):
         return math.inf, math.inf
-    return max_abs, max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    return max_abs, max_abs / max(float(expected.abs().max()), SCALE_FLOOR)
 
 
 def compare_with_reference(case: OpCase, dtype: torch.dtype, device: torch.device, backend: str) -> Comparison:
@@ -692,8 +697,8 @@ def check_correctness(cases: list[OpCase], device: torch.device, backend: str,
     section.notes.append(
         f"The public op on the {backend} backend vs the same op on the reference backend (the functions of "
         f"piumr_kernels/<op>/reference.py) in float64 on {device.type}, on the same (rounded) inputs; outputs "
-        "and input gradients, with standard normal upstream gradients. rel = max |error| / max |reference| of "
-        "the worst tensor; tolerance: "
+        "and input gradients, with standard normal upstream gradients. rel = max |error| / "
+        f"max(max |reference|, {SCALE_FLOOR:g}) of the worst tensor; tolerance: "
         + ", ".join(f"{DTYPE_NAMES[d]} {TOLERANCE[d]:g}" for d in dtypes)
         + ". GIRL is compared with `groups=` (the random pseudo-groups are not reproducible across backends).")
     section.headers = ["op", "shape", "dtype", "worst tensor", "max abs err", "max rel err", "tolerance", "result"]
