@@ -80,6 +80,9 @@ DRY_RUN_SHAPES = {
     "tfam": [(2, 3, 4, 5, 6)],
 }
 
+# Part 5 starts no torch.compile (seconds each) with less than this left of --budget-s.
+COMPILE_RESERVE_S = 15.0
+
 PYTEST_FLAGS = "-v -m 'not slow' --maxfail=10 -p no:cacheprovider"
 # Test files run first, so that a run cut short by the time limit has covered the kernels and the model.
 FIRST_TEST_FILES = ("test_sinkhorn", "test_dct", "test_girl", "test_tfam", "test_op_contract", "test_no_host_sync",
@@ -935,14 +938,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="gpu_selfcheck.md", help="report file (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="skip part 1 (the pytest run)")
     parser.add_argument("--skip-timing", action="store_true", help="skip part 5 (timings)")
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="default: %(default)s")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes instead of the benchmark shapes (with --device cpu: the CI smoke mode)")
     parser.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"), default="auto",
                         help="the fused backend under test; auto: triton on CUDA, else cpp when built, else reference")
     parser.add_argument("--budget-s", type=float, default=285.0,
-                        help="time budget of the whole run; part 5 skips the cases it has no time left for "
-                             "(default: %(default)s)")
+                        help="time budget of the whole run in seconds: part 1 gets at most what is left of it, "
+                             f"and part 5 starts no torch.compile within {COMPILE_RESERVE_S:.0f} s of its end (default: %(default)s)")
     parser.add_argument("--pytest-timeout", type=float, default=150.0,
                         help="time limit of part 1 in seconds (default: %(default)s)")
     parser.add_argument("--pytest-args", default=None,
@@ -952,13 +955,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_selfcheck: no CUDA device is available; for the CPU smoke mode run "
                          "`python tools/gpu_selfcheck.py --device cpu --dry-run`")
-    if device.type not in ("cuda", "cpu"):
-        raise SystemExit(f"gpu_selfcheck: --device must be cuda or cpu, got {name!r}")
-    return device
+    return torch.device(name)
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -1000,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_timing:
         timings = skipped_section("5. Timing and bandwidth", "--skip-timing", gates_exit=False)
     else:
-        timings = timed("5. timing", lambda: measure_timings(cases, device, backend, deadline, reserve_s=15.0))
+        timings = timed("5. timing", lambda: measure_timings(cases, device, backend, deadline, COMPILE_RESERVE_S))
 
     sections = [tests, synchronizations, graph, correctness, timings]
     report = render_report(describe_environment(device, backend, args, time.monotonic() - started), sections)
