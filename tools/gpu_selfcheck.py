@@ -945,7 +945,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the fused backend under test; auto: triton on CUDA, else cpp when built, else reference")
     parser.add_argument("--budget-s", type=float, default=285.0,
                         help="time budget of the whole run in seconds: part 1 gets at most what is left of it, "
-                             f"and part 5 starts no torch.compile within {COMPILE_RESERVE_S:.0f} s of its end (default: %(default)s)")
+                             f"and part 5 starts no torch.compile within {COMPILE_RESERVE_S:.0f} s of its end "
+                             "(default: %(default)s)")
     parser.add_argument("--pytest-timeout", type=float, default=150.0,
                         help="time limit of part 1 in seconds (default: %(default)s)")
     parser.add_argument("--pytest-args", default=None,
