@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One-command GPU self-check of piumr_kernels and PIUmr (see docs/gpu_selfcheck.md).
 
-    python tools/gpu_selfcheck.py                         # all five parts, about 5 min on one H100
+    python tools/gpu_selfcheck.py                         # all five parts, budgeted for 5 min
     python tools/gpu_selfcheck.py --quick                 # without the pytest run
     python tools/gpu_selfcheck.py --device cpu --dry-run  # CPU smoke mode for CI (tiny shapes)
 
