@@ -38,6 +38,7 @@ STREAM_ELEMENTS = 1024         # elements of one streaming tile (2048 spills the
 STREAM_MAX_COLS = 128          # widest streaming tile (512 contiguous bytes in fp32)
 STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
 STREAM_WARPS = 4
+REGISTERS_PER_SM = 65536      # sm_80 / sm_90: also the most one program may hold
 # The interpreter pays per tile operation, not per element, and has no registers to spill:
 # it streams 4096-element tiles of any height so the tests stay fast.
 INTERPRETED_STREAM_ELEMENTS = 4096
@@ -479,6 +480,20 @@ class LaunchPlan:
     num_warps: int
     matrices_per_program: int
 
+    @property
+    def launch_options(self) -> dict:
+        """Triton launch options: the warps and, except for packed programs, the block's whole
+        register budget as `maxnreg`. Without it ptxas 13 (run by Triton 3.7 with
+        --regAllocOptLevel=2) keeps a value or two in local memory (4-8 B of stack around the
+        iteration loop) to reach a lower register count for occupancy, on several one_matrix
+        and streaming binaries (e.g. the 64x64 forward at 16 warps on sm_90: 40 registers and
+        8 B of stack). The cost: the 64x64 backward then holds 80-106 registers at 16 warps,
+        one program per SM. Packed launches (thousands of programs, where occupancy matters)
+        do not spill and keep ptxas' choice."""
+        if self.tier == "packed":
+            return {"num_warps": self.num_warps}
+        return {"num_warps": self.num_warps, "maxnreg": min(255, REGISTERS_PER_SM // (32 * self.num_warps))}
+
 
 def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPlan:
     """The tier, block sizes and warps the launchers use for `(N, M)` matrices
@@ -521,12 +536,12 @@ def sinkhorn_forward(
         wrap_triton(_forward_streaming_kernel)[(batch,)](
             K, P, row_stats, col_stats, row_scale, col_scale,
             n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
+            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
         )
     else:
         wrap_triton(_forward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
             K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
+            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
         )
     return P, row_stats, col_stats
 
@@ -550,12 +565,12 @@ def sinkhorn_backward(
         wrap_triton(_backward_streaming_kernel)[(batch,)](
             grad_P, K, row_stats, col_stats, row_potential, col_potential, row_work, col_work, grad_K,
             n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
+            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
         )
     else:
         wrap_triton(_backward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
             grad_P, K, row_stats, col_stats, grad_K, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, num_warps=plan.num_warps, **plan.constexprs,
+            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
         )
     return grad_K
 
