@@ -11,7 +11,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first (the CPU wheel; a CUDA machine can install its own torch before running this),
 # plus what building without isolation needs.
 "${PIP[@]}" torch==2.13.0 "setuptools>=64" wheel ninja
-# The Triton release the kernels are tested with (interpreter on CPU, ahead-of-time compile).
-"${PIP[@]}" triton==3.7.0
+# The Triton releases the kernels are tested with (interpreter on CPU, ahead-of-time compile):
+# the same range as pyproject.toml's triton extra (docs/triton_static_check.md says why).
+"${PIP[@]}" "triton>=3.7,<3.8"
 "${PIP[@]}" --no-build-isolation -e ".[test]"
 echo "environment ready: $VENV"
