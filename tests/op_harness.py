@@ -460,12 +460,13 @@ GIRL_CASES = [
     # no generator: the global RNG (run_case seeds it), under torch.compile too
     _girl_case("global-rng-details-20x8-G3", 20, 8, num_groups=3, return_details=True,
                options=dict(detach_weights=False), compile=True),
-    # ids in [0, num_groups): group 3 is a singleton, left out of the loss (SPEC §3)
-    _girl_case("explicit-groups-details-10x5", 10, 5, num_groups=4, groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 3],
+    # ids in [0, num_groups): group 3 is empty and group 4 a singleton, both left out of the
+    # loss (SPEC §3)
+    _girl_case("explicit-groups-details-10x5", 10, 5, num_groups=5, groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 4],
                return_details=True, options=dict(tau=0.5, eta=0.4, lambda_var=1.5, detach_weights=False),
                gradcheck=True, compile=True, opcheck=True),
     # the paper's Var(stopgrad(L_g)) with no penalty: the gradient is the mean risk's
-    _girl_case("explicit-groups-no-var-10x5", 10, 5, num_groups=4, groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 3],
+    _girl_case("explicit-groups-no-var-10x5", 10, 5, num_groups=5, groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 4],
                options=dict(tau=0.5, eta=0.4, lambda_var=0.0, var_grad=False, detach_weights=False),
                dtypes=(torch.float64,), gradcheck=True, triton=False),
 ]

@@ -74,33 +74,6 @@ def check_against_reference(features, labels, num_groups=None, groups=None, seed
     return details
 
 
-# (B, C, G, detach_weights, var_grad): all four option pairs, B % G != 0, one group.
-CASES = [
-    (12, 8, 3, True, True),
-    (37, 24, 4, False, True),
-    (30, 16, 4, True, False),
-    (20, 40, 1, False, False),
-]
-
-
-@pytest.mark.parametrize("batch,width,num_groups,detach_weights,var_grad", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_float64_reference(backend, poisoned_empty, dtype, batch, width, num_groups, detach_weights, var_grad):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the triton backend has no float64")
-    features, labels = make_inputs(batch, width, num_classes=3, dtype=dtype)
-    check_against_reference(
-        features, labels, num_groups, tau=0.1, eta=0.3, lambda_var=2.0,
-        detach_weights=detach_weights, var_grad=var_grad,
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_features(backend, dtype):
-    features, labels = make_inputs(24, 16, num_classes=3, dtype=dtype)
-    check_against_reference(features, labels, 3, detach_weights=False)
-
-
 def test_fused_op_backward_with_nonuniform_group_weights(backend):
     """The group-risk output's backward with an arbitrary upstream vector, not only the loss."""
     if backend == "reference":
