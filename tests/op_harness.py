@@ -107,6 +107,24 @@ def library_op(name: str):
     return getattr(torch.ops.piumr_kernels, name, None) if hasattr(torch.ops.piumr_kernels, name) else None
 
 
+def fused_ops() -> dict:
+    """{library name: FusedOp}: `piumr_kernels.fused_op.REGISTRY` when the op layer has one,
+    else the module-level FusedOp instances the ops' op.py modules declare."""
+    import importlib
+
+    fused_op = importlib.import_module("piumr_kernels.fused_op")
+    registry = getattr(fused_op, "REGISTRY", None)
+    if registry is not None:
+        return dict(registry)
+    found = {}
+    for package in ("sinkhorn_knopp", "dct", "girl", "tfam_pooling"):
+        module = importlib.import_module(f"piumr_kernels.{package}.op")
+        for value in vars(module).values():
+            if isinstance(value, fused_op.FusedOp):
+                found[value.name] = value
+    return found
+
+
 # ----------------------------------------------------------------------------- values
 
 
