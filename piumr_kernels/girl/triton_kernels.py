@@ -297,43 +297,50 @@ def girl_backward(
     return grad_features
 
 
-_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# (B, C, G), as in benchmarks/bench_girl.py: the benchmark shapes, then one shape per further
+# tile and row block the launchers pick (BLOCK 16, 32 and a single 64 block; BLOCK_W 16 to
+# 128); some sizes are not multiples of 16 so the JIT's less specialized binaries are built too.
+AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3), (30, 20, 2), (12, 40, 3), (130, 100, 3)]
+_AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def aot_variants() -> list[KernelVariant]:
-    """Every (kernel, dtype, block) the launchers can pick, for tools/triton_static_check.py."""
-    variants = []
-    blocks = sorted({16, 32, SMALL_GROUP_MAX, STREAM_BLOCK})
-    row_blocks = sorted({16, 32, 64, 128, ROW_BLOCK_C})
-    for dtype, ptr in _DTYPES.items():
-        for block_w in row_blocks:
-            variants.append(KernelVariant(
-                f"girl.row_norm[{dtype},BLOCK_W={block_w}]", _row_norm_kernel,
-                {"z_ptr": ptr, "stats_ptr": "*fp32", "width": "i32", "BLOCK_W": "constexpr"},
-                {"BLOCK_W": block_w}))
-            variants.append(KernelVariant(
-                f"girl.input_grad[{dtype},BLOCK_W={block_w}]", _input_grad_kernel,
-                {"z_ptr": ptr, "stats_ptr": "*fp32", "grad_f_ptr": "*fp32", "grad_z_ptr": ptr, "width": "i32",
-                 "BLOCK_W": "constexpr"},
-                {"BLOCK_W": block_w}))
-        for block in blocks:
-            variants.append(KernelVariant(
-                f"girl.forward[{dtype},BLOCK={block}]", _forward_kernel,
-                {"z_ptr": ptr, "labels_ptr": "*i64", "offsets_ptr": "*i64", "stats_ptr": "*fp32", "batch": "i32",
-                 "width": "i32", "tau": "fp32", "eta": "fp32", "BLOCK": "constexpr", "BLOCK_C": "constexpr"},
-                {"BLOCK": block, "BLOCK_C": BLOCK_C}, **tile_launch_options(block)))
+    """The kernel variants the launchers pick at `AOT_SHAPES`: every kernel of the forward
+    with `need_grad` (the backward kernels give the direction), fp32/fp16/bf16, both
+    `detach_weights`."""
+    variants = {}
+
+    def add(name, kernel, constexprs, options=None, pointer_types=None):
+        variants[name] = KernelVariant(name, kernel, constexprs, **(options or {}),
+                                       pointer_types=pointer_types or {})
+
+    for batch, width, num_groups in AOT_SHAPES:
+        block, _ = tile_block(batch, num_groups)
+        block_w = _row_block(width)
+        options = tile_launch_options(block)
+        tile = {"BLOCK": block, "BLOCK_C": BLOCK_C}
+        add(f"girl.group_risk[BLOCK={block}]", _group_risk_kernel, {"BLOCK": block})
+        for dtype in _AOT_DTYPES:
+            z = {"z_ptr": f"*{dtype}"}
+            add(f"girl.row_norm[{dtype},BLOCK_W={block_w}]", _row_norm_kernel, {"BLOCK_W": block_w}, pointer_types=z)
+            add(f"girl.input_grad[{dtype},BLOCK_W={block_w}]", _input_grad_kernel, {"BLOCK_W": block_w},
+                pointer_types=z)
+            add(f"girl.forward[{dtype},BLOCK={block}]", _forward_kernel, tile, options, z)
             for detach in (True, False):
-                variants.append(KernelVariant(
-                    f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]", _backward_kernel,
-                    {"grad_risks_ptr": "*fp32", "z_ptr": ptr, "labels_ptr": "*i64", "offsets_ptr": "*i64",
-                     "stats_ptr": "*fp32", "grad_f_ptr": "*fp32", "batch": "i32", "width": "i32", "tau": "fp32",
-                     "eta": "fp32", "DETACH_WEIGHTS": "constexpr", "BLOCK": "constexpr", "BLOCK_C": "constexpr"},
-                    {"DETACH_WEIGHTS": detach, "BLOCK": block, "BLOCK_C": BLOCK_C},
-                    **tile_launch_options(block)))
-    for block in blocks:
-        variants.append(KernelVariant(
-            f"girl.group_risk[BLOCK={block}]", _group_risk_kernel,
-            {"offsets_ptr": "*i64", "stats_ptr": "*fp32", "risks_ptr": "*fp32", "batch": "i32",
-             "BLOCK": "constexpr"},
-            {"BLOCK": block}))
-    return variants
+                add(f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]", _backward_kernel,
+                    {"DETACH_WEIGHTS": detach, **tile}, options, z)
+    return list(variants.values())
+
+
+def aot_launches(shapes=AOT_SHAPES) -> None:
+    """Runs the forward and backward launchers at `shapes` on uninitialized CPU tensors,
+    every dtype and both `detach_weights` (for `triton_variants.capture_specializations`,
+    which stops each launch)."""
+    for batch, width, num_groups in shapes:
+        offsets = torch.arange(num_groups + 1) * batch // num_groups
+        labels = torch.zeros(batch, dtype=torch.int64)
+        for dtype in _AOT_DTYPES.values():
+            features = torch.empty((batch, width), dtype=dtype)
+            for detach in (True, False):
+                risks, stats = girl_forward(features, labels, offsets, 0.07, 0.2, detach)
+                girl_backward(torch.empty_like(risks), features, labels, offsets, stats, 0.07, 0.2, detach)

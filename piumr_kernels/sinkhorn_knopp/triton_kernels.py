@@ -575,56 +575,47 @@ def sinkhorn_backward(
     return grad_K
 
 
-# Representative shapes per tier: every distinct block-size / warp configuration the
-# launchers pick for typical sizes (other sizes round up to one of these block shapes or
-# differ only in a power-of-two block dimension).
-AOT_SHAPES = {
-    "packed": [(4, 4), (8, 8)],
-    "one_matrix": [(16, 16), (64, 64)],
-    "streaming": [(128, 128), (2048, 8)],
-}
-_TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-_SCALARS = {"n_matrices": "i32", "n_rows": "i32", "n_cols": "i32", "n_iters": "i32", "eps": "fp32", "row_sum": "fp32", "col_sum": "fp32"}
-
-
-def _signature(kernel, data_type: str) -> dict[str, str]:
-    """Triton types of `kernel`'s arguments: matrices in `data_type`, stats and work in fp32."""
-    matrices = {"K_ptr", "P_ptr", "grad_ptr", "grad_K_ptr"}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in _SCALARS:
-            signature[name] = _SCALARS[name]
-        elif name.endswith("_ptr"):
-            signature[name] = data_type if name in matrices else "*fp32"
-        else:
-            signature[name] = "constexpr"
-    return signature
+# (batch, N, M, n_iters), as in benchmarks/bench_sinkhorn.py: the benchmark shapes, then one
+# shape per further tile the launch plan picks (packed 8x8, one_matrix at 2, 4 and 8 warps,
+# the 64-row streaming tile); some sizes, batches and n_iters are not multiples of 16 or
+# are 1 so the JIT's less specialized binaries are compiled too.
+AOT_SHAPES = [
+    (160, 16, 16, 3), (65536, 4, 4, 20), (256, 64, 64, 3), (32, 128, 128, 3),
+    (7, 8, 8, 1), (2, 16, 32, 3), (3, 32, 32, 3), (5, 30, 60, 3), (2, 2048, 8, 3),
+]
+_AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def aot_variants() -> list[KernelVariant]:
-    """Every kernel variant the launchers pick for the representative shapes in
-    `AOT_SHAPES`: each tier x forward/backward x fp32/fp16/bf16 x linear/log."""
+    """The kernel variants `launch_plan` picks at `AOT_SHAPES`: forward and backward of each
+    tile, fp32/fp16/bf16, linear and log domain."""
     kernels = {
-        ("packed", "forward"): _forward_register_kernel, ("packed", "backward"): _backward_register_kernel,
-        ("one_matrix", "forward"): _forward_register_kernel, ("one_matrix", "backward"): _backward_register_kernel,
-        ("streaming", "forward"): _forward_streaming_kernel, ("streaming", "backward"): _backward_streaming_kernel,
+        "packed": (_forward_register_kernel, _backward_register_kernel),
+        "one_matrix": (_forward_register_kernel, _backward_register_kernel),
+        "streaming": (_forward_streaming_kernel, _backward_streaming_kernel),
     }
-    variants = []
-    for tier, shapes in AOT_SHAPES.items():
-        for n_rows, n_cols in shapes:
-            plan = launch_plan(n_rows, n_cols)
-            assert plan.tier == tier, (tier, n_rows, n_cols, plan.tier)
-            blocks = ",".join(f"{key}={value}" for key, value in plan.constexprs.items())
-            for direction in ("forward", "backward"):
-                kernel = kernels[tier, direction]
-                for dtype_name, pointer_type in _TRITON_DTYPES.items():
-                    for log_domain in (False, True):
-                        domain = "log" if log_domain else "linear"
-                        variants.append(KernelVariant(
-                            name=f"sinkhorn.{direction}.{tier}[{dtype_name},{domain},{blocks},warps={plan.num_warps}]",
-                            kernel=kernel,
-                            signature=_signature(kernel, pointer_type),
-                            constexprs={"LOG_DOMAIN": log_domain, **plan.constexprs},
-                            num_warps=plan.num_warps,
-                        ))
-    return variants
+    variants = {}
+    for _, n_rows, n_cols, _ in AOT_SHAPES:
+        plan = launch_plan(n_rows, n_cols)
+        blocks = ",".join(f"{key}={value}" for key, value in plan.constexprs.items())
+        for direction, kernel in zip(("forward", "backward"), kernels[plan.tier]):
+            for dtype in _AOT_DTYPES:
+                for log_domain in (False, True):
+                    name = (f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},"
+                            f"{blocks},warps={plan.num_warps}]")
+                    variants[name] = KernelVariant(
+                        name, kernel, {"LOG_DOMAIN": log_domain, **plan.constexprs}, plan.num_warps,
+                        pointer_types={"K_ptr": f"*{dtype}"},
+                    )
+    return list(variants.values())
+
+
+def aot_launches(shapes=AOT_SHAPES) -> None:
+    """Runs the launchers at `shapes` on uninitialized CPU tensors, forward and backward, every
+    dtype and domain (for `triton_variants.capture_specializations`, which stops each launch)."""
+    for batch, n_rows, n_cols, n_iters in shapes:
+        for dtype in _AOT_DTYPES.values():
+            K = torch.empty((batch, n_rows, n_cols), dtype=dtype)
+            for log_domain in (False, True):
+                _, row_stats, col_stats = sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0)
+                sinkhorn_backward(torch.empty_like(K), K, row_stats, col_stats, n_iters, 1e-8, log_domain, 1.0, 1.0)

@@ -228,46 +228,44 @@ def combine_backward(
     return grad_x, grad_temporal, grad_spatial
 
 
+# (B, C, T, H, W), as in benchmarks/bench_tfam.py: the benchmark shapes (BLOCK_HW 1024 and
+# 256), then X3D's 7x7 stage (BLOCK_HW 64).
+AOT_SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14), (4, 96, 16, 7, 7)]
+
+
 def aot_variants() -> list[KernelVariant]:
-    """Every (kernel, dtype, BLOCK_HW tier) the launchers above can pick."""
+    """The (kernel, dtype, BLOCK_HW tier) variants the launchers pick at `AOT_SHAPES`."""
     variants = []
-    for dtype in _DTYPES.values():
-        ptr = f"*{dtype}"
-        for tier in BLOCK_HW_TIERS:
+    for *_, height, width in AOT_SHAPES:
+        tier = block_hw(height * width)
+        reduction = {"PLANES_PER_PROGRAM": PLANES_PER_PROGRAM, "BLOCK_HW": tier}
+        tile = {"BLOCK_P": TILE // tier, "BLOCK_HW": tier}
+        for dtype in _DTYPES.values():
+            ptr = f"*{dtype}"
             tags = f"[{dtype},BLOCK_HW={tier}]"
-            reduction = {"PLANES_PER_PROGRAM": PLANES_PER_PROGRAM, "BLOCK_HW": tier}
-            tile = {"BLOCK_P": TILE // tier, "BLOCK_HW": tier}
             variants += [
-                KernelVariant(
-                    f"tfam_statistics.forward{tags}", _statistics_kernel,
-                    {"x_ptr": ptr, "sum_ptr": "*fp32", "max_ptr": "*fp32", "argmax_ptr": "*i32",
-                     "partial_ptr": "*fp32", "planes_per_sample": "i64", "positions": "i64",
-                     "n_groups": "i64", "n_blocks": "i64",
-                     "PLANES_PER_PROGRAM": "constexpr", "BLOCK_HW": "constexpr"},
-                    reduction, num_warps=REDUCTION_WARPS[tier],
-                ),
-                KernelVariant(
-                    f"tfam_statistics.backward{tags}", _statistics_backward_kernel,
-                    {"grad_mean_ptr": "*fp32", "grad_max_ptr": "*fp32", "grad_spatial_ptr": "*fp32",
-                     "argmax_ptr": "*i32", "grad_x_ptr": ptr, "n_planes": "i64", "planes_per_sample": "i64",
-                     "positions": "i64", "inv_positions": "fp32", "inv_frames": "fp32",
-                     "BLOCK_P": "constexpr", "BLOCK_HW": "constexpr"},
-                    tile, num_warps=TILE_WARPS,
-                ),
-                KernelVariant(
-                    f"tfam_combine.forward{tags}", _combine_kernel,
-                    {"x_ptr": ptr, "temporal_ptr": "*fp32", "spatial_ptr": "*fp32", "out_ptr": ptr,
-                     "n_planes": "i64", "planes_per_sample": "i64", "frames": "i64", "positions": "i64",
-                     "BLOCK_P": "constexpr", "BLOCK_HW": "constexpr"},
-                    tile, num_warps=TILE_WARPS,
-                ),
-                KernelVariant(
-                    f"tfam_combine.backward{tags}", _combine_backward_kernel,
-                    {"grad_ptr": ptr, "x_ptr": ptr, "temporal_ptr": "*fp32", "spatial_ptr": "*fp32",
-                     "grad_x_ptr": ptr, "plane_sum_ptr": "*fp32", "partial_ptr": "*fp32",
-                     "planes_per_sample": "i64", "frames": "i64", "positions": "i64", "n_groups": "i64",
-                     "n_blocks": "i64", "PLANES_PER_PROGRAM": "constexpr", "BLOCK_HW": "constexpr"},
-                    reduction, num_warps=REDUCTION_WARPS[tier],
-                ),
+                KernelVariant(f"tfam_statistics.forward{tags}", _statistics_kernel, reduction,
+                              REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}),
+                KernelVariant(f"tfam_statistics.backward{tags}", _statistics_backward_kernel, tile, TILE_WARPS,
+                              pointer_types={"grad_x_ptr": ptr}),
+                KernelVariant(f"tfam_combine.forward{tags}", _combine_kernel, tile, TILE_WARPS,
+                              pointer_types={"x_ptr": ptr}),
+                KernelVariant(f"tfam_combine.backward{tags}", _combine_backward_kernel, reduction,
+                              REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}),
             ]
     return variants
+
+
+def aot_launches(shapes=AOT_SHAPES) -> None:
+    """Runs the four launchers at `shapes` on uninitialized CPU tensors, every dtype (for
+    `triton_variants.capture_specializations`, which stops each launch)."""
+    for shape in shapes:
+        batch, _, frames, height, width = shape
+        for dtype in _DTYPES:
+            x = torch.empty(shape, dtype=dtype)
+            frame_mean, frame_max, spatial, argmax = statistics_forward(x)
+            statistics_backward(frame_mean, frame_max, spatial, argmax, x)
+            temporal_scale = torch.empty((batch, frames))
+            spatial_scale = torch.empty((batch, height, width))
+            combine_forward(x, temporal_scale, spatial_scale)
+            combine_backward(torch.empty_like(x), x, temporal_scale, spatial_scale)
