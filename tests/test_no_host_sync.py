@@ -8,8 +8,9 @@ runs a TorchDispatchMode that sees the dispatcher-level reads Python patches can
 scalar read `aten._local_scalar_dense` behind them all, and ops whose output size depends on
 the data: `torch.unique`, `nonzero`, boolean masks, `repeat_interleave` without
 `output_size`, ...). A read is flagged when the Python frame making it is in piumr_kernels/
-and is not a `@triton.jit` kernel body (or helper) run by Triton's interpreter: without a
-GPU, the interpreter itself copies tensors to NumPy to run kernels, which is not the op's
+and is not a `@triton.jit` kernel body (or helper) run by Triton's interpreter (a jit
+function's name with Triton's frames among its callers): without a GPU, the interpreter
+itself copies tensors to NumPy to run kernels, from its own frames, which is not the op's
 doing. On CPU tensors these reads cost nothing, but the same Python code syncs the stream
 on a GPU, so they are caught here on every backend (triton through its interpreter, cpp,
 reference).
@@ -51,10 +52,34 @@ def _in_package(filename: str) -> bool:
     return os.path.abspath(filename).startswith(PACKAGE_DIR)
 
 
+def _jit_function_names() -> set[str]:
+    """Names of the @triton.jit functions (kernels and helpers) defined in piumr_kernels."""
+    import importlib
+    import types
+
+    names = set()
+    for package in ("sinkhorn_knopp", "dct", "girl", "tfam_pooling"):
+        try:
+            module = importlib.import_module(f"piumr_kernels.{package}.triton_kernels")
+        except ImportError:
+            continue
+        for value in vars(module).values():
+            fn = getattr(value, "fn", None)
+            while fn is not None and not isinstance(fn, types.FunctionType):
+                fn = getattr(fn, "fn", None)  # an autotuner around a jit function
+            if fn is not None:
+                names.add(fn.__name__)
+    return names
+
+
+JIT_NAMES = _jit_function_names() if TRITON_DIR else set()
+
+
 def _run_by_triton(frame) -> bool:
-    """Whether `frame` runs inside Triton's machinery (a kernel body the interpreter
-    executes has the interpreter's frames among its callers; a launcher does not)."""
-    if TRITON_DIR is None:
+    """Whether `frame` is a @triton.jit function body executed by Triton's interpreter: a
+    jit function's name, with Triton's frames among its callers (a launcher, or a grid or
+    hook callback in piumr_kernels' host code, is not exempt)."""
+    if TRITON_DIR is None or frame.f_code.co_name not in JIT_NAMES:
         return False
     caller = frame.f_back
     while caller is not None:
@@ -225,6 +250,7 @@ def _package_helper(source: str, name: str):
 READS = {
     "item": "t.sum().item()",
     "tolist": "t.tolist()",
+    "numpy": "t.numpy()",
     "cpu": "t.cpu()",
     "bool": "bool(t.sum() > 0)",
     "if": "1 if (t.sum() > 0) else 0",
