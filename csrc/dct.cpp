@@ -29,7 +29,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -39,8 +38,8 @@
 #include <utility>
 #include <vector>
 
+#include "accumulation.h"
 #include "cpu_dispatch.h"
-#include "output_cache.h"
 
 namespace piumr {
 namespace {
@@ -533,8 +532,6 @@ void with_tap_count(int64_t k, F&& f) {
   }
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_bank(int64_t kernel_size, const std::vector<int64_t>& frequencies, const char* op) {
   TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, op, ": kernel_size must be odd and >= 1, got ",
               kernel_size);
@@ -613,8 +610,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at:
   check_bank(kernel_size, freq, op);
   const int64_t batch = x.size(0), height = x.size(3), width = x.size(4);
   const int64_t n_filters = static_cast<int64_t>(freq.size());
-  auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor E = empty_output({batch, n_filters, height, width}, x.options());
+  auto acc_opts = x.options().dtype(accumulation_dtype(x.scalar_type()));
+  at::Tensor E = at::empty({batch, n_filters, height, width}, x.options());
   at::Tensor mean = at::empty({batch, n_filters}, acc_opts);
   at::Tensor var = at::empty({batch, n_filters}, acc_opts);
   at::Tensor s = at::empty({batch, height, width}, acc_opts);
@@ -657,7 +654,7 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
   TORCH_CHECK(s.dim() == 3 && s.is_contiguous(), op, ": s must be contiguous (B, H, W)");
   const int64_t batch = s.size(0), height = s.size(1), width = s.size(2);
   const int64_t n_filters = static_cast<int64_t>(freq.size());
-  const auto acc = acc_type(grad_E.scalar_type());
+  const auto acc = accumulation_dtype(grad_E.scalar_type());
   TORCH_CHECK(grad_E.is_contiguous() && grad_E.sizes() == at::IntArrayRef({batch, n_filters, height, width}),
               op, ": grad_E must be contiguous (B, D, H, W)");
   for (const at::Tensor* t : {&grad_mean, &grad_var, &mean}) {
@@ -665,7 +662,7 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
                 op, ": grad_mean, grad_var and mean must be contiguous (B, D) of ", acc);
   }
   TORCH_CHECK(s.scalar_type() == acc, op, ": s must be ", acc);
-  at::Tensor grad_map = empty_output({batch, height, width}, grad_E.options());
+  at::Tensor grad_map = at::empty({batch, height, width}, grad_E.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_E.scalar_type(), "dct_filter_bank_cpp_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Bank<acc_t> bank(kernel_size, freq);
@@ -691,51 +688,6 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
   return grad_map;
 }
 
-// Autograd in C++, as for the other cpp ops: a Python autograd formula would cost tens of
-// microseconds per call, a sizable share of the forward at X3D's smaller stages. Saves only
-// s (B, H, W) and mean (B, D); the gradient of x is the (B, H, W) map expanded over (C, T).
-class DctFunction : public torch::autograd::Function<DctFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                int64_t kernel_size, at::IntArrayRef frequencies) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("piumr_kernels::dct_filter_bank_cpp", "")
-                               .typed<decltype(dct_forward)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [E, mean, var, s] = op.call(x, kernel_size, frequencies);
-    ctx->save_for_backward({s, mean});
-    ctx->saved_data["kernel_size"] = kernel_size;
-    ctx->saved_data["frequencies"] = frequencies.vec();
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
-    ctx->mark_non_differentiable({s});
-    return {E, mean, var, s};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("piumr_kernels::dct_filter_bank_cpp_backward", "")
-                               .typed<decltype(dct_backward)>();
-    const auto saved = ctx->get_saved_variables();
-    const std::vector<int64_t> x_sizes = ctx->saved_data["x_sizes"].toIntVector();
-    const std::vector<int64_t> frequencies = ctx->saved_data["frequencies"].toIntVector();
-    // Gradients of unused outputs arrive as zeros (materialized by autograd).
-    const at::Tensor grad_map =
-        op.call(grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), saved[0], saved[1],
-                ctx->saved_data["kernel_size"].toInt(), frequencies, x_sizes[2]);
-    // dx[b, c, t] = g[b] / T for every (c, t): an expanded view, never materialized.
-    at::Tensor grad_x = grad_map.view({x_sizes[0], 1, 1, x_sizes[3], x_sizes[4]}).expand(x_sizes);
-    return {grad_x, at::Tensor(), at::Tensor()};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward_autograd(const at::Tensor& x,
-                                                                                 int64_t kernel_size,
-                                                                                 at::IntArrayRef frequencies) {
-  const auto out = DctFunction::apply(x, kernel_size, frequencies);
-  return {out[0], out[1], out[2], out[3]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
@@ -749,8 +701,5 @@ TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("dct_filter_bank_cpp_backward", &dct_backward);
 }
 
-TORCH_LIBRARY_IMPL(piumr_kernels, Autograd, m) {
-  m.impl("dct_filter_bank_cpp", &dct_forward_autograd);
-}
 
 }  // namespace piumr

@@ -1,9 +1,6 @@
 // The extension module: importing piumr_kernels._C runs the TORCH_LIBRARY registrations of
-// every csrc/*.cpp (static initializers). Its Python functions are eager entry points:
-// each calls a registered op through the dispatcher (autograd, fake tensors and modes work
-// as for torch.ops), but skips torch.ops' Python-side argument boxing, ~2 us per call, which
-// is a large share of a small CPU problem. Under torch.compile the ops are called through
-// torch.ops instead, so they are traced.
+// every csrc/*.cpp (static initializers); the ops are then called through torch.ops, and
+// their fakes and autograd formulas are registered in Python (piumr_kernels/fused_op.py).
 #include <torch/extension.h>
 
 #include <string>
@@ -11,11 +8,6 @@
 #include "cpu_dispatch.h"
 
 namespace piumr {
-
-// Defined next to the op they call (csrc/<op>.cpp).
-at::Tensor sinkhorn_eager(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum,
-                          double col_sum, bool save_stats);
-
 namespace {
 
 std::string cpu_isa() { return selected_isa_name(); }
@@ -28,6 +20,5 @@ TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
 
 }  // namespace piumr
 
-PYBIND11_MODULE(_C, m) {
-  m.def("sinkhorn", &piumr::sinkhorn_eager, "P of torch.ops.piumr_kernels.sinkhorn_cpp (same arguments)");
-}
+// Python needs a module init function to import the library; it exports nothing itself.
+PYBIND11_MODULE(_C, m) {}

@@ -24,8 +24,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/alloc_cpu.h>
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,8 +34,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "accumulation.h"
 #include "cpu_dispatch.h"
-#include "output_cache.h"
 #include "vec_math.h"
 
 namespace piumr {
@@ -1134,18 +1132,14 @@ Problem make_problem(const at::Tensor& K, int64_t n_iters, double eps, bool log_
   return Problem{K.size(0), K.size(1), K.size(2), n_iters, eps, row_sum, col_sum, log_domain, has_stats};
 }
 
-at::ScalarType stats_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // save_stats=false returns empty stats (the backward then replays the forward itself).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward(const at::Tensor& K, int64_t n_iters, double eps,
                                                                 bool log_domain, double row_sum, double col_sum,
                                                                 bool save_stats) {
   check_matrices(K, "K");
   const Problem p = make_problem(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
-  at::Tensor out = empty_output_like(K);
-  auto stat_opts = K.options().dtype(stats_type(K.scalar_type()));
+  at::Tensor out = at::empty(K.sizes(), K.options());
+  auto stat_opts = K.options().dtype(accumulation_dtype(K.scalar_type()));
   const int64_t stat_batch = save_stats ? K.size(0) : 0;
   at::Tensor row_stats = at::empty({n_iters, p.n_rows, stat_batch}, stat_opts);
   at::Tensor col_stats = at::empty({n_iters, p.n_cols, stat_batch}, stat_opts);
@@ -1164,7 +1158,7 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_P, const at::Tensor& K, cons
               "sinkhorn_cpp_backward: grad_P must match K in shape and dtype");
   const bool has_stats = row_stats.numel() > 0;
   const Problem p = make_problem(K, n_iters, eps, log_domain, row_sum, col_sum, has_stats);
-  const auto st = stats_type(K.scalar_type());
+  const auto st = accumulation_dtype(K.scalar_type());
   const int64_t stat_batch = has_stats ? K.size(0) : 0;
   TORCH_CHECK(row_stats.scalar_type() == st && row_stats.is_contiguous() &&
                   row_stats.sizes() == at::IntArrayRef({n_iters, p.n_rows, stat_batch}),
@@ -1172,7 +1166,7 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_P, const at::Tensor& K, cons
   TORCH_CHECK(col_stats.scalar_type() == st && col_stats.is_contiguous() &&
                   col_stats.sizes() == at::IntArrayRef({n_iters, p.n_cols, stat_batch}),
               "sinkhorn_cpp_backward: col_stats must be contiguous (n_iters, M, batch or 0) of ", st);
-  at::Tensor grad_K = empty_output_like(K);
+  at::Tensor grad_K = at::empty(K.sizes(), K.options());
   at::Tensor rs = row_stats, cs = col_stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "sinkhorn_cpp_backward", [&] {
     run<BackwardKernel, scalar_t>(p, K, &grad_P, grad_K, rs, cs);
@@ -1180,91 +1174,7 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_P, const at::Tensor& K, cons
   return grad_K;
 }
 
-// Autograd lives in C++ so a call costs no Python round trip (tiny CPU problems are
-// dominated by per-call overhead); backward calls the backward op through the dispatcher,
-// so torch.compile traces both ops via their Python fake implementations.
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double, bool,
-                                                                        double, double, bool);
-using BackwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     int64_t, double, bool, double, double);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = find_op<ForwardSignature>("piumr_kernels::sinkhorn_cpp");
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = find_op<BackwardSignature>("piumr_kernels::sinkhorn_cpp_backward");
-  return op;
-}
-
-// The autograd node, written on torch::autograd::Node directly rather than through
-// torch::autograd::Function: a small call feels Function's per-call bookkeeping (an IValue
-// map for the scalars, wrapping of all three outputs), ~3 us of a 160x16x16 step. Only P is
-// differentiable; the stats are plain tensors. backward calls the backward op through the
-// dispatcher, so torch.compile traces it via its Python fake implementation.
-struct SinkhornBackward final : public torch::autograd::Node {
-  torch::autograd::SavedVariable K, row_stats, col_stats;
-  int64_t n_iters = 0;
-  double eps = 0, row_sum = 0, col_sum = 0;
-  bool log_domain = false;
-
-  std::string name() const override { return "SinkhornBackward"; }
-
-  void release_variables() override {
-    K.reset_data();
-    row_stats.reset_data();
-    col_stats.reset_data();
-  }
-
-  // A second backward without retain_graph=True gets autograd's usual error from unpack().
-  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
-    at::Tensor grad_K;
-    if (grads[0].defined()) {
-      grad_K = backward_op().call(grads[0].contiguous(), K.unpack(), row_stats.unpack(), col_stats.unpack(), n_iters,
-                                  eps, log_domain, row_sum, col_sum);
-    }
-    return {grad_K};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_autograd(const at::Tensor& K, int64_t n_iters, double eps,
-                                                                 bool log_domain, double row_sum, double col_sum,
-                                                                 bool save_stats) {
-  const auto forward = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return forward_op().call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats);
-  };
-  // A dual tensor's tangent would be dropped without a word.
-  TORCH_CHECK(!K._fw_grad(/*level=*/0).defined(), "sinkhorn: forward-mode AD is not supported by the cpp backend");
-  if (!torch::autograd::compute_requires_grad(K)) return forward();  // no graph to record
-  auto outputs = forward();
-  auto node = c10::make_intrusive<SinkhornBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(K));
-  node->K = torch::autograd::SavedVariable(K, /*is_output=*/false);
-  node->row_stats = torch::autograd::SavedVariable(std::get<1>(outputs), /*is_output=*/false);
-  node->col_stats = torch::autograd::SavedVariable(std::get<2>(outputs), /*is_output=*/false);
-  node->n_iters = n_iters;
-  node->eps = eps;
-  node->log_domain = log_domain;
-  node->row_sum = row_sum;
-  node->col_sum = col_sum;
-  torch::autograd::set_history(std::get<0>(outputs), node);
-  return outputs;
-}
-
 }  // namespace
-
-// P of sinkhorn_cpp through the dispatcher, for the extension's eager entry point (module.cpp).
-at::Tensor sinkhorn_eager(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum,
-                          double col_sum, bool save_stats) {
-  return std::get<0>(forward_op().call(K, n_iters, eps, log_domain, row_sum, col_sum, save_stats));
-}
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
   m.def("sinkhorn_cpp(Tensor K, int n_iters, float eps, bool log_domain, float row_sum, float col_sum,"
@@ -1278,8 +1188,5 @@ TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("sinkhorn_cpp_backward", &sinkhorn_backward);
 }
 
-TORCH_LIBRARY_IMPL(piumr_kernels, Autograd, m) {
-  m.impl("sinkhorn_cpp", &sinkhorn_autograd);
-}
 
 }  // namespace piumr

@@ -19,8 +19,8 @@
 #include <algorithm>
 #include <limits>
 
+#include "accumulation.h"
 #include "cpu_dispatch.h"
-#include "output_cache.h"
 
 namespace piumr {
 namespace {
@@ -70,6 +70,17 @@ struct StatisticsKernel {
       // First position of the maximum (torch.max order); the plane is still in cache.
       int64_t where = 0;
       while (where < n - 1 && static_cast<acc_t>(src[where]) != peak) ++where;
+      // A NaN is the maximum, as in torch.max (the comparison above skips it): only a
+      // plane whose sum is NaN can hold one.
+      if (total != total) {
+        for (int64_t k = 0; k < n; ++k) {
+          if (src[k] != src[k]) {
+            peak = std::numeric_limits<acc_t>::quiet_NaN();
+            where = k;
+            break;
+          }
+        }
+      }
       a.mean[p] = total * a.inv_positions;
       a.max[p] = peak;
       a.argmax[p] = static_cast<int32_t>(where);
@@ -195,8 +206,6 @@ void for_each_plane(const Layout& l, const Body& body) {
   });
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_video(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 5, op, ": ", name, " must be (B, C, T, H, W), got ", x.sizes());
@@ -216,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> statistics_forward(co
   const char* op = "tfam_statistics_cpp";
   check_video(x, op, "x");
   const Layout l = layout_of(x);
-  const auto acc_opts = x.options().dtype(acc_type(x.scalar_type()));
+  const auto acc_opts = x.options().dtype(accumulation_dtype(x.scalar_type()));
   at::Tensor mean = at::empty({x.size(0), x.size(1), x.size(2)}, acc_opts);
   at::Tensor max = at::empty_like(mean);
   at::Tensor argmax = at::empty_like(mean, mean.options().dtype(at::kInt));
@@ -247,13 +256,13 @@ at::Tensor statistics_backward(const at::Tensor& grad_mean, const at::Tensor& gr
   const char* op = "tfam_statistics_cpp_backward";
   check_video(x, op, "x");
   const Layout l = layout_of(x);
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = accumulation_dtype(x.scalar_type());
   const std::vector<int64_t> frame_shape{x.size(0), x.size(1), x.size(2)};
   check_small(grad_mean, op, "grad_mean", frame_shape, acc);
   check_small(grad_max, op, "grad_max", frame_shape, acc);
   check_small(argmax, op, "argmax", frame_shape, at::kInt);
   check_small(grad_spatial, op, "grad_spatial", {x.size(0), x.size(3), x.size(4)}, acc);
-  at::Tensor grad_x = empty_output_like(x);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tfam_pooling_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* gm = grad_mean.data_ptr<acc_t>();
@@ -274,7 +283,7 @@ at::Tensor statistics_backward(const at::Tensor& grad_mean, const at::Tensor& gr
 }
 
 void check_scales(const at::Tensor& x, const at::Tensor& ts, const at::Tensor& ss, const char* op) {
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = accumulation_dtype(x.scalar_type());
   check_small(ts, op, "temporal_scale", {x.size(0), x.size(2)}, acc);
   check_small(ss, op, "spatial_scale", {x.size(0), x.size(3), x.size(4)}, acc);
 }
@@ -284,7 +293,7 @@ at::Tensor combine_forward(const at::Tensor& x, const at::Tensor& temporal_scale
   check_video(x, op, "x");
   check_scales(x, temporal_scale, spatial_scale, op);
   const Layout l = layout_of(x);
-  at::Tensor out = empty_output_like(x);
+  at::Tensor out = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tfam_pooling_cpp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x_ptr = x.data_ptr<scalar_t>();
@@ -311,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_backward(const at::Tensor
               ": grad_out must match x in shape and dtype");
   check_scales(x, temporal_scale, spatial_scale, op);
   const Layout l = layout_of(x);
-  at::Tensor grad_x = empty_output_like(x);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor plane_sum = at::empty({x.size(0), x.size(1), x.size(2)}, temporal_scale.options());
   at::Tensor partial = at::empty({l.batch, l.chunks_per_sample, l.positions}, spatial_scale.options());
   at::Tensor grad_spatial = at::empty_like(spatial_scale);

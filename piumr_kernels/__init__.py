@@ -7,20 +7,21 @@ see `piumr_kernels.info()` and `piumr_kernels.use_backend`.
 
 __version__ = "0.1.0"
 
-from .backends import BackendUnavailableError, empty_cpu_cache, info, use_backend
+from .backends import BackendUnavailableError, info, use_backend
 from .dct import DCTFilterBank, dct_basis, dct_filter_bank
 from .girl import GIRLLoss, girl_loss
 from .sinkhorn_knopp import SinkhornKernel, sinkhorn
-from .tfam_pooling import tfam_combine, tfam_statistics
+from .tfam_pooling import TFAMCombine, TFAMStatistics, tfam_combine, tfam_statistics
 
 __all__ = [
     "BackendUnavailableError",
     "DCTFilterBank",
     "GIRLLoss",
     "SinkhornKernel",
+    "TFAMCombine",
+    "TFAMStatistics",
     "dct_basis",
     "dct_filter_bank",
-    "empty_cpu_cache",
     "girl_loss",
     "info",
     "sinkhorn",

@@ -9,7 +9,6 @@ Under `torch.compile` the backend is resolved while tracing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import os
 import platform
@@ -54,34 +53,8 @@ def _triton_status() -> tuple[bool, str]:
 _TRITON_OK, _TRITON_ERROR = _triton_status()
 
 
-def _environment_reader():
-    """A fast `os.environ.get`: every op call reads the backend and validation variables,
-    and `os.environ.get` of an unset key costs ~0.5 us (it raises and catches KeyError).
-    Reads os.environ's own mapping through its own key encoder, so run-time changes to
-    os.environ are seen; falls back to os.environ.get where that mapping is not there."""
-    data = getattr(os.environ, "_data", None)
-    encode = getattr(os.environ, "encodekey", None)
-    decode = getattr(os.environ, "decodevalue", None)
-    if not (isinstance(data, dict) and callable(encode) and callable(decode)):
-        return os.environ.get
-
-    encoded: dict[str, object] = {}  # the few names asked for, encoded once
-
-    def get(name: str, default: str | None = None) -> str | None:
-        key = encoded.get(name)
-        if key is None:
-            key = encoded[name] = encode(name)
-        value = data.get(key)
-        return default if value is None else decode(value)
-
-    return get
-
-
-_getenv = _environment_reader()
-
-
 def triton_interpreting() -> bool:
-    return _getenv("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _availability(backend: str, device: torch.device) -> str:
@@ -115,23 +88,17 @@ def backend_available(backend: str) -> bool:
     return backend == "reference"
 
 
-@functools.lru_cache(maxsize=None)
 def cpp_op_built(name: str) -> bool:
     """Whether the built extension has the op `name` (False when it was built from an older
     checkout that predates the op)."""
     return _EXTENSION is not None and hasattr(torch.ops.piumr_kernels, name)
 
 
-def extension():
-    """The loaded C++ extension module (its eager entry points); None when not built."""
-    return _EXTENSION
-
-
 def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else the environment, else auto."""
     if _forced:
         return _forced[-1]
-    name = _getenv(_ENV_BACKEND, "auto").strip().lower() or "auto"
+    name = os.environ.get(_ENV_BACKEND, "auto").strip().lower() or "auto"
     if name not in _CHOICES:
         raise ValueError(
             f"{_ENV_BACKEND} must be one of {', '.join(_CHOICES)}, got {name!r}"
@@ -143,8 +110,6 @@ def resolve_backend(tensor: torch.Tensor, cpp_op: str | None = None) -> str:
     """The backend that will run an op whose main input is `tensor`; `cpp_op` names the op's
     C++ kernel, so a stale extension gives a clear error instead of a missing attribute."""
     name = requested_backend()
-    # tensor.is_cpu / is_cuda, not tensor.device.type: this runs on every op call, and
-    # building a torch.device costs more than the rest of the dispatch decision.
     if name == "auto":
         if tensor.is_cuda:
             name = "triton" if _TRITON_OK else "reference"
@@ -166,8 +131,7 @@ def resolve_backend(tensor: torch.Tensor, cpp_op: str | None = None) -> str:
 
 class use_backend(contextlib.ContextDecorator):
     """Force every op inside the block (or decorated function) onto one backend (`auto`
-    restores the default). A class, not a generator context manager: entering and leaving
-    costs a third as much, which a tiny op called in a loop feels."""
+    restores the default)."""
 
     __slots__ = ("_name",)
 
@@ -187,17 +151,7 @@ def validation_enabled(validate: bool | None) -> bool:
     """Value checks (a pass over the data) run when asked for or when PIUMR_KERNELS_VALIDATE=1."""
     if validate is not None:
         return bool(validate)
-    return _getenv(_ENV_VALIDATE, "0") == "1"
-
-
-def empty_cpu_cache() -> int:
-    """Free the blocks the cpp backend keeps for reuse by its outputs (its counterpart of
-    `torch.cuda.empty_cache()`); returns the bytes released. Outputs of at least 64 KiB come
-    from that cache, so repeated calls do not page-fault fresh memory in; the environment
-    variable PIUMR_KERNELS_CPU_CACHE_MB caps the bytes kept (default 256, 0 turns it off)."""
-    if _EXTENSION is None:
-        return 0
-    return int(torch.ops.piumr_kernels.release_cpu_cache())
+    return os.environ.get(_ENV_VALIDATE, "0") == "1"
 
 
 def info() -> dict:
@@ -233,6 +187,4 @@ def info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         # The instruction set the cpp kernels run with (PIUMR_KERNELS_CPU_ISA can lower it).
         "cpu_isa": torch.ops.piumr_kernels.cpu_isa() if _EXTENSION is not None else None,
-        # Bytes the cpp backend keeps for reuse by its outputs (see empty_cpu_cache).
-        "cpu_output_cache_bytes": int(torch.ops.piumr_kernels.cpu_cache_bytes()) if _EXTENSION is not None else 0,
     }

@@ -41,6 +41,24 @@ def test_max_gradient_goes_to_first_maximum_on_ties(backend, dtype):
     assert torch.equal(x_fused.grad, expected)
 
 
+@pytest.mark.parametrize("positions", [[(0, 1, 2, 3)], [(1, 0, 0, 20), (1, 0, 0, 700)]], ids=["one", "two-blocks"])
+def test_nan_is_the_maximum_at_its_first_position(backend, positions):
+    """torch.max semantics on every backend: a plane holding NaN has max NaN and the max
+    gradient goes to its first NaN (also when the NaNs sit in different tiles of a plane)."""
+    x = torch.randn(2, 3, 2, 28, 28, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    for c, t, h, w in positions:
+        x[1, c, t, h + w // 28, w % 28] = float("nan")
+    x_fused = x.clone().requires_grad_()
+    _, frame_max, _ = tfam_statistics(x_fused)
+    _, expected_max, _ = tfam_statistics_reference(x)
+    assert torch.equal(frame_max.isnan(), expected_max.isnan()) and frame_max.isnan().sum() == 1
+    torch.testing.assert_close(frame_max.nan_to_num(), expected_max.nan_to_num(), rtol=0, atol=0)
+    frame_max.nan_to_num().sum().backward()
+    x_ref = x.clone().requires_grad_()
+    tfam_statistics_reference(x_ref)[1].nan_to_num().sum().backward()
+    assert torch.equal(x_fused.grad, x_ref.grad)
+
+
 def test_noncontiguous_input(backend):
     x, ts, ss = _inputs((2, 3, 4, 5, 6), torch.float32)
     x_strided = x.transpose(3, 4).contiguous().transpose(3, 4)

@@ -19,19 +19,14 @@ import torch
 from torch import nn
 
 from .. import backends
-from .._registration import library_op, register_fakes, register_triton_ops
 from .._checks import check_float_tensor, check_int
-from .reference import compute_dtype, dct_basis_reference, dct_filter_bank_reference
-
-CPP_FORWARD = "piumr_kernels::dct_filter_bank_cpp"
-CPP_BACKWARD = "piumr_kernels::dct_filter_bank_cpp_backward"
-TRITON_FORWARD = "piumr_kernels::dct_filter_bank_triton"
-TRITON_BACKWARD = "piumr_kernels::dct_filter_bank_triton_backward"
+from ..fused_op import FusedOp, accumulation_dtype
+from .reference import dct_basis_reference, dct_filter_bank_reference
 
 
 def _fake_forward(x, kernel_size, frequencies):
     batch, _, _, height, width = x.shape
-    acc = compute_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     n_filters = len(frequencies)
     return (
         x.new_empty((batch, n_filters, height, width)),
@@ -45,43 +40,45 @@ def _fake_backward(grad_E, grad_mean, grad_var, s, mean, kernel_size, frequencie
     return grad_E.new_empty(s.shape)
 
 
-def _register_autograd(forward_name: str, backward_name: str) -> None:
-    backward_op = library_op(backward_name)
-
-    def setup_context(ctx, inputs, output):
-        x, kernel_size, frequencies = inputs
-        _, mean, _, s = output
-        ctx.save_for_backward(s, mean)
-        ctx.params = (kernel_size, frequencies)
-        ctx.x_shape = x.shape
-        ctx.mark_non_differentiable(s)
-
-    def backward(ctx, grad_E, grad_mean, grad_var, _grad_s):
-        s, mean = ctx.saved_tensors
-        kernel_size, frequencies = ctx.params
-        frames = ctx.x_shape[2]
-        grad_map = backward_op(
-            grad_E.contiguous(), grad_mean.contiguous(), grad_var.contiguous(), s, mean,
-            kernel_size, frequencies, frames,
-        )
-        # dx[b, c, t] = g[b] / T for every (c, t): an expanded view, never materialized here.
-        batch, _, _, height, width = ctx.x_shape
-        return grad_map.view(batch, 1, 1, height, width).expand(ctx.x_shape), None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+def _setup_context(ctx, inputs, output):
+    x, kernel_size, frequencies = inputs
+    E, mean, _, s = output
+    ctx.save_for_backward(s, mean)
+    ctx.params = (kernel_size, frequencies)
+    ctx.x_shape = x.shape
+    ctx.E_meta = (E.shape, E.dtype)
+    ctx.mark_non_differentiable(s)
 
 
-_FUSED = {}
-if backends.cpp_op_built("dct_filter_bank_cpp"):
-    # Autograd for the cpp ops is registered in C++ (csrc/dct.cpp): no Python per call.
-    register_fakes({CPP_FORWARD: _fake_forward, CPP_BACKWARD: _fake_backward})
-    _FUSED["cpp"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_cpp
-if backends.backend_available("triton"):
+def _backward(ctx, backward_op, grad_E, grad_mean, grad_var, _grad_s):
+    if grad_E is None and grad_mean is None and grad_var is None:
+        return None, None, None
+    s, mean = ctx.saved_tensors
+    kernel_size, frequencies = ctx.params
+    # An output nobody used contributes nothing; the kernels take a zero gradient for it.
+    E_shape, E_dtype = ctx.E_meta
+    grad_E = grad_E if grad_E is not None else s.new_zeros(E_shape, dtype=E_dtype)
+    grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
+    grad_var = grad_var if grad_var is not None else torch.zeros_like(mean)
+    grad_map = backward_op(
+        grad_E.contiguous(), grad_mean.contiguous(), grad_var.contiguous(), s, mean,
+        kernel_size, frequencies, ctx.x_shape[2],
+    )
+    # dx[b, c, t] = g[b] / T for every (c, t): an expanded view, never materialized here.
+    batch, _, _, height, width = ctx.x_shape
+    return grad_map.view(batch, 1, 1, height, width).expand(ctx.x_shape), None, None
+
+
+def _triton_launchers():
     from . import triton_kernels
 
-    register_triton_ops({TRITON_FORWARD: triton_kernels.dct_forward, TRITON_BACKWARD: triton_kernels.dct_backward})
-    _register_autograd(TRITON_FORWARD, TRITON_BACKWARD)
-    _FUSED["triton"] = lambda: torch.ops.piumr_kernels.dct_filter_bank_triton
+    return triton_kernels.dct_forward, triton_kernels.dct_backward
+
+
+DCT_FILTER_BANK = FusedOp(
+    "dct_filter_bank", _fake_forward, _fake_backward, _setup_context, _backward, _triton_launchers
+)
+DCT_FILTER_BANK.register()
 
 
 def _check_kernel_size(kernel_size: object) -> int:
@@ -171,9 +168,9 @@ def dct_filter_bank(
     backend = backends.resolve_backend(x, cpp_op="dct_filter_bank_cpp")
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError("x: the triton backend supports float16, bfloat16 and float32, got float64")
-    if backend == "reference" or batch == 0:
+    if backend == "reference":
         return dct_filter_bank_reference(x, kernel_size, frequencies, return_stats)
-    E, mean, var, _ = _FUSED[backend]()(x, kernel_size, frequencies)
+    E, mean, var, _ = DCT_FILTER_BANK(backend, x, kernel_size, frequencies)
     if not return_stats:
         return E
     return E, mean.to(x.dtype), var.to(x.dtype)

@@ -13,28 +13,35 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..fused_op import accumulation_dtype
 
-def dct_basis_1d(kernel_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """`(k, k)` orthonormal 1-D DCT-II: row `u` is `c(u) cos(pi (2i + 1) u / 2k)` over `i`."""
+
+def dct_basis_1d(kernel_size: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+                 ) -> torch.Tensor:
+    """`(k, k)` orthonormal 1-D DCT-II: row `u` is `c(u) cos(pi (2i + 1) u / 2k)` over `i`.
+    Built on `device` (no host-to-device copy), in float64, then cast to `dtype`."""
     k = kernel_size
-    u = torch.arange(k, dtype=torch.float64)[:, None]
-    i = torch.arange(k, dtype=torch.float64)[None, :]
-    scale = torch.full((k, 1), math.sqrt(2.0 / k), dtype=torch.float64)
-    scale[0] = math.sqrt(1.0 / k)
+    u = torch.arange(k, dtype=torch.float64, device=device)[:, None]
+    i = torch.arange(k, dtype=torch.float64, device=device)[None, :]
+    scale = torch.full_like(u, math.sqrt(2.0 / k)).masked_fill(u == 0, math.sqrt(1.0 / k))
     return (scale * torch.cos(math.pi * (2 * i + 1) * u / (2 * k))).to(dtype)
 
 
-def dct_basis_reference(kernel_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def dct_basis_reference(kernel_size: int, dtype: torch.dtype = torch.float64,
+                        device: torch.device | str | None = None) -> torch.Tensor:
     """`(k*k, k, k)`: filter `d` is `a[d % k, i] * a[d // k, j]` (u = d mod k along H, v = d div k along W)."""
-    a = dct_basis_1d(kernel_size)
+    a = dct_basis_1d(kernel_size, device=device)
     k = kernel_size
-    d = torch.arange(k * k)
+    d = torch.arange(k * k, device=device)
     return (a[d % k][:, :, None] * a[d // k][:, None, :]).to(dtype)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def select_filters(bank: torch.Tensor, frequencies: list[int] | None) -> torch.Tensor:
+    """The rows `frequencies` of `bank` (all of them for None), gathered on its device: each
+    row is a view, so no index tensor is copied from the host."""
+    if frequencies is None or list(frequencies) == list(range(bank.shape[0])):
+        return bank
+    return torch.stack([bank[index] for index in frequencies])
 
 
 def dct_filter_bank_reference(
@@ -44,10 +51,8 @@ def dct_filter_bank_reference(
     return_stats: bool = False,
 ):
     """SPEC §2 the straightforward way; float32 math below float64, results in `x.dtype`."""
-    acc = compute_dtype(x.dtype)
-    basis = dct_basis_reference(kernel_size, acc)
-    if frequencies is not None:
-        basis = basis[list(frequencies)]
+    acc = accumulation_dtype(x.dtype)
+    basis = select_filters(dct_basis_reference(kernel_size, acc, x.device), frequencies)
     channels = x.shape[1]
     weight = basis[:, None].expand(-1, channels, -1, -1)
     E = F.conv2d(x.to(acc).mean(dim=2), weight, padding=kernel_size // 2)

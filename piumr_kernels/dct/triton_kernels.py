@@ -22,7 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..triton_variants import KernelVariant
-from .reference import dct_basis_1d
+from .reference import dct_basis_1d, select_filters
 
 REDUCE_BLOCK = 1024
 TILE_BLOCK = 256
@@ -188,9 +188,10 @@ def _adjoint_h_kernel(Q_ptr, basis_ptr, out_ptr, height, width, K, frames, BLOCK
 
 
 def _bank_tensors(kernel_size: int, frequencies: list[int], device: torch.device):
-    basis = dct_basis_1d(kernel_size).to(device=device, dtype=torch.float32)
-    freq = torch.tensor(frequencies, dtype=torch.int32, device=device)
-    return basis, freq
+    """The 1-D basis and the filter indices, built on `device` (no host-to-device copy)."""
+    basis = dct_basis_1d(kernel_size, torch.float32, device)
+    all_filters = torch.arange(kernel_size * kernel_size, dtype=torch.int32, device=device)
+    return basis, select_filters(all_filters, frequencies)
 
 
 def _filter_h(s: torch.Tensor, basis: torch.Tensor, kernel_size: int) -> torch.Tensor:

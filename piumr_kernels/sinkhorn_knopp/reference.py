@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..fused_op import accumulation_dtype
+
 
 def _safe_scale(target: float, total: torch.Tensor, eps: float) -> torch.Tensor:
     """`target / (total + eps)`, but 0 where the denominator is 0 (a zero row stays zero, no NaN).
@@ -33,8 +35,7 @@ def sinkhorn_reference(
     n_rows, n_cols = K.shape[-2], K.shape[-1]
     if col_sum is None:
         col_sum = row_sum * n_rows / n_cols
-    compute_dtype = torch.float64 if K.dtype == torch.float64 else torch.float32
-    P = K.to(compute_dtype)
+    P = K.to(accumulation_dtype(K.dtype))
     if log_domain:
         log_row, log_col = math.log(row_sum), math.log(col_sum)
         for _ in range(n_iters):

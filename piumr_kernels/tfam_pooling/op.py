@@ -15,28 +15,21 @@ it computes is on tensors of size `(B, C, T)`, `(B, T, T)` or `(B, D, H, W)`:
 
 Statistics and scale gradients are float32 (float64 for float64 inputs); the combined
 output and `dx` have the dtype of `x`. The fused backends take contiguous tensors (a
-non-contiguous `x` is copied first). The max gradient goes to the first position holding
-the maximum, as `torch.max` does.
+non-contiguous `x` is copied first). The max and its gradient follow `torch.max` on every
+backend: ties go to the first position holding the maximum, and a NaN is the maximum (at
+its first position).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import backends
-from .._registration import library_op, register_fakes, register_triton_ops
-from .._checks import check_float_tensor, check_same_device
-from .reference import accumulation_dtype, tfam_combine_reference, tfam_statistics_reference
+from torch import nn
 
-_OPS = {
-    backend: {
-        "statistics": f"piumr_kernels::tfam_statistics_{backend}",
-        "statistics_backward": f"piumr_kernels::tfam_statistics_{backend}_backward",
-        "combine": f"piumr_kernels::tfam_combine_{backend}",
-        "combine_backward": f"piumr_kernels::tfam_combine_{backend}_backward",
-    }
-    for backend in ("cpp", "triton")
-}
+from .. import backends
+from .._checks import check_float_tensor, check_same_device
+from ..fused_op import FusedOp, accumulation_dtype
+from .reference import tfam_combine_reference, tfam_statistics_reference
 
 
 def _fake_statistics(x):
@@ -54,6 +47,28 @@ def _fake_statistics_backward(grad_mean, grad_max, grad_spatial, argmax, x):
     return torch.empty_like(x)
 
 
+def _statistics_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x, output[3])
+    ctx.mark_non_differentiable(output[3])
+
+
+def _statistics_backward(ctx, backward_op, grad_mean, grad_max, grad_spatial, _grad_argmax):
+    x, argmax = ctx.saved_tensors
+    # An output nobody used gets a zero gradient of its (small) statistics shape.
+    small = [(grad_mean, argmax), (grad_max, argmax), (grad_spatial, None)]
+    if all(grad is None for grad, _ in small):
+        return None
+    acc = accumulation_dtype(x.dtype)
+    batch, _, _, height, width = x.shape
+    grads = [
+        (grad if grad is not None else x.new_zeros(like.shape if like is not None else (batch, height, width),
+                                                   dtype=acc)).contiguous()
+        for grad, like in small
+    ]
+    return backward_op(*grads, argmax, x)
+
+
 def _fake_combine(x, temporal_scale, spatial_scale):
     return torch.empty_like(x)
 
@@ -62,57 +77,38 @@ def _fake_combine_backward(grad_out, x, temporal_scale, spatial_scale):
     return torch.empty_like(x), torch.empty_like(temporal_scale), torch.empty_like(spatial_scale)
 
 
-def _register_autograd(names: dict) -> None:
-    statistics_backward = library_op(names["statistics_backward"])
-    combine_backward = library_op(names["combine_backward"])
-
-    def statistics_setup(ctx, inputs, output):
-        (x,) = inputs
-        ctx.save_for_backward(x, output[3])
-        ctx.mark_non_differentiable(output[3])
-
-    def statistics_grad(ctx, grad_mean, grad_max, grad_spatial, _grad_argmax):
-        x, argmax = ctx.saved_tensors
-        grad_x = statistics_backward(
-            grad_mean.contiguous(), grad_max.contiguous(), grad_spatial.contiguous(), argmax, x
-        )
-        return grad_x
-
-    def combine_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def combine_grad(ctx, grad_out):
-        x, temporal_scale, spatial_scale = ctx.saved_tensors
-        return combine_backward(grad_out.contiguous(), x, temporal_scale, spatial_scale)
-
-    torch.library.register_autograd(names["statistics"], statistics_grad, setup_context=statistics_setup)
-    torch.library.register_autograd(names["combine"], combine_grad, setup_context=combine_setup)
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
-if backends.cpp_op_built("tfam_statistics_cpp"):
-    names = _OPS["cpp"]
-    register_fakes(
-        {
-            names["statistics"]: _fake_statistics,
-            names["statistics_backward"]: _fake_statistics_backward,
-            names["combine"]: _fake_combine,
-            names["combine_backward"]: _fake_combine_backward,
-        }
-    )
-    _register_autograd(names)
-if backends.backend_available("triton"):
+def _combine_backward(ctx, backward_op, grad_out):
+    if grad_out is None:
+        return None, None, None
+    x, temporal_scale, spatial_scale = ctx.saved_tensors
+    return backward_op(grad_out.contiguous(), x, temporal_scale, spatial_scale)
+
+
+def _triton_statistics():
     from . import triton_kernels
 
-    names = _OPS["triton"]
-    register_triton_ops(
-        {
-            names["statistics"]: triton_kernels.statistics_forward,
-            names["statistics_backward"]: triton_kernels.statistics_backward,
-            names["combine"]: triton_kernels.combine_forward,
-            names["combine_backward"]: triton_kernels.combine_backward,
-        }
-    )
-    _register_autograd(names)
+    return triton_kernels.statistics_forward, triton_kernels.statistics_backward
+
+
+def _triton_combine():
+    from . import triton_kernels
+
+    return triton_kernels.combine_forward, triton_kernels.combine_backward
+
+
+TFAM_STATISTICS = FusedOp(
+    "tfam_statistics", _fake_statistics, _fake_statistics_backward, _statistics_setup, _statistics_backward,
+    _triton_statistics,
+)
+TFAM_COMBINE = FusedOp(
+    "tfam_combine", _fake_combine, _fake_combine_backward, _combine_setup, _combine_backward, _triton_combine
+)
+TFAM_STATISTICS.register()
+TFAM_COMBINE.register()
 
 
 def _check_video(x: torch.Tensor) -> None:
@@ -135,13 +131,14 @@ def tfam_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     temporal descriptors, SPEC §5) and `spatial[b, h, w] = (1/T) sum_t sum_c x`, the map
     the DCT filter bank filters (`dct_filter_bank(spatial[:, None, None])` equals
     `dct_filter_bank(x)`). Float32 results (float64 for float64 `x`). The max gradient
-    goes to the first position of the maximum.
+    goes to the first position of the maximum; a plane holding NaN has max NaN and its
+    gradient goes to the first NaN (`torch.max` semantics, every backend).
     """
     _check_video(x)
     backend = _fused_backend(x)
-    if backend == "reference" or x.shape[0] == 0:
+    if backend == "reference":
         return tfam_statistics_reference(x)
-    frame_mean, frame_max, spatial, _ = library_op(_OPS[backend]["statistics"])(x.contiguous())
+    frame_mean, frame_max, spatial, _ = TFAM_STATISTICS(backend, x.contiguous())
     return frame_mean, frame_max, spatial
 
 
@@ -169,9 +166,21 @@ def tfam_combine(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: t
         )
     check_same_device({"x": x, "temporal_scale": temporal_scale, "spatial_scale": spatial_scale})
     backend = _fused_backend(x)
-    if backend == "reference" or batch == 0:
+    if backend == "reference":
         return tfam_combine_reference(x, temporal_scale, spatial_scale)
     acc = accumulation_dtype(x.dtype)
-    return library_op(_OPS[backend]["combine"])(
-        x.contiguous(), temporal_scale.to(acc).contiguous(), spatial_scale.to(acc).contiguous()
-    )
+    return TFAM_COMBINE(backend, x.contiguous(), temporal_scale.to(acc).contiguous(), spatial_scale.to(acc).contiguous())
+
+
+class TFAMStatistics(nn.Module):
+    """`nn.Module` form of :func:`tfam_statistics` (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tfam_statistics(x)
+
+
+class TFAMCombine(nn.Module):
+    """`nn.Module` form of :func:`tfam_combine` (no parameters)."""
+
+    def forward(self, x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: torch.Tensor) -> torch.Tensor:
+        return tfam_combine(x, temporal_scale, spatial_scale)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..fused_op import accumulation_dtype
 
 
 def tfam_statistics_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

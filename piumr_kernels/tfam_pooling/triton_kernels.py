@@ -65,6 +65,11 @@ def _statistics_kernel(
             spatial += v
             peak, where = tl.max(tl.where(inside, v, float("-inf")), axis=0, return_indices=True,
                                  return_indices_tie_break_left=True)
+            # A NaN is the maximum, at its first position (torch.max semantics).
+            is_nan = inside & (v != v)
+            first_nan = tl.min(tl.where(is_nan, tl.arange(0, BLOCK_HW), BLOCK_HW), axis=0)
+            peak = tl.where(first_nan < BLOCK_HW, float("nan"), peak)
+            where = tl.where(first_nan < BLOCK_HW, first_nan, where)
             out = plane * n_blocks + block
             tl.store(sum_ptr + out, tl.sum(v, axis=0))
             tl.store(max_ptr + out, peak)
@@ -176,7 +181,8 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     frame_mean = (plane_sum.sum(dim=1) / positions).view(batch, channels, frames)
     frame_max = plane_max.amax(dim=1)
     # First block holding the maximum, then its in-block first index: torch.max tie order.
-    first_block = (plane_max == frame_max[:, None]).int().argmax(dim=1, keepdim=True)
+    holds_max = (plane_max == frame_max[:, None]) | (plane_max.isnan() & frame_max.isnan()[:, None])
+    first_block = holds_max.int().argmax(dim=1, keepdim=True)
     argmax = plane_arg.gather(1, first_block).view(batch, channels, frames)
     spatial = (partial.sum(dim=1) / frames).view(batch, height, width)
     return frame_mean, frame_max.view(batch, channels, frames), spatial, argmax
