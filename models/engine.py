@@ -9,6 +9,17 @@ Decisions a user meets here:
 - Mixed precision `amp`: `auto` is bf16 autocast on GPUs that support it (else fp16 with a
   GradScaler) and full precision on CPU (CPU bf16 is available with `amp=bf16`). The loss
   (CE + GIRL) is always computed in float32 on float32 logits and features.
+- The input pipeline: workers return uint8 (MA-52) or float (synthetic) frames, already
+  cropped and flipped; X3D's normalization runs on the device inside the step
+  (`model_step`). Batches come through pinned memory with non-blocking copies from
+  persistent workers (`num_workers` per rank, default the cores available to the rank;
+  `prefetch_factor` batches ahead each). Augmentation seeds come from the sampler, so an
+  epoch's clips do not depend on the workers. `repeated_augmentation` k: each video is
+  decoded once and gives k differently augmented clips of the batch (batch_size / k videos
+  per step).
+- `compile`: torch.compile(fullgraph=True) of the step's forward (normalization, model,
+  loss); `memory_format` channels_last (NDHWC) or contiguous, `auto` = channels_last on
+  CUDA only; cudnn.benchmark on CUDA.
 - A non-finite loss or gradient norm stops the run with NonFiniteLossError naming the epoch
   and step, before the optimiser touches the weights; checkpoints are only written after a
   finished epoch, so the last one stays valid. Under fp16 the GradScaler skips such steps
@@ -25,13 +36,14 @@ Decisions a user meets here:
 import json
 import math
 import numbers
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from models import distributed as dist_utils
@@ -50,21 +62,48 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------- data
 
 
+def cores_per_rank() -> int:
+    """CPU cores this process may use, shared evenly by the ranks on this node."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def num_workers(cfg: dict) -> int:
+    return cores_per_rank() if cfg["num_workers"] is None else cfg["num_workers"]
+
+
 def build_dataset(cfg: dict, split: str, train: bool):
     """The split of the configured dataset; `train` turns on training augmentation (random
-    crop and flip)."""
+    crop and flip, repeated `repeated_augmentation` times per decode)."""
     from models.data import MA52Dataset, SyntheticMicroActions
 
-    common = dict(split=split, num_frames=cfg["num_frames"], size=cfg["crop_size"], training=train)
+    common = dict(split=split, num_frames=cfg["num_frames"], size=cfg["crop_size"], training=train,
+                  repeats=cfg["repeated_augmentation"] if train else 1)
     if cfg["dataset"] == "synthetic":
         dataset = SyntheticMicroActions(**common, **cfg["synthetic_options"])
     else:
-        dataset = MA52Dataset(cfg["data_root"], **common)
+        # Decoder threads only help on cores the workers leave idle.
+        threads = max(1, cores_per_rank() // max(1, num_workers(cfg)))
+        dataset = MA52Dataset(cfg["data_root"], **common, decode_threads=threads)
     limit = cfg["max_train_clips"] if split == "train" else cfg["max_eval_clips"]
     if limit is not None and limit < len(dataset):
         # Evenly spaced clips keep every part of the list; items keep their original "index".
-        dataset = Subset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
+        dataset = KeyedSubset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
     return dataset
+
+
+class KeyedSubset(Dataset):
+    """torch's Subset for keys that may carry an augmentation seed: `(i, seed)` reads
+    `(indices[i], seed)` (Subset would index its list with the tuple)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        return self.dataset[self.indices[index] if seed is None else (self.indices[index], seed)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class ShardSampler(Sampler):
@@ -81,16 +120,25 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_loader(dataset, cfg: dict, info: dist_utils.DistInfo, train: bool, batch_size: int) -> DataLoader:
-    from models.data import collate_clips
+def build_loader(dataset, cfg: dict, info: dist_utils.DistInfo, train: bool, batch_size: int,
+                 persistent: bool = True) -> DataLoader:
+    """`batch_size` clips per step (with repeated augmentation k: batch_size / k videos)."""
+    from models.data import SeededSampler, collate_clips
 
     if train:
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                     seed=cfg["seed"], drop_last=True)
+        sampler = SeededSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                   shuffle=True, seed=cfg["seed"], drop_last=True),
+                                cfg["seed"], info.rank)
+        batch_size //= cfg["repeated_augmentation"]
     else:
         sampler = ShardSampler(len(dataset), info.rank, info.world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg["num_workers"],
+    workers = num_workers(cfg)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_clips, drop_last=train, pin_memory=info.device.type == "cuda",
+                      persistent_workers=persistent and workers > 0,
+                      prefetch_factor=cfg["prefetch_factor"] if workers > 0 else None,
+                      # Its own generator: the worker base seeds it draws (whenever an iterator
+                      # starts) must not move the global RNG, which GIRL and TFAM use.
                       generator=torch.Generator())
 
 
@@ -179,6 +227,34 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
+    """`auto`: channels_last on CUDA (cuDNN's NDHWC 3D convolutions), contiguous on CPU
+    (measured slower there, README)."""
+    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
+
+
+def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """The 5-D weights (3D convolutions) in channels_last_3d, in place. Module.to(memory_format=)
+    cannot be used: it also converts the 4-D tensors, which channels_last_3d rejects."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.dim() == 5:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
+def model_step(model, loss_fn, frames, labels, groups=None, amp_dtype=None, channels_last: bool = False):
+    """The forward part of a training step: normalize the batch's frames on their device,
+    run the model (autocast to `amp_dtype`), compute the float32 loss. Returns
+    `(loss, parts, logits)`; what `compile` hands to torch.compile."""
+    from models.data import normalize_frames
+
+    clip = normalize_frames(frames, channels_last)
+    with autocast(clip.device, amp_dtype):
+        logits, features = model(clip)
+    loss, parts = loss_fn(logits.float(), features.float(), labels, groups=groups)
+    return loss, parts, logits
+
+
 # --------------------------------------------------------------------------- one epoch
 
 
@@ -186,8 +262,7 @@ def _seed_epoch(cfg: dict, epoch: int, info: dist_utils.DistInfo, loader: DataLo
     """Make everything random in this epoch a function of (seed, epoch, rank): exact resume."""
     seed = epoch_seed(cfg["seed"], epoch, info.rank)
     seed_everything(seed)
-    loader.generator.manual_seed(seed)  # DataLoader worker seeds
-    loader.sampler.set_epoch(epoch)     # data order (same permutation on every rank)
+    loader.sampler.set_epoch(epoch)  # data order (same permutation on every rank) and augmentation seeds
 
 
 def train_one_epoch(run: "Run", epoch: int) -> dict:
@@ -202,12 +277,10 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
     for step, batch in enumerate(bar, start=1):
         where = f"epoch {epoch}, step {step}/{steps} (global step {run.global_step + 1})"
         sums["dropped"] += batch["num_dropped"]
-        clip = batch["clip"].to(info.device, non_blocking=True)
+        frames = batch["clip"].to(info.device, non_blocking=True)
         labels = batch["label"].to(info.device, non_blocking=True)
         groups = subject_groups(batch["subject"]).to(info.device) if cfg["girl_groups"] == "subject" else None
-        with autocast(info.device, run.amp_dtype):
-            logits, features = run.model(clip)
-        loss, parts = run.loss_fn(logits.float(), features.float(), labels, groups=groups)
+        loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, run.amp_dtype, run.channels_last)
         loss_finite = bool(torch.isfinite(loss))
         if run.scaler is None and dist_utils.any_rank(not loss_finite, info):
             raise NonFiniteLossError(
@@ -263,7 +336,8 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, info: dist_utils.DistInfo, amp_dtype=None,
-            with_features: bool = False, progress: bool = False, desc: str = "eval") -> dict:
+            with_features: bool = False, progress: bool = False, desc: str = "eval",
+            channels_last: bool = False) -> dict:
     """Scores (N, 52) float32, labels, subjects, dataset indices (and features (N, D)) for the
     whole split, gathered from every rank and sorted by dataset index (= list order)."""
     model.eval()
@@ -275,8 +349,11 @@ def predict(model: torch.nn.Module, loader: DataLoader, info: dist_utils.DistInf
         dropped += batch["num_dropped"]
         if batch["clip"].shape[0] == 0:
             continue
+        from models.data import normalize_frames
+
+        clip = normalize_frames(batch["clip"].to(info.device, non_blocking=True), channels_last)
         with autocast(info.device, amp_dtype):
-            logits, features = model(batch["clip"].to(info.device, non_blocking=True))
+            logits, features = model(clip)
         parts["scores"].append(logits.float().cpu())
         if with_features:
             parts["features"].append(features.float().cpu())
@@ -319,6 +396,9 @@ class Run:
             raise ValueError(f"config 'batch_size' ({cfg['batch_size']}) is the global batch and must be divisible "
                              f"by the number of processes ({info.world_size})")
         self.batch_per_rank = cfg["batch_size"] // info.world_size
+        if self.batch_per_rank % cfg["repeated_augmentation"]:
+            raise ValueError(f"config 'repeated_augmentation' ({cfg['repeated_augmentation']}) must divide the "
+                             f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips")
         if cfg["girl"] and cfg["girl_groups"] == "random" and self.batch_per_rank < 2 * cfg["girl_num_groups"]:
             raise ValueError(f"GIRL needs >= 2 clips in each of its {cfg['girl_num_groups']} groups, but each rank "
                              f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups")
@@ -331,7 +411,12 @@ class Run:
                              f"{cfg['batch_size']}: lower batch_size")
         self.val_loader = build_loader(self.val_set, cfg, info, train=False,
                                        batch_size=cfg["eval_batch_size"] or self.batch_per_rank)
+        self.channels_last = resolve_channels_last(cfg["memory_format"], info.device)
         model = build_model(cfg, load_pretrained=resume_path is None).to(info.device)
+        if self.channels_last:
+            model = to_channels_last(model)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once
         self.num_parameters = sum(p.numel() for p in model.parameters())
         if info.enabled:
             if cfg["sync_bn"]:
@@ -341,6 +426,7 @@ class Run:
         self.model = model
         self.loss_fn = build_loss(cfg).to(info.device)
         self.amp_dtype = resolve_amp(cfg["amp"], info.device)
+        self.step = torch.compile(model_step, fullgraph=True) if cfg["compile"] else model_step
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, len(self.train_loader)))
@@ -408,13 +494,17 @@ class Run:
         preset = cfg["preset"]
         name = (f"X3D-{preset.get('name', 'custom')} (depth factor {preset.get('depth_factor')})"
                 if isinstance(preset, dict) else f"X3D-{preset}")
+        dataset = getattr(self.train_set, "dataset", self.train_set)  # through a max_train_clips Subset
+        source = f"\nreading {dataset.source}" if hasattr(dataset, "source") else ""
         return (f"PIUmr on {name} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
                 f"{'on ' + ','.join(cfg['tfam_stages']) if cfg['tfam'] else 'off'}; GIRL "
                 f"{cfg['girl_groups'] + ' groups' if cfg['girl'] else 'off'}) on {cfg['dataset']}: "
                 f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg['num_frames']}x"
                 f"{cfg['crop_size']}^2; {cfg['epochs']} epochs x {len(self.train_loader)} steps, batch "
                 f"{cfg['batch_size']} ({self.info.world_size} process(es) on {self.info.device.type}), amp "
-                f"{self.amp_dtype or 'off'}; writing to {self.out_dir}")
+                f"{self.amp_dtype or 'off'}, {'compiled' if cfg['compile'] else 'eager'}, "
+                f"{'channels_last' if self.channels_last else 'contiguous'}; {num_workers(cfg)} loader workers per "
+                f"process; writing to {self.out_dir}{source}")
 
 
 def run_training(cfg: dict, resume_path=None, stop_after_epoch: int | None = None) -> dict:
@@ -449,7 +539,7 @@ def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) 
             record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
             record.update(train_one_epoch(run, epoch))
             pred = predict(run.bare_model, run.val_loader, info, run.amp_dtype, progress=cfg["progress"],
-                           desc=f"val {epoch}")
+                           desc=f"val {epoch}", channels_last=run.channels_last)
             val_metrics = evaluate_predictions(pred)
             record.update({f"val_{k}": v for k, v in val_metrics.items()})
             record["val_dropped"] = pred["num_dropped"]
@@ -501,9 +591,12 @@ def _test_best(run: Run) -> dict:
     model = build_model(run.cfg, load_pretrained=False).to(run.info.device)
     model.load_state_dict(best_state)
     test_set = build_dataset(run.cfg, "test", train=False)
+    if run.channels_last:
+        model = to_channels_last(model)
     loader = build_loader(test_set, run.cfg, run.info, train=False,
-                          batch_size=run.cfg["eval_batch_size"] or run.batch_per_rank)
-    pred = predict(model, loader, run.info, run.amp_dtype, progress=run.cfg["progress"], desc="test")
+                          batch_size=run.cfg["eval_batch_size"] or run.batch_per_rank, persistent=False)
+    pred = predict(model, loader, run.info, run.amp_dtype, progress=run.cfg["progress"], desc="test",
+                   channels_last=run.channels_last)
     return evaluate_predictions(pred)
 
 

@@ -27,8 +27,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "m
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from torch.utils.data import Subset  # noqa: E402
-
 from models import distributed as dist_utils  # noqa: E402
 from models import engine  # noqa: E402
 from models.train_config import CHOICES, validate_config  # noqa: E402
@@ -112,7 +110,7 @@ def write_report(pred: dict, dataset, cfg: dict, args, out_dir: Path, epoch) -> 
     figures.cosine_histogram_png(intra, out_dir / "cosine_intra_class.png", f"intra-class ({which} action)", "tab:blue")
     figures.cosine_histogram_png(inter, out_dir / "cosine_inter_class.png", f"inter-class ({which} action)", "tab:red")
     if args.split == "test":
-        names_of = dataset.dataset.names if isinstance(dataset, Subset) else dataset.names
+        names_of = getattr(dataset, "dataset", dataset).names  # through a max_eval_clips KeyedSubset
         names = [names_of[i] for i in pred["index"].tolist()]
         write_prediction_csv(out_dir / "prediction.csv", names, pred["scores"])
     if labelled:

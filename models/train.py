@@ -42,7 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int)
     run.add_argument("--device", choices=CHOICES["device"])
     run.add_argument("--amp", choices=CHOICES["amp"], help="mixed precision (auto: bf16/fp16 on GPU, off on CPU)")
-    run.add_argument("--workers", dest="num_workers", type=int, help="DataLoader workers per process")
+    run.add_argument("--workers", dest="num_workers", type=int,
+                     help="DataLoader workers per process (default: the CPU cores per process)")
+    run.add_argument("--prefetch", dest="prefetch_factor", type=int, help="batches each worker loads ahead")
+    run.add_argument("--compile", action="store_true", help="torch.compile (fullgraph) the model and loss")
+    run.add_argument("--memory-format", choices=CHOICES["memory_format"],
+                     help="channels_last (NDHWC) or contiguous; auto: channels_last on CUDA")
     run.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads per process for torch")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     run.add_argument("--no-test", dest="test_at_end", action="store_false",
@@ -57,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--crop-size", type=int)
     data.add_argument("--max-train-clips", type=int, help="train on this many clips only (smoke tests)")
     data.add_argument("--max-eval-clips", type=int, help="validate/test on this many clips only")
+    data.add_argument("--repeated-aug", dest="repeated_augmentation", type=int, metavar="K",
+                      help="repeated augmentation: K augmented clips per decoded training video")
 
     model = p.add_argument_group("model and ablations (paper Table 3)")
     model.add_argument("--preset", type=lambda s: json.loads(s) if s.lstrip().startswith("{") else s,

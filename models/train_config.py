@@ -27,7 +27,9 @@ DEFAULTS = {
     "num_frames": 16,                # frames sampled uniformly over each clip
     "crop_size": 224,                # square crop fed to the network
     "synthetic_options": {},         # extra keyword arguments for SyntheticMicroActions
-    "num_workers": 2,                # DataLoader worker processes per rank
+    "num_workers": None,             # DataLoader worker processes per rank (None: the cores per rank)
+    "prefetch_factor": 2,            # batches each worker loads ahead
+    "repeated_augmentation": 1,      # k augmented clips per decoded training video (batch_size / k videos)
     "max_train_clips": None,         # use only this many training clips (evenly spaced; smoke tests)
     "max_eval_clips": None,          # ... and validation/test clips
     # model (build_piumr); the ablation switches of the paper's Table 3
@@ -60,6 +62,8 @@ DEFAULTS = {
     "warmup_epochs": 0.0,            # linear warm-up (fractional epochs allowed)
     "grad_clip_norm": None,          # clip the global gradient norm (None = no clipping)
     "amp": "auto",                   # auto | none | bf16 | fp16 (fp16 only on CUDA, with GradScaler)
+    "compile": False,                # torch.compile (fullgraph) of the step's normalization, model and loss
+    "memory_format": "auto",         # auto (channels_last on CUDA) | channels_last | contiguous
     "max_consecutive_skips": 20,     # fp16: stop when the scaler skips this many steps in a row
     # run
     "seed": 0,
@@ -77,6 +81,7 @@ CHOICES = {
     "optimizer": ("adamw",),
     "lr_schedule": ("multistep", "cosine"),
     "amp": ("auto", "none", "bf16", "fp16"),
+    "memory_format": ("auto", "channels_last", "contiguous"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -121,7 +126,8 @@ def validate_config(cfg: dict) -> dict:
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise ValueError(f"config '{key}': expected one of {allowed}, got {cfg[key]!r}")
-    for key in ("num_frames", "crop_size", "epochs", "batch_size", "girl_num_groups", "max_consecutive_skips"):
+    for key in ("num_frames", "crop_size", "epochs", "batch_size", "girl_num_groups", "max_consecutive_skips",
+                "prefetch_factor", "repeated_augmentation"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"config '{key}': expected a positive integer, got {cfg[key]!r}")
     for key in ("lr", "lambda_girl", "girl_tau", "girl_eta"):
@@ -132,8 +138,10 @@ def validate_config(cfg: dict) -> dict:
             raise ValueError(f"config '{key}': expected a positive integer or null, got {cfg[key]!r}")
     if cfg["torch_threads"] is not None and (not isinstance(cfg["torch_threads"], int) or cfg["torch_threads"] < 1):
         raise ValueError(f"config 'torch_threads': expected a positive integer or null, got {cfg['torch_threads']!r}")
-    if cfg["num_workers"] < 0:
-        raise ValueError(f"config 'num_workers': expected >= 0, got {cfg['num_workers']!r}")
+    if cfg["num_workers"] is not None and (not isinstance(cfg["num_workers"], int) or cfg["num_workers"] < 0):
+        raise ValueError(f"config 'num_workers': expected an integer >= 0 or null, got {cfg['num_workers']!r}")
+    if not isinstance(cfg["compile"], bool):
+        raise ValueError(f"config 'compile': expected true or false, got {cfg['compile']!r}")
     bad_stages = [s for s in cfg["tfam_stages"] if s not in TFAM_STAGES]
     if bad_stages or not cfg["tfam_stages"]:
         raise ValueError(f"config 'tfam_stages': expected a non-empty subset of {TFAM_STAGES}, got {cfg['tfam_stages']!r}")

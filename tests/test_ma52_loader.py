@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data.clips import collate_clips, denormalize_clip, sample_frame_indices
+from models.data.clips import collate_clips, sample_frame_indices
 from models.data.labels import ACTION_NAMES, ACTION_TO_BODY
 from models.data.ma52 import MA52Dataset, read_video_list, write_h264_mp4
 
@@ -35,8 +35,8 @@ def index_coded_frames(num_frames):
 
 
 def decoded_indices(clip):
-    """Frame index coded in each frame of a normalized (3, T, H, W) clip."""
-    means = denormalize_clip(clip).float().mean(dim=(1, 2, 3))
+    """Frame index coded in each frame of a uint8 (T, H, W, 3) clip."""
+    means = clip.float().mean(dim=(1, 2, 3))
     return ((means - 8) / 8).round().long().tolist()
 
 
@@ -88,14 +88,13 @@ def test_lists_labels_bodies_and_subjects(ma52_root):
     assert test.subjects == [-1, -1]
 
 
-def test_item_fields_shape_and_normalization(ma52_root):
+def test_item_fields_and_uint8_frames(ma52_root):
     dataset = MA52Dataset(ma52_root, "train", num_frames=16, size=16, short_side=24)
+    assert dataset.prepared is None and dataset.source.startswith("original MA-52 videos")
     item = dataset[1]
-    assert item["clip"].shape == (3, 16, 16, 16) and item["clip"].dtype == torch.float32
+    assert item["clip"].shape == (16, 16, 16, 3) and item["clip"].dtype == torch.uint8
     assert (item["label"], item["body"], item["subject"], item["index"]) == (40, ACTION_TO_BODY[40], 12, 1)
-    # X3D normalization: grey level v maps to (v / 255 - 0.45) / 0.225 in every channel.
-    first_level = item["clip"][:, 0].mean().item() * 0.225 + 0.45
-    assert first_level * 255 == pytest.approx(8 + 8 * sample_frame_indices(30, 16)[0], abs=3)
+    assert item["clip"][0].float().mean().item() == pytest.approx(8 + 8 * sample_frame_indices(30, 16)[0], abs=3)
 
 
 @pytest.mark.parametrize("position, num_frames", [(0, 10), (1, 30), (2, 16)])
@@ -117,7 +116,7 @@ def test_resize_crop_and_flip(tmp_path):
     write_list(tmp_path / "train_list_videos.txt", [("0001_00_0001.mp4", 0)])
 
     evaluation = MA52Dataset(tmp_path, "train", num_frames=2, size=8, short_side=16)
-    clip = denormalize_clip(evaluation[0]["clip"]).float()  # (T, 8, 8, 3)
+    clip = evaluation[0]["clip"].float()  # (T, 8, 8, 3)
     assert clip.shape == (2, 8, 8, 3)
     # Short side 32 -> 16 gives 24x16; the centre crop keeps columns 8..15 of 24,
     # i.e. the middle third of the ramp: about 90..160.
@@ -130,7 +129,7 @@ def test_resize_crop_and_flip(tmp_path):
     torch.manual_seed(0)
     slopes, lefts = set(), set()
     for _ in range(24):
-        crop = denormalize_clip(training[0]["clip"]).float().mean(dim=(0, 1, 3))
+        crop = training[0]["clip"].float().mean(dim=(0, 1, 3))
         slopes.add(bool(crop[-1] > crop[0]))  # False: flipped
         lefts.add(round(float(crop.min()) / 10))
     assert slopes == {True, False}  # flipped and unflipped crops both occur
@@ -144,7 +143,7 @@ def test_corrupt_video_is_skipped_counted_and_dropped(ma52_root):
     assert dataset.failed == [CORRUPT[0]]
     batch = collate_clips([dataset[index] for index in range(3)] + [None])
     assert batch["num_dropped"] == 1
-    assert batch["clip"].shape == (3, 3, 4, 16, 16)
+    assert batch["clip"].shape == (3, 4, 16, 16, 3) and batch["clip"].dtype == torch.uint8
     assert batch["label"].tolist() == [9, 40, 25] and batch["subject"].tolist() == [3, 12, 42]
     assert batch["index"].tolist() == [0, 1, 2] and batch["body"].tolist() == [1, 5, 3]
     empty = collate_clips([None, None])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data.clips import collate_clips, denormalize_clip
+from models.data.clips import collate_clips
 from models.data.labels import ACTION_NAMES, ACTION_TO_BODY, NUM_ACTIONS
 from models.data.ma52 import MA52Dataset
 from models.data.synthetic import (ACTION_MOTIONS, SyntheticMicroActions, export_ma52, make_execution, make_person,
@@ -21,14 +21,13 @@ def test_items_have_the_shared_interface():
     dataset = SyntheticMicroActions("train", persons_per_split={"train": 2}, **SMALL)
     assert len(dataset) == 2 * NUM_ACTIONS
     item = dataset[NUM_ACTIONS + 40]
-    assert item["clip"].shape == (3, 8, 32, 32) and item["clip"].dtype == torch.float32
+    assert item["clip"].shape == (8, 32, 32, 3) and item["clip"].dtype == torch.float32
     assert (item["label"], item["body"], item["subject"], item["index"]) == (40, 5, 1, NUM_ACTIONS + 40)
     frames = dataset.frames(3)
     assert frames.shape == (8, 32, 32, 3) and frames.min() >= 0 and frames.max() <= 1
-    # X3D normalization of the rendered frames.
-    np.testing.assert_allclose(denormalize_clip(dataset[3]["clip"]).numpy(), np.round(frames * 255), atol=1)
+    np.testing.assert_array_equal(dataset[3]["clip"].numpy(), frames)  # the rendered frames, unnormalized
     batch = collate_clips([dataset[0], dataset[1]])
-    assert batch["clip"].shape == (2, 3, 8, 32, 32) and batch["num_dropped"] == 0
+    assert batch["clip"].shape == (2, 8, 32, 32, 3) and batch["num_dropped"] == 0
     assert dataset.failed == []
 
 
@@ -134,7 +133,7 @@ def test_export_reads_back_through_the_ma52_loader(tmp_path):
     loaded = MA52Dataset(tmp_path, "val", num_frames=8, size=32, short_side=32)
     assert (loaded.names, loaded.labels, loaded.subjects) == (val.names, val.labels, val.subjects)
     for index in (0, 25, 51):
-        read_back = denormalize_clip(loaded[index]["clip"]).float() / 255
+        read_back = loaded[index]["clip"].float() / 255
         original = torch.from_numpy(val.frames(index))
         error = (read_back - original).abs().mean().item()
         neighbour = (read_back - torch.from_numpy(val.frames((index + 1) % NUM_ACTIONS))).abs().mean().item()

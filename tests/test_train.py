@@ -91,6 +91,19 @@ def test_synthetic_export_trains_through_the_ma52_loader(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_prepared_ma52_trains_with_workers_and_repeated_augmentation(tmp_path, capsys):
+    from models.prepare_ma52 import prepare
+
+    root = export_tiny_ma52(tmp_path / "ma52")
+    prepare(root, tmp_path / "prepared", short_side=48, workers=1, progress=False)
+    args = tiny_args(tmp_path / "run", epochs=1, train_clips=8, eval_clips=8)
+    args[args.index("--workers") + 1] = "1"  # a persistent worker process, uint8 batches through the queue
+    train.main(args + ["--data-root", str(tmp_path / "prepared"), "--repeated-aug", "2", "--no-test"])
+    assert f"reading prepared MA-52 copy in {tmp_path / 'prepared'}" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["config"]["repeated_augmentation"] == 2 and ckpt["global_step"] == 2  # 8 clips of 4 videos x 2
+
+
 class _NaNAtCall(torch.nn.Module):
     """Wraps the training loss: call number `bad_call` (1-based) returns NaN."""
 
@@ -98,9 +111,9 @@ class _NaNAtCall(torch.nn.Module):
         super().__init__()
         self.loss_fn, self.bad_call, self.calls = loss_fn, bad_call, 0
 
-    def forward(self, logits, features, labels, groups=None):
+    def forward(self, logits, features, labels, **groups):
         self.calls += 1
-        loss, parts = self.loss_fn(logits, features, labels, groups=groups)
+        loss, parts = self.loss_fn(logits, features, labels, **groups)
         return (loss * float("nan") if self.calls == self.bad_call else loss), parts
 
 
@@ -137,6 +150,8 @@ def test_grad_scaler_skips_and_counts_a_non_finite_step(tmp_path):
     (["--no-girl"], {"girl": False}),
     (["--girl-groups", "subject"], {"girl_groups": "subject"}),
     (["--amp", "bf16"], {"amp": "bf16"}),  # CPU bf16 autocast
+    (["--memory-format", "channels_last"], {"memory_format": "channels_last"}),
+    (["--repeated-aug", "2"], {"repeated_augmentation": 2}),
 ])
 def test_switches_train_a_step(tmp_path, flags, expected):
     args = tiny_args(tmp_path, epochs=1, train_clips=8, eval_clips=4) + ["--no-test"] + flags
@@ -158,6 +173,11 @@ def test_config_layering_and_errors(tmp_path):
         resolve_config({"fusion": "max"})
     with pytest.raises(ValueError, match="--data-root"):
         resolve_config({"dataset": "ma52"})
+    for key, value in (("repeated_augmentation", 0), ("prefetch_factor", 0), ("num_workers", -1), ("compile", "yes"),
+                       ("memory_format", "nhwc")):
+        with pytest.raises(ValueError, match=f"'{key}'"):
+            resolve_config({key: value})
+    assert paper["num_workers"] is None and paper["memory_format"] == "auto" and not paper["compile"]
     with pytest.raises(ValueError, match="tfam_stages"):
         resolve_config({"tfam_stages": ["res6"]})
 

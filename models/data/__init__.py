@@ -1,9 +1,10 @@
-"""Datasets for micro-action recognition: MA-52 in its official format, and the synthetic
-micro-action dataset the project trains on by default. Both yield the same items
-(`{"clip": (3, T, H, W) float32, "label", "body", "subject", "index"}`) and batch with
-`collate_clips`."""
+"""Datasets for micro-action recognition: MA-52 in its official format (or a copy made by
+models/prepare_ma52.py), and the synthetic micro-action dataset the project trains on by
+default. Both yield the same items (`{"clip": (T, H, W, 3) frames, "label", "body",
+"subject", "index"}`), batch with `collate_clips` and are normalized on the device by
+`normalize_frames`."""
 
-from models.data.clips import collate_clips, denormalize_clip, normalize_clip, sample_frame_indices
+from models.data.clips import SeededSampler, collate_clips, normalize_frames, sample_frame_indices
 from models.data.labels import (ACTION_NAMES, ACTION_TO_BODY, BODY_NAMES, NUM_ACTIONS, NUM_BODIES,
                                 actions_of_body, body_of_action)
 from models.data.ma52 import MA52Dataset, write_h264_mp4
@@ -11,6 +12,6 @@ from models.data.synthetic import SyntheticMicroActions, export_ma52
 
 __all__ = [
     "ACTION_NAMES", "ACTION_TO_BODY", "BODY_NAMES", "NUM_ACTIONS", "NUM_BODIES",
-    "MA52Dataset", "SyntheticMicroActions", "actions_of_body", "body_of_action", "collate_clips",
-    "denormalize_clip", "export_ma52", "normalize_clip", "sample_frame_indices", "write_h264_mp4",
+    "MA52Dataset", "SeededSampler", "SyntheticMicroActions", "actions_of_body", "body_of_action", "collate_clips",
+    "export_ma52", "normalize_frames", "sample_frame_indices", "write_h264_mp4",
 ]

@@ -1,4 +1,5 @@
-"""MA-52 (micro-action) video dataset in the official release format (SPEC §6).
+"""MA-52 (micro-action) video dataset in the official release format (SPEC §6), or a copy
+made by `models/prepare_ma52.py` (read the same way, much faster).
 
 Layout searched under `root` (the first that exists wins; when none does, the error lists
 every path tried):
@@ -6,18 +7,21 @@ every path tried):
   `<name>.mp4 <action_id>` per line, whitespace separated, LF or CRLF, final newline
   optional (the official test list has none; its labels are dummy zeros);
 - videos in `root/{split}/` or `root/videos_{split}/`.
+A root holding `prepared.json` is a prepared copy (its clips are smaller, every frame kept);
+`source` says which kind is being read.
 
 Train/val names are `SSSS_BB_CCCC.mp4`: `SSSS` is the subject (interview) id, exposed
 as `subject` so GIRL can use real subjects as groups; other names (the test split's
 `testNNNN.mp4`) give subject -1. Labels come from the list, never from the file name;
 the body id is the body of the listed action.
 
-Decoding uses PyAV. `num_frames` frames are taken uniformly over the whole clip (centre of
-each of `num_frames` equal segments; clips shorter than that repeat frames; MA-52 clips
-have 45-75 frames, fewer than X3D's 16 x stride 5). Frames are resized so the short side
-is `short_side` (default `round(size * 256 / 224)`, i.e. 256 for 224 as in MANet's MA-52
-pipeline), then cropped to `size x size`: random crop + horizontal flip when `training`,
-centre crop otherwise; then X3D's normalization (RGB / 255, mean 0.45, std 0.225).
+Decoding: `models/data/decode.py` (PyAV). `num_frames` frames are taken uniformly over the
+whole clip (centre of each of `num_frames` equal segments; clips shorter than that repeat
+frames; MA-52 clips have 45-75 frames, fewer than X3D's 16 x stride 5). Frames are resized
+so the short side is `short_side` (default `round(size * 256 / 224)`, i.e. 256 for 224 as in
+MANet's MA-52 pipeline), then cropped to `size x size`: random crop + horizontal flip when
+`training`, centre crop otherwise. Items carry uint8 frames; X3D's normalization happens in
+the training step (`clips.normalize_frames`).
 
 A video that cannot be read (missing, corrupt, no video stream, no frame decoded) gives a
 warning naming it, is recorded in `.failed`, and its item is None, which `collate_clips`
@@ -27,6 +31,7 @@ the batches' `num_dropped` instead.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -35,15 +40,14 @@ import av
 import numpy as np
 import torch
 
-from models.data.clips import crop_and_flip, normalize_clip, sample_frame_indices
+from models.data.clips import check_repeats, clip_items, item_key
+from models.data.decode import UnreadableVideo, read_sampled_frames
 from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
 
 SPLITS = ("train", "val", "test")
+PREPARED_MANIFEST = "prepared.json"
+PREPARED_FORMAT = "piumr-ma52-prepared-v1"
 _SUBJECT_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)\.mp4$")
-
-
-class UnreadableVideo(Exception):
-    """A video file that opened but yielded nothing usable."""
 
 
 def list_file_candidates(root: Path, split: str) -> list[Path]:
@@ -53,6 +57,12 @@ def list_file_candidates(root: Path, split: str) -> list[Path]:
 
 def video_dir_candidates(root: Path, split: str) -> list[Path]:
     return [root / split, root / f"videos_{split}"]
+
+
+def find_split_files(root: Path, split: str) -> tuple[Path, Path]:
+    """The list file and the video folder of `split` under `root`."""
+    return (_first_existing(list_file_candidates(root, split), f"{split} list", is_dir=False),
+            _first_existing(video_dir_candidates(root, split), f"{split} video folder", is_dir=True))
 
 
 def read_video_list(path: Path) -> tuple[list[str], list[int]]:
@@ -89,58 +99,6 @@ def _first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
     raise FileNotFoundError(f"MA-52 {what} not found; tried:\n  {tried}")
 
 
-def _resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
-    scale = short_side / min(width, height)
-    return max(short_side, round(width * scale)), max(short_side, round(height * scale))
-
-
-def decode_sampled_frames(path: Path, num_frames: int, short_side: int) -> np.ndarray:
-    """`(num_frames, H', W', 3)` uint8 RGB frames sampled uniformly over the video, resized
-    (area interpolation) so the short side is `short_side`. Only the sampled frames are
-    converted; the container's frame count picks them, and when that count is missing or
-    wrong the video is decoded a second time with the true count."""
-    expected = _header_frame_count(path)
-    wanted = sample_frame_indices(expected, num_frames) if expected > 0 else np.empty(0, np.int64)
-    converted, count = _decode_selected(path, set(wanted.tolist()), short_side)
-    if count == 0:
-        raise UnreadableVideo("no frame could be decoded")
-    if count != expected:
-        # The header's frame count was missing or wrong: pick again with the true count.
-        wanted = sample_frame_indices(count, num_frames)
-        converted, recount = _decode_selected(path, set(wanted.tolist()), short_side)
-        if recount != count:
-            raise UnreadableVideo(f"decoding gave {count} frames, then {recount}")
-    return np.stack([converted[int(index)] for index in wanted])
-
-
-def _header_frame_count(path: Path) -> int:
-    """The frame count the container declares (0 when it declares none)."""
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise UnreadableVideo("no video stream")
-        return int(container.streams.video[0].frames)
-
-
-def _decode_selected(path: Path, wanted: set[int], short_side: int) -> tuple[dict[int, np.ndarray], int]:
-    """Decode every frame, converting those whose position is in `wanted`; returns the
-    converted frames by position and the number of frames decoded."""
-    converted = {}
-    count = 0
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            if count in wanted:
-                converted[count] = _to_rgb(frame, short_side)
-            count += 1
-    return converted, count
-
-
-def _to_rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
-    width, height = _resized_shape(frame.width, frame.height, short_side)
-    return frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
-
-
 def write_h264_mp4(path, frames: np.ndarray, fps: int = 30, crf: int = 18) -> None:
     """Encode `(T, H, W, 3)` uint8 RGB frames as an H.264 (yuv420p) MP4, as MA-52's
     clips are stored; `H` and `W` must be even (a yuv420p constraint)."""
@@ -160,22 +118,27 @@ def write_h264_mp4(path, frames: np.ndarray, fps: int = 30, crf: int = 18) -> No
 
 
 class MA52Dataset(torch.utils.data.Dataset):
-    """One split of MA-52 (see the module docstring for the layout, sampling, crops and
-    failure handling). Items: `{"clip": float32 (3, num_frames, size, size), "label",
-    "body", "subject", "index"}` or None for an unreadable video.
+    """One split of MA-52 or of a prepared copy (see the module docstring for the layout,
+    sampling, crops and failure handling). Items: `{"clip": uint8 (num_frames, size, size, 3),
+    "label", "body", "subject", "index"}`, a list of `repeats` such items (training with
+    repeated augmentation), or None for an unreadable video. `key` is an index or
+    `(index, seed)` (`clips.item_key`). `decode_threads`: FFmpeg threads per decode.
 
     Attributes: `names`, `labels`, `bodies`, `subjects` (lists in list order), `list_path`,
-    `video_dir`, `failed` (names of videos that could not be read in this process),
-    `missing` (listed names with no file)."""
+    `video_dir`, `prepared` (the copy's prepared.json, None for original videos), `source`
+    (which of the two, in words), `failed` (names of videos that could not be read in this
+    process), `missing` (listed names with no file)."""
 
     def __init__(self, root, split: str, num_frames: int = 16, size: int = 224, training: bool = False,
-                 short_side: int | None = None):
+                 short_side: int | None = None, repeats: int = 1, decode_threads: int = 1):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if num_frames < 1:
             raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
         if size < 1:
             raise ValueError(f"size: expected >= 1, got {size}")
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads: expected >= 0 (0: one per core), got {decode_threads}")
         self.short_side = round(size * 256 / 224) if short_side is None else int(short_side)
         if self.short_side < size:
             raise ValueError(f"short_side: expected >= size ({size}) so the crop fits, got {self.short_side}")
@@ -184,9 +147,23 @@ class MA52Dataset(torch.utils.data.Dataset):
         self.num_frames = num_frames
         self.size = size
         self.training = training
+        self.repeats = check_repeats(repeats, training)
+        self.decode_threads = decode_threads
 
-        self.list_path = _first_existing(list_file_candidates(self.root, split), f"{split} list", is_dir=False)
-        self.video_dir = _first_existing(video_dir_candidates(self.root, split), f"{split} video folder", is_dir=True)
+        manifest = self.root / PREPARED_MANIFEST
+        self.prepared = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+        if self.prepared is None:
+            self.source = f"original MA-52 videos in {self.root} (models/prepare_ma52.py makes a faster copy)"
+        else:
+            if self.prepared.get("format") != PREPARED_FORMAT:
+                raise ValueError(f"root: {manifest} is not a {PREPARED_FORMAT} manifest")
+            if self.short_side > self.prepared["short_side"]:
+                raise ValueError(f"short_side: {self.short_side} is larger than the prepared copy's "
+                                 f"{self.prepared['short_side']} ({self.root}); prepare it again with "
+                                 f"--short-side {self.short_side} or read the original videos")
+            self.source = f"prepared MA-52 copy in {self.root} (H.264, short side {self.prepared['short_side']})"
+
+        self.list_path, self.video_dir = find_split_files(self.root, split)
         self.names, self.labels = read_video_list(self.list_path)
         self.bodies = [ACTION_TO_BODY[label] for label in self.labels]
         self.subjects = [subject_of_name(name) for name in self.names]
@@ -205,15 +182,15 @@ class MA52Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, key):
+        index, rng = item_key(key, self.training)
         name = self.names[index]
         path = self.video_dir / name
         try:
-            frames = decode_sampled_frames(path, self.num_frames, self.short_side)
+            frames = read_sampled_frames(path, self.num_frames, self.short_side, self.decode_threads)
         except (av.FFmpegError, OSError, UnreadableVideo) as error:
             self.failed.append(name)
             warnings.warn(f"MA-52 {self.split}: skipping unreadable video {path}: {error}", stacklevel=2)
             return None
-        frames = crop_and_flip(frames, self.size, self.training)
-        return {"clip": normalize_clip(frames), "label": self.labels[index], "body": self.bodies[index],
-                "subject": self.subjects[index], "index": index}
+        return clip_items(frames, self.size, rng, self.repeats, label=self.labels[index], body=self.bodies[index],
+                          subject=self.subjects[index], index=index)

@@ -22,9 +22,10 @@ What it is
   `num_frames` samples the same motion.
 - Persons of the train, val and test splits are disjoint (ids 0-999, 1000-1999 and
   2000-2999), so held-out accuracy measures person independence. `subject` is the person id.
-- `training=True` draws each clip's execution from torch's RNG (a new execution of the
-  same person and action every epoch) and flips half the clips horizontally (no class
-  depends on left vs right); otherwise every item is fixed by the seed.
+- `training=True` draws each clip's execution from the item's augmentation seed (a new
+  execution of the same person and action every epoch; `clips.item_key`) and flips half the
+  clips horizontally (no class depends on left vs right); otherwise every item is fixed by
+  the seed.
 
 What it is not
 - Not real video: no faces, no hand shapes beyond one finger, no occlusion other than
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data.clips import normalize_clip
+from models.data.clips import check_repeats, clip_items, item_key
 from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
 from models.data.ma52 import write_h264_mp4
 
@@ -604,14 +605,15 @@ def _split_persons(split: str, persons_per_split) -> list[int]:
 
 class SyntheticMicroActions(torch.utils.data.Dataset):
     """Synthetic micro-action clips (see the module docstring). Items:
-    `{"clip": float32 (3, num_frames, size, size) with X3D's normalization, "label",
-    "body", "subject" (the person id), "index"}`; ordered by person, then action, then
-    clip. Attributes mirror `MA52Dataset`: `names` (MA-52 style: `SSSS_BB_CCCC.mp4` for
+    `{"clip": float32 (num_frames, size, size, 3) RGB in [0, 1], "label", "body", "subject"
+    (the person id), "index"}` (a list of `repeats` of them with repeated augmentation);
+    ordered by person, then action, then clip; `key` as in `clips.item_key`. Attributes mirror `MA52Dataset`: `names` (MA-52 style: `SSSS_BB_CCCC.mp4` for
     train/val, `testNNNN.mp4` for test), `labels`, `bodies`, `subjects`, `persons`,
     `failed` (always empty)."""
 
     def __init__(self, split: str, num_frames: int = 16, size: int = 112, seed: int = 0,
-                 persons_per_split=None, clips_per_person_class: int = 1, training: bool = False):
+                 persons_per_split=None, clips_per_person_class: int = 1, training: bool = False,
+                 repeats: int = 1):
         persons_per_split = DEFAULT_PERSONS_PER_SPLIT if persons_per_split is None else persons_per_split
         self.persons = _split_persons(split, persons_per_split)
         if num_frames < 1:
@@ -623,6 +625,7 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
         self.split, self.num_frames, self.size, self.seed = split, num_frames, size, seed
         self.clips_per_person_class = clips_per_person_class
         self.training = training
+        self.repeats = check_repeats(repeats, training)
         self._styles = {person: make_person(seed, person) for person in self.persons}
         self._backgrounds: dict[int, np.ndarray] = {}
 
@@ -642,30 +645,26 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def frames(self, index: int, num_frames: int | None = None) -> np.ndarray:
-        """Item `index` as `(T, size, size, 3)` float RGB in [0, 1] (T = `num_frames`,
-        default the dataset's), without training-time flips."""
+    def frames(self, index: int, num_frames: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Item `index` as `(T, size, size, 3)` float32 RGB in [0, 1] (T = `num_frames`,
+        default the dataset's), without training-time flips. The clip's execution is drawn
+        from `rng` when given (a training draw), else fixed by the seed."""
         if not 0 <= index < len(self):
             raise IndexError(f"index: expected 0 <= index < {len(self)}, got {index}")
         person = self.subjects[index]
         style = self._styles[person]
         clip = index % self.clips_per_person_class
-        if self.training:
-            rng = _rng(self.seed, int(torch.randint(0, 2 ** 31 - 1, ()).item()), 0x7EA1)
-        else:
-            rng = _rng(self.seed, person, self.labels[index], clip, 0xC11F)
-        execution = make_execution(style, rng)
+        execution = make_execution(style, rng or _rng(self.seed, person, self.labels[index], clip, 0xC11F))
         if person not in self._backgrounds:
             self._backgrounds[person] = _background(style, self.size)
         return render_clip(style, execution, self.labels[index], num_frames or self.num_frames, self.size,
                            self._backgrounds[person])
 
-    def __getitem__(self, index: int) -> dict:
-        frames = self.frames(index)
-        if self.training and torch.rand(()).item() < 0.5:
-            frames = frames[:, :, ::-1]
-        return {"clip": normalize_clip(frames), "label": self.labels[index], "body": self.bodies[index],
-                "subject": self.subjects[index], "index": index}
+    def __getitem__(self, key):
+        index, rng = item_key(key, self.training)
+        # Frames fill the crop: the crop only draws the flip (and, repeated, one render gives k flips).
+        return clip_items(self.frames(index, rng=rng), self.size, rng, self.repeats, label=self.labels[index],
+                          body=self.bodies[index], subject=self.subjects[index], index=index)
 
 
 def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_test_labels: bool = False) -> Path:

@@ -1,0 +1,88 @@
+"""Video decoding behind one small interface (PyAV / FFmpeg), shared by the MA-52 loader
+and `models/prepare_ma52.py`.
+
+- `read_sampled_frames(path, num_frames, short_side, threads)`: what a dataset item needs,
+  `(num_frames, H, W, 3)` uint8 RGB, frames picked by `sample_frame_indices`, short side
+  resized to `short_side` (area interpolation, in the same swscale call as the YUV -> RGB
+  conversion). Every frame is decoded (H.264 frames depend on each other); only the picked
+  ones are converted.
+- `decoded_frames(path, threads)`: every frame as an `av.VideoFrame` (the prepare step).
+
+`threads` is FFmpeg's decoder thread count (frame + slice threading; 0 = one per core).
+A DataLoader worker should use 1 when there are as many workers as cores: threads only
+help while cores are idle. torchcodec and DALI were evaluated as alternatives (README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+from models.data.clips import sample_frame_indices
+
+
+class UnreadableVideo(Exception):
+    """A video file that opened but yielded nothing usable."""
+
+
+def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to `short_side`, aspect kept."""
+    scale = short_side / min(width, height)
+    return max(short_side, round(width * scale)), max(short_side, round(height * scale))
+
+
+def _open_video(path: Path, threads: int):
+    container = av.open(str(path))
+    if not container.streams.video:
+        container.close()
+        raise UnreadableVideo("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    return container, stream
+
+
+def decoded_frames(path: Path, threads: int = 1):
+    """Every frame of the video's first video stream, in presentation order."""
+    container, stream = _open_video(path, threads)
+    with container:
+        yield from container.decode(stream)
+
+
+def read_sampled_frames(path: Path, num_frames: int, short_side: int, threads: int = 1) -> np.ndarray:
+    """`(num_frames, H', W', 3)` uint8 RGB frames sampled uniformly over the video, the
+    short side resized to `short_side`. The container's frame count picks the frames; when
+    that count is missing or wrong the video is decoded a second time with the true count."""
+    container, stream = _open_video(path, threads)
+    with container:
+        expected = int(stream.frames)
+        converted, count = _decode_selected(container, stream, _wanted(expected, num_frames), short_side)
+    if count == 0:
+        raise UnreadableVideo("no frame could be decoded")
+    if count != expected:
+        # The header's frame count was missing or wrong: pick again with the true count.
+        container, stream = _open_video(path, threads)
+        with container:
+            converted, recount = _decode_selected(container, stream, _wanted(count, num_frames), short_side)
+        if recount != count:
+            raise UnreadableVideo(f"decoding gave {count} frames, then {recount}")
+    return np.stack([converted[int(index)] for index in sample_frame_indices(count, num_frames)])
+
+
+def _wanted(num_available: int, num_frames: int) -> set[int]:
+    return set(sample_frame_indices(num_available, num_frames).tolist()) if num_available > 0 else set()
+
+
+def _decode_selected(container, stream, wanted: set[int], short_side: int) -> tuple[dict[int, np.ndarray], int]:
+    """Decode every frame, converting those whose position is in `wanted`; returns the
+    converted frames by position and the number of frames decoded."""
+    converted = {}
+    count = 0
+    for frame in container.decode(stream):
+        if count in wanted:
+            width, height = resized_shape(frame.width, frame.height, short_side)
+            converted[count] = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
+        count += 1
+    return converted, count
