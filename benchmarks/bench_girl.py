@@ -22,8 +22,8 @@ NUM_CLASSES = 52  # MA-52
 
 
 def _reference(features, labels, num_groups):
-    order, sizes = random_partition(features.shape[0], num_groups, features.device)
-    loss, _, _ = girl_loss_reference(features, labels, order, sizes)
+    order, offsets = random_partition(features.shape[0], num_groups, features.device)
+    loss, _, _ = girl_loss_reference(features, labels, order, offsets)
     return loss
 
 

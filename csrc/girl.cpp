@@ -1,18 +1,19 @@
-// Fused GIRL loss on the CPU (SPEC §3): the loss, and with it the whole feature gradient,
-// without ever forming a B x B matrix.
+// Fused GIRL group risks on the CPU (SPEC §3): the risk L_g of every group and, with it,
+// dL_g/dz for every row, without ever forming a B x B matrix. The mean and variance over
+// the groups are combined in Python (piumr_kernels/girl/op.py), like the autograd formula.
 //
 // Input: the raw features in batch order, their labels, the partition as `order` (group g
 // is the samples order[offsets[g]..offsets[g+1]]) and the options. The rows are gathered
-// into group order and normalized once into an O(B*C) buffer F.
+// into group order and normalized once into an O(B*C) buffer F. A group with fewer than 2
+// members has no partner pairs: it is skipped, its risk is 0 and its rows of D are 0.
 //
-// The gradient is computed in the forward. The loss is linear in no step after the group
-// risks L_g, and dL_g/dz depends only on the forward's own quantities, so when the caller
-// needs a gradient the forward also forms D = dL_g/dz for every row of group g and writes
-// it over that group's rows of F once they are no longer read, so F's buffer becomes D
-// (one (B, C) buffer for both). The backward then only scales each group's rows by
-// dOut/dL_g (from the upstream gradients of the loss, the risks and the variance) and
-// scatters them back to batch order: no second pass over the pairs, and the cosines of a
-// small group are used for the statistics and for the gradient while they are in cache.
+// The gradient is computed in the forward. dL_g/dz depends only on the forward's own
+// quantities, so when the caller needs a gradient the forward also forms D = dL_g/dz for
+// every row of group g and writes it over that group's rows of F once they are no longer
+// read, so F's buffer becomes D (one (B, C) buffer for both). The backward then only
+// scales each group's rows by the upstream dOut/dL_g and scatters them back to batch
+// order: no second pass over the pairs, and the cosines of a small group are used for
+// the statistics and for the gradient while they are in cache.
 //
 // Within a group, with gamma = 1 / |I_g| and g_ij = dl_i/dc_ij (a function of c_ij and the
 // per-sample statistics of i), dL_g/dF_i = gamma sum_j (g_ij + g_ji) F_j = (H F)_i with H
@@ -31,14 +32,10 @@
 // the parallel region) into per-task scratch, the products H F from ProductKernel; per-pair work runs in the vectorized micro-kernels below. Memory:
 // F (then D), O(B*C); per streamed group one O(n*C) gradient per chunk (thread);
 // O(kTile^2) scratch per task, plus O(kTile*C) with a gradient.
-//
-// Autograd is registered in C++ (GirlFunction below): a Python autograd.Function costs
-// more per call than the whole kernel at the paper's batch of 80.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,8 +46,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "accumulation.h"
 #include "cpu_dispatch.h"
-#include "output_cache.h"
 #include "vec_math.h"
 
 namespace piumr {
@@ -395,7 +392,7 @@ template <typename scalar_t, typename acc_t>
 struct ScatterArgs {
   const acc_t* direction;   // (B, C) dL_g/dz, group order
   const int64_t* order;
-  const acc_t* row_scale;   // (B,) dOut/dL_g of each row's group
+  const acc_t* row_scale;   // (B,) upstream dOut/dL_g of each row's group
   scalar_t* grad;           // (B, C) batch order
   int64_t begin, end, width;
 };
@@ -713,6 +710,7 @@ at::Tensor group_order_labels(const at::Tensor& labels, const int64_t* order) {
 }
 
 // Writes the group risks; returns D = dL_g/dz (B, C) in group order with `need_grad`.
+// Groups of fewer than 2 members are left out: risk 0, rows of D 0.
 template <typename scalar_t, bool kDetach>
 at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order,
                         const at::Tensor& offsets, double tau, double eta, bool need_grad, at::Tensor& risks) {
@@ -720,7 +718,7 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
   const int64_t B = features.size(0), width = features.size(1);
   const auto acc_opts = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t* order_ptr = order.data_ptr<int64_t>();
-  at::Tensor f = empty_output({B, width}, acc_opts);
+  at::Tensor f = at::empty({B, width}, acc_opts);
   at::Tensor norm = at::empty({B}, acc_opts);
   at::Tensor stats = at::empty({kNumStats, B}, acc_opts);
   const at::Tensor label_ids = group_order_labels(labels, order_ptr);
@@ -741,6 +739,7 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
   int64_t small_work = 0, largest_small = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t size = off[g + 1] - off[g];
+    if (size < 2) continue;
     (size <= kTile ? small : large).push_back(g);
     if (size > kTile) continue;
     small_work += size * size * (width + 32) * (need_grad ? 2 : 1);
@@ -765,115 +764,87 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
   acc_t* risk_ptr = risks.data_ptr<acc_t>();
   const acc_t* anchor_loss = data.stats + kAnchorLoss * B;
   for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t size = off[g + 1] - off[g];
     acc_t total = 0;
-    for (int64_t i = off[g]; i < off[g + 1]; ++i) total += anchor_loss[i];
-    risk_ptr[g] = total / acc_t(off[g + 1] - off[g]);
+    if (size >= 2) {
+      for (int64_t i = off[g]; i < off[g + 1]; ++i) total += anchor_loss[i];
+      total /= acc_t(size);
+    } else if (need_grad) {
+      std::fill_n(data.f_ptr + off[g] * width, size * width, acc_t(0));  // still the normalized row otherwise
+    }
+    risk_ptr[g] = total;
   }
   return need_grad ? f : at::empty({0, width}, acc_opts);
 }
 
 // ---------------------------------------------------------------- op entry points
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Checks the partition and returns the number of groups.
-int64_t check_partition(const at::Tensor& order, const at::Tensor& offsets, int64_t batch) {
-  TORCH_CHECK(order.device().is_cpu() && offsets.device().is_cpu(), "girl_cpp: order and offsets must be CPU tensors");
+// Checks the partition (groups may be empty) and returns the number of groups.
+int64_t check_partition(const char* op, const at::Tensor& order, const at::Tensor& offsets, int64_t batch) {
+  TORCH_CHECK(order.device().is_cpu() && offsets.device().is_cpu(), op, ": order and offsets must be CPU tensors");
   TORCH_CHECK(order.dim() == 1 && order.size(0) == batch && order.scalar_type() == at::kLong && order.is_contiguous(),
-              "girl_cpp: order must be a contiguous int64 (B,) tensor");
+              op, ": order must be a contiguous int64 (B,) tensor");
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong &&
                   offsets.is_contiguous(),
-              "girl_cpp: offsets must be a contiguous int64 (G + 1,) tensor");
+              op, ": offsets must be a contiguous int64 (G + 1,) tensor");
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t count = offsets.size(0) - 1;
-  TORCH_CHECK(off[0] == 0 && off[count] == batch, "girl_cpp: offsets must run from 0 to B");
+  TORCH_CHECK(off[0] == 0 && off[count] == batch, op, ": offsets must run from 0 to B");
   for (int64_t g = 0; g < count; ++g)
-    TORCH_CHECK(off[g + 1] - off[g] >= 2, "girl_cpp: every group needs at least 2 members, group ", g, " has ",
-                off[g + 1] - off[g]);
+    TORCH_CHECK(off[g + 1] >= off[g], op, ": offsets must be non-decreasing, group ", g, " has ",
+                off[g + 1] - off[g], " members");
   const int64_t* idx = order.data_ptr<int64_t>();
   std::vector<bool> seen(batch, false);
   for (int64_t i = 0; i < batch; ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < batch && !seen[idx[i]], "girl_cpp: order must be a permutation of 0..B-1");
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < batch && !seen[idx[i]], op, ": order must be a permutation of 0..B-1");
     seen[idx[i]] = true;
   }
   return count;
 }
 
-// loss = mean_g L_g + lambda_var * Var_g(L_g) (population variance) and the variance.
-template <typename acc_t>
-std::pair<acc_t, acc_t> combine_risks(const acc_t* risks, int64_t count, double lambda_var) {
-  acc_t mean = 0, var = 0;
-  for (int64_t g = 0; g < count; ++g) mean += risks[g];
-  mean /= acc_t(count);
-  for (int64_t g = 0; g < count; ++g) var += (risks[g] - mean) * (risks[g] - mean);
-  var /= acc_t(count);
-  return {mean + acc_t(lambda_var) * var, var};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> girl_forward(
-    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order, const at::Tensor& offsets,
-    double tau, double eta, double lambda_var, bool /*var_grad: only the backward differs*/, bool detach_weights,
-    bool need_grad) {
+std::tuple<at::Tensor, at::Tensor> girl_forward(const at::Tensor& features, const at::Tensor& labels,
+                                                const at::Tensor& order, const at::Tensor& offsets, double tau,
+                                                double eta, bool detach_weights, bool need_grad) {
   TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu(), "girl_cpp: features and labels must be on the CPU");
   TORCH_CHECK(features.dim() == 2 && features.is_contiguous() && at::isFloatingType(features.scalar_type()),
               "girl_cpp: features must be a contiguous floating (B, C) tensor, got ", features.sizes());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong &&
                   labels.is_contiguous(),
               "girl_cpp: labels must be a contiguous int64 (B,) tensor");
-  TORCH_CHECK(tau > 0 && eta > 0 && lambda_var >= 0, "girl_cpp: need tau > 0, eta > 0, lambda_var >= 0, got ", tau,
-              ", ", eta, ", ", lambda_var);
-  const int64_t num_groups = check_partition(order, offsets, features.size(0));
-  const auto opts = features.options().dtype(acc_type(features.scalar_type()));
-  at::Tensor risks = at::empty({num_groups}, opts);
+  TORCH_CHECK(tau > 0 && eta > 0, "girl_cpp: need tau > 0 and eta > 0, got ", tau, ", ", eta);
+  const int64_t num_groups = check_partition("girl_cpp", order, offsets, features.size(0));
+  at::Tensor risks = at::empty({num_groups}, features.options().dtype(accumulation_dtype(features.scalar_type())));
   at::Tensor direction;
-  at::Tensor loss = at::empty({}, features.options());
-  at::Tensor risk_var = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "girl_cpp", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     if (detach_weights) {
       direction = forward_impl<scalar_t, true>(features, labels, order, offsets, tau, eta, need_grad, risks);
     } else {
       direction = forward_impl<scalar_t, false>(features, labels, order, offsets, tau, eta, need_grad, risks);
     }
-    const auto [value, var] = combine_risks(risks.data_ptr<acc_t>(), num_groups, lambda_var);
-    loss.fill_(value);
-    risk_var.fill_(var);
   });
-  return {loss, risks, risk_var, direction};
+  return {risks, direction};
 }
 
-// dOut/dL_g = grad_loss (1 / G + [var_grad] lambda_var dVar/dL_g) + grad_risks_g
-//             + [var_grad] grad_risk_var dVar/dL_g,    dVar/dL_g = 2 (L_g - mean L) / G.
-at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& grad_risks, const at::Tensor& grad_risk_var,
-                         const at::Tensor& risks, const at::Tensor& direction, const at::Tensor& order,
-                         const at::Tensor& offsets, double lambda_var, bool var_grad, at::ScalarType dtype) {
+// grad_features[order[i]] = grad_risks[group of i] * direction[i], in `dtype`.
+at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& direction, const at::Tensor& order,
+                         const at::Tensor& offsets, at::ScalarType dtype) {
   const int64_t B = order.size(0);
-  const int64_t num_groups = check_partition(order, offsets, B);
-  const auto acc = acc_type(dtype);
-  TORCH_CHECK(risks.dim() == 1 && risks.size(0) == num_groups && risks.scalar_type() == acc && risks.is_contiguous(),
-              "girl_cpp_backward: group_risks must be the contiguous (G,) ", acc, " tensor of the forward");
+  const int64_t num_groups = check_partition("girl_cpp_backward", order, offsets, B);
+  const auto acc = accumulation_dtype(dtype);
   TORCH_CHECK(direction.dim() == 2 && direction.size(0) == B && direction.scalar_type() == acc &&
                   direction.is_contiguous(),
-              "girl_cpp_backward: the forward ran without need_grad, so it saved no gradient");
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_risk_var.numel() == 1 && grad_risks.numel() == num_groups,
-              "girl_cpp_backward: expected gradients of shapes (), (G,), ()");
+              "girl_cpp_backward: direction must be the contiguous (B, C) ", acc,
+              " output of a forward run with need_grad=True, got shape ", direction.sizes());
+  TORCH_CHECK(grad_risks.dim() == 1 && grad_risks.size(0) == num_groups && grad_risks.device().is_cpu(),
+              "girl_cpp_backward: grad_risks must be a (G,) CPU tensor, got shape ", grad_risks.sizes());
   const int64_t width = direction.size(1);
-  at::Tensor grad_features = empty_output({B, width}, direction.options().dtype(dtype));
-  const double upstream_loss = grad_loss.item<double>(), upstream_var = grad_risk_var.item<double>();
-  const at::Tensor upstream_risks = grad_risks.to(at::kDouble).contiguous();
+  at::Tensor grad_features = at::empty({B, width}, direction.options().dtype(dtype));
+  const at::Tensor upstream = grad_risks.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "girl_cpp_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* L = risks.data_ptr<acc_t>();
-    const double* up = upstream_risks.data_ptr<double>();
+    const acc_t* up = upstream.data_ptr<acc_t>();
     const int64_t* off = offsets.data_ptr<int64_t>();
-    double mean = 0;
-    for (int64_t g = 0; g < num_groups; ++g) mean += L[g];
-    mean /= double(num_groups);
     std::vector<acc_t> row_scale(B);
-    for (int64_t g = 0; g < num_groups; ++g) {
-      const double dvar = var_grad ? 2 * (L[g] - mean) / double(num_groups) : 0.0;
-      const double scale = upstream_loss * (1.0 / double(num_groups) + lambda_var * dvar) + up[g] + upstream_var * dvar;
-      std::fill(row_scale.begin() + off[g], row_scale.begin() + off[g + 1], acc_t(scale));
-    }
+    for (int64_t g = 0; g < num_groups; ++g) std::fill(row_scale.begin() + off[g], row_scale.begin() + off[g + 1], up[g]);
     const acc_t* dir = direction.data_ptr<acc_t>();
     const int64_t* order_ptr = order.data_ptr<int64_t>();
     scalar_t* out = grad_features.data_ptr<scalar_t>();
@@ -886,79 +857,19 @@ at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& grad_ris
   return grad_features;
 }
 
-// Autograd in C++ (see the top). Both ops are called through the dispatcher, so
-// torch.compile traces them with their fake kernels (piumr_kernels/girl/op.py).
-class GirlFunction : public torch::autograd::Function<GirlFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features,
-                                                const at::Tensor& labels, const at::Tensor& order,
-                                                const at::Tensor& offsets, double tau, double eta, double lambda_var,
-                                                bool var_grad, bool detach_weights, bool need_grad) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("piumr_kernels::girl_cpp", "")
-                               .typed<decltype(girl_forward)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, risks, risk_var, direction] =
-        op.call(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad);
-    ctx->save_for_backward({risks, direction, order, offsets});
-    ctx->saved_data["lambda_var"] = lambda_var;
-    ctx->saved_data["var_grad"] = var_grad;
-    ctx->saved_data["dtype"] = features.scalar_type();
-    ctx->mark_non_differentiable({direction});
-    // Autograd would otherwise fill a (B, C) zero gradient for `direction` on every call.
-    ctx->set_materialize_grads(false);
-    return {loss, risks, risk_var, direction};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("piumr_kernels::girl_cpp_backward", "")
-                               .typed<decltype(girl_backward)>();
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& risks = saved[0];
-    // Outputs that got no gradient (undefined) contribute zero.
-    const auto or_zeros = [](const at::Tensor& grad, const at::Tensor& like) {
-      return grad.defined() ? grad : at::zeros(like.sizes(), like.options());
-    };
-    const at::Tensor scalar = risks.new_empty({});
-    at::Tensor grad_features =
-        op.call(or_zeros(grads[0], scalar), or_zeros(grads[1], risks), or_zeros(grads[2], scalar), risks, saved[1],
-                saved[2], saved[3],
-                ctx->saved_data["lambda_var"].toDouble(), ctx->saved_data["var_grad"].toBool(),
-                ctx->saved_data["dtype"].toScalarType());
-    torch::autograd::variable_list out(10);
-    out[0] = grad_features;
-    return out;
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> girl_forward_autograd(
-    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order, const at::Tensor& offsets,
-    double tau, double eta, double lambda_var, bool var_grad, bool detach_weights, bool need_grad) {
-  const auto out =
-      GirlFunction::apply(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad);
-  return {out[0], out[1], out[2], out[3]};
-}
-
 }  // namespace
 
+// Autograd, fakes and the mean/variance combine are registered in Python (piumr_kernels/girl/op.py).
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
   m.def("girl_cpp(Tensor features, Tensor labels, Tensor order, Tensor offsets, float tau, float eta,"
-        " float lambda_var, bool var_grad, bool detach_weights, bool need_grad)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("girl_cpp_backward(Tensor grad_loss, Tensor grad_risks, Tensor grad_risk_var, Tensor group_risks,"
-        " Tensor direction, Tensor order, Tensor offsets, float lambda_var, bool var_grad, ScalarType dtype)"
+        " bool detach_weights, bool need_grad) -> (Tensor group_risks, Tensor direction)");
+  m.def("girl_cpp_backward(Tensor grad_risks, Tensor direction, Tensor order, Tensor offsets, ScalarType dtype)"
         " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("girl_cpp", &girl_forward);
   m.impl("girl_cpp_backward", &girl_backward);
-}
-
-TORCH_LIBRARY_IMPL(piumr_kernels, Autograd, m) {
-  m.impl("girl_cpp", &girl_forward_autograd);
 }
 
 }  // namespace piumr

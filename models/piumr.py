@@ -106,12 +106,13 @@ class PIUmr(nn.Module):
 class PIUmrLoss(nn.Module):
     """`CE(logits, labels) + lambda_girl * GIRL(features, labels, groups)`.
 
-    `forward(logits, features, labels, groups=None) -> (loss, {"ce", "girl"})`, the parts
-    detached for logging (`girl` is 0 when off). `girl_kwargs` go to
+    `forward(logits, features, labels, groups=None, num_groups=None) -> (loss, {"ce", "girl"})`,
+    the parts detached for logging (`girl` is 0 when off). `girl_kwargs` go to
     `piumr_kernels.GIRLLoss` (num_groups=4, tau=0.07, eta=0.2, lambda_var=1.0,
     var_grad=True, detach_weights=True; see SPEC §3): the batch is split into
-    `num_groups` random pseudo-groups of at least 2 samples each, or by `groups` (e.g.
-    subject ids) when given. `girl=False` is the "GIRL off" ablation: the loss is CE.
+    `num_groups` random pseudo-groups, or by `groups` when given: ids in `[0, num_groups)`
+    (e.g. subjects numbered per batch), `num_groups` of that call then being the number of
+    ids. `girl=False` is the "GIRL off" ablation: the loss is CE.
     """
 
     def __init__(self, lambda_girl: float = 1.0, girl: bool = True, **girl_kwargs) -> None:
@@ -127,11 +128,12 @@ class PIUmrLoss(nn.Module):
         features: torch.Tensor,
         labels: torch.Tensor,
         groups: torch.Tensor | None = None,
+        num_groups: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = F.cross_entropy(logits, labels)
         if self.girl is None:
             return ce, {"ce": ce.detach(), "girl": torch.zeros_like(ce).detach()}
-        girl = self.girl(features, labels, groups)
+        girl = self.girl(features, labels, groups, num_groups=num_groups)
         loss = ce + self.lambda_girl * girl
         return loss, {"ce": ce.detach(), "girl": girl.detach()}
 

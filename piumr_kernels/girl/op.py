@@ -1,97 +1,71 @@
-"""Public GIRL loss op (SPEC §3): pseudo-groups, argument checks, backend dispatch,
-torch.library registration.
+"""Public GIRL loss op (SPEC §3): the partition, argument checks, backend choice, the
+mean/variance combine.
 
-Every backend sees the same partition: the permutation (or the explicit `groups`) is
-turned into `(order, sizes)` here, in Python, before dispatch (group `g` is the next
-`sizes[g]` samples of `order`; the sizes are Python ints, static under torch.compile).
-Group `g` is described to the fused backends by `offsets` (`G + 1` boundaries into
-`order`); they never form a `B x B` matrix.
+Every backend sees the same partition `(order, offsets)`: group `g` is the samples
+`order[offsets[g]:offsets[g+1]]`, both int64 tensors built on the features' device without
+reading anything back to the host (the random partition's sizes come from the shapes, the
+explicit one's from sorting the ids), so a training step never waits on the device here.
+A group with fewer than 2 members has no partner pairs and is left out: risk 0, not
+counted in the mean or the variance.
 
-- triton: works on the samples sorted by group; its forward op returns the group risks
-  `L_g` and six numbers per sample that its backward needs (see `STATS`), and the mean and
-  variance penalty over the `G` risks are combined in PyTorch.
-- cpp: one op for the whole loss, to keep the per-call overhead of small batches low. It
-  reads the features through `order` (no gathered copy, no scatter in autograd), combines
-  the risks itself and, when a gradient is needed, computes `dL_g/dz` for every row in the
-  forward while each group's cosines are at hand; its backward only scales and scatters
-  those rows (see csrc/girl.cpp). Its loss, risks and variance are all differentiable.
+The fused backends (cpp, triton) share one forward and one backward library op schema
+(see `piumr_kernels/fused_op.py`): the forward returns the group risks `L_g` and, when a
+gradient is coming (`need_grad`), `direction = dL_g/dz` for every row in group order (rows
+of left-out groups 0); the backward scales each row by its group's upstream gradient and
+scatters it back to batch order. The mean and the variance penalty over the risks are
+combined in PyTorch for every backend, so autograd runs loss -> risks -> the op.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 from torch import nn
 
 from .. import backends
-from .._registration import library_op, register_fakes, register_triton_ops
 from .._checks import check_float_tensor, check_int, check_real, check_same_device
-from .reference import combine_group_risks, compute_dtype, girl_loss_reference
-
-CPP_FORWARD = "piumr_kernels::girl_cpp"
-CPP_BACKWARD = "piumr_kernels::girl_cpp_backward"
-TRITON_FORWARD = "piumr_kernels::girl_triton"
-TRITON_BACKWARD = "piumr_kernels::girl_triton_backward"
-
-# Per-sample statistics saved by the triton forward, a (6, B) tensor with rows in this order:
-# 1 / max(||z_i||, 1e-12), LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij,
-# l_i, |P(i)|.
-STATS = ("inv_norm", "logit_lse", "emphasis_lse", "positive_weight", "anchor_loss", "num_positive")
+from ..fused_op import FusedOp, accumulation_dtype
+from .reference import combine_group_risks, girl_group_risks_reference, group_sizes, position_groups
 
 
-def _fake_triton_forward(features, labels, offsets, tau, eta, detach_weights):
-    dtype = compute_dtype(features.dtype)
-    return (
-        features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
-        features.new_empty((len(STATS), features.shape[0]), dtype=dtype),
-    )
-
-
-def _register_triton_autograd() -> None:
-    backward_op = library_op(TRITON_BACKWARD)
-
-    def setup_context(ctx, inputs, output):
-        features, labels, offsets, tau, eta, detach_weights = inputs
-        _, stats = output
-        ctx.save_for_backward(features, labels, offsets, stats)
-        ctx.params = (tau, eta, detach_weights)
-        ctx.mark_non_differentiable(stats)
-
-    def backward(ctx, grad_risks, _grad_stats):
-        features, labels, offsets, stats = ctx.saved_tensors
-        grad_features = backward_op(grad_risks.contiguous(), features, labels, offsets, stats, *ctx.params)
-        return grad_features, None, None, None, None, None
-
-    torch.library.register_autograd(TRITON_FORWARD, backward, setup_context=setup_context)
-
-
-def _fake_cpp_forward(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad):
-    """(loss, group_risks, risk_var, direction): `direction` is `dL_g/dz` in group order,
-    `(B, C)` with `need_grad` and `(0, C)` without."""
-    dtype = compute_dtype(features.dtype)
+def _fake_forward(features, labels, order, offsets, tau, eta, detach_weights, need_grad):
+    dtype = accumulation_dtype(features.dtype)
     rows = features.shape[0] if need_grad else 0
     return (
-        features.new_empty(()),
         features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
-        features.new_empty((), dtype=dtype),
         features.new_empty((rows, features.shape[1]), dtype=dtype),
     )
 
 
-def _fake_cpp_backward(grad_loss, grad_risks, grad_risk_var, group_risks, direction, order, offsets, lambda_var,
-                       var_grad, dtype):
+def _fake_backward(grad_risks, direction, order, offsets, dtype):
     return direction.new_empty(direction.shape, dtype=dtype)
 
 
-if backends.cpp_op_built("girl_cpp"):
-    # Its autograd formula is registered in C++ (csrc/girl.cpp), for the per-call overhead.
-    register_fakes({CPP_FORWARD: _fake_cpp_forward, CPP_BACKWARD: _fake_cpp_backward})
-if backends.backend_available("triton"):
+def _setup_context(ctx, inputs, output):
+    features, _, order, offsets, *_ = inputs
+    _, direction = output
+    ctx.save_for_backward(direction, order, offsets)
+    ctx.dtype = features.dtype
+    ctx.mark_non_differentiable(direction)
+
+
+def _backward(ctx, backward_op, grad_risks, _grad_direction):
+    if grad_risks is None:
+        return (None,) * 8
+    direction, order, offsets = ctx.saved_tensors
+    if direction.shape[0] != order.shape[0]:
+        raise RuntimeError("girl: the forward ran without need_grad, so it saved no gradient direction")
+    grad_features = backward_op(grad_risks.contiguous(), direction, order, offsets, ctx.dtype)
+    return (grad_features,) + (None,) * 7
+
+
+def _triton_launchers():
     from . import triton_kernels
 
-    register_triton_ops({TRITON_FORWARD: triton_kernels.girl_forward, TRITON_BACKWARD: triton_kernels.girl_backward})
-    _register_triton_autograd()
+    return triton_kernels.girl_forward, triton_kernels.girl_backward
+
+
+GIRL = FusedOp("girl", _fake_forward, _fake_backward, _setup_context, _backward, _triton_launchers)
+GIRL.register()
 
 
 def _check_integer_vector(name: str, value: object, length: int) -> None:
@@ -105,41 +79,45 @@ def _check_integer_vector(name: str, value: object, length: int) -> None:
 
 def random_partition(
     batch: int, num_groups: int, device: torch.device, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh random split of `0..batch-1` into `num_groups` chunks (tensor_split sizes).
 
-    Returns `(order (B,), sizes)`: the samples of group `g` are the next `sizes[g]` entries
-    of `order`. The permutation is drawn on the generator's device (the features' device
-    without one), so one seed gives one partition on every backend.
+    Returns `(order (B,), offsets (G + 1,))`. The permutation is drawn on the generator's
+    device (the features' device without one, so no copy), so one seed gives one partition
+    on every backend. The offsets `g * base + min(g, extra)` are computed on `device`.
     """
     draw_device = generator.device if generator is not None else device
     order = torch.randperm(batch, generator=generator, device=draw_device).to(device)
     base, extra = divmod(batch, num_groups)
-    return order, [base + 1] * extra + [base] * (num_groups - extra)
+    boundary = torch.arange(num_groups + 1, device=device)
+    return order, boundary * base + boundary.clamp(max=extra)
 
 
-def explicit_partition(groups: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Groups from ids (any integers): group `g` is the `g`-th smallest id. Same outputs as
-    :func:`random_partition`; every group must have at least two members."""
-    ids, group_of_sample = torch.unique(groups, return_inverse=True)
-    counts = torch.bincount(group_of_sample, minlength=ids.shape[0])
-    small = counts < 2
-    if bool(small.any()):
-        bad = ids[small][:5].tolist()
+def explicit_partition(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups from ids in `[0, num_groups)`: group `g` is the samples with id `g`, in batch
+    order. Same outputs as :func:`random_partition`.
+
+    Ids outside the range are not detected here (that needs a host read: `validate=True`);
+    they count as the nearest valid id. The offsets come from a search in the sorted ids,
+    not `bincount`, whose CUDA kernel reads the largest id back to size its output.
+    """
+    ids, order = torch.sort(groups.to(torch.int64).clamp(0, num_groups - 1), stable=True)
+    boundary = torch.arange(num_groups + 1, device=groups.device)
+    return order, torch.searchsorted(ids, boundary)
+
+
+def group_index_of(order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`(B,)` group of each sample for a partition given as `(order, offsets)`."""
+    return torch.empty_like(order).scatter_(0, order, position_groups(offsets, order.shape[0]))
+
+
+def _check_group_ids(groups: torch.Tensor, num_groups: int) -> None:
+    outside = (groups < 0) | (groups >= num_groups)
+    if bool(outside.any()):
+        bad = groups[outside][:5].tolist()
         raise ValueError(
-            f"groups: every group needs at least 2 members (a sample's partners are the other "
-            f"members of its group), but group id(s) {bad} have only one"
+            f"groups: ids must lie in [0, num_groups) = [0, {num_groups}), got {bad}"
         )
-    return torch.argsort(group_of_sample, stable=True), counts.tolist()
-
-
-def group_index_of(order: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """`(B,)` group of each sample for a partition given as `(order, sizes)`."""
-    group_of_position = torch.repeat_interleave(
-        torch.arange(len(sizes), device=order.device), torch.tensor(sizes, device=order.device),
-        output_size=order.shape[0],
-    )
-    return torch.empty_like(order).scatter_(0, order, group_of_position)
 
 
 def girl_loss(
@@ -154,18 +132,23 @@ def girl_loss(
     groups: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_details: bool = False,
+    *,
+    validate: bool | None = None,
 ):
     """Group-invariant robust learning loss (PIUmr's GIRL), SPEC §3.
 
-    `features` `(B, C)` are the raw pre-classifier features; the op normalizes them,
-    `f = z / max(||z||, 1e-12)` (an all-zero row stays finite). `labels` `(B,)` are integer
-    class ids.
+    `features` `(B, C)` (`B >= 1`) are the raw pre-classifier features; the op normalizes
+    them, `f = z / max(||z||, 1e-12)` (an all-zero row stays finite). `labels` `(B,)` are
+    integer class ids.
 
     Pseudo-groups: a fresh random permutation of the batch per call (drawn with
     `generator` when given) is split into `num_groups` contiguous chunks whose sizes differ
-    by at most one (`torch.tensor_split`); `groups` `(B,)` integer ids (e.g. subject ids)
-    replace that partition, and `num_groups` is then ignored. Every group needs at least
-    two members. With `num_groups=1` this is in-batch weighted SupCon.
+    by at most one (`torch.tensor_split`). A batch too short for that (`2 * num_groups > B`)
+    uses fewer groups, `max(1, B // 2)`. `groups` `(B,)` integer ids in `[0, num_groups)`
+    (e.g. subject ids numbered per batch) replace that partition: group `g` is the samples
+    with id `g`, and `num_groups` is then the number of ids. Out-of-range ids are only
+    detected with `validate=True` (or `PIUMR_KERNELS_VALIDATE=1`), a host read; otherwise
+    they count as the nearest valid id. With `num_groups=1` this is in-batch weighted SupCon.
 
     Inside a group, for anchor `i` and each partner `j != i`: cosine `c_ij = f_i . f_j`,
     logit `s_ij = c_ij / tau`, emphasis `r_ij = exp(-0.5 ((c_ij - eta) / eta)^2)`, weight
@@ -173,9 +156,12 @@ def girl_loss(
     `P(i)`: partners with the anchor's label, and
     `l_i = -sum_{j in P(i)} w_ij (s_ij - LSE_i) / max(|P(i)|, 1)` with `LSE_i` the
     log-sum-exp of `s_ik` over the partners. An anchor with no positive gives 0 and still
-    counts in its group's mean `L_g`. Finally
-    `loss = mean_g L_g + lambda_var * mean_g (L_g - mean L)^2` (population variance,
-    `lambda_var >= 0`; `tau > 0` and `eta > 0`).
+    counts in its group's mean `L_g`. A group with fewer than 2 members has no partners: it
+    is left out (its `L_g` is reported as 0 and it is not counted below). Finally, over the
+    `G'` groups with at least 2 members,
+    `loss = mean L_g + lambda_var * mean (L_g - mean L)^2` (population variance,
+    `lambda_var >= 0`; `tau > 0` and `eta > 0`); with no such group the loss is 0 and so is
+    its gradient.
 
     Decisions against the paper's literal text (each with its option or reason):
       1. the emphasis is a Gaussian on the cosine, not on `c / tau` (literal form: every
@@ -189,13 +175,17 @@ def girl_loss(
       5. `var_grad=True` lets the variance penalty carry gradient (V-REx); `False` is the
          paper's `Var(stopgrad(L_g))`: added to the loss and reported, but no gradient.
 
-    Float32 math for float16/bfloat16/float32 features (the loss has the features' dtype);
-    float64 on the reference and cpp backends. With `return_details=True` the result is
-    `(loss, details)`, `details` a dict of detached tensors: `group_risks` `(G,)` (`L_g`),
-    `risk_var` (the variance) and `group_index` `(B,)` (each sample's group).
+    No host synchronization unless `validate` is on (a CPU `generator` with CUDA features
+    copies the drawn permutation to the device). Float32 math for float16/bfloat16/float32
+    features (the loss has the features' dtype); float64 on the reference and cpp
+    backends. With `return_details=True` the result is `(loss, details)`, `details` a dict
+    of detached tensors: `group_risks` `(G,)` (`L_g`, 0 for left-out groups), `risk_var`
+    (the variance) and `group_index` `(B,)` (each sample's group).
     """
     check_float_tensor("features", features, dim=2)
     batch = features.shape[0]
+    if batch < 1:
+        raise ValueError(f"features must have at least one row (B >= 1), got shape {tuple(features.shape)}")
     _check_integer_vector("labels", labels, batch)
     tau = check_real("tau", tau, positive=True)
     eta = check_real("eta", eta, positive=True)
@@ -206,47 +196,33 @@ def girl_loss(
         _check_integer_vector("groups", groups, batch)
         tensors["groups"] = groups
     check_same_device(tensors)
-    if groups is None and 2 * num_groups > batch:
-        raise ValueError(
-            f"num_groups must allow at least 2 members per group (num_groups <= B // 2 = "
-            f"{batch // 2}), got num_groups={num_groups} for a batch of {batch}"
-        )
 
     if groups is None:
-        order, sizes = random_partition(batch, num_groups, features.device, generator)
+        if 2 * num_groups > batch:
+            num_groups = max(1, batch // 2)  # a short batch: fewer groups of >= 2 members
+        order, offsets = random_partition(batch, num_groups, features.device, generator)
     else:
-        order, sizes = explicit_partition(groups)
+        if backends.validation_enabled(validate):
+            _check_group_ids(groups, num_groups)
+        order, offsets = explicit_partition(groups, num_groups)
 
     backend = backends.resolve_backend(features, cpp_op="girl_cpp")
-    group_starts = list(itertools.accumulate([0] + sizes))  # fused ops: group g is order[starts[g]:starts[g+1]]
     if backend == "reference":
-        loss, group_risks, risk_var = girl_loss_reference(
-            features, labels, order, sizes, tau, eta, lambda_var, var_grad, detach_weights
-        )
-    elif backend == "cpp":
-        offsets = torch.tensor(group_starts)
-        need_grad = torch.is_grad_enabled() and features.requires_grad
-        loss, group_risks, risk_var, _ = torch.ops.piumr_kernels.girl_cpp(
-            features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets, tau, eta, lambda_var,
-            bool(var_grad), bool(detach_weights), need_grad,
-        )
+        group_risks = girl_group_risks_reference(features, labels, order, offsets, tau, eta, bool(detach_weights))
     else:
-        if features.dtype == torch.float64:
+        if backend == "triton" and features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
-        offsets = torch.tensor(group_starts, device=features.device)
-        sorted_features = features.index_select(0, order).contiguous()
-        sorted_labels = labels.index_select(0, order).to(torch.int64).contiguous()
-        group_risks, _ = torch.ops.piumr_kernels.girl_triton(
-            sorted_features, sorted_labels, offsets, tau, eta, bool(detach_weights)
-        )
-        loss, risk_var = combine_group_risks(group_risks, lambda_var, bool(var_grad))
-        loss = loss.to(features.dtype)
+        need_grad = torch.is_grad_enabled() and features.requires_grad
+        group_risks, _ = GIRL(backend, features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets,
+                              tau, eta, bool(detach_weights), need_grad)
+    loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, bool(var_grad))
+    loss = loss.to(features.dtype)
     if not return_details:
         return loss
     details = {
         "group_risks": group_risks.detach(),
         "risk_var": risk_var.detach(),
-        "group_index": group_index_of(order, sizes),
+        "group_index": group_index_of(order, offsets),
     }
     return loss, details
 
@@ -255,7 +231,9 @@ class GIRLLoss(nn.Module):
     """`nn.Module` form of :func:`girl_loss` (same options and SPEC §3 decisions).
 
     `forward(features, labels, groups=None)` draws fresh pseudo-groups from the global RNG
-    on every call unless `groups` is given; `generator=` and `return_details=` pass through.
+    on every call unless `groups` is given; with `groups`, `num_groups=` gives the number of
+    group ids of that call (default: the module's `num_groups`). `generator=`,
+    `return_details=` and `validate=` pass through.
     """
 
     def __init__(
@@ -281,12 +259,15 @@ class GIRLLoss(nn.Module):
         labels: torch.Tensor,
         groups: torch.Tensor | None = None,
         *,
+        num_groups: int | None = None,
         generator: torch.Generator | None = None,
         return_details: bool = False,
+        validate: bool | None = None,
     ):
         return girl_loss(
-            features, labels, self.num_groups, self.tau, self.eta, self.lambda_var, self.var_grad,
-            self.detach_weights, groups=groups, generator=generator, return_details=return_details,
+            features, labels, self.num_groups if num_groups is None else num_groups, self.tau, self.eta,
+            self.lambda_var, self.var_grad, self.detach_weights, groups=groups, generator=generator,
+            return_details=return_details, validate=validate,
         )
 
     def extra_repr(self) -> str:

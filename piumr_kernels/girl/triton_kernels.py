@@ -1,16 +1,23 @@
-"""Triton kernels for the GIRL loss (SPEC §3) and their launchers (wrapped as triton_op in op.py).
+"""Triton kernels for the GIRL group risks (SPEC §3) and their launchers (registered as
+triton_op through `FusedOp` in op.py; same schemas as the cpp ops).
 
-The samples arrive sorted by group (`offsets`, `G + 1` boundaries). A program owns a block
-of `BLOCK` anchors of one group (grid `(G, anchor blocks)`) and streams over the group's
-partners in blocks of `BLOCK` with online log-sum-exps, so nothing `B x B` is formed.
-Groups of at most `SMALL_GROUP_MAX` members take one program per group (`BLOCK` is the
-next power of two of the largest possible group, a single partner block); larger groups
-use `STREAM_BLOCK` blocks. Cosine tiles accumulate over the feature width in chunks of
-`BLOCK_C` with `tl.dot`, so any width works.
+The forward launcher gathers the samples into group order (`order`; `offsets`, `G + 1`
+boundaries into it). A program owns a block of `BLOCK` anchors of one group (grid
+`(G, anchor blocks)`) and streams over the group's partners in blocks of `BLOCK` with
+online log-sum-exps, so nothing `B x B` is formed. The grid comes from the shapes only:
+any group may hold the whole batch (explicit ids), so every group gets `cdiv(B, BLOCK)`
+anchor blocks and the programs past a group's end exit at once. `BLOCK` is the next power
+of two of the random partition's largest group (`cdiv(B, G)`, a single partner block) up
+to `SMALL_GROUP_MAX`, else `STREAM_BLOCK`. Cosine tiles accumulate over the feature width
+in chunks of `BLOCK_C` with `tl.dot`, so any width works.
 
-Kernels: row norms; the forward (per-sample stats, see op.STATS); the per-group risks;
+Kernels: row norms; the forward (per-sample stats, see `NUM_STATS`); the per-group risks;
 the backward `dF_i = sum_j (G_ij + G_ji) f_j` (both terms from the saved stats, so each
-program writes only its own rows); the normalization backward to `dz`.
+program writes only its own rows); the normalization backward to `dz`. With `need_grad`
+the forward runs the two backward kernels with unit upstream gradients to get
+`direction = dL_g/dz`; the backward op only scales and scatters it (torch ops). Groups of
+0 or 1 member give NaN/inf in the kernels (no partners); their risks and rows are masked
+to 0 before anything leaves the launcher.
 Every load is upcast to float32 at once (the interpreter mishandles bf16 arithmetic),
 scalar arguments are cast to float32 in the kernels (Inductor passes float64), and
 offsets are int64.
@@ -24,6 +31,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..triton_variants import KernelVariant
+from .reference import group_sizes, position_groups
 
 SMALL_GROUP_MAX = 64   # largest group bound served by one program per group
 STREAM_BLOCK = 64      # anchors x partners per tile on the streaming path
@@ -32,7 +40,9 @@ ROW_BLOCK_C = 256      # feature-width chunk of the per-row kernels
 NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
 # Full fp32 products for the cosines (the logits are cosines / tau; TF32 would cost ~1e-2 there).
 DOT_PRECISION = tl.constexpr("ieee")
-NUM_STATS = 6          # norm, logit LSE, emphasis LSE, positive weight, anchor loss, |P(i)|
+# Per-sample statistics of the forward kernel, a (NUM_STATS, B) buffer with rows in this
+# order: ||z_i||, LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij, l_i, |P(i)|.
+NUM_STATS = 6
 
 
 @triton.jit
@@ -242,14 +252,12 @@ def _input_grad_kernel(z_ptr, stats_ptr, grad_f_ptr, grad_z_ptr, width, BLOCK_W:
 
 
 def tile_block(batch: int, num_groups: int) -> tuple[int, int]:
-    """`(BLOCK, anchor blocks per group)`: one block per group when the largest possible
-    group (every other group has 2 members) is at most SMALL_GROUP_MAX, else streaming."""
-    largest = batch - 2 * (num_groups - 1)
-    if largest <= SMALL_GROUP_MAX:
-        block = max(16, triton.next_power_of_2(largest))
-    else:
-        block = STREAM_BLOCK
-    return block, triton.cdiv(largest, block)
+    """`(BLOCK, anchor blocks per group)`: one block per group when the random partition's
+    largest group fits in SMALL_GROUP_MAX, else streaming; enough blocks for a group of the
+    whole batch (explicit ids can put every sample in one group)."""
+    typical = triton.cdiv(batch, num_groups)
+    block = max(16, triton.next_power_of_2(typical)) if typical <= SMALL_GROUP_MAX else STREAM_BLOCK
+    return block, triton.cdiv(batch, block)
 
 
 def tile_launch_options(block: int) -> dict:
@@ -263,38 +271,49 @@ def _row_block(width: int) -> int:
 
 
 def girl_forward(
-    features: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor, tau: float, eta: float, detach_weights: bool
+    features: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, tau: float,
+    eta: float, detach_weights: bool, need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(group_risks (G,), direction)`, both float32; `direction` is `dL_g/dz` in group
+    order, `(B, C)` with `need_grad`, else `(0, C)`."""
     batch, width = features.shape
     num_groups = offsets.shape[0] - 1
+    z = features.index_select(0, order)
+    sorted_labels = labels.index_select(0, order)
     risks = features.new_empty((num_groups,), dtype=torch.float32)
     stats = features.new_empty((NUM_STATS, batch), dtype=torch.float32)
     block, blocks_per_group = tile_block(batch, num_groups)
-    wrap_triton(_row_norm_kernel)[(batch,)](features, stats, width, BLOCK_W=_row_block(width))
+    row_block = _row_block(width)
+    tile_options = tile_launch_options(block)
+    wrap_triton(_row_norm_kernel)[(batch,)](z, stats, width, BLOCK_W=row_block)
     wrap_triton(_forward_kernel)[(num_groups, blocks_per_group)](
-        features, labels, offsets, stats, batch, width, tau, eta, BLOCK=block, BLOCK_C=BLOCK_C,
-        **tile_launch_options(block),
+        z, sorted_labels, offsets, stats, batch, width, tau, eta, BLOCK=block, BLOCK_C=BLOCK_C, **tile_options,
     )
     wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=block)
-    return risks, stats
+    counted = group_sizes(offsets) >= 2
+    risks = torch.where(counted, risks, 0.0)
+    if not need_grad:
+        return risks, features.new_empty((0, width), dtype=torch.float32)
+    unit = torch.ones((num_groups,), dtype=torch.float32, device=features.device)
+    grad_f = torch.zeros((batch, width), dtype=torch.float32, device=features.device)
+    direction = torch.empty((batch, width), dtype=torch.float32, device=features.device)
+    wrap_triton(_backward_kernel)[(num_groups, blocks_per_group)](
+        unit, z, sorted_labels, offsets, stats, grad_f, batch, width, tau, eta,
+        DETACH_WEIGHTS=detach_weights, BLOCK=block, BLOCK_C=BLOCK_C, **tile_options,
+    )
+    wrap_triton(_input_grad_kernel)[(batch,)](z, stats, grad_f, direction, width, BLOCK_W=row_block)
+    counted_rows = counted.index_select(0, position_groups(offsets, batch))
+    return risks, torch.where(counted_rows[:, None], direction, 0.0)
 
 
 def girl_backward(
-    grad_risks: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor,
-    stats: torch.Tensor, tau: float, eta: float, detach_weights: bool,
+    grad_risks: torch.Tensor, direction: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    batch, width = features.shape
-    num_groups = offsets.shape[0] - 1
-    grad_f = torch.zeros((batch, width), dtype=torch.float32, device=features.device)
-    grad_features = torch.empty_like(features)
-    block, blocks_per_group = tile_block(batch, num_groups)
-    wrap_triton(_backward_kernel)[(num_groups, blocks_per_group)](
-        grad_risks, features, labels, offsets, stats, grad_f, batch, width, tau, eta,
-        DETACH_WEIGHTS=detach_weights, BLOCK=block, BLOCK_C=BLOCK_C, **tile_launch_options(block),
-    )
-    wrap_triton(_input_grad_kernel)[(batch,)](features, stats, grad_f, grad_features, width,
-                                              BLOCK_W=_row_block(width))
-    return grad_features
+    """`grad_features[order[i]] = grad_risks[group of i] * direction[i]`, in `dtype`."""
+    scale = grad_risks.to(direction.dtype).index_select(0, position_groups(offsets, order.shape[0]))
+    rows = (direction * scale[:, None]).to(dtype)
+    return torch.empty_like(rows).index_copy(0, order, rows)
 
 
 # (B, C, G), as in benchmarks/bench_girl.py: the benchmark shapes, then one shape per further
@@ -333,14 +352,14 @@ def aot_variants() -> list[KernelVariant]:
 
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
-    """Runs the forward and backward launchers at `shapes` on uninitialized CPU tensors,
+    """Runs the forward launcher with `need_grad` at `shapes` on uninitialized CPU tensors,
     every dtype and both `detach_weights` (for `triton_variants.capture_specializations`,
-    which stops each launch)."""
+    which stops each launch); the backward op launches no kernel."""
     for batch, width, num_groups in shapes:
+        order = torch.arange(batch)
         offsets = torch.arange(num_groups + 1) * batch // num_groups
         labels = torch.zeros(batch, dtype=torch.int64)
         for dtype in _AOT_DTYPES.values():
             features = torch.empty((batch, width), dtype=dtype)
             for detach in (True, False):
-                risks, stats = girl_forward(features, labels, offsets, 0.07, 0.2, detach)
-                girl_backward(torch.empty_like(risks), features, labels, offsets, stats, 0.07, 0.2, detach)
+                girl_forward(features, labels, order, offsets, 0.07, 0.2, detach, True)
