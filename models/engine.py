@@ -18,16 +18,17 @@ Decisions a user meets here:
   decoded once and gives k differently augmented clips of the batch (batch_size / k videos
   per step).
 - `compile`: torch.compile(fullgraph=True) of the step's forward (normalization, model,
-  loss); `memory_format` channels_last (NDHWC) or contiguous, `auto` = channels_last on
-  CUDA only; cudnn.benchmark on CUDA.
+  loss); `memory_format` channels_last (NDHWC; the default, measured faster on CPU for both
+  the synthetic job's model and PIUmr-M, not yet measured on a GPU) or contiguous;
+  cudnn.benchmark on CUDA.
 - A non-finite loss or gradient norm stops the run with NonFiniteLossError naming the epoch
   and step, before the optimiser touches the weights; checkpoints are only written after a
   finished epoch, so the last one stays valid. Under fp16 the GradScaler skips such steps
   instead; they are counted per epoch and the run stops after `max_consecutive_skips` in a
   row.
 - GIRL groups: `random` pseudo-groups (the paper), or `subject`: one group per person in the
-  batch; persons with a single clip in the batch are pooled into one extra group, because
-  GIRL leaves out a group of fewer than two members.
+  batch; persons with a single clip in the batch are pooled into one extra group, because a
+  group needs at least two members.
 - Validation runs after every epoch on every rank's shard of the split (no padding, no
   duplicates) and the predictions are gathered, so metrics are over the whole split exactly
   once. Only rank 0 writes files.
@@ -176,23 +177,20 @@ def build_loss(cfg: dict) -> torch.nn.Module:
                      eta=cfg["girl_eta"], lambda_var=cfg["girl_lambda_var"])
 
 
-def subject_groups(subjects: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """GIRL groups from the batch's person ids (a CPU tensor, so the host reads here wait on
-    no device): `(ids in [0, G), G)`. One group per person with >= 2 clips in the batch; the
-    clips of persons seen once are pooled into one extra group (joined to the smallest group
-    when that pool would hold a single clip, which GIRL would otherwise leave out)."""
+def subject_groups(subjects: torch.Tensor) -> torch.Tensor:
+    """GIRL group ids from person ids: one group per person with >= 2 clips in the batch;
+    the clips of persons seen once are pooled into one extra group (joined to the smallest
+    group when that pool would hold a single clip)."""
     _, person, counts = torch.unique(subjects, return_inverse=True, return_counts=True)
     kept = counts >= 2
     group_of_person = torch.cumsum(kept.long(), 0) - 1
     num_kept = int(kept.sum())
     pooled = ~kept[person]
     groups = torch.where(pooled, torch.full_like(person, num_kept), group_of_person[person])
-    num_pooled = int(pooled.sum())
-    if num_pooled == 1 and num_kept > 0:
+    if int(pooled.sum()) == 1 and num_kept > 0:
         sizes = torch.bincount(groups[~pooled], minlength=num_kept)
         groups[pooled] = int(torch.argmin(sizes))
-        return groups, num_kept
-    return groups, num_kept + (num_pooled > 0)
+    return groups
 
 
 def lr_factor(cfg: dict, steps_per_epoch: int):
@@ -230,12 +228,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
-    """`auto`: channels_last on CUDA (cuDNN's NDHWC 3D convolutions), contiguous on CPU
-    (measured slower there, README)."""
-    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
-
-
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """The 5-D weights (3D convolutions) in channels_last_3d, in place. Module.to(memory_format=)
     cannot be used: it also converts the 4-D tensors, which channels_last_3d rejects."""
@@ -245,8 +237,7 @@ def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp_dtype=None,
-               channels_last: bool = False):
+def model_step(model, loss_fn, frames, labels, groups=None, amp_dtype=None, channels_last: bool = False):
     """The forward part of a training step: normalize the batch's frames on their device,
     run the model (autocast to `amp_dtype`), compute the float32 loss. Returns
     `(loss, parts, logits)`; what `compile` hands to torch.compile."""
@@ -255,7 +246,7 @@ def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp
     clip = normalize_frames(frames, channels_last)
     with autocast(clip.device, amp_dtype):
         logits, features = model(clip)
-    loss, parts = loss_fn(logits.float(), features.float(), labels, groups=groups, num_groups=num_groups)
+    loss, parts = loss_fn(logits.float(), features.float(), labels, groups=groups)
     return loss, parts, logits
 
 
@@ -283,12 +274,8 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
         sums["dropped"] += batch["num_dropped"]
         frames = batch["clip"].to(info.device, non_blocking=True)
         labels = batch["label"].to(info.device, non_blocking=True)
-        groups, num_groups = None, None
-        if cfg["girl_groups"] == "subject":
-            groups, num_groups = subject_groups(batch["subject"])
-            groups = groups.to(info.device, non_blocking=True)
-        loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype,
-                                       run.channels_last)
+        groups = subject_groups(batch["subject"]).to(info.device) if cfg["girl_groups"] == "subject" else None
+        loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, run.amp_dtype, run.channels_last)
         loss_finite = bool(torch.isfinite(loss))
         if run.scaler is None and dist_utils.any_rank(not loss_finite, info):
             raise NonFiniteLossError(
@@ -419,7 +406,7 @@ class Run:
                              f"{cfg['batch_size']}: lower batch_size")
         self.val_loader = build_loader(self.val_set, cfg, info, train=False,
                                        batch_size=cfg["eval_batch_size"] or self.batch_per_rank)
-        self.channels_last = resolve_channels_last(cfg["memory_format"], info.device)
+        self.channels_last = cfg["memory_format"] == "channels_last"
         model = build_model(cfg, load_pretrained=resume_path is None).to(info.device)
         if self.channels_last:
             model = to_channels_last(model)

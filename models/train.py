@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--prefetch", dest="prefetch_factor", type=int, help="batches each worker loads ahead")
     run.add_argument("--compile", action="store_true", help="torch.compile (fullgraph) the model and loss")
     run.add_argument("--memory-format", choices=CHOICES["memory_format"],
-                     help="channels_last (NDHWC) or contiguous; auto: channels_last on CUDA")
+                     help="channels_last (NDHWC, default) or contiguous")
     run.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads per process for torch")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     run.add_argument("--no-test", dest="test_at_end", action="store_false",

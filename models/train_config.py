@@ -63,7 +63,7 @@ DEFAULTS = {
     "grad_clip_norm": None,          # clip the global gradient norm (None = no clipping)
     "amp": "auto",                   # auto | none | bf16 | fp16 (fp16 only on CUDA, with GradScaler)
     "compile": False,                # torch.compile (fullgraph) of the step's normalization, model and loss
-    "memory_format": "auto",         # auto (channels_last on CUDA) | channels_last | contiguous
+    "memory_format": "channels_last",  # channels_last (NDHWC activations and 3D weights) | contiguous
     "max_consecutive_skips": 20,     # fp16: stop when the scaler skips this many steps in a row
     # run
     "seed": 0,
@@ -81,7 +81,7 @@ CHOICES = {
     "optimizer": ("adamw",),
     "lr_schedule": ("multistep", "cosine"),
     "amp": ("auto", "none", "bf16", "fp16"),
-    "memory_format": ("auto", "channels_last", "contiguous"),
+    "memory_format": ("channels_last", "contiguous"),
     "device": ("auto", "cpu", "cuda"),
 }
 

@@ -114,7 +114,8 @@ def test_repeated_augmentation_decodes_once_and_gives_k_clips(ma52_root, monkeyp
 
 
 def _tiny_step_setup():
-    cfg = resolve_config({"preset": json.loads(TINY_PRESET), "num_frames": 4, "crop_size": 32,
+    # TFAM on the last stage only: its ops and GIRL's are in the graph, and compiling stays short.
+    cfg = resolve_config({"preset": json.loads(TINY_PRESET), "num_frames": 4, "crop_size": 32, "tfam_stages": ["res5"],
                           "girl_num_groups": 2, "device": "cpu"})
     torch.manual_seed(0)
     model = engine.build_model(cfg).train()
@@ -149,11 +150,13 @@ def test_channels_last_step_equals_the_contiguous_step():
     _assert_same_step(eager, _one_step(engine.model_step, model, loss_fn, frames, labels, True), 1e-4)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_step_equals_the_eager_step(compiler):
+def test_compiled_step_equals_the_eager_step():
+    """fullgraph capture of normalization, model (TFAM's ops) and loss (GIRL) through Dynamo and
+    AOTAutograd; aot_eager keeps it within test time (inductor's code generation takes minutes
+    on a 2-core machine)."""
     _, model, loss_fn, frames, labels = _tiny_step_setup()
     eager = _one_step(engine.model_step, model, loss_fn, frames, labels, False)
-    compiled = torch.compile(engine.model_step, fullgraph=True, backend=compiler)
+    compiled = torch.compile(engine.model_step, fullgraph=True, backend="aot_eager")
     _assert_same_step(eager, _one_step(compiled, model, loss_fn, frames, labels, False), 1e-4)
 
 
