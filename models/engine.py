@@ -27,8 +27,8 @@ Decisions a user meets here:
   instead; they are counted per epoch and the run stops after `max_consecutive_skips` in a
   row.
 - GIRL groups: `random` pseudo-groups (the paper), or `subject`: one group per person in the
-  batch; persons with a single clip in the batch are pooled into one extra group, because a
-  group needs at least two members.
+  batch; persons with a single clip in the batch are pooled into one extra group, because
+  GIRL leaves out a group of fewer than two members.
 - Validation runs after every epoch on every rank's shard of the split (no padding, no
   duplicates) and the predictions are gathered, so metrics are over the whole split exactly
   once. Only rank 0 writes files.
@@ -177,20 +177,23 @@ def build_loss(cfg: dict) -> torch.nn.Module:
                      eta=cfg["girl_eta"], lambda_var=cfg["girl_lambda_var"])
 
 
-def subject_groups(subjects: torch.Tensor) -> torch.Tensor:
-    """GIRL group ids from person ids: one group per person with >= 2 clips in the batch;
-    the clips of persons seen once are pooled into one extra group (joined to the smallest
-    group when that pool would hold a single clip)."""
+def subject_groups(subjects: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """GIRL groups from the batch's person ids (a CPU tensor, so the host reads here wait on
+    no device): `(ids in [0, G), G)`. One group per person with >= 2 clips in the batch; the
+    clips of persons seen once are pooled into one extra group (joined to the smallest group
+    when that pool would hold a single clip, which GIRL would otherwise leave out)."""
     _, person, counts = torch.unique(subjects, return_inverse=True, return_counts=True)
     kept = counts >= 2
     group_of_person = torch.cumsum(kept.long(), 0) - 1
     num_kept = int(kept.sum())
     pooled = ~kept[person]
+    num_pooled = int(pooled.sum())
     groups = torch.where(pooled, torch.full_like(person, num_kept), group_of_person[person])
-    if int(pooled.sum()) == 1 and num_kept > 0:
+    if num_pooled == 1 and num_kept > 0:
         sizes = torch.bincount(groups[~pooled], minlength=num_kept)
         groups[pooled] = int(torch.argmin(sizes))
-    return groups
+        return groups, num_kept
+    return groups, num_kept + (num_pooled > 0)
 
 
 def lr_factor(cfg: dict, steps_per_epoch: int):
@@ -237,7 +240,8 @@ def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def model_step(model, loss_fn, frames, labels, groups=None, amp_dtype=None, channels_last: bool = False):
+def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp_dtype=None,
+               channels_last: bool = False):
     """The forward part of a training step: normalize the batch's frames on their device,
     run the model (autocast to `amp_dtype`), compute the float32 loss. Returns
     `(loss, parts, logits)`; what `compile` hands to torch.compile."""
@@ -246,7 +250,7 @@ def model_step(model, loss_fn, frames, labels, groups=None, amp_dtype=None, chan
     clip = normalize_frames(frames, channels_last)
     with autocast(clip.device, amp_dtype):
         logits, features = model(clip)
-    loss, parts = loss_fn(logits.float(), features.float(), labels, groups=groups)
+    loss, parts = loss_fn(logits.float(), features.float(), labels, groups=groups, num_groups=num_groups)
     return loss, parts, logits
 
 
@@ -274,8 +278,12 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
         sums["dropped"] += batch["num_dropped"]
         frames = batch["clip"].to(info.device, non_blocking=True)
         labels = batch["label"].to(info.device, non_blocking=True)
-        groups = subject_groups(batch["subject"]).to(info.device) if cfg["girl_groups"] == "subject" else None
-        loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, run.amp_dtype, run.channels_last)
+        groups, num_groups = None, None
+        if cfg["girl_groups"] == "subject":
+            groups, num_groups = subject_groups(batch["subject"])
+            groups = groups.to(info.device, non_blocking=True)
+        loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype,
+                                       run.channels_last)
         loss_finite = bool(torch.isfinite(loss))
         if run.scaler is None and dist_utils.any_rank(not loss_finite, info):
             raise NonFiniteLossError(

@@ -184,12 +184,16 @@ def test_config_layering_and_errors(tmp_path):
 
 def test_subject_groups_give_every_group_two_members():
     subjects = torch.tensor([7, 7, 3, 9, 9, 9, 5, 1])  # persons 3, 5, 1 appear once
-    groups = engine.subject_groups(subjects)
-    assert torch.bincount(groups).min() >= 2
+    groups, num_groups = engine.subject_groups(subjects)
+    assert num_groups == 3 and torch.bincount(groups, minlength=num_groups).min() >= 2
     assert groups[0] == groups[1] and groups[3] == groups[4] == groups[5] and groups[0] != groups[3]
     assert groups[2] == groups[6] == groups[7]
-    lone = engine.subject_groups(torch.tensor([4, 4, 4, 8]))  # a single leftover joins a group
-    assert torch.bincount(lone).min() >= 2 and groups.dtype == torch.int64
+    lone, num_lone = engine.subject_groups(torch.tensor([4, 4, 4, 8]))  # a single leftover joins a group
+    assert num_lone == 1 and lone.tolist() == [0, 0, 0, 0] and lone.dtype == torch.int64
+    # Ids in [0, G), as girl_loss takes them; G counts the pooled group only when there is one.
+    for subjects in (torch.tensor([1, 1, 2, 2]), torch.tensor([1, 2, 3]), torch.tensor([5])):
+        groups, num_groups = engine.subject_groups(subjects)
+        assert sorted(set(groups.tolist())) == list(range(num_groups))
 
 
 def test_lr_schedules():

@@ -52,6 +52,13 @@ INTERPRETED_STREAM_ELEMENTS = 4096
 
 
 @triton.jit
+def _stat_index(t, n_entries, entries, n_matrices):
+    """Offset of iteration `t`'s vector `entries` in batch-last `(n_iters, n_entries, B)`
+    stats, from the program's own matrix."""
+    return (t * n_entries + entries).to(tl.int64) * n_matrices
+
+
+@triton.jit
 def _safe_scale(target, total, eps):
     """`target / (total + eps)`, 0 where the denominator is 0 (a zero row stays zero)."""
     denominator = total + eps
@@ -113,8 +120,10 @@ def _register_tile(n_matrices, n_rows, n_cols, n_iters,
     col_ok = matrix_ok & (cols < n_cols)[None, :]
     mask = row_ok[:, :, None] & col_ok[:, None, :]
     offsets = local[:, None, None] * (n_rows * n_cols) + rows[None, :, None] * n_cols + cols[None, None, :]
-    row_stats = local[:, None] * (n_iters * n_rows) + rows[None, :]
-    col_stats = local[:, None] * (n_iters * n_cols) + cols[None, :]
+    # Stats are batch-last, (n_iters, N, B): the matrices of a program store each vector
+    # entry as one contiguous run.
+    row_stats = rows[None, :].to(tl.int64) * n_matrices + local[:, None]
+    col_stats = cols[None, :].to(tl.int64) * n_matrices + local[:, None]
     return first, offsets, mask, row_stats, row_ok, col_stats, col_ok
 
 
@@ -131,8 +140,10 @@ def _forward_register_kernel(
         n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
     K_ptr += first * n_rows * n_cols
     P_ptr += first * n_rows * n_cols
-    row_stats_ptr += first * n_iters * n_rows
-    col_stats_ptr += first * n_iters * n_cols
+    row_stats_ptr += first
+    col_stats_ptr += first
+    row_step = n_rows.to(tl.int64) * n_matrices
+    col_step = n_cols.to(tl.int64) * n_matrices
     if LOG_DOMAIN:
         x = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
         log_row = tl.log(row_sum)
@@ -143,21 +154,21 @@ def _forward_register_kernel(
             step = tl.where(row_ok, log_row - _logsumexp(x, 2), 0.0)
             x = x + step[:, :, None]
             f += step
-            tl.store(row_stats_ptr + row_stats + t * n_rows, f, mask=row_ok)
+            tl.store(row_stats_ptr + row_stats + t * row_step, f, mask=row_ok)
             step = tl.where(col_ok, log_col - _logsumexp(x, 1), 0.0)
             x = x + step[:, None, :]
             g += step
-            tl.store(col_stats_ptr + col_stats + t * n_cols, g, mask=col_ok)
+            tl.store(col_stats_ptr + col_stats + t * col_step, g, mask=col_ok)
         x = tl.exp(x)
     else:
         x = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         for t in range(n_iters):
             alpha = _safe_scale(row_sum, tl.sum(x, axis=2), eps)
             x = x * alpha[:, :, None]
-            tl.store(row_stats_ptr + row_stats + t * n_rows, alpha, mask=row_ok)
+            tl.store(row_stats_ptr + row_stats + t * row_step, alpha, mask=row_ok)
             beta = _safe_scale(col_sum, tl.sum(x, axis=1), eps)
             x = x * beta[:, None, :]
-            tl.store(col_stats_ptr + col_stats + t * n_cols, beta, mask=col_ok)
+            tl.store(col_stats_ptr + col_stats + t * col_step, beta, mask=col_ok)
     tl.store(P_ptr + offsets, x.to(P_ptr.dtype.element_ty), mask=mask)
 
 
@@ -177,21 +188,23 @@ def _backward_register_kernel(
     grad_ptr += first * n_rows * n_cols
     K_ptr += first * n_rows * n_cols
     grad_K_ptr += first * n_rows * n_cols
-    row_stats_ptr += first * n_iters * n_rows + row_stats
-    col_stats_ptr += first * n_iters * n_cols + col_stats
+    row_stats_ptr += first + row_stats
+    col_stats_ptr += first + col_stats
+    row_step = n_rows.to(tl.int64) * n_matrices
+    col_step = n_cols.to(tl.int64) * n_matrices
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if LOG_DOMAIN:
         k = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-        f = tl.load(row_stats_ptr + (n_iters - 1) * n_rows, mask=row_ok, other=0.0)
-        g = tl.load(col_stats_ptr + (n_iters - 1) * n_cols, mask=col_ok, other=0.0)
+        f = tl.load(row_stats_ptr + (n_iters - 1) * row_step, mask=row_ok, other=0.0)
+        g = tl.load(col_stats_ptr + (n_iters - 1) * col_step, mask=col_ok, other=0.0)
         grad = grad * tl.exp(k + f[:, :, None] + g[:, None, :])
         for step in range(n_iters):
             t = n_iters - 1 - step
-            f = tl.load(row_stats_ptr + t * n_rows, mask=row_ok, other=0.0)
-            g = tl.load(col_stats_ptr + t * n_cols, mask=col_ok, other=0.0)
+            f = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=0.0)
+            g = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=0.0)
             softmax = tl.exp(k + f[:, :, None] + g[:, None, :])
             grad = grad - softmax * (tl.sum(grad, axis=1) * inv_col)[:, None, :]
-            g = tl.load(col_stats_ptr + (t - 1) * n_cols, mask=tl.where(t > 0, col_ok, False), other=0.0)
+            g = tl.load(col_stats_ptr + (t - 1) * col_step, mask=tl.where(t > 0, col_ok, False), other=0.0)
             softmax = tl.exp(k + f[:, :, None] + g[:, None, :])
             grad = grad - softmax * (tl.sum(grad, axis=2) * inv_row)[:, :, None]
     else:
@@ -202,12 +215,12 @@ def _backward_register_kernel(
         u = tl.full((BLOCK_B, BLOCK_N), 1.0, tl.float32)
         v = tl.full((BLOCK_B, BLOCK_M), 1.0, tl.float32)
         for t in range(n_iters):
-            u *= tl.load(row_stats_ptr + t * n_rows, mask=row_ok, other=1.0)
-            v *= tl.load(col_stats_ptr + t * n_cols, mask=col_ok, other=1.0)
+            u *= tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
+            v *= tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
         for step in range(n_iters):
             t = n_iters - 1 - step
-            alpha = tl.load(row_stats_ptr + t * n_rows, mask=row_ok, other=1.0)
-            beta = tl.load(col_stats_ptr + t * n_cols, mask=col_ok, other=1.0)
+            alpha = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
+            beta = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
             after_col = u[:, :, None] * k * v[:, None, :]
             grad = beta[:, None, :] * (grad - (tl.sum(grad * after_col, axis=1) * inv_col)[:, None, :])
             v = tl.where(beta > 0, v / beta, 0.0)
@@ -225,7 +238,7 @@ def _backward_register_kernel(
 @triton.jit
 def _forward_streaming_kernel(
     K_ptr, P_ptr, row_stats_ptr, col_stats_ptr, row_scale_ptr, col_scale_ptr,
-    n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
     LOG_DOMAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Row step t: linear `rowsum_i = U_i * sum_j K_ij V_j`, `alpha = row_sum / (rowsum + eps)`,
@@ -239,8 +252,8 @@ def _forward_streaming_kernel(
     col_sum = tl.cast(col_sum, tl.float32)
     K_ptr += matrix * n_rows * n_cols
     P_ptr += matrix * n_rows * n_cols
-    row_stats_ptr += matrix * n_iters * n_rows
-    col_stats_ptr += matrix * n_iters * n_cols
+    row_stats_ptr += matrix
+    col_stats_ptr += matrix
     row_scale_ptr += matrix * n_rows
     col_scale_ptr += matrix * n_cols
     tile_rows = tl.arange(0, BLOCK_R)
@@ -258,7 +271,7 @@ def _forward_streaming_kernel(
                 tile = row_ok[:, None] & col_ok[None, :]
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
                 if LOG_DOMAIN:
-                    g = tl.load(col_stats_ptr + (t - 1) * n_cols + cols, mask=tl.where(t > 0, col_ok, False), other=0.0)
+                    g = tl.load(col_stats_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=0.0)
                     x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + g[None, :]
                     new_peak = tl.maximum(peak, tl.max(x, axis=1))
                     shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
@@ -271,11 +284,11 @@ def _forward_streaming_kernel(
             if LOG_DOMAIN:
                 shift = tl.where(peak == float("-inf"), 0.0, peak)
                 f = tl.log(row_sum) - (shift + tl.log(total))
-                tl.store(row_stats_ptr + t * n_rows + rows, f, mask=row_ok)
+                tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), f, mask=row_ok)
             else:
                 u = tl.load(row_scale_ptr + rows, mask=tl.where(t > 0, row_ok, False), other=1.0)
                 alpha = _safe_scale(row_sum, u * total, eps)
-                tl.store(row_stats_ptr + t * n_rows + rows, alpha, mask=row_ok)
+                tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), alpha, mask=row_ok)
                 # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
                 tl.store(row_scale_ptr + rows, tl.where(total == 0, 0.0, u * alpha), mask=row_ok)
         tl.debug_barrier()
@@ -291,7 +304,7 @@ def _forward_streaming_kernel(
                 tile = row_ok[:, None] & col_ok[None, :]
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
                 if LOG_DOMAIN:
-                    f = tl.load(row_stats_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                    f = tl.load(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
                     x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + f[:, None]
                     new_peak = tl.maximum(peak, tl.max(x, axis=0))
                     shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
@@ -304,30 +317,32 @@ def _forward_streaming_kernel(
             if LOG_DOMAIN:
                 shift = tl.where(peak == float("-inf"), 0.0, peak)
                 g = tl.log(col_sum) - (shift + tl.log(total))
-                tl.store(col_stats_ptr + t * n_cols + cols, g, mask=col_ok)
+                tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), g, mask=col_ok)
             else:
                 v = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=1.0)
                 beta = _safe_scale(col_sum, v * total, eps)
-                tl.store(col_stats_ptr + t * n_cols + cols, beta, mask=col_ok)
+                tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), beta, mask=col_ok)
                 tl.store(col_scale_ptr + cols, tl.where(total == 0, 0.0, v * beta), mask=col_ok)
         tl.debug_barrier()
     # Output pass: P = U K V (linear) or exp(K + f + g) (log).
     if LOG_DOMAIN:
-        row_potential_ptr = row_stats_ptr + (n_iters - 1) * n_rows
-        col_potential_ptr = col_stats_ptr + (n_iters - 1) * n_cols
+        row_potential_ptr = row_stats_ptr + (n_iters - 1).to(tl.int64) * n_rows * n_matrices
+        col_potential_ptr = col_stats_ptr + (n_iters - 1).to(tl.int64) * n_cols * n_matrices
+        potential_stride = n_matrices
     else:
         row_potential_ptr = row_scale_ptr
         col_potential_ptr = col_scale_ptr
+        potential_stride = 1
     for row_start in range(0, n_rows, BLOCK_R):
         rows = row_start + tile_rows
         row_ok = rows < n_rows
-        row_potential = tl.load(row_potential_ptr + rows, mask=row_ok, other=0.0)
+        row_potential = tl.load(row_potential_ptr + rows.to(tl.int64) * potential_stride, mask=row_ok, other=0.0)
         for col_start in range(0, n_cols, BLOCK_C):
             cols = col_start + tile_cols
             col_ok = cols < n_cols
             tile = row_ok[:, None] & col_ok[None, :]
             offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-            col_potential = tl.load(col_potential_ptr + cols, mask=col_ok, other=0.0)
+            col_potential = tl.load(col_potential_ptr + cols.to(tl.int64) * potential_stride, mask=col_ok, other=0.0)
             k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
             p = _entries(k, row_potential, col_potential, LOG_DOMAIN)
             tl.store(P_ptr + offsets, p.to(P_ptr.dtype.element_ty), mask=tile)
@@ -337,7 +352,7 @@ def _forward_streaming_kernel(
 def _backward_streaming_kernel(
     grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, row_potential_ptr, col_potential_ptr,
     row_work_ptr, col_work_ptr, grad_K_ptr,
-    n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
     LOG_DOMAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Backward in `H = dX * X` form, where every step only subtracts rank-one-scaled copies
@@ -359,10 +374,10 @@ def _backward_streaming_kernel(
     grad_ptr += matrix * n_rows * n_cols
     K_ptr += matrix * n_rows * n_cols
     grad_K_ptr += matrix * n_rows * n_cols
-    row_stats_ptr += matrix * n_iters * n_rows
-    col_stats_ptr += matrix * n_iters * n_cols
-    row_potential_ptr += matrix * n_iters * n_rows
-    col_potential_ptr += matrix * n_iters * n_cols
+    row_stats_ptr += matrix
+    col_stats_ptr += matrix
+    row_potential_ptr += matrix
+    col_potential_ptr += matrix
     z_ptr = row_work_ptr + matrix * (n_iters + 1) * n_rows
     w_ptr = col_work_ptr + matrix * (n_iters + 1) * n_cols
     R_ptr = z_ptr + n_iters * n_rows
@@ -375,14 +390,14 @@ def _backward_streaming_kernel(
     for col_start in range(0, n_cols, BLOCK_C):
         cols = col_start + tile_cols
         col_ok = cols < n_cols
-        g = tl.load(col_potential_ptr + last * n_cols + cols, mask=col_ok, other=0.0)
+        g = tl.load(col_potential_ptr + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
         total = tl.zeros((BLOCK_C,), tl.float32)
         for row_start in range(0, n_rows, BLOCK_R):
             rows = row_start + tile_rows
             row_ok = rows < n_rows
             tile = row_ok[:, None] & col_ok[None, :]
             offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-            f = tl.load(row_potential_ptr + last * n_rows + rows, mask=row_ok, other=0.0)
+            f = tl.load(row_potential_ptr + _stat_index(last, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
             k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
             upstream = tl.load(grad_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
             total += tl.sum(upstream * _entries(k, f, g, LOG_DOMAIN), axis=0)
@@ -396,7 +411,7 @@ def _backward_streaming_kernel(
             cols = col_start + tile_cols
             col_ok = cols < n_cols
             w = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
-            beta = tl.load(col_stats_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+            beta = tl.load(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
             tl.store(w_ptr + t * n_cols + cols, w, mask=col_ok)
             tl.store(C_ptr + cols, w - _normalized_sum(col_sum, beta, eps, LOG_DOMAIN) * w / col_sum, mask=col_ok)
         tl.debug_barrier()
@@ -404,14 +419,14 @@ def _backward_streaming_kernel(
         for row_start in range(0, n_rows, BLOCK_R):
             rows = row_start + tile_rows
             row_ok = rows < n_rows
-            f = tl.load(row_potential_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+            f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
             total = tl.load(R_ptr + rows, mask=tl.where(step > 0, row_ok, False), other=0.0)
             for col_start in range(0, n_cols, BLOCK_C):
                 cols = col_start + tile_cols
                 col_ok = cols < n_cols
                 tile = row_ok[:, None] & col_ok[None, :]
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                g = tl.load(col_potential_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+                g = tl.load(col_potential_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
                 w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
                 k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
                 upstream = tl.load(grad_ptr + offsets, mask=tl.where(step == 0, tile, False), other=0.0).to(tl.float32)
@@ -423,7 +438,7 @@ def _backward_streaming_kernel(
             rows = row_start + tile_rows
             row_ok = rows < n_rows
             z = tl.load(R_ptr + rows, mask=row_ok, other=0.0)
-            alpha = tl.load(row_stats_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+            alpha = tl.load(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
             tl.store(z_ptr + t * n_rows + rows, z, mask=row_ok)
             tl.store(R_ptr + rows, z - _normalized_sum(row_sum, alpha, eps, LOG_DOMAIN) * z / row_sum, mask=row_ok)
         tl.debug_barrier()
@@ -431,14 +446,14 @@ def _backward_streaming_kernel(
         for col_start in range(0, n_cols, BLOCK_C):
             cols = col_start + tile_cols
             col_ok = cols < n_cols
-            g = tl.load(col_potential_ptr + (t - 1) * n_cols + cols, mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
+            g = tl.load(col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
             total = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
             for row_start in range(0, n_rows, BLOCK_R):
                 rows = row_start + tile_rows
                 row_ok = rows < n_rows
                 tile = row_ok[:, None] & col_ok[None, :]
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                f = tl.load(row_potential_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
+                f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
                 z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
                 k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
                 total -= tl.sum(_entries(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum), axis=0)
@@ -456,15 +471,15 @@ def _backward_streaming_kernel(
             offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
             k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
             upstream = tl.load(grad_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-            f = tl.load(row_potential_ptr + last * n_rows + rows, mask=row_ok, other=0.0)
-            g = tl.load(col_potential_ptr + last * n_cols + cols, mask=col_ok, other=0.0)
+            f = tl.load(row_potential_ptr + _stat_index(last, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
+            g = tl.load(col_potential_ptr + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
             result = _scaling(k, f, g, LOG_DOMAIN) * upstream
             for t in range(n_iters):
-                f = tl.load(row_potential_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
-                g = tl.load(col_potential_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
+                f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
+                g = tl.load(col_potential_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
                 w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
                 result -= _scaling(k, f, g, LOG_DOMAIN) * (w[None, :] / col_sum)
-                g = tl.load(col_potential_ptr + (t - 1) * n_cols + cols, mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
+                g = tl.load(col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
                 z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
                 result -= _scaling(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum)
             tl.store(grad_K_ptr + offsets, result.to(grad_K_ptr.dtype.element_ty), mask=tile)
@@ -522,29 +537,33 @@ def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPl
 
 
 def sinkhorn_forward(
-    K: torch.Tensor, n_iters: int, eps: float, log_domain: bool, row_sum: float, col_sum: float
+    K: torch.Tensor, n_iters: int, eps: float, log_domain: bool, row_sum: float, col_sum: float, save_stats: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(P, row_stats, col_stats)`, the stats batch-last `(n_iters, N, B)` float32 when
+    `save_stats`, else `(n_iters, N, 0)` (the kernels still write them to scratch: the
+    streaming log-domain forward reads its potentials back from there)."""
     batch, n_rows, n_cols = K.shape
     P = torch.empty_like(K)
-    row_stats = K.new_empty((batch, n_iters, n_rows), dtype=torch.float32)
-    col_stats = K.new_empty((batch, n_iters, n_cols), dtype=torch.float32)
-    if batch == 0:
-        return P, row_stats, col_stats
-    plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
-    if plan.tier == "streaming":
-        # Running U, V (linear); the log-domain potentials live in the stats.
-        row_scale = K.new_empty((batch, n_rows) if not log_domain else (0,), dtype=torch.float32)
-        col_scale = K.new_empty((batch, n_cols) if not log_domain else (0,), dtype=torch.float32)
-        wrap_triton(_forward_streaming_kernel)[(batch,)](
-            K, P, row_stats, col_stats, row_scale, col_scale,
-            n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
-        )
-    else:
-        wrap_triton(_forward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
-            K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
-        )
+    row_stats = K.new_empty((n_iters, n_rows, batch), dtype=torch.float32)
+    col_stats = K.new_empty((n_iters, n_cols, batch), dtype=torch.float32)
+    if batch > 0:
+        plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
+        if plan.tier == "streaming":
+            # Running U, V (linear); the log-domain potentials live in the stats.
+            row_scale = K.new_empty((batch, n_rows) if not log_domain else (0,), dtype=torch.float32)
+            col_scale = K.new_empty((batch, n_cols) if not log_domain else (0,), dtype=torch.float32)
+            wrap_triton(_forward_streaming_kernel)[(batch,)](
+                K, P, row_stats, col_stats, row_scale, col_scale,
+                batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+                LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
+            )
+        else:
+            wrap_triton(_forward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
+                K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+                LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
+            )
+    if not save_stats:
+        return P, row_stats[:, :, :0].clone(), col_stats[:, :, :0].clone()
     return P, row_stats, col_stats
 
 
@@ -561,12 +580,12 @@ def sinkhorn_backward(
         if log_domain:
             row_potential, col_potential = row_stats, col_stats
         else:
-            row_potential, col_potential = torch.cumprod(row_stats, 1), torch.cumprod(col_stats, 1)
+            row_potential, col_potential = torch.cumprod(row_stats, 0), torch.cumprod(col_stats, 0)
         row_work = K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32)
         col_work = K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32)
         wrap_triton(_backward_streaming_kernel)[(batch,)](
             grad_P, K, row_stats, col_stats, row_potential, col_potential, row_work, col_work, grad_K,
-            n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+            batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
             LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
         )
     else:
@@ -619,5 +638,5 @@ def aot_launches(shapes=AOT_SHAPES) -> None:
         for dtype in _AOT_DTYPES.values():
             K = torch.empty((batch, n_rows, n_cols), dtype=dtype)
             for log_domain in (False, True):
-                _, row_stats, col_stats = sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0)
+                _, row_stats, col_stats = sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, save_stats=True)
                 sinkhorn_backward(torch.empty_like(K), K, row_stats, col_stats, n_iters, 1e-8, log_domain, 1.0, 1.0)
