@@ -63,7 +63,7 @@ DEFAULTS = {
     "grad_clip_norm": None,          # clip the global gradient norm (None = no clipping)
     "amp": "auto",                   # auto | none | bf16 | fp16 (fp16 only on CUDA, with GradScaler)
     "compile": False,                # torch.compile (fullgraph) of the step's normalization, model and loss
-    "memory_format": "channels_last",  # channels_last (NDHWC activations and 3D weights) | contiguous
+    "memory_format": "contiguous",     # contiguous | channels_last (NDHWC activations and 3D weights)
     "max_consecutive_skips": 20,     # fp16: stop when the scaler skips this many steps in a row
     # run
     "seed": 0,

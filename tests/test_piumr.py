@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 import piumr_kernels
@@ -178,7 +179,10 @@ def test_torch_compile_fullgraph_matches_eager(compiler):
     model = build_piumr("XS", 10).eval()
     x = clip("XS", batch=2, seed=5)
     torch._dynamo.reset()
-    with torch.no_grad():
+    # Inductor's vectorized C++ code for this model corrupts the heap on AVX-512/AMX hosts with
+    # torch 2.13 (the process aborts; reproduced on the commit before this one too, with the
+    # reference backend); scalar codegen still checks the whole graph end to end.
+    with torch.no_grad(), torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True, backend=compiler)(x)
     for e, c in zip(eager, compiled):

@@ -97,9 +97,8 @@ class SeededSampler(Sampler):
 
     def __iter__(self):
         indices = list(self.sampler)
-        # A stream of its own (the 0xA06 key): not the epoch's global RNG seed, which GIRL and TFAM draw from.
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0xA06])
-        seeds = rng.integers(0, SEED_BOUND, len(indices)).tolist()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank)
+        seeds = torch.randint(0, SEED_BOUND, (len(indices),), generator=generator).tolist()
         return iter(zip(indices, seeds))
 
     def __len__(self) -> int:
