@@ -130,4 +130,11 @@ class FusedOp:
             names = [argument.name for argument in op.default._schema.arguments]
             check_same_device(self.name, names, args)
         with device_guard(tensors):
-            return op(*args)
+            if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            ):
+                return op(*args)
+            # No graph to record: skip torch.library's Python autograd wrapper, which costs
+            # more than a small CPU kernel (dispatch modes and fake tensors still see the call).
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
