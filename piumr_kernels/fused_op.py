@@ -76,6 +76,7 @@ class FusedOp:
     backward: Callable
     triton_launchers: Callable[[], tuple[Callable, Callable]]
     _ops: dict = field(default_factory=dict, init=False, repr=False)
+    _functions: dict = field(default_factory=dict, init=False, repr=False)
 
     def op_name(self, backend: str, backward: bool = False) -> str:
         return f"{NAMESPACE}::{self.name}_{backend}" + ("_backward" if backward else "")
@@ -100,13 +101,19 @@ class FusedOp:
         return op
 
     def _register_autograd(self, backend: str) -> None:
+        """Registers the op's autograd formula for `backend` with torch.library (what
+        torch.compile and callers of `torch.ops.piumr_kernels.*` use) and builds the
+        `autograd.Function` that eager calls of `__call__` apply: the same formula, entered
+        without torch.library's generic Python wrapper, which costs more per call than a
+        small CPU kernel."""
+        op = self._library_op(backend)
+        backward_op = self._library_op(backend, backward=True)
+
         def setup_context(ctx, inputs, output):
             ctx.set_materialize_grads(False)
             self.setup_context(ctx, inputs, output)
 
         def backward(ctx, *grads):
-            backward_op = self._library_op(backend, backward=True)
-
             def guarded_backward_op(*args):
                 with device_guard(args):
                     return backward_op(*args)
@@ -114,6 +121,18 @@ class FusedOp:
             return self.backward(ctx, guarded_backward_op, *grads)
 
         torch.library.register_autograd(self.op_name(backend), backward, setup_context=setup_context)
+
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        self._functions[backend] = type(
+            f"{self.name}_{backend}_function",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        )
 
     def __call__(self, backend: str, *args):
         """Runs the forward of `backend` (cpp or triton) on `args`, on their device."""
@@ -130,11 +149,10 @@ class FusedOp:
             names = [argument.name for argument in op.default._schema.arguments]
             check_same_device(self.name, names, args)
         with device_guard(tensors):
-            if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            ):
+            if torch.compiler.is_compiling():
                 return op(*args)
-            # No graph to record: skip torch.library's Python autograd wrapper, which costs
-            # more than a small CPU kernel (dispatch modes and fake tensors still see the call).
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                return self._functions[backend].apply(*args)
+            # No graph to record; dispatch modes and fake tensors still see the call.
             with torch._C._AutoDispatchBelowAutograd():
                 return op(*args)
