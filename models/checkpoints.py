@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import CheckpointError
 from .x3d import PRESETS, X3D, stage_depths
 
 PYTORCHVIDEO = "pytorchvideo"
@@ -64,10 +65,6 @@ _STEM_RE = re.compile(r"s1\.pathway0_stem\.(\w+)\.(\w+)$")
 _RES_RE = re.compile(r"s([2-5])\.pathway0_res(\d+)\.(branch1|branch1_bn|branch2\.(?:se\.)?\w+)\.(\w+)$")
 _HEAD_RE = re.compile(r"head\.(\w+)\.(\w+)$")
 _PTV_BLOCK_RE = re.compile(r"blocks\.([1-4])\.res_blocks\.(\d+)\.")
-
-
-class CheckpointError(ValueError):
-    """The file is not a usable X3D checkpoint; the message says why."""
 
 
 @dataclass
@@ -122,8 +119,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def detect_format(state: dict[str, torch.Tensor]) -> str:
-    """`"pytorchvideo"` or `"slowfast"` for an X3D state dict; CheckpointError otherwise."""
+def detect_format(state: dict[str, torch.Tensor], source: str | os.PathLike = "the checkpoint") -> str:
+    """`"pytorchvideo"` or `"slowfast"` for an X3D state dict; CheckpointError naming
+    `source` (the file it came from) otherwise."""
     if "blocks.0.conv.conv_t.weight" in state:
         return PYTORCHVIDEO
     if "s1.pathway0_stem.conv_xy.weight" in state:
@@ -131,12 +129,12 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     if any(key.startswith(("blocks.", "s1.pathway0_stem.", "s2.pathway0_res")) for key in state):
         architecture = "PyTorchVideo" if any(key.startswith("blocks.") for key in state) else "SlowFast"
         raise CheckpointError(
-            f"this is a {architecture} checkpoint of another architecture, not X3D: its stem has no "
+            f"{os.fspath(source)!r} is a {architecture} checkpoint of another architecture, not X3D: its stem has no "
             "separate spatial conv (X3D's 'blocks.0.conv.conv_t' / 's1.pathway0_stem.conv_xy'); "
             f"first keys: {sorted(state)[:6]}"
         )
     raise CheckpointError(
-        "not an X3D checkpoint in the PyTorchVideo ('blocks.0.conv.conv_t.weight', ...) or SlowFast "
+        f"{os.fspath(source)!r} is not an X3D checkpoint in the PyTorchVideo ('blocks.0.conv.conv_t.weight', ...) or SlowFast "
         f"('s1.pathway0_stem.conv_xy.weight', ...) layout; first keys: {sorted(state)[:6]}"
     )
 
@@ -231,7 +229,7 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     if not isinstance(model, X3D):
         raise TypeError(f"model must be a models.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}")
     state = read_checkpoint(path)
-    report = LoadReport(detect_format(state))
+    report = LoadReport(detect_format(state, path))
     if report.source_format == SLOWFAST:
         state, report.folded = convert_slowfast(state)
 

@@ -29,6 +29,15 @@ Decisions a user meets here:
 - GIRL groups: `random` pseudo-groups (the paper), or `subject`: one group per person in the
   batch; persons with a single clip in the batch are pooled into one extra group, because
   GIRL leaves out a group of fewer than two members.
+- Unreadable clips never end a run: the dataset reports each one and the batch goes on
+  without it (`train_dropped`/`val_dropped` per epoch). A batch left shorter than
+  2 x girl_num_groups uses fewer random groups, max(1, B // 2) (girl_loss's documented
+  rule, SPEC §3). A batch with no readable clip on some rank is skipped on every rank, as
+  if it were not there (no forward, no optimisation step, the LR schedule does not move),
+  and counted (`train_empty_steps`).
+- Checkpoints (models/training_state.py) carry a sha256 of their content; `last.pt`'s
+  predecessor is kept as `previous.pt`, and --resume falls back to it, saying why, when
+  last.pt is missing or damaged.
 - Validation runs after every epoch on every rank's shard of the split (no padding, no
   duplicates) and the predictions are gathered, so metrics are over the whole split exactly
   once. Only rank 0 writes files.
@@ -50,10 +59,12 @@ from tqdm import tqdm
 from models import distributed as dist_utils
 from models.run_log import RunLog
 from models.train_config import NUM_CLASSES
-from models.training_state import (capture_rng_state, epoch_seed, load_checkpoint, restore_rng_state, save_atomic,
-                                   seed_everything)
+from models.errors import ConfigError
+from models.training_state import (CHECKPOINT_FORMAT, LAST_NAME, PREVIOUS_NAME, capture_rng_state, epoch_seed,
+                                   load_checkpoint, load_resume_checkpoint, remove_stale_temporaries,
+                                   restore_rng_state, save_atomic, seed_everything)
 
-CHECKPOINT_FORMAT = "piumr-train-v1"
+BEST_NAME = "best.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -218,7 +229,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("amp 'fp16' needs a CUDA device (use 'bf16' on CPU)")
+            raise ConfigError("amp 'fp16' needs a CUDA device (use 'bf16' on CPU)")
         return torch.float16
     if amp == "bf16":
         return torch.bfloat16
@@ -268,7 +279,8 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
     cfg, info = run.cfg, run.info
     run.model.train()
     _seed_epoch(cfg, epoch, info, run.train_loader)
-    sums = {"loss": 0.0, "ce": 0.0, "girl": 0.0, "correct": 0.0, "clips": 0.0, "dropped": 0.0, "skipped": 0.0}
+    sums = {"loss": 0.0, "ce": 0.0, "girl": 0.0, "correct": 0.0, "clips": 0.0, "dropped": 0.0, "skipped": 0.0,
+            "empty": 0.0}
     consecutive_skips = 0
     steps = len(run.train_loader)
     bar = tqdm(run.train_loader, total=steps, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False,
@@ -276,6 +288,10 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
     for step, batch in enumerate(bar, start=1):
         where = f"epoch {epoch}, step {step}/{steps} (global step {run.global_step + 1})"
         sums["dropped"] += batch["num_dropped"]
+        # Every rank skips together: a rank without a forward would leave DDP's gradient all-reduce waiting.
+        if dist_utils.any_rank(batch["clip"].shape[0] == 0, info):
+            sums["empty"] += 1
+            continue
         frames = batch["clip"].to(info.device, non_blocking=True)
         labels = batch["label"].to(info.device, non_blocking=True)
         groups, num_groups = None, None
@@ -331,7 +347,7 @@ def train_one_epoch(run: "Run", epoch: int) -> dict:
     clips = max(totals["clips"], 1.0)
     return {"train_loss": totals["loss"] / clips, "train_ce": totals["ce"] / clips, "train_girl": totals["girl"] / clips,
             "train_action_top1": totals["correct"] / clips, "train_dropped": int(totals["dropped"]),
-            "train_skipped_steps": int(totals["skipped"])}
+            "train_skipped_steps": int(totals["skipped"]), "train_empty_steps": int(totals["empty"])}
 
 
 # --------------------------------------------------------------------------- prediction
@@ -396,22 +412,25 @@ class Run:
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg["out_dir"])
         if cfg["batch_size"] % info.world_size:
-            raise ValueError(f"config 'batch_size' ({cfg['batch_size']}) is the global batch and must be divisible "
-                             f"by the number of processes ({info.world_size})")
+            raise ConfigError(f"config 'batch_size' ({cfg['batch_size']}) is the global batch and must be divisible "
+                              f"by the number of processes ({info.world_size})")
         self.batch_per_rank = cfg["batch_size"] // info.world_size
         if self.batch_per_rank % cfg["repeated_augmentation"]:
-            raise ValueError(f"config 'repeated_augmentation' ({cfg['repeated_augmentation']}) must divide the "
-                             f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips")
+            raise ConfigError(f"config 'repeated_augmentation' ({cfg['repeated_augmentation']}) must divide the "
+                              f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips")
         if cfg["girl"] and cfg["girl_groups"] == "random" and self.batch_per_rank < 2 * cfg["girl_num_groups"]:
-            raise ValueError(f"GIRL needs >= 2 clips in each of its {cfg['girl_num_groups']} groups, but each rank "
-                             f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups")
+            raise ConfigError(f"GIRL needs >= 2 clips in each of its {cfg['girl_num_groups']} groups, but each rank "
+                              f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups")
+        if info.is_main:
+            for name in (LAST_NAME, PREVIOUS_NAME, BEST_NAME):  # a run killed while saving leaves temporaries
+                remove_stale_temporaries(self.out_dir / name)
         seed_everything(cfg["seed"])  # identical initial weights on every rank
         self.train_set = build_dataset(cfg, "train", train=True)
         self.val_set = build_dataset(cfg, "val", train=False)
         self.train_loader = build_loader(self.train_set, cfg, info, train=True, batch_size=self.batch_per_rank)
         if len(self.train_loader) == 0:
-            raise ValueError(f"the training split has {len(self.train_set)} clips, fewer than one batch of "
-                             f"{cfg['batch_size']}: lower batch_size")
+            raise ConfigError(f"the training split has {len(self.train_set)} clips, fewer than one batch of "
+                              f"{cfg['batch_size']}: lower batch_size")
         self.val_loader = build_loader(self.val_set, cfg, info, train=False,
                                        batch_size=cfg["eval_batch_size"] or self.batch_per_rank)
         self.channels_last = cfg["memory_format"] == "channels_last"
@@ -433,7 +452,7 @@ class Run:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, len(self.train_loader)))
-        self.start_epoch, self.global_step, self.history = 1, 0, []
+        self.start_epoch, self.global_step, self.history, self.resumed_from = 1, 0, [], None
         self.best = {"epoch": None, "val_f1_mean": -1.0}
         if resume_path is not None:
             self._resume(resume_path)
@@ -451,13 +470,14 @@ class Run:
 
     def last_checkpoint_note(self) -> str:
         if self.history:
-            return f"the last checkpoint ({self.out_dir / 'last.pt'}, epoch {self.history[-1]['epoch']}) is intact."
+            return f"the last checkpoint ({self.out_dir / LAST_NAME}, epoch {self.history[-1]['epoch']}) is intact."
         return "no checkpoint had been written yet."
 
     def _resume(self, path) -> None:
-        ckpt = load_checkpoint(path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
-            raise ValueError(f"--resume {path}: not a full training checkpoint (use last.pt of a run)")
+        ckpt, used, problems = load_resume_checkpoint(path)
+        for problem in problems:
+            self.say(f"warning: {problem}; resuming from {used} (epoch {ckpt['epoch']}) instead")
+        self.resumed_from = used
         self.bare_model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -530,7 +550,7 @@ def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) 
     run = Run(cfg, info, resume_path)
     run.say(run.describe())
     if run.start_epoch > 1:
-        run.say(f"resumed from {resume_path} after epoch {run.start_epoch - 1}")
+        run.say(f"resumed from {run.resumed_from} after epoch {run.start_epoch - 1}")
     run.say(RunLog.header())
     for past in run.history:
         run.say(RunLog.row(past))
@@ -553,15 +573,18 @@ def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) 
                 run.best = {"epoch": epoch, "val_f1_mean": record["val_f1_mean"]}
             if info.is_main:
                 payload = run.checkpoint(epoch, val_metrics)
-                save_atomic(payload, run.out_dir / "last.pt")
+                save_atomic(payload, run.out_dir / LAST_NAME, previous=PREVIOUS_NAME)
                 if improved:
                     save_atomic({k: payload[k] for k in ("format", "epoch", "config", "model", "val_metrics")},
-                                run.out_dir / "best.pt")
+                                run.out_dir / BEST_NAME)
                 run.log.epoch_end(run.history, run.global_step)
             run.say(RunLog.row(record))
             for kind in ("train_dropped", "val_dropped"):
                 if record[kind]:
                     run.say(f"warning: epoch {epoch}: {record[kind]} unreadable clip(s) skipped in {kind[:-8]}")
+            if record["train_empty_steps"]:
+                run.say(f"warning: epoch {epoch}: {record['train_empty_steps']} step(s) skipped: no readable clip "
+                        f"in the batch")
             if record["train_skipped_steps"]:
                 run.say(f"note: epoch {epoch}: the fp16 GradScaler skipped {record['train_skipped_steps']} step(s)")
             dist_utils.barrier(info)
@@ -589,7 +612,7 @@ def _val_metrics_of(record: dict) -> dict:
 
 def _test_best(run: Run) -> dict:
     """Metrics of the best checkpoint (by validation F1_mean) on the test split."""
-    best = load_checkpoint(run.out_dir / "best.pt", map_location=run.info.device) if run.info.is_main else None
+    best = load_checkpoint(run.out_dir / BEST_NAME, map_location=run.info.device) if run.info.is_main else None
     best_state = dist_utils.broadcast_object(best["model"] if best else None, run.info)
     model = build_model(run.cfg, load_pretrained=False).to(run.info.device)
     model.load_state_dict(best_state)

@@ -14,6 +14,7 @@ Writes to --out (default: <checkpoint folder>/eval_<split>):
   prediction.csv            challenge submission (vid, action_pred_1..5, body_pred_1..5), test split
 MA-52's test labels are dummy zeros: on that split no metrics or confusion matrices are
 written, and the t-SNE and histograms use the predicted classes (said in their titles).
+A missing or damaged checkpoint or data folder prints one error line and exits with status 1.
 """
 
 import argparse
@@ -29,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from models import distributed as dist_utils  # noqa: E402
 from models import engine  # noqa: E402
+from models.errors import CheckpointError, exit_on_input_error  # noqa: E402
 from models.train_config import CHOICES, validate_config  # noqa: E402
 from models.training_state import load_checkpoint  # noqa: E402
 
@@ -52,7 +54,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     if "config" not in ckpt or "model" not in ckpt:
-        raise SystemExit(f"{args.checkpoint}: not a models/train.py checkpoint (needs 'config' and 'model')")
+        raise CheckpointError(f"{args.checkpoint}: not a models/train.py checkpoint (needs 'config' and 'model')")
     cfg = dict(ckpt["config"])
     for key, value in (("data_root", args.data_root), ("num_workers", args.workers), ("amp", args.amp)):
         if value is not None:
@@ -122,4 +124,4 @@ def write_report(pred: dict, dataset, cfg: dict, args, out_dir: Path, epoch) -> 
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main, "evaluate.py")

@@ -10,6 +10,8 @@ configs/synthetic_default.json for synthetic data, configs/ma52_paper_x3d_m.json
 <- the options below. With --resume the run's saved configuration replaces the file and only
 options given here override it. Outputs in --out: last.pt (every epoch), best.pt (best
 validation F1_mean), metrics.csv, curves.png, tensorboard/, summary.json.
+A mistake in what was given (a missing data root or list, a malformed list, an unusable
+checkpoint, a bad option value) prints one error line and exits with status 1.
 """
 
 import argparse
@@ -24,6 +26,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "m
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from models.errors import exit_on_input_error  # noqa: E402
 from models.train_config import CHOICES, resolve_config  # noqa: E402
 
 
@@ -130,16 +133,16 @@ def main(argv=None) -> dict:
     resume = getattr(args, "resume", None)
     base = None
     if resume:
-        from models.training_state import load_checkpoint
+        from models.training_state import LAST_NAME, load_resume_checkpoint
 
         if resume == "auto":
             out_dir = overrides.get("out_dir")
             if out_dir is None:
                 raise SystemExit("--resume without a checkpoint path needs --out (the run's folder)")
-            resume = str(Path(out_dir) / "last.pt")
-        base = load_checkpoint(resume)["config"]
+            resume = str(Path(out_dir) / LAST_NAME)
         if hasattr(args, "config"):
             raise SystemExit("--resume continues with the run's saved config; drop --config (override single options instead)")
+        base = load_resume_checkpoint(resume)[0]["config"]  # the run reports a fallback to previous.pt
         overrides.setdefault("out_dir", str(Path(resume).parent))
     cfg = resolve_config(overrides, getattr(args, "config", None), base=base)
 
@@ -149,4 +152,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_input_error(main, "train.py")

@@ -11,6 +11,8 @@ the options given explicitly on the command line override it.
 import json
 from pathlib import Path
 
+from models.errors import ConfigError, InputNotFound
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 SYNTHETIC_CONFIG = CONFIG_DIR / "synthetic_default.json"
@@ -92,11 +94,13 @@ def load_config_file(path) -> dict:
     """Read a JSON config file; keys starting with '_' are comments and are dropped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = json.load(f)
+        raise InputNotFound(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSON or UTF-8
+        raise ConfigError(f"config file {path}: expected JSON, got {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
@@ -122,35 +126,35 @@ def validate_config(cfg: dict) -> dict:
     """Check names, choices and ranges; errors name the key, what was expected and what came."""
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(DEFAULTS)}")
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(DEFAULTS)}")
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
-            raise ValueError(f"config '{key}': expected one of {allowed}, got {cfg[key]!r}")
+            raise ConfigError(f"config '{key}': expected one of {allowed}, got {cfg[key]!r}")
     for key in ("num_frames", "crop_size", "epochs", "batch_size", "girl_num_groups", "max_consecutive_skips",
                 "prefetch_factor", "repeated_augmentation"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"config '{key}': expected a positive integer, got {cfg[key]!r}")
+            raise ConfigError(f"config '{key}': expected a positive integer, got {cfg[key]!r}")
     for key in ("lr", "lambda_girl", "girl_tau", "girl_eta"):
         if not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
-            raise ValueError(f"config '{key}': expected a positive number, got {cfg[key]!r}")
+            raise ConfigError(f"config '{key}': expected a positive number, got {cfg[key]!r}")
     for key in ("max_train_clips", "max_eval_clips"):
         if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
-            raise ValueError(f"config '{key}': expected a positive integer or null, got {cfg[key]!r}")
+            raise ConfigError(f"config '{key}': expected a positive integer or null, got {cfg[key]!r}")
     if cfg["torch_threads"] is not None and (not isinstance(cfg["torch_threads"], int) or cfg["torch_threads"] < 1):
-        raise ValueError(f"config 'torch_threads': expected a positive integer or null, got {cfg['torch_threads']!r}")
+        raise ConfigError(f"config 'torch_threads': expected a positive integer or null, got {cfg['torch_threads']!r}")
     if cfg["num_workers"] is not None and (not isinstance(cfg["num_workers"], int) or cfg["num_workers"] < 0):
-        raise ValueError(f"config 'num_workers': expected an integer >= 0 or null, got {cfg['num_workers']!r}")
+        raise ConfigError(f"config 'num_workers': expected an integer >= 0 or null, got {cfg['num_workers']!r}")
     if not isinstance(cfg["compile"], bool):
-        raise ValueError(f"config 'compile': expected true or false, got {cfg['compile']!r}")
+        raise ConfigError(f"config 'compile': expected true or false, got {cfg['compile']!r}")
     bad_stages = [s for s in cfg["tfam_stages"] if s not in TFAM_STAGES]
     if bad_stages or not cfg["tfam_stages"]:
-        raise ValueError(f"config 'tfam_stages': expected a non-empty subset of {TFAM_STAGES}, got {cfg['tfam_stages']!r}")
+        raise ConfigError(f"config 'tfam_stages': expected a non-empty subset of {TFAM_STAGES}, got {cfg['tfam_stages']!r}")
     if cfg["tfam"] and not (cfg["temporal"] or cfg["frequency"]):
-        raise ValueError("config: TFAM needs at least one branch; 'temporal' and 'frequency' are both false (use tfam=false / --no-tfam to drop TFAM)")
+        raise ConfigError("config: TFAM needs at least one branch; 'temporal' and 'frequency' are both false (use tfam=false / --no-tfam to drop TFAM)")
     if cfg["dataset"] == "ma52" and not cfg["data_root"]:
-        raise ValueError("config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the MA-52 lists and videos)")
+        raise ConfigError("config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the MA-52 lists and videos)")
     if not isinstance(cfg["synthetic_options"], dict):
-        raise ValueError(f"config 'synthetic_options': expected a JSON object, got {cfg['synthetic_options']!r}")
+        raise ConfigError(f"config 'synthetic_options': expected a JSON object, got {cfg['synthetic_options']!r}")
     if sorted(cfg["lr_milestones"]) != list(cfg["lr_milestones"]):
-        raise ValueError(f"config 'lr_milestones': expected increasing epochs, got {cfg['lr_milestones']!r}")
+        raise ConfigError(f"config 'lr_milestones': expected increasing epochs, got {cfg['lr_milestones']!r}")
     return cfg

@@ -424,15 +424,18 @@ def test_checkpoint_without_tensors(tmp_path):
     ],
     ids=["pytorchvideo-slow_r50", "slowfast-slow_r50"],
 )
-def test_other_architecture_is_a_clear_error(tmp_path, state):
-    with pytest.raises(CheckpointError, match="another architecture, not X3D"):
-        load_x3d_checkpoint(build_x3d("M"), save(tmp_path, {"model_state": state}))
-
-
-def test_unrelated_state_dict_is_a_clear_error(tmp_path):
-    path = save(tmp_path, nn.Linear(3, 4).state_dict())
-    with pytest.raises(CheckpointError, match="not an X3D checkpoint"):
+def test_other_architecture_is_a_clear_error_naming_the_file(tmp_path, state):
+    path = save(tmp_path, {"model_state": state})
+    with pytest.raises(CheckpointError, match="another architecture, not X3D") as raised:
         load_x3d_checkpoint(build_x3d("M"), path)
+    assert repr(str(path)) in str(raised.value)
+
+
+def test_unrelated_state_dict_is_a_clear_error_naming_the_file(tmp_path):
+    path = save(tmp_path, nn.Linear(3, 4).state_dict())
+    with pytest.raises(CheckpointError, match="not an X3D checkpoint") as raised:
+        load_x3d_checkpoint(build_x3d("M"), path)
+    assert repr(str(path)) in str(raised.value)
 
 
 def test_wrong_preset_is_a_clear_error(tmp_path):

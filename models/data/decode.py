@@ -8,6 +8,13 @@ and `models/prepare_ma52.py`.
   ones are converted.
 - `decoded_frames(path, threads)`: every frame as an `av.VideoFrame` (the prepare step).
 
+Frame sizes are bounded before anything is decoded or converted, so that one odd or hostile
+file cannot exhaust a worker's memory: more than `MAX_FRAME_PIXELS` pixels, or an aspect
+ratio beyond `MAX_ASPECT_RATIO` (a 2x1024 video resized to a short side of 256 would give
+256x131072 frames, 100 MB each), is an `UnreadableVideo` naming the size. Frames are
+converted to the size of the first one, so a resolution change mid-stream cannot give
+frames that do not stack.
+
 `threads` is FFmpeg's decoder thread count (frame + slice threading; 0 = one per core).
 A DataLoader worker should use 1 when there are as many workers as cores: threads only
 help while cores are idle. torchcodec and DALI were evaluated as alternatives (README).
@@ -23,8 +30,27 @@ import numpy as np
 from models.data.clips import sample_frame_indices
 
 
+# The largest frame H.264 allows (level 6.2: 139,264 macroblocks of 16x16, e.g. 8192x4352).
+MAX_FRAME_PIXELS = 139_264 * 256
+# Longer side / shorter side; 32:9 panoramas are 3.6.
+MAX_ASPECT_RATIO = 4.0
+
+
 class UnreadableVideo(Exception):
     """A video file that opened but yielded nothing usable."""
+
+
+def check_frame_size(width: int, height: int) -> None:
+    """UnreadableVideo for a frame size this module refuses to decode or resize."""
+    if width < 1 or height < 1:
+        raise UnreadableVideo(f"frame size {width}x{height}: expected at least 1x1")
+    if width * height > MAX_FRAME_PIXELS:
+        raise UnreadableVideo(f"frame size {width}x{height}: expected at most {MAX_FRAME_PIXELS:,} pixels "
+                              "(H.264's largest level), refused")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UnreadableVideo(f"frame size {width}x{height}: expected an aspect ratio of at most "
+                              f"{MAX_ASPECT_RATIO:g}:1, refused (resizing it would need "
+                              f"{max(width, height) / min(width, height):.0f}x the memory of a square frame)")
 
 
 def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -39,6 +65,12 @@ def _open_video(path: Path, threads: int):
         container.close()
         raise UnreadableVideo("no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context.width and stream.codec_context.height:  # 0 when the header does not say
+        try:
+            check_frame_size(stream.codec_context.width, stream.codec_context.height)
+        except UnreadableVideo:
+            container.close()
+            raise
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
     return container, stream
@@ -48,7 +80,9 @@ def decoded_frames(path: Path, threads: int = 1):
     """Every frame of the video's first video stream, in presentation order."""
     container, stream = _open_video(path, threads)
     with container:
-        yield from container.decode(stream)
+        for frame in container.decode(stream):
+            check_frame_size(frame.width, frame.height)
+            yield frame
 
 
 def read_sampled_frames(path: Path, num_frames: int, short_side: int, threads: int = 1) -> np.ndarray:
@@ -76,13 +110,16 @@ def _wanted(num_available: int, num_frames: int) -> set[int]:
 
 
 def _decode_selected(container, stream, wanted: set[int], short_side: int) -> tuple[dict[int, np.ndarray], int]:
-    """Decode every frame, converting those whose position is in `wanted`; returns the
-    converted frames by position and the number of frames decoded."""
+    """Decode every frame, converting those whose position is in `wanted` (to the first
+    frame's resized shape); returns the converted frames by position and the number of
+    frames decoded."""
     converted = {}
     count = 0
+    shape = None
     for frame in container.decode(stream):
+        check_frame_size(frame.width, frame.height)
         if count in wanted:
-            width, height = resized_shape(frame.width, frame.height, short_side)
-            converted[count] = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
+            shape = shape or resized_shape(frame.width, frame.height, short_side)
+            converted[count] = frame.to_ndarray(width=shape[0], height=shape[1], format="rgb24", interpolation="AREA")
         count += 1
     return converted, count

@@ -5,7 +5,9 @@ Layout searched under `root` (the first that exists wins; when none does, the er
 every path tried):
 - lists `{split}_list_videos.txt` in `root/` or `root/annotations/`: one
   `<name>.mp4 <action_id>` per line, whitespace separated, LF or CRLF, final newline
-  optional (the official test list has none; its labels are dummy zeros);
+  optional (the official test list has none; its labels are dummy zeros). A name is a path
+  relative to the video folder: an absolute name or one with a `..` part (which could reach
+  outside the data root) is refused like any malformed line, before any file is opened;
 - videos in `root/{split}/` or `root/videos_{split}/`.
 A root holding `prepared.json` is a prepared copy (its clips are smaller, every frame kept);
 `source` says which kind is being read.
@@ -23,10 +25,15 @@ MANet's MA-52 pipeline), then cropped to `size x size`: random crop + horizontal
 `training`, centre crop otherwise. Items carry uint8 frames; X3D's normalization happens in
 the training step (`clips.normalize_frames`).
 
-A video that cannot be read (missing, corrupt, no video stream, no frame decoded) gives a
-warning naming it, is recorded in `.failed`, and its item is None, which `collate_clips`
-drops and counts (`num_dropped`). `.failed` is per process: with DataLoader workers, sum
-the batches' `num_dropped` instead.
+A missing root, list or video folder is an InputNotFound naming every path tried; a
+malformed list (a line without a label, a label outside [0, 52), a non-integer, a name
+reaching outside the video folder, text that is not UTF-8) is a DatasetError naming the
+file and line (models/errors.py: the scripts print either on one line).
+
+A video that cannot be read (missing, corrupt, no video stream, no frame decoded, a frame
+size the decoder refuses: see decode.py) gives a warning naming it, is recorded in
+`.failed`, and its item is None, which `collate_clips` drops and counts (`num_dropped`).
+`.failed` is per process: with DataLoader workers, sum the batches' `num_dropped` instead.
 """
 
 from __future__ import annotations
@@ -34,15 +41,16 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import av
 import numpy as np
 import torch
 
 from models.data.clips import check_repeats, clip_items, item_key
-from models.data.decode import UnreadableVideo, read_sampled_frames
+from models.data.decode import read_sampled_frames
 from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
+from models.errors import DatasetError, InputNotFound
 
 SPLITS = ("train", "val", "test")
 PREPARED_MANIFEST = "prepared.json"
@@ -61,27 +69,38 @@ def video_dir_candidates(root: Path, split: str) -> list[Path]:
 
 def find_split_files(root: Path, split: str) -> tuple[Path, Path]:
     """The list file and the video folder of `split` under `root`."""
+    if not root.is_dir():
+        raise InputNotFound(f"MA-52 root: expected a folder holding the lists and videos, but {root} "
+                              f"{'is not a folder' if root.exists() else 'does not exist'}")
     return (_first_existing(list_file_candidates(root, split), f"{split} list", is_dir=False),
             _first_existing(video_dir_candidates(root, split), f"{split} video folder", is_dir=True))
 
 
 def read_video_list(path: Path) -> tuple[list[str], list[int]]:
     """Names and action ids of a list file; LF or CRLF, blank lines ignored. A malformed
-    line is a ValueError naming the file and line."""
+    line (see the module docstring) is a DatasetError naming the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: expected a UTF-8 text list, got undecodable bytes at offset {error.start}") from None
     names, labels = [], []
-    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{line_number}: expected '<name>.mp4 <action_id>', got {line!r}")
+            raise DatasetError(f"{path}:{line_number}: expected '<name>.mp4 <action_id>', got {line!r}")
         label = int(fields[1])
         if not 0 <= label < NUM_ACTIONS:
-            raise ValueError(f"{path}:{line_number}: expected an action id in [0, {NUM_ACTIONS}), got {label}")
+            raise DatasetError(f"{path}:{line_number}: expected an action id in [0, {NUM_ACTIONS}), got {label}")
+        name = PurePosixPath(fields[0])
+        if name.is_absolute() or ".." in name.parts or "\0" in fields[0]:
+            raise DatasetError(f"{path}:{line_number}: expected a video name inside the split's folder, got "
+                               f"{fields[0]!r} (absolute paths and '..' are refused)")
         names.append(fields[0])
         labels.append(label)
     if not names:
-        raise ValueError(f"{path}: the list is empty")
+        raise DatasetError(f"{path}: the list is empty")
     return names, labels
 
 
@@ -95,8 +114,7 @@ def _first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
     for path in candidates:
         if (path.is_dir() if is_dir else path.is_file()):
             return path
-    tried = "\n  ".join(str(path) for path in candidates)
-    raise FileNotFoundError(f"MA-52 {what} not found; tried:\n  {tried}")
+    raise InputNotFound(f"MA-52 {what} not found; tried {', '.join(str(path) for path in candidates)}")
 
 
 def write_h264_mp4(path, frames: np.ndarray, fps: int = 30, crf: int = 18) -> None:
@@ -115,6 +133,17 @@ def write_h264_mp4(path, frames: np.ndarray, fps: int = 30, crf: int = 18) -> No
         for rgb in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSON or UTF-8
+        raise DatasetError(f"root: {path} is not a {PREPARED_FORMAT} manifest (not JSON: {error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT or not isinstance(
+            manifest.get("short_side"), int):
+        raise DatasetError(f"root: {path} is not a {PREPARED_FORMAT} manifest")
+    return manifest
 
 
 class MA52Dataset(torch.utils.data.Dataset):
@@ -151,12 +180,10 @@ class MA52Dataset(torch.utils.data.Dataset):
         self.decode_threads = decode_threads
 
         manifest = self.root / PREPARED_MANIFEST
-        self.prepared = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+        self.prepared = _read_manifest(manifest) if manifest.is_file() else None
         if self.prepared is None:
             self.source = f"original MA-52 videos in {self.root} (models/prepare_ma52.py makes a faster copy)"
         else:
-            if self.prepared.get("format") != PREPARED_FORMAT:
-                raise ValueError(f"root: {manifest} is not a {PREPARED_FORMAT} manifest")
             if self.short_side > self.prepared["short_side"]:
                 raise ValueError(f"short_side: {self.short_side} is larger than the prepared copy's "
                                  f"{self.prepared['short_side']} ({self.root}); prepare it again with "
@@ -171,7 +198,7 @@ class MA52Dataset(torch.utils.data.Dataset):
 
         self.missing = [name for name in self.names if not (self.video_dir / name).is_file()]
         if len(self.missing) == len(self.names):
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"none of the {len(self.names)} videos listed in {self.list_path} is in {self.video_dir} "
                 f"(first: {self.names[0]})")
         if self.missing:
@@ -188,9 +215,10 @@ class MA52Dataset(torch.utils.data.Dataset):
         path = self.video_dir / name
         try:
             frames = read_sampled_frames(path, self.num_frames, self.short_side, self.decode_threads)
-        except (av.FFmpegError, OSError, UnreadableVideo) as error:
+        except Exception as error:  # noqa: BLE001 - a damaged or hostile file fails in many ways; none may end the run
             self.failed.append(name)
-            warnings.warn(f"MA-52 {self.split}: skipping unreadable video {path}: {error}", stacklevel=2)
+            warnings.warn(f"MA-52 {self.split}: skipping unreadable video {path}: {type(error).__name__}: {error}",
+                          stacklevel=2)
             return None
         return clip_items(frames, self.size, rng, self.repeats, label=self.labels[index], body=self.bodies[index],
                           subject=self.subjects[index], index=index)
