@@ -156,9 +156,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged or foreign file fails in many ways (EOFError, UnpicklingError, ...)
-        first_line = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(f"{path}: not a checkpoint torch.load(weights_only=True) can read (damaged or "
-                              f"foreign file): {type(error).__name__}: {first_line}") from None
+                              f"foreign file): {_load_failure(error)}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(payload).__name__}")
     if CHECKSUM_KEY in payload:
@@ -170,6 +169,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: expected a checkpoint with a '{CHECKSUM_KEY}' checksum (written by "
                               f"models/train.py), found keys {sorted(map(str, payload))[:8]}")
     return payload
+
+
+def _load_failure(error: Exception) -> str:
+    """The gist of a torch.load failure. Its weights_only refusal is a page of advice on
+    loading the file anyway; only the reason in it is kept."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    refusal = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if refusal is not None:
+        reason = refusal.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        return f"it holds more than tensors and plain values ({reason}); nothing in it was run"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def check_training_checkpoint(ckpt: dict, path) -> None:
