@@ -7,3 +7,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.pop("TRITON_INTERPRET", None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say when the machine was busy: timings taken next to other work are not comparable."""
+    load = os.getloadavg()[0]
+    cores = len(os.sched_getaffinity(0))
+    terminalreporter.write_line(f"load average {load:.1f} on {cores} cores during the benchmarks")
+    if load > 0.5 * cores:
+        terminalreporter.write_line(
+            "warning: the machine was busy; timings and ratios are not reliable (tools/bench_table.py "
+            "lists the rows whose spread between rounds says so)",
+            yellow=True,
+        )

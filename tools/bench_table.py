@@ -6,6 +6,9 @@
 Each row is one benchmark group ("<op> <shape> <mode>"); the ratios are the baseline's
 median time over the fused median (above 1 means the fused backend is faster), and for the
 memory floor the fused median over the floor's (how far from reading the input once).
+"spread" is the largest interquartile range over median among the row's timings: the run's
+own noise. Rows whose spread exceeds NOISY_SPREAD are listed under the table, since their
+ratios cannot be trusted (on a loaded machine every two-thread OpenMP region stalls).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 from collections import defaultdict
 
 BASELINES = ("eager", "compiled")
+NOISY_SPREAD = 0.25
 
 
 def load_groups(path: str) -> dict[str, dict[str, dict]]:
@@ -27,6 +31,7 @@ def load_groups(path: str) -> dict[str, dict[str, dict]]:
             continue
         groups[bench["group"]][impl] = {
             "median_ms": bench["stats"]["median"] * 1e3,
+            "spread": bench["stats"]["iqr"] / bench["stats"]["median"],
             "peak_mem_mb": bench["extra_info"].get("peak_mem_mb"),
         }
     return groups
@@ -45,9 +50,10 @@ def _mem(entry: dict | None) -> str:
 def render(groups: dict[str, dict[str, dict]]) -> str:
     header = (
         "| benchmark | fused ms | eager ms | compiled ms | floor ms | vs eager | vs compiled "
-        "| fused / floor | peak MiB fused | peak MiB eager |"
+        "| fused / floor | peak MiB fused | peak MiB eager | spread |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    noisy = []
     for group in sorted(groups):
         impls = groups[group]
         fused = impls.get("fused")
@@ -57,10 +63,18 @@ def render(groups: dict[str, dict[str, dict]]) -> str:
             ratios.append(f"{base['median_ms'] / fused['median_ms']:.1f}x" if fused and base else "")
         floor = impls.get("floor")
         floor_ratio = f"{fused['median_ms'] / floor['median_ms']:.2f}" if fused and floor else ""
+        spread = max(entry["spread"] for entry in impls.values())
+        if spread > NOISY_SPREAD:
+            noisy.append(group)
         lines.append(
             f"| {group} | {_ms(fused)} | {_ms(impls.get('eager'))} | {_ms(impls.get('compiled'))} "
             f"| {_ms(floor)} | {ratios[0]} | {ratios[1]} | {floor_ratio} | {_mem(fused)} "
-            f"| {_mem(impls.get('eager'))} |"
+            f"| {_mem(impls.get('eager'))} | {spread:.0%} |"
+        )
+    if noisy:
+        lines.append(
+            f"\nWarning: {len(noisy)} row(s) with a spread above {NOISY_SPREAD:.0%} (the machine was busy); "
+            f"do not trust their ratios: {', '.join(noisy)}"
         )
     return "\n".join(lines)
 
