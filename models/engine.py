@@ -18,9 +18,10 @@ Decisions a user meets here:
   decoded once and gives k differently augmented clips of the batch (batch_size / k videos
   per step).
 - `compile`: torch.compile(fullgraph=True) of the step's forward (normalization, model,
-  loss); `memory_format` channels_last (NDHWC; the default, measured faster on CPU for both
-  the synthetic job's model and PIUmr-M, not yet measured on a GPU) or contiguous;
-  cudnn.benchmark on CUDA.
+  loss); `memory_format` contiguous (default) or channels_last (NDHWC, measured faster on
+  CPU for both the synthetic job's model and PIUmr-M, not yet measured on a GPU; refused
+  with CPU bf16 autocast at fewer than 5 frames, where PyTorch 2.13's CPU depthwise
+  temporal convolution returns garbage weight gradients); cudnn.benchmark on CUDA.
 - A non-finite loss or gradient norm stops the run with NonFiniteLossError naming the epoch
   and step, before the optimiser touches the weights; checkpoints are only written after a
   finished epoch, so the last one stays valid. Under fp16 the GradScaler skips such steps
@@ -251,6 +252,20 @@ def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def check_memory_format(channels_last: bool, amp_dtype: torch.dtype | None, device: torch.device,
+                        num_frames: int) -> None:
+    """Refuses the one combination known to train on garbage: under CPU bf16 autocast with
+    channels_last_3d, PyTorch 2.13's depthwise 5x1x1 convolution (X3D's stem `conv_xy`) reads
+    uninitialized memory in its weight gradient when the clip has 3 or 4 frames (seen as
+    gradient norms from 1e3 to 1e25 for the same batch; 1, 2 and 5+ frames were exact)."""
+    if channels_last and amp_dtype == torch.bfloat16 and device.type == "cpu" and num_frames < 5:
+        raise ConfigError(
+            f"memory_format channels_last with bf16 autocast on CPU needs num_frames >= 5, got {num_frames}: "
+            "PyTorch's CPU depthwise temporal convolution gives wrong weight gradients there; "
+            "use --memory-format contiguous (or --amp none)"
+        )
+
+
 def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp_dtype=None,
                channels_last: bool = False):
     """The forward part of a training step: normalize the batch's frames on their device,
@@ -434,6 +449,8 @@ class Run:
         self.val_loader = build_loader(self.val_set, cfg, info, train=False,
                                        batch_size=cfg["eval_batch_size"] or self.batch_per_rank)
         self.channels_last = cfg["memory_format"] == "channels_last"
+        self.amp_dtype = resolve_amp(cfg["amp"], info.device)
+        check_memory_format(self.channels_last, self.amp_dtype, info.device, cfg["num_frames"])
         model = build_model(cfg, load_pretrained=resume_path is None).to(info.device)
         if self.channels_last:
             model = to_channels_last(model)
@@ -447,7 +464,6 @@ class Run:
                 model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
         self.model = model
         self.loss_fn = build_loss(cfg).to(info.device)
-        self.amp_dtype = resolve_amp(cfg["amp"], info.device)
         self.step = torch.compile(model_step, fullgraph=True) if cfg["compile"] else model_step
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])

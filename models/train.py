@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--prefetch", dest="prefetch_factor", type=int, help="batches each worker loads ahead")
     run.add_argument("--compile", action="store_true", help="torch.compile (fullgraph) the model and loss")
     run.add_argument("--memory-format", choices=CHOICES["memory_format"],
-                     help="channels_last (NDHWC, default) or contiguous")
+                     help="contiguous (default) or channels_last (NDHWC)")
     run.add_argument("--threads", dest="torch_threads", type=int, help="CPU threads per process for torch")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     run.add_argument("--no-test", dest="test_at_end", action="store_false",

@@ -221,3 +221,34 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_channels_last_bf16_cpu_refused_where_pytorch_computes_garbage():
+    """The refusal guards a real defect: X3D's stem depthwise 5x1x1 conv under CPU bf16
+    autocast with channels_last_3d gives a weight gradient that changes between identical
+    calls at 4 frames; the guard lets through the layouts and frame counts that are exact."""
+    def weight_grad_norms(frames: int, channels_last: bool) -> set:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv3d(24, 24, (5, 1, 1), padding=(2, 0, 0), groups=24, bias=False)
+        x, grad = torch.randn(8, 24, frames, 16, 16), torch.randn(8, 24, frames, 16, 16)
+        if channels_last:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        norms = set()
+        for _ in range(12):
+            conv.weight.grad = None
+            scribble = [torch.full((1 << 16,), 1e30) for _ in range(8)]  # dirty the allocator's free blocks
+            del scribble
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(x)
+            out.backward(grad.to(out.dtype))
+            norms.add(round(float(conv.weight.grad.double().norm()), 3))
+        return norms
+
+    cpu = torch.device("cpu")
+    assert len(weight_grad_norms(16, channels_last=True)) == 1 and len(weight_grad_norms(4, channels_last=False)) == 1
+    engine.check_memory_format(True, torch.bfloat16, cpu, 16)
+    engine.check_memory_format(True, None, cpu, 4)
+    engine.check_memory_format(False, torch.bfloat16, cpu, 4)
+    with pytest.raises(ValueError, match="num_frames >= 5, got 4"):
+        engine.check_memory_format(True, torch.bfloat16, cpu, 4)
