@@ -44,6 +44,7 @@ namespace {
 // Matrices with at most this many entries go through the 16-lane path.
 constexpr int64_t kLanesMaxEntries = 1024;
 constexpr int kLanes = 16;
+constexpr int64_t kMaxIters = 10000;
 
 struct Problem {
   int64_t batch, n_rows, n_cols, n_iters;
@@ -924,10 +925,15 @@ struct BackwardKernel {
     const int64_t n = p.n_rows, m = p.n_cols, nl = n * L, ml = m * L;
     const acc_t inv_r = acc_t(1) / static_cast<acc_t>(p.row_sum);
     const acc_t inv_c = acc_t(1) / static_cast<acc_t>(p.col_sum);
-    for (int64_t k = 0; k < nl; ++k) s.cu[k] = s.rt[k];
-    for (int64_t k = nl; k < p.n_iters * nl; ++k) s.cu[k] = s.cu[k - nl] * s.rt[k];
-    for (int64_t k = 0; k < ml; ++k) s.cv[k] = s.ct[k];
-    for (int64_t k = ml; k < p.n_iters * ml; ++k) s.cv[k] = s.cv[k - ml] * s.ct[k];
+    // The running products stop at the largest finite value: a zero row's scale is
+    // row_sum / eps every iteration, and an infinite product times its zero entries would
+    // make NaN that spreads through the column sums to the whole gradient (the reference
+    // keeps the overflow to that row's own gradient).
+    const acc_t largest = std::numeric_limits<acc_t>::max();
+    for (int64_t k = 0; k < nl; ++k) s.cu[k] = std::min(s.rt[k], largest);
+    for (int64_t k = nl; k < p.n_iters * nl; ++k) s.cu[k] = std::min(s.cu[k - nl] * s.rt[k], largest);
+    for (int64_t k = 0; k < ml; ++k) s.cv[k] = std::min(s.ct[k], largest);
+    for (int64_t k = ml; k < p.n_iters * ml; ++k) s.cv[k] = std::min(s.cv[k - ml] * s.ct[k], largest);
     acc_t* ones = s.aux;
     std::fill(ones, ones + ml, acc_t(1));
     acc_t* col = s.col;
@@ -1126,7 +1132,10 @@ void check_matrices(const at::Tensor& t, const char* name) {
 
 Problem make_problem(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum,
                      double col_sum, bool has_stats) {
-  TORCH_CHECK(n_iters >= 1, "sinkhorn_cpp: n_iters must be >= 1, got ", n_iters);
+  // The bound of sinkhorn() in sinkhorn_knopp/op.py; it also keeps the scratch sizes
+  // (n_iters * (N + M) * 32 values per thread) far from overflowing.
+  TORCH_CHECK(n_iters >= 1 && n_iters <= kMaxIters, "sinkhorn_cpp: n_iters must be in [1, ", kMaxIters, "], got ",
+              n_iters);
   TORCH_CHECK(eps >= 0, "sinkhorn_cpp: eps must be >= 0, got ", eps);
   TORCH_CHECK(row_sum > 0 && col_sum > 0, "sinkhorn_cpp: row_sum and col_sum must be > 0");
   return Problem{K.size(0), K.size(1), K.size(2), n_iters, eps, row_sum, col_sum, log_domain, has_stats};

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import backends
-from .._checks import check_float_tensor, check_int
+from .._checks import check_flag, check_float_tensor, check_int
 from ..fused_op import FusedOp, accumulation_dtype
 from .reference import dct_basis_reference, dct_filter_bank_reference
 
@@ -81,8 +81,13 @@ DCT_FILTER_BANK = FusedOp(
 DCT_FILTER_BANK.register()
 
 
+# k * k filters of k * k taps: 63 (3969 filters) is far past any useful bank, and a huge
+# kernel_size would build the index list of all its filters before anything else.
+MAX_KERNEL_SIZE = 63
+
+
 def _check_kernel_size(kernel_size: object) -> int:
-    kernel_size = check_int("kernel_size", kernel_size, 1)
+    kernel_size = check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE)
     if kernel_size % 2 == 0:
         raise ValueError(
             f"kernel_size must be odd (3, 5, 7, ...) so the filter has a centre, got {kernel_size}"
@@ -122,8 +127,8 @@ def dct_basis(kernel_size: int = 7, dtype: torch.dtype = torch.float64) -> torch
     Filter `d` is `D_d[i, j] = c(u) c(v) cos(pi (2i+1) u / 2k) cos(pi (2j+1) v / 2k)` with
     `u = d mod k` (frequency along H, rows `i`) and `v = d div k` (along W, columns `j`),
     `c(0) = sqrt(1/k)`, `c(>0) = sqrt(2/k)`: the HDF/FSTA-SNN order, so weights trained
-    there line up. Filter 0 is the constant `1/k`. `kernel_size` must be odd. Computed in
-    float64 and then cast to `dtype`.
+    there line up. Filter 0 is the constant `1/k`. `kernel_size` must be odd
+    (at most 63). Computed in float64 and then cast to `dtype`.
     """
     kernel_size = _check_kernel_size(kernel_size)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -156,10 +161,17 @@ def dct_filter_bank(
     `g = sum_d D_d (convolved with) dE_d`, the same for every `(c, t)`, and the fused
     backends return it as an expanded view. float16/bfloat16/float32 use float32
     accumulation; float64 runs on the reference and cpp backends.
+
+    Range: `E`, `mean` and `var` come back in `x.dtype`. They are finite while
+    `C * max |x|` times the filter gain (at most `kernel_size`) fits that dtype (float16:
+    65504, so float16 inputs near 60000 overflow `E` with any C) and, for `var`, while the
+    spread of `E` stays below the square root of the dtype's largest value (float32 about
+    1.8e19, float16 about 255); beyond that they are inf, as `Conv2d` would give.
     """
     check_float_tensor("x", x, dim=5)
     kernel_size = _check_kernel_size(kernel_size)
     frequencies = _check_frequencies(frequencies, kernel_size)
+    return_stats = check_flag("return_stats", return_stats)
     batch, channels, frames, height, width = x.shape
     for name, size in (("C", channels), ("T", frames), ("H", height), ("W", width)):
         if size < 1:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import backends
-from .._checks import check_float_tensor, check_int, check_real, check_same_device
+from .._checks import check_flag, check_float_tensor, check_int, check_real, check_same_device
 from ..fused_op import FusedOp, accumulation_dtype
 from .reference import combine_group_risks, girl_group_risks_reference, group_sizes, position_groups
 
@@ -62,6 +62,25 @@ def _triton_launchers():
     from . import triton_kernels
 
     return triton_kernels.girl_forward, triton_kernels.girl_backward
+
+
+# Accepted parameter ranges (SPEC §3). The loss and its gradient grow like 1 / tau, and an
+# emphasis narrower than eta = 1e-3 underflows every weight on the fused backends; both
+# bounds are far outside useful settings (tau 0.05-0.5, eta ~0.2).
+MIN_TAU = 1e-3
+MIN_ETA = 1e-3
+MAX_LAMBDA_VAR = 1e6
+# Explicit groups size (G,) tensors by num_groups, empty groups included: a bound keeps a
+# huge count from allocating terabytes.
+MAX_EXPLICIT_GROUPS = 2**20
+
+
+def check_parameters(tau: object, eta: object, lambda_var: object) -> tuple[float, float, float]:
+    """`tau, eta` finite and >= 1e-3, `lambda_var` in [0, 1e6], as floats."""
+    tau = check_real("tau", tau, positive=True, minimum=MIN_TAU)
+    eta = check_real("eta", eta, positive=True, minimum=MIN_ETA)
+    lambda_var = check_real("lambda_var", lambda_var, minimum=0.0, maximum=MAX_LAMBDA_VAR)
+    return tau, eta, lambda_var
 
 
 GIRL = FusedOp("girl", _fake_forward, _fake_backward, _setup_context, _backward, _triton_launchers)
@@ -159,9 +178,17 @@ def girl_loss(
     counts in its group's mean `L_g`. A group with fewer than 2 members has no partners: it
     is left out (its `L_g` is reported as 0 and it is not counted below). Finally, over the
     `G'` groups with at least 2 members,
-    `loss = mean L_g + lambda_var * mean (L_g - mean L)^2` (population variance,
-    `lambda_var >= 0`; `tau > 0` and `eta > 0`); with no such group the loss is 0 and so is
-    its gradient.
+    `loss = mean L_g + lambda_var * mean (L_g - mean L)^2` (population variance); with no
+    such group the loss is 0 and so is its gradient.
+
+    Accepted ranges (else a `ValueError` naming the parameter): `tau` and `eta` finite and
+    at least 1e-3 (`MIN_TAU`, `MIN_ETA`; a smaller temperature makes the loss and gradient
+    ~1/tau and overflows float32 near 1e-19, a narrower emphasis underflows every weight),
+    `0 <= lambda_var <= 1e6`, and with `groups`, `num_groups <= 2**20`. The loss and
+    gradient come back in the features' dtype: with float16 features they overflow past
+    65504 (tau near 1e-3 with large batches). A row whose squared norm overflows the
+    accumulation dtype (float32: entries near 1e19 and beyond) normalizes to zero on every
+    backend, as `F.normalize` does.
 
     Decisions against the paper's literal text (each with its option or reason):
       1. the emphasis is a Gaussian on the cosine, not on `c / tau` (literal form: every
@@ -187,13 +214,20 @@ def girl_loss(
     if batch < 1:
         raise ValueError(f"features must have at least one row (B >= 1), got shape {tuple(features.shape)}")
     _check_integer_vector("labels", labels, batch)
-    tau = check_real("tau", tau, positive=True)
-    eta = check_real("eta", eta, positive=True)
-    lambda_var = check_real("lambda_var", lambda_var, minimum=0.0)
+    tau, eta, lambda_var = check_parameters(tau, eta, lambda_var)
     num_groups = check_int("num_groups", num_groups, 1)
+    var_grad = check_flag("var_grad", var_grad)
+    detach_weights = check_flag("detach_weights", detach_weights)
+    return_details = check_flag("return_details", return_details)
+    if validate is not None:
+        validate = check_flag("validate", validate)
     tensors = {"features": features, "labels": labels}
     if groups is not None:
         _check_integer_vector("groups", groups, batch)
+        if num_groups > MAX_EXPLICIT_GROUPS:
+            raise ValueError(
+                f"num_groups must be <= {MAX_EXPLICIT_GROUPS} with explicit groups, got {num_groups}"
+            )
         tensors["groups"] = groups
     check_same_device(tensors)
 
@@ -208,14 +242,14 @@ def girl_loss(
 
     backend = backends.resolve_backend(features, cpp_op="girl_cpp")
     if backend == "reference":
-        group_risks = girl_group_risks_reference(features, labels, order, offsets, tau, eta, bool(detach_weights))
+        group_risks = girl_group_risks_reference(features, labels, order, offsets, tau, eta, detach_weights)
     else:
         if backend == "triton" and features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
         need_grad = torch.is_grad_enabled() and features.requires_grad
         group_risks, _ = GIRL(backend, features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets,
-                              tau, eta, bool(detach_weights), need_grad)
-    loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, bool(var_grad))
+                              tau, eta, detach_weights, need_grad)
+    loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, var_grad)
     loss = loss.to(features.dtype)
     if not return_details:
         return loss
@@ -247,11 +281,9 @@ class GIRLLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.num_groups = check_int("num_groups", num_groups, 1)
-        self.tau = check_real("tau", tau, positive=True)
-        self.eta = check_real("eta", eta, positive=True)
-        self.lambda_var = check_real("lambda_var", lambda_var, minimum=0.0)
-        self.var_grad = bool(var_grad)
-        self.detach_weights = bool(detach_weights)
+        self.tau, self.eta, self.lambda_var = check_parameters(tau, eta, lambda_var)
+        self.var_grad = check_flag("var_grad", var_grad)
+        self.detach_weights = check_flag("detach_weights", detach_weights)
 
     def forward(
         self,

@@ -59,7 +59,9 @@ def _row_norm_kernel(z_ptr, stats_ptr, width, BLOCK_W: tl.constexpr):
 @triton.jit
 def _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width,
                  BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """f_rows . f_cols for a BLOCK x BLOCK tile, accumulated over the width in BLOCK_C chunks."""
+    """f_rows . f_cols for a BLOCK x BLOCK tile, accumulated over the width in BLOCK_C chunks.
+    The rows are normalized before the product, as the reference and cpp do: a row whose
+    squared norm overflows (inv = 0) is then a zero row, where z . z would be inf * 0 = NaN."""
     k = tl.arange(0, BLOCK_C)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, width, BLOCK_C):
@@ -68,8 +70,8 @@ def _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(z_ptr + cols[:, None] * width + k0 + k[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
-    return acc * inv_rows[:, None] * inv_cols[None, :]
+        acc += tl.dot(a * inv_rows[:, None], tl.trans(b * inv_cols[:, None]), input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import backends
-from .._checks import check_float_tensor, check_int, check_real
+from .._checks import FLOAT_DTYPES, check_flag, check_float_tensor, check_int, check_real
 from ..fused_op import FusedOp, accumulation_dtype
 from .reference import sinkhorn_reference
 
@@ -75,6 +75,38 @@ def saves_stats(backend: str, K: torch.Tensor, n_iters: int, n_rows: int, n_cols
     return wanted and 2 * n_iters * (n_rows + n_cols) <= 3 * n_rows * n_cols
 
 
+# Far more than Sinkhorn needs to converge (tens to hundreds), and a huge count would run
+# for hours or, on the cpp backend, overflow the size of its per-iteration scratch.
+MAX_N_ITERS = 10_000
+# dtype of K -> (smallest normal and largest accumulation value, largest value of K's
+# dtype), looked up once: torch.finfo costs microseconds per call.
+_LIMITS = {
+    dtype: (torch.finfo(accumulation_dtype(dtype)).tiny, torch.finfo(accumulation_dtype(dtype)).max,
+            torch.finfo(dtype).max)
+    for dtype in FLOAT_DTYPES
+}
+
+
+def _check_masses(K: torch.Tensor, eps: float, row_sum: float, col_sum: float) -> None:
+    """Targets the math can hold: each between the smallest normal accumulation value and
+    the largest value of `K.dtype` (`P`'s entries reach the targets), the totals
+    `target * count` finite in the accumulation dtype, and a zero row's scale
+    `target / eps` finite."""
+    n_rows, n_cols = K.shape[-2:]
+    tiny, largest, largest_entry = _LIMITS[K.dtype]
+    for name, target, count in (("row_sum", row_sum, n_rows), ("col_sum", col_sum, n_cols)):
+        if not tiny <= target <= largest_entry:
+            raise ValueError(f"{name} must lie in [{tiny:.3g}, {largest_entry:.3g}] for K of dtype {K.dtype}, "
+                             f"got {target}")
+        if target * count > largest:
+            raise ValueError(f"{name}: the total mass {name} * {count} = {target * count:.3g} exceeds the largest "
+                             f"accumulation value {largest:.3g}")
+        if eps > largest or (eps > 0 and target > eps * largest):
+            raise ValueError(f"eps must be 0 or in [{name} / {largest:.3g}, {largest:.3g}] = "
+                             f"[{target / largest:.3g}, {largest:.3g}] (a zero row's scale {name} / eps must be "
+                             f"finite in the accumulation dtype), got {eps}")
+
+
 def _check_values(K: torch.Tensor, log_domain: bool) -> None:
     if log_domain:
         if torch.isnan(K).any() or (K == float("inf")).any():
@@ -109,16 +141,32 @@ def sinkhorn(
     in linear domain, no all `-inf` row or column in log domain), which costs one pass.
     Float32 math for float16/bfloat16/float32 inputs; float64 stays float64 (reference
     and cpp backends).
+
+    Accepted ranges (else a `ValueError` naming the argument): `1 <= n_iters <= 10000`
+    (`MAX_N_ITERS`); `eps` 0 or between `row_sum / (largest accumulation value)` and that
+    largest value; `row_sum`, `col_sum` between the smallest normal accumulation value and
+    the largest value of `K.dtype` (so `P` is representable), with `row_sum * N` and
+    `col_sum * M` finite in the accumulation dtype. Entries of `K` whose row or column
+    sums overflow the accumulation dtype (float32: 3.4e38) give non-finite results. Through
+    a zero row or column the exact gradient grows like `(row_sum / eps) ** n_iters` when
+    `eps > 0` (float32 overflows at 5 iterations with the default eps); every backend then
+    gives non-finite gradient entries in that row or column, and where the unrolled
+    reference spreads them further (later iterations, inf * 0), the fused backends give
+    non-finite entries at most where the reference does (triton's streaming tier, past
+    64x64, overflows the zero row's entries a little before the reference does).
     """
     check_float_tensor("K", K, min_dim=2)
-    n_iters = check_int("n_iters", n_iters, 1)
+    n_iters = check_int("n_iters", n_iters, 1, MAX_N_ITERS)
     eps = check_real("eps", eps, minimum=0.0)
     row_sum = check_real("row_sum", row_sum, positive=True)
     n_rows, n_cols = K.shape[-2:]
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"K must have N >= 1 rows and M >= 1 columns, got shape {tuple(K.shape)}")
     col_sum = row_sum * n_rows / n_cols if col_sum is None else check_real("col_sum", col_sum, positive=True)
-    log_domain = bool(log_domain)
+    _check_masses(K, eps, row_sum, col_sum)
+    log_domain = check_flag("log_domain", log_domain)
+    if validate is not None:
+        validate = check_flag("validate", validate)
     if backends.validation_enabled(validate):
         _check_values(K, log_domain)
 
@@ -145,9 +193,9 @@ class SinkhornKernel(nn.Module):
         col_sum: float | None = None,
     ) -> None:
         super().__init__()
-        self.n_iters = check_int("n_iters", n_iters, 1)
+        self.n_iters = check_int("n_iters", n_iters, 1, MAX_N_ITERS)
         self.eps = check_real("eps", eps, minimum=0.0)
-        self.log_domain = bool(log_domain)
+        self.log_domain = check_flag("log_domain", log_domain)
         self.row_sum = check_real("row_sum", row_sum, positive=True)
         self.col_sum = None if col_sum is None else check_real("col_sum", col_sum, positive=True)
 

@@ -44,6 +44,8 @@ REGISTERS_PER_SM = 65536      # sm_80 / sm_90: also the most one program may hol
 # The interpreter pays per tile operation, not per element, and has no registers to spill:
 # it streams 4096-element tiles of any height so the tests stay fast.
 INTERPRETED_STREAM_ELEMENTS = 4096
+# Cap of the cumulative scales U, V in the linear backward (see _backward_register_kernel).
+FLOAT32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,7 +90,8 @@ def _entries(k, row_potential, col_potential, LOG_DOMAIN: tl.constexpr):
     if LOG_DOMAIN:
         return _scaling(k, row_potential, col_potential, LOG_DOMAIN)
     else:
-        return _scaling(k, row_potential, col_potential, LOG_DOMAIN) * k
+        # K first: a zero row's capped U times a column scale above 1 is inf, times 0 NaN.
+        return row_potential[:, None] * k * col_potential[None, :]
 
 
 @triton.jit
@@ -212,11 +215,14 @@ def _backward_register_kernel(
         # Cumulative scales U_t = prod alpha_s, V_t = prod beta_s (s <= t), from t = T-1
         # down by division; a zero scale only occurs for a zero row/column of K, whose
         # recomputed entries are zero whatever U, V are, so 0 stands in for the quotient.
+        # The products stop at the largest float32: a zero row's scale is row_sum / eps
+        # every iteration, and an infinite U times its zero entries would be NaN in every
+        # column sum (the reference keeps the overflow to that row's own gradient).
         u = tl.full((BLOCK_B, BLOCK_N), 1.0, tl.float32)
         v = tl.full((BLOCK_B, BLOCK_M), 1.0, tl.float32)
         for t in range(n_iters):
-            u *= tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
-            v *= tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
+            u = tl.minimum(u * tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0), FLOAT32_MAX)
+            v = tl.minimum(v * tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0), FLOAT32_MAX)
         for step in range(n_iters):
             t = n_iters - 1 - step
             alpha = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
@@ -580,7 +586,9 @@ def sinkhorn_backward(
         if log_domain:
             row_potential, col_potential = row_stats, col_stats
         else:
-            row_potential, col_potential = torch.cumprod(row_stats, 0), torch.cumprod(col_stats, 0)
+            # Capped like the register tier's products (a zero row's U overflows otherwise).
+            row_potential = torch.cumprod(row_stats, 0).clamp_(max=FLOAT32_MAX.value)
+            col_potential = torch.cumprod(col_stats, 0).clamp_(max=FLOAT32_MAX.value)
         row_work = K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32)
         col_work = K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32)
         wrap_triton(_backward_streaming_kernel)[(batch,)](

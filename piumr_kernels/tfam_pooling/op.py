@@ -133,6 +133,10 @@ def tfam_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     `dct_filter_bank(x)`). Float32 results (float64 for float64 `x`). The max gradient
     goes to the first position of the maximum; a plane holding NaN has max NaN and its
     gradient goes to the first NaN (`torch.max` semantics, every backend).
+
+    Range: the sums run in float32 (float64 for float64 `x`), so float16 input near its
+    largest value (65504) is fine; the results are finite while `H * W * max |x|` and
+    `C * T * max |x|` stay below the accumulation dtype's largest value (float32: 3.4e38).
     """
     _check_video(x)
     backend = _fused_backend(x)
@@ -147,8 +151,9 @@ def tfam_combine(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: t
 
     `x` `(B, C, T, H, W)`, `temporal_scale` `(B, T)`, `spatial_scale` `(B, H, W)`; the
     scales are used in float32 (float64 for float64 `x`) and their gradients come back
-    in that dtype. TFAM's whole output is this op with `temporal_scale = lambda_t (1 + g)`
-    and `spatial_scale = lambda_s (1 + A_s)`.
+    in that dtype. The product is rounded to `x`'s dtype, so it is inf where it exceeds
+    that dtype's range (float16: 65504). TFAM's whole output is this op with
+    `temporal_scale = lambda_t (1 + g)` and `spatial_scale = lambda_s (1 + A_s)`.
     """
     _check_video(x)
     batch, _, frames, height, width = x.shape
