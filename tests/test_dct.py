@@ -214,6 +214,35 @@ def test_non_contiguous_input(backend):
     assert_close(dx, dx_ref, tol, "dx")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["flat", "strided"])
+def test_triton_split_plane_reduction_matches_fp64(dtype, transposed, poisoned_empty):
+    """70 planes over 4 splits of 18, 18, 18 and 16 (the last one short, none a multiple of the
+    reduction's plane block), flat and transposed planes, forward and backward."""
+    if backends._availability("triton", torch.device("cpu")) != "":
+        pytest.skip("triton cannot run on CPU tensors here")
+    from piumr_kernels.dct.triton_kernels import plane_splits
+
+    batch, channels, frames, height, width = 1, 7, 10, 5, 6
+    assert plane_splits(batch, height * width, channels * frames) == (4, 18)
+    plane = (width, height) if transposed else (height, width)
+    base = random_input((batch, channels, frames, *plane), dtype)
+    x = (base.transpose(3, 4) if transposed else base).requires_grad_()
+    frequencies = [0, 8, 48]
+    with piumr_kernels.use_backend("triton"):
+        E, mean, var = dct_filter_bank(x, 7, frequencies, return_stats=True)
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    E_ref, mean_ref, var_ref = straightforward(x64, 7, frequencies)
+    tol = TOLERANCE[dtype]
+    assert_close(E, E_ref, tol, "E")
+    assert_close(mean, mean_ref, tol, "mean")
+    assert_close(var, var_ref, tol, "var")
+    grad_E = torch.randn_like(E_ref)
+    (dx,) = torch.autograd.grad(E, x, grad_E.to(dtype))
+    (dx_ref,) = torch.autograd.grad(E_ref, x64, grad_E)
+    assert_close(dx, dx_ref, tol, "dx")
+
+
 def test_fused_gradient_is_an_expanded_view(backend):
     if backend == "reference":
         pytest.skip("the reference gradient is whatever eager autograd makes")

@@ -1,7 +1,11 @@
 """Triton kernels for the DCT filter bank (SPEC §2) and their launchers (triton_op in op.py).
 
-Forward, three launches (each needs the whole previous result, so they cannot merge):
-  1. `_reduce_kernel`, grid (B, pixel tiles): s = (1/T) sum_{c,t} x, the one read of x.
+Forward, three or four launches (each needs the whole previous result, so they cannot merge):
+  1. `_reduce_kernel`, grid (B, pixel tiles, plane splits): the one read of x, a block of
+     planes times pixels per iteration; each split of the C*T planes writes its float32
+     partial (1/T) sum to a (B, S, H, W) workspace, or s itself when S = 1;
+  1b. `_sum_partials_kernel` (only when S > 1): s = the sum of the S partials, in split order,
+     so the result is deterministic (no atomics).
   2. `_filter_h_kernel`, grid (B, k, pixel tiles): R_u = the 1-D filter a_u along H of s
      (k^2 multiply-adds per pixel over all u).
   3. `_filter_w_stats_kernel`, grid (B, D): E_d = a_v along W of R_u (k per pixel), written
@@ -24,29 +28,68 @@ from torch.library import wrap_triton
 from ..triton_variants import KernelVariant
 from .reference import dct_basis_1d, select_filters
 
-REDUCE_BLOCK = 1024
 TILE_BLOCK = 256
+# The reduction loads a (planes, pixels) block of this many elements per iteration.
+REDUCE_ELEMENTS = 2048
+SUM_SPLITS_BLOCK = 8
+SUM_PIXELS = 256
+# Splitting the C*T planes: a launch needs about 2 programs per SM of a 132-SM H100 to stream
+# x at full bandwidth, so S = ceil(264 / (B * pixel tiles)), but each split keeps at least 16
+# planes (S <= C*T // 16) so the float32 partials cost at most 1/16 of x's elements; a launch
+# with fewer planes than that has no more parallelism to give.
+GPU_PROGRAMS = 2 * 132
+MIN_PLANES_PER_SPLIT = 16
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
 def _reduce_kernel(
-    x_ptr, s_ptr, channels, frames, height, width,
-    stride_b, stride_c, stride_t, stride_h, stride_w,
-    BLOCK: tl.constexpr,
+    x_ptr, out_ptr, channels, frames, n_pixels, width,
+    stride_b, stride_c, stride_t, stride_h, stride_w, planes_per_split,
+    PLANES: tl.constexpr, PIXELS: tl.constexpr, FLAT_PIXELS: tl.constexpr,
 ):
+    """out[b, split] = (1/T) sum of x[b, c, t] over the split's planes p = c * T + t."""
     b = tl.program_id(0).to(tl.int64)
-    pixels = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = pixels < height * width
-    offsets = b * stride_b + (pixels // width) * stride_h + (pixels % width) * stride_w
-    stride_c = stride_c.to(tl.int64)
-    stride_t = stride_t.to(tl.int64)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(channels):
-        for t in range(frames):
-            plane = c * stride_c + t * stride_t
-            acc += tl.load(x_ptr + plane + offsets, mask=inside, other=0.0).to(tl.float32)
-    tl.store(s_ptr + b * height * width + pixels, acc / frames, mask=inside)
+    split = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    pixels = tl.program_id(1).to(tl.int64) * PIXELS + tl.arange(0, PIXELS)
+    inside = pixels < n_pixels
+    # A plane whose pixels are consecutive in memory is indexed without // and %, and
+    # n_pixels comes as an argument (the JIT marks it when a multiple of 16), so the compiler
+    # sees contiguous, evenly masked rows and vectorizes the loads.
+    if FLAT_PIXELS:
+        pixel_offsets = pixels
+    else:
+        pixel_offsets = (pixels // width) * stride_h + (pixels % width) * stride_w
+    first = split * planes_per_split
+    end = tl.minimum(first + planes_per_split, channels * frames)
+    acc = tl.zeros((PLANES, PIXELS), dtype=tl.float32)
+    for start in range(first, end, PLANES):
+        planes = start + tl.arange(0, PLANES)
+        plane_offsets = (planes // frames).to(tl.int64) * stride_c + (planes % frames).to(tl.int64) * stride_t
+        offsets = b * stride_b + plane_offsets[:, None] + pixel_offsets[None, :]
+        loaded = (planes < end)[:, None] & inside[None, :]
+        acc += tl.load(x_ptr + offsets, mask=loaded, other=0.0).to(tl.float32)
+    partial = tl.sum(acc, axis=0) / frames
+    tl.store(out_ptr + (b * n_splits + split) * n_pixels + pixels, partial, mask=inside)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partials_ptr, s_ptr, n_splits, n_pixels, n_maps_pixels,
+    SPLITS_BLOCK: tl.constexpr, PIXELS: tl.constexpr,
+):
+    """s[b, pixel] = sum over splits of partials[b, split, pixel], pixels of all maps in one range."""
+    index = tl.program_id(0).to(tl.int64) * PIXELS + tl.arange(0, PIXELS)
+    inside = index < n_maps_pixels
+    base = (index // n_pixels) * n_splits * n_pixels + index % n_pixels
+    acc = tl.zeros((SPLITS_BLOCK, PIXELS), dtype=tl.float32)
+    for start in range(0, n_splits, SPLITS_BLOCK):
+        splits = start + tl.arange(0, SPLITS_BLOCK)
+        offsets = splits.to(tl.int64)[:, None] * n_pixels + base[None, :]
+        loaded = (splits < n_splits)[:, None] & inside[None, :]
+        acc += tl.load(partials_ptr + offsets, mask=loaded, other=0.0)
+    tl.store(s_ptr + index, tl.sum(acc, axis=0), mask=inside)
 
 
 @triton.jit
@@ -202,19 +245,50 @@ def _filter_h(s: torch.Tensor, basis: torch.Tensor, kernel_size: int) -> torch.T
     return R
 
 
+def reduce_pixels(n_pixels: int) -> int:
+    """Pixels per reduction tile: small maps take narrower tiles (and more planes per block)."""
+    return 64 if n_pixels <= 64 else 128 if n_pixels <= 128 else 256
+
+
+def plane_splits(batch: int, n_pixels: int, n_planes: int) -> tuple[int, int]:
+    """(S, planes per split) for the reduction, by the rule at GPU_PROGRAMS; no split is empty."""
+    programs = max(1, batch * triton.cdiv(n_pixels, reduce_pixels(n_pixels)))
+    splits = max(1, min(triton.cdiv(GPU_PROGRAMS, programs), n_planes // MIN_PLANES_PER_SPLIT))
+    planes_per_split = triton.cdiv(n_planes, splits)
+    return triton.cdiv(n_planes, planes_per_split), planes_per_split
+
+
+def _channel_sum(x: torch.Tensor) -> torch.Tensor:
+    """s = (1/T) sum_{c,t} x, float32 (B, H, W): the reduction, then the sum of its partials if split."""
+    batch, channels, frames, height, width = x.shape
+    n_pixels = height * width
+    pixels = reduce_pixels(n_pixels)
+    splits, planes_per_split = plane_splits(batch, n_pixels, channels * frames)
+    s = x.new_empty((batch, height, width), dtype=torch.float32)
+    partials = s if splits == 1 else x.new_empty((batch, splits, height, width), dtype=torch.float32)
+    *_, stride_h, stride_w = x.stride()
+    flat = (width == 1 or stride_w == 1) and (height == 1 or stride_h == width)
+    wrap_triton(_reduce_kernel)[(batch, triton.cdiv(n_pixels, pixels), splits)](
+        x, partials, channels, frames, n_pixels, width, *x.stride(), planes_per_split,
+        PLANES=REDUCE_ELEMENTS // pixels, PIXELS=pixels, FLAT_PIXELS=flat,
+    )
+    if splits > 1:
+        wrap_triton(_sum_partials_kernel)[(triton.cdiv(batch * n_pixels, SUM_PIXELS),)](
+            partials, s, splits, n_pixels, batch * n_pixels, SPLITS_BLOCK=SUM_SPLITS_BLOCK, PIXELS=SUM_PIXELS,
+        )
+    return s
+
+
 def dct_forward(
     x: torch.Tensor, kernel_size: int, frequencies: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, channels, frames, height, width = x.shape
     n_filters = len(frequencies)
     basis, freq = _bank_tensors(kernel_size, frequencies, x.device)
-    s = x.new_empty((batch, height, width), dtype=torch.float32)
     E = x.new_empty((batch, n_filters, height, width))
     mean = x.new_empty((batch, n_filters), dtype=torch.float32)
     var = x.new_empty((batch, n_filters), dtype=torch.float32)
-    wrap_triton(_reduce_kernel)[(batch, triton.cdiv(height * width, REDUCE_BLOCK))](
-        x, s, channels, frames, height, width, *x.stride(), BLOCK=REDUCE_BLOCK,
-    )
+    s = _channel_sum(x)
     R = _filter_h(s, basis, kernel_size)
     wrap_triton(_filter_w_stats_kernel)[(batch, n_filters)](
         R, basis, freq, E, mean, var, n_filters, height, width, kernel_size, BLOCK=TILE_BLOCK,
@@ -251,18 +325,27 @@ def dct_backward(
 # its (B, 1, 1, H, W) mean map (channels and frames equal to 1 become JIT constexprs).
 AOT_SHAPES = [(8, 24, 16, 56, 56), (8, 48, 16, 28, 28), (8, 96, 16, 14, 14), (8, 192, 16, 7, 7), (80, 1, 1, 28, 28)]
 AOT_KERNEL_SIZE = 7
+# A channels_last_3d input (planes not contiguous): the reduction's strided-pixel variant.
+AOT_STRIDED_SHAPE = (8, 48, 16, 28, 28)
 
 
 def aot_variants() -> list[KernelVariant]:
-    """Every kernel the launchers above can pick: one BLOCK each, every x dtype where it matters."""
+    """Every kernel the launchers above can pick: one BLOCK each, every x dtype where it matters;
+    the reduction's 256-pixel tiles (64 for the 7x7 maps) with flat planes, and fp32 strided."""
     variants = [
         KernelVariant(f"dct.filter_h[fp32,BLOCK={TILE_BLOCK}]", _filter_h_kernel, {"BLOCK": TILE_BLOCK}),
+        KernelVariant(f"dct.forward.sum_partials[fp32,SPLITS_BLOCK={SUM_SPLITS_BLOCK},PIXELS={SUM_PIXELS}]",
+                      _sum_partials_kernel, {"SPLITS_BLOCK": SUM_SPLITS_BLOCK, "PIXELS": SUM_PIXELS}),
         KernelVariant(f"dct.backward.adjoint_w[fp32,BLOCK={TILE_BLOCK}]", _adjoint_w_kernel, {"BLOCK": TILE_BLOCK}),
     ]
     for ty in _TRITON_DTYPES.values():
+        for pixels, flat in ((256, True), (64, True)) + (((256, False),) if ty == "fp32" else ()):
+            constexprs = {"PLANES": REDUCE_ELEMENTS // pixels, "PIXELS": pixels, "FLAT_PIXELS": flat}
+            variants.append(KernelVariant(
+                f"dct.forward.reduce[{ty},PLANES={REDUCE_ELEMENTS // pixels},PIXELS={pixels},"
+                f"{'flat' if flat else 'strided'}]", _reduce_kernel, constexprs, pointer_types={"x_ptr": f"*{ty}"},
+            ))
         variants += [
-            KernelVariant(f"dct.forward.reduce[{ty},BLOCK={REDUCE_BLOCK}]", _reduce_kernel, {"BLOCK": REDUCE_BLOCK},
-                          pointer_types={"x_ptr": f"*{ty}"}),
             KernelVariant(f"dct.forward.filter_w_stats[{ty},BLOCK={TILE_BLOCK}]", _filter_w_stats_kernel,
                           {"BLOCK": TILE_BLOCK}, pointer_types={"E_ptr": f"*{ty}"}),
             KernelVariant(f"dct.backward.grad[{ty},BLOCK={TILE_BLOCK}]", _grad_kernel, {"BLOCK": TILE_BLOCK},
@@ -275,11 +358,13 @@ def aot_variants() -> list[KernelVariant]:
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
     """Runs the forward and backward launchers at `shapes` (all 49 filters of the 7x7 bank)
-    on uninitialized CPU tensors, every dtype (for `triton_variants.capture_specializations`,
-    which stops each launch)."""
+    on uninitialized CPU tensors, every dtype, and the forward on a float32 channels_last_3d
+    input (for `triton_variants.capture_specializations`, which stops each launch)."""
     frequencies = list(range(AOT_KERNEL_SIZE * AOT_KERNEL_SIZE))
     for shape in shapes:
         for dtype in _TRITON_DTYPES:
             x = torch.empty(shape, dtype=dtype)
             E, mean, var, s = dct_forward(x, AOT_KERNEL_SIZE, frequencies)
             dct_backward(E, mean, var, s, mean, AOT_KERNEL_SIZE, frequencies, shape[2])
+    strided = torch.empty(AOT_STRIDED_SHAPE, dtype=torch.float32).to(memory_format=torch.channels_last_3d)
+    dct_forward(strided, AOT_KERNEL_SIZE, frequencies)
