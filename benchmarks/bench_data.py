@@ -14,7 +14,7 @@ file size,
 on uint8 16x224x224 clips, batch 4 (GIRL's 2 pseudo-groups need 2 clips each): device
 normalization, forward, backward, AdamW, in the default (contiguous) and channels_last
 memory formats; `extra_info`: `clips_per_s` and `gflops_fwd_per_clip` (FlopCounterMode, as
-bench_models.py; the README models GPU consumption from it).
+bench_models.py; docs/training.md models GPU consumption from it).
 """
 
 from __future__ import annotations
