@@ -12,7 +12,8 @@ Three tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_
   batch fills the GPU (one program per matrix), slow for a single huge matrix.
 
 Backward keeps `O(n_iters * (N + M))` per matrix on every tier (the forward's per-iteration
-row/column scales or potentials) and recomputes the intermediate matrices from `K`.
+row/column scales or potentials) and recomputes the intermediate matrices from `K`; a
+forward without gradient (`SAVE_STATS=False`) stores no stats.
 
 Every load is upcast to float32 at once (the interpreter mishandles bf16 arithmetic) and
 scalar arguments are cast to float32 inside the kernels (Inductor passes float64).
@@ -134,8 +135,11 @@ def _register_tile(n_matrices, n_rows, n_cols, n_iters,
 def _forward_register_kernel(
     K_ptr, P_ptr, row_stats_ptr, col_stats_ptr,
     n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    LOG_DOMAIN: tl.constexpr, SAVE_STATS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    """`SAVE_STATS`: store each iteration's row/column vectors for the backward (without it
+    the stats pointers are 0-element buffers and never touched)."""
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
@@ -157,21 +161,25 @@ def _forward_register_kernel(
             step = tl.where(row_ok, log_row - _logsumexp(x, 2), 0.0)
             x = x + step[:, :, None]
             f += step
-            tl.store(row_stats_ptr + row_stats + t * row_step, f, mask=row_ok)
+            if SAVE_STATS:
+                tl.store(row_stats_ptr + row_stats + t * row_step, f, mask=row_ok)
             step = tl.where(col_ok, log_col - _logsumexp(x, 1), 0.0)
             x = x + step[:, None, :]
             g += step
-            tl.store(col_stats_ptr + col_stats + t * col_step, g, mask=col_ok)
+            if SAVE_STATS:
+                tl.store(col_stats_ptr + col_stats + t * col_step, g, mask=col_ok)
         x = tl.exp(x)
     else:
         x = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         for t in range(n_iters):
             alpha = _safe_scale(row_sum, tl.sum(x, axis=2), eps)
             x = x * alpha[:, :, None]
-            tl.store(row_stats_ptr + row_stats + t * row_step, alpha, mask=row_ok)
+            if SAVE_STATS:
+                tl.store(row_stats_ptr + row_stats + t * row_step, alpha, mask=row_ok)
             beta = _safe_scale(col_sum, tl.sum(x, axis=1), eps)
             x = x * beta[:, None, :]
-            tl.store(col_stats_ptr + col_stats + t * col_step, beta, mask=col_ok)
+            if SAVE_STATS:
+                tl.store(col_stats_ptr + col_stats + t * col_step, beta, mask=col_ok)
     tl.store(P_ptr + offsets, x.to(P_ptr.dtype.element_ty), mask=mask)
 
 
@@ -245,13 +253,14 @@ def _backward_register_kernel(
 def _forward_streaming_kernel(
     K_ptr, P_ptr, row_stats_ptr, col_stats_ptr, row_scale_ptr, col_scale_ptr,
     n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    LOG_DOMAIN: tl.constexpr, SAVE_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Row step t: linear `rowsum_i = U_i * sum_j K_ij V_j`, `alpha = row_sum / (rowsum + eps)`,
     `U <- U * alpha`; log `f_i = log(row_sum) - logsumexp_j(K_ij + g_j)` (online logsumexp).
     Column steps alike. `U`, `V` live in `row_scale`/`col_scale` (linear); the log-domain
-    potentials are the stats themselves. A barrier orders each pass's vector stores
-    before the next pass reads them from other threads."""
+    potentials are the stats themselves with `SAVE_STATS`, else (no stats stored) they are
+    overwritten every iteration in `row_scale`/`col_scale` too. A barrier orders each pass's
+    vector stores before the next pass reads them from other threads."""
     matrix = tl.program_id(0).to(tl.int64)
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
@@ -277,7 +286,10 @@ def _forward_streaming_kernel(
                 tile = row_ok[:, None] & col_ok[None, :]
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
                 if LOG_DOMAIN:
-                    g = tl.load(col_stats_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=0.0)
+                    if SAVE_STATS:
+                        g = tl.load(col_stats_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=0.0)
+                    else:
+                        g = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=0.0)
                     x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + g[None, :]
                     new_peak = tl.maximum(peak, tl.max(x, axis=1))
                     shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
@@ -290,11 +302,15 @@ def _forward_streaming_kernel(
             if LOG_DOMAIN:
                 shift = tl.where(peak == float("-inf"), 0.0, peak)
                 f = tl.log(row_sum) - (shift + tl.log(total))
-                tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), f, mask=row_ok)
+                if SAVE_STATS:
+                    tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), f, mask=row_ok)
+                else:
+                    tl.store(row_scale_ptr + rows, f, mask=row_ok)
             else:
                 u = tl.load(row_scale_ptr + rows, mask=tl.where(t > 0, row_ok, False), other=1.0)
                 alpha = _safe_scale(row_sum, u * total, eps)
-                tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), alpha, mask=row_ok)
+                if SAVE_STATS:
+                    tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), alpha, mask=row_ok)
                 # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
                 tl.store(row_scale_ptr + rows, tl.where(total == 0, 0.0, u * alpha), mask=row_ok)
         tl.debug_barrier()
@@ -310,7 +326,10 @@ def _forward_streaming_kernel(
                 tile = row_ok[:, None] & col_ok[None, :]
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
                 if LOG_DOMAIN:
-                    f = tl.load(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
+                    if SAVE_STATS:
+                        f = tl.load(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
+                    else:
+                        f = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
                     x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + f[:, None]
                     new_peak = tl.maximum(peak, tl.max(x, axis=0))
                     shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
@@ -323,15 +342,19 @@ def _forward_streaming_kernel(
             if LOG_DOMAIN:
                 shift = tl.where(peak == float("-inf"), 0.0, peak)
                 g = tl.log(col_sum) - (shift + tl.log(total))
-                tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), g, mask=col_ok)
+                if SAVE_STATS:
+                    tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), g, mask=col_ok)
+                else:
+                    tl.store(col_scale_ptr + cols, g, mask=col_ok)
             else:
                 v = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=1.0)
                 beta = _safe_scale(col_sum, v * total, eps)
-                tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), beta, mask=col_ok)
+                if SAVE_STATS:
+                    tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), beta, mask=col_ok)
                 tl.store(col_scale_ptr + cols, tl.where(total == 0, 0.0, v * beta), mask=col_ok)
         tl.debug_barrier()
     # Output pass: P = U K V (linear) or exp(K + f + g) (log).
-    if LOG_DOMAIN:
+    if LOG_DOMAIN and SAVE_STATS:
         row_potential_ptr = row_stats_ptr + (n_iters - 1).to(tl.int64) * n_rows * n_matrices
         col_potential_ptr = col_stats_ptr + (n_iters - 1).to(tl.int64) * n_cols * n_matrices
         potential_stride = n_matrices
@@ -546,30 +569,29 @@ def sinkhorn_forward(
     K: torch.Tensor, n_iters: int, eps: float, log_domain: bool, row_sum: float, col_sum: float, save_stats: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(P, row_stats, col_stats)`, the stats batch-last `(n_iters, N, B)` float32 when
-    `save_stats`, else `(n_iters, N, 0)` (the kernels still write them to scratch: the
-    streaming log-domain forward reads its potentials back from there)."""
+    `save_stats`, else `(n_iters, N, 0)`: the kernels then store no stats at all."""
     batch, n_rows, n_cols = K.shape
     P = torch.empty_like(K)
-    row_stats = K.new_empty((n_iters, n_rows, batch), dtype=torch.float32)
-    col_stats = K.new_empty((n_iters, n_cols, batch), dtype=torch.float32)
+    stat_batch = batch if save_stats else 0
+    row_stats = K.new_empty((n_iters, n_rows, stat_batch), dtype=torch.float32)
+    col_stats = K.new_empty((n_iters, n_cols, stat_batch), dtype=torch.float32)
     if batch > 0:
         plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
         if plan.tier == "streaming":
-            # Running U, V (linear); the log-domain potentials live in the stats.
-            row_scale = K.new_empty((batch, n_rows) if not log_domain else (0,), dtype=torch.float32)
-            col_scale = K.new_empty((batch, n_cols) if not log_domain else (0,), dtype=torch.float32)
+            # Running U, V (linear) or potentials (log without stats; with them they live in the stats).
+            scaled = not (log_domain and save_stats)
+            row_scale = K.new_empty((batch, n_rows) if scaled else (0,), dtype=torch.float32)
+            col_scale = K.new_empty((batch, n_cols) if scaled else (0,), dtype=torch.float32)
             wrap_triton(_forward_streaming_kernel)[(batch,)](
                 K, P, row_stats, col_stats, row_scale, col_scale,
                 batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-                LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
+                LOG_DOMAIN=log_domain, SAVE_STATS=save_stats, **plan.launch_options, **plan.constexprs,
             )
         else:
             wrap_triton(_forward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
                 K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-                LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
+                LOG_DOMAIN=log_domain, SAVE_STATS=save_stats, **plan.launch_options, **plan.constexprs,
             )
-    if not save_stats:
-        return P, row_stats[:, :, :0].clone(), col_stats[:, :, :0].clone()
     return P, row_stats, col_stats
 
 
@@ -616,8 +638,8 @@ _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 def aot_variants() -> list[KernelVariant]:
-    """The kernel variants `launch_plan` picks at `AOT_SHAPES`: forward and backward of each
-    tile, fp32/fp16/bf16, linear and log domain."""
+    """The kernel variants `launch_plan` picks at `AOT_SHAPES`: forward (with and without
+    stats) and backward of each tile, fp32/fp16/bf16, linear and log domain."""
     kernels = {
         "packed": (_forward_register_kernel, _backward_register_kernel),
         "one_matrix": (_forward_register_kernel, _backward_register_kernel),
@@ -627,24 +649,32 @@ def aot_variants() -> list[KernelVariant]:
     for _, n_rows, n_cols, _ in AOT_SHAPES:
         plan = launch_plan(n_rows, n_cols)
         blocks = ",".join(f"{key}={value}" for key, value in plan.constexprs.items())
-        for direction, kernel in zip(("forward", "backward"), kernels[plan.tier]):
+        forward, backward = kernels[plan.tier]
+        # (direction, kernel, SAVE_STATS or None for the backward, which has no such flag)
+        for direction, kernel, save_stats in (("forward", forward, True), ("forward_no_stats", forward, False),
+                                              ("backward", backward, None)):
             for dtype in _AOT_DTYPES:
                 for log_domain in (False, True):
                     name = (f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},"
                             f"{blocks},warps={plan.num_warps}]")
+                    flags = {"LOG_DOMAIN": log_domain}
+                    if save_stats is not None:
+                        flags["SAVE_STATS"] = save_stats
                     variants[name] = KernelVariant(
-                        name, kernel, {"LOG_DOMAIN": log_domain, **plan.constexprs}, plan.num_warps,
+                        name, kernel, {**flags, **plan.constexprs}, plan.num_warps,
                         pointer_types={"K_ptr": f"*{dtype}"},
                     )
     return list(variants.values())
 
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
-    """Runs the launchers at `shapes` on uninitialized CPU tensors, forward and backward, every
-    dtype and domain (for `triton_variants.capture_specializations`, which stops each launch)."""
+    """Runs the launchers at `shapes` on uninitialized CPU tensors, forward (with and without
+    stats) and backward, every dtype and domain (for `triton_variants.capture_specializations`,
+    which stops each launch)."""
     for batch, n_rows, n_cols, n_iters in shapes:
         for dtype in _AOT_DTYPES.values():
             K = torch.empty((batch, n_rows, n_cols), dtype=dtype)
             for log_domain in (False, True):
+                sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, save_stats=False)
                 _, row_stats, col_stats = sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, save_stats=True)
                 sinkhorn_backward(torch.empty_like(K), K, row_stats, col_stats, n_iters, 1e-8, log_domain, 1.0, 1.0)
