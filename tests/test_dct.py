@@ -390,3 +390,26 @@ def test_triton_rejects_float64():
     with piumr_kernels.use_backend("triton"):
         with pytest.raises(TypeError, match="float64"):
             dct_filter_bank(torch.randn(1, 1, 1, 3, 3, dtype=torch.float64))
+
+
+def test_triton_tables_are_built_once_and_never_cached_from_fake_inputs():
+    """The triton launchers reuse the float32 1-D basis (built in float64) and the filter indices
+    per (kernel_size, frequencies, device); a fake input builds its own and caches nothing."""
+    if not backends._availability("triton", torch.device("cpu")) == "":
+        pytest.skip("triton cannot run on CPU tensors here")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from piumr_kernels.dct import triton_kernels
+    from piumr_kernels.dct.reference import dct_basis_1d
+
+    frequencies = [5, 0, 48, 13]
+    triton_kernels._cached_bank_tensors.cache_clear()
+    with FakeTensorMode():
+        fake = triton_kernels._bank_tensors(7, frequencies, torch.empty(1, device="meta"))
+    assert triton_kernels._cached_bank_tensors.cache_info().currsize == 0
+    basis, freq = triton_kernels._bank_tensors(7, frequencies, torch.empty(1))
+    again = triton_kernels._bank_tensors(7, frequencies, torch.empty(2))
+    assert again[0] is basis and again[1] is freq
+    assert fake[0].shape == basis.shape and fake[0].device.type == "meta"
+    assert freq.tolist() == frequencies
+    assert torch.equal(basis, dct_basis_1d(7).to(torch.float32))

@@ -20,6 +20,8 @@ Loads are upcast to float32 at once; offsets are int64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -230,11 +232,31 @@ def _adjoint_h_kernel(Q_ptr, basis_ptr, out_ptr, height, width, K, frames, BLOCK
     tl.store(out_ptr + b * n_pixels + pixels, (acc / frames).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _bank_tensors(kernel_size: int, frequencies: list[int], device: torch.device):
-    """The 1-D basis and the filter indices, built on `device` (no host-to-device copy)."""
+def _build_bank_tensors(kernel_size: int, frequencies: tuple[int, ...], device: torch.device):
+    """The float32 1-D basis (built in float64) and the int32 filter indices, built on `device`
+    (no host-to-device copy)."""
     basis = dct_basis_1d(kernel_size, torch.float32, device)
     all_filters = torch.arange(kernel_size * kernel_size, dtype=torch.int32, device=device)
-    return basis, select_filters(all_filters, frequencies)
+    return basis, select_filters(all_filters, list(frequencies))
+
+
+# Building the tables costs about a dozen small launches per call; the kernels only read them,
+# so each (kernel_size, frequencies, device) builds them once. Bounded: every distinct
+# selection of filters keeps two tiny tensors.
+_cached_bank_tensors = functools.lru_cache(maxsize=64)(_build_bank_tensors)
+
+
+def _bank_tensors(kernel_size: int, frequencies: list[int], like: torch.Tensor):
+    """The tables for an input like `like`. Fake, meta, wrapped or traced inputs (FakeTensorMode,
+    torch.compile, functionalization) get fresh ones: a cached real tensor must not enter a
+    traced graph, nor a fake one be cached."""
+    modes = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+             torch._C._TorchDispatchModeKey.FUNCTIONAL)
+    traced = (type(like) not in (torch.Tensor, torch.nn.Parameter) or like.is_meta or torch.compiler.is_compiling()
+              or any(torch._C._get_dispatch_mode(mode) is not None for mode in modes))
+    if traced:
+        return _build_bank_tensors(kernel_size, tuple(frequencies), like.device)
+    return _cached_bank_tensors(kernel_size, tuple(frequencies), like.device)
 
 
 def _filter_h(s: torch.Tensor, basis: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -284,7 +306,7 @@ def dct_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, channels, frames, height, width = x.shape
     n_filters = len(frequencies)
-    basis, freq = _bank_tensors(kernel_size, frequencies, x.device)
+    basis, freq = _bank_tensors(kernel_size, frequencies, x)
     E = x.new_empty((batch, n_filters, height, width))
     mean = x.new_empty((batch, n_filters), dtype=torch.float32)
     var = x.new_empty((batch, n_filters), dtype=torch.float32)
@@ -302,7 +324,7 @@ def dct_backward(
 ) -> torch.Tensor:
     batch, height, width = s.shape
     n_filters = len(frequencies)
-    basis, freq = _bank_tensors(kernel_size, frequencies, s.device)
+    basis, freq = _bank_tensors(kernel_size, frequencies, s)
     tiles = triton.cdiv(height * width, TILE_BLOCK)
     R = _filter_h(s, basis, kernel_size)
     G = s.new_empty((batch, n_filters, height, width))
