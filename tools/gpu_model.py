@@ -587,7 +587,7 @@ def launch_table(pairs: list[tuple[OpModel, OpModel]]) -> str:
 
 
 def target_table(pairs: list[tuple[OpModel, OpModel]]) -> str:
-    """Issue 23's targets on the H100 model, per benchmark shape."""
+    """The performance targets (docs/gpu_model.md) on the H100 model, per benchmark shape."""
     by_case: dict[str, dict[bool, OpModel]] = {}
     for h100, _ in pairs:
         by_case.setdefault(_case(h100), {})[h100.counted.backward] = h100
@@ -640,7 +640,7 @@ def report(pairs: list[tuple[OpModel, OpModel]]) -> str:
         "",
         op_table(pairs),
         "",
-        "### Issue 23's targets (H100, modelled)",
+        "### Targets (H100, modelled)",
         "",
         target_table(pairs),
         "",
