@@ -9,11 +9,13 @@ Under `torch.compile` the backend is resolved while tracing.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import platform
+import warnings
 
 import torch
+
+from . import _extension
 
 BACKENDS = ("reference", "cpp", "triton")
 _CHOICES = ("auto",) + BACKENDS
@@ -28,18 +30,12 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for explicitly but cannot run here."""
 
 
-def _load_extension() -> tuple[object | None, str]:
-    try:
-        module = importlib.import_module("piumr_kernels._C")
-    except ImportError as error:
-        return None, (
-            f"the C++ extension is not built ({error}); run "
-            "`pip install --no-build-isolation -e .` after installing torch"
-        )
-    return module, ""
-
-
-_EXTENSION, _EXTENSION_ERROR = _load_extension()
+# Compiles csrc/ on the first import after installing or after a source change (a message
+# says so while it runs); see _extension.py for where builds live and which one loads.
+_LIBRARY, _LIBRARY_KIND, _EXTENSION_ERROR = _extension.load()
+if _LIBRARY is None:
+    warnings.warn(f"piumr_kernels: the cpp backend is unavailable, CPU tensors run on the "
+                  f"slower reference: {_EXTENSION_ERROR}", stacklevel=2)
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -62,7 +58,7 @@ def _availability(backend: str, device: torch.device) -> str:
     if backend == "reference":
         return ""
     if backend == "cpp":
-        if _EXTENSION is None:
+        if _LIBRARY is None:
             return _EXTENSION_ERROR
         if device.type != "cpu":
             return f"the cpp backend runs on CPU tensors only, got a tensor on {device}"
@@ -82,7 +78,7 @@ def _availability(backend: str, device: torch.device) -> str:
 def backend_available(backend: str) -> bool:
     """Whether `backend` can run on some device here (its ops get registered)."""
     if backend == "cpp":
-        return _EXTENSION is not None
+        return _LIBRARY is not None
     if backend == "triton":
         return _TRITON_OK
     return backend == "reference"
@@ -91,7 +87,7 @@ def backend_available(backend: str) -> bool:
 def cpp_op_built(name: str) -> bool:
     """Whether the built extension has the op `name` (False when it was built from an older
     checkout that predates the op)."""
-    return _EXTENSION is not None and hasattr(torch.ops.piumr_kernels, name)
+    return _LIBRARY is not None and hasattr(torch.ops.piumr_kernels, name)
 
 
 def requested_backend() -> str:
@@ -113,18 +109,18 @@ def resolve_backend(tensor: torch.Tensor, cpp_op: str | None = None) -> str:
     if name == "auto":
         if tensor.is_cuda:
             name = "triton" if _TRITON_OK else "reference"
-        elif tensor.is_cpu and _EXTENSION is not None:
+        elif tensor.is_cpu and _LIBRARY is not None:
             name = "cpp"
         else:
             name = "reference"
-    elif not (name == "cpp" and tensor.is_cpu and _EXTENSION is not None):
+    elif not (name == "cpp" and tensor.is_cpu and _LIBRARY is not None):
         reason = _availability(name, tensor.device)
         if reason:
             raise BackendUnavailableError(f"backend {name!r} was requested but {reason}")
     if name == "cpp" and cpp_op is not None and not cpp_op_built(cpp_op):
         raise BackendUnavailableError(
-            f"backend 'cpp' was selected but the C++ extension has no {cpp_op} (it was built "
-            "from an older checkout); rebuild it with `pip install --no-build-isolation -e .`"
+            f"backend 'cpp' was selected but the C++ extension {_LIBRARY} has no {cpp_op} (it "
+            f"was built from other sources); delete it, or rebuild it with `{_extension.AOT_COMMAND}`"
         )
     return name
 
@@ -154,8 +150,48 @@ def validation_enabled(validate: bool | None) -> bool:
     return os.environ.get(_ENV_VALIDATE, "0") == "1"
 
 
-def info() -> dict:
-    """Which backends can run here, why the others cannot, and the versions in use."""
+class Info(dict):
+    """`info()`'s result: a plain dict for programs, printed as a readable summary."""
+
+    def __str__(self) -> str:
+        def state(name: str) -> str:
+            entry = self["backends"][name]
+            return "available" if entry["available"] else f"unavailable: {entry['reason']}"
+
+        cpp = state("cpp")
+        if self["cpp_library"]:
+            cpp += f", {self['cpu_isa']} kernels, {self['cpp_build']} build {self['cpp_library']}"
+        chosen = ", ".join(f"{device} -> {backend}" for device, backend in self["chosen"].items())
+        interpreter = "on" if self["triton_interpret"] else "off"
+        lines = [
+            f"piumr_kernels {self['version']}",
+            f"  torch      {self['torch']} (CUDA {self['cuda'] or 'none'}), Python {self['python']}, "
+            f"{self['cpu_threads']} CPU threads",
+            f"  triton     {self['triton'] or 'not installed'}, interpreter {interpreter} (TRITON_INTERPRET)",
+            f"  requested  {self['requested']}: {chosen}",
+            f"  reference  {state('reference')}",
+            f"  cpp        {cpp}",
+            f"  triton     {state('triton')}",
+        ]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _chosen(device: str) -> str:
+    """The backend an op on `device` runs with now, or why none can."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        return resolve_backend(torch.empty(0, device=device))
+    except BackendUnavailableError as error:
+        return f"error ({error})"
+
+
+def info() -> Info:
+    """Which backends can run here, why the others cannot, which one each device gets, and the
+    versions and build in use: a dict; `print(info())` (or `python -m piumr_kernels`) shows it
+    as a summary."""
     if not _TRITON_OK:
         triton_reason = _TRITON_ERROR
     elif torch.cuda.is_available() or triton_interpreting():
@@ -164,7 +200,7 @@ def info() -> dict:
         triton_reason = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
     backends = {
         "reference": {"available": True, "reason": ""},
-        "cpp": {"available": _EXTENSION is not None, "reason": _EXTENSION_ERROR},
+        "cpp": {"available": _LIBRARY is not None, "reason": _EXTENSION_ERROR},
         "triton": {"available": not triton_reason, "reason": triton_reason},
     }
     try:
@@ -175,16 +211,19 @@ def info() -> dict:
         triton_version = None
     from . import __version__
 
-    return {
-        "version": __version__,
-        "backends": backends,
-        "requested": requested_backend(),
-        "triton_interpret": triton_interpreting(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
+    return Info(
+        version=__version__,
+        backends=backends,
+        requested=requested_backend(),
+        chosen={device: _chosen(device) for device in ("cpu", "cuda")},
+        triton_interpret=triton_interpreting(),
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        cpu_threads=torch.get_num_threads(),
         # The instruction set the cpp kernels run with (PIUMR_KERNELS_CPU_ISA can lower it).
-        "cpu_isa": torch.ops.piumr_kernels.cpu_isa() if _EXTENSION is not None else None,
-    }
+        cpu_isa=torch.ops.piumr_kernels.cpu_isa() if _LIBRARY is not None else None,
+        cpp_library=str(_LIBRARY) if _LIBRARY is not None else None,
+        cpp_build=_LIBRARY_KIND or None,
+    )
