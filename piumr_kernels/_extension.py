@@ -38,16 +38,16 @@ LIBRARY_NAME = "_C"  # csrc/module.cpp's PYBIND11_MODULE name
 AOT_COMMAND = "PIUMR_BUILD_AOT=1 pip install --no-build-isolation -e ."
 
 
-def source_files(source_dir: Path = SOURCE_DIR) -> list[Path]:
+def source_files(source_dir: Path | None = None) -> list[Path]:
     """Every file of the extension (headers too: a changed header must rebuild)."""
-    return sorted(p for p in source_dir.iterdir() if p.suffix in (".cpp", ".h"))
+    return sorted(p for p in (source_dir or SOURCE_DIR).iterdir() if p.suffix in (".cpp", ".h"))
 
 
-def compiled_sources(source_dir: Path = SOURCE_DIR) -> list[Path]:
+def compiled_sources(source_dir: Path | None = None) -> list[Path]:
     return [p for p in source_files(source_dir) if p.suffix == ".cpp"]
 
 
-def source_digest(source_dir: Path = SOURCE_DIR) -> str:
+def source_digest(source_dir: Path | None = None) -> str:
     """sha256 over the names and contents of csrc/'s files."""
     digest = hashlib.sha256()
     for path in source_files(source_dir):
@@ -80,12 +80,12 @@ def aot_library() -> Path | None:
     return None
 
 
-def aot_is_current(library: Path, source_dir: Path = SOURCE_DIR) -> bool:
+def aot_is_current(library: Path) -> bool:
     """An ahead-of-time build is current when no source file is newer than it (an install
     without csrc/ has nothing to compare with and keeps its build)."""
-    if not source_dir.is_dir():
+    if not SOURCE_DIR.is_dir():
         return True
-    newest = max(p.stat().st_mtime for p in source_files(source_dir))
+    newest = max(p.stat().st_mtime for p in source_files())
     return library.stat().st_mtime >= newest
 
 
@@ -134,7 +134,7 @@ def _compile(directory: Path, digest: str) -> None:
     if shutil.which(compiler()) is None:
         raise RuntimeError(
             f"no C++ compiler was found (looked for {compiler()!r}, from $CXX or the default "
-            "c++): install a C++17 compiler with OpenMP, e.g. `apt install g++`, or set CXX"
+            "c++): install a C++ compiler with OpenMP (e.g. `apt install g++`) or point CXX at one"
         )
     ninja_dir = _ninja_directory()
     if ninja_dir is None:
