@@ -87,8 +87,8 @@ LAUNCHES = [
     ("sinkhorn", (1, 16, 16, 2), 1, 0, 2, 0),     # one_matrix tier
     ("sinkhorn", (1, 65, 64, 2), 1, 0, 2, 4),     # streaming tier (GPU tiles): cumprod + clamp_ of U and V
     ("girl", (12, 16, 2), 3, 28, 5, 56),          # partition, gathers, group-risk combination, their backward
-    ("tfam_statistics", (1, 2, 2, 8, 8), 1, 12, 2, 12),
-    ("tfam_combine", (1, 2, 2, 8, 8), 1, 0, 2, 3),
+    ("tfam_statistics", (1, 2, 2, 8, 8), 1, 0, 2, 0),   # after the first call (test_tfam_allocates_its_tickets_once)
+    ("tfam_combine", (1, 2, 2, 8, 8), 1, 0, 2, 0),
 ]
 
 
@@ -101,6 +101,8 @@ def _count(name, shape, backward):
     """One op call's count, shared by the tests (the interpreter is slow)."""
     import gpu_model
 
+    if name.startswith("tfam"):
+        _allocate_tfam_tickets()
     return gpu_model.count_call(_op(gpu_model, name).prepare(shape, backward))
 
 
@@ -123,6 +125,57 @@ def test_dct_builds_its_basis_once(gpu_model):
              for backward in (False, False, True)]
     assert [(len(call.launches), len(call.torch_ops)) for call in calls] == [(3, 13), (3, 0), (7, 0)], \
         [[op.name for op in call.torch_ops] for call in calls]
+
+
+def _allocate_tfam_tickets():
+    from piumr_kernels.launch_state import zeroed_tickets
+
+    zeroed_tickets(torch.empty(0), 1)
+
+
+def test_tfam_allocates_its_tickets_once(gpu_model):
+    """TFAM's reductions finish in their last program per clip, counted with int32 tickets
+    that each launch leaves at zero: the first call in a process allocates them zeroed (one
+    fill), every later forward and backward reuses them."""
+    from piumr_kernels import launch_state
+
+    launch_state._tickets.clear()
+    calls = [gpu_model.count_call(_op(gpu_model, name).prepare((1, 2, 2, 8, 8), backward))
+             for name, backward in (("tfam_statistics", False), ("tfam_combine", True), ("tfam_statistics", True))]
+    assert [(len(call.launches), len(call.torch_ops)) for call in calls] == [(1, 1), (2, 0), (2, 0)], \
+        [[op.name for op in call.torch_ops] for call in calls]
+    assert not any(launch_state._tickets[(torch.device("cpu"), None)])
+
+
+def test_tfam_linked_backward_reads_x_once_and_writes_dx_once(gpu_model):
+    """TFAM's shape of call (scales made from the statistics of the same x, linked): the
+    combine backward reads dout and x and writes only small partials; the statistics backward
+    reads dout and writes dx; no other launch or torch op touches an x-sized tensor."""
+    import piumr_kernels
+
+    _allocate_tfam_tickets()
+    shape = (1, 3, 2, 8, 8)
+    x = torch.randn(shape).requires_grad_()
+    grad = torch.randn(shape)
+
+    def step():
+        frame_mean, frame_max, spatial, link = piumr_kernels.tfam_statistics(x, link=True)
+        temporal = torch.sigmoid(frame_mean.mean(1) + frame_max.mean(1))
+        out = piumr_kernels.tfam_combine(x, temporal, torch.sigmoid(spatial), link=link)
+        return torch.autograd.grad(out, x, grad)
+
+    count = gpu_model.count_call(step)
+    x_bytes = x.numel() * FP32
+    assert [launch.kernel for launch in count.launches] == [
+        "_statistics_kernel", "_combine_kernel", "_combine_backward_kernel", "_statistics_backward_kernel"]
+    assert all(op.bytes < x_bytes for op in count.torch_ops), [(op.name, op.bytes) for op in count.torch_ops]
+    _, _, combine_backward, statistics_backward = count.launches
+    assert combine_backward.constexprs["WRITE_DX"] is False
+    assert 2 * x_bytes <= combine_backward.distinct_loaded_bytes < 2.5 * x_bytes
+    assert combine_backward.distinct_stored_bytes < 0.5 * x_bytes
+    assert statistics_backward.constexprs["COMBINE"] is True
+    assert x_bytes <= statistics_backward.distinct_loaded_bytes < 1.5 * x_bytes
+    assert statistics_backward.stored_bytes == statistics_backward.distinct_stored_bytes == x_bytes
 
 
 # Shapes whose counts at n and 2n batch items extrapolate to 3n: whole packed programs (64

@@ -114,3 +114,72 @@ def test_aot_variants_cover_every_launch():
 def test_exported_at_package_level():
     assert piumr_kernels.tfam_statistics is tfam_statistics
     assert piumr_kernels.tfam_combine is tfam_combine
+
+
+def _linked_model(x, weights, link, detach_max=False):
+    """A TFAM-shaped graph: scales from the statistics of x, then the combine of the same x."""
+    frame_mean, frame_max, spatial, tied = tfam_statistics(x, link=True) if link else (*tfam_statistics(x), None)
+    frame_max = frame_max.detach() if detach_max else frame_max
+    temporal = torch.tanh(frame_mean.mean(1) * weights[0] + frame_max.mean(1) * weights[1])
+    spatial_scale = torch.sigmoid(spatial * weights[2])
+    return tfam_combine(x, temporal, spatial_scale, link=tied)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("detach_max", [False, True], ids=["all-statistics", "max-unused"])
+def test_linked_passes_match_the_reference(backend, dtype, detach_max):
+    """Linked statistics and combine (one dx write on triton) give the fp64 reference's output
+    and gradients of x and of the weights that make the scales."""
+    x, _, _ = _inputs((2, 5, 4, 6, 7), dtype, seed=7)
+    weights = torch.randn(3, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEVICE)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(DEVICE)
+    x_ref, w_ref = x.double().requires_grad_(), weights.clone().requires_grad_()
+    with backends.use_backend("reference"):
+        expected = _linked_model(x_ref, w_ref, False, detach_max)
+    expected_grads = torch.autograd.grad(expected, (x_ref, w_ref), grad)
+    x_fused, w_fused = x.clone().requires_grad_(), weights.float().requires_grad_()
+    out = _linked_model(x_fused, w_fused, True, detach_max)
+    grads = torch.autograd.grad(out, (x_fused, w_fused), grad.to(dtype))
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    _close(out, expected, tol, "out")
+    _close(grads[0], expected_grads[0], tol, "dx")
+    _close(grads[1], expected_grads[1], 10 * tol, "dweights")
+
+
+def test_linked_dx_without_scale_gradients(backend):
+    """Scales that need no gradient: the combine backward reduces nothing and the linked
+    statistics backward still adds the combine's dx term."""
+    x, ts, ss = _inputs((2, 3, 4, 5, 6), torch.float32, seed=4)
+    ts, ss = ts.float(), ss.float()
+    x_fused = x.clone().requires_grad_()
+    frame_mean, _, _, tied = tfam_statistics(x_fused, link=True)
+    out = tfam_combine(x_fused, ts, ss, link=tied)
+    (out.sum() + frame_mean.sum()).backward()
+    x_ref = x.clone().requires_grad_()
+    (tfam_combine_reference(x_ref, ts, ss).sum() + tfam_statistics_reference(x_ref)[0].sum()).backward()
+    _close(x_fused.grad, x_ref.grad, 1e-5, "dx")
+
+
+def test_link_only_on_triton_with_gradient(backend):
+    x = torch.randn(1, 2, 3, 4, 5, device=DEVICE)
+    assert tfam_statistics(x, link=True)[3] is None                          # no gradient needed
+    tied = tfam_statistics(x.requires_grad_(), link=True)[3]
+    assert (tied is not None) == (backend == "triton")
+
+
+def test_link_misuse_raises_clear_errors():
+    x = torch.randn(1, 2, 3, 4, 5, requires_grad=True)
+    ts, ss = torch.ones(1, 3), torch.ones(1, 4, 5)
+    with backends.use_backend("triton") if backends.backend_available("triton") else backends.use_backend("reference"):
+        tied = tfam_statistics(x, link=True)[3]
+        if tied is None:
+            pytest.skip("triton unavailable here")
+        with pytest.raises(ValueError, match="link: it belongs to tfam_statistics of another"):
+            tfam_combine(x.detach().clone(), ts, ss, link=tied)
+        tfam_combine(x, ts, ss, link=tied)
+        with pytest.raises(ValueError, match="link: it was already passed"):
+            tfam_combine(x, ts, ss, link=tied)
+    with pytest.raises(TypeError, match="link must be None or the TFAMLink"):
+        tfam_combine(x, ts, ss, link=object())
+    with pytest.raises(TypeError, match="link must be a bool"):
+        tfam_statistics(x, link="yes")

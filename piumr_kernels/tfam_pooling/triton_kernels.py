@@ -1,15 +1,18 @@
 """Triton kernels for TFAM's two passes over `x` (SPEC §5) and their launchers.
 
-`x` `(B, C, T, H, W)` is seen as `B * C * T` planes of `H * W` contiguous values.
+`x` `(B, C, T, H, W)` is seen as `B * C * T` planes of `H * W` contiguous values. Every
+pass is one launch:
 
 - Reductions (statistics forward, combine backward): program `(b, g, j)` walks a chunk of
   `PLANES_PER_PROGRAM` planes of sample `b` over the `j`-th block of `BLOCK_HW`
   positions, keeps the running sum over its planes in registers, and writes per-(plane,
-  block) partial statistics and one partial map per chunk. No atomics, so results are
-  deterministic; the launcher finishes the small partials with torch ops (their size is
-  about `1 / PLANES_PER_PROGRAM` of `x`).
+  block) partial statistics and one partial map per chunk (about `1 / PLANES_PER_PROGRAM`
+  of `x`). The last program of sample `b` to finish (a ticket counter per sample) adds up
+  that sample's partials in a fixed order and writes its results: no float atomics, so
+  results are deterministic, and no finishing launch.
 - Element-wise passes (statistics backward, combine forward) use 2-D tiles of
-  `TILE // BLOCK_HW` planes by `BLOCK_HW` positions.
+  `TILE // BLOCK_HW` planes by `BLOCK_HW` positions. The statistics backward can also add
+  the combine's own `dx` term, so TFAM's backward writes `dx` once (see `op.py`).
 
 Loads are upcast to float32 at once (the interpreter mishandles bf16 arithmetic); offsets
 are int64.
@@ -22,6 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..launch_state import zeroed_tickets
 from ..triton_variants import KernelVariant
 
 PLANES_PER_PROGRAM = 16
@@ -32,6 +36,8 @@ BLOCK_HW_TIERS = (64, 256, 1024)
 # element-wise tiles always hold TILE values.
 REDUCTION_WARPS = {64: 2, 256: 2, 1024: 4}
 TILE_WARPS = 8
+# Lanes of the finishing loops (planes, frames or positions of one sample at a time).
+FINISH = 256
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -44,10 +50,58 @@ def block_hw(positions: int) -> int:
 
 
 @triton.jit
+def _is_last_program(tickets_ptr, sample, n_programs):
+    """True in the last of sample's `n_programs` programs to get here. The barrier orders
+    every thread's stores of this program before the release of the ticket; the finishing
+    program's loads come after its acquire and bypass L1 (`.cg`)."""
+    tl.debug_barrier()
+    return tl.atomic_add(tickets_ptr + sample, 1, sem="acq_rel") == n_programs - 1
+
+
+@triton.jit
+def _finish_map(partial_ptr, out_ptr, sample, n_groups, positions, divisor, FINISH: tl.constexpr):
+    """out[sample] = (sum over the sample's chunks of partial[sample, g]) / divisor, in chunk order."""
+    for start in range(0, positions, FINISH):
+        hw = start + tl.arange(0, FINISH).to(tl.int64)
+        inside = hw < positions
+        acc = tl.zeros((FINISH,), dtype=tl.float32)
+        for g in range(n_groups):
+            acc += tl.load(partial_ptr + (sample * n_groups + g) * positions + hw, mask=inside, other=0.0,
+                           cache_modifier=".cg")
+        tl.store(out_ptr + sample * positions + hw, acc / divisor, mask=inside)
+
+
+@triton.jit
+def _finish_planes(block_sum_ptr, block_max_ptr, block_arg_ptr, mean_ptr, max_ptr, argmax_ptr, sample,
+                   planes_per_sample, positions, n_blocks, FINISH: tl.constexpr):
+    """Mean, max and argmax of each plane of the sample from its per-block partials."""
+    for start in range(0, planes_per_sample, FINISH):
+        local = start + tl.arange(0, FINISH).to(tl.int64)
+        ok = local < planes_per_sample
+        plane = sample * planes_per_sample + local
+        total = tl.zeros((FINISH,), dtype=tl.float32)
+        best = tl.full((FINISH,), float("-inf"), dtype=tl.float32)
+        best_at = tl.zeros((FINISH,), dtype=tl.int32)
+        for j in range(n_blocks):
+            at = plane * n_blocks + j
+            total += tl.load(block_sum_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+            peak = tl.load(block_max_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            peak_at = tl.load(block_arg_ptr + at, mask=ok, other=0, cache_modifier=".cg")
+            # Blocks come in position order: only a larger value or a first NaN replaces the
+            # best so far (torch.max's first maximum).
+            better = (peak > best) | ((peak != peak) & (best == best))
+            best = tl.where(better, peak, best)
+            best_at = tl.where(better, peak_at, best_at)
+        tl.store(mean_ptr + plane, total / positions, mask=ok)
+        tl.store(max_ptr + plane, best, mask=ok)
+        tl.store(argmax_ptr + plane, best_at, mask=ok)
+
+
+@triton.jit
 def _statistics_kernel(
-    x_ptr, sum_ptr, max_ptr, argmax_ptr, partial_ptr,
-    planes_per_sample, positions, n_groups, n_blocks,
-    PLANES_PER_PROGRAM: tl.constexpr, BLOCK_HW: tl.constexpr,
+    x_ptr, mean_ptr, max_ptr, argmax_ptr, spatial_ptr, block_sum_ptr, block_max_ptr, block_arg_ptr, partial_ptr,
+    tickets_ptr, planes_per_sample, positions, frames, n_groups, n_blocks,
+    PLANES_PER_PROGRAM: tl.constexpr, BLOCK_HW: tl.constexpr, FINISH: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1).to(tl.int64)
@@ -57,32 +111,38 @@ def _statistics_kernel(
     inside = hw < positions
     spatial = tl.zeros((BLOCK_HW,), dtype=tl.float32)
     first = group * PLANES_PER_PROGRAM
-    for i in range(PLANES_PER_PROGRAM):
-        local = first + i
-        if local < planes_per_sample:
-            plane = sample * planes_per_sample + local
-            v = tl.load(x_ptr + plane * positions + hw, mask=inside, other=0.0).to(tl.float32)
-            spatial += v
-            peak, where = tl.max(tl.where(inside, v, float("-inf")), axis=0, return_indices=True,
-                                 return_indices_tie_break_left=True)
-            # A NaN is the maximum, at its first position (torch.max semantics).
-            is_nan = inside & (v != v)
-            first_nan = tl.min(tl.where(is_nan, tl.arange(0, BLOCK_HW), BLOCK_HW), axis=0)
-            peak = tl.where(first_nan < BLOCK_HW, float("nan"), peak)
-            where = tl.where(first_nan < BLOCK_HW, first_nan, where)
-            out = plane * n_blocks + block
-            tl.store(sum_ptr + out, tl.sum(v, axis=0))
-            tl.store(max_ptr + out, peak)
-            tl.store(argmax_ptr + out, (where + block * BLOCK_HW).to(tl.int32))
+    for local in tl.range(first, tl.minimum(first + PLANES_PER_PROGRAM, planes_per_sample), num_stages=2):
+        plane = sample * planes_per_sample + local
+        v = tl.load(x_ptr + plane * positions + hw, mask=inside, other=0.0).to(tl.float32)
+        spatial += v
+        peak, where = tl.max(tl.where(inside, v, float("-inf")), axis=0, return_indices=True,
+                             return_indices_tie_break_left=True)
+        # A NaN is the maximum, at its first position (torch.max semantics).
+        is_nan = inside & (v != v)
+        first_nan = tl.min(tl.where(is_nan, tl.arange(0, BLOCK_HW), BLOCK_HW), axis=0)
+        peak = tl.where(first_nan < BLOCK_HW, float("nan"), peak)
+        where = tl.where(first_nan < BLOCK_HW, first_nan, where)
+        out = plane * n_blocks + block
+        tl.store(block_sum_ptr + out, tl.sum(v, axis=0))
+        tl.store(block_max_ptr + out, peak)
+        tl.store(block_arg_ptr + out, (where + block * BLOCK_HW).to(tl.int32))
     tl.store(partial_ptr + pid * positions + hw, spatial, mask=inside)
+
+    if _is_last_program(tickets_ptr, sample, n_groups * n_blocks):
+        _finish_planes(block_sum_ptr, block_max_ptr, block_arg_ptr, mean_ptr, max_ptr, argmax_ptr, sample,
+                       planes_per_sample, positions, n_blocks, FINISH)
+        _finish_map(partial_ptr, spatial_ptr, sample, n_groups, positions, frames, FINISH)
+        tl.store(tickets_ptr + sample, 0)
 
 
 @triton.jit
 def _statistics_backward_kernel(
-    grad_mean_ptr, grad_max_ptr, grad_spatial_ptr, argmax_ptr, grad_x_ptr,
-    n_planes, planes_per_sample, positions, inv_positions, inv_frames,
-    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    grad_mean_ptr, grad_max_ptr, grad_spatial_ptr, argmax_ptr, grad_out_ptr, temporal_ptr, spatial_scale_ptr,
+    grad_x_ptr, n_planes, planes_per_sample, frames, positions, inv_positions, inv_frames,
+    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, COMBINE: tl.constexpr,
 ):
+    """dx = dmean / HW + dspatial / T + dmax at the argmax, plus (COMBINE) the combine's
+    own term dout * (temporal_scale + spatial_scale)."""
     inv_positions = tl.cast(inv_positions, tl.float32)
     inv_frames = tl.cast(inv_frames, tl.float32)
     plane = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -93,11 +153,16 @@ def _statistics_backward_kernel(
     grad_mean = tl.load(grad_mean_ptr + plane, mask=plane_ok, other=0.0).to(tl.float32)
     grad_max = tl.load(grad_max_ptr + plane, mask=plane_ok, other=0.0).to(tl.float32)
     argmax = tl.load(argmax_ptr + plane, mask=plane_ok, other=-1)
-    grad_spatial = tl.load(grad_spatial_ptr + sample[:, None] * positions + hw[None, :], mask=mask,
-                           other=0.0).to(tl.float32)
+    map_offsets = sample[:, None] * positions + hw[None, :]
+    grad_spatial = tl.load(grad_spatial_ptr + map_offsets, mask=mask, other=0.0).to(tl.float32)
     grad = grad_mean[:, None] * inv_positions + grad_spatial * inv_frames
     grad += tl.where(hw[None, :] == argmax[:, None], grad_max[:, None], 0.0)
     offsets = plane[:, None] * positions + hw[None, :]
+    if COMBINE:
+        temporal = tl.load(temporal_ptr + sample * frames + plane % frames, mask=plane_ok, other=0.0)
+        spatial = tl.load(spatial_scale_ptr + map_offsets, mask=mask, other=0.0)
+        grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad += grad_out * (temporal[:, None] + spatial)
     tl.store(grad_x_ptr + offsets, grad.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -121,34 +186,56 @@ def _combine_kernel(
 
 
 @triton.jit
+def _finish_frames(plane_sum_ptr, out_ptr, sample, channels, frames, n_blocks, FINISH: tl.constexpr):
+    """out[sample, t] = sum over channels and blocks of the per-(plane, block) sums of frame t."""
+    for start in range(0, frames, FINISH):
+        frame = start + tl.arange(0, FINISH).to(tl.int64)
+        ok = frame < frames
+        acc = tl.zeros((FINISH,), dtype=tl.float32)
+        for c in range(channels):
+            plane = (sample * channels + c) * frames + frame
+            for j in range(n_blocks):
+                acc += tl.load(plane_sum_ptr + plane * n_blocks + j, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + sample * frames + frame, acc, mask=ok)
+
+
+@triton.jit
 def _combine_backward_kernel(
-    grad_ptr, x_ptr, temporal_ptr, spatial_ptr, grad_x_ptr, plane_sum_ptr, partial_ptr,
-    planes_per_sample, frames, positions, n_groups, n_blocks,
-    PLANES_PER_PROGRAM: tl.constexpr, BLOCK_HW: tl.constexpr,
+    grad_ptr, x_ptr, temporal_ptr, spatial_ptr, grad_x_ptr, grad_temporal_ptr, grad_spatial_ptr, plane_sum_ptr,
+    partial_ptr, tickets_ptr, channels, frames, positions, n_groups, n_blocks,
+    PLANES_PER_PROGRAM: tl.constexpr, BLOCK_HW: tl.constexpr, FINISH: tl.constexpr, WRITE_DX: tl.constexpr,
 ):
+    """Reduces sum_{c,h,w} dout * x `(B, T)` and sum_{c,t} dout * x `(B, H, W)`; writes
+    dx = dout * (temporal + spatial) only if WRITE_DX (else the statistics backward adds it)."""
     pid = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1).to(tl.int64)
     sample = pid // n_groups
     group = pid % n_groups
+    planes_per_sample = channels * frames
     hw = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
     inside = hw < positions
-    spatial = tl.load(spatial_ptr + sample * positions + hw, mask=inside, other=0.0).to(tl.float32)
+    if WRITE_DX:
+        spatial = tl.load(spatial_ptr + sample * positions + hw, mask=inside, other=0.0).to(tl.float32)
     spatial_grad = tl.zeros((BLOCK_HW,), dtype=tl.float32)
     first = group * PLANES_PER_PROGRAM
-    for i in range(PLANES_PER_PROGRAM):
-        local = first + i
-        if local < planes_per_sample:
-            plane = sample * planes_per_sample + local
+    for local in tl.range(first, tl.minimum(first + PLANES_PER_PROGRAM, planes_per_sample), num_stages=2):
+        plane = sample * planes_per_sample + local
+        offsets = plane * positions + hw
+        grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if WRITE_DX:
             temporal = tl.load(temporal_ptr + sample * frames + local % frames).to(tl.float32)
-            offsets = plane * positions + hw
-            grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             tl.store(grad_x_ptr + offsets, (grad * (temporal + spatial)).to(grad_x_ptr.dtype.element_ty),
                      mask=inside)
-            product = grad * x
-            spatial_grad += product
-            tl.store(plane_sum_ptr + plane * n_blocks + block, tl.sum(product, axis=0))
+        product = grad * x
+        spatial_grad += product
+        tl.store(plane_sum_ptr + plane * n_blocks + block, tl.sum(product, axis=0))
     tl.store(partial_ptr + pid * positions + hw, spatial_grad, mask=inside)
+
+    if _is_last_program(tickets_ptr, sample, n_groups * n_blocks):
+        _finish_frames(plane_sum_ptr, grad_temporal_ptr, sample, channels, frames, n_blocks, FINISH)
+        _finish_map(partial_ptr, grad_spatial_ptr, sample, n_groups, positions, 1.0, FINISH)
+        tl.store(tickets_ptr + sample, 0)
 
 
 def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -169,37 +256,46 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     batch, channels, frames, height, width = x.shape
     n_groups, n_blocks, tier, positions = _reduction_grid(x)
     n_planes = batch * channels * frames
-    plane_sum = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
-    plane_max = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
-    plane_arg = x.new_empty((n_planes, n_blocks), dtype=torch.int32)
+    frame_mean = x.new_empty((batch, channels, frames), dtype=torch.float32)
+    frame_max = x.new_empty((batch, channels, frames), dtype=torch.float32)
+    argmax = x.new_empty((batch, channels, frames), dtype=torch.int32)
+    spatial = x.new_empty((batch, height, width), dtype=torch.float32)
+    block_sum = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
+    block_max = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
+    block_arg = x.new_empty((n_planes, n_blocks), dtype=torch.int32)
     partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
     wrap_triton(_statistics_kernel)[(batch * n_groups, n_blocks)](
-        x, plane_sum, plane_max, plane_arg, partial,
-        channels * frames, positions, n_groups, n_blocks,
-        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, num_warps=REDUCTION_WARPS[tier],
+        x, frame_mean, frame_max, argmax, spatial, block_sum, block_max, block_arg, partial,
+        zeroed_tickets(x, batch), channels * frames, positions, frames, n_groups, n_blocks,
+        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, FINISH=FINISH, num_warps=REDUCTION_WARPS[tier],
     )
-    frame_mean = (plane_sum.sum(dim=1) / positions).view(batch, channels, frames)
-    frame_max = plane_max.amax(dim=1)
-    # First block holding the maximum, then its in-block first index: torch.max tie order.
-    holds_max = (plane_max == frame_max[:, None]) | (plane_max.isnan() & frame_max.isnan()[:, None])
-    first_block = holds_max.int().argmax(dim=1, keepdim=True)
-    argmax = plane_arg.gather(1, first_block).view(batch, channels, frames)
-    spatial = (partial.sum(dim=1) / frames).view(batch, height, width)
-    return frame_mean, frame_max.view(batch, channels, frames), spatial, argmax
+    return frame_mean, frame_max, spatial, argmax
 
 
 def statistics_backward(
     grad_mean: torch.Tensor, grad_max: torch.Tensor, grad_spatial: torch.Tensor, argmax: torch.Tensor,
     x: torch.Tensor,
 ) -> torch.Tensor:
+    return statistics_backward_with_combine(grad_mean, grad_max, grad_spatial, argmax, x)
+
+
+def statistics_backward_with_combine(
+    grad_mean: torch.Tensor, grad_max: torch.Tensor, grad_spatial: torch.Tensor, argmax: torch.Tensor,
+    x: torch.Tensor, grad_out: torch.Tensor | None = None, temporal_scale: torch.Tensor | None = None,
+    spatial_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The statistics' `dx`, plus `grad_out * (temporal_scale + spatial_scale)` (the combine's
+    `dx` of the same `x`) when `grad_out` is given: one write of `dx` for both passes."""
     batch, channels, frames, height, width = x.shape
     n_planes, positions = batch * channels * frames, height * width
     grad_x = torch.empty_like(x)
     grid, planes_per_tile, tier = _tile_grid(n_planes, positions)
+    combine = grad_out is not None
     wrap_triton(_statistics_backward_kernel)[grid](
-        grad_mean, grad_max, grad_spatial, argmax, grad_x,
-        n_planes, channels * frames, positions, 1.0 / positions, 1.0 / frames,
-        BLOCK_P=planes_per_tile, BLOCK_HW=tier, num_warps=TILE_WARPS,
+        grad_mean, grad_max, grad_spatial, argmax, grad_out if combine else x,
+        temporal_scale if combine else grad_mean, spatial_scale if combine else grad_spatial, grad_x,
+        n_planes, channels * frames, frames, positions, 1.0 / positions, 1.0 / frames,
+        BLOCK_P=planes_per_tile, BLOCK_HW=tier, COMBINE=combine, num_warps=TILE_WARPS,
     )
     return grad_x
 
@@ -219,18 +315,31 @@ def combine_forward(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale
 def combine_backward(
     grad_out: torch.Tensor, x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx=True)
+
+
+def combine_scale_gradients(
+    grad_out: torch.Tensor, x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combine backward without `dx`: the gradients of the two scales only."""
+    _, grad_temporal, grad_spatial = _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx=False)
+    return grad_temporal, grad_spatial
+
+
+def _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx):
     batch, channels, frames, height, width = x.shape
     n_groups, n_blocks, tier, positions = _reduction_grid(x)
-    grad_x = torch.empty_like(x)
+    grad_x = torch.empty_like(x) if write_dx else x.new_empty((0,))
+    grad_temporal = x.new_empty((batch, frames), dtype=torch.float32)
+    grad_spatial = x.new_empty((batch, height, width), dtype=torch.float32)
     plane_sum = x.new_empty((batch * channels * frames, n_blocks), dtype=torch.float32)
     partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
     wrap_triton(_combine_backward_kernel)[(batch * n_groups, n_blocks)](
-        grad_out, x, temporal_scale, spatial_scale, grad_x, plane_sum, partial,
-        channels * frames, frames, positions, n_groups, n_blocks,
-        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, num_warps=REDUCTION_WARPS[tier],
+        grad_out, x, temporal_scale, spatial_scale, grad_x, grad_temporal, grad_spatial, plane_sum, partial,
+        zeroed_tickets(x, batch), channels, frames, positions, n_groups, n_blocks,
+        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, FINISH=FINISH, WRITE_DX=write_dx,
+        num_warps=REDUCTION_WARPS[tier],
     )
-    grad_temporal = plane_sum.sum(dim=1).view(batch, channels, frames).sum(dim=1)
-    grad_spatial = partial.sum(dim=1).view(batch, height, width)
     return grad_x, grad_temporal, grad_spatial
 
 
@@ -240,38 +349,46 @@ AOT_SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14), (4, 96, 16, 7, 7)]
 
 
 def aot_variants() -> list[KernelVariant]:
-    """The (kernel, dtype, BLOCK_HW tier) variants the launchers pick at `AOT_SHAPES`."""
+    """The (kernel, dtype, BLOCK_HW tier, mode) variants the launchers pick at `AOT_SHAPES`."""
     variants = []
     for *_, height, width in AOT_SHAPES:
         tier = block_hw(height * width)
-        reduction = {"PLANES_PER_PROGRAM": PLANES_PER_PROGRAM, "BLOCK_HW": tier}
+        reduction = {"PLANES_PER_PROGRAM": PLANES_PER_PROGRAM, "BLOCK_HW": tier, "FINISH": FINISH}
         tile = {"BLOCK_P": TILE // tier, "BLOCK_HW": tier}
         for dtype in _DTYPES.values():
             ptr = f"*{dtype}"
-            tags = f"[{dtype},BLOCK_HW={tier}]"
+            tags = f"[{dtype},BLOCK_HW={tier}"
             variants += [
-                KernelVariant(f"tfam_statistics.forward{tags}", _statistics_kernel, reduction,
+                KernelVariant(f"tfam_statistics.forward{tags}]", _statistics_kernel, reduction,
                               REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}),
-                KernelVariant(f"tfam_statistics.backward{tags}", _statistics_backward_kernel, tile, TILE_WARPS,
-                              pointer_types={"grad_x_ptr": ptr}),
-                KernelVariant(f"tfam_combine.forward{tags}", _combine_kernel, tile, TILE_WARPS,
+                KernelVariant(f"tfam_combine.forward{tags}]", _combine_kernel, tile, TILE_WARPS,
                               pointer_types={"x_ptr": ptr}),
-                KernelVariant(f"tfam_combine.backward{tags}", _combine_backward_kernel, reduction,
-                              REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}),
             ]
+            for combine in (False, True):
+                variants.append(KernelVariant(
+                    f"tfam_statistics.backward{tags}{',with_combine' if combine else ''}]",
+                    _statistics_backward_kernel, {**tile, "COMBINE": combine}, TILE_WARPS,
+                    pointer_types={"grad_x_ptr": ptr}))
+            for write_dx in (True, False):
+                variants.append(KernelVariant(
+                    f"tfam_combine.backward{tags}{'' if write_dx else ',scales_only'}]", _combine_backward_kernel,
+                    {**reduction, "WRITE_DX": write_dx}, REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}))
     return variants
 
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
-    """Runs the four launchers at `shapes` on uninitialized CPU tensors, every dtype (for
+    """Runs the launchers at `shapes` on uninitialized CPU tensors, every dtype and mode (for
     `triton_variants.capture_specializations`, which stops each launch)."""
     for shape in shapes:
         batch, _, frames, height, width = shape
         for dtype in _DTYPES:
             x = torch.empty(shape, dtype=dtype)
             frame_mean, frame_max, spatial, argmax = statistics_forward(x)
-            statistics_backward(frame_mean, frame_max, spatial, argmax, x)
             temporal_scale = torch.empty((batch, frames))
             spatial_scale = torch.empty((batch, height, width))
+            statistics_backward(frame_mean, frame_max, spatial, argmax, x)
+            statistics_backward_with_combine(frame_mean, frame_max, spatial, argmax, x, torch.empty_like(x),
+                                             temporal_scale, spatial_scale)
             combine_forward(x, temporal_scale, spatial_scale)
             combine_backward(torch.empty_like(x), x, temporal_scale, spatial_scale)
+            combine_scale_gradients(torch.empty_like(x), x, temporal_scale, spatial_scale)

@@ -1,0 +1,43 @@
+"""Small device tensors the Triton launchers keep between calls, and when they may not.
+
+- `traced(like)`: whether a launcher's input is fake, meta, wrapped or traced (FakeTensorMode,
+  torch.compile, functionalization) or the call is inside a CUDA-graph capture. Such a call
+  must build its tables fresh: a cached real tensor must not enter a traced graph, nor a fake
+  one be cached, nor a tensor from a graph's private memory pool outlive the graph.
+- `zeroed_tickets(like, count)`: `count` int32 counters, all zero, for kernels whose last
+  program per item finishes a reduction (see `tfam_pooling/triton_kernels.py`). Each such
+  kernel sets every counter it uses back to zero before it ends, so one buffer per (device,
+  stream) serves every later launch on that stream without a fill; launches on one stream
+  run one after another, so they never share a counter at the same time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
+                  torch._C._TorchDispatchModeKey.FUNCTIONAL)
+
+
+def traced(like: torch.Tensor) -> bool:
+    return (type(like) not in (torch.Tensor, torch.nn.Parameter) or like.is_meta or torch.compiler.is_compiling()
+            or any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES)
+            or (like.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+# (device, stream) -> the largest ticket buffer handed out there.
+_tickets: dict[tuple, torch.Tensor] = {}
+# Grown in steps, so a few batch sizes allocate once.
+_TICKET_STEP = 1024
+
+
+def zeroed_tickets(like: torch.Tensor, count: int) -> torch.Tensor:
+    """At least `count` int32 zeros on `like`'s device, for one launch on the current stream."""
+    if traced(like):
+        return like.new_zeros((count,), dtype=torch.int32)
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else None
+    key = (like.device, stream)
+    tickets = _tickets.get(key)
+    if tickets is None or tickets.numel() < count:
+        tickets = _tickets[key] = like.new_zeros((-(-count // _TICKET_STEP) * _TICKET_STEP,), dtype=torch.int32)
+    return tickets
