@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..launch_state import traced
 from ..triton_variants import KernelVariant
 from .reference import dct_basis_1d, select_filters
 
@@ -247,16 +248,9 @@ _cached_bank_tensors = functools.lru_cache(maxsize=64)(_build_bank_tensors)
 
 
 def _bank_tensors(kernel_size: int, frequencies: list[int], like: torch.Tensor):
-    """The tables for an input like `like`. Fake, meta, wrapped or traced inputs (FakeTensorMode,
-    torch.compile, functionalization) and calls inside a CUDA-graph capture get fresh ones: a
-    cached real tensor must not enter a traced graph, nor a fake one be cached, nor a tensor
-    from a graph's private memory pool outlive the graph."""
-    modes = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
-             torch._C._TorchDispatchModeKey.FUNCTIONAL)
-    traced = (type(like) not in (torch.Tensor, torch.nn.Parameter) or like.is_meta or torch.compiler.is_compiling()
-              or any(torch._C._get_dispatch_mode(mode) is not None for mode in modes)
-              or (like.is_cuda and torch.cuda.is_current_stream_capturing()))
-    if traced:
+    """The tables for an input like `like`; built fresh for a traced call or inside a CUDA-graph
+    capture (`launch_state.traced`)."""
+    if traced(like):
         return _build_bank_tensors(kernel_size, tuple(frequencies), like.device)
     return _cached_bank_tensors(kernel_size, tuple(frequencies), like.device)
 
