@@ -28,9 +28,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.data.ma52 import MA52Dataset
-from models.engine import model_step, to_channels_last
-from models.piumr import PIUmrLoss, build_piumr
-from models.prepare_ma52 import prepare
+from models.data.prepare import prepare
+from models.modelling.piumr import PIUmrLoss, build_piumr
+from models.training.loop import model_step
+from models.training.precision import to_channels_last
 
 NUM_CLIPS = 3
 WIDTH, HEIGHT, FRAMES, FPS = 1080, 1296, 60, 30

@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness import DEVICE, FUSED_BACKEND, record
-from models.piumr import PIUmrLoss, build_piumr
+from models.modelling.piumr import PIUmrLoss, build_piumr
 from piumr_kernels import use_backend
 
 IMPLS = ["floor", "fused", "eager"]

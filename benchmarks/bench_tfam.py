@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from piumr_kernels import use_backend
-from models.tfam import TFAM
+from models.modelling.tfam import TFAM
 
 from harness import DEVICE, FUSED_BACKEND, record
 

@@ -1,8 +1,9 @@
-"""PIUmr reference model: X3D backbone, TFAM, training objective.
+"""PIUmr, the reference model application, laid out as the paper is:
 
-- `models.x3d`: X3D-XS/S/M/L in PyTorchVideo's `create_x3d` layout (`build_x3d`, `PRESETS`).
-- `models.checkpoints`: official PyTorchVideo / SlowFast X3D checkpoints (`load_x3d_checkpoint`).
-- `models.tfam`: the temporal-frequency attention module (`TFAM`).
-- `models.piumr`: X3D + TFAM (`build_piumr`, `PIUmr`), CE + GIRL objective (`PIUmrLoss`),
-  the paper's ablation rows (`ABLATIONS`).
+- `models.modelling`: X3D, pretrained X3D weights, TFAM, PIUmr and its CE + GIRL loss.
+- `models.data`: MA-52 and the synthetic micro-action dataset.
+- `models.training`: configuration, the training run and loop, checkpoints, logs.
+- `models.evaluation`: metrics, predictions over a split, figures.
+
+`python models/train.py`, `models/evaluate.py` and `models/prepare_ma52.py` are the commands.
 """

@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from models import engine
+from models.training import builders, data_loading
+from models.training.distributed import setup as setup_distributed
+from models.training.loop import model_step
+from models.training.precision import to_channels_last
+from models.training.run import Run
 from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips, normalize_frames
 from models.data.ma52 import write_h264_mp4
-from models.train_config import resolve_config
+from models.training.config import resolve_config
 from tests.train_helpers import TINY_PRESET, one_thread  # noqa: F401
 
 
@@ -64,7 +68,7 @@ def test_the_model_sees_what_the_float_pipeline_gave(ma52_root, channels_last):
         batch = collate_clips(items)
         assert batch["clip"].dtype == (torch.uint8 if isinstance(dataset, MA52Dataset) else torch.float32)
         model = Recorder()
-        engine.model_step(model, sum_loss, batch["clip"], None, channels_last=channels_last)
+        model_step(model, sum_loss, batch["clip"], None, channels_last=channels_last)
         expected = torch.stack([float_pipeline(item["clip"].numpy()) for item in items])
         assert torch.equal(model.seen, expected)  # bit for bit: normalization moved, not changed
         assert model.seen.is_contiguous(memory_format=torch.channels_last_3d if channels_last
@@ -110,7 +114,7 @@ def test_repeated_augmentation_decodes_once_and_gives_k_clips(ma52_root, monkeyp
         MA52Dataset(ma52_root, "train", num_frames=4, size=16, short_side=32, repeats=2)  # not training
     cfg = resolve_config({"repeated_augmentation": 3, "batch_size": 8, "preset": "XS"})
     with pytest.raises(ValueError, match="repeated_augmentation"):
-        engine.Run(cfg, engine.dist_utils.setup("cpu"))
+        Run(cfg, setup_distributed("cpu"))
 
 
 def _tiny_step_setup():
@@ -118,10 +122,10 @@ def _tiny_step_setup():
     cfg = resolve_config({"preset": json.loads(TINY_PRESET), "num_frames": 4, "crop_size": 32, "tfam_stages": ["res5"],
                           "girl_num_groups": 2, "device": "cpu"})
     torch.manual_seed(0)
-    model = engine.build_model(cfg).train()
+    model = builders.build_model(cfg).train()
     frames = torch.randint(0, 256, (8, 4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    return cfg, model, engine.build_loss(cfg), frames, labels
+    return cfg, model, builders.build_loss(cfg), frames, labels
 
 
 def _one_step(step, model, loss_fn, frames, labels, channels_last):
@@ -143,11 +147,11 @@ def _assert_same_step(a, b, tolerance):
 
 def test_channels_last_step_equals_the_contiguous_step():
     _, model, loss_fn, frames, labels = _tiny_step_setup()
-    eager = _one_step(engine.model_step, model, loss_fn, frames, labels, False)
-    engine.to_channels_last(model)
+    eager = _one_step(model_step, model, loss_fn, frames, labels, False)
+    to_channels_last(model)
     assert any(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                for p in model.parameters())
-    _assert_same_step(eager, _one_step(engine.model_step, model, loss_fn, frames, labels, True), 1e-4)
+    _assert_same_step(eager, _one_step(model_step, model, loss_fn, frames, labels, True), 1e-4)
 
 
 def test_compiled_step_equals_the_eager_step():
@@ -155,15 +159,15 @@ def test_compiled_step_equals_the_eager_step():
     AOTAutograd; aot_eager keeps it within test time (inductor's code generation takes minutes
     on a 2-core machine)."""
     _, model, loss_fn, frames, labels = _tiny_step_setup()
-    eager = _one_step(engine.model_step, model, loss_fn, frames, labels, False)
-    compiled = torch.compile(engine.model_step, fullgraph=True, backend="aot_eager")
+    eager = _one_step(model_step, model, loss_fn, frames, labels, False)
+    compiled = torch.compile(model_step, fullgraph=True, backend="aot_eager")
     _assert_same_step(eager, _one_step(compiled, model, loss_fn, frames, labels, False), 1e-4)
 
 
 def test_workers_default_to_the_cores_per_rank(monkeypatch):
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(data_loading.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 ranks on this node
-    assert engine.num_workers({"num_workers": None}) == 4
-    assert engine.num_workers({"num_workers": 0}) == 0
+    assert data_loading.num_workers({"num_workers": None}) == 4
+    assert data_loading.num_workers({"num_workers": 0}) == 0
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert engine.num_workers({"num_workers": None}) == 16
+    assert data_loading.num_workers({"num_workers": None}) == 16

@@ -1,4 +1,4 @@
-"""MA-52 metrics (models/metrics.py) against values computed by hand, and the label space.
+"""MA-52 metrics (models/evaluation/metrics.py) against values computed by hand, and the label space.
 
 Exact comparisons (tolerance 1e-12): every metric is a ratio of small integer counts."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.data.labels import ACTION_TO_BODY, BODY_FIRST_ACTION, NUM_ACTIONS, actions_of_body, body_of_action
-from models.metrics import compute_metrics, top_k_actions, write_prediction_csv
+from models.evaluation.metrics import compute_metrics, top_k_actions, write_prediction_csv
 
 
 def scores_with_ranking(rankings):

@@ -13,9 +13,9 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 import piumr_kernels
-from models.piumr import ABLATIONS, PIUmr, PIUmrLoss, build_piumr
-from models.tfam import TFAM
-from models.x3d import PRESETS, build_x3d
+from models.modelling.piumr import ABLATIONS, PIUmr, PIUmrLoss, build_piumr
+from models.modelling.tfam import TFAM
+from models.modelling.x3d import PRESETS, build_x3d
 from piumr_kernels import backends
 
 SMALL = {"XS": (4, 32), "S": (13, 16), "M": (16, 16), "L": (16, 16)}  # (T, H = W) per preset family

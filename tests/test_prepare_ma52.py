@@ -13,7 +13,7 @@ import pytest
 
 from models.data.decode import decoded_frames
 from models.data.ma52 import MA52Dataset, write_h264_mp4
-from models.prepare_ma52 import main, prepare
+from models.data.prepare import main, prepare
 
 HEIGHT, WIDTH = 64, 48  # portrait, like MA-52's 1080x1296; short side 24 halves it
 SHORT_SIDE = 24

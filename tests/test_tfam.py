@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from piumr_kernels import backends, dct_filter_bank
-from models.tfam import TFAM, centered_cosine_affinity
+from models.modelling.tfam import TFAM, centered_cosine_affinity
 
 from conftest import DEVICE
 

@@ -1,4 +1,4 @@
-"""models/train.py and models/engine.py: end-to-end runs on tiny synthetic data, exact
+"""models/train.py and models/training/: end-to-end runs on tiny synthetic data, exact
 resume, 2-process torchrun (gloo), the MA-52 path via a synthetic export, non-finite loss
 handling, config layering and the smaller helpers."""
 
@@ -9,9 +9,15 @@ import math
 import pytest
 import torch
 
-from models import engine, train
-from models.train_config import DEFAULTS, resolve_config
-from models.training_state import load_checkpoint, save_atomic
+from models import train
+from models.training import run as run_module
+from models.training.builders import lr_factor
+from models.training.checkpointing import load_checkpoint, save_atomic
+from models.training.cli import overrides_from_args
+from models.training.config import DEFAULTS, resolve_config
+from models.training.distributed import setup as setup_distributed
+from models.training.loop import NonFiniteLossError, subject_groups, train_one_epoch
+from models.training.precision import check_memory_format
 from tests.train_helpers import EVALUATE_SCRIPT, TRAIN_SCRIPT, one_thread, run_script, tiny_args  # noqa: F401
 
 
@@ -95,7 +101,7 @@ def test_synthetic_export_trains_through_the_ma52_loader(tmp_path):
 
 
 def test_prepared_ma52_trains_with_workers_and_repeated_augmentation(tmp_path, capsys):
-    from models.prepare_ma52 import prepare
+    from models.data.prepare import prepare
 
     root = export_tiny_ma52(tmp_path / "ma52")
     prepare(root, tmp_path / "prepared", short_side=48, workers=1, progress=False)
@@ -121,11 +127,11 @@ class _NaNAtCall(torch.nn.Module):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    build_loss = engine.build_loss
-    monkeypatch.setattr(engine, "build_loss", lambda cfg: _NaNAtCall(build_loss(cfg), bad_call=6))
+    build_loss = run_module.build_loss
+    monkeypatch.setattr(run_module, "build_loss", lambda cfg: _NaNAtCall(build_loss(cfg), bad_call=6))
     out = tmp_path / "run"
     # 32 clips / batch 8 = 4 steps per epoch: call 6 is epoch 2, step 2.
-    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2, step 2/4 \(global step 6\)"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2/4 \(global step 6\)"):
         train.main(tiny_args(out, epochs=3))
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4
@@ -133,11 +139,11 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
 
 
 def test_grad_scaler_skips_and_counts_a_non_finite_step(tmp_path):
-    cfg = resolve_config(train.overrides_from_args(train.parse_args(tiny_args(tmp_path, epochs=1))))
-    run = engine.Run(cfg, engine.dist_utils.setup("cpu"))
+    cfg = resolve_config(overrides_from_args(train.parse_args(tiny_args(tmp_path, epochs=1))))
+    run = run_module.Run(cfg, setup_distributed("cpu"))
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what fp16 on CUDA uses
     run.loss_fn = _NaNAtCall(run.loss_fn, bad_call=2)
-    record = engine.train_one_epoch(run, epoch=1)
+    record = train_one_epoch(run, epoch=1)
     assert record["train_skipped_steps"] == 1 and run.scaler.get_scale() == 2.0**9
     assert math.isfinite(record["train_loss"])
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
@@ -158,7 +164,7 @@ def test_grad_scaler_skips_and_counts_a_non_finite_step(tmp_path):
 ])
 def test_switches_train_a_step(tmp_path, flags, expected):
     args = tiny_args(tmp_path, epochs=1, train_clips=8, eval_clips=4) + ["--no-test"] + flags
-    cfg = resolve_config(train.overrides_from_args(train.parse_args(args)))
+    cfg = resolve_config(overrides_from_args(train.parse_args(args)))
     assert {k: cfg[k] for k in expected} == expected
     summary = train.main(args)
     assert summary["epochs_done"] == 1 and math.isfinite(summary["history"][0]["train_loss"])
@@ -187,23 +193,23 @@ def test_config_layering_and_errors(tmp_path):
 
 def test_subject_groups_give_every_group_two_members():
     subjects = torch.tensor([7, 7, 3, 9, 9, 9, 5, 1])  # persons 3, 5, 1 appear once
-    groups, num_groups = engine.subject_groups(subjects)
+    groups, num_groups = subject_groups(subjects)
     assert num_groups == 3 and torch.bincount(groups, minlength=num_groups).min() >= 2
     assert groups[0] == groups[1] and groups[3] == groups[4] == groups[5] and groups[0] != groups[3]
     assert groups[2] == groups[6] == groups[7]
-    lone, num_lone = engine.subject_groups(torch.tensor([4, 4, 4, 8]))  # a single leftover joins a group
+    lone, num_lone = subject_groups(torch.tensor([4, 4, 4, 8]))  # a single leftover joins a group
     assert num_lone == 1 and lone.tolist() == [0, 0, 0, 0] and lone.dtype == torch.int64
     # Ids in [0, G), as girl_loss takes them; G counts the pooled group only when there is one.
     for subjects in (torch.tensor([1, 1, 2, 2]), torch.tensor([1, 2, 3]), torch.tensor([5])):
-        groups, num_groups = engine.subject_groups(subjects)
+        groups, num_groups = subject_groups(subjects)
         assert sorted(set(groups.tolist())) == list(range(num_groups))
 
 
 def test_lr_schedules():
     cfg = dict(DEFAULTS, epochs=120, lr_milestones=[30, 60], lr_gamma=0.1, warmup_epochs=0)
-    factor = engine.lr_factor(cfg, steps_per_epoch=10)
+    factor = lr_factor(cfg, steps_per_epoch=10)
     assert factor(299) == 1.0 and factor(300) == pytest.approx(0.1) and factor(600) == pytest.approx(0.01)
-    cosine = engine.lr_factor(dict(cfg, lr_schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
+    cosine = lr_factor(dict(cfg, lr_schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0) and cosine(1199) < 1e-4
 
 
@@ -247,8 +253,8 @@ def test_channels_last_bf16_cpu_refused_where_pytorch_computes_garbage():
 
     cpu = torch.device("cpu")
     assert len(weight_grad_norms(16, channels_last=True)) == 1 and len(weight_grad_norms(4, channels_last=False)) == 1
-    engine.check_memory_format(True, torch.bfloat16, cpu, 16)
-    engine.check_memory_format(True, None, cpu, 4)
-    engine.check_memory_format(False, torch.bfloat16, cpu, 4)
+    check_memory_format(True, torch.bfloat16, cpu, 16)
+    check_memory_format(True, None, cpu, 4)
+    check_memory_format(False, torch.bfloat16, cpu, 4)
     with pytest.raises(ValueError, match="num_frames >= 5, got 4"):
-        engine.check_memory_format(True, torch.bfloat16, cpu, 4)
+        check_memory_format(True, torch.bfloat16, cpu, 4)

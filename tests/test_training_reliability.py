@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from models import engine, train
+from models import train
 from models.errors import CheckpointError, exit_on_input_error
-from models.training_state import load_checkpoint, load_resume_checkpoint, remove_stale_temporaries, save_atomic
+from models.training import run as run_module
+from models.training.checkpointing import (CHECKPOINT_FORMAT, load_checkpoint, load_resume_checkpoint,
+                                           remove_stale_temporaries, save_atomic)
 from tests.train_helpers import one_thread, tiny_args  # noqa: F401
 
 
@@ -48,13 +50,13 @@ class BatchSizes(torch.nn.Module):
 @pytest.fixture
 def unreadable_train_clips(monkeypatch):
     """`bad(indices)` makes those training clips unreadable; returns the loss recorder."""
-    build_dataset, build_loss = engine.build_dataset, engine.build_loss
+    build_dataset, build_loss = run_module.build_dataset, run_module.build_loss
     recorder = {}
 
     def bad(indices):
-        monkeypatch.setattr(engine, "build_dataset", lambda cfg, split, train: UnreadableAt(
+        monkeypatch.setattr(run_module, "build_dataset", lambda cfg, split, train: UnreadableAt(
             build_dataset(cfg, split, train), set(indices)) if split == "train" else build_dataset(cfg, split, train))
-        monkeypatch.setattr(engine, "build_loss", lambda cfg: recorder.setdefault("loss", BatchSizes(build_loss(cfg))))
+        monkeypatch.setattr(run_module, "build_loss", lambda cfg: recorder.setdefault("loss", BatchSizes(build_loss(cfg))))
         return recorder
 
     return bad
@@ -126,7 +128,7 @@ def _flip_a_weight_byte(path) -> None:
 def test_checkpoints_keep_the_previous_one_and_verify_their_checksum(finished_run):
     last, previous = load_checkpoint(finished_run / "last.pt"), load_checkpoint(finished_run / "previous.pt")
     assert (last["epoch"], previous["epoch"]) == (2, 1)
-    assert len(last["sha256"]) == 64 and last["format"] == engine.CHECKPOINT_FORMAT
+    assert len(last["sha256"]) == 64 and last["format"] == CHECKPOINT_FORMAT
     assert load_checkpoint(finished_run / "best.pt")["sha256"]
 
 

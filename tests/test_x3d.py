@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoints import CheckpointError, convert_slowfast, load_x3d_checkpoint
-from models.x3d import PRESETS, X3D, build_x3d
+from models.modelling.x3d import PRESETS, X3D, build_x3d
+from models.modelling.x3d_weights import CheckpointError, convert_slowfast, load_x3d_checkpoint
 
 # (stage width, bottleneck width, SE width) for res2..res5, the same in every preset.
 STAGES = ((24, 54, 8), (48, 108, 8), (96, 216, 16), (192, 432, 32))
@@ -468,5 +468,5 @@ def test_every_problem_is_named_and_strict_loads_nothing(tmp_path):
 
 
 def test_load_rejects_non_x3d_model(tmp_path):
-    with pytest.raises(TypeError, match="models.x3d.X3D"):
+    with pytest.raises(TypeError, match="models.modelling.x3d.X3D"):
         load_x3d_checkpoint(nn.Linear(2, 2), tmp_path / "x.pyth")

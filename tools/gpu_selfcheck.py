@@ -540,10 +540,10 @@ class TrainingSetup:
 
 def build_training_setup(device: torch.device, dry_run: bool) -> TrainingSetup:
     """A small PIUmr (TFAM after every stage), CE + GIRL on random pseudo-groups, AdamW and
-    the autocast dtype models/engine.py would pick; the clip and labels are static tensors."""
-    from models.engine import resolve_amp
-    from models.piumr import PIUmrLoss, build_piumr
-    from models.x3d import X3DPreset
+    the autocast dtype a training run would pick; the clip and labels are static tensors."""
+    from models.training.precision import resolve_amp
+    from models.modelling.piumr import PIUmrLoss, build_piumr
+    from models.modelling.x3d import X3DPreset
 
     if dry_run:
         preset, batch = X3DPreset("selfcheck-tiny", depth_factor=0.2, num_frames=4, crop_size=32), 4
@@ -563,14 +563,14 @@ def build_training_setup(device: torch.device, dry_run: bool) -> TrainingSetup:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """models/engine.py's autocast, without the weight-cast cache (not allowed in a CUDA graph)."""
+    """models/training/precision.py's autocast, without the weight-cast cache (not allowed in a CUDA graph)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 def training_step(setup: TrainingSetup) -> torch.Tensor:
-    """One step as models/engine.py composes it, without its host reads (loss.item(), the
+    """One step as models/training/loop.py composes it, without its host reads (loss.item(), the
     float gradient norm), which a CUDA graph cannot hold: returns the loss tensor."""
     setup.optimizer.zero_grad(set_to_none=False)  # zeroed in place: the gradients keep their memory in a graph
     with autocast(setup.clip.device, setup.amp_dtype):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from models.errors import ConfigError, InputNotFound
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 SYNTHETIC_CONFIG = CONFIG_DIR / "synthetic_default.json"
 PAPER_CONFIG = CONFIG_DIR / "ma52_paper_x3d_m.json"

@@ -1,8 +1,8 @@
 """X3D backbone (Feichtenhofer, CVPR 2020) in PyTorchVideo's `create_x3d` layout (SPEC §7).
 
-Module and parameter names follow `pytorchvideo.models.x3d.create_x3d` exactly, so the
+Module and parameter names follow `pytorchvideo.models.modelling.x3d.create_x3d` exactly, so the
 official PyTorchVideo checkpoints `X3D_{XS,S,M,L}.pyth` load without renaming (SlowFast's
-`x3d_*.pyth` go through `models.checkpoints`). The layout, as in PyTorchVideo:
+`x3d_*.pyth` go through `models.modelling.x3d_weights`). The layout, as in PyTorchVideo:
 
 - `blocks.0` stem: `conv.conv_t` is the *spatial* 1x3x3 conv (stride 1x2x2) and
   `conv.conv_xy` the depthwise temporal 5x1x1 conv (PyTorchVideo swaps the two names),
@@ -330,5 +330,5 @@ def init_weights(model: nn.Module) -> None:
 
 def build_x3d(preset: str | X3DPreset = "M", num_classes: int = 400, *, dropout_rate: float = 0.5) -> X3D:
     """X3D-XS/S/M/L with `num_classes` outputs (randomly initialised; see
-    `models.checkpoints.load_x3d_checkpoint` for Kinetics weights)."""
+    `models.modelling.x3d_weights.load_x3d_checkpoint` for Kinetics weights)."""
     return X3D(num_classes, depth_factor=get_preset(preset).depth_factor, dropout_rate=dropout_rate)

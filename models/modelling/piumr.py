@@ -7,7 +7,7 @@
     logits, features = model(clips)                         # clips: (B, 3, T, H, W)
     loss, parts = criterion(logits, features, labels)        # parts: {"ce", "girl"}
 
-- TFAM (SPEC §5, `models.tfam.TFAM`) runs on the output of each selected X3D stage
+- TFAM (SPEC §5, `models.modelling.tfam.TFAM`) runs on the output of each selected X3D stage
   (res2..res5, default all four; X3D keeps `T`, so every TFAM sees all `T` frames). Its
   `T x T` parameters are sized by the clip length: `num_frames` (default the preset's,
   see `PRESETS`), and the model then needs clips of exactly that length.
@@ -21,6 +21,8 @@ a plain X3D (no TFAM module at all) and `girl=False` makes the loss plain cross-
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 
@@ -29,11 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from piumr_kernels import GIRLLoss
-from piumr_kernels._checks import check_real
 
-from .checkpoints import load_x3d_checkpoint
-from .tfam import FUSIONS, TFAM
-from .x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
+from models.modelling.tfam import FUSIONS, TFAM
+from models.modelling.x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
+from models.modelling.x3d_weights import load_x3d_checkpoint
 
 __all__ = ["ABLATIONS", "Ablation", "PIUmr", "PIUmrLoss", "PRESETS", "STAGE_NAMES", "build_piumr"]
 
@@ -44,7 +45,7 @@ class PIUmr(nn.Module):
     `forward(x)` takes clips `(B, 3, T, H, W)` with `T == num_frames` and returns
     `(logits (B, num_classes), features (B, 2048))`. The backbone keeps PyTorchVideo's
     names under `backbone.` (load Kinetics weights with
-    `models.checkpoints.load_x3d_checkpoint(model.backbone, path)`); TFAMs live in
+    `models.modelling.x3d_weights.load_x3d_checkpoint(model.backbone, path)`); TFAMs live in
     `tfam[stage]`. Extra keyword arguments go to every TFAM.
     """
 
@@ -61,7 +62,7 @@ class PIUmr(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(backbone, X3D):
-            raise TypeError(f"backbone must be a models.x3d.X3D, got {type(backbone).__name__}")
+            raise TypeError(f"backbone must be a models.modelling.x3d.X3D, got {type(backbone).__name__}")
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         stages = tuple(tfam_stages)
@@ -117,7 +118,11 @@ class PIUmrLoss(nn.Module):
 
     def __init__(self, lambda_girl: float = 1.0, girl: bool = True, **girl_kwargs) -> None:
         super().__init__()
-        self.lambda_girl = check_real("lambda_girl", lambda_girl, minimum=0.0)
+        if isinstance(lambda_girl, bool) or not isinstance(lambda_girl, numbers.Real):
+            raise TypeError(f"lambda_girl must be a real number, got {type(lambda_girl).__name__}")
+        if not (math.isfinite(lambda_girl) and lambda_girl >= 0):
+            raise ValueError(f"lambda_girl must be a finite number >= 0, got {lambda_girl}")
+        self.lambda_girl = float(lambda_girl)
         if not girl and girl_kwargs:
             raise ValueError(f"GIRL options {sorted(girl_kwargs)} were given with girl=False")
         self.girl = GIRLLoss(**girl_kwargs) if girl else None

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piumr_kernels import dct_filter_bank, sinkhorn
-from piumr_kernels.tfam_pooling import tfam_combine, tfam_statistics
+from piumr_kernels import dct_filter_bank, sinkhorn, tfam_combine, tfam_statistics
 
 FUSIONS = ("consistency", "mean")
 ATTENTION_KERNEL = 7  # the frequency branch's Conv2d(D -> 1, 7x7, padding 3)

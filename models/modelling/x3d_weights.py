@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import CheckpointError
-from .x3d import PRESETS, X3D, stage_depths
+from models.errors import CheckpointError
+from models.modelling.x3d import PRESETS, X3D, stage_depths
 
 PYTORCHVIDEO = "pytorchvideo"
 SLOWFAST = "slowfast"
@@ -227,7 +227,7 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     with `strict=False` the matching tensors are loaded and the rest reported (warning).
     """
     if not isinstance(model, X3D):
-        raise TypeError(f"model must be a models.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}")
+        raise TypeError(f"model must be a models.modelling.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}")
     state = read_checkpoint(path)
     report = LoadReport(detect_format(state, path))
     if report.source_format == SLOWFAST:
