@@ -119,3 +119,27 @@ def test_two_videos_for_one_clip_are_refused(tmp_path):
     write_split(root / "train(single-labeled)" / "set_1.csv", [4])
     with pytest.raises(DatasetError, match="DFEW clip 4 has two videos"):
         DFEWDataset(root, "train", 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expression_metrics_match_scikit_learn(seed):
+    import warnings
+
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+
+    from models.evaluation.expression import expression_metrics
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 6, (40,), generator=generator)  # class 6 never true, sometimes predicted
+    scores = torch.randn(40, 7, generator=generator)
+    scores[torch.arange(20), labels[:20]] += 3  # half the clips lean to their class
+    metrics = expression_metrics(scores, labels, 7)
+    predicted = scores.argmax(dim=1).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about predicted classes absent from the labels
+        expected_uar = balanced_accuracy_score(labels.numpy(), predicted)
+    assert metrics["war"] == pytest.approx(accuracy_score(labels.numpy(), predicted), abs=1e-12)
+    assert metrics["uar"] == pytest.approx(expected_uar, abs=1e-12)
+    assert metrics["confusion"].tolist() == confusion_matrix(labels.numpy(), predicted, labels=range(7)).tolist()
+    with pytest.raises(ValueError, match=r"expected \(N, 7\) and \(N,\)"):
+        expression_metrics(scores[:, :5], labels, 7)
