@@ -42,3 +42,15 @@ def poisoned_empty():
     yield
     torch.use_deterministic_algorithms(old_det)
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture(autouse=True)
+def exact_girl_fp32_products():
+    """GIRL's Triton fp32 products run exact ("ieee") so the suite's fp32 tolerances hold on
+    a GPU too; tests/test_girl.py checks the TF32 default against its own tolerance."""
+    from piumr_kernels.girl import set_triton_fp32_precision, triton_fp32_precision
+
+    saved = triton_fp32_precision()
+    set_triton_fp32_precision("ieee")
+    yield
+    set_triton_fp32_precision(saved)

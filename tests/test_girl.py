@@ -5,7 +5,10 @@ Tolerances (against the float64 reference on the same, already rounded, inputs):
 - float64 (reference, cpp): 1e-9 relative;
 - float32: loss and group risks 1e-4 relative, gradients 1e-4 of the largest gradient entry;
 - float16 / bfloat16 features (float32 math, gradient rounded to the input dtype): loss
-  2e-3 / 1e-2 relative, gradients 2e-3 / 1e-2 of the largest entry.
+  2e-3 / 1e-2 relative, gradients 2e-3 / 1e-2 of the largest entry;
+- the triton backend's fp32 products run exact ("ieee", tests/conftest.py) except in
+  test_triton_fp32_precision, which holds exact mode to 1e-5 and the TF32 default to 1e-3
+  (loss) and 5e-3 of the largest gradient entry.
 The Triton cases run in the interpreter on CPU (tests/conftest.py), so their shapes stay small.
 """
 
@@ -233,12 +236,10 @@ def test_large_group_takes_streaming_path(backend, monkeypatch):
 
         # Small stand-ins for the GPU block sizes so the interpreter streams over several
         # partner blocks and feature chunks at a small shape.
-        monkeypatch.setattr(triton_kernels, "SMALL_GROUP_MAX", 16)
-        monkeypatch.setattr(triton_kernels, "STREAM_BLOCK", 16)
-        monkeypatch.setattr(triton_kernels, "BLOCK_C", 16)
+        monkeypatch.setattr(triton_kernels, "MAX_TILE", 16)
+        monkeypatch.setattr(triton_kernels, "BLOCK_K", 16)
         batch, width = 45, 40
-        block, blocks = triton_kernels.tile_block(batch, 1)
-        assert block == 16 and blocks == 3
+        assert triton_kernels.tile_plan(batch, 1) == (16, 16)
     else:
         batch, width = 300, 12  # cpp: 256 x 256 tiles, so a diagonal, an off-diagonal and a ragged tile
     features, labels = make_inputs(batch, width, num_classes=5, seed=3)
@@ -435,6 +436,63 @@ def test_bad_input_errors(override, error, message):
         girl_loss(**arguments)
 
 
+@pytest.fixture
+def interpreter_rounds_tf32(monkeypatch):
+    """Triton's interpreter multiplies fp32 dot operands exactly whatever the precision; round
+    them to TF32 (10-bit mantissa, to nearest) as tensor cores do, so the TF32 tolerance is
+    checked on CPU too. On a GPU the hardware rounds."""
+    if torch.cuda.is_available():
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def tf32(handle):
+        bits = handle.data.view(np.int32)
+        return interpreter.TensorHandle(((bits + 0x1000) & ~0x1FFF).view(np.float32), handle.dtype.scalar)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype == np.float32 and "IEEE" not in str(input_precision).upper():
+            a, b = tf32(a), tf32(b)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+# fp32 products: exact ("ieee") within 1e-5 of fp64; TF32 (the default) loss within 1e-3
+# relative and gradients within 5e-3 of the largest entry (piumr_kernels/girl/precision.py).
+@pytest.mark.parametrize("precision, loss_tol, grad_tol", [("ieee", 1e-5, 1e-5), ("tf32", 1e-3, 5e-3)])
+def test_triton_fp32_precision(interpreter_rounds_tf32, precision, loss_tol, grad_tol):
+    if backends_reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip(backends_reason)
+    from piumr_kernels.girl import set_triton_fp32_precision, triton_fp32_precision
+
+    features, labels = make_inputs(40, 72, num_classes=3, seed=8)
+    saved = triton_fp32_precision()
+    set_triton_fp32_precision(precision)
+    try:
+        z = features.clone().requires_grad_()
+        with use_backend("triton"):
+            loss, details = girl_loss(z, labels, 2, detach_weights=False, return_details=True,
+                                      generator=torch.Generator().manual_seed(2))
+        (loss * 1.3).backward()
+    finally:
+        set_triton_fp32_precision(saved)
+    ref_loss, ref_risks, _, ref_grad = fp64_reference(features, labels, details["group_index"], 2,
+                                                      detach_weights=False)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=0.0)
+    torch.testing.assert_close(details["group_risks"].double(), ref_risks, rtol=loss_tol, atol=0.0)
+    assert_close_scaled(z.grad, ref_grad * 1.3, grad_tol, f"gradient ({precision})")
+
+
+def test_triton_fp32_precision_rejects_unknown_modes():
+    from piumr_kernels.girl import set_triton_fp32_precision
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        set_triton_fp32_precision("fp16")
+
+
 def test_triton_refuses_float64():
     if backends_reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
         pytest.skip(backends_reason)
@@ -467,22 +525,23 @@ def test_torch_compile_fullgraph(backend_name):
 
 
 def test_aot_variants_cover_every_launch_choice():
-    """tools/triton_static_check.py compiles aot_variants(); every block the launchers can
-    pick must be listed there (forward, both backward variants, risks, row kernels)."""
+    """tools/triton_static_check.py compiles aot_variants(); every tile plan the launchers can
+    pick must be listed there (forward, both direction variants, every dtype and fp32 product
+    precision), with the group risks and the scatter."""
     triton_kernels = pytest.importorskip("piumr_kernels.girl.triton_kernels")
     names = {variant.name for variant in triton_kernels.aot_variants()}
-    for batch, num_groups in [(4, 2), (40, 2), (80, 4), (130, 1), (1024, 8), (4096, 1)]:
-        block, _ = triton_kernels.tile_block(batch, num_groups)
-        assert f"girl.group_risk[BLOCK={block}]" in names
+    assert f"girl.group_risk[BLOCK={triton_kernels.RISK_BLOCK}]" in names
+    plans = {triton_kernels.tile_plan(batch, groups) for batch in range(1, 20000, 37) for groups in (1, 2, 8, 64, 500)}
+    assert plans == {(16, 16), (16, 32), (32, 32), (16, 64), (32, 64), (64, 64)}
+    for block_m, block_n in plans:
         for dtype in ("fp32", "fp16", "bf16"):
-            assert f"girl.forward[{dtype},BLOCK={block}]" in names
-            for detach in (True, False):
-                assert f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]" in names
-    for width in (1, 7, 16, 100, 2048, 4096):
-        block_w = triton_kernels._row_block(width)
-        for dtype in ("fp32", "fp16", "bf16"):
-            assert f"girl.row_norm[{dtype},BLOCK_W={block_w}]" in names
-            assert f"girl.input_grad[{dtype},BLOCK_W={block_w}]" in names
+            assert f"girl.scatter[{dtype}]" in names
+            for precision in ("tf32", "ieee"):
+                plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
+                assert f"girl.forward[{plan}]" in names
+                block_w = triton_kernels.direction_slice(block_m)
+                for detach in (True, False):
+                    assert f"girl.direction[{plan},BLOCK_W={block_w},DETACH_WEIGHTS={detach}]" in names
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])

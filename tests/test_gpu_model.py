@@ -86,7 +86,7 @@ LAUNCHES = [
     ("sinkhorn", (64, 4, 4, 2), 1, 0, 2, 0),      # packed tier
     ("sinkhorn", (1, 16, 16, 2), 1, 0, 2, 0),     # one_matrix tier
     ("sinkhorn", (1, 65, 64, 2), 1, 0, 2, 4),     # streaming tier (GPU tiles): cumprod + clamp_ of U and V
-    ("girl", (12, 16, 2), 3, 28, 5, 56),          # partition, gathers, group-risk combination, their backward
+    ("girl", (12, 16, 2), 2, 20, 4, 33),          # torch: partition, group-risk combination and its backward
     ("tfam_statistics", (1, 2, 2, 8, 8), 1, 0, 2, 0),   # after the first call (test_tfam_allocates_its_tickets_once)
     ("tfam_combine", (1, 2, 2, 8, 8), 1, 0, 2, 0),
 ]

@@ -87,8 +87,7 @@ def combine_group_risks(
     weight = counted.to(group_risks.dtype)
     count = weight.sum().clamp_min(1)
     mean_risk = (weight * group_risks).sum() / count
-    spread = group_risks if var_grad else group_risks.detach()
-    spread_mean = (weight * spread).sum() / count
+    spread, spread_mean = (group_risks, mean_risk) if var_grad else (group_risks.detach(), mean_risk.detach())
     risk_var = (weight * (spread - spread_mean) ** 2).sum() / count
     return mean_risk + lambda_var * risk_var, risk_var
 

@@ -1,26 +1,30 @@
 """Triton kernels for the GIRL group risks (SPEC §3) and their launchers (registered as
 triton_op through `FusedOp` in op.py; same schemas as the cpp ops).
 
-The forward launcher gathers the samples into group order (`order`; `offsets`, `G + 1`
-boundaries into it). A program owns a block of `BLOCK` anchors of one group (grid
-`(G, anchor blocks)`) and streams over the group's partners in blocks of `BLOCK` with
-online log-sum-exps, so nothing `B x B` is formed. The grid comes from the shapes only:
-any group may hold the whole batch (explicit ids), so every group gets `cdiv(B, BLOCK)`
-anchor blocks and the programs past a group's end exit at once. `BLOCK` is the next power
-of two of the random partition's largest group (`cdiv(B, G)`, a single partner block) up
-to `SMALL_GROUP_MAX`, else `STREAM_BLOCK`. Cosine tiles accumulate over the feature width
-in chunks of `BLOCK_C` with `tl.dot`, so any width works.
+Layout: the samples in group order (`order`; `offsets`, `G + 1` boundaries into it) are cut
+into tiles of `BLOCK_M` consecutive anchors, one program per tile, so the grid is
+`cdiv(B, BLOCK_M)` whatever the group sizes. A tile may hold the end of one group and the
+start of the next: each anchor finds its group by a binary search in `offsets`, and the
+program streams over the partner range of all its anchors (first anchor's group start to
+last anchor's group end) in blocks of `BLOCK_N`, masking pairs from different groups, with
+online log-sum-exps, so nothing `B x B` is formed. Rows are read through `order` inside the
+kernels (no gathered copy of the features).
 
-Kernels: row norms; the forward (per-sample stats, see `NUM_STATS`); the per-group risks;
-the backward `dF_i = sum_j (G_ij + G_ji) f_j` (both terms from the saved stats, so each
-program writes only its own rows); the normalization backward to `dz`. With `need_grad`
-the forward runs the two backward kernels with unit upstream gradients to get
-`direction = dL_g/dz`; the backward op only scales and scatters it (torch ops). Groups of
-0 or 1 member give NaN/inf in the kernels (no partners); their risks and rows are masked
-to 0 before anything leaves the launcher.
-Every load is upcast to float32 at once (the interpreter mishandles bf16 arithmetic),
-scalar arguments are cast to float32 in the kernels (Inductor passes float64), and
-offsets are int64.
+Cosine tiles are raw products `z_i . z_j` accumulated over the feature width in chunks of
+`BLOCK_K` with `tl.dot` (tensor cores: bf16/fp16 operands as they come, fp32 operands as
+TF32 unless the exact mode is selected, see `op.set_triton_fp32_precision`; fp32
+accumulation), scaled by the inverse norms afterwards. A row whose squared norm overflows
+has inverse norm 0 and gives cosine 0 (a zero row, as `F.normalize`), not `inf * 0`.
+
+Kernels: the forward (per-sample stats, see `NUM_STATS`; row norms computed in the kernel);
+the per-group risks (0 for groups of fewer than 2 members); with `need_grad`, the direction
+`dL_g/dz` for a unit upstream gradient, `dF_i = sum_j (G_ij + G_ji) f_j` from the saved
+stats and the normalization backward, one program per (anchor tile, feature slice), each
+writing only its own block. The backward op scales each row by its group's upstream
+gradient and scatters it to batch order (one kernel).
+Elementwise math is float32 (loads are upcast at once; the interpreter mishandles bf16
+arithmetic), scalar arguments are cast to float32 in the kernels (Inductor passes float64),
+and offsets are int64.
 """
 
 from __future__ import annotations
@@ -30,121 +34,177 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..backends import triton_interpreting
 from ..triton_variants import KernelVariant
-from .reference import group_sizes, position_groups
+from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 
-SMALL_GROUP_MAX = 64   # largest group bound served by one program per group
-STREAM_BLOCK = 64      # anchors x partners per tile on the streaming path
-BLOCK_C = 16           # feature-width chunk of the cosine dot products (16 keeps 64x64 tiles spill-free)
-ROW_BLOCK_C = 256      # feature-width chunk of the per-row kernels
+BLOCK_K = 64           # feature-width chunk of the tile products
+MAX_TILE = 64          # anchors x partners per tile for large groups
+MAX_SLICE = 256        # features per program of the direction kernel (grid axis 1)
+SLICE_ELEMENTS = 8192  # anchors x features of the direction kernel's dF accumulator, at most
+TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
+ROW_BLOCK = 32         # rows per program of the scatter kernel
+ROW_BLOCK_W = 128      # feature-width chunk of the scatter kernel
+RISK_BLOCK = 128       # anchors per step of the group-risk kernel
 NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
-# Full fp32 products for the cosines (the logits are cosines / tau; TF32 would cost ~1e-2 there).
-DOT_PRECISION = tl.constexpr("ieee")
 # Per-sample statistics of the forward kernel, a (NUM_STATS, B) buffer with rows in this
 # order: ||z_i||, LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij, l_i, |P(i)|.
 NUM_STATS = 6
 
 
 @triton.jit
-def _row_norm_kernel(z_ptr, stats_ptr, width, BLOCK_W: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_W)
-    sum_sq = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_W):
-        z = tl.load(z_ptr + row * width + k0 + cols, mask=k0 + cols < width, other=0.0).to(tl.float32)
-        sum_sq += z * z
-    tl.store(stats_ptr + row, tl.sqrt(tl.sum(sum_sq, axis=0)))  # stats row 0: ||z_i||
+def _group_of(offsets_ptr, positions, num_groups, search_steps):
+    """Group of each position of `order`: the last g with offsets[g] <= position (a binary
+    search over offsets[0..G]; empty groups are skipped since their start equals the next)."""
+    lo = tl.zeros_like(positions)
+    size = num_groups + 1
+    for _ in range(search_steps):
+        half = size // 2
+        mid = lo + half
+        lo = tl.where(tl.load(offsets_ptr + mid) <= positions, mid, lo)
+        size = size - half
+    return lo
 
 
 @triton.jit
-def _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width,
-                 BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """f_rows . f_cols for a BLOCK x BLOCK tile, accumulated over the width in BLOCK_C chunks.
-    The rows are normalized before the product, as the reference and cpp do: a row whose
-    squared norm overflows (inv = 0) is then a zero row, where z . z would be inf * 0 = NaN."""
-    k = tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_C):
+def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M: tl.constexpr):
+    """The program's anchors: positions in group order, sample ids, labels, group bounds."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < batch
+    safe_rows = tl.minimum(rows, batch - 1)
+    samples = tl.load(order_ptr + safe_rows)
+    group = _group_of(offsets_ptr, safe_rows, num_groups, search_steps)
+    start = tl.load(offsets_ptr + group)
+    end = tl.load(offsets_ptr + group + 1)
+    row_labels = tl.load(labels_ptr + samples)
+    return rows, row_ok, samples, start, end, row_labels
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr):
+    """acc + a @ b on tensor cores: 16-bit operands as they are, fp32 ones at PRECISION.
+    Without NATIVE_BF16 (the interpreter, whose bf16 products are wrong: numpy has no bf16)
+    bf16 operands are widened to fp32 and multiplied as TF32, which holds them exactly."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    if a.dtype == tl.bfloat16 and not NATIVE_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cosine_tile(z_ptr, row_samples, col_samples, row_ok, col_ok, width, acc, col_sum_sq,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr,
+                 NUM_STAGES: tl.constexpr, COL_NORMS: tl.constexpr):
+    """z_rows . z_cols over the width in BLOCK_K chunks (loads pipelined over NUM_STAGES),
+    and with COL_NORMS the columns' squared norms from the same loads."""
+    k = tl.arange(0, BLOCK_K)
+    for k0 in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
         k_ok = k0 + k < width
-        a = tl.load(z_ptr + rows[:, None] * width + k0 + k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(z_ptr + cols[:, None] * width + k0 + k[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(a * inv_rows[:, None], tl.trans(b * inv_cols[:, None]), input_precision=DOT_PRECISION)
-    return acc
+        a = tl.load(z_ptr + row_samples[:, None] * width + k0 + k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(z_ptr + col_samples[:, None] * width + k0 + k[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(a, tl.trans(b), acc, PRECISION, NATIVE_BF16)
+        if COL_NORMS:
+            b32 = b.to(tl.float32)
+            col_sum_sq += tl.sum(b32 * b32, axis=1)
+    return acc, col_sum_sq
+
+
+@triton.jit
+def _inverse_norm(norm):
+    return 1.0 / tl.maximum(norm, NORM_EPS)
+
+
+@triton.jit
+def _scaled_cosines(acc, inv_rows, inv_cols):
+    """Cosines from raw products; 0 where a row's norm overflowed (its inverse is 0)."""
+    scale = inv_rows[:, None] * inv_cols[None, :]
+    return tl.where(scale == 0.0, 0.0, acc * scale)
 
 
 @triton.jit
 def _forward_kernel(
-    z_ptr, labels_ptr, offsets_ptr, stats_ptr, batch, width, tau, eta,
-    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+    z_ptr, order_ptr, labels_ptr, offsets_ptr, stats_ptr, batch, width, num_groups, search_steps, tau, eta,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    group = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1).to(tl.int64)
-    start = tl.load(offsets_ptr + group)
-    end = tl.load(offsets_ptr + group + 1)
-    n = end - start
-    if block * BLOCK < n:
-        inv_tau = 1.0 / tl.cast(tau, tl.float32)
-        eta = tl.cast(eta, tl.float32)
-        inv_eta = 1.0 / eta
-        lanes = tl.arange(0, BLOCK).to(tl.int64)
-        rows = start + block * BLOCK + lanes
-        row_ok = rows < end
-        inv_rows = 1.0 / tl.maximum(tl.load(stats_ptr + rows, mask=row_ok, other=1.0), NORM_EPS)
-        row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        logit_max = tl.full((BLOCK,), float("-inf"), tl.float32)
-        emph_max = tl.full((BLOCK,), float("-inf"), tl.float32)
-        logit_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-        emph_sum = tl.zeros((BLOCK,), dtype=tl.float32)
-        pos_logit = tl.zeros((BLOCK,), dtype=tl.float32)
-        pos_weight = tl.zeros((BLOCK,), dtype=tl.float32)
-        pos_count = tl.zeros((BLOCK,), dtype=tl.float32)
-        for c0 in range(0, n, BLOCK):
-            cols = start + c0 + lanes
-            col_ok = cols < end
-            inv_cols = 1.0 / tl.maximum(tl.load(stats_ptr + cols, mask=col_ok, other=1.0), NORM_EPS)
-            col_labels = tl.load(labels_ptr + cols, mask=col_ok, other=-1)
-            c = _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width, BLOCK, BLOCK_C)
-            partner = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
-            positive = partner & (row_labels[:, None] == col_labels[None, :])
-            s = c * inv_tau
-            d = (c - eta) * inv_eta
-            log_r = -0.5 * d * d
-            s_masked = tl.where(partner, s, float("-inf"))
-            log_r_masked = tl.where(partner, log_r, float("-inf"))
-            new_logit_max = tl.maximum(logit_max, tl.max(s_masked, axis=1))
-            new_emph_max = tl.maximum(emph_max, tl.max(log_r_masked, axis=1))
-            # A row with no partner yet keeps -inf maxima; shift by 0 there so no inf - inf.
-            logit_shift = tl.where(new_logit_max == float("-inf"), 0.0, new_logit_max)
-            emph_shift = tl.where(new_emph_max == float("-inf"), 0.0, new_emph_max)
-            logit_scale = tl.exp(logit_max - logit_shift)
-            emph_scale = tl.exp(emph_max - emph_shift)
-            r = tl.exp(log_r_masked - emph_shift[:, None])
-            logit_sum = logit_sum * logit_scale + tl.sum(tl.exp(s_masked - logit_shift[:, None]), axis=1)
-            emph_sum = emph_sum * emph_scale + tl.sum(r, axis=1)
-            pos_logit = pos_logit * emph_scale + tl.sum(tl.where(positive, r * s, 0.0), axis=1)
-            pos_weight = pos_weight * emph_scale + tl.sum(tl.where(positive, r, 0.0), axis=1)
-            pos_count += tl.sum(positive.to(tl.float32), axis=1)
-            logit_max = new_logit_max
-            emph_max = new_emph_max
-        # Lanes past the group's end hold no partner; neutral values keep them finite.
-        logit_max = tl.where(row_ok, logit_max, 0.0)
-        emph_max = tl.where(row_ok, emph_max, 0.0)
-        logit_sum = tl.where(row_ok, logit_sum, 1.0)
-        emph_sum = tl.where(row_ok, emph_sum, 1.0)
-        partners = (n - 1).to(tl.float32)
-        logit_lse = logit_max + tl.log(logit_sum)
-        loss = -partners / emph_sum * (pos_logit - logit_lse * pos_weight) / tl.maximum(pos_count, 1.0)
-        tl.store(stats_ptr + 1 * batch + rows, logit_lse, mask=row_ok)
-        tl.store(stats_ptr + 2 * batch + rows, emph_max + tl.log(emph_sum), mask=row_ok)
-        tl.store(stats_ptr + 3 * batch + rows, partners * pos_weight / emph_sum, mask=row_ok)
-        tl.store(stats_ptr + 4 * batch + rows, loss, mask=row_ok)
-        tl.store(stats_ptr + 5 * batch + rows, pos_count, mask=row_ok)
+    rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
+        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M)
+    inv_tau = 1.0 / tl.cast(tau, tl.float32)
+    eta = tl.cast(eta, tl.float32)
+    inv_eta = 1.0 / eta
+    k = tl.arange(0, BLOCK_K)
+    row_sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        z = tl.load(z_ptr + row_samples[:, None] * width + k0 + k[None, :],
+                    mask=row_ok[:, None] & (k0 + k < width)[None, :], other=0.0).to(tl.float32)
+        row_sum_sq += tl.sum(z * z, axis=1)
+    row_norm = tl.sqrt(row_sum_sq)
+    inv_rows = _inverse_norm(row_norm)
+    logit_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    emph_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    emph_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK_N).to(tl.int64)
+    first = tl.min(tl.where(row_ok, start, batch), axis=0)
+    last = tl.max(tl.where(row_ok, end, 0), axis=0)
+    for c0 in range(first, last, BLOCK_N):
+        cols = c0 + lanes
+        col_ok = cols < last
+        col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
+        col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
+        acc, col_sum_sq = _cosine_tile(
+            z_ptr, row_samples, col_samples, row_ok, col_ok, width, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            tl.zeros((BLOCK_N,), dtype=tl.float32), BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, True)
+        c = _scaled_cosines(acc, inv_rows, _inverse_norm(tl.sqrt(col_sum_sq)))
+        partner = (row_ok[:, None] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+                   & (rows[:, None] != cols[None, :]))
+        positive = partner & (row_labels[:, None] == col_labels[None, :])
+        s = c * inv_tau
+        d = (c - eta) * inv_eta
+        log_r = -0.5 * d * d
+        s_masked = tl.where(partner, s, float("-inf"))
+        log_r_masked = tl.where(partner, log_r, float("-inf"))
+        new_logit_max = tl.maximum(logit_max, tl.max(s_masked, axis=1))
+        new_emph_max = tl.maximum(emph_max, tl.max(log_r_masked, axis=1))
+        # A row with no partner yet keeps -inf maxima; shift by 0 there so no inf - inf.
+        logit_shift = tl.where(new_logit_max == float("-inf"), 0.0, new_logit_max)
+        emph_shift = tl.where(new_emph_max == float("-inf"), 0.0, new_emph_max)
+        logit_scale = tl.exp(logit_max - logit_shift)
+        emph_scale = tl.exp(emph_max - emph_shift)
+        r = tl.exp(log_r_masked - emph_shift[:, None])
+        logit_sum = logit_sum * logit_scale + tl.sum(tl.exp(s_masked - logit_shift[:, None]), axis=1)
+        emph_sum = emph_sum * emph_scale + tl.sum(r, axis=1)
+        pos_logit = pos_logit * emph_scale + tl.sum(tl.where(positive, r * s, 0.0), axis=1)
+        pos_weight = pos_weight * emph_scale + tl.sum(tl.where(positive, r, 0.0), axis=1)
+        pos_count += tl.sum(positive.to(tl.float32), axis=1)
+        logit_max = new_logit_max
+        emph_max = new_emph_max
+    # Anchors without partners (groups of 1) keep neutral values so everything stays finite.
+    has_partner = end - start >= 2
+    logit_max = tl.where(has_partner, logit_max, 0.0)
+    emph_max = tl.where(has_partner, emph_max, 0.0)
+    logit_sum = tl.where(has_partner, logit_sum, 1.0)
+    emph_sum = tl.where(has_partner, emph_sum, 1.0)
+    partners = (end - start - 1).to(tl.float32)
+    logit_lse = logit_max + tl.log(logit_sum)
+    loss = -partners / emph_sum * (pos_logit - logit_lse * pos_weight) / tl.maximum(pos_count, 1.0)
+    tl.store(stats_ptr + rows, row_norm, mask=row_ok)
+    tl.store(stats_ptr + 1 * batch + rows, logit_lse, mask=row_ok)
+    tl.store(stats_ptr + 2 * batch + rows, emph_max + tl.log(emph_sum), mask=row_ok)
+    tl.store(stats_ptr + 3 * batch + rows, partners * pos_weight / emph_sum, mask=row_ok)
+    tl.store(stats_ptr + 4 * batch + rows, loss, mask=row_ok)
+    tl.store(stats_ptr + 5 * batch + rows, pos_count, mask=row_ok)
 
 
 @triton.jit
 def _group_risk_kernel(offsets_ptr, stats_ptr, risks_ptr, batch, BLOCK: tl.constexpr):
+    """L_g = mean of the anchors' losses; 0 for a group of fewer than 2 members (left out)."""
     group = tl.program_id(0).to(tl.int64)
     start = tl.load(offsets_ptr + group)
     end = tl.load(offsets_ptr + group + 1)
@@ -152,7 +212,8 @@ def _group_risk_kernel(offsets_ptr, stats_ptr, risks_ptr, batch, BLOCK: tl.const
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK):
         total += tl.load(stats_ptr + 4 * batch + r0 + lanes, mask=r0 + lanes < end, other=0.0)
-    tl.store(risks_ptr + group, tl.sum(total, axis=0) / (end - start).to(tl.float32))
+    risk = tl.sum(total, axis=0) / tl.maximum(end - start, 1).to(tl.float32)
+    tl.store(risks_ptr + group, tl.where(end - start >= 2, risk, 0.0))
 
 
 @triton.jit
@@ -179,97 +240,113 @@ def _load_anchor_stats(stats_ptr, idx, ok, batch):
 
 
 @triton.jit
-def _backward_kernel(
-    grad_risks_ptr, z_ptr, labels_ptr, offsets_ptr, stats_ptr, grad_f_ptr, batch, width, tau, eta,
-    DETACH_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+def _direction_kernel(
+    z_ptr, order_ptr, labels_ptr, offsets_ptr, stats_ptr, direction_ptr, batch, width, num_groups, search_steps,
+    tau, eta, DETACH_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """grad_f[rows] = sum over partner blocks of H_tile @ f[cols]; grad_f starts at zero."""
-    group = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1).to(tl.int64)
-    start = tl.load(offsets_ptr + group)
-    end = tl.load(offsets_ptr + group + 1)
-    n = end - start
-    if block * BLOCK < n:
-        inv_tau = 1.0 / tl.cast(tau, tl.float32)
-        eta = tl.cast(eta, tl.float32)
-        inv_eta = 1.0 / eta
-        partners = (n - 1).to(tl.float32)
-        gamma = tl.load(grad_risks_ptr + group).to(tl.float32) / n.to(tl.float32)
-        lanes = tl.arange(0, BLOCK).to(tl.int64)
-        k = tl.arange(0, BLOCK_C)
-        rows = start + block * BLOCK + lanes
-        row_ok = rows < end
-        inv_rows = 1.0 / tl.maximum(tl.load(stats_ptr + rows, mask=row_ok, other=1.0), NORM_EPS)
-        row_labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-        lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
-        for c0 in range(0, n, BLOCK):
-            cols = start + c0 + lanes
-            col_ok = cols < end
-            inv_cols = 1.0 / tl.maximum(tl.load(stats_ptr + cols, mask=col_ok, other=1.0), NORM_EPS)
-            col_labels = tl.load(labels_ptr + cols, mask=col_ok, other=-2)
-            lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(stats_ptr, cols, col_ok, batch)
-            c = _cosine_tile(z_ptr, rows, cols, row_ok, col_ok, inv_rows, inv_cols, width, BLOCK, BLOCK_C)
-            partner = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
-            positive = partner & (row_labels[:, None] == col_labels[None, :])
-            s = c * inv_tau
-            d = (c - eta) * inv_eta
-            log_r = -0.5 * d * d
-            g_ij = _anchor_cosine_grad(c, s, log_r, positive, lse_i[:, None], emph_i[:, None], wpos_i[:, None],
-                                       loss_i[:, None], inv_m_i[:, None], partners, inv_tau, eta, inv_eta,
-                                       DETACH_WEIGHTS)
-            g_ji = _anchor_cosine_grad(c, s, log_r, positive, lse_j[None, :], emph_j[None, :], wpos_j[None, :],
-                                       loss_j[None, :], inv_m_j[None, :], partners, inv_tau, eta, inv_eta,
-                                       DETACH_WEIGHTS)
-            h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
-            for k0 in range(0, width, BLOCK_C):
-                k_ok = k0 + k < width
-                f_cols = tl.load(z_ptr + cols[:, None] * width + k0 + k[None, :],
-                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                f_cols = f_cols * inv_cols[:, None]
-                out = grad_f_ptr + rows[:, None] * width + k0 + k[None, :]
-                out_mask = row_ok[:, None] & k_ok[None, :]
-                partial = tl.dot(h, f_cols, input_precision=DOT_PRECISION)
-                tl.store(out, tl.load(out, mask=out_mask, other=0.0) + partial, mask=out_mask)
+    """direction[rows, slice] = dL_g/dz for the program's anchors (unit upstream gradient)
+    over its slice of BLOCK_W features (grid axis 1): dF = sum over partner blocks of
+    H_tile @ f[cols, slice], in registers, then the normalization backward with the
+    projection f_i . dF_i = sum_j H_ij c_ij from the same tiles, so a program needs no other
+    slice. Rows of groups of fewer than 2 members are 0."""
+    rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
+        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M)
+    inv_tau = 1.0 / tl.cast(tau, tl.float32)
+    eta = tl.cast(eta, tl.float32)
+    inv_eta = 1.0 / eta
+    members = (end - start).to(tl.float32)
+    partners = (members - 1.0)[:, None]
+    gamma = (1.0 / tl.maximum(members, 1.0))[:, None]
+    row_norm = tl.load(stats_ptr + rows, mask=row_ok, other=1.0)
+    inv_rows = _inverse_norm(row_norm)
+    lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
+    lanes = tl.arange(0, BLOCK_N).to(tl.int64)
+    features = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
+    feature_ok = features < width
+    grad_f = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first = tl.min(tl.where(row_ok, start, batch), axis=0)
+    last = tl.max(tl.where(row_ok, end, 0), axis=0)
+    for c0 in range(first, last, BLOCK_N):
+        cols = c0 + lanes
+        col_ok = cols < last
+        col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
+        col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
+        inv_cols = _inverse_norm(tl.load(stats_ptr + cols, mask=col_ok, other=1.0))
+        lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(stats_ptr, cols, col_ok, batch)
+        acc, _ = _cosine_tile(
+            z_ptr, row_samples, col_samples, row_ok, col_ok, width, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            tl.zeros((BLOCK_N,), dtype=tl.float32), BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False)
+        c = _scaled_cosines(acc, inv_rows, inv_cols)
+        partner = (row_ok[:, None] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
+                   & (rows[:, None] != cols[None, :]))
+        positive = partner & (row_labels[:, None] == col_labels[None, :])
+        s = c * inv_tau
+        d = (c - eta) * inv_eta
+        log_r = -0.5 * d * d
+        g_ij = _anchor_cosine_grad(c, s, log_r, positive, lse_i[:, None], emph_i[:, None], wpos_i[:, None],
+                                   loss_i[:, None], inv_m_i[:, None], partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS)
+        g_ji = _anchor_cosine_grad(c, s, log_r, positive, lse_j[None, :], emph_j[None, :], wpos_j[None, :],
+                                   loss_j[None, :], inv_m_j[None, :], partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS)
+        h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
+        projection += tl.sum(h * c, axis=1)
+        f_cols = tl.load(z_ptr + col_samples[:, None] * width + features[None, :],
+                         mask=col_ok[:, None] & feature_ok[None, :], other=0.0).to(tl.float32) * inv_cols[:, None]
+        grad_f = tl.dot(h, f_cols, grad_f, input_precision=PRECISION)
+    # f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps.
+    projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
+    mask = row_ok[:, None] & feature_ok[None, :]
+    f = tl.load(z_ptr + row_samples[:, None] * width + features[None, :], mask=mask, other=0.0).to(tl.float32)
+    dz = inv_rows[:, None] * (grad_f - f * inv_rows[:, None] * projection[:, None])
+    tl.store(direction_ptr + rows[:, None] * width + features[None, :],
+             tl.where((members >= 2.0)[:, None], dz, 0.0), mask=mask)
 
 
 @triton.jit
-def _input_grad_kernel(z_ptr, stats_ptr, grad_f_ptr, grad_z_ptr, width, BLOCK_W: tl.constexpr):
-    """f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_W)
-    norm = tl.load(stats_ptr + row)
-    inv = 1.0 / tl.maximum(norm, NORM_EPS)
-    dot = tl.zeros((BLOCK_W,), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_W):
-        ok = k0 + cols < width
-        f = tl.load(z_ptr + row * width + k0 + cols, mask=ok, other=0.0).to(tl.float32) * inv
-        dot += f * tl.load(grad_f_ptr + row * width + k0 + cols, mask=ok, other=0.0)
-    projection = tl.where(norm >= NORM_EPS, tl.sum(dot, axis=0), 0.0)
-    for k0 in range(0, width, BLOCK_W):
-        ok = k0 + cols < width
-        f = tl.load(z_ptr + row * width + k0 + cols, mask=ok, other=0.0).to(tl.float32) * inv
-        df = tl.load(grad_f_ptr + row * width + k0 + cols, mask=ok, other=0.0)
-        tl.store(grad_z_ptr + row * width + k0 + cols,
-                 (inv * (df - f * projection)).to(grad_z_ptr.dtype.element_ty), mask=ok)
+def _scatter_kernel(grad_risks_ptr, direction_ptr, order_ptr, offsets_ptr, out_ptr, batch, width, num_groups,
+                    search_steps, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out[order[i]] = grad_risks[group of i] * direction[i], in out's dtype."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < batch
+    safe_rows = tl.minimum(rows, batch - 1)
+    scale = tl.load(grad_risks_ptr + _group_of(offsets_ptr, safe_rows, num_groups, search_steps)).to(tl.float32)
+    samples = tl.load(order_ptr + safe_rows)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
+    mask = row_ok[:, None] & (cols < width)[None, :]
+    d = tl.load(direction_ptr + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + samples[:, None] * width + cols[None, :],
+             (d * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def tile_block(batch: int, num_groups: int) -> tuple[int, int]:
-    """`(BLOCK, anchor blocks per group)`: one block per group when the random partition's
-    largest group fits in SMALL_GROUP_MAX, else streaming; enough blocks for a group of the
-    whole batch (explicit ids can put every sample in one group)."""
-    typical = triton.cdiv(batch, num_groups)
-    block = max(16, triton.next_power_of_2(typical)) if typical <= SMALL_GROUP_MAX else STREAM_BLOCK
-    return block, triton.cdiv(batch, block)
+def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
+    """`(BLOCK_M, BLOCK_N)`: partner blocks as wide as the random partition's largest group
+    (`cdiv(B, G)`, 16 to MAX_TILE); anchor tiles start as wide and are halved (down to 16)
+    while the grid `cdiv(B, BLOCK_M)` holds at most TARGET_PROGRAMS / 2 programs, so small
+    batches still spread over the SMs. The grid never depends on the group sizes."""
+    block_n = min(MAX_TILE, max(16, triton.next_power_of_2(triton.cdiv(batch, num_groups))))
+    block_m = block_n
+    while block_m > 16 and 2 * triton.cdiv(batch, block_m) <= TARGET_PROGRAMS:
+        block_m //= 2
+    return block_m, block_n
 
 
-def tile_launch_options(block: int) -> dict:
-    """Warps and stages of the tile kernels: 8 warps from 32x32 tiles on, one stage (the
-    feature chunks are small); checked spill-free on sm_80/sm_90 for every variant."""
-    return {"num_warps": 4 if block <= 16 else 8, "num_stages": 1}
+def tile_launch_options(block_m: int, block_n: int) -> dict:
+    """Warps of the tile kernels (4 up to 32x32 tiles, else 8); the feature-chunk loads of the
+    products are pipelined over NUM_STAGES stages, the other loops are not (num_stages 1).
+    Checked spill-free on sm_80/sm_90 for every variant."""
+    return {"num_warps": 4 if block_m * block_n <= 1024 else 8, "num_stages": 1, "NUM_STAGES": 2}
 
 
-def _row_block(width: int) -> int:
-    return min(ROW_BLOCK_C, max(16, triton.next_power_of_2(width)))
+def direction_slice(block_m: int) -> int:
+    """Features per direction program: SLICE_ELEMENTS / BLOCK_M, at most MAX_SLICE (256 for
+    16- and 32-anchor tiles, 128 for 64). Each slice recomputes its tiles' cosines, so wide
+    features (C = 2048: 8 slices) also give small batches enough programs."""
+    return min(MAX_SLICE, SLICE_ELEMENTS // block_m)
+
+
+def _search_steps(num_groups: int) -> int:
+    return num_groups.bit_length()   # halvings of G + 1 candidates down to one
 
 
 def girl_forward(
@@ -280,32 +357,24 @@ def girl_forward(
     order, `(B, C)` with `need_grad`, else `(0, C)`."""
     batch, width = features.shape
     num_groups = offsets.shape[0] - 1
-    z = features.index_select(0, order)
-    sorted_labels = labels.index_select(0, order)
+    steps = _search_steps(num_groups)
     risks = features.new_empty((num_groups,), dtype=torch.float32)
     stats = features.new_empty((NUM_STATS, batch), dtype=torch.float32)
-    block, blocks_per_group = tile_block(batch, num_groups)
-    row_block = _row_block(width)
-    tile_options = tile_launch_options(block)
-    wrap_triton(_row_norm_kernel)[(batch,)](z, stats, width, BLOCK_W=row_block)
-    wrap_triton(_forward_kernel)[(num_groups, blocks_per_group)](
-        z, sorted_labels, offsets, stats, batch, width, tau, eta, BLOCK=block, BLOCK_C=BLOCK_C, **tile_options,
-    )
-    wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=block)
-    counted = group_sizes(offsets) >= 2
-    risks = torch.where(counted, risks, 0.0)
+    block_m, block_n = tile_plan(batch, num_groups)
+    tiles = (triton.cdiv(batch, block_m),)
+    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": triton_fp32_precision(),
+            "NATIVE_BF16": not triton_interpreting(), **tile_launch_options(block_m, block_n)}
+    wrap_triton(_forward_kernel)[tiles](
+        features, order, labels, offsets, stats, batch, width, num_groups, steps, tau, eta, **tile)
+    wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=RISK_BLOCK, num_stages=1)
     if not need_grad:
         return risks, features.new_empty((0, width), dtype=torch.float32)
-    unit = torch.ones((num_groups,), dtype=torch.float32, device=features.device)
-    grad_f = torch.zeros((batch, width), dtype=torch.float32, device=features.device)
-    direction = torch.empty((batch, width), dtype=torch.float32, device=features.device)
-    wrap_triton(_backward_kernel)[(num_groups, blocks_per_group)](
-        unit, z, sorted_labels, offsets, stats, grad_f, batch, width, tau, eta,
-        DETACH_WEIGHTS=detach_weights, BLOCK=block, BLOCK_C=BLOCK_C, **tile_options,
-    )
-    wrap_triton(_input_grad_kernel)[(batch,)](z, stats, grad_f, direction, width, BLOCK_W=row_block)
-    counted_rows = counted.index_select(0, position_groups(offsets, batch))
-    return risks, torch.where(counted_rows[:, None], direction, 0.0)
+    direction = features.new_empty((batch, width), dtype=torch.float32)
+    block_w = direction_slice(block_m)
+    wrap_triton(_direction_kernel)[(tiles[0], triton.cdiv(width, block_w))](
+        features, order, labels, offsets, stats, direction, batch, width, num_groups, steps, tau, eta,
+        DETACH_WEIGHTS=detach_weights, BLOCK_W=block_w, **tile)
+    return risks, direction
 
 
 def girl_backward(
@@ -313,55 +382,71 @@ def girl_backward(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """`grad_features[order[i]] = grad_risks[group of i] * direction[i]`, in `dtype`."""
-    scale = grad_risks.to(direction.dtype).index_select(0, position_groups(offsets, order.shape[0]))
-    rows = (direction * scale[:, None]).to(dtype)
-    return torch.empty_like(rows).index_copy(0, order, rows)
+    batch, width = direction.shape
+    num_groups = offsets.shape[0] - 1
+    grad_features = direction.new_empty((batch, width), dtype=dtype)
+    grid = (triton.cdiv(batch, ROW_BLOCK), triton.cdiv(width, ROW_BLOCK_W))
+    wrap_triton(_scatter_kernel)[grid](grad_risks, direction, order, offsets, grad_features, batch, width,
+                                       num_groups, _search_steps(num_groups), BLOCK_R=ROW_BLOCK, BLOCK_W=ROW_BLOCK_W,
+                                       num_stages=1)
+    return grad_features
 
 
 # (B, C, G), as in benchmarks/bench_girl.py: the benchmark shapes, then one shape per further
-# tile and row block the launchers pick (BLOCK 16, 32 and a single 64 block; BLOCK_W 16 to
-# 128); some sizes are not multiples of 16 so the JIT's less specialized binaries are built too.
-AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3), (30, 20, 2), (12, 40, 3), (130, 100, 3)]
+# tile plan (BLOCK_M x BLOCK_N 16x16, 32x32, 64x64); widths that are not multiples of 16 make
+# the JIT build its less specialized binaries too.
+AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3), (4224, 20, 132), (8448, 40, 1)]
 _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def aot_variants() -> list[KernelVariant]:
-    """The kernel variants the launchers pick at `AOT_SHAPES`: every kernel of the forward
-    with `need_grad` (the backward kernels give the direction), fp32/fp16/bf16, both
-    `detach_weights`."""
+    """The kernel variants the launchers pick at `AOT_SHAPES`: forward and direction (both
+    `detach_weights`) per dtype and fp32 product precision, the group risks, the scatter per
+    output dtype."""
     variants = {}
 
     def add(name, kernel, constexprs, options=None, pointer_types=None):
         variants[name] = KernelVariant(name, kernel, constexprs, **(options or {}),
                                        pointer_types=pointer_types or {})
 
-    for batch, width, num_groups in AOT_SHAPES:
-        block, _ = tile_block(batch, num_groups)
-        block_w = _row_block(width)
-        options = tile_launch_options(block)
-        tile = {"BLOCK": block, "BLOCK_C": BLOCK_C}
-        add(f"girl.group_risk[BLOCK={block}]", _group_risk_kernel, {"BLOCK": block})
+    add(f"girl.group_risk[BLOCK={RISK_BLOCK}]", _group_risk_kernel, {"BLOCK": RISK_BLOCK}, {"num_stages": 1})
+    for batch, _, num_groups in AOT_SHAPES:
+        block_m, block_n = tile_plan(batch, num_groups)
+        options = tile_launch_options(block_m, block_n)
+        warps = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages")}
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
-            add(f"girl.row_norm[{dtype},BLOCK_W={block_w}]", _row_norm_kernel, {"BLOCK_W": block_w}, pointer_types=z)
-            add(f"girl.input_grad[{dtype},BLOCK_W={block_w}]", _input_grad_kernel, {"BLOCK_W": block_w},
-                pointer_types=z)
-            add(f"girl.forward[{dtype},BLOCK={block}]", _forward_kernel, tile, options, z)
-            for detach in (True, False):
-                add(f"girl.backward[{dtype},BLOCK={block},DETACH_WEIGHTS={detach}]", _backward_kernel,
-                    {"DETACH_WEIGHTS": detach, **tile}, options, z)
+            add(f"girl.scatter[{dtype}]", _scatter_kernel, {"BLOCK_R": ROW_BLOCK, "BLOCK_W": ROW_BLOCK_W},
+                {"num_stages": 1}, {"out_ptr": f"*{dtype}"})
+            for precision in TRITON_FP32_PRECISIONS:
+                tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": precision,
+                        "NATIVE_BF16": True, **options}
+                plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
+                add(f"girl.forward[{plan}]", _forward_kernel, tile, warps, z)
+                block_w = direction_slice(block_m)
+                for detach in (True, False):
+                    add(f"girl.direction[{plan},BLOCK_W={block_w},DETACH_WEIGHTS={detach}]", _direction_kernel,
+                        {"DETACH_WEIGHTS": detach, "BLOCK_W": block_w, **tile}, warps, z)
     return list(variants.values())
 
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
-    """Runs the forward launcher with `need_grad` at `shapes` on uninitialized CPU tensors,
-    every dtype and both `detach_weights` (for `triton_variants.capture_specializations`,
-    which stops each launch); the backward op launches no kernel."""
-    for batch, width, num_groups in shapes:
-        order = torch.arange(batch)
-        offsets = torch.arange(num_groups + 1) * batch // num_groups
-        labels = torch.zeros(batch, dtype=torch.int64)
-        for dtype in _AOT_DTYPES.values():
-            features = torch.empty((batch, width), dtype=dtype)
-            for detach in (True, False):
-                girl_forward(features, labels, order, offsets, 0.07, 0.2, detach, True)
+    """Runs the forward launcher with `need_grad` and the backward launcher at `shapes` on
+    uninitialized CPU tensors, every dtype, fp32 product precision and `detach_weights`
+    (for `triton_variants.capture_specializations`, which stops each launch)."""
+    saved = triton_fp32_precision()
+    try:
+        for batch, width, num_groups in shapes:
+            order = torch.arange(batch)
+            offsets = torch.arange(num_groups + 1) * batch // num_groups
+            labels = torch.zeros(batch, dtype=torch.int64)
+            grad_risks = torch.ones(num_groups)
+            for dtype in _AOT_DTYPES.values():
+                features = torch.empty((batch, width), dtype=dtype)
+                for precision in TRITON_FP32_PRECISIONS:
+                    set_triton_fp32_precision(precision)
+                    for detach in (True, False):
+                        _, direction = girl_forward(features, labels, order, offsets, 0.07, 0.2, detach, True)
+                girl_backward(grad_risks, direction, order, offsets, dtype)
+    finally:
+        set_triton_fp32_precision(saved)
