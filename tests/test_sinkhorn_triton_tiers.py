@@ -1,4 +1,4 @@
-"""Triton Sinkhorn tiers (packed / one matrix / streaming): tier boundaries and odd sizes.
+"""Triton Sinkhorn tiers (packed / one matrix / streaming / streaming_wide): tier boundaries and odd sizes.
 
 The all-backend suite (tests/test_sinkhorn.py) covers the common shapes; this file pins
 which tier each boundary shape takes and checks that tier against the float64 reference,
@@ -35,7 +35,10 @@ BOUNDARY_CASES = [
     (1, 64, 64, "one_matrix"),    # largest register tile
     (2, 5, 300, "one_matrix"),    # 8x512 tile: wide but small
     (1, 65, 64, "streaming"),     # 128x64 padded tile: first streaming size, partial row tile
-    (2, 37, 300, "streaming"),    # several row and column tiles, both partial
+    (2, 37, 300, "streaming"),    # several row tiles, the last partial; 512-wide rows
+    (1, 1024, 5, "streaming"),    # largest streaming height
+    (1, 1025, 5, "streaming_wide"),   # just past it: scale vectors in global memory
+    (2, 3, 1100, "streaming_wide"),   # several column tiles, the last partial
 ]
 
 

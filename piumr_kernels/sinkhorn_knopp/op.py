@@ -6,7 +6,7 @@ and iteration what the backward needs to rebuild every intermediate from `K`, ba
 `(n_iters, N, B)` / `(n_iters, M, B)` in the accumulation dtype:
 - linear domain: the row scales `alpha_t = row_sum / (rowsum_t + eps)` and column scales `beta_t`;
 - log domain: the cumulative potentials `f_t`, `g_t` (`L_t = K + f_t + g_t`).
-Without them (`save_stats=False`, cpp only) the backward replays the forward.
+Without them (`save_stats=False`: cpp, and triton's packed tier) the backward replays the forward.
 """
 
 from __future__ import annotations
@@ -67,11 +67,14 @@ def saves_stats(backend: str, K: torch.Tensor, n_iters: int, n_rows: int, n_cols
     them only while they are at most 1.5 times the matrix (16x16 with 3 iterations: 96
     values per 256 entries) and otherwise replays the forward in the backward, which for
     tiny matrices (4x4 with 20 iterations: 160 values per 16-entry matrix) is cheaper than
-    the traffic; the triton backward always reads them.
+    the traffic; the triton backend replays them in its packed tier up to 32 iterations
+    (`triton_kernels.backward_reads_stats`) and stores them otherwise.
     """
     wanted = K.requires_grad and torch.is_grad_enabled()
     if backend == "triton":
-        return wanted
+        from .triton_kernels import backward_reads_stats
+
+        return wanted and backward_reads_stats(n_rows, n_cols, n_iters)
     return wanted and 2 * n_iters * (n_rows + n_cols) <= 3 * n_rows * n_cols
 
 

@@ -1,15 +1,23 @@
 """Triton kernels for Sinkhorn–Knopp (SPEC §1) and their launchers (wrapped as triton_op in op.py).
 
-Three tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_plan`):
+Four tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_plan`):
 - **packed** (`N, M <= 8`): many matrices per program, a `[BLOCK_B, BLOCK_N, BLOCK_M]`
   register tile (64 hyper-connection 4x4 mixings per program);
 - **one matrix** (padded tile up to 4096 elements: 64x64, 32x128, ...): the same
   register-resident kernel with `BLOCK_B = 1`, `num_warps` growing with the matrix;
-- **streaming** (larger tiles, including 128x128): one program per matrix, `K` stays in global memory and
-  every half-step is one pass over row or column tiles, using the factorization
-  `P_t = diag(U) K diag(V)` (linear) or `L_t = K + f + g` (log) with the scale vectors /
-  potentials kept in small global buffers. It covers every size; it is fast when the
-  batch fills the GPU (one program per matrix), slow for a single huge matrix.
+- **streaming** (larger tiles up to 1024x1024 padded, including 128x128): one program per
+  matrix, `K` stays in global memory, using the factorization `P_t = diag(U) K diag(V)`
+  (linear) or `L_t = K + f + g` (log). The forward streams tiles of whole rows with `U`, `V`
+  (`f`, `g`) in registers: one pass over `K` per iteration (each row step fused with the
+  next column sums) and one to write `P`. The backward makes two passes per iteration;
+- **streaming_wide** (past 1024 padded rows or columns, where the vectors would crowd the
+  registers): the same backward; the forward makes one pass per half-step over row or
+  column tiles, with the scale vectors / potentials in small global buffers. It covers
+  every size.
+
+Both streaming tiers are fast when the batch fills the GPU (one program per matrix): a
+matrix's iterations need its whole row and column sums, which one program owns without
+synchronizing with others; a single huge matrix is slow.
 
 Backward keeps `O(n_iters * (N + M))` per matrix on every tier (the forward's per-iteration
 row/column scales or potentials) and recomputes the intermediate matrices from `K`; a
@@ -38,7 +46,10 @@ PACKED_MAX = 8                 # N, M <= 8: many matrices per program
 PACKED_ELEMENTS = 1024         # elements of one packed program's tile
 REGISTER_MAX_ELEMENTS = 4096   # padded tile of a register-resident matrix (64x64, 32x128)
 STREAM_ELEMENTS = 1024         # elements of one streaming tile (2048 spills the backward at 8 warps)
-STREAM_MAX_COLS = 128          # widest streaming tile (512 contiguous bytes in fp32)
+STREAM_MAX_COLS = 128          # widest streaming_wide tile (512 contiguous bytes in fp32)
+# Streaming with whole rows per tile and U, V in registers up to 1024x1024 (padded): 8 values
+# per thread each at 4 warps, and picking a tile's U costs at most as much as the tile.
+STREAM_MAX_VECTOR = 1024
 STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
 STREAM_WARPS = 4
 REGISTERS_PER_SM = 65536      # sm_80 / sm_90: also the most one program may hold
@@ -132,6 +143,36 @@ def _register_tile(n_matrices, n_rows, n_cols, n_iters,
 
 
 @triton.jit
+def _register_start(K_ptrs, mask, row_sum, col_sum, LOG_DOMAIN: tl.constexpr):
+    """The loaded matrices (padding: -inf in log domain, 0 linear) and the row/column targets
+    of the steps (log domain: their logarithms)."""
+    if LOG_DOMAIN:
+        x = tl.load(K_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        row_target = tl.log(row_sum)
+        col_target = tl.log(col_sum)
+    else:
+        x = tl.load(K_ptrs, mask=mask, other=0.0).to(tl.float32)
+        row_target = row_sum
+        col_target = col_sum
+    return x, row_target, col_target
+
+
+@triton.jit
+def _register_step(x, ok, target, eps, AXIS: tl.constexpr, LOG_DOMAIN: tl.constexpr):
+    """A row (`AXIS=2`) or column (`AXIS=1`) step of `[BLOCK_B, BLOCK_N, BLOCK_M]` matrices:
+    the new matrices and the step's vector (linear: the scale; log: the potential's change).
+    Padding rows/columns get the neutral step: a padding scale `target / eps` would grow the
+    gradient's padding entries past float32 over the iterations, and inf * 0 is NaN."""
+    if LOG_DOMAIN:
+        step = tl.where(ok, target - _logsumexp(x, AXIS), 0.0)
+        x = x + tl.expand_dims(step, AXIS)
+    else:
+        step = tl.where(ok, _safe_scale(target, tl.sum(x, axis=AXIS), eps), 1.0)
+        x = x * tl.expand_dims(step, AXIS)
+    return x, step
+
+
+@triton.jit
 def _forward_register_kernel(
     K_ptr, P_ptr, row_stats_ptr, col_stats_ptr,
     n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
@@ -151,35 +192,25 @@ def _forward_register_kernel(
     col_stats_ptr += first
     row_step = n_rows.to(tl.int64) * n_matrices
     col_step = n_cols.to(tl.int64) * n_matrices
+    x, row_target, col_target = _register_start(K_ptr + offsets, mask, row_sum, col_sum, LOG_DOMAIN)
     if LOG_DOMAIN:
-        x = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-        log_row = tl.log(row_sum)
-        log_col = tl.log(col_sum)
         f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         g = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
-        for t in range(n_iters):
-            step = tl.where(row_ok, log_row - _logsumexp(x, 2), 0.0)
-            x = x + step[:, :, None]
-            f += step
-            if SAVE_STATS:
-                tl.store(row_stats_ptr + row_stats + t * row_step, f, mask=row_ok)
-            step = tl.where(col_ok, log_col - _logsumexp(x, 1), 0.0)
-            x = x + step[:, None, :]
-            g += step
-            if SAVE_STATS:
-                tl.store(col_stats_ptr + col_stats + t * col_step, g, mask=col_ok)
+    for t in range(n_iters):
+        x, stat = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
+        if LOG_DOMAIN:
+            f += stat
+            stat = f
+        if SAVE_STATS:
+            tl.store(row_stats_ptr + row_stats + t * row_step, stat, mask=row_ok)
+        x, stat = _register_step(x, col_ok, col_target, eps, 1, LOG_DOMAIN)
+        if LOG_DOMAIN:
+            g += stat
+            stat = g
+        if SAVE_STATS:
+            tl.store(col_stats_ptr + col_stats + t * col_step, stat, mask=col_ok)
+    if LOG_DOMAIN:
         x = tl.exp(x)
-    else:
-        x = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        for t in range(n_iters):
-            alpha = _safe_scale(row_sum, tl.sum(x, axis=2), eps)
-            x = x * alpha[:, :, None]
-            if SAVE_STATS:
-                tl.store(row_stats_ptr + row_stats + t * row_step, alpha, mask=row_ok)
-            beta = _safe_scale(col_sum, tl.sum(x, axis=1), eps)
-            x = x * beta[:, None, :]
-            if SAVE_STATS:
-                tl.store(col_stats_ptr + col_stats + t * col_step, beta, mask=col_ok)
     tl.store(P_ptr + offsets, x.to(P_ptr.dtype.element_ty), mask=mask)
 
 
@@ -187,13 +218,21 @@ def _forward_register_kernel(
 def _backward_register_kernel(
     grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, grad_K_ptr,
     n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    LOG_DOMAIN: tl.constexpr, RECOMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Walks the iterations backwards with the gradient in registers: a column step
     `Y = X diag(beta)` maps `dY` to `beta * (dY - colsum(dY * Y) / col_sum)`, a row step
-    likewise; in log domain the steps are softmax-like: `dX = dY - softmax * sum(dY)`."""
-    inv_row = 1.0 / tl.cast(row_sum, tl.float32)
-    inv_col = 1.0 / tl.cast(col_sum, tl.float32)
+    likewise; in log domain the steps are softmax-like: `dX = dY - softmax * sum(dY)`.
+
+    Step `t` needs the matrices after its row and its column step: rebuilt from `K` and the
+    stored stats, or with `RECOMPUTE` (no stats stored) by replaying the forward's first `t`
+    iterations from `K`, `n_iters (n_iters + 1) / 2` iterations in all."""
+    eps = tl.cast(eps, tl.float32)
+    row_sum = tl.cast(row_sum, tl.float32)
+    col_sum = tl.cast(col_sum, tl.float32)
+    inv_row = 1.0 / row_sum
+    inv_col = 1.0 / col_sum
     first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
         n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
     grad_ptr += first * n_rows * n_cols
@@ -204,22 +243,8 @@ def _backward_register_kernel(
     row_step = n_rows.to(tl.int64) * n_matrices
     col_step = n_cols.to(tl.int64) * n_matrices
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if LOG_DOMAIN:
-        k = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-        f = tl.load(row_stats_ptr + (n_iters - 1) * row_step, mask=row_ok, other=0.0)
-        g = tl.load(col_stats_ptr + (n_iters - 1) * col_step, mask=col_ok, other=0.0)
-        grad = grad * tl.exp(k + f[:, :, None] + g[:, None, :])
-        for step in range(n_iters):
-            t = n_iters - 1 - step
-            f = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=0.0)
-            g = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=0.0)
-            softmax = tl.exp(k + f[:, :, None] + g[:, None, :])
-            grad = grad - softmax * (tl.sum(grad, axis=1) * inv_col)[:, None, :]
-            g = tl.load(col_stats_ptr + (t - 1) * col_step, mask=tl.where(t > 0, col_ok, False), other=0.0)
-            softmax = tl.exp(k + f[:, :, None] + g[:, None, :])
-            grad = grad - softmax * (tl.sum(grad, axis=2) * inv_row)[:, :, None]
-    else:
-        k = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    k, row_target, col_target = _register_start(K_ptr + offsets, mask, row_sum, col_sum, LOG_DOMAIN)
+    if not RECOMPUTE and not LOG_DOMAIN:
         # Cumulative scales U_t = prod alpha_s, V_t = prod beta_s (s <= t), from t = T-1
         # down by division; a zero scale only occurs for a zero row/column of K, whose
         # recomputed entries are zero whatever U, V are, so 0 stands in for the quotient.
@@ -231,22 +256,125 @@ def _backward_register_kernel(
         for t in range(n_iters):
             u = tl.minimum(u * tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0), FLOAT32_MAX)
             v = tl.minimum(v * tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0), FLOAT32_MAX)
-        for step in range(n_iters):
-            t = n_iters - 1 - step
+    for step in range(n_iters):
+        t = n_iters - 1 - step
+        if RECOMPUTE:
+            x = k
+            for _ in range(t):
+                x, alpha = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
+                x, beta = _register_step(x, col_ok, col_target, eps, 1, LOG_DOMAIN)
+            after_row, alpha = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
+            after_col, beta = _register_step(after_row, col_ok, col_target, eps, 1, LOG_DOMAIN)
+            if LOG_DOMAIN:
+                after_row = tl.exp(after_row)
+                after_col = tl.exp(after_col)
+        elif LOG_DOMAIN:
+            f = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=0.0)
+            g = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=0.0)
+            after_col = tl.exp(k + f[:, :, None] + g[:, None, :])
+            g = tl.load(col_stats_ptr + (t - 1) * col_step, mask=tl.where(t > 0, col_ok, False), other=0.0)
+            after_row = tl.exp(k + f[:, :, None] + g[:, None, :])
+        else:
             alpha = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
             beta = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
             after_col = u[:, :, None] * k * v[:, None, :]
-            grad = beta[:, None, :] * (grad - (tl.sum(grad * after_col, axis=1) * inv_col)[:, None, :])
             v = tl.where(beta > 0, v / beta, 0.0)
             after_row = u[:, :, None] * k * v[:, None, :]
-            grad = alpha[:, :, None] * (grad - (tl.sum(grad * after_row, axis=2) * inv_row)[:, :, None])
             u = tl.where(alpha > 0, u / alpha, 0.0)
+        if LOG_DOMAIN:
+            # The gradient with respect to the final log matrix: dP * P.
+            grad = tl.where(step == 0, grad * after_col, grad)
+            grad = grad - after_col * (tl.sum(grad, axis=1) * inv_col)[:, None, :]
+            grad = grad - after_row * (tl.sum(grad, axis=2) * inv_row)[:, :, None]
+        else:
+            grad = beta[:, None, :] * (grad - (tl.sum(grad * after_col, axis=1) * inv_col)[:, None, :])
+            grad = alpha[:, :, None] * (grad - (tl.sum(grad * after_row, axis=2) * inv_row)[:, :, None])
     tl.store(grad_K_ptr + offsets, grad.to(grad_K_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
 # Streaming tier: one program per matrix, K streamed tile by tile every half-step
 # ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_rows_kernel(
+    K_ptr, P_ptr, row_stats_ptr, col_stats_ptr,
+    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+    LOG_DOMAIN: tl.constexpr, SAVE_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
+):
+    """One pass over `K` per iteration: a tile holds whole rows (`BLOCK_C >= M`), so its row
+    step needs only `V` (log: `g`), kept in registers, and its new `U_i` (log: `f_i`) adds the
+    tile's share of the next column sums at once; after the pass the column step is a vector
+    update. Log domain: `f_t = log r - logsumexp_j(K + g_{t-1})`, `g_t = log c - logsumexp_i(K + f_t)`. `U` (log: `f`, needed only for `P`) stays in registers too, as `[ROW_TILES, BLOCK_R]`
+    (a tile's entries picked by a masked sum over the row tiles), so nothing but `P` and, with
+    `SAVE_STATS`, the per-iteration stats is stored."""
+    matrix = tl.program_id(0).to(tl.int64)
+    eps = tl.cast(eps, tl.float32)
+    row_sum = tl.cast(row_sum, tl.float32)
+    col_sum = tl.cast(col_sum, tl.float32)
+    K_ptr += matrix * n_rows * n_cols
+    P_ptr += matrix * n_rows * n_cols
+    row_stats_ptr += matrix
+    col_stats_ptr += matrix
+    tile_rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < n_cols
+    tile_ids = tl.arange(0, ROW_TILES)[:, None]
+    n_tiles = tl.cdiv(n_rows, BLOCK_R)
+    # Before any step: U = V = 1 (linear), f = g = 0 (log).
+    row_potential = tl.full((ROW_TILES, BLOCK_R), 0.0 if LOG_DOMAIN else 1.0, tl.float32)
+    col_potential = tl.full((BLOCK_C,), 0.0 if LOG_DOMAIN else 1.0, tl.float32)
+    for t in range(n_iters):
+        peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_C,), tl.float32)
+        for tile in range(n_tiles):
+            rows = tile * BLOCK_R + tile_rows
+            row_ok = rows < n_rows
+            mask = row_ok[:, None] & col_ok[None, :]
+            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            selected = tile_ids == tile
+            if LOG_DOMAIN:
+                k = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+                new = tl.where(row_ok, tl.log(row_sum) - _logsumexp(k + col_potential[None, :], 1), 0.0)
+                # Online logsumexp of K + f over the row tiles (g_t = log c - logsumexp_i(K + f_t)).
+                x = k + new[:, None]
+                new_peak = tl.maximum(peak, tl.max(x, axis=0))
+                shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+                total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
+                peak = new_peak
+                stat = new
+            else:
+                u = tl.sum(tl.where(selected, row_potential, 0.0), axis=0)
+                k = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                row_total = tl.sum(k * col_potential[None, :], axis=1)
+                stat = _safe_scale(row_sum, u * row_total, eps)
+                # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
+                new = tl.where(row_total == 0, 0.0, u * stat)
+                total += tl.sum(new[:, None] * k, axis=0)
+            if SAVE_STATS:
+                tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), stat, mask=row_ok)
+            row_potential = tl.where(selected, new[None, :], row_potential)
+        if LOG_DOMAIN:
+            shift = tl.where(peak == float("-inf"), 0.0, peak)
+            col_potential = tl.where(col_ok, tl.log(col_sum) - (shift + tl.log(total)), 0.0)
+            stat = col_potential
+        else:
+            stat = _safe_scale(col_sum, col_potential * total, eps)
+            col_potential = tl.where(total == 0, 0.0, col_potential * stat)
+        if SAVE_STATS:
+            tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), stat, mask=col_ok)
+    # Output pass: P = U K V (linear) or exp(K + f + g) (log).
+    for tile in range(n_tiles):
+        rows = tile * BLOCK_R + tile_rows
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        potential = tl.sum(tl.where(tile_ids == tile, row_potential, 0.0), axis=0)
+        k = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        p = _entries(k, potential, col_potential, LOG_DOMAIN)
+        tl.store(P_ptr + offsets, p.to(P_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -392,8 +520,8 @@ def _backward_streaming_kernel(
     end `dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1))`, with
     `S(t, s) = U_t V_s^T` (linear) or `exp(K + f_t + g_s)` (log).
 
-    `row_potential`/`col_potential` hold `U_t, V_t` (linear: cumulative products of the
-    stats) or `f_t, g_t` (log: the stats). `row_work` is `(n_iters + 1, N)` per matrix:
+    `row_potential`/`col_potential` hold `U_t, V_t` (linear: the running products of the
+    stats, written here first; stats-shaped) or `f_t, g_t` (log: the stats themselves). `row_work` is `(n_iters + 1, N)` per matrix:
     `z_t` then `R`; `col_work` likewise `w_t` then `C`."""
     matrix = tl.program_id(0).to(tl.int64)
     eps = tl.cast(eps, tl.float32)
@@ -414,6 +542,27 @@ def _backward_streaming_kernel(
     tile_rows = tl.arange(0, BLOCK_R)
     tile_cols = tl.arange(0, BLOCK_C)
     last = n_iters - 1
+
+    if not LOG_DOMAIN:
+        # U_t, V_t: running products of the stats, capped like the register tier's products
+        # (a zero row's U overflows otherwise).
+        for row_start in range(0, n_rows, BLOCK_R):
+            rows = row_start + tile_rows
+            row_ok = rows < n_rows
+            u = tl.full((BLOCK_R,), 1.0, tl.float32)
+            for t in range(n_iters):
+                index = _stat_index(t, n_rows, rows, n_matrices)
+                u = tl.minimum(u * tl.load(row_stats_ptr + index, mask=row_ok, other=1.0), FLOAT32_MAX)
+                tl.store(row_potential_ptr + index, u, mask=row_ok)
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tile_cols
+            col_ok = cols < n_cols
+            v = tl.full((BLOCK_C,), 1.0, tl.float32)
+            for t in range(n_iters):
+                index = _stat_index(t, n_cols, cols, n_matrices)
+                v = tl.minimum(v * tl.load(col_stats_ptr + index, mask=col_ok, other=1.0), FLOAT32_MAX)
+                tl.store(col_potential_ptr + index, v, mask=col_ok)
+        tl.debug_barrier()
 
     # C = colsum(G * P_T).
     for col_start in range(0, n_cols, BLOCK_C):
@@ -521,10 +670,18 @@ def _backward_streaming_kernel(
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    tier: str                 # "packed" | "one_matrix" | "streaming"
+    tier: str                 # "packed" | "one_matrix" | "streaming" | "streaming_wide"
     constexprs: dict          # block sizes (LOG_DOMAIN is added per call)
     num_warps: int
     matrices_per_program: int
+    row_tiles: int = 0        # streaming: row tiles per matrix, padded to a power of 2
+
+    @property
+    def forward_constexprs(self) -> dict:
+        """The forward's block sizes: the streaming forward also sizes its register-resident `U`."""
+        if self.tier == "streaming":
+            return {**self.constexprs, "ROW_TILES": self.row_tiles}
+        return self.constexprs
 
     @property
     def launch_options(self) -> dict:
@@ -557,12 +714,31 @@ def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPl
         # 8 elements per thread per live tile (64x64 spills at 8 warps, 16 per thread).
         num_warps = min(16, max(1, block_n * block_m // 256))
         return LaunchPlan("one_matrix", {"BLOCK_B": 1, "BLOCK_N": block_n, "BLOCK_M": block_m}, num_warps, 1)
-    block_c = min(STREAM_MAX_COLS, block_m)
+    whole_rows = block_m <= STREAM_MAX_VECTOR and block_n <= STREAM_MAX_VECTOR
+    block_c = block_m if whole_rows else min(STREAM_MAX_COLS, block_m)
     if interpreted:
         block_r = min(INTERPRETED_STREAM_ELEMENTS // block_c, block_n)
     else:
-        block_r = min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n)
-    return LaunchPlan("streaming", {"BLOCK_R": block_r, "BLOCK_C": block_c}, STREAM_WARPS, 1)
+        block_r = max(1, min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n))
+    blocks = {"BLOCK_R": block_r, "BLOCK_C": block_c}
+    if whole_rows:
+        return LaunchPlan("streaming", blocks, STREAM_WARPS, 1, triton.next_power_of_2(triton.cdiv(n_rows, block_r)))
+    return LaunchPlan("streaming_wide", blocks, STREAM_WARPS, 1)
+
+
+# Iterations up to which the packed backward replays the forward instead of reading stats.
+RECOMPUTE_MAX_ITERS = 32
+REPLAY_MAX_REGISTERS = 128
+
+
+def backward_reads_stats(n_rows: int, n_cols: int, n_iters: int) -> bool:
+    """Whether the backward reads per-iteration stats from the forward. Not in the packed tier
+    up to `RECOMPUTE_MAX_ITERS` iterations: there the stats, `2 * n_iters * (N + M)` floats per
+    matrix written and read back (20 iterations of 4x4: 20x the matrix), cost more than
+    replaying the forward in registers (`n_iters (n_iters + 1) / 2` iterations: at 20
+    iterations of 4x4 about 12 FLOPs per byte of stats traffic saved, where an H100 does
+    20 FLOPs per byte of HBM bandwidth)."""
+    return launch_plan(n_rows, n_cols).tier != "packed" or n_iters > RECOMPUTE_MAX_ITERS
 
 
 def sinkhorn_forward(
@@ -578,6 +754,11 @@ def sinkhorn_forward(
     if batch > 0:
         plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
         if plan.tier == "streaming":
+            wrap_triton(_forward_rows_kernel)[(batch,)](
+                K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
+                LOG_DOMAIN=log_domain, SAVE_STATS=save_stats, **plan.launch_options, **plan.forward_constexprs,
+            )
+        elif plan.tier == "streaming_wide":
             # Running U, V (linear) or potentials (log without stats; with them they live in the stats).
             scaled = not (log_domain and save_stats)
             row_scale = K.new_empty((batch, n_rows) if scaled else (0,), dtype=torch.float32)
@@ -604,13 +785,10 @@ def sinkhorn_backward(
     if batch == 0:
         return grad_K
     plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
-    if plan.tier == "streaming":
-        if log_domain:
-            row_potential, col_potential = row_stats, col_stats
-        else:
-            # Capped like the register tier's products (a zero row's U overflows otherwise).
-            row_potential = torch.cumprod(row_stats, 0).clamp_(max=FLOAT32_MAX.value)
-            col_potential = torch.cumprod(col_stats, 0).clamp_(max=FLOAT32_MAX.value)
+    if plan.tier in ("streaming", "streaming_wide"):
+        # Log domain: the potentials are the stats; linear: the kernel writes U_t, V_t there.
+        row_potential = row_stats if log_domain else torch.empty_like(row_stats)
+        col_potential = col_stats if log_domain else torch.empty_like(col_stats)
         row_work = K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32)
         col_work = K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32)
         wrap_triton(_backward_streaming_kernel)[(batch,)](
@@ -619,49 +797,63 @@ def sinkhorn_backward(
             LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
         )
     else:
+        recompute = row_stats.shape[-1] == 0
+        options = plan.launch_options
+        if recompute:
+            # ptxas aims the replaying 4x4 log-domain backward at 64 registers (8 programs per
+            # SM) and spills 16 B on sm_80 to get there; a cap of 128 lets it keep everything.
+            options = {**options, "maxnreg": REPLAY_MAX_REGISTERS}
         wrap_triton(_backward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
             grad_P, K, row_stats, col_stats, grad_K, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
+            LOG_DOMAIN=log_domain, RECOMPUTE=recompute, **options, **plan.constexprs,
         )
     return grad_K
 
 
 # (batch, N, M, n_iters), as in benchmarks/bench_sinkhorn.py: the benchmark shapes, then one
 # shape per further tile the launch plan picks (packed 8x8, one_matrix at 2, 4 and 8 warps,
-# the 64-row streaming tile); some sizes, batches and n_iters are not multiples of 16 or
-# are 1 so the JIT's less specialized binaries are compiled too.
+# a 2-row 512-wide streaming tile, the 64-row streaming_wide tile); some sizes, batches and
+# n_iters are not multiples of 16 or are 1 so the JIT's less specialized binaries are
+# compiled too.
 AOT_SHAPES = [
     (160, 16, 16, 3), (65536, 4, 4, 20), (256, 64, 64, 3), (32, 128, 128, 3),
-    (7, 8, 8, 1), (2, 16, 32, 3), (3, 32, 32, 3), (5, 30, 60, 3), (2, 2048, 8, 3),
+    (7, 8, 8, 1), (2, 16, 32, 3), (3, 32, 32, 3), (5, 30, 60, 3), (2, 200, 300, 3), (2, 2048, 8, 3),
 ]
 _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def aot_variants() -> list[KernelVariant]:
     """The kernel variants `launch_plan` picks at `AOT_SHAPES`: forward (with and without
-    stats) and backward of each tile, fp32/fp16/bf16, linear and log domain."""
+    stats) and backward of each tile (packed: also the one replaying the forward),
+    fp32/fp16/bf16, linear and log domain."""
     kernels = {
         "packed": (_forward_register_kernel, _backward_register_kernel),
         "one_matrix": (_forward_register_kernel, _backward_register_kernel),
-        "streaming": (_forward_streaming_kernel, _backward_streaming_kernel),
+        "streaming": (_forward_rows_kernel, _backward_streaming_kernel),
+        "streaming_wide": (_forward_streaming_kernel, _backward_streaming_kernel),
     }
     variants = {}
     for _, n_rows, n_cols, _ in AOT_SHAPES:
         plan = launch_plan(n_rows, n_cols)
-        blocks = ",".join(f"{key}={value}" for key, value in plan.constexprs.items())
         forward, backward = kernels[plan.tier]
-        # (direction, kernel, SAVE_STATS or None for the backward, which has no such flag)
-        for direction, kernel, save_stats in (("forward", forward, True), ("forward_no_stats", forward, False),
-                                              ("backward", backward, None)):
+        # (direction, kernel, its SAVE_STATS or RECOMPUTE flag)
+        directions = [("forward", forward, {"SAVE_STATS": True}), ("forward_no_stats", forward, {"SAVE_STATS": False})]
+        if plan.tier in ("packed", "one_matrix"):
+            directions.append(("backward", backward, {"RECOMPUTE": False}))
+            if plan.tier == "packed":
+                directions.append(("backward_recompute", backward, {"RECOMPUTE": True}))
+        else:
+            directions.append(("backward", backward, {}))
+        for direction, kernel, flag in directions:
+            constexprs = plan.forward_constexprs if direction.startswith("forward") else plan.constexprs
+            blocks = ",".join(f"{key}={value}" for key, value in constexprs.items())
             for dtype in _AOT_DTYPES:
                 for log_domain in (False, True):
                     name = (f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},"
                             f"{blocks},warps={plan.num_warps}]")
-                    flags = {"LOG_DOMAIN": log_domain}
-                    if save_stats is not None:
-                        flags["SAVE_STATS"] = save_stats
+                    flags = {"LOG_DOMAIN": log_domain, **flag}
                     variants[name] = KernelVariant(
-                        name, kernel, {**flags, **plan.constexprs}, plan.num_warps,
+                        name, kernel, {**flags, **constexprs}, plan.num_warps,
                         pointer_types={"K_ptr": f"*{dtype}"},
                     )
     return list(variants.values())
@@ -669,12 +861,14 @@ def aot_variants() -> list[KernelVariant]:
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
     """Runs the launchers at `shapes` on uninitialized CPU tensors, forward (with and without
-    stats) and backward, every dtype and domain (for `triton_variants.capture_specializations`,
+    stats) and backward (packed: with and without stats), every dtype and domain (for `triton_variants.capture_specializations`,
     which stops each launch)."""
     for batch, n_rows, n_cols, n_iters in shapes:
         for dtype in _AOT_DTYPES.values():
             K = torch.empty((batch, n_rows, n_cols), dtype=dtype)
             for log_domain in (False, True):
-                sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, save_stats=False)
+                _, row_stats, col_stats = sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, save_stats=False)
+                if launch_plan(n_rows, n_cols).tier == "packed":
+                    sinkhorn_backward(torch.empty_like(K), K, row_stats, col_stats, n_iters, 1e-8, log_domain, 1.0, 1.0)
                 _, row_stats, col_stats = sinkhorn_forward(K, n_iters, 1e-8, log_domain, 1.0, 1.0, save_stats=True)
                 sinkhorn_backward(torch.empty_like(K), K, row_stats, col_stats, n_iters, 1e-8, log_domain, 1.0, 1.0)
