@@ -16,7 +16,7 @@ from models.training.precision import to_channels_last
 from models.training.run import Run
 from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips, normalize_frames
 from models.data.ma52 import write_h264_mp4
-from models.training.config import resolve_config
+from models.training.config import TrainConfig, resolve_config
 from tests.train_helpers import TINY_PRESET, one_thread  # noqa: F401
 
 
@@ -167,7 +167,7 @@ def test_compiled_step_equals_the_eager_step():
 def test_workers_default_to_the_cores_per_rank(monkeypatch):
     monkeypatch.setattr(data_loading.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 ranks on this node
-    assert data_loading.num_workers({"num_workers": None}) == 4
-    assert data_loading.num_workers({"num_workers": 0}) == 0
+    assert data_loading.num_workers(TrainConfig(num_workers=None)) == 4
+    assert data_loading.num_workers(TrainConfig(num_workers=0)) == 0
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert data_loading.num_workers({"num_workers": None}) == 16
+    assert data_loading.num_workers(TrainConfig(num_workers=None)) == 16

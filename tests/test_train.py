@@ -14,7 +14,7 @@ from models.training import run as run_module
 from models.training.builders import lr_factor
 from models.training.checkpointing import load_checkpoint, save_atomic
 from models.training.cli import overrides_from_args
-from models.training.config import DEFAULTS, resolve_config
+from models.training.config import TrainConfig, resolve_config
 from models.training.distributed import setup as setup_distributed
 from models.training.loop import NonFiniteLossError, subject_groups, train_one_epoch
 from models.training.precision import check_memory_format
@@ -165,17 +165,17 @@ def test_grad_scaler_skips_and_counts_a_non_finite_step(tmp_path):
 def test_switches_train_a_step(tmp_path, flags, expected):
     args = tiny_args(tmp_path, epochs=1, train_clips=8, eval_clips=4) + ["--no-test"] + flags
     cfg = resolve_config(overrides_from_args(train.parse_args(args)))
-    assert {k: cfg[k] for k in expected} == expected
+    assert {k: getattr(cfg, k) for k in expected} == expected
     summary = train.main(args)
     assert summary["epochs_done"] == 1 and math.isfinite(summary["history"][0]["train_loss"])
 
 
 def test_config_layering_and_errors(tmp_path):
     main_job = resolve_config({})
-    assert main_job["dataset"] == "synthetic" and main_job["epochs"] < DEFAULTS["epochs"]
+    assert main_job.dataset == "synthetic" and main_job.epochs < TrainConfig().epochs
     paper = resolve_config({"data_root": str(tmp_path)})
-    assert paper["dataset"] == "ma52" and paper["preset"] == "M" and paper["batch_size"] == 80
-    assert (paper["lr"], paper["weight_decay"], paper["epochs"], paper["lr_milestones"]) == (1e-3, 1e-4, 120, [30, 60])
+    assert paper.dataset == "ma52" and paper.preset == "M" and paper.batch_size == 80
+    assert (paper.lr, paper.weight_decay, paper.epochs, paper.lr_milestones) == (1e-3, 1e-4, 120, [30, 60])
     with pytest.raises(ValueError, match="unknown config key"):
         resolve_config({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="'fusion'"):
@@ -186,7 +186,7 @@ def test_config_layering_and_errors(tmp_path):
                        ("memory_format", "nhwc")):
         with pytest.raises(ValueError, match=f"'{key}'"):
             resolve_config({key: value})
-    assert paper["num_workers"] is None and paper["memory_format"] == "contiguous" and not paper["compile"]
+    assert paper.num_workers is None and paper.memory_format == "contiguous" and not paper.compile
     with pytest.raises(ValueError, match="tfam_stages"):
         resolve_config({"tfam_stages": ["res6"]})
 
@@ -206,10 +206,10 @@ def test_subject_groups_give_every_group_two_members():
 
 
 def test_lr_schedules():
-    cfg = dict(DEFAULTS, epochs=120, lr_milestones=[30, 60], lr_gamma=0.1, warmup_epochs=0)
+    cfg = TrainConfig(epochs=120, lr_milestones=[30, 60], lr_gamma=0.1, warmup_epochs=0)
     factor = lr_factor(cfg, steps_per_epoch=10)
     assert factor(299) == 1.0 and factor(300) == pytest.approx(0.1) and factor(600) == pytest.approx(0.01)
-    cosine = lr_factor(dict(cfg, lr_schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
+    cosine = lr_factor(cfg.replace(lr_schedule="cosine", warmup_epochs=1), steps_per_epoch=10)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0) and cosine(1199) < 1e-4
 
 

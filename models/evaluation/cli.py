@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from models.errors import CheckpointError
-from models.training.config import CHOICES, validate_config
+from models.training.config import TrainConfig, choices
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="MA-52 root, when it moved since training")
     p.add_argument("--batch-size", type=int, help="clips per process and step")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
-    p.add_argument("--amp", choices=CHOICES["amp"], help="default: the training run's setting")
+    p.add_argument("--device", choices=choices("device"), default="auto")
+    p.add_argument("--amp", choices=choices("amp"), help="default: the training run's setting")
     p.add_argument("--max-points", type=int, default=2000, help="clips used for t-SNE and histograms")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
@@ -42,35 +42,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     # Imported here so that --help does not wait for torch.
+    from models.evaluation.prediction import predict
     from models.training import distributed as dist_utils
     from models.training.builders import build_model
     from models.training.checkpointing import load_checkpoint
     from models.training.data_loading import build_dataset, build_loader
-    from models.evaluation.prediction import predict
     from models.training.precision import resolve_amp
 
     args = parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     if "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{args.checkpoint}: not a models/train.py checkpoint (needs 'config' and 'model')")
-    cfg = dict(ckpt["config"])
-    for key, value in (("data_root", args.data_root), ("num_workers", args.workers), ("amp", args.amp)):
-        if value is not None:
-            cfg[key] = value
-    cfg["device"] = args.device
-    cfg = validate_config(cfg)
+    changes = {key: value for key, value in (("data_root", args.data_root), ("num_workers", args.workers),
+                                             ("amp", args.amp)) if value is not None}
+    cfg = TrainConfig.from_dict({**ckpt["config"], **changes, "device": args.device}, f"{args.checkpoint}'s config")
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
 
-    info = dist_utils.setup(cfg["device"])
+    info = dist_utils.setup(cfg.device)
     try:
         model = build_model(cfg, load_pretrained=False)
         model.load_state_dict(ckpt["model"])
         model.to(info.device)
         dataset = build_dataset(cfg, args.split, train=False)
-        batch = args.batch_size or cfg["eval_batch_size"] or max(1, cfg["batch_size"] // info.world_size)
+        batch = args.batch_size or cfg.eval_batch_size or max(1, cfg.batch_size // info.world_size)
         loader = build_loader(dataset, cfg, info, train=False, batch_size=batch)
-        pred = predict(model, loader, info, resolve_amp(cfg["amp"], info.device), with_features=True,
-                              progress=args.progress, desc=args.split)
+        pred = predict(model, loader, info, resolve_amp(cfg.amp, info.device), with_features=True,
+                       progress=args.progress, desc=args.split)
         if not info.is_main:
             return {}
         return write_report(pred, dataset, cfg, args, out_dir, ckpt.get("epoch"))
@@ -78,7 +75,7 @@ def main(argv=None) -> dict:
         dist_utils.cleanup()
 
 
-def write_report(pred: dict, dataset, cfg: dict, args, out_dir: Path, epoch) -> dict:
+def write_report(pred: dict, dataset, cfg: TrainConfig, args, out_dir: Path, epoch) -> dict:
     from models.data.labels import ACTION_NAMES, BODY_NAMES, body_of_action
     from models.evaluation import figures
     from models.evaluation.metrics import write_prediction_csv
@@ -87,7 +84,7 @@ def write_report(pred: dict, dataset, cfg: dict, args, out_dir: Path, epoch) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     labelled = split_has_labels(cfg, args.split)
     action_pred = pred["scores"].argmax(1).numpy()
-    report = {"checkpoint": str(args.checkpoint), "epoch": epoch, "dataset": cfg["dataset"], "split": args.split,
+    report = {"checkpoint": str(args.checkpoint), "epoch": epoch, "dataset": cfg.dataset, "split": args.split,
               "num_clips": int(pred["scores"].shape[0]), "num_unreadable": pred["num_dropped"],
               "labels_available": labelled}
     if labelled:

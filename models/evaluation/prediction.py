@@ -14,6 +14,7 @@ from tqdm import tqdm
 from models.data import normalize_frames
 from models.evaluation.metrics import compute_metrics
 from models.training import distributed as dist_utils
+from models.training.config import TrainConfig
 from models.training.precision import autocast
 
 
@@ -58,6 +59,6 @@ def evaluate_predictions(pred: dict) -> dict:
             if isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)}
 
 
-def split_has_labels(cfg: dict, split: str) -> bool:
+def split_has_labels(cfg: TrainConfig, split: str) -> bool:
     """MA-52 test labels are dummy zeros (SPEC §6); every synthetic split is labelled."""
-    return not (cfg["dataset"] == "ma52" and split == "test")
+    return not (cfg.dataset == "ma52" and split == "test")

@@ -1,14 +1,33 @@
-"""Run configuration for models/train.py: defaults, JSON config files, command-line overrides.
+"""The configuration of a training run: every key declared once, in `TrainConfig`.
 
-A run's configuration is one flat dict, built in three layers:
-    DEFAULTS  <-  a JSON config file (configs/*.json)  <-  options given on the command line.
+Each field of `TrainConfig` is a configuration key with its type, default, help text, its
+`--help` group (data, model, loss, optimisation, run) and, where they apply, its choices and
+lower bound. The command line of models/train.py (models/training/cli.py) and the JSON
+config files are derived from it, and `TrainConfig.validate` is the one place values are
+checked. A run's configuration is built in three layers:
+
+    the field defaults  <-  a JSON config file (configs/*.json)  <-  options on the command line.
+
 When no --config is given, the synthetic dataset uses configs/synthetic_default.json (the
 project's main job, CPU-sized) and MA-52 uses configs/ma52_paper_x3d_m.json (the paper's
 recipe, SPEC §6). On --resume the configuration saved in the checkpoint is the base and only
-the options given explicitly on the command line override it.
+the options given explicitly on the command line override it. Config files and saved
+checkpoints hold the flat dict of `TrainConfig.to_dict()`; an unknown key is an error (a
+typo must not be silently ignored).
+
+Adding a key: declare it here with `option(...)`, read it as `cfg.<name>`; its command-line
+flag, `--help` entry, config-file key and validation follow.
 """
 
+from __future__ import annotations
+
+import copy
+import dataclasses
 import json
+import math
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import ConfigError, InputNotFound
@@ -19,75 +38,194 @@ SYNTHETIC_CONFIG = CONFIG_DIR / "synthetic_default.json"
 PAPER_CONFIG = CONFIG_DIR / "ma52_paper_x3d_m.json"
 
 NUM_CLASSES = 52  # MA-52 actions; the synthetic dataset uses the same 52 classes.
-
-# Every key a run understands, with its default and meaning. Config files may set any
-# subset; an unknown key is an error (a typo must not be silently ignored).
-DEFAULTS = {
-    # data
-    "dataset": "synthetic",          # synthetic | ma52
-    "data_root": None,               # MA-52 root (lists in the root or annotations/)
-    "num_frames": 16,                # frames sampled uniformly over each clip
-    "crop_size": 224,                # square crop fed to the network
-    "synthetic_options": {},         # extra keyword arguments for SyntheticMicroActions
-    "num_workers": None,             # DataLoader worker processes per rank (None: the cores per rank)
-    "prefetch_factor": 2,            # batches each worker loads ahead
-    "repeated_augmentation": 1,      # k augmented clips per decoded training video (batch_size / k videos)
-    "max_train_clips": None,         # use only this many training clips (evenly spaced; smoke tests)
-    "max_eval_clips": None,          # ... and validation/test clips
-    # model (build_piumr); the ablation switches of the paper's Table 3
-    "preset": "M",                   # X3D preset (XS, S, M, L) or a dict of X3DPreset fields
-    "tfam": True,                    # insert TFAM after the stages below
-    "tfam_stages": ["res2", "res3", "res4", "res5"],
-    "temporal": True,                # TFAM temporal branch
-    "frequency": True,               # TFAM frequency branch
-    "fusion": "consistency",         # consistency | mean
-    "pretrained": None,              # X3D checkpoint (PyTorchVideo X3D_*.pyth or SlowFast x3d_*.pyth)
-    "sync_bn": False,                # SyncBatchNorm under DDP
-    # loss: CE + lambda_girl * GIRL
-    "girl": True,
-    "lambda_girl": 1.0,
-    "girl_groups": "random",         # random (pseudo-groups) | subject (real persons)
-    "girl_num_groups": 4,
-    "girl_tau": 0.07,
-    "girl_eta": 0.2,
-    "girl_lambda_var": 1.0,
-    # optimisation
-    "epochs": 120,
-    "batch_size": 80,                # global batch: split evenly over the DDP ranks
-    "eval_batch_size": None,         # per rank; None = the per-rank training batch
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "lr_schedule": "multistep",      # multistep | cosine
-    "lr_milestones": [30, 60],       # epochs at which multistep multiplies the lr by lr_gamma
-    "lr_gamma": 0.1,
-    "warmup_epochs": 0.0,            # linear warm-up (fractional epochs allowed)
-    "grad_clip_norm": None,          # clip the global gradient norm (None = no clipping)
-    "amp": "auto",                   # auto | none | bf16 | fp16 (fp16 only on CUDA, with GradScaler)
-    "compile": False,                # torch.compile (fullgraph) of the step's normalization, model and loss
-    "memory_format": "contiguous",     # contiguous | channels_last (NDHWC activations and 3D weights)
-    "max_consecutive_skips": 20,     # fp16: stop when the scaler skips this many steps in a row
-    # run
-    "seed": 0,
-    "device": "auto",                # auto | cpu | cuda
-    "torch_threads": None,           # intra-op CPU threads per process (None: torch's default)
-    "out_dir": "runs/synthetic",
-    "test_at_end": True,             # evaluate the best checkpoint on the test split (labelled splits only)
-    "progress": True,                # tqdm progress bars
-}
-
-CHOICES = {
-    "dataset": ("synthetic", "ma52"),
-    "fusion": ("consistency", "mean"),
-    "girl_groups": ("random", "subject"),
-    "optimizer": ("adamw",),
-    "lr_schedule": ("multistep", "cosine"),
-    "amp": ("auto", "none", "bf16", "fp16"),
-    "memory_format": ("channels_last", "contiguous"),
-    "device": ("auto", "cpu", "cuda"),
-}
-
+GROUPS = ("data", "model", "loss", "optimisation", "run")
 TFAM_STAGES = ("res2", "res3", "res4", "res5")
+
+
+def option(group: str, default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+           above: float | None = None, flag: str | None = None, metavar: str | None = None):
+    """A configuration key: `group` of `--help`, `choices` (for a list: of each element),
+    `minimum` (>=) or `above` (>) for numbers, `flag`: the command-line name when it is not
+    `--<name with dashes>`."""
+    metadata = {"group": group, "help": help, "choices": choices, "minimum": minimum, "above": above, "flag": flag,
+                "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = option("data", "synthetic", "the dataset to train on", choices=("synthetic", "ma52"))
+    data_root: str | None = option("data", None, "MA-52 root folder (lists in the root or annotations/); "
+                                   "given alone it implies --dataset ma52", metavar="PATH")
+    num_frames: int = option("data", 16, "frames sampled uniformly over each clip", minimum=1)
+    crop_size: int = option("data", 224, "side of the square crop fed to the network", minimum=1)
+    synthetic_options: dict = option("data", {}, "extra keyword arguments of SyntheticMicroActions, as JSON, "
+                                     "e.g. '{\"persons_train\": 12}'")
+    num_workers: int | None = option("data", None, "DataLoader worker processes per process (default: the CPU "
+                                     "cores per process)", minimum=0, flag="--workers")
+    prefetch_factor: int = option("data", 2, "batches each worker loads ahead", minimum=1, flag="--prefetch")
+    repeated_augmentation: int = option("data", 1, "repeated augmentation: K augmented clips per decoded training "
+                                        "video (batch_size / K videos per step)", minimum=1, flag="--repeated-aug",
+                                        metavar="K")
+    max_train_clips: int | None = option("data", None, "train on this many clips only, evenly spaced (smoke tests)",
+                                         minimum=1)
+    max_eval_clips: int | None = option("data", None, "validate and test on this many clips only", minimum=1)
+    # model (build_piumr); the ablation switches of the paper's Table 3
+    preset: str | dict = option("model", "M", "X3D preset XS|S|M|L, or a JSON object of X3DPreset fields, e.g. "
+                                "'{\"name\": \"cpu\", \"depth_factor\": 0.5}'", choices=("XS", "S", "M", "L"),
+                                metavar="NAME|JSON")
+    tfam: bool = option("model", True, "TFAM after the stages of tfam_stages (--no-tfam: plain X3D)")
+    tfam_stages: list[str] = option("model", list(TFAM_STAGES), "comma-separated stages to insert TFAM after, "
+                                    "e.g. res4,res5", choices=TFAM_STAGES)
+    temporal: bool = option("model", True, "TFAM's temporal branch")
+    frequency: bool = option("model", True, "TFAM's frequency branch")
+    fusion: str = option("model", "consistency", "fusion of TFAM's branches (mean: 0.5/0.5)",
+                         choices=("consistency", "mean"))
+    pretrained: str | None = option("model", None, "X3D checkpoint (PyTorchVideo X3D_*.pyth or SlowFast x3d_*.pyth)",
+                                  metavar="PATH")
+    sync_bn: bool = option("model", False, "SyncBatchNorm under torchrun")
+    # loss: CE + lambda_girl * GIRL
+    girl: bool = option("loss", True, "the GIRL term (--no-girl: cross-entropy only)")
+    lambda_girl: float = option("loss", 1.0, "weight of GIRL in CE + lambda * GIRL", above=0)
+    girl_groups: str = option("loss", "random", "GIRL groups: random pseudo-groups (the paper) or real persons "
+                              "(subject ids)", choices=("random", "subject"))
+    girl_num_groups: int = option("loss", 4, "random pseudo-groups per batch", minimum=1)
+    girl_tau: float = option("loss", 0.07, "GIRL's temperature", above=0)
+    girl_eta: float = option("loss", 0.2, "GIRL's eta (SPEC §3)", above=0)
+    girl_lambda_var: float = option("loss", 1.0, "weight of GIRL's variance term", minimum=0)
+    # optimisation
+    epochs: int = option("optimisation", 120, "epochs of the schedule", minimum=1)
+    batch_size: int = option("optimisation", 80, "global batch, split evenly over the torchrun processes", minimum=1)
+    eval_batch_size: int | None = option("optimisation", None, "validation/test clips per process and step "
+                                         "(default: the per-process training batch)", minimum=1)
+    optimizer: str = option("optimisation", "adamw", "the optimiser", choices=("adamw",))
+    lr: float = option("optimisation", 1e-3, "peak learning rate", above=0)
+    weight_decay: float = option("optimisation", 1e-4, "decoupled weight decay", minimum=0)
+    lr_schedule: str = option("optimisation", "multistep", "learning-rate schedule after the warm-up",
+                              choices=("multistep", "cosine"))
+    lr_milestones: list[int] = option("optimisation", [30, 60], "comma-separated epochs at which multistep "
+                                      "multiplies the learning rate by lr_gamma", minimum=1)
+    lr_gamma: float = option("optimisation", 0.1, "multistep's factor at each milestone", above=0)
+    warmup_epochs: float = option("optimisation", 0.0, "linear warm-up, in (fractional) epochs", minimum=0)
+    grad_clip_norm: float | None = option("optimisation", None, "clip the global gradient norm (default: no "
+                                          "clipping)", above=0)
+    max_consecutive_skips: int = option("optimisation", 20, "fp16: stop when the GradScaler skips this many steps "
+                                        "in a row", minimum=1)
+    # run
+    seed: int = option("run", 0, "seed of everything random (exact resume on CPU)")
+    device: str = option("run", "auto", "where to train", choices=("auto", "cpu", "cuda"))
+    amp: str = option("run", "auto", "mixed precision (auto: bf16, or fp16 with a GradScaler, on a GPU; off on "
+                      "CPU; fp16 only on CUDA)", choices=("auto", "none", "bf16", "fp16"))
+    compile: bool = option("run", False, "torch.compile (fullgraph) the step's normalization, model and loss")
+    memory_format: str = option("run", "contiguous", "activation and 3D-weight layout (channels_last: NDHWC)",
+                                choices=("contiguous", "channels_last"))
+    torch_threads: int | None = option("run", None, "CPU threads per process for torch (default: torch's)",
+                                       minimum=1, flag="--threads")
+    out_dir: str = option("run", "runs/synthetic", "output folder for checkpoints and logs", flag="--out",
+                          metavar="PATH")
+    test_at_end: bool = option("run", True, "evaluate the best checkpoint on the test split at the end "
+                               "(labelled splits only)", flag="--test")
+    progress: bool = option("run", True, "tqdm progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        """A configuration from a flat dict (a config file, a checkpoint's saved config); the
+        keys it lacks keep their defaults; an unknown key is an error naming it and `source`."""
+        check_keys(values, source)
+        return cls(**copy.deepcopy(values))
+
+    def to_dict(self) -> dict:
+        """The flat dict config files and checkpoints hold."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Every key's type, choices and bounds, then the rules between keys; an error names
+        the key, what was expected and what was found."""
+        for f in FIELDS:
+            check_value(f, getattr(self, f.name))
+        if self.tfam and not (self.temporal or self.frequency):
+            raise ConfigError("config: TFAM needs at least one branch; 'temporal' and 'frequency' are both false "
+                              "(use tfam=false / --no-tfam to drop TFAM)")
+        if not self.tfam_stages:
+            raise ConfigError(f"config 'tfam_stages': expected a non-empty subset of {TFAM_STAGES}, got []")
+        if self.dataset == "ma52" and not self.data_root:
+            raise ConfigError("config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the "
+                              "MA-52 lists and videos)")
+        if sorted(self.lr_milestones) != list(self.lr_milestones):
+            raise ConfigError(f"config 'lr_milestones': expected increasing epochs, got {self.lr_milestones!r}")
+
+
+FIELDS = dataclasses.fields(TrainConfig)
+TYPES = typing.get_type_hints(TrainConfig)
+BY_NAME = {f.name: f for f in FIELDS}
+
+
+def is_union(kind) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
+def _matches(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if is_union(kind):
+        return any(_matches(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def describe(kind) -> str:
+    """`kind` in words, for error messages."""
+    if kind is type(None):
+        return "null"
+    if is_union(kind):
+        return " or ".join(describe(k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return f"a list of {describe(typing.get_args(kind)[0]).split(' ', 1)[1]}s"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            dict: "a JSON object"}[kind]
+
+
+def check_value(f: dataclasses.Field, value) -> None:
+    """One key's type, choices and bounds."""
+    kind, meta = TYPES[f.name], f.metadata
+    if not _matches(value, kind):
+        raise ConfigError(f"config '{f.name}': expected {describe(kind)}, got {value!r}")
+    items = value if isinstance(value, list) else [value]
+    if meta["choices"] is not None:
+        bad = [v for v in items if isinstance(v, str) and v not in meta["choices"]]
+        if bad:
+            raise ConfigError(f"config '{f.name}': expected one of {meta['choices']}, got {value!r}")
+    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if meta["minimum"] is not None and any(v < meta["minimum"] for v in numbers):
+        raise ConfigError(f"config '{f.name}': expected a value >= {meta['minimum']}, got {value!r}")
+    if meta["above"] is not None and any(v <= meta["above"] for v in numbers):
+        raise ConfigError(f"config '{f.name}': expected a value > {meta['above']}, got {value!r}")
+
+
+def check_keys(values: dict, source: str) -> None:
+    """Every key of `values` is a configuration key; the error names the unknown ones and `source`."""
+    unknown = sorted(set(values) - set(BY_NAME))
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {unknown}; known keys: {sorted(BY_NAME)}")
+
+
+def choices(name: str) -> tuple:
+    """The allowed values of the key `name`."""
+    return BY_NAME[name].metadata["choices"]
 
 
 def load_config_file(path) -> dict:
@@ -101,60 +239,23 @@ def load_config_file(path) -> dict:
         raise ConfigError(f"config file {path}: expected JSON, got {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+    values = {k: v for k, v in data.items() if not k.startswith("_")}
+    check_keys(values, f"config file {path}")
+    return values
 
 
 def default_config_path(dataset: str) -> Path:
     return SYNTHETIC_CONFIG if dataset == "synthetic" else PAPER_CONFIG
 
 
-def resolve_config(overrides: dict, config_path=None, base: dict | None = None) -> dict:
-    """DEFAULTS <- config file (or `base`, a saved run config) <- overrides; validated."""
-    cfg = dict(DEFAULTS)
+def resolve_config(overrides: dict, config_path=None, base: dict | None = None) -> TrainConfig:
+    """Field defaults <- config file (or `base`, a saved run's config) <- overrides; validated."""
     if base is not None:
-        cfg.update(base)
+        values = dict(base)
     else:
         dataset = overrides.get("dataset") or ("ma52" if overrides.get("data_root") else "synthetic")
-        cfg.update(load_config_file(config_path or default_config_path(dataset)))
-    cfg.update(overrides)
-    if cfg.get("data_root") and "dataset" not in overrides and base is None and cfg["dataset"] == "synthetic":
-        cfg["dataset"] = "ma52"  # --data-root alone means "train on this MA-52 copy"
-    return validate_config(cfg)
-
-
-def validate_config(cfg: dict) -> dict:
-    """Check names, choices and ranges; errors name the key, what was expected and what came."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(DEFAULTS)}")
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"config '{key}': expected one of {allowed}, got {cfg[key]!r}")
-    for key in ("num_frames", "crop_size", "epochs", "batch_size", "girl_num_groups", "max_consecutive_skips",
-                "prefetch_factor", "repeated_augmentation"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"config '{key}': expected a positive integer, got {cfg[key]!r}")
-    for key in ("lr", "lambda_girl", "girl_tau", "girl_eta"):
-        if not isinstance(cfg[key], (int, float)) or cfg[key] <= 0:
-            raise ConfigError(f"config '{key}': expected a positive number, got {cfg[key]!r}")
-    for key in ("max_train_clips", "max_eval_clips"):
-        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
-            raise ConfigError(f"config '{key}': expected a positive integer or null, got {cfg[key]!r}")
-    if cfg["torch_threads"] is not None and (not isinstance(cfg["torch_threads"], int) or cfg["torch_threads"] < 1):
-        raise ConfigError(f"config 'torch_threads': expected a positive integer or null, got {cfg['torch_threads']!r}")
-    if cfg["num_workers"] is not None and (not isinstance(cfg["num_workers"], int) or cfg["num_workers"] < 0):
-        raise ConfigError(f"config 'num_workers': expected an integer >= 0 or null, got {cfg['num_workers']!r}")
-    if not isinstance(cfg["compile"], bool):
-        raise ConfigError(f"config 'compile': expected true or false, got {cfg['compile']!r}")
-    bad_stages = [s for s in cfg["tfam_stages"] if s not in TFAM_STAGES]
-    if bad_stages or not cfg["tfam_stages"]:
-        raise ConfigError(f"config 'tfam_stages': expected a non-empty subset of {TFAM_STAGES}, got {cfg['tfam_stages']!r}")
-    if cfg["tfam"] and not (cfg["temporal"] or cfg["frequency"]):
-        raise ConfigError("config: TFAM needs at least one branch; 'temporal' and 'frequency' are both false (use tfam=false / --no-tfam to drop TFAM)")
-    if cfg["dataset"] == "ma52" and not cfg["data_root"]:
-        raise ConfigError("config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the MA-52 lists and videos)")
-    if not isinstance(cfg["synthetic_options"], dict):
-        raise ConfigError(f"config 'synthetic_options': expected a JSON object, got {cfg['synthetic_options']!r}")
-    if sorted(cfg["lr_milestones"]) != list(cfg["lr_milestones"]):
-        raise ConfigError(f"config 'lr_milestones': expected increasing epochs, got {cfg['lr_milestones']!r}")
-    return cfg
+        values = load_config_file(config_path or default_config_path(dataset))
+    values.update(overrides)
+    if values.get("data_root") and "dataset" not in overrides and base is None and values.get("dataset") != "ma52":
+        values["dataset"] = "ma52"  # --data-root alone means "train on this MA-52 copy"
+    return TrainConfig.from_dict(values, "config")

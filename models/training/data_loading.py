@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips
+from models.training.config import TrainConfig
 from models.training.distributed import DistInfo
 
 
@@ -27,22 +28,22 @@ def cores_per_rank() -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def num_workers(cfg: dict) -> int:
-    return cores_per_rank() if cfg["num_workers"] is None else cfg["num_workers"]
+def num_workers(cfg: TrainConfig) -> int:
+    return cores_per_rank() if cfg.num_workers is None else cfg.num_workers
 
 
-def build_dataset(cfg: dict, split: str, train: bool):
+def build_dataset(cfg: TrainConfig, split: str, train: bool):
     """The split of the configured dataset; `train` turns on training augmentation (random
     crop and flip, repeated `repeated_augmentation` times per decode)."""
-    common = dict(split=split, num_frames=cfg["num_frames"], size=cfg["crop_size"], training=train,
-                  repeats=cfg["repeated_augmentation"] if train else 1)
-    if cfg["dataset"] == "synthetic":
-        dataset = SyntheticMicroActions(**common, **cfg["synthetic_options"])
+    common = dict(split=split, num_frames=cfg.num_frames, size=cfg.crop_size, training=train,
+                  repeats=cfg.repeated_augmentation if train else 1)
+    if cfg.dataset == "synthetic":
+        dataset = SyntheticMicroActions(**common, **cfg.synthetic_options)
     else:
         # Decoder threads only help on cores the workers leave idle.
         threads = max(1, cores_per_rank() // max(1, num_workers(cfg)))
-        dataset = MA52Dataset(cfg["data_root"], **common, decode_threads=threads)
-    limit = cfg["max_train_clips"] if split == "train" else cfg["max_eval_clips"]
+        dataset = MA52Dataset(cfg.data_root, **common, decode_threads=threads)
+    limit = cfg.max_train_clips if split == "train" else cfg.max_eval_clips
     if limit is not None and limit < len(dataset):
         # Evenly spaced clips keep every part of the list; items keep their original "index".
         dataset = KeyedSubset(dataset, np.unique(np.linspace(0, len(dataset) - 1, limit).round().astype(int)).tolist())
@@ -78,21 +79,21 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_loader(dataset, cfg: dict, info: DistInfo, train: bool, batch_size: int,
+def build_loader(dataset, cfg: TrainConfig, info: DistInfo, train: bool, batch_size: int,
                  persistent: bool = True) -> DataLoader:
     """`batch_size` clips per step (with repeated augmentation k: batch_size / k videos)."""
     if train:
         sampler = SeededSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                   shuffle=True, seed=cfg["seed"], drop_last=True),
-                                cfg["seed"], info.rank)
-        batch_size //= cfg["repeated_augmentation"]
+                                                   shuffle=True, seed=cfg.seed, drop_last=True),
+                                cfg.seed, info.rank)
+        batch_size //= cfg.repeated_augmentation
     else:
         sampler = ShardSampler(len(dataset), info.rank, info.world_size)
     workers = num_workers(cfg)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_clips, drop_last=train, pin_memory=info.device.type == "cuda",
                       persistent_workers=persistent and workers > 0,
-                      prefetch_factor=cfg["prefetch_factor"] if workers > 0 else None,
+                      prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
                       # Its own generator: the worker base seeds it draws (whenever an iterator
                       # starts) must not move the global RNG, which GIRL and TFAM use.
                       generator=torch.Generator())

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from models.data import normalize_frames
 from models.training import distributed as dist_utils
 from models.training.checkpointing import epoch_seed, seed_everything
+from models.training.config import TrainConfig
 from models.training.precision import autocast
 
 
@@ -63,9 +64,9 @@ def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp
     return loss, parts, logits
 
 
-def _seed_epoch(cfg: dict, epoch: int, info: dist_utils.DistInfo, loader: DataLoader) -> None:
+def _seed_epoch(cfg: TrainConfig, epoch: int, info: dist_utils.DistInfo, loader: DataLoader) -> None:
     """Make everything random in this epoch a function of (seed, epoch, rank): exact resume."""
-    seed = epoch_seed(cfg["seed"], epoch, info.rank)
+    seed = epoch_seed(cfg.seed, epoch, info.rank)
     seed_everything(seed)
     loader.sampler.set_epoch(epoch)  # data order (same permutation on every rank) and augmentation seeds
 
@@ -79,8 +80,8 @@ def train_one_epoch(run, epoch: int) -> dict:
             "empty": 0.0}
     consecutive_skips = 0
     steps = len(run.train_loader)
-    bar = tqdm(run.train_loader, total=steps, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False,
-               disable=not (info.is_main and cfg["progress"]), dynamic_ncols=True)
+    bar = tqdm(run.train_loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+               disable=not (info.is_main and cfg.progress), dynamic_ncols=True)
     for step, batch in enumerate(bar, start=1):
         where = f"epoch {epoch}, step {step}/{steps} (global step {run.global_step + 1})"
         sums["dropped"] += batch["num_dropped"]
@@ -91,7 +92,7 @@ def train_one_epoch(run, epoch: int) -> dict:
         frames = batch["clip"].to(info.device, non_blocking=True)
         labels = batch["label"].to(info.device, non_blocking=True)
         groups, num_groups = None, None
-        if cfg["girl_groups"] == "subject":
+        if cfg.girl_groups == "subject":
             groups, num_groups = subject_groups(batch["subject"])
             groups = groups.to(info.device, non_blocking=True)
         loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype,
@@ -113,7 +114,7 @@ def train_one_epoch(run, epoch: int) -> dict:
             run.scaler.update()
             skipped = run.scaler.get_scale() < scale_before
             consecutive_skips = consecutive_skips + 1 if skipped else 0
-            if consecutive_skips >= cfg["max_consecutive_skips"]:
+            if consecutive_skips >= cfg.max_consecutive_skips:
                 raise NonFiniteLossError(
                     f"the fp16 GradScaler skipped {consecutive_skips} steps in a row up to {where} (non-finite loss "
                     f"or gradients; scale now {run.scaler.get_scale():.3g}). {run.last_checkpoint_note()}")

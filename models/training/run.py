@@ -26,6 +26,7 @@ from models.training.builders import build_loss, build_model, build_optimizer, b
 from models.training.checkpointing import (CHECKPOINT_FORMAT, LAST_NAME, PREVIOUS_NAME, capture_rng_state,
                                            load_checkpoint, load_resume_checkpoint, remove_stale_temporaries,
                                            restore_rng_state, save_atomic, seed_everything)
+from models.training.config import TrainConfig
 from models.training.data_loading import build_dataset, build_loader, num_workers
 from models.training.loop import model_step, train_one_epoch
 from models.training.precision import check_memory_format, resolve_amp, to_channels_last
@@ -37,34 +38,34 @@ BEST_NAME = "best.pt"
 class Run:
     """Everything one training run holds: data, model, optimiser state, logs."""
 
-    def __init__(self, cfg: dict, info: dist_utils.DistInfo, resume_path=None):
+    def __init__(self, cfg: TrainConfig, info: dist_utils.DistInfo, resume_path=None):
         self.cfg, self.info = cfg, info
-        self.out_dir = Path(cfg["out_dir"])
-        if cfg["batch_size"] % info.world_size:
-            raise ConfigError(f"config 'batch_size' ({cfg['batch_size']}) is the global batch and must be divisible "
+        self.out_dir = Path(cfg.out_dir)
+        if cfg.batch_size % info.world_size:
+            raise ConfigError(f"config 'batch_size' ({cfg.batch_size}) is the global batch and must be divisible "
                               f"by the number of processes ({info.world_size})")
-        self.batch_per_rank = cfg["batch_size"] // info.world_size
-        if self.batch_per_rank % cfg["repeated_augmentation"]:
-            raise ConfigError(f"config 'repeated_augmentation' ({cfg['repeated_augmentation']}) must divide the "
+        self.batch_per_rank = cfg.batch_size // info.world_size
+        if self.batch_per_rank % cfg.repeated_augmentation:
+            raise ConfigError(f"config 'repeated_augmentation' ({cfg.repeated_augmentation}) must divide the "
                               f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips")
-        if cfg["girl"] and cfg["girl_groups"] == "random" and self.batch_per_rank < 2 * cfg["girl_num_groups"]:
-            raise ConfigError(f"GIRL needs >= 2 clips in each of its {cfg['girl_num_groups']} groups, but each rank "
+        if cfg.girl and cfg.girl_groups == "random" and self.batch_per_rank < 2 * cfg.girl_num_groups:
+            raise ConfigError(f"GIRL needs >= 2 clips in each of its {cfg.girl_num_groups} groups, but each rank "
                               f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups")
         if info.is_main:
             for name in (LAST_NAME, PREVIOUS_NAME, BEST_NAME):  # a run killed while saving leaves temporaries
                 remove_stale_temporaries(self.out_dir / name)
-        seed_everything(cfg["seed"])  # identical initial weights on every rank
+        seed_everything(cfg.seed)  # identical initial weights on every rank
         self.train_set = build_dataset(cfg, "train", train=True)
         self.val_set = build_dataset(cfg, "val", train=False)
         self.train_loader = build_loader(self.train_set, cfg, info, train=True, batch_size=self.batch_per_rank)
         if len(self.train_loader) == 0:
             raise ConfigError(f"the training split has {len(self.train_set)} clips, fewer than one batch of "
-                              f"{cfg['batch_size']}: lower batch_size")
+                              f"{cfg.batch_size}: lower batch_size")
         self.val_loader = build_loader(self.val_set, cfg, info, train=False,
-                                       batch_size=cfg["eval_batch_size"] or self.batch_per_rank)
-        self.channels_last = cfg["memory_format"] == "channels_last"
-        self.amp_dtype = resolve_amp(cfg["amp"], info.device)
-        check_memory_format(self.channels_last, self.amp_dtype, info.device, cfg["num_frames"])
+                                       batch_size=cfg.eval_batch_size or self.batch_per_rank)
+        self.channels_last = cfg.memory_format == "channels_last"
+        self.amp_dtype = resolve_amp(cfg.amp, info.device)
+        check_memory_format(self.channels_last, self.amp_dtype, info.device, cfg.num_frames)
         model = build_model(cfg, load_pretrained=resume_path is None).to(info.device)
         if self.channels_last:
             model = to_channels_last(model)
@@ -72,13 +73,13 @@ class Run:
             torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest kernels once
         self.num_parameters = sum(p.numel() for p in model.parameters())
         if info.enabled:
-            if cfg["sync_bn"]:
+            if cfg.sync_bn:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
         self.model = model
         self.loss_fn = build_loss(cfg).to(info.device)
-        self.step = torch.compile(model_step, fullgraph=True) if cfg["compile"] else model_step
+        self.step = torch.compile(model_step, fullgraph=True) if cfg.compile else model_step
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
@@ -94,8 +95,8 @@ class Run:
 
     def grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.cfg["grad_clip_norm"]:
-            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"]))
+        if self.cfg.grad_clip_norm:
+            return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm))
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def last_checkpoint_note(self) -> str:
@@ -124,14 +125,14 @@ class Run:
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
             "global_step": self.global_step,
-            "config": self.cfg,
+            "config": self.cfg.to_dict(),
             "model": self.bare_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": capture_rng_state(),
             # The data order of epoch e is DistributedSampler(seed, epoch=e): these two numbers are its state.
-            "sampler": {"seed": self.cfg["seed"], "epoch": epoch},
+            "sampler": {"seed": self.cfg.seed, "epoch": epoch},
             "history": self.history,
             "best": self.best,
             "val_metrics": val_metrics,
@@ -144,39 +145,39 @@ class Run:
 
     def describe(self) -> str:
         cfg = self.cfg
-        preset = cfg["preset"]
+        preset = cfg.preset
         name = (f"X3D-{preset.get('name', 'custom')} (depth factor {preset.get('depth_factor')})"
                 if isinstance(preset, dict) else f"X3D-{preset}")
         dataset = getattr(self.train_set, "dataset", self.train_set)  # through a max_train_clips Subset
         source = f"\nreading {dataset.source}" if hasattr(dataset, "source") else ""
         return (f"PIUmr on {name} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
-                f"{'on ' + ','.join(cfg['tfam_stages']) if cfg['tfam'] else 'off'}; GIRL "
-                f"{cfg['girl_groups'] + ' groups' if cfg['girl'] else 'off'}) on {cfg['dataset']}: "
-                f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg['num_frames']}x"
-                f"{cfg['crop_size']}^2; {cfg['epochs']} epochs x {len(self.train_loader)} steps, batch "
-                f"{cfg['batch_size']} ({self.info.world_size} process(es) on {self.info.device.type}), amp "
-                f"{self.amp_dtype or 'off'}, {'compiled' if cfg['compile'] else 'eager'}, "
+                f"{'on ' + ','.join(cfg.tfam_stages) if cfg.tfam else 'off'}; GIRL "
+                f"{cfg.girl_groups + ' groups' if cfg.girl else 'off'}) on {cfg.dataset}: "
+                f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg.num_frames}x"
+                f"{cfg.crop_size}^2; {cfg.epochs} epochs x {len(self.train_loader)} steps, batch "
+                f"{cfg.batch_size} ({self.info.world_size} process(es) on {self.info.device.type}), amp "
+                f"{self.amp_dtype or 'off'}, {'compiled' if cfg.compile else 'eager'}, "
                 f"{'channels_last' if self.channels_last else 'contiguous'}; {num_workers(cfg)} loader workers per "
                 f"process; writing to {self.out_dir}{source}")
 
 
-def run_training(cfg: dict, resume_path=None, stop_after_epoch: int | None = None) -> dict:
+def run_training(cfg: TrainConfig, resume_path=None, stop_after_epoch: int | None = None) -> dict:
     """Train (or continue training) per `cfg`; returns a summary with the final metrics.
 
     `stop_after_epoch` ends the run after that epoch, as an interruption would (e.g. to fit a
     time-limited job); `resume_path` continues from a last.pt.
     """
-    info = dist_utils.setup(cfg["device"])
+    info = dist_utils.setup(cfg.device)
     try:
         return _train(cfg, info, resume_path, stop_after_epoch)
     finally:
         dist_utils.cleanup()
 
 
-def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) -> dict:
+def _train(cfg: TrainConfig, info: dist_utils.DistInfo, resume_path, stop_after_epoch) -> dict:
     started = time.perf_counter()
-    if cfg["torch_threads"]:
-        torch.set_num_threads(cfg["torch_threads"])
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     run = Run(cfg, info, resume_path)
     run.say(run.describe())
     if run.start_epoch > 1:
@@ -184,14 +185,14 @@ def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) 
     run.say(RunLog.header())
     for past in run.history:
         run.say(RunLog.row(past))
-    last_epoch = min(cfg["epochs"], stop_after_epoch or cfg["epochs"])
+    last_epoch = min(cfg.epochs, stop_after_epoch or cfg.epochs)
     val_metrics = _val_metrics_of(run.history[-1]) if run.history else None
     try:
         for epoch in range(run.start_epoch, last_epoch + 1):
             epoch_start = time.perf_counter()
             record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
             record.update(train_one_epoch(run, epoch))
-            pred = predict(run.bare_model, run.val_loader, info, run.amp_dtype, progress=cfg["progress"],
+            pred = predict(run.bare_model, run.val_loader, info, run.amp_dtype, progress=cfg.progress,
                            desc=f"val {epoch}", channels_last=run.channels_last)
             val_metrics = evaluate_predictions(pred)
             record.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -226,8 +227,8 @@ def _train(cfg: dict, info: dist_utils.DistInfo, resume_path, stop_after_epoch) 
     summary = {"epochs_done": run.history[-1]["epoch"] if run.history else 0, "best": run.best,
                "val": val_metrics, "history": run.history, "test": None,
                "seconds": time.perf_counter() - started, "out_dir": str(run.out_dir)}
-    finished = summary["epochs_done"] == cfg["epochs"]
-    if finished and cfg["test_at_end"] and split_has_labels(cfg, "test"):
+    finished = summary["epochs_done"] == cfg.epochs
+    if finished and cfg.test_at_end and split_has_labels(cfg, "test"):
         summary["test"] = _test_best(run)
     if info.is_main:
         run.say(_summary_text(summary, cfg, finished))
@@ -250,25 +251,25 @@ def _test_best(run: Run) -> dict:
     if run.channels_last:
         model = to_channels_last(model)
     loader = build_loader(test_set, run.cfg, run.info, train=False,
-                          batch_size=run.cfg["eval_batch_size"] or run.batch_per_rank, persistent=False)
-    pred = predict(model, loader, run.info, run.amp_dtype, progress=run.cfg["progress"], desc="test",
+                          batch_size=run.cfg.eval_batch_size or run.batch_per_rank, persistent=False)
+    pred = predict(model, loader, run.info, run.amp_dtype, progress=run.cfg.progress, desc="test",
                    channels_last=run.channels_last)
     return evaluate_predictions(pred)
 
 
-def _summary_text(summary: dict, cfg: dict, finished: bool) -> str:
+def _summary_text(summary: dict, cfg: TrainConfig, finished: bool) -> str:
     def fmt(m: dict) -> str:
         return (f"action top-1 {m['action_top1']:.1%}, top-5 {m['action_top5']:.1%}, body top-1 "
                 f"{m['body_top1']:.1%}, F1_mean {m['f1_mean']:.1%}")
 
-    lines = [f"{'finished' if finished else 'stopped after'} epoch {summary['epochs_done']}/{cfg['epochs']} in "
+    lines = [f"{'finished' if finished else 'stopped after'} epoch {summary['epochs_done']}/{cfg.epochs} in "
              f"{summary['seconds'] / 60:.1f} min; checkpoints in {summary['out_dir']}"]
     if summary["val"]:
         lines.append(f"last epoch, validation: {fmt(summary['val'])}")
     if summary["best"]["epoch"] is not None:
         lines.append(f"best epoch {summary['best']['epoch']} by validation F1_mean ({summary['best']['val_f1_mean']:.1%})")
     if summary["test"]:
-        held_out = " (held-out persons)" if cfg["dataset"] == "synthetic" else ""
+        held_out = " (held-out persons)" if cfg.dataset == "synthetic" else ""
         lines.append(f"best checkpoint, test{held_out}: {fmt(summary['test'])}")
     if not finished:
         lines.append("continue with --resume")
