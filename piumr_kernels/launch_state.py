@@ -5,15 +5,20 @@
   must build its tables fresh: a cached real tensor must not enter a traced graph, nor a fake
   one be cached, nor a tensor from a graph's private memory pool outlive the graph.
 - `zeroed_tickets(like, count)`: `count` int32 counters, all zero, for kernels whose last
-  program per item finishes a reduction (see `tfam_pooling/triton_kernels.py`). Each such
-  kernel sets every counter it uses back to zero before it ends, so one buffer per (device,
-  stream) serves every later launch on that stream without a fill; launches on one stream
-  run one after another, so they never share a counter at the same time.
+  program per item finishes a reduction (`is_last_program`, used by TFAM's reductions and
+  DCT's split sums). Each such kernel sets every counter it uses back to zero before it
+  ends, so one buffer per (device, stream) serves every later launch on that stream without
+  a fill; launches on one stream run one after another, so they never share a counter at
+  the same time.
+
+Only the Triton launchers import this module.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 _TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
                   torch._C._TorchDispatchModeKey.FUNCTIONAL)
@@ -41,3 +46,14 @@ def zeroed_tickets(like: torch.Tensor, count: int) -> torch.Tensor:
     if tickets is None or tickets.numel() < count:
         tickets = _tickets[key] = like.new_zeros((-(-count // _TICKET_STEP) * _TICKET_STEP,), dtype=torch.int32)
     return tickets
+
+
+@triton.jit
+def is_last_program(tickets_ptr, item, n_programs):
+    """True in the last of the item's `n_programs` programs to get here; that program then
+    reads the others' partials and must store 0 to `tickets_ptr + item` when done. The
+    barrier orders every thread's stores of this program before the release of the ticket;
+    the finishing program's loads of partials come after its acquire and must bypass L1
+    (`cache_modifier=".cg"`)."""
+    tl.debug_barrier()
+    return tl.atomic_add(tickets_ptr + item, 1, sem="acq_rel") == n_programs - 1

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..launch_state import zeroed_tickets
+from ..launch_state import is_last_program, zeroed_tickets
 from ..triton_variants import KernelVariant
 
 PLANES_PER_PROGRAM = 16
@@ -36,6 +36,8 @@ BLOCK_HW_TIERS = (64, 256, 1024)
 # element-wise tiles always hold TILE values.
 REDUCTION_WARPS = {64: 2, 256: 2, 1024: 4}
 TILE_WARPS = 8
+# A launch needs about 2 programs per SM of a 132-SM H100 to stream at full bandwidth.
+GPU_PROGRAMS = 2 * 132
 # Lanes of the finishing loops (planes, frames or positions of one sample at a time).
 FINISH = 256
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -47,15 +49,6 @@ def block_hw(positions: int) -> int:
         if positions <= tier:
             return tier
     return BLOCK_HW_TIERS[-1]
-
-
-@triton.jit
-def _is_last_program(tickets_ptr, sample, n_programs):
-    """True in the last of sample's `n_programs` programs to get here. The barrier orders
-    every thread's stores of this program before the release of the ticket; the finishing
-    program's loads come after its acquire and bypass L1 (`.cg`)."""
-    tl.debug_barrier()
-    return tl.atomic_add(tickets_ptr + sample, 1, sem="acq_rel") == n_programs - 1
 
 
 @triton.jit
@@ -128,7 +121,7 @@ def _statistics_kernel(
         tl.store(block_arg_ptr + out, (where + block * BLOCK_HW).to(tl.int32))
     tl.store(partial_ptr + pid * positions + hw, spatial, mask=inside)
 
-    if _is_last_program(tickets_ptr, sample, n_groups * n_blocks):
+    if is_last_program(tickets_ptr, sample, n_groups * n_blocks):
         _finish_planes(block_sum_ptr, block_max_ptr, block_arg_ptr, mean_ptr, max_ptr, argmax_ptr, sample,
                        planes_per_sample, positions, n_blocks, FINISH)
         _finish_map(partial_ptr, spatial_ptr, sample, n_groups, positions, frames, FINISH)
@@ -232,18 +225,23 @@ def _combine_backward_kernel(
         tl.store(plane_sum_ptr + plane * n_blocks + block, tl.sum(product, axis=0))
     tl.store(partial_ptr + pid * positions + hw, spatial_grad, mask=inside)
 
-    if _is_last_program(tickets_ptr, sample, n_groups * n_blocks):
+    if is_last_program(tickets_ptr, sample, n_groups * n_blocks):
         _finish_frames(plane_sum_ptr, grad_temporal_ptr, sample, channels, frames, n_blocks, FINISH)
         _finish_map(partial_ptr, grad_spatial_ptr, sample, n_groups, positions, 1.0, FINISH)
         tl.store(tickets_ptr + sample, 0)
 
 
 def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(n_groups, n_blocks, BLOCK_HW, positions) of a reduction pass over `x`."""
+    """(n_groups, n_blocks, BLOCK_HW, positions) of a reduction pass over `x`: the largest
+    tier up to the map's own whose grid has GPU_PROGRAMS programs (narrower blocks when the
+    clips and planes alone give too few), else the smallest tier."""
     batch, channels, frames, height, width = x.shape
     positions = height * width
-    tier = block_hw(positions)
-    return triton.cdiv(channels * frames, PLANES_PER_PROGRAM), triton.cdiv(positions, tier), tier, positions
+    n_groups = triton.cdiv(channels * frames, PLANES_PER_PROGRAM)
+    tiers = [tier for tier in BLOCK_HW_TIERS if tier <= block_hw(positions)]
+    tier = next((tier for tier in reversed(tiers) if batch * n_groups * triton.cdiv(positions, tier) >= GPU_PROGRAMS),
+                tiers[0])
+    return n_groups, triton.cdiv(positions, tier), tier, positions
 
 
 def _tile_grid(n_planes: int, positions: int) -> tuple[tuple[int, int], int, int]:
@@ -343,16 +341,16 @@ def _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx):
     return grad_x, grad_temporal, grad_spatial
 
 
-# (B, C, T, H, W), as in benchmarks/bench_tfam.py: the benchmark shapes (BLOCK_HW 1024 and
-# 256), then X3D's 7x7 stage (BLOCK_HW 64).
-AOT_SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14), (4, 96, 16, 7, 7)]
+# (B, C, T, H, W), as in benchmarks/bench_tfam.py: the benchmark shapes (reductions in
+# 256- and 64-position blocks, element-wise tiles 1024 and 256), X3D's 7x7 stage (64), and a
+# training batch at 28x28 (reductions in 1024-position blocks).
+AOT_SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14), (4, 96, 16, 7, 7), (80, 24, 16, 28, 28)]
 
 
 def aot_variants() -> list[KernelVariant]:
     """The (kernel, dtype, BLOCK_HW tier, mode) variants the launchers pick at `AOT_SHAPES`."""
     variants = []
-    for *_, height, width in AOT_SHAPES:
-        tier = block_hw(height * width)
+    for tier in BLOCK_HW_TIERS:
         reduction = {"PLANES_PER_PROGRAM": PLANES_PER_PROGRAM, "BLOCK_HW": tier, "FINISH": FINISH}
         tile = {"BLOCK_P": TILE // tier, "BLOCK_HW": tier}
         for dtype in _DTYPES.values():
