@@ -60,12 +60,11 @@ def compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
-def build_directory(root: Path | None = None) -> Path:
+def build_directory() -> Path:
     """The JIT build directory for this interpreter, torch, compiler and flags."""
     import torch
 
-    if root is None:
-        root = Path(os.environ.get(ENV_BUILD_DIR) or PACKAGE_DIR.parent / "build" / "jit")
+    root = Path(os.environ.get(ENV_BUILD_DIR) or PACKAGE_DIR.parent / "build" / "jit")
     flags = "\0".join([torch.version.git_version or "", compiler(), *CXX_FLAGS, "|", *LD_FLAGS])
     flags_hash = hashlib.sha256(flags.encode()).hexdigest()[:10]
     return root / f"{sys.implementation.cache_tag}-torch{torch.__version__}-{flags_hash}"
@@ -85,7 +84,7 @@ def aot_is_current(library: Path) -> bool:
     without csrc/ has nothing to compare with and keeps its build)."""
     if not SOURCE_DIR.is_dir():
         return True
-    newest = max(p.stat().st_mtime for p in source_files())
+    newest = max((p.stat().st_mtime for p in source_files()), default=0.0)
     return library.stat().st_mtime >= newest
 
 
