@@ -143,3 +143,25 @@ def test_expression_metrics_match_scikit_learn(seed):
     assert metrics["confusion"].tolist() == confusion_matrix(labels.numpy(), predicted, labels=range(7)).tolist()
     with pytest.raises(ValueError, match=r"expected \(N, 7\) and \(N,\)"):
         expression_metrics(scores[:, :5], labels, 7)
+
+
+def test_trains_hdf_on_a_dfew_fold(dfew_root, tmp_path):
+    """`--dataset dfew` takes HDF's recipe (configs/hdf_dfew.json) with tiny overrides; runs on
+    DFEW report WAR and UAR and keep the best checkpoint by UAR."""
+    from models import train
+    from models.training.checkpointing import load_checkpoint
+
+    summary = train.main(["--dataset", "dfew", "--data-root", str(dfew_root), "--dfew-fold", "2", "--out",
+                          str(tmp_path / "run"), "--preset", '{"name": "test", "depth_factor": 0.2}',
+                          "--num-frames", "4", "--crop-size", "32", "--epochs", "1", "--batch-size", "2",
+                          "--workers", "0", "--no-progress", "--warmup-epochs", "0"])
+    assert set(summary["test"]) == {"war", "uar"} and 0 <= summary["test"]["uar"] <= 1
+    assert summary["best"] == {"epoch": 1, "val_uar": summary["history"][0]["val_uar"]}
+    config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    assert (config["model"], config["optimizer"], config["dfew_fold"], config["label_smoothing"]) == (
+        "hdf", "sam_adamw", 2, 0.1)
+    from models import evaluate
+    from models.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="a DFEW run"):
+        evaluate.main([str(tmp_path / "run" / "best.pt")])

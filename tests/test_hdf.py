@@ -461,3 +461,21 @@ def test_sam_under_ddp_ascends_along_the_global_gradient(tmp_path):
     _sam_step(model, SAM(torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)), x, y)
     for name, value in torch.load(result, weights_only=True).items():
         torch.testing.assert_close(value, model.state_dict()[name], atol=1e-12, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_train_command_with_model_hdf_runs_an_epoch(tmp_path):
+    from models import train
+    from tests.train_helpers import tiny_args
+    from models.training.checkpointing import load_checkpoint
+
+    args = tiny_args(tmp_path / "hdf", epochs=1, train_clips=16, eval_clips=8) + [
+        "--model", "hdf", "--optimizer", "sam_adamw", "--dsm-scaling", "gradient", "--label-smoothing", "0.1"]
+    summary = train.main(args)
+    record = summary["history"][0]
+    assert summary["epochs_done"] == 1 and torch.isfinite(torch.tensor(record["train_loss"]))
+    assert 0.0 <= summary["test"]["action_top1"] <= 1.0
+    ckpt = load_checkpoint(tmp_path / "hdf" / "last.pt")
+    assert ckpt["config"]["model"] == "hdf" and any(key.startswith("dam.res5.") for key in ckpt["model"])

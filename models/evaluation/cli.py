@@ -56,6 +56,9 @@ def main(argv=None) -> dict:
     changes = {key: value for key, value in (("data_root", args.data_root), ("num_workers", args.workers),
                                              ("amp", args.amp)) if value is not None}
     cfg = TrainConfig.from_dict({**ckpt["config"], **changes, "device": args.device}, f"{args.checkpoint}'s config")
+    if cfg.dataset == "dfew":
+        raise CheckpointError(f"{args.checkpoint}: a DFEW run; evaluate.py writes MA-52's metrics and figures, "
+                              "expected an MA-52 or synthetic checkpoint (DFEW runs report WAR and UAR in training)")
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
 
     info = dist_utils.setup(cfg.device)

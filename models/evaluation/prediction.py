@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.data import normalize_frames
+from models.evaluation.expression import expression_metrics
 from models.evaluation.metrics import compute_metrics
 from models.training import distributed as dist_utils
 from models.training.config import TrainConfig
@@ -52,8 +53,23 @@ def predict(model: torch.nn.Module, loader: DataLoader, info: dist_utils.DistInf
     return result
 
 
-def evaluate_predictions(pred: dict) -> dict:
-    """The scalar metrics of `predict`'s output (compute_metrics without its per-class tensors)."""
+# The validation metric that picks the best checkpoint, per dataset, and its name in reports.
+SELECTION_METRICS = {"dfew": ("uar", "UAR")}
+DEFAULT_SELECTION = ("f1_mean", "F1_mean")
+
+
+def selection_metric(dataset: str) -> tuple[str, str]:
+    """`(key, name)` of the metric by which a run on `dataset` keeps its best checkpoint:
+    UAR on DFEW (as DFEW papers select), F1_mean on MA-52 and the synthetic data."""
+    return SELECTION_METRICS.get(dataset, DEFAULT_SELECTION)
+
+
+def evaluate_predictions(pred: dict, dataset: str = "synthetic") -> dict:
+    """The scalar metrics of `predict`'s output: MA-52's official ones (compute_metrics without
+    its per-class tensors), or WAR and UAR on DFEW (expression_metrics)."""
+    if dataset == "dfew":
+        metrics = expression_metrics(pred["scores"], pred["label"], pred["scores"].shape[1])
+        return {"war": metrics["war"], "uar": metrics["uar"]}
     metrics = compute_metrics(pred["scores"], pred["label"])
     return {key: value if isinstance(value, int) else float(value) for key, value in metrics.items()
             if isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)}

@@ -113,16 +113,22 @@ class PIUmrLoss(nn.Module):
     var_grad=True, detach_weights=True; see SPEC §3): the batch is split into
     `num_groups` random pseudo-groups, or by `groups` when given: ids in `[0, num_groups)`
     (e.g. subjects numbered per batch), `num_groups` of that call then being the number of
-    ids. `girl=False` is the "GIRL off" ablation: the loss is CE.
+    ids. `girl=False` is the "GIRL off" ablation: the loss is CE. `label_smoothing` is the
+    cross-entropy's (0: none, the paper).
     """
 
-    def __init__(self, lambda_girl: float = 1.0, girl: bool = True, **girl_kwargs) -> None:
+    def __init__(self, lambda_girl: float = 1.0, girl: bool = True, label_smoothing: float = 0.0,
+                 **girl_kwargs) -> None:
         super().__init__()
         if isinstance(lambda_girl, bool) or not isinstance(lambda_girl, numbers.Real):
             raise TypeError(f"lambda_girl must be a real number, got {type(lambda_girl).__name__}")
         if not (math.isfinite(lambda_girl) and lambda_girl >= 0):
             raise ValueError(f"lambda_girl must be a finite number >= 0, got {lambda_girl}")
         self.lambda_girl = float(lambda_girl)
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not (
+                0 <= label_smoothing <= 1):
+            raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
         if not girl and girl_kwargs:
             raise ValueError(f"GIRL options {sorted(girl_kwargs)} were given with girl=False")
         self.girl = GIRLLoss(**girl_kwargs) if girl else None
@@ -135,7 +141,7 @@ class PIUmrLoss(nn.Module):
         groups: torch.Tensor | None = None,
         num_groups: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if self.girl is None:
             return ce, {"ce": ce.detach(), "girl": torch.zeros_like(ce).detach()}
         girl = self.girl(features, labels, groups, num_groups=num_groups)

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from models.modelling import PIUmrLoss, X3DPreset, build_piumr
-from models.training.config import NUM_CLASSES, TrainConfig
+from models.modelling import DSMLoss, PIUmrLoss, X3DPreset, build_hdf, build_piumr
+from models.training.config import TrainConfig, num_classes
+from models.training.sam import SAM
 
 
 def model_preset(cfg: TrainConfig):
@@ -25,28 +26,39 @@ def model_preset(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, load_pretrained: bool = True) -> torch.nn.Module:
-    """PIUmr with the configured preset and ablation switches, sized for `num_frames` (TFAM's
-    T x T parameters); `pretrained` X3D weights into the backbone when `load_pretrained`."""
-    return build_piumr(model_preset(cfg), NUM_CLASSES, tfam=cfg.tfam, tfam_stages=tuple(cfg.tfam_stages),
+    """PIUmr with the configured preset and ablation switches (or HDF, `model`), sized for
+    `num_frames` (TFAM's and DAM's T x T parameters); `pretrained` X3D weights into the
+    backbone when `load_pretrained`."""
+    pretrained = cfg.pretrained if load_pretrained else None
+    if cfg.model == "hdf":
+        return build_hdf(model_preset(cfg), num_classes(cfg), num_frames=cfg.num_frames, pretrained=pretrained)
+    return build_piumr(model_preset(cfg), num_classes(cfg), tfam=cfg.tfam, tfam_stages=tuple(cfg.tfam_stages),
                        temporal=cfg.temporal, frequency=cfg.frequency, fusion=cfg.fusion,
-                       num_frames=cfg.num_frames, pretrained=cfg.pretrained if load_pretrained else None)
+                       num_frames=cfg.num_frames, pretrained=pretrained)
 
 
 def build_loss(cfg: TrainConfig) -> torch.nn.Module:
+    """PIUmr's CE + GIRL, or HDF's DSM objective (`model` hdf)."""
+    if cfg.model == "hdf":
+        return DSMLoss(scaling=cfg.dsm_scaling, lambda_ib=cfg.lambda_ib, tau=cfg.girl_tau, eta=cfg.girl_eta,
+                       label_smoothing=cfg.label_smoothing)
     if not cfg.girl:
-        return PIUmrLoss(lambda_girl=cfg.lambda_girl, girl=False)
-    return PIUmrLoss(lambda_girl=cfg.lambda_girl, num_groups=cfg.girl_num_groups, tau=cfg.girl_tau,
-                     eta=cfg.girl_eta, lambda_var=cfg.girl_lambda_var)
+        return PIUmrLoss(lambda_girl=cfg.lambda_girl, girl=False, label_smoothing=cfg.label_smoothing)
+    return PIUmrLoss(lambda_girl=cfg.lambda_girl, label_smoothing=cfg.label_smoothing, num_groups=cfg.girl_num_groups,
+                     tau=cfg.girl_tau, eta=cfg.girl_eta, lambda_var=cfg.girl_lambda_var)
 
 
 # Each `optimizer` choice (TrainConfig.optimizer): a function of (parameters, cfg) returning the optimiser.
 OPTIMIZERS = {
     "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "sam_adamw": lambda params, cfg: SAM(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                                         rho=cfg.sam_rho),
 }
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The `optimizer` of the configuration over the model's parameters."""
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer | SAM:
+    """The `optimizer` of the configuration over the model's parameters (a `SAM` wrapper takes
+    the loop's second forward/backward pass, models/training/loop.py)."""
     return OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
 
 
@@ -66,5 +78,7 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
     return factor
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer | SAM, steps_per_epoch: int):
+    # LambdaLR needs a torch Optimizer; SAM shares its base optimizer's param_groups.
+    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    return torch.optim.lr_scheduler.LambdaLR(base, lr_factor(cfg, steps_per_epoch))

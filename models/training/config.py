@@ -36,8 +36,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 SYNTHETIC_CONFIG = CONFIG_DIR / "synthetic_default.json"
 PAPER_CONFIG = CONFIG_DIR / "ma52_paper_x3d_m.json"
+DFEW_CONFIG = CONFIG_DIR / "hdf_dfew.json"
 
 NUM_CLASSES = 52  # MA-52 actions; the synthetic dataset uses the same 52 classes.
+DFEW_CLASSES = 7  # DFEW's expressions (models.data.dfew.LABELS)
+DFEW_FOLDS = 5
 GROUPS = ("data", "model", "loss", "optimisation", "run")
 TFAM_STAGES = ("res2", "res3", "res4", "res5")
 
@@ -57,9 +60,12 @@ def option(group: str, default, help: str, *, choices: tuple | None = None, mini
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = option("data", "synthetic", "the dataset to train on", choices=("synthetic", "ma52"))
-    data_root: str | None = option("data", None, "MA-52 root folder (lists in the root or annotations/); "
-                                   "given alone it implies --dataset ma52", metavar="PATH")
+    dataset: str = option("data", "synthetic", "the dataset to train on", choices=("synthetic", "ma52", "dfew"))
+    data_root: str | None = option("data", None, "MA-52 root folder (lists in the root or annotations/; given "
+                                   "alone it implies --dataset ma52) or DFEW root (EmoLabel_DataSplit/, Clip/)",
+                                   metavar="PATH")
+    dfew_fold: int = option("data", 1, "DFEW fold 1..5: train on its train file, validate and test on its test file",
+                            minimum=1)
     num_frames: int = option("data", 16, "frames sampled uniformly over each clip", minimum=1)
     crop_size: int = option("data", 224, "side of the square crop fed to the network", minimum=1)
     synthetic_options: dict = option("data", {}, "extra keyword arguments of SyntheticMicroActions, as JSON, "
@@ -73,7 +79,9 @@ class TrainConfig:
     max_train_clips: int | None = option("data", None, "train on this many clips only, evenly spaced (smoke tests)",
                                          minimum=1)
     max_eval_clips: int | None = option("data", None, "validate and test on this many clips only", minimum=1)
-    # model (build_piumr); the ablation switches of the paper's Table 3
+    # model (build_piumr or build_hdf); the ablation switches of the paper's Table 3
+    model: str = option("model", "piumr", "PIUmr (X3D + TFAM, CE + GIRL) or HDF (X3D + DAM, HDF's DSM loss: "
+                        "docs/hdf.md)", choices=("piumr", "hdf"))
     preset: str | dict = option("model", "M", "X3D preset XS|S|M|L, or a JSON object of X3DPreset fields, e.g. "
                                 "'{\"name\": \"cpu\", \"depth_factor\": 0.5}'", choices=("XS", "S", "M", "L"),
                                 metavar="NAME|JSON")
@@ -96,12 +104,20 @@ class TrainConfig:
     girl_tau: float = option("loss", 0.07, "GIRL's temperature", above=0)
     girl_eta: float = option("loss", 0.2, "GIRL's eta (SPEC §3)", above=0)
     girl_lambda_var: float = option("loss", 1.0, "weight of GIRL's variance term", minimum=0)
+    label_smoothing: float = option("loss", 0.0, "label smoothing of the cross-entropy, in [0, 1]", minimum=0)
+    dsm_scaling: str = option("loss", "fixed", "HDF's loss weights: fixed (10 CE + 0.1 DSM, HDF's code) or "
+                              "gradient (from the previous step's gradient norm, HDF's paper)",
+                              choices=("fixed", "gradient"))
+    lambda_ib: float = option("loss", 0.1, "HDF: weight of DSM's information-bottleneck term (girl_tau and "
+                              "girl_eta set DSM's contrastive term)", minimum=0)
     # optimisation
     epochs: int = option("optimisation", 120, "epochs of the schedule", minimum=1)
     batch_size: int = option("optimisation", 80, "global batch, split evenly over the torchrun processes", minimum=1)
     eval_batch_size: int | None = option("optimisation", None, "validation/test clips per process and step "
                                          "(default: the per-process training batch)", minimum=1)
-    optimizer: str = option("optimisation", "adamw", "the optimiser", choices=("adamw",))
+    optimizer: str = option("optimisation", "adamw", "the optimiser (sam_adamw: SAM around AdamW, two forward/"
+                            "backward passes per step)", choices=("adamw", "sam_adamw"))
+    sam_rho: float = option("optimisation", 0.05, "SAM's ascent radius (optimizer sam_adamw)", above=0)
     lr: float = option("optimisation", 1e-3, "peak learning rate", above=0)
     weight_decay: float = option("optimisation", 1e-4, "decoupled weight decay", minimum=0)
     lr_schedule: str = option("optimisation", "multistep", "learning-rate schedule after the warm-up",
@@ -160,6 +176,16 @@ class TrainConfig:
         if self.dataset == "ma52" and not self.data_root:
             raise ConfigError("config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the "
                               "MA-52 lists and videos)")
+        if self.dataset == "dfew" and not self.data_root:
+            raise ConfigError("config 'data_root': the dfew dataset needs --data-root PATH (the folder holding "
+                              "EmoLabel_DataSplit and Clip)")
+        if self.dfew_fold > DFEW_FOLDS:
+            raise ConfigError(f"config 'dfew_fold': expected a fold in 1..{DFEW_FOLDS}, got {self.dfew_fold}")
+        if self.label_smoothing > 1:
+            raise ConfigError(f"config 'label_smoothing': expected a value in [0, 1], got {self.label_smoothing}")
+        if self.model == "hdf" and self.girl_groups == "subject":
+            raise ConfigError("config 'girl_groups': HDF's DSM contrasts the whole batch as one group, expected "
+                              "'random' with model 'hdf', got 'subject'")
         if sorted(self.lr_milestones) != list(self.lr_milestones):
             raise ConfigError(f"config 'lr_milestones': expected increasing epochs, got {self.lr_milestones!r}")
 
@@ -245,7 +271,12 @@ def load_config_file(path) -> dict:
 
 
 def default_config_path(dataset: str) -> Path:
-    return SYNTHETIC_CONFIG if dataset == "synthetic" else PAPER_CONFIG
+    return {"synthetic": SYNTHETIC_CONFIG, "dfew": DFEW_CONFIG}.get(dataset, PAPER_CONFIG)
+
+
+def num_classes(cfg: TrainConfig) -> int:
+    """The classifier's outputs for the configured dataset."""
+    return DFEW_CLASSES if cfg.dataset == "dfew" else NUM_CLASSES
 
 
 def resolve_config(overrides: dict, config_path=None, base: dict | None = None) -> TrainConfig:
@@ -256,6 +287,7 @@ def resolve_config(overrides: dict, config_path=None, base: dict | None = None) 
         dataset = overrides.get("dataset") or ("ma52" if overrides.get("data_root") else "synthetic")
         values = load_config_file(config_path or default_config_path(dataset))
     values.update(overrides)
-    if values.get("data_root") and "dataset" not in overrides and base is None and values.get("dataset") != "ma52":
+    synthetic = values.get("dataset", "synthetic") == "synthetic"
+    if values.get("data_root") and "dataset" not in overrides and base is None and synthetic:
         values["dataset"] = "ma52"  # --data-root alone means "train on this MA-52 copy"
     return TrainConfig.from_dict(values, "config")

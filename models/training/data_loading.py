@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips
+from models.data.dfew import DFEWDataset
 from models.training.config import TrainConfig
 from models.training.distributed import DistInfo
 
@@ -42,7 +43,10 @@ def build_dataset(cfg: TrainConfig, split: str, train: bool):
     else:
         # Decoder threads only help on cores the workers leave idle.
         threads = max(1, cores_per_rank() // max(1, num_workers(cfg)))
-        dataset = MA52Dataset(cfg.data_root, **common, decode_threads=threads)
+        if cfg.dataset == "dfew":
+            dataset = DFEWDataset(cfg.data_root, fold=cfg.dfew_fold, **common, decode_threads=threads)
+        else:
+            dataset = MA52Dataset(cfg.data_root, **common, decode_threads=threads)
     limit = cfg.max_train_clips if split == "train" else cfg.max_eval_clips
     if limit is not None and limit < len(dataset):
         # Evenly spaced clips keep every part of the list; items keep their original "index".

@@ -27,6 +27,7 @@ from models.training import distributed as dist_utils
 from models.training.checkpointing import epoch_seed, seed_everything
 from models.training.config import TrainConfig
 from models.training.precision import autocast
+from models.training.sam import SAM
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +63,17 @@ def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp
         logits, features = model(clip)
     loss, parts = loss_fn(logits.float(), features.float(), labels, groups=groups, num_groups=num_groups)
     return loss, parts, logits
+
+
+def backward(optimizer, loss, second_pass=None, scale=lambda value: value) -> None:
+    """`loss.backward()`; with `second_pass = (step, args)` (SAM) also the ascent, `step(*args)`'s
+    loss (scaled by `scale`) backward at the ascended weights, and the restore."""
+    loss.backward()
+    if second_pass is not None:
+        step, args = second_pass
+        optimizer.ascent_step()
+        scale(step(*args)[0]).backward()
+        optimizer.restore()
 
 
 def _seed_epoch(cfg: TrainConfig, epoch: int, info: dist_utils.DistInfo, loader: DataLoader) -> None:
@@ -105,8 +117,11 @@ def train_one_epoch(run, epoch: int) -> dict:
                 f"gradient clipping (grad_clip_norm), then continue with --resume.")
         run.optimizer.zero_grad(set_to_none=True)
         skipped = False
+        # SAM: the step's gradient is the second pass's, at the ascended weights (models/training/sam.py).
+        second_pass = (run.step, (run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype,
+                                  run.channels_last)) if isinstance(run.optimizer, SAM) else None
         if run.scaler is not None:
-            run.scaler.scale(loss).backward()
+            backward(run.optimizer, run.scaler.scale(loss), second_pass, run.scaler.scale)
             run.scaler.unscale_(run.optimizer)
             grad_norm = run.grad_norm()
             scale_before = run.scaler.get_scale()
@@ -119,13 +134,15 @@ def train_one_epoch(run, epoch: int) -> dict:
                     f"the fp16 GradScaler skipped {consecutive_skips} steps in a row up to {where} (non-finite loss "
                     f"or gradients; scale now {run.scaler.get_scale():.3g}). {run.last_checkpoint_note()}")
         else:
-            loss.backward()
+            backward(run.optimizer, loss, second_pass)
             grad_norm = run.grad_norm()
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"non-finite gradient norm at {where} (loss {loss.item():.4f} was finite). The weights were not "
                     f"updated; {run.last_checkpoint_note()} Lower the learning rate or set grad_clip_norm, then --resume.")
             run.optimizer.step()
+        if hasattr(run.loss_fn, "observe_grad_norm"):  # HDF's gradient-norm loss scaling
+            run.loss_fn.observe_grad_norm(grad_norm)
         run.scheduler.step()
         run.global_step += 1
         n = labels.numel()

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from models.errors import ConfigError
-from models.evaluation.prediction import evaluate_predictions, predict, split_has_labels
+from models.evaluation.prediction import evaluate_predictions, predict, selection_metric, split_has_labels
 from models.training import distributed as dist_utils
 from models.training.builders import build_loss, build_model, build_optimizer, build_scheduler
 from models.training.checkpointing import (CHECKPOINT_FORMAT, LAST_NAME, PREVIOUS_NAME, capture_rng_state,
@@ -48,7 +48,8 @@ class Run:
         if self.batch_per_rank % cfg.repeated_augmentation:
             raise ConfigError(f"config 'repeated_augmentation' ({cfg.repeated_augmentation}) must divide the "
                               f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips")
-        if cfg.girl and cfg.girl_groups == "random" and self.batch_per_rank < 2 * cfg.girl_num_groups:
+        if cfg.model == "piumr" and cfg.girl and cfg.girl_groups == "random" and \
+                self.batch_per_rank < 2 * cfg.girl_num_groups:
             raise ConfigError(f"GIRL needs >= 2 clips in each of its {cfg.girl_num_groups} groups, but each rank "
                               f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups")
         if info.is_main:
@@ -84,7 +85,8 @@ class Run:
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         self.start_epoch, self.global_step, self.history, self.resumed_from = 1, 0, [], None
-        self.best = {"epoch": None, "val_f1_mean": -1.0}
+        self.selection = "val_" + selection_metric(cfg.dataset)[0]
+        self.best = {"epoch": None, self.selection: -1.0}
         if resume_path is not None:
             self._resume(resume_path)
         self.log = RunLog(self.out_dir, enabled=info.is_main, resume_step=self.global_step if resume_path else None)
@@ -150,9 +152,11 @@ class Run:
                 if isinstance(preset, dict) else f"X3D-{preset}")
         dataset = getattr(self.train_set, "dataset", self.train_set)  # through a max_train_clips Subset
         source = f"\nreading {dataset.source}" if hasattr(dataset, "source") else ""
-        return (f"PIUmr on {name} ({self.num_parameters / 1e6:.2f} M parameters; TFAM "
-                f"{'on ' + ','.join(cfg.tfam_stages) if cfg.tfam else 'off'}; GIRL "
-                f"{cfg.girl_groups + ' groups' if cfg.girl else 'off'}) on {cfg.dataset}: "
+        parts = (f"TFAM {'on ' + ','.join(cfg.tfam_stages) if cfg.tfam else 'off'}; GIRL "
+                 f"{cfg.girl_groups + ' groups' if cfg.girl else 'off'}" if cfg.model == "piumr"
+                 else f"DAM after every stage; DSM, {cfg.dsm_scaling} scaling")
+        return (f"{'PIUmr' if cfg.model == 'piumr' else 'HDF'} on {name} ({self.num_parameters / 1e6:.2f} M "
+                f"parameters; {parts}; {cfg.optimizer}) on {cfg.dataset}: "
                 f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg.num_frames}x"
                 f"{cfg.crop_size}^2; {cfg.epochs} epochs x {len(self.train_loader)} steps, batch "
                 f"{cfg.batch_size} ({self.info.world_size} process(es) on {self.info.device.type}), amp "
@@ -194,14 +198,14 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, resume_path, stop_after_
             record.update(train_one_epoch(run, epoch))
             pred = predict(run.bare_model, run.val_loader, info, run.amp_dtype, progress=cfg.progress,
                            desc=f"val {epoch}", channels_last=run.channels_last)
-            val_metrics = evaluate_predictions(pred)
+            val_metrics = evaluate_predictions(pred, cfg.dataset)
             record.update({f"val_{k}": v for k, v in val_metrics.items()})
             record["val_dropped"] = pred["num_dropped"]
             record["epoch_seconds"] = time.perf_counter() - epoch_start
             run.history.append(record)
-            improved = record["val_f1_mean"] > run.best["val_f1_mean"]
+            improved = record[run.selection] > run.best[run.selection]
             if improved:
-                run.best = {"epoch": epoch, "val_f1_mean": record["val_f1_mean"]}
+                run.best = {"epoch": epoch, run.selection: record[run.selection]}
             if info.is_main:
                 payload = run.checkpoint(epoch, val_metrics)
                 save_atomic(payload, run.out_dir / LAST_NAME, previous=PREVIOUS_NAME)
@@ -242,7 +246,7 @@ def _val_metrics_of(record: dict) -> dict:
 
 
 def _test_best(run: Run) -> dict:
-    """Metrics of the best checkpoint (by validation F1_mean) on the test split."""
+    """Metrics of the best checkpoint (by the validation selection metric) on the test split."""
     best = load_checkpoint(run.out_dir / BEST_NAME, map_location=run.info.device) if run.info.is_main else None
     best_state = dist_utils.broadcast_object(best["model"] if best else None, run.info)
     model = build_model(run.cfg, load_pretrained=False).to(run.info.device)
@@ -254,11 +258,13 @@ def _test_best(run: Run) -> dict:
                           batch_size=run.cfg.eval_batch_size or run.batch_per_rank, persistent=False)
     pred = predict(model, loader, run.info, run.amp_dtype, progress=run.cfg.progress, desc="test",
                    channels_last=run.channels_last)
-    return evaluate_predictions(pred)
+    return evaluate_predictions(pred, run.cfg.dataset)
 
 
 def _summary_text(summary: dict, cfg: TrainConfig, finished: bool) -> str:
     def fmt(m: dict) -> str:
+        if cfg.dataset == "dfew":
+            return f"WAR {m['war']:.1%}, UAR {m['uar']:.1%}"
         return (f"action top-1 {m['action_top1']:.1%}, top-5 {m['action_top5']:.1%}, body top-1 "
                 f"{m['body_top1']:.1%}, F1_mean {m['f1_mean']:.1%}")
 
@@ -267,7 +273,9 @@ def _summary_text(summary: dict, cfg: TrainConfig, finished: bool) -> str:
     if summary["val"]:
         lines.append(f"last epoch, validation: {fmt(summary['val'])}")
     if summary["best"]["epoch"] is not None:
-        lines.append(f"best epoch {summary['best']['epoch']} by validation F1_mean ({summary['best']['val_f1_mean']:.1%})")
+        key, metric = selection_metric(cfg.dataset)
+        lines.append(f"best epoch {summary['best']['epoch']} by validation {metric} "
+                     f"({summary['best']['val_' + key]:.1%})")
     if summary["test"]:
         held_out = " (held-out persons)" if cfg.dataset == "synthetic" else ""
         lines.append(f"best checkpoint, test{held_out}: {fmt(summary['test'])}")
