@@ -479,3 +479,20 @@ def test_train_command_with_model_hdf_runs_an_epoch(tmp_path):
     assert 0.0 <= summary["test"]["action_top1"] <= 1.0
     ckpt = load_checkpoint(tmp_path / "hdf" / "last.pt")
     assert ckpt["config"]["model"] == "hdf" and any(key.startswith("dam.res5.") for key in ckpt["model"])
+
+
+def test_hdf_config_rules():
+    from models.errors import ConfigError
+    from models.training.config import DFEW_CONFIG, resolve_config
+
+    recipe = resolve_config({"data_root": "/data/DFEW"}, DFEW_CONFIG)  # --data-root keeps the file's dfew
+    assert (recipe.dataset, recipe.model, recipe.optimizer, recipe.crop_size, recipe.lr) == (
+        "dfew", "hdf", "sam_adamw", 112, 5e-4)
+    assert resolve_config({"data_root": "/data/MA-52"}).dataset == "ma52"  # from the synthetic default
+    for overrides, message in (({"model": "hdf", "girl_groups": "subject"}, "DSM contrasts the whole batch"),
+                               ({"dataset": "dfew"}, "the dfew dataset needs --data-root"),
+                               ({"dfew_fold": 6}, r"expected a fold in 1..5, got 6"),
+                               ({"label_smoothing": 1.5}, r"expected a value in \[0, 1\], got 1.5"),
+                               ({"sam_rho": 0.0}, r"'sam_rho': expected a value > 0")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_config(overrides)
