@@ -142,8 +142,8 @@ def _compile(directory: Path, digest: str) -> None:
     if (directory / "lock").exists():
         _say(f"waiting for another process that is compiling in {directory} "
              "(delete its 'lock' file if no such process runs)")
-    _say(f"compiling the C++ CPU kernels into {directory} (after installing, and after csrc/ "
-         "changes, only what changed; a full build takes minutes on a small machine)...")
+    _say(f"compiling the C++ CPU kernels into {directory}: a full build takes minutes on a "
+         "small machine, after a csrc/ change only what changed is recompiled...")
     started = time.perf_counter()
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([ninja_dir, path]) if path else ninja_dir
