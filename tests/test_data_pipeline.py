@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips
+from models.data.ma52 import write_h264_mp4
 from models.training import builders, data_loading
+from models.training.config import TrainConfig, resolve_config
 from models.training.distributed import setup as setup_distributed
 from models.training.loop import model_step
 from models.training.precision import to_channels_last
 from models.training.run import Run
-from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips, normalize_frames
-from models.data.ma52 import write_h264_mp4
-from models.training.config import TrainConfig, resolve_config
 from tests.train_helpers import TINY_PRESET, one_thread  # noqa: F401
 
 
