@@ -128,7 +128,7 @@ def _ninja_directory() -> str | None:
 def _compile(directory: Path, digest: str) -> None:
     """Runs torch's ninja build of csrc/ in `directory` and loads the library; raises with
     the cause and the fix."""
-    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils import cpp_extension
 
     if shutil.which(compiler()) is None:
         raise RuntimeError(
@@ -156,7 +156,7 @@ def _compile(directory: Path, digest: str) -> None:
             build_directory=str(directory),
             is_python_module=False,
         )
-    except Exception as error:
+    except (RuntimeError, OSError) as error:  # a failed compile; a library that does not load
         log = directory / "build.log"
         log.write_text(str(error))
         _write(directory / "failed.sha256", digest)

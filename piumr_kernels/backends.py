@@ -165,8 +165,8 @@ class Info(dict):
         interpreter = "on" if self["triton_interpret"] else "off"
         lines = [
             f"piumr_kernels {self['version']}",
-            f"  torch      {self['torch']} (CUDA {self['cuda'] or 'none'}), Python {self['python']}, "
-            f"{self['cpu_threads']} CPU threads",
+            (f"  torch      {self['torch']} (CUDA {self['cuda'] or 'none'}), Python {self['python']}, "
+             f"{self['cpu_threads']} CPU threads"),
             f"  triton     {self['triton'] or 'not installed'}, interpreter {interpreter} (TRITON_INTERPRET)",
             f"  requested  {self['requested']}: {chosen}",
             f"  reference  {state('reference')}",

@@ -135,7 +135,7 @@ def test_compile_without_a_compiler_names_the_cause(monkeypatch, tmp_path):
 
 def test_compile_records_success_and_failure(monkeypatch, tmp_path, capsys):
     """The real _compile around a stand-in for torch's build: stamps, log, message, PATH."""
-    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils import cpp_extension
 
     path = os.environ["PATH"]
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
@@ -161,7 +161,7 @@ def _run_setup(*args, aot: bool):
     env = {k: v for k, v in os.environ.items() if k != "PIUMR_BUILD_AOT"}
     if aot:
         env["PIUMR_BUILD_AOT"] = "1"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def test_setup_needs_no_torch_unless_building_ahead_of_time():
@@ -172,6 +172,22 @@ def test_setup_needs_no_torch_unless_building_ahead_of_time():
     assert aot.returncode != 0
     assert "isolated" in aot.stderr and "--no-build-isolation" in aot.stderr
     assert "not found" not in aot.stderr  # torch is installed; the build environment lacks it
+
+
+def test_setup_declares_the_ahead_of_time_extension_from_the_loaders_sources(monkeypatch):
+    import setuptools
+
+    declared = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: declared.update(kwargs))
+    monkeypatch.setenv("PIUMR_BUILD_AOT", "1")
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    (extension,) = declared["ext_modules"]
+    assert extension.name == "piumr_kernels._C"
+    assert [ROOT / s for s in extension.sources] == _extension.compiled_sources()
+    assert extension.extra_compile_args["cxx"] == _extension.CXX_FLAGS
+    assert set(_extension.LD_FLAGS) <= set(extension.extra_link_args)
+    assert "build_ext" in declared["cmdclass"]
 
 
 def test_info_is_a_dict_that_prints_as_a_summary():
