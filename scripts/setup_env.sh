@@ -14,5 +14,6 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "triton>=3.7,<3.8"
 "${PIP[@]}" -e ".[test]"
 # The first import compiles csrc/ (where: piumr_kernels/_extension.py); then the summary.
-"$VENV/bin/python" -m piumr_kernels
+# A failed compile fails the setup: the tests would otherwise skip the cpp backend.
+"$VENV/bin/python" -m piumr_kernels --require cpp
 echo "environment ready: $VENV"

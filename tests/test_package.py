@@ -206,9 +206,15 @@ def test_info_is_a_dict_that_prints_as_a_summary():
         assert report["cpu_isa"] in text and report["cpp_library"] in text
 
 
-def test_python_m_prints_the_summary(capsys):
-    runpy.run_module("piumr_kernels", run_name="__main__")
+def test_python_m_prints_the_summary_and_checks_required_backends(capsys, monkeypatch):
+    from piumr_kernels import __main__ as cli
+
+    assert cli.main([]) == 0
     assert capsys.readouterr().out == f"{piumr_kernels.info()}\n"
+    monkeypatch.setattr(backends, "_TRITON_OK", False)
+    monkeypatch.setattr(backends, "_TRITON_ERROR", "triton is not installed")
+    assert cli.main(["--require", "reference", "--require", "triton"]) == 1
+    assert "the triton backend is required but triton is not installed" in capsys.readouterr().err
 
 
 def test_dynamo_traces_the_ops_without_warnings_from_the_package(monkeypatch):
