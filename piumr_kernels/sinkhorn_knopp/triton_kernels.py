@@ -52,6 +52,9 @@ STREAM_MAX_COLS = 128          # widest streaming_wide tile (512 contiguous byte
 STREAM_MAX_VECTOR = 1024
 STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
 STREAM_WARPS = 4
+# Software pipelining of the loops that stream K tiles: the next tile's loads are issued
+# while the current one is reduced.
+STREAM_STAGES = tl.constexpr(2)
 REGISTERS_PER_SM = 65536      # sm_80 / sm_90: also the most one program may hold
 # The interpreter pays per tile operation, not per element, and has no registers to spill:
 # it streams 4096-element tiles of any height so the tests stay fast.
@@ -160,14 +163,13 @@ def _register_start(K_ptrs, mask, row_sum, col_sum, LOG_DOMAIN: tl.constexpr):
 @triton.jit
 def _register_step(x, ok, target, eps, AXIS: tl.constexpr, LOG_DOMAIN: tl.constexpr):
     """A row (`AXIS=2`) or column (`AXIS=1`) step of `[BLOCK_B, BLOCK_N, BLOCK_M]` matrices:
-    the new matrices and the step's vector (linear: the scale; log: the potential's change).
-    Padding rows/columns get the neutral step: a padding scale `target / eps` would grow the
-    gradient's padding entries past float32 over the iterations, and inf * 0 is NaN."""
+    the new matrices and the step's vector (linear: the scale, `target / eps` on padding;
+    log: the potential's change, 0 on padding)."""
     if LOG_DOMAIN:
         step = tl.where(ok, target - _logsumexp(x, AXIS), 0.0)
         x = x + tl.expand_dims(step, AXIS)
     else:
-        step = tl.where(ok, _safe_scale(target, tl.sum(x, axis=AXIS), eps), 1.0)
+        step = _safe_scale(target, tl.sum(x, axis=AXIS), eps)
         x = x * tl.expand_dims(step, AXIS)
     return x, step
 
@@ -265,6 +267,10 @@ def _backward_register_kernel(
                 x, beta = _register_step(x, col_ok, col_target, eps, 1, LOG_DOMAIN)
             after_row, alpha = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
             after_col, beta = _register_step(after_row, col_ok, col_target, eps, 1, LOG_DOMAIN)
+            # Neutral padding scales (as the stats loads give): a padding scale row_sum / eps
+            # would grow the gradient's padding entries past float32, and inf * 0 is NaN.
+            alpha = tl.where(row_ok, alpha, 1.0)
+            beta = tl.where(col_ok, beta, 1.0)
             if LOG_DOMAIN:
                 after_row = tl.exp(after_row)
                 after_col = tl.exp(after_col)
@@ -329,7 +335,7 @@ def _forward_rows_kernel(
     for t in range(n_iters):
         peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_C,), tl.float32)
-        for tile in range(n_tiles):
+        for tile in tl.range(n_tiles, num_stages=STREAM_STAGES):
             rows = tile * BLOCK_R + tile_rows
             row_ok = rows < n_rows
             mask = row_ok[:, None] & col_ok[None, :]
@@ -366,7 +372,7 @@ def _forward_rows_kernel(
         if SAVE_STATS:
             tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), stat, mask=col_ok)
     # Output pass: P = U K V (linear) or exp(K + f + g) (log).
-    for tile in range(n_tiles):
+    for tile in tl.range(n_tiles, num_stages=STREAM_STAGES):
         rows = tile * BLOCK_R + tile_rows
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
@@ -408,7 +414,7 @@ def _forward_streaming_kernel(
             row_ok = rows < n_rows
             peak = tl.full((BLOCK_R,), float("-inf"), tl.float32)
             total = tl.zeros((BLOCK_R,), tl.float32)
-            for col_start in range(0, n_cols, BLOCK_C):
+            for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
                 cols = col_start + tile_cols
                 col_ok = cols < n_cols
                 tile = row_ok[:, None] & col_ok[None, :]
@@ -448,7 +454,7 @@ def _forward_streaming_kernel(
             col_ok = cols < n_cols
             peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
             total = tl.zeros((BLOCK_C,), tl.float32)
-            for row_start in range(0, n_rows, BLOCK_R):
+            for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
                 rows = row_start + tile_rows
                 row_ok = rows < n_rows
                 tile = row_ok[:, None] & col_ok[None, :]
@@ -494,7 +500,7 @@ def _forward_streaming_kernel(
         rows = row_start + tile_rows
         row_ok = rows < n_rows
         row_potential = tl.load(row_potential_ptr + rows.to(tl.int64) * potential_stride, mask=row_ok, other=0.0)
-        for col_start in range(0, n_cols, BLOCK_C):
+        for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
             cols = col_start + tile_cols
             col_ok = cols < n_cols
             tile = row_ok[:, None] & col_ok[None, :]
@@ -570,7 +576,7 @@ def _backward_streaming_kernel(
         col_ok = cols < n_cols
         g = tl.load(col_potential_ptr + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
         total = tl.zeros((BLOCK_C,), tl.float32)
-        for row_start in range(0, n_rows, BLOCK_R):
+        for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
             rows = row_start + tile_rows
             row_ok = rows < n_rows
             tile = row_ok[:, None] & col_ok[None, :]
@@ -599,7 +605,7 @@ def _backward_streaming_kernel(
             row_ok = rows < n_rows
             f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
             total = tl.load(R_ptr + rows, mask=tl.where(step > 0, row_ok, False), other=0.0)
-            for col_start in range(0, n_cols, BLOCK_C):
+            for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
                 cols = col_start + tile_cols
                 col_ok = cols < n_cols
                 tile = row_ok[:, None] & col_ok[None, :]
@@ -626,7 +632,7 @@ def _backward_streaming_kernel(
             col_ok = cols < n_cols
             g = tl.load(col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
             total = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
-            for row_start in range(0, n_rows, BLOCK_R):
+            for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
                 rows = row_start + tile_rows
                 row_ok = rows < n_rows
                 tile = row_ok[:, None] & col_ok[None, :]
@@ -642,7 +648,7 @@ def _backward_streaming_kernel(
     for row_start in range(0, n_rows, BLOCK_R):
         rows = row_start + tile_rows
         row_ok = rows < n_rows
-        for col_start in range(0, n_cols, BLOCK_C):
+        for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
             cols = col_start + tile_cols
             col_ok = cols < n_cols
             tile = row_ok[:, None] & col_ok[None, :]
