@@ -26,6 +26,7 @@ from torch import nn
 
 from piumr_kernels import dct_filter_bank, girl_loss, tfam_combine, tfam_statistics
 
+from models.modelling.tfam import attention_logits
 from models.modelling.x3d import STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
 from models.modelling.x3d_weights import load_x3d_checkpoint
 
@@ -147,7 +148,7 @@ class DAM(nn.Module):
         std = torch.sqrt(mixed.var(dim=1, keepdim=True) + 1e-6)
         robust = (torch.tanh(self.dyt_alpha / (std + 1e-6) * mixed) * self.dyt_gamma[:, None, None]
                   + self.dyt_beta[:, None, None])
-        return self.conv(robust)[:, 0]
+        return attention_logits(self.conv, robust)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.channels or x.shape[2] != self.num_frames:

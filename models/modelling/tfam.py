@@ -8,9 +8,11 @@ with `g` the temporal gate (frame x frame affinities -> Sinkhorn-normalized kern
 gated self-attention) and `A_s` the spatial attention of the DCT frequency branch.
 `x` is read twice and written once, TFAM's memory floor: one fused statistics pass
 (`tfam_statistics`: frame mean and max over H, W, and the T-and-C mean map the DCT bank
-filters) and one fused combining pass (`tfam_combine`). Every other step runs on tensors of
-size `(B, C, T)`, `(B, T, T)` or `(B, D, H, W)`, so the perturbed temporal branch of the
-consistency fusion never touches `x` either: `pool(x_t) = mean_t (1 + g_t) a_t`.
+filters) and one fused combining pass (`tfam_combine`), linked so that the backward
+reads `x` once and writes `dx` once (see `piumr_kernels.tfam_pooling`). Every other step
+runs on tensors of size `(B, C, T)`, `(B, T, T)` or `(B, D, H, W)`, so the perturbed
+temporal branch of the consistency fusion never touches `x` either:
+`pool(x_t) = mean_t (1 + g_t) a_t`.
 
 Decisions (SPEC §5 and this file):
 - Affinities are cosines of frame descriptors centered over time (`a_t - mean_t a_t`); a
@@ -57,6 +59,24 @@ def centered_cosine_affinity(descriptors: torch.Tensor) -> torch.Tensor:
 def _row_variance(kernel: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the (population) variance along each row: `(B, N, N)` -> `(B,)`."""
     return kernel.var(dim=-1, correction=0).mean(dim=-1)
+
+
+def attention_logits(conv: nn.Conv2d, robust: torch.Tensor) -> torch.Tensor:
+    """`conv(robust)` for a `Conv2d(D -> 1, k x k, padding k // 2, bias=False)`, `(B, 1, H, W)`.
+
+    On CPU it runs as one matrix product over the `D` channels for all `k^2` taps, then
+    `fold` adds up the shifted taps: the same numbers, 5-20x faster than oneDNN's
+    convolution with a single output channel (forward and backward). Elsewhere the
+    convolution itself (cuDNN handles this shape well).
+    """
+    if robust.device.type != "cpu":
+        return conv(robust)
+    kernel = conv.kernel_size[0]
+    # fold sums columns[tap, (h, w)] into (h + i - pad, w + j - pad): flipping the taps
+    # turns that adjoint placement into the cross-correlation Conv2d computes.
+    taps = conv.weight[0].flip(-2, -1).flatten(1)
+    columns = torch.einsum("dt,bdn->btn", taps, robust.flatten(2))
+    return F.fold(columns, robust.shape[-2:], kernel, padding=kernel // 2)
 
 
 class TemporalGate(nn.Module):
@@ -153,22 +173,6 @@ class FrequencyAttention(nn.Module):
     def _noise_scale(self, var: torch.Tensor) -> torch.Tensor:
         return var.clamp(self.eps_lo, self.eps_hi)
 
-    def _attention_logits(self, robust: torch.Tensor) -> torch.Tensor:
-        """`self.conv(robust)`, `(B, 1, H, W)`.
-
-        On CPU it runs as one matrix product over the `D` channels for all 49 taps, then
-        `fold` adds up the shifted taps: the same numbers, 5-20x faster than oneDNN's
-        convolution with a single output channel (forward and backward). Elsewhere the
-        convolution itself (cuDNN handles this shape well).
-        """
-        if robust.device.type != "cpu":
-            return self.conv(robust)
-        # fold sums columns[tap, (h, w)] into (h + i - pad, w + j - pad): flipping the taps
-        # turns that adjoint placement into the cross-correlation Conv2d computes.
-        taps = self.conv.weight[0].flip(-2, -1).flatten(1)
-        columns = torch.einsum("dt,bdn->btn", taps, robust.flatten(2))
-        return F.fold(columns, robust.shape[-2:], ATTENTION_KERNEL, padding=ATTENTION_KERNEL // 2)
-
     def forward(self, spatial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> `(A_s (B, H, W), E_rob (B, D, H, W), var (B, D))`."""
         energy, _, var = dct_filter_bank(spatial[:, None, None], self.kernel_size, return_stats=True)
@@ -177,7 +181,7 @@ class FrequencyAttention(nn.Module):
         if self.training:
             z = z + self.alpha_f * self._noise_scale(var_map) * torch.randn_like(energy)
         robust = self.dyt_gamma[:, None, None] * torch.tanh(self.dyt_alpha * z) + self.dyt_beta[:, None, None]
-        attention = torch.sigmoid(self._attention_logits(robust))[:, 0]
+        attention = torch.sigmoid(attention_logits(self.conv, robust))[:, 0]
         return attention, robust, var
 
     def stability(self, robust: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -289,7 +293,7 @@ class TFAM(nn.Module):
         if self.temporal is None and self.frequency is None:
             return x
         batch, _, frames, height, width = x.shape
-        frame_mean, frame_max, spatial = tfam_statistics(x)
+        frame_mean, frame_max, spatial, link = tfam_statistics(x, link=True)
         if self.temporal is not None:
             gate = self.temporal(frame_mean, frame_max)
         if self.frequency is not None:
@@ -311,7 +315,7 @@ class TFAM(nn.Module):
                     weight_t, weight_s = (s_t / total)[:, None], (s_s / total)[:, None, None]
             temporal_scale = weight_t * (1 + gate)
             spatial_scale = weight_s * (1 + attention)
-        return tfam_combine(x, temporal_scale, spatial_scale)
+        return tfam_combine(x, temporal_scale, spatial_scale, link=link)
 
     def extra_repr(self) -> str:
         return (
