@@ -11,8 +11,8 @@ import torch
 from models.data.clips import collate_clips
 from models.data.labels import ACTION_NAMES, ACTION_TO_BODY, NUM_ACTIONS
 from models.data.ma52 import MA52Dataset
-from models.data.synthetic import (ACTION_MOTIONS, SyntheticMicroActions, export_ma52, make_execution, make_person,
-                                   render_clip)
+from models.data.synthetic import (ACTION_MOTIONS, SAME_PERSONS_SPLIT, SyntheticMicroActions, export_ma52,
+                                   make_execution, make_person, render_clip)
 
 SMALL = {"num_frames": 8, "size": 32}
 
@@ -185,3 +185,16 @@ def test_held_out_persons_are_recognizable_from_motion():
 def test_bad_arguments(kwargs, error):
     with pytest.raises(ValueError, match=error):
         SyntheticMicroActions(**kwargs)
+
+
+def test_same_persons_split_is_new_clips_of_training_persons():
+    persons = {"train": 5, "val": 2, "test": 3}
+    train = SyntheticMicroActions("train", persons_per_split=persons, **SMALL)
+    same = SyntheticMicroActions(SAME_PERSONS_SPLIT, persons_per_split=persons, **SMALL)
+    test = SyntheticMicroActions("test", persons_per_split=persons, **SMALL)
+    assert same.persons == train.persons[:3] and len(same) == len(test)
+    index = NUM_ACTIONS + 17  # both ordered by person, then action: the same person and action
+    assert (same.subjects[index], same.labels[index]) == (train.subjects[index], train.labels[index])
+    assert np.abs(same.frames(index) - train.frames(index)).max() > 0.1  # another execution
+    again = SyntheticMicroActions(SAME_PERSONS_SPLIT, persons_per_split=persons, **SMALL)
+    np.testing.assert_array_equal(same.frames(index), again.frames(index))  # fixed by the seed

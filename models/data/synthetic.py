@@ -22,6 +22,9 @@ What it is
   `num_frames` samples the same motion.
 - Persons of the train, val and test splits are disjoint (ids 0-999, 1000-1999 and
   2000-2999), so held-out accuracy measures person independence. `subject` is the person id.
+  The split `val_same_persons` is new clips (other executions, fixed by the seed) of the
+  first training persons, as many as the test split has: the person gap is held-out minus
+  same-persons accuracy.
 - `training=True` draws each clip's execution from the item's augmentation seed (a new
   execution of the same person and action every epoch; `clips.item_key`) and flips half the
   clips horizontally (no class depends on left vs right); otherwise every item is fixed by
@@ -52,6 +55,9 @@ from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
 from models.data.ma52 import write_h264_mp4
 
 SPLITS = ("train", "val", "test")
+# New clips of training persons (executions the train split never renders), as many persons as
+# the test split has: accuracy there minus accuracy on the test persons is the person gap.
+SAME_PERSONS_SPLIT = "val_same_persons"
 DEFAULT_PERSONS_PER_SPLIT = {"train": 24, "val": 8, "test": 8}
 PERSON_ID_BLOCK = 1000  # split i uses person ids [i * 1000, (i + 1) * 1000)
 
@@ -615,7 +621,11 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
                  persons_per_split=None, clips_per_person_class: int = 1, training: bool = False,
                  repeats: int = 1):
         persons_per_split = DEFAULT_PERSONS_PER_SPLIT if persons_per_split is None else persons_per_split
-        self.persons = _split_persons(split, persons_per_split)
+        if split == SAME_PERSONS_SPLIT:
+            train_persons = _split_persons("train", persons_per_split)
+            self.persons = train_persons[:len(_split_persons("test", persons_per_split))]
+        else:
+            self.persons = _split_persons(split, persons_per_split)
         if num_frames < 1:
             raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
         if size < 16:
@@ -654,7 +664,8 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
         person = self.subjects[index]
         style = self._styles[person]
         clip = index % self.clips_per_person_class
-        execution = make_execution(style, rng or _rng(self.seed, person, self.labels[index], clip, 0xC11F))
+        salt = 0x5A3E if self.split == SAME_PERSONS_SPLIT else 0xC11F  # other executions of the same persons
+        execution = make_execution(style, rng or _rng(self.seed, person, self.labels[index], clip, salt))
         if person not in self._backgrounds:
             self._backgrounds[person] = _background(style, self.size)
         return render_clip(style, execution, self.labels[index], num_frames or self.num_frames, self.size,

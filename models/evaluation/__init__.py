@@ -4,4 +4,5 @@
 - `prediction`: a model's predictions over a whole split, gathered over the ranks.
 - `figures`: confusion matrices, t-SNE and cosine-similarity histograms.
 - `cli`: the command line of models/evaluate.py.
+- `ablation`: the ablation runner of models/ablate.py (rows x seeds, table, plot, person gap).
 """

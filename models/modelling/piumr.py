@@ -32,6 +32,7 @@ from torch import nn
 
 from piumr_kernels import GIRLLoss
 
+from models.modelling.girl_diagnostics import girl_group_diagnostics
 from models.modelling.tfam import FUSIONS, TFAM
 from models.modelling.x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
 from models.modelling.x3d_weights import load_x3d_checkpoint
@@ -107,8 +108,10 @@ class PIUmr(nn.Module):
 class PIUmrLoss(nn.Module):
     """`CE(logits, labels) + lambda_girl * GIRL(features, labels, groups)`.
 
-    `forward(logits, features, labels, groups=None, num_groups=None) -> (loss, {"ce", "girl"})`,
-    the parts detached for logging (`girl` is 0 when off). `girl_kwargs` go to
+    `forward(logits, features, labels, groups=None, num_groups=None) -> (loss, parts)`, the
+    parts detached for logging: `ce`, `girl` (0 when off) and, with GIRL on, `girl_var` (the
+    variance of the group risks), `girl_positive_fraction` and `girl_group_size` (see
+    `models.modelling.girl_diagnostics`). `girl_kwargs` go to
     `piumr_kernels.GIRLLoss` (num_groups=4, tau=0.07, eta=0.2, lambda_var=1.0,
     var_grad=True, detach_weights=True; see SPEC §3): the batch is split into
     `num_groups` random pseudo-groups, or by `groups` when given: ids in `[0, num_groups)`
@@ -144,9 +147,12 @@ class PIUmrLoss(nn.Module):
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         if self.girl is None:
             return ce, {"ce": ce.detach(), "girl": torch.zeros_like(ce).detach()}
-        girl = self.girl(features, labels, groups, num_groups=num_groups)
+        girl, details = self.girl(features, labels, groups, num_groups=num_groups, return_details=True)
         loss = ce + self.lambda_girl * girl
-        return loss, {"ce": ce.detach(), "girl": girl.detach()}
+        groups_seen = girl_group_diagnostics(labels, details["group_index"], details["group_risks"].shape[0])
+        return loss, {"ce": ce.detach(), "girl": girl.detach(), "girl_var": details["risk_var"],
+                      "girl_positive_fraction": groups_seen["positive_fraction"],
+                      "girl_group_size": groups_seen["group_size"]}
 
     def extra_repr(self) -> str:
         return f"lambda_girl={self.lambda_girl}"

@@ -9,8 +9,8 @@ Configuration: the defaults of TrainConfig (models/training/config.py) <- a JSON
 (--config; by default configs/synthetic_default.json for synthetic data,
 configs/ma52_paper_x3d_m.json for MA-52) <- the options below, one per configuration key.
 With --resume the run's saved configuration replaces the file and only options given here
-override it. Outputs in --out: last.pt (every epoch), best.pt (best validation F1_mean),
-metrics.csv, curves.png, tensorboard/, summary.json.
+override it. Outputs in --out: config.json (the resolved configuration), last.pt (every
+epoch), best.pt (best validation F1_mean), metrics.csv, curves.png, tensorboard/, summary.json.
 A mistake in what was given (a missing data root or list, a malformed list, an unusable
 checkpoint, a bad option value) prints one error line and exits with status 1.
 """

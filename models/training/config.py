@@ -76,6 +76,11 @@ class TrainConfig:
     repeated_augmentation: int = option("data", 1, "repeated augmentation: K augmented clips per decoded training "
                                         "video (batch_size / K videos per step)", minimum=1, flag="--repeated-aug",
                                         metavar="K")
+    batch_sampler: str = option("data", "random", "training batches: random, or m_per_class (class-balanced: "
+                                "m_per_class clips of each of batch/m classes, so GIRL's groups hold same-class "
+                                "partners)", choices=("random", "m_per_class"))
+    m_per_class: int = option("data", 4, "clips per class in a batch with batch_sampler m_per_class (a multiple of "
+                              "repeated_augmentation)", minimum=1, metavar="M")
     max_train_clips: int | None = option("data", None, "train on this many clips only, evenly spaced (smoke tests)",
                                          minimum=1)
     max_eval_clips: int | None = option("data", None, "validate and test on this many clips only", minimum=1)
@@ -100,7 +105,8 @@ class TrainConfig:
     lambda_girl: float = option("loss", 1.0, "weight of GIRL in CE + lambda * GIRL", above=0)
     girl_groups: str = option("loss", "random", "GIRL groups: random pseudo-groups (the paper) or real persons "
                               "(subject ids)", choices=("random", "subject"))
-    girl_num_groups: int = option("loss", 4, "random pseudo-groups per batch", minimum=1)
+    girl_num_groups: int = option("loss", 4, "random pseudo-groups per batch (with girl_groups subject and "
+                                  "batch_sampler m_per_class: persons per batch)", minimum=1)
     girl_tau: float = option("loss", 0.07, "GIRL's temperature", above=0)
     girl_eta: float = option("loss", 0.2, "GIRL's eta (SPEC §3)", above=0)
     girl_lambda_var: float = option("loss", 1.0, "weight of GIRL's variance term", minimum=0)

@@ -8,6 +8,8 @@
   depend on the workers.
 - `repeated_augmentation` k: each video is decoded once and gives k differently augmented
   clips of the batch (batch_size / k videos per step).
+- `batch_sampler`: `random` batches, or `m_per_class`: class-balanced batches of
+  `m_per_class` clips per class (`training_order`), which give GIRL same-class partners.
 - Validation and test splits are sharded over the ranks without padding or duplicates
   (`ShardSampler`), so gathered predictions cover the split exactly once.
 """
@@ -20,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips
 from models.data.dfew import DFEWDataset
+from models.data.balanced import ClassBalancedSampler
+from models.errors import ConfigError
 from models.training.config import TrainConfig
 from models.training.distributed import DistInfo
 
@@ -83,14 +87,44 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+def training_order(dataset, cfg: TrainConfig, info: DistInfo, videos_per_batch: int) -> Sampler:
+    """This rank's share of the training split per epoch: a random order (DistributedSampler),
+    or class-balanced batches of `m_per_class` clips per class (models/data/balanced.py; with
+    `girl_groups=subject`, `girl_num_groups` persons per batch, each with whole classes of m
+    clips, so that every person group holds same-class partners). With repeated
+    augmentation k, m / k videos per class each give k clips."""
+    if cfg.batch_sampler == "random":
+        return DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                  seed=cfg.seed, drop_last=True)
+    repeats = cfg.repeated_augmentation
+    if cfg.m_per_class % repeats:
+        raise ConfigError(f"config 'm_per_class': expected a multiple of repeated_augmentation ({repeats}), got "
+                          f"{cfg.m_per_class}")
+    by_person = cfg.girl and cfg.girl_groups == "subject"
+    try:
+        return ClassBalancedSampler(item_attribute(dataset, "labels"), videos_per_batch, cfg.m_per_class // repeats,
+                                    info.rank, info.world_size, cfg.seed,
+                                    subjects=item_attribute(dataset, "subjects") if by_person else None,
+                                    persons_per_batch=cfg.girl_num_groups if by_person else None)
+    except ValueError as error:
+        raise ConfigError(f"config 'batch_sampler' m_per_class with m_per_class={cfg.m_per_class}, "
+                          f"{videos_per_batch} videos per batch and rank: {error}") from None
+
+
+def item_attribute(dataset, name: str) -> list:
+    """A per-item list (`labels`, `subjects`) of a dataset or of a KeyedSubset of one."""
+    if isinstance(dataset, KeyedSubset):
+        values = getattr(dataset.dataset, name)
+        return [values[i] for i in dataset.indices]
+    return getattr(dataset, name)
+
+
 def build_loader(dataset, cfg: TrainConfig, info: DistInfo, train: bool, batch_size: int,
                  persistent: bool = True) -> DataLoader:
     """`batch_size` clips per step (with repeated augmentation k: batch_size / k videos)."""
     if train:
-        sampler = SeededSampler(DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                   shuffle=True, seed=cfg.seed, drop_last=True),
-                                cfg.seed, info.rank)
         batch_size //= cfg.repeated_augmentation
+        sampler = SeededSampler(training_order(dataset, cfg, info, batch_size), cfg.seed, info.rank)
     else:
         sampler = ShardSampler(len(dataset), info.rank, info.world_size)
     workers = num_workers(cfg)

@@ -30,6 +30,12 @@ from models.training.precision import autocast
 from models.training.sam import SAM
 
 
+# Whether GIRL acts, per epoch (mean over the epoch's clips of each step's value): the fraction of
+# anchors with a same-class partner in their group, the mean size of the groups GIRL counts, the
+# variance of the group risks. None when GIRL is off.
+GIRL_DIAGNOSTICS = ("girl_positive_fraction", "girl_group_size", "girl_var")
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the weights were not updated."""
 
@@ -89,7 +95,7 @@ def train_one_epoch(run, epoch: int) -> dict:
     run.model.train()
     _seed_epoch(cfg, epoch, info, run.train_loader)
     sums = {"loss": 0.0, "ce": 0.0, "girl": 0.0, "correct": 0.0, "clips": 0.0, "dropped": 0.0, "skipped": 0.0,
-            "empty": 0.0}
+            "empty": 0.0, **dict.fromkeys(GIRL_DIAGNOSTICS, 0.0)}
     consecutive_skips = 0
     steps = len(run.train_loader)
     bar = tqdm(run.train_loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
@@ -151,6 +157,8 @@ def train_one_epoch(run, epoch: int) -> dict:
             sums["loss"] += loss.item() * n
             sums["ce"] += float(parts["ce"]) * n
             sums["girl"] += float(parts["girl"]) * n
+            for key in GIRL_DIAGNOSTICS:
+                sums[key] += float(parts[key]) * n if key in parts else 0.0
             sums["correct"] += (logits.argmax(1) == labels).sum().item()
             sums["clips"] += n
         if info.is_main:
@@ -161,4 +169,5 @@ def train_one_epoch(run, epoch: int) -> dict:
     clips = max(totals["clips"], 1.0)
     return {"train_loss": totals["loss"] / clips, "train_ce": totals["ce"] / clips, "train_girl": totals["girl"] / clips,
             "train_action_top1": totals["correct"] / clips, "train_dropped": int(totals["dropped"]),
-            "train_skipped_steps": int(totals["skipped"]), "train_empty_steps": int(totals["empty"])}
+            "train_skipped_steps": int(totals["skipped"]), "train_empty_steps": int(totals["empty"]),
+            **{f"train_{key}": totals[key] / clips if cfg.girl else None for key in GIRL_DIAGNOSTICS}}

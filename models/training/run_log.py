@@ -6,12 +6,14 @@ events past the resumed step.
 """
 
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # Columns of the console table: (history key, header, width, format spec)
 TABLE_COLUMNS = (
@@ -20,6 +22,9 @@ TABLE_COLUMNS = (
     ("train_loss", "loss", 7, ".4f"),
     ("train_ce", "ce", 7, ".4f"),
     ("train_girl", "girl", 7, ".4f"),
+    ("train_girl_positive_fraction", "g_pos", 5, ".0%"),  # anchors with a same-class partner in their group
+    ("train_girl_group_size", "g_size", 6, ".1f"),
+    ("train_girl_var", "g_var", 8, ".2e"),
     ("train_action_top1", "tr_act", 6, ".1%"),
     ("val_action_top1", "act@1", 6, ".1%"),
     ("val_action_top5", "act@5", 6, ".1%"),
@@ -74,19 +79,40 @@ class RunLog:
             writer.writerows(history)
 
     def _plot_curves(self, history: list) -> None:
+        """Training loss and accuracy, the validation persons' metrics, and whether GIRL acts
+        (its term and group-risk variance, anchors with a positive, group size)."""
         epochs = [r["epoch"] for r in history]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-        for key in ("train_loss", "train_ce", "train_girl"):
-            ax_loss.plot(epochs, [r.get(key) for r in history], marker="o", label=key)
-        ax_loss.set_xlabel("epoch")
-        ax_loss.set_title("training loss")
-        ax_loss.legend()
-        for key in ("train_action_top1", "val_action_top1", "val_body_top1", "val_f1_mean"):
-            ax_acc.plot(epochs, [r.get(key) for r in history], marker="o", label=key)
-        ax_acc.set_xlabel("epoch")
-        ax_acc.set_ylim(0, 1)
-        ax_acc.set_title("accuracy / F1 (validation persons)")
-        ax_acc.legend()
+        fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+
+        def panel(ax, keys, title, ylabel, fraction=False, log=False):
+            for key in keys:
+                values = [r.get(key) for r in history]
+                if any(v is not None for v in values):
+                    ax.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", label=key)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if fraction:
+                ax.set_ylim(0, 1)
+            if log and any(v > 0 for line in ax.lines for v in line.get_ydata() if not math.isnan(v)):
+                ax.set_yscale("log")
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "GIRL off", ha="center", va="center", transform=ax.transAxes)
+
+        (loss, train, val), (girl, positives, size) = axes
+        panel(loss, ("train_loss", "train_ce", "train_girl"), "training loss", "loss (mean over clips)")
+        panel(train, ("train_action_top1",), "training clips (augmented)", "action top-1", fraction=True)
+        panel(val, ("val_action_top1", "val_action_top5", "val_body_top1", "val_f1_mean"), "validation persons",
+              "accuracy / F1", fraction=True)
+        panel(girl, ("train_girl", "train_girl_var"), "GIRL term and group-risk variance", "value (log scale)",
+              log=True)
+        panel(positives, ("train_girl_positive_fraction",), "GIRL anchors with a positive in their group",
+              "fraction of anchors", fraction=True)
+        panel(size, ("train_girl_group_size",), "GIRL group size", "mean clips per group (>= 2 members)")
+        size.set_ylim(bottom=0)
         fig.tight_layout()
         fig.savefig(self.out_dir / "curves.png", dpi=100)
         plt.close(fig)
