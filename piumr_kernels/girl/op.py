@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import backends
 from .._checks import check_flag, check_float_tensor, check_int, check_real, check_same_device
-from ..fused_op import FusedOp, accumulation_dtype
+from ..fused_op import FusedOp, accumulation_dtype, device_guard
 from .reference import combine_group_risks, girl_group_risks_reference, group_sizes, position_groups
 
 
@@ -85,6 +85,42 @@ def check_parameters(tau: object, eta: object, lambda_var: object) -> tuple[floa
 
 GIRL = FusedOp("girl", _fake_forward, _fake_backward, _setup_context, _backward, _triton_launchers)
 GIRL.register()
+
+
+def _combine_setup_context(ctx, inputs, output):
+    group_risks, offsets, lambda_var, var_grad = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(group_risks, offsets)
+    ctx.lambda_var, ctx.var_grad = lambda_var, var_grad
+    ctx.mark_non_differentiable(output[1])
+
+
+def _combine_backward(ctx, grad_loss, _grad_var):
+    if grad_loss is None:
+        return (None,) * 4
+    group_risks, offsets = ctx.saved_tensors
+    with device_guard([grad_loss]):
+        grad_risks = torch.ops.piumr_kernels.girl_combine_triton_backward(
+            grad_loss, group_risks, offsets, ctx.lambda_var, ctx.var_grad)
+    return grad_risks, None, None, None
+
+
+def _register_triton_combine() -> None:
+    """The triton backend finishes the loss in one launch per direction instead of the ~30
+    torch ops of `combine_group_risks` and their backward: `girl_combine_triton` (risks,
+    offsets, lambda_var, var_grad) -> (loss, risk_var), with its own autograd formula. The
+    cpp backend has no such op (its schema is in csrc/) and combines in PyTorch."""
+    from . import triton_kernels
+
+    torch.library.triton_op("piumr_kernels::girl_combine_triton", triton_kernels.girl_combine, mutates_args=())
+    torch.library.triton_op("piumr_kernels::girl_combine_triton_backward", triton_kernels.girl_combine_backward,
+                            mutates_args=())
+    torch.library.register_autograd("piumr_kernels::girl_combine_triton", _combine_backward,
+                                    setup_context=_combine_setup_context)
+
+
+if backends.backend_available("triton"):
+    _register_triton_combine()
 
 
 def _check_integer_vector(name: str, value: object, length: int) -> None:
@@ -249,7 +285,11 @@ def girl_loss(
         need_grad = torch.is_grad_enabled() and features.requires_grad
         group_risks, _ = GIRL(backend, features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets,
                               tau, eta, detach_weights, need_grad)
-    loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, var_grad)
+    if backend == "triton":
+        with device_guard([group_risks]):
+            loss, risk_var = torch.ops.piumr_kernels.girl_combine_triton(group_risks, offsets, lambda_var, var_grad)
+    else:
+        loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, var_grad)
     loss = loss.to(features.dtype)
     if not return_details:
         return loss

@@ -12,7 +12,7 @@ kernels (no gathered copy of the features).
 
 Cosine tiles are raw products `z_i . z_j` accumulated over the feature width in chunks of
 `BLOCK_K` with `tl.dot` (tensor cores: bf16/fp16 operands as they come, fp32 operands as
-TF32 unless the exact mode is selected, see `op.set_triton_fp32_precision`; fp32
+TF32 unless the exact mode is selected, see `precision.py`; fp32
 accumulation), scaled by the inverse norms afterwards. A row whose squared norm overflows
 has inverse norm 0 and gives cosine 0 (a zero row, as `F.normalize`), not `inf * 0`.
 
@@ -20,8 +20,12 @@ Kernels: the forward (per-sample stats, see `NUM_STATS`; row norms computed in t
 the per-group risks (0 for groups of fewer than 2 members); with `need_grad`, the direction
 `dL_g/dz` for a unit upstream gradient, `dF_i = sum_j (G_ij + G_ji) f_j` from the saved
 stats and the normalization backward, one program per (anchor tile, feature slice), each
-writing only its own block. The backward op scales each row by its group's upstream
-gradient and scatters it to batch order (one kernel).
+writing only its own block (accumulated in place over the partner blocks). The backward op
+scales each row by its group's upstream gradient and scatters it to batch order (one
+kernel). `girl_combine` / `girl_combine_backward` (op.py registers them as their own triton
+ops, with autograd) finish the loss from the group risks (mean plus `lambda_var` times the
+variance over the groups of at least 2 members) and its gradient, one program each.
+
 Elementwise math is float32 (loads are upcast at once; the interpreter mishandles bf16
 arithmetic), scalar arguments are cast to float32 in the kernels (Inductor passes float64),
 and offsets are int64.
@@ -39,13 +43,15 @@ from ..triton_variants import KernelVariant
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 
 BLOCK_K = 64           # feature-width chunk of the tile products
-MAX_TILE = 64          # anchors x partners per tile for large groups
-MAX_SLICE = 256        # features per program of the direction kernel (grid axis 1)
-SLICE_ELEMENTS = 8192  # anchors x features of the direction kernel's dF accumulator, at most
+MAX_TILE = 64          # partners per tile for large groups
+MAX_ANCHORS = 32       # anchors per tile, at most half the partners (64 x 64 and 32 x 32 direction tiles spill)
+DIRECTION_WARPS = 8    # warps of the direction kernel (spill-free at every tile plan)
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
 ROW_BLOCK = 32         # rows per program of the scatter kernel
 ROW_BLOCK_W = 128      # feature-width chunk of the scatter kernel
+SCATTER_WARPS = 8      # 4 spill in its least specialized sm_90 binary
 RISK_BLOCK = 128       # anchors per step of the group-risk kernel
+COMBINE_BLOCK = 128    # groups per step of the combination kernels
 NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
 # Per-sample statistics of the forward kernel, a (NUM_STATS, B) buffer with rows in this
 # order: ||z_i||, LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij, l_i, |P(i)|.
@@ -241,13 +247,14 @@ def _load_anchor_stats(stats_ptr, idx, ok, batch):
 
 @triton.jit
 def _direction_kernel(
-    z_ptr, order_ptr, labels_ptr, offsets_ptr, stats_ptr, direction_ptr, batch, width, num_groups, search_steps,
-    tau, eta, DETACH_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
+    z_ptr, order_ptr, labels_ptr, offsets_ptr, stats_ptr, direction_ptr, batch, width, slice_width, num_groups,
+    search_steps, tau, eta, DETACH_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """direction[rows, slice] = dL_g/dz for the program's anchors (unit upstream gradient)
-    over its slice of BLOCK_W features (grid axis 1): dF = sum over partner blocks of
-    H_tile @ f[cols, slice], in registers, then the normalization backward with the
+    over its slice of `slice_width` features (grid axis 1, a multiple of BLOCK_K): dF
+    accumulates H_tile @ f[cols, chunk] per partner block in `direction` itself (the first
+    block writes), then the normalization backward rewrites the slice in place with the
     projection f_i . dF_i = sum_j H_ij c_ij from the same tiles, so a program needs no other
     slice. Rows of groups of fewer than 2 members are 0."""
     rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
@@ -262,9 +269,9 @@ def _direction_kernel(
     inv_rows = _inverse_norm(row_norm)
     lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
     lanes = tl.arange(0, BLOCK_N).to(tl.int64)
-    features = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
-    feature_ok = features < width
-    grad_f = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    k = tl.arange(0, BLOCK_K)
+    slice_start = tl.program_id(1).to(tl.int64) * slice_width
+    slice_end = slice_start + slice_width
     projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first = tl.min(tl.where(row_ok, start, batch), axis=0)
     last = tl.max(tl.where(row_ok, end, 0), axis=0)
@@ -291,16 +298,26 @@ def _direction_kernel(
                                    loss_j[None, :], inv_m_j[None, :], partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS)
         h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
         projection += tl.sum(h * c, axis=1)
-        f_cols = tl.load(z_ptr + col_samples[:, None] * width + features[None, :],
-                         mask=col_ok[:, None] & feature_ok[None, :], other=0.0).to(tl.float32) * inv_cols[:, None]
-        grad_f = tl.dot(h, f_cols, grad_f, input_precision=PRECISION)
+        for k0 in range(slice_start, slice_end, BLOCK_K):
+            k_ok = (k0 + k < slice_end) & (k0 + k < width)
+            f_cols = tl.load(z_ptr + col_samples[:, None] * width + k0 + k[None, :],
+                             mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * inv_cols[:, None]
+            out = direction_ptr + rows[:, None] * width + k0 + k[None, :]
+            out_mask = row_ok[:, None] & k_ok[None, :]
+            # The first partner block writes, the later ones add: no zero-filled buffer.
+            previous = tl.load(out, mask=tl.where(c0 > first, out_mask, False), other=0.0)
+            tl.store(out, tl.dot(h, f_cols, previous, input_precision=PRECISION), mask=out_mask)
     # f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps.
+    # The barrier makes this program's stores of dF visible to all its threads.
+    tl.debug_barrier()
     projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
-    mask = row_ok[:, None] & feature_ok[None, :]
-    f = tl.load(z_ptr + row_samples[:, None] * width + features[None, :], mask=mask, other=0.0).to(tl.float32)
-    dz = inv_rows[:, None] * (grad_f - f * inv_rows[:, None] * projection[:, None])
-    tl.store(direction_ptr + rows[:, None] * width + features[None, :],
-             tl.where((members >= 2.0)[:, None], dz, 0.0), mask=mask)
+    counted = (members >= 2.0)[:, None]
+    for k0 in range(slice_start, slice_end, BLOCK_K):
+        mask = row_ok[:, None] & ((k0 + k < slice_end) & (k0 + k < width))[None, :]
+        f = tl.load(z_ptr + row_samples[:, None] * width + k0 + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = direction_ptr + rows[:, None] * width + k0 + k[None, :]
+        dz = inv_rows[:, None] * (tl.load(out, mask=mask, other=0.0) - f * inv_rows[:, None] * projection[:, None])
+        tl.store(out, tl.where(counted, dz, 0.0), mask=mask)
 
 
 @triton.jit
@@ -319,30 +336,89 @@ def _scatter_kernel(grad_risks_ptr, direction_ptr, order_ptr, offsets_ptr, out_p
              (d * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _counted_risks(risks_ptr, offsets_ptr, groups, num_groups):
+    """(1 for groups of at least 2 members else 0, the risk) for `groups`; 0, 0 past the end."""
+    ok = groups < num_groups
+    sizes = tl.load(offsets_ptr + groups + 1, mask=ok, other=0) - tl.load(offsets_ptr + groups, mask=ok, other=0)
+    return (sizes >= 2).to(tl.float32), tl.load(risks_ptr + groups, mask=ok, other=0.0)
+
+
+@triton.jit
+def _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK: tl.constexpr):
+    """(max(G', 1), mean risk over the G' counted groups)."""
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    count = tl.zeros((BLOCK,), dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for g0 in range(0, num_groups, BLOCK):
+        weight, risk = _counted_risks(risks_ptr, offsets_ptr, g0 + lanes, num_groups)
+        count += weight
+        total += weight * risk
+    counted = tl.maximum(tl.sum(count, axis=0), 1.0)
+    return counted, tl.sum(total, axis=0) / counted
+
+
+@triton.jit
+def _combine_kernel(risks_ptr, offsets_ptr, loss_ptr, var_ptr, num_groups, lambda_var, BLOCK: tl.constexpr):
+    """loss = mean L_g + lambda_var * Var L_g over the counted groups (one program)."""
+    counted, mean = _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    spread = tl.zeros((BLOCK,), dtype=tl.float32)
+    for g0 in range(0, num_groups, BLOCK):
+        weight, risk = _counted_risks(risks_ptr, offsets_ptr, g0 + lanes, num_groups)
+        spread += weight * (risk - mean) * (risk - mean)
+    risk_var = tl.sum(spread, axis=0) / counted
+    tl.store(loss_ptr, mean + tl.cast(lambda_var, tl.float32) * risk_var)
+    tl.store(var_ptr, risk_var)
+
+
+@triton.jit
+def _combine_backward_kernel(grad_loss_ptr, risks_ptr, offsets_ptr, grad_risks_ptr, num_groups, lambda_var,
+                             VAR_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """dloss/dL_g = w_g / G' (1 + 2 lambda_var (L_g - mean)) with var_grad, else w_g / G'
+    (w_g: counted or not), times the upstream gradient (one program)."""
+    counted, mean = _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK)
+    grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    for g0 in range(0, num_groups, BLOCK):
+        groups = g0 + lanes
+        weight, risk = _counted_risks(risks_ptr, offsets_ptr, groups, num_groups)
+        grad = grad_loss * weight / counted
+        if VAR_GRAD:
+            grad *= 1.0 + 2.0 * tl.cast(lambda_var, tl.float32) * (risk - mean)
+        tl.store(grad_risks_ptr + groups, grad, mask=groups < num_groups)
+
+
 def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
     """`(BLOCK_M, BLOCK_N)`: partner blocks as wide as the random partition's largest group
-    (`cdiv(B, G)`, 16 to MAX_TILE); anchor tiles start as wide and are halved (down to 16)
+    (`cdiv(B, G)`, 16 to MAX_TILE); anchor tiles start at half that (16 to MAX_ANCHORS) and
+    are halved (down to 16)
     while the grid `cdiv(B, BLOCK_M)` holds at most TARGET_PROGRAMS / 2 programs, so small
     batches still spread over the SMs. The grid never depends on the group sizes."""
     block_n = min(MAX_TILE, max(16, triton.next_power_of_2(triton.cdiv(batch, num_groups))))
-    block_m = block_n
+    block_m = max(16, min(block_n // 2, MAX_ANCHORS))
     while block_m > 16 and 2 * triton.cdiv(batch, block_m) <= TARGET_PROGRAMS:
         block_m //= 2
     return block_m, block_n
 
 
 def tile_launch_options(block_m: int, block_n: int) -> dict:
-    """Warps of the tile kernels (4 up to 32x32 tiles, else 8); the feature-chunk loads of the
-    products are pipelined over NUM_STAGES stages, the other loops are not (num_stages 1).
-    Checked spill-free on sm_80/sm_90 for every variant."""
-    return {"num_warps": 4 if block_m * block_n <= 1024 else 8, "num_stages": 1, "NUM_STAGES": 2}
+    """Warps of the forward kernel (4 below 32x32 tiles, else 8; the direction kernel runs
+    DIRECTION_WARPS); the feature-chunk loads of the products are pipelined over NUM_STAGES
+    stages, the other loops are not (num_stages 1). Checked spill-free on sm_80/sm_90."""
+    return {"num_warps": 4 if block_m * block_n < 1024 else 8, "num_stages": 1, "NUM_STAGES": 2}
 
 
-def direction_slice(block_m: int) -> int:
-    """Features per direction program: SLICE_ELEMENTS / BLOCK_M, at most MAX_SLICE (256 for
-    16- and 32-anchor tiles, 128 for 64). Each slice recomputes its tiles' cosines, so wide
-    features (C = 2048: 8 slices) also give small batches enough programs."""
-    return min(MAX_SLICE, SLICE_ELEMENTS // block_m)
+def direction_slices(batch: int, width: int, block_m: int) -> tuple[int, int]:
+    """`(slices, features per slice)` of the direction kernel. Each slice recomputes its
+    tiles' cosines, so a grid of at least TARGET_PROGRAMS / 2 anchor tiles keeps one slice;
+    fewer tiles get enough slices (whole BLOCK_K chunks) to reach 2 x TARGET_PROGRAMS
+    programs where the width allows (small batches with wide features, C = 2048)."""
+    chunks = triton.cdiv(width, BLOCK_K)
+    tiles = triton.cdiv(batch, block_m)
+    wanted = 1 if 2 * tiles >= TARGET_PROGRAMS else min(chunks, triton.cdiv(2 * TARGET_PROGRAMS, tiles))
+    per_slice = triton.cdiv(chunks, wanted) * BLOCK_K
+    return triton.cdiv(width, per_slice), per_slice
 
 
 def _search_steps(num_groups: int) -> int:
@@ -370,10 +446,10 @@ def girl_forward(
     if not need_grad:
         return risks, features.new_empty((0, width), dtype=torch.float32)
     direction = features.new_empty((batch, width), dtype=torch.float32)
-    block_w = direction_slice(block_m)
-    wrap_triton(_direction_kernel)[(tiles[0], triton.cdiv(width, block_w))](
-        features, order, labels, offsets, stats, direction, batch, width, num_groups, steps, tau, eta,
-        DETACH_WEIGHTS=detach_weights, BLOCK_W=block_w, **tile)
+    slices, slice_width = direction_slices(batch, width, block_m)
+    wrap_triton(_direction_kernel)[(tiles[0], slices)](
+        features, order, labels, offsets, stats, direction, batch, width, slice_width, num_groups, steps, tau, eta,
+        DETACH_WEIGHTS=detach_weights, **{**tile, "num_warps": DIRECTION_WARPS})
     return risks, direction
 
 
@@ -388,14 +464,34 @@ def girl_backward(
     grid = (triton.cdiv(batch, ROW_BLOCK), triton.cdiv(width, ROW_BLOCK_W))
     wrap_triton(_scatter_kernel)[grid](grad_risks, direction, order, offsets, grad_features, batch, width,
                                        num_groups, _search_steps(num_groups), BLOCK_R=ROW_BLOCK, BLOCK_W=ROW_BLOCK_W,
-                                       num_stages=1)
+                                       num_warps=SCATTER_WARPS, num_stages=1)
     return grad_features
 
 
+def girl_combine(group_risks: torch.Tensor, offsets: torch.Tensor, lambda_var: float,
+                 var_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(loss, risk_var)`, float32 scalars: `reference.combine_group_risks` in one launch,
+    the counted groups read from `offsets`. `var_grad` only matters to the backward."""
+    loss = group_risks.new_empty(())
+    risk_var = group_risks.new_empty(())
+    wrap_triton(_combine_kernel)[(1,)](group_risks, offsets, loss, risk_var, group_risks.shape[0], lambda_var,
+                                       BLOCK=COMBINE_BLOCK, num_stages=1)
+    return loss, risk_var
+
+
+def girl_combine_backward(grad_loss: torch.Tensor, group_risks: torch.Tensor, offsets: torch.Tensor,
+                          lambda_var: float, var_grad: bool) -> torch.Tensor:
+    """`dloss/dgroup_risks` for the upstream `grad_loss`, float32 `(G,)`."""
+    grad_risks = torch.empty_like(group_risks)
+    wrap_triton(_combine_backward_kernel)[(1,)](grad_loss, group_risks, offsets, grad_risks, group_risks.shape[0],
+                                                lambda_var, VAR_GRAD=var_grad, BLOCK=COMBINE_BLOCK, num_stages=1)
+    return grad_risks
+
+
 # (B, C, G), as in benchmarks/bench_girl.py: the benchmark shapes, then one shape per further
-# tile plan (BLOCK_M x BLOCK_N 16x16, 32x32, 64x64); widths that are not multiples of 16 make
-# the JIT build its less specialized binaries too.
-AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3), (4224, 20, 132), (8448, 40, 1)]
+# tile plan (BLOCK_M x BLOCK_N 16x16); widths that are not multiples of 16 make the JIT build
+# its less specialized binaries too.
+AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3)]
 _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -410,6 +506,10 @@ def aot_variants() -> list[KernelVariant]:
                                        pointer_types=pointer_types or {})
 
     add(f"girl.group_risk[BLOCK={RISK_BLOCK}]", _group_risk_kernel, {"BLOCK": RISK_BLOCK}, {"num_stages": 1})
+    add("girl.combine", _combine_kernel, {"BLOCK": COMBINE_BLOCK}, {"num_stages": 1})
+    for var_grad in (True, False):
+        add(f"girl.combine_backward[VAR_GRAD={var_grad}]", _combine_backward_kernel,
+            {"VAR_GRAD": var_grad, "BLOCK": COMBINE_BLOCK}, {"num_stages": 1})
     for batch, _, num_groups in AOT_SHAPES:
         block_m, block_n = tile_plan(batch, num_groups)
         options = tile_launch_options(block_m, block_n)
@@ -417,23 +517,23 @@ def aot_variants() -> list[KernelVariant]:
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
             add(f"girl.scatter[{dtype}]", _scatter_kernel, {"BLOCK_R": ROW_BLOCK, "BLOCK_W": ROW_BLOCK_W},
-                {"num_stages": 1}, {"out_ptr": f"*{dtype}"})
+                {"num_warps": SCATTER_WARPS, "num_stages": 1}, {"out_ptr": f"*{dtype}"})
             for precision in TRITON_FP32_PRECISIONS:
                 tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": precision,
                         "NATIVE_BF16": True, **options}
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
                 add(f"girl.forward[{plan}]", _forward_kernel, tile, warps, z)
-                block_w = direction_slice(block_m)
                 for detach in (True, False):
-                    add(f"girl.direction[{plan},BLOCK_W={block_w},DETACH_WEIGHTS={detach}]", _direction_kernel,
-                        {"DETACH_WEIGHTS": detach, "BLOCK_W": block_w, **tile}, warps, z)
+                    add(f"girl.direction[{plan},DETACH_WEIGHTS={detach}]", _direction_kernel,
+                        {"DETACH_WEIGHTS": detach, **tile}, {**warps, "num_warps": DIRECTION_WARPS}, z)
     return list(variants.values())
 
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
-    """Runs the forward launcher with `need_grad` and the backward launcher at `shapes` on
-    uninitialized CPU tensors, every dtype, fp32 product precision and `detach_weights`
-    (for `triton_variants.capture_specializations`, which stops each launch)."""
+    """Runs the forward launcher with `need_grad`, the backward launcher and the combination
+    launchers at `shapes` on uninitialized CPU tensors, every dtype, fp32 product precision,
+    `detach_weights` and `var_grad` (for `triton_variants.capture_specializations`, which
+    stops each launch)."""
     saved = triton_fp32_precision()
     try:
         for batch, width, num_groups in shapes:
@@ -448,5 +548,8 @@ def aot_launches(shapes=AOT_SHAPES) -> None:
                     for detach in (True, False):
                         _, direction = girl_forward(features, labels, order, offsets, 0.07, 0.2, detach, True)
                 girl_backward(grad_risks, direction, order, offsets, dtype)
+            loss, _ = girl_combine(grad_risks, offsets, 1.0, True)
+            for var_grad in (True, False):
+                girl_combine_backward(loss, grad_risks, offsets, 1.0, var_grad)
     finally:
         set_triton_fp32_precision(saved)
