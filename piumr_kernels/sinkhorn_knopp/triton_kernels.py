@@ -217,6 +217,30 @@ def _forward_register_kernel(
 
 
 @triton.jit
+def _register_iteration(x, row_ok, col_ok, row_target, col_target, eps, LOG_DOMAIN: tl.constexpr):
+    """One forward iteration (row step, column step) of `[BLOCK_B, BLOCK_N, BLOCK_M]` matrices."""
+    x, step = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
+    x, step = _register_step(x, col_ok, col_target, eps, 1, LOG_DOMAIN)
+    return x
+
+
+@triton.jit
+def _register_backward_step(grad, after_row, after_col, alpha, beta, last, inv_row, inv_col,
+                            LOG_DOMAIN: tl.constexpr):
+    """The gradient through one iteration, from the matrices after its row and its column
+    step (log domain: their exponentials) and its scales (linear); `last`: the final
+    iteration, whose log-domain gradient starts as `dP * P`."""
+    if LOG_DOMAIN:
+        grad = tl.where(last, grad * after_col, grad)
+        grad = grad - after_col * (tl.sum(grad, axis=1) * inv_col)[:, None, :]
+        grad = grad - after_row * (tl.sum(grad, axis=2) * inv_row)[:, :, None]
+    else:
+        grad = beta[:, None, :] * (grad - (tl.sum(grad * after_col, axis=1) * inv_col)[:, None, :])
+        grad = alpha[:, :, None] * (grad - (tl.sum(grad * after_row, axis=2) * inv_row)[:, :, None])
+    return grad
+
+
+@triton.jit
 def _backward_register_kernel(
     grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, grad_K_ptr,
     n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
@@ -228,8 +252,10 @@ def _backward_register_kernel(
     likewise; in log domain the steps are softmax-like: `dX = dY - softmax * sum(dY)`.
 
     Step `t` needs the matrices after its row and its column step: rebuilt from `K` and the
-    stored stats, or with `RECOMPUTE` (no stats stored) by replaying the forward's first `t`
-    iterations from `K`, `n_iters (n_iters + 1) / 2` iterations in all."""
+    stored stats, or with `RECOMPUTE` (no stats stored) by replaying the forward from a
+    checkpoint: the iterations go in segments of `REPLAY_SEGMENT` from the last; each
+    segment replays `K` to its start once, then each of its steps replays from there (20
+    iterations: 90 replayed iterations instead of 210 from `K` every time)."""
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
@@ -246,55 +272,61 @@ def _backward_register_kernel(
     col_step = n_cols.to(tl.int64) * n_matrices
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     k, row_target, col_target = _register_start(K_ptr + offsets, mask, row_sum, col_sum, LOG_DOMAIN)
-    if not RECOMPUTE and not LOG_DOMAIN:
-        # Cumulative scales U_t = prod alpha_s, V_t = prod beta_s (s <= t), from t = T-1
-        # down by division; a zero scale only occurs for a zero row/column of K, whose
-        # recomputed entries are zero whatever U, V are, so 0 stands in for the quotient.
-        # The products stop at the largest float32: a zero row's scale is row_sum / eps
-        # every iteration, and an infinite U times its zero entries would be NaN in every
-        # column sum (the reference keeps the overflow to that row's own gradient).
-        u = tl.full((BLOCK_B, BLOCK_N), 1.0, tl.float32)
-        v = tl.full((BLOCK_B, BLOCK_M), 1.0, tl.float32)
-        for t in range(n_iters):
-            u = tl.minimum(u * tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0), FLOAT32_MAX)
-            v = tl.minimum(v * tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0), FLOAT32_MAX)
-    for step in range(n_iters):
-        t = n_iters - 1 - step
-        if RECOMPUTE:
-            x = k
-            for _ in range(t):
-                x, alpha = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
-                x, beta = _register_step(x, col_ok, col_target, eps, 1, LOG_DOMAIN)
-            after_row, alpha = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
-            after_col, beta = _register_step(after_row, col_ok, col_target, eps, 1, LOG_DOMAIN)
-            # Neutral padding scales (as the stats loads give): a padding scale row_sum / eps
-            # would grow the gradient's padding entries past float32, and inf * 0 is NaN.
-            alpha = tl.where(row_ok, alpha, 1.0)
-            beta = tl.where(col_ok, beta, 1.0)
+    if RECOMPUTE:
+        n_segments = tl.cdiv(n_iters, REPLAY_SEGMENT)
+        for segment_step in range(n_segments):
+            start = (n_segments - 1 - segment_step) * REPLAY_SEGMENT
+            end = tl.minimum(start + REPLAY_SEGMENT, n_iters)
+            checkpoint = k
+            for _ in range(start):
+                checkpoint = _register_iteration(checkpoint, row_ok, col_ok, row_target, col_target, eps, LOG_DOMAIN)
+            for offset in range(end - start):
+                t = end - 1 - offset
+                x = checkpoint
+                for _ in range(t - start):
+                    x = _register_iteration(x, row_ok, col_ok, row_target, col_target, eps, LOG_DOMAIN)
+                after_row, alpha = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
+                after_col, beta = _register_step(after_row, col_ok, col_target, eps, 1, LOG_DOMAIN)
+                if LOG_DOMAIN:
+                    after_row = tl.exp(after_row)
+                    after_col = tl.exp(after_col)
+                # Neutral padding scales (as the stats loads give): a padding scale row_sum / eps
+                # would grow the gradient's padding entries past float32, and inf * 0 is NaN.
+                alpha = tl.where(row_ok, alpha, 1.0)
+                beta = tl.where(col_ok, beta, 1.0)
+                grad = _register_backward_step(grad, after_row, after_col, alpha, beta, t == n_iters - 1,
+                                               inv_row, inv_col, LOG_DOMAIN)
+    else:
+        if not LOG_DOMAIN:
+            # Cumulative scales U_t = prod alpha_s, V_t = prod beta_s (s <= t), from t = T-1
+            # down by division; a zero scale only occurs for a zero row/column of K, whose
+            # recomputed entries are zero whatever U, V are, so 0 stands in for the quotient.
+            # The products stop at the largest float32: a zero row's scale is row_sum / eps
+            # every iteration, and an infinite U times its zero entries would be NaN in every
+            # column sum (the reference keeps the overflow to that row's own gradient).
+            u = tl.full((BLOCK_B, BLOCK_N), 1.0, tl.float32)
+            v = tl.full((BLOCK_B, BLOCK_M), 1.0, tl.float32)
+            for t in range(n_iters):
+                u = tl.minimum(u * tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0), FLOAT32_MAX)
+                v = tl.minimum(v * tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0), FLOAT32_MAX)
+        for step in range(n_iters):
+            t = n_iters - 1 - step
             if LOG_DOMAIN:
-                after_row = tl.exp(after_row)
-                after_col = tl.exp(after_col)
-        elif LOG_DOMAIN:
-            f = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=0.0)
-            g = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=0.0)
-            after_col = tl.exp(k + f[:, :, None] + g[:, None, :])
-            g = tl.load(col_stats_ptr + (t - 1) * col_step, mask=tl.where(t > 0, col_ok, False), other=0.0)
-            after_row = tl.exp(k + f[:, :, None] + g[:, None, :])
-        else:
-            alpha = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
-            beta = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
-            after_col = u[:, :, None] * k * v[:, None, :]
-            v = tl.where(beta > 0, v / beta, 0.0)
-            after_row = u[:, :, None] * k * v[:, None, :]
-            u = tl.where(alpha > 0, u / alpha, 0.0)
-        if LOG_DOMAIN:
-            # The gradient with respect to the final log matrix: dP * P.
-            grad = tl.where(step == 0, grad * after_col, grad)
-            grad = grad - after_col * (tl.sum(grad, axis=1) * inv_col)[:, None, :]
-            grad = grad - after_row * (tl.sum(grad, axis=2) * inv_row)[:, :, None]
-        else:
-            grad = beta[:, None, :] * (grad - (tl.sum(grad * after_col, axis=1) * inv_col)[:, None, :])
-            grad = alpha[:, :, None] * (grad - (tl.sum(grad * after_row, axis=2) * inv_row)[:, :, None])
+                f = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=0.0)
+                g = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=0.0)
+                after_col = tl.exp(k + f[:, :, None] + g[:, None, :])
+                g = tl.load(col_stats_ptr + (t - 1) * col_step, mask=tl.where(t > 0, col_ok, False), other=0.0)
+                after_row = tl.exp(k + f[:, :, None] + g[:, None, :])
+                alpha, beta = f, g   # the log-domain step takes no scales
+            else:
+                alpha = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
+                beta = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
+                after_col = u[:, :, None] * k * v[:, None, :]
+                v = tl.where(beta > 0, v / beta, 0.0)
+                after_row = u[:, :, None] * k * v[:, None, :]
+                u = tl.where(alpha > 0, u / alpha, 0.0)
+            grad = _register_backward_step(grad, after_row, after_col, alpha, beta, step == 0,
+                                           inv_row, inv_col, LOG_DOMAIN)
     tl.store(grad_K_ptr + offsets, grad.to(grad_K_ptr.dtype.element_ty), mask=mask)
 
 
@@ -735,15 +767,17 @@ def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPl
 # Iterations up to which the packed backward replays the forward instead of reading stats.
 RECOMPUTE_MAX_ITERS = 32
 REPLAY_MAX_REGISTERS = 128
+# Iterations per checkpoint segment of that replay (about sqrt(n_iters) at 20-32 iterations).
+REPLAY_SEGMENT = tl.constexpr(5)
 
 
 def backward_reads_stats(n_rows: int, n_cols: int, n_iters: int) -> bool:
     """Whether the backward reads per-iteration stats from the forward. Not in the packed tier
     up to `RECOMPUTE_MAX_ITERS` iterations: there the stats, `2 * n_iters * (N + M)` floats per
     matrix written and read back (20 iterations of 4x4: 20x the matrix), cost more than
-    replaying the forward in registers (`n_iters (n_iters + 1) / 2` iterations: at 20
-    iterations of 4x4 about 12 FLOPs per byte of stats traffic saved, where an H100 does
-    20 FLOPs per byte of HBM bandwidth)."""
+    replaying the forward in registers (90 replayed iterations at 20: about 5 FLOPs per
+    byte of stats traffic saved, where an H100 does 20 FLOPs per byte of HBM bandwidth and
+    an A100 10)."""
     return launch_plan(n_rows, n_cols).tier != "packed" or n_iters > RECOMPUTE_MAX_ITERS
 
 
