@@ -19,9 +19,11 @@ Both streaming tiers are fast when the batch fills the GPU (one program per matr
 matrix's iterations need its whole row and column sums, which one program owns without
 synchronizing with others; a single huge matrix is slow.
 
-Backward keeps `O(n_iters * (N + M))` per matrix on every tier (the forward's per-iteration
-row/column scales or potentials) and recomputes the intermediate matrices from `K`; a
-forward without gradient (`SAVE_STATS=False`) stores no stats.
+The backward recomputes the intermediate matrices from `K` and the forward's per-iteration
+row/column scales or potentials (`O(n_iters * (N + M))` per matrix); the packed tier, up to
+`RECOMPUTE_MAX_ITERS` iterations, stores none and replays the forward in registers from
+checkpoints instead (`backward_reads_stats`). A forward without gradient
+(`SAVE_STATS=False`) stores no stats.
 
 Every load is upcast to float32 at once (the interpreter mishandles bf16 arithmetic) and
 scalar arguments are cast to float32 inside the kernels (Inductor passes float64).
