@@ -39,12 +39,13 @@ _TICKET_STEP = 1024
 def zeroed_tickets(like: torch.Tensor, count: int) -> torch.Tensor:
     """At least `count` int32 zeros on `like`'s device, for one launch on the current stream."""
     if traced(like):
-        return like.new_zeros((count,), dtype=torch.int32)
+        return torch.zeros((count,), dtype=torch.int32, device=like.device)
     stream = torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else None
     key = (like.device, stream)
     tickets = _tickets.get(key)
     if tickets is None or tickets.numel() < count:
-        tickets = _tickets[key] = like.new_zeros((-(-count // _TICKET_STEP) * _TICKET_STEP,), dtype=torch.int32)
+        tickets = _tickets[key] = torch.zeros((-(-count // _TICKET_STEP) * _TICKET_STEP,), dtype=torch.int32,
+                                              device=like.device)
     return tickets
 
 

@@ -243,6 +243,26 @@ def test_triton_split_plane_reduction_matches_fp64(dtype, transposed, poisoned_e
     assert_close(dx, dx_ref, tol, "dx")
 
 
+def test_triton_split_adjoint_matches_fp64(poisoned_empty):
+    """17 filters over 4 filter splits of 5, 5, 5 and 2 in the backward's adjoint (2 maps of one
+    pixel tile each): every split's partial map is summed by the split finishing last."""
+    if backends._availability("triton", torch.device("cpu")) != "":
+        pytest.skip("triton cannot run on CPU tensors here")
+    from piumr_kernels.dct.triton_kernels import MIN_FILTERS_PER_SPLIT, _splits
+
+    frequencies = list(range(0, 49, 3))
+    assert _splits(2, len(frequencies), MIN_FILTERS_PER_SPLIT) == (4, 5)
+    x = random_input((2, 3, 2, 6, 5), torch.float32).requires_grad_()
+    with piumr_kernels.use_backend("triton"):
+        E, mean, var = dct_filter_bank(x, 7, frequencies, return_stats=True)
+    x64 = x.detach().to(torch.float64).requires_grad_()
+    E_ref, mean_ref, var_ref = straightforward(x64, 7, frequencies)
+    grads = [torch.randn_like(E_ref), torch.randn_like(mean_ref), torch.randn_like(var_ref)]
+    (dx,) = torch.autograd.grad((E, mean, var), x, [g.float() for g in grads])
+    (dx_ref,) = torch.autograd.grad((E_ref, mean_ref, var_ref), x64, grads)
+    assert_close(dx, dx_ref, TOLERANCE[torch.float32], "dx")
+
+
 def test_fused_gradient_is_an_expanded_view(backend):
     if backend == "reference":
         pytest.skip("the reference gradient is whatever eager autograd makes")

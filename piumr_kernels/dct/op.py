@@ -4,7 +4,8 @@ The fused backends (cpp, triton) are two torch.library ops each. The forward rea
 once into the scaled channel sum `s[b] = (1/T) sum_{c,t} x[b, c, t]` and returns
 `(E, mean, var, s)`, with `mean`, `var` and `s` in the accumulation dtype (float32, or
 float64 for float64 input). Autograd saves only `s` `(B, H, W)` and `mean` `(B, D)`; the
-backward recomputes `E` from `s` (k^2 + k^3 multiply-adds per pixel), forms
+backward recomputes `E` from `s` (cpp: k^2 + k^3 multiply-adds per pixel for the whole
+bank; triton: k^2 + k per pixel and filter, so no intermediate map is stored), forms
 `G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW`, applies the adjoint
 `g = sum_d D_d (convolved with) G_d` and returns `g / T` as a `(B, H, W)` map; the
 gradient of `x` is that map expanded over `(C, T)` (a view, no large write).
