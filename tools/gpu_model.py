@@ -154,15 +154,21 @@ class _TorchOpCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def _gpu_launch_plans() -> Iterator[None]:
     """Sinkhorn's launch plan picks larger streaming tiles under the interpreter (for test
-    speed); the model must count the tiles a GPU runs."""
+    speed), and GIRL's widens bf16 dot operands there (the interpreter's bf16 products are
+    wrong; the fp32 runs counted here do not reach that branch); the model must count and
+    name the launches a GPU runs."""
+    from piumr_kernels.girl import triton_kernels as girl_kernels
     from piumr_kernels.sinkhorn_knopp import triton_kernels as sinkhorn_kernels
 
-    saved = sinkhorn_kernels.triton_interpreting
-    sinkhorn_kernels.triton_interpreting = lambda: False
+    modules = (sinkhorn_kernels, girl_kernels)
+    saved = [module.triton_interpreting for module in modules]
+    for module in modules:
+        module.triton_interpreting = lambda: False
     try:
         yield
     finally:
-        sinkhorn_kernels.triton_interpreting = saved
+        for module, interpreting in zip(modules, saved):
+            module.triton_interpreting = interpreting
 
 
 def count_call(step: Callable[[], object], run_programs: bool = True) -> Count:
