@@ -42,7 +42,7 @@ from ..backends import triton_interpreting
 from ..triton_variants import KernelVariant
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 
-BLOCK_K = 64           # feature-width chunk of the tile products
+BLOCK_K = 32           # feature-width chunk of the tile products
 MAX_TILE = 64          # partners per tile for large groups
 MAX_ANCHORS = 32       # anchors per tile, at most half the partners (64 x 64 and 32 x 32 direction tiles spill)
 DIRECTION_WARPS = 8    # warps of the direction kernel (spill-free at every tile plan)
@@ -270,6 +270,10 @@ def _direction_kernel(
     lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
     lanes = tl.arange(0, BLOCK_N).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
+    # dF and the normalization pass walk the slice in half chunks: an fp32 (BLOCK_N x BLOCK_K)
+    # partner chunk beside the product tiles spills at 16x64 tiles.
+    DF_K: tl.constexpr = BLOCK_K // 2
+    kf = tl.arange(0, DF_K)
     slice_start = tl.program_id(1).to(tl.int64) * slice_width
     slice_end = slice_start + slice_width
     projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -298,11 +302,11 @@ def _direction_kernel(
                                    loss_j[None, :], inv_m_j[None, :], partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS)
         h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
         projection += tl.sum(h * c, axis=1)
-        for k0 in range(slice_start, slice_end, BLOCK_K):
-            k_ok = (k0 + k < slice_end) & (k0 + k < width)
-            f_cols = tl.load(z_ptr + col_samples[:, None] * width + k0 + k[None, :],
+        for k0 in range(slice_start, slice_end, DF_K):
+            k_ok = (k0 + kf < slice_end) & (k0 + kf < width)
+            f_cols = tl.load(z_ptr + col_samples[:, None] * width + k0 + kf[None, :],
                              mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * inv_cols[:, None]
-            out = direction_ptr + rows[:, None] * width + k0 + k[None, :]
+            out = direction_ptr + rows[:, None] * width + k0 + kf[None, :]
             out_mask = row_ok[:, None] & k_ok[None, :]
             # The first partner block writes, the later ones add: no zero-filled buffer.
             previous = tl.load(out, mask=tl.where(c0 > first, out_mask, False), other=0.0)
@@ -312,10 +316,10 @@ def _direction_kernel(
     tl.debug_barrier()
     projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
     counted = (members >= 2.0)[:, None]
-    for k0 in range(slice_start, slice_end, BLOCK_K):
-        mask = row_ok[:, None] & ((k0 + k < slice_end) & (k0 + k < width))[None, :]
-        f = tl.load(z_ptr + row_samples[:, None] * width + k0 + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = direction_ptr + rows[:, None] * width + k0 + k[None, :]
+    for k0 in range(slice_start, slice_end, DF_K):
+        mask = row_ok[:, None] & ((k0 + kf < slice_end) & (k0 + kf < width))[None, :]
+        f = tl.load(z_ptr + row_samples[:, None] * width + k0 + kf[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = direction_ptr + rows[:, None] * width + k0 + kf[None, :]
         dz = inv_rows[:, None] * (tl.load(out, mask=mask, other=0.0) - f * inv_rows[:, None] * projection[:, None])
         tl.store(out, tl.where(counted, dz, 0.0), mask=mask)
 
@@ -403,10 +407,11 @@ def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
 
 
 def tile_launch_options(block_m: int, block_n: int) -> dict:
-    """Warps of the forward kernel (4 below 32x32 tiles, else 8; the direction kernel runs
+    """Warps of the forward kernel (2 for 16x16 tiles, 4 below 32x32, else 8; the direction kernel runs
     DIRECTION_WARPS); the feature-chunk loads of the products are pipelined over NUM_STAGES
     stages, the other loops are not (num_stages 1). Checked spill-free on sm_80/sm_90."""
-    return {"num_warps": 4 if block_m * block_n < 1024 else 8, "num_stages": 1, "NUM_STAGES": 2}
+    return {"num_warps": 2 if block_m * block_n <= 256 else 4 if block_m * block_n < 1024 else 8, "num_stages": 1,
+            "NUM_STAGES": 2}
 
 
 def direction_slices(batch: int, width: int, block_m: int) -> tuple[int, int]:
