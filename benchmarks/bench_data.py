@@ -52,7 +52,7 @@ def write_ma52_like_clip(path, seed: int) -> None:
     pad = 64
     background = _smooth_noise(rng, WIDTH, HEIGHT).astype(np.int16)
     person = _smooth_noise(rng, WIDTH // 2 + 2 * pad, HEIGHT // 2 + 2 * pad).astype(np.int16)
-    yy, xx = np.mgrid[0:HEIGHT // 2, 0:WIDTH // 2]
+    yy, xx = np.mgrid[0 : HEIGHT // 2, 0 : WIDTH // 2]
     inside = (((yy - HEIGHT / 4) / (HEIGHT / 4)) ** 2 + ((xx - WIDTH / 4) / (WIDTH / 4)) ** 2 < 1)[..., None]
     grain = rng.normal(0, 2.0, (4, HEIGHT, WIDTH, 3)).astype(np.int16)  # sensor noise, cycled with shifts
     with av.open(str(path), mode="w") as container:
@@ -63,8 +63,8 @@ def write_ma52_like_clip(path, seed: int) -> None:
             frame = background.copy()
             dy, dx = int(pad + 40 * np.sin(2 * np.pi * t / 40)), int(pad + 30 * np.cos(2 * np.pi * t / 25))
             top = HEIGHT // 4 + int(20 * np.sin(t / 7))
-            region = frame[top:top + HEIGHT // 2, WIDTH // 4:WIDTH // 4 + WIDTH // 2]
-            np.copyto(region, person[dy:dy + HEIGHT // 2, dx:dx + WIDTH // 2], where=inside)
+            region = frame[top : top + HEIGHT // 2, WIDTH // 4 : WIDTH // 4 + WIDTH // 2]
+            np.copyto(region, person[dy : dy + HEIGHT // 2, dx : dx + WIDTH // 2], where=inside)
             frame += np.roll(grain[t % 4], 7 * t, axis=1)
             rgb = np.clip(frame, 0, 255).astype(np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
@@ -108,7 +108,8 @@ def test_loader_clips_per_worker(benchmark, roots, kind, one_thread):
     benchmark.group = "data MA-52 1080x1296x60 -> 16x224 uint8, one worker"
     benchmark.extra_info["impl"] = kind
     benchmark.extra_info["kib_per_clip"] = round(
-        sum((dataset.video_dir / name).stat().st_size for name in dataset.names) / len(dataset) / 1024, 1)
+        sum((dataset.video_dir / name).stat().st_size for name in dataset.names) / len(dataset) / 1024, 1
+    )
     benchmark.pedantic(load_all, rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info["clips_per_s"] = round(len(dataset) / benchmark.stats.stats.median, 2)
     # CPU time of this process: what one busy core gives per clip, even on a loaded machine.
@@ -138,7 +139,10 @@ def test_train_step_clips_per_second(benchmark, memory_format):
 
     step()  # lazy optimizer state outside the timing
     benchmark.group = f"data train-step PIUmr-M {batch}x16x224 uint8 in, fwd+bwd+AdamW"
-    benchmark.extra_info.update(impl=memory_format, threads=torch.get_num_threads(),
-                                gflops_fwd_per_clip=round(counter.get_total_flops() / 1e9, 2))
+    benchmark.extra_info.update(
+        impl=memory_format,
+        threads=torch.get_num_threads(),
+        gflops_fwd_per_clip=round(counter.get_total_flops() / 1e9, 2),
+    )
     benchmark.pedantic(step, rounds=3, iterations=1)
     benchmark.extra_info["clips_per_s"] = round(batch / benchmark.stats.stats.median, 3)

@@ -12,11 +12,10 @@ import functools
 
 import pytest
 import torch
+from harness import DEVICE, FUSED_BACKEND, record
 
 import piumr_kernels
 from piumr_kernels.dct.reference import dct_filter_bank_reference
-
-from harness import DEVICE, FUSED_BACKEND, record
 
 KERNEL_SIZE = 7
 SHAPES = [(8, 24, 16, 56, 56), (8, 48, 16, 28, 28), (8, 96, 16, 14, 14), (8, 192, 16, 7, 7)]
@@ -31,7 +30,7 @@ def _eager(x):
     return dct_filter_bank_reference(x, KERNEL_SIZE, return_stats=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled():
     return torch.compile(_eager, dynamic=False)
 
@@ -65,10 +64,12 @@ def test_dct_filter_bank(benchmark, impl, shape, mode):
     x, grads = _inputs(shape, requires_grad=mode == "fwd+bwd" and impl != "floor")
 
     if mode == "fwd" or impl == "floor":
+
         def step():
             with torch.no_grad():
                 return op(x)
     else:
+
         def step():
             return torch.autograd.grad(op(x), x, grads)
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import DEVICE, implementations, record
 
 import piumr_kernels
 from piumr_kernels.girl.op import random_partition
 from piumr_kernels.girl.reference import girl_loss_reference
-
-from harness import DEVICE, implementations, record
 
 # (B, C, G)
 SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1)]
@@ -46,10 +45,12 @@ def test_girl(benchmark, impl, shape, mode):
     features, labels = _inputs(batch, width, requires_grad=mode == "fwd+bwd")
 
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 return op(features, labels)
     else:
+
         def step():
             return torch.autograd.grad(op(features, labels), features)
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import DEVICE, FUSED_BACKEND, record
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import DEVICE, FUSED_BACKEND, record
 from models.modelling.piumr import PIUmrLoss, build_piumr
 from piumr_kernels import use_backend
 
@@ -50,11 +50,10 @@ def _parameters(module: torch.nn.Module) -> int:
 def test_size_m_16x224(benchmark, impl):
     model = _model("M", impl, 16).eval()
     x = torch.randn(1, 3, 16, 224, 224, device=DEVICE)
-    with torch.no_grad():
-        with use_backend("reference"):
-            counter = FlopCounterMode(display=False)
-            with counter:
-                model(x)
+    with torch.no_grad(), use_backend("reference"):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x)
     per_module = counter.get_flop_counts()
     tfam_flops = sum(sum(per_module[f"PIUmr.tfam.{stage}"].values()) for stage in model.tfam)
     benchmark.extra_info.update(

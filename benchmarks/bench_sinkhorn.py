@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import DEVICE, implementations, record
 
 import piumr_kernels
 from piumr_kernels.sinkhorn_knopp.reference import sinkhorn_reference
-
-from harness import DEVICE, implementations, record
 
 # (batch, N, M, n_iters): TFAM (80 clips x 2 maps), hyper-connection mixing, two larger tiers.
 SHAPES = [(160, 16, 16, 3), (65536, 4, 4, 20), (256, 64, 64, 3), (32, 128, 128, 3)]
@@ -33,10 +32,12 @@ def test_sinkhorn(benchmark, impl, shape, mode):
     K, grad = _inputs(batch, n, m, requires_grad=mode == "fwd+bwd")
 
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 return op(K)
     else:
+
         def step():
             return torch.autograd.grad(op(K), K, grad)
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from piumr_kernels import use_backend
-from models.modelling.tfam import TFAM
-
 from harness import DEVICE, FUSED_BACKEND, record
+
+from models.modelling.tfam import TFAM
+from piumr_kernels import use_backend
 
 # (B, C, T, H, W): X3D-XS/M res2 and res3 outputs at 112x112 input, 16 frames.
 SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14)]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 
-import piumr_kernels
 import torch
+
+import piumr_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED_BACKEND = "triton" if DEVICE.type == "cuda" else "cpp"
@@ -72,7 +73,7 @@ def implementations(public_op, reference_op) -> dict:
 
         return run
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def compiled(**settings):
         return torch.compile(functools.partial(reference_op, **settings), dynamic=False)
 

@@ -43,8 +43,8 @@ inline CpuIsa detected_isa() {
 #if defined(PIUMR_X86_DISPATCH)
   static const CpuIsa isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
       return CpuIsa::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -72,9 +72,12 @@ inline CpuIsa selected_isa() {
 
 inline const char* selected_isa_name() {
   switch (selected_isa()) {
-    case CpuIsa::kAvx512: return "avx512";
-    case CpuIsa::kAvx2: return "avx2";
-    default: return "baseline";
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
   }
 }
 
@@ -94,9 +97,12 @@ template <class Kernel, class Args>
 void run_for_isa(CpuIsa isa, const Args& args) {
 #if defined(PIUMR_X86_DISPATCH)
   switch (isa) {
-    case CpuIsa::kAvx512: return run_avx512<Kernel>(args);
-    case CpuIsa::kAvx2: return run_avx2<Kernel>(args);
-    default: break;
+    case CpuIsa::kAvx512:
+      return run_avx512<Kernel>(args);
+    case CpuIsa::kAvx2:
+      return run_avx2<Kernel>(args);
+    default:
+      break;
   }
 #endif
   Kernel::run(args);

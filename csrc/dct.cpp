@@ -99,12 +99,12 @@ struct Bank {
 
 template <typename scalar_t, typename acc_t>
 struct ReduceArgs {
-  const scalar_t* x;              // x[b] at row h0
-  const int64_t* plane_offsets;   // (C * T) element offsets of each (c, t) plane
+  const scalar_t* x;             // x[b] at row h0
+  const int64_t* plane_offsets;  // (C * T) element offsets of each (c, t) plane
   int64_t n_planes, n_rows, width, stride_h, stride_w;
-  acc_t scale;                    // 1 / T
-  acc_t* acc;                     // n_rows * width accumulator (scratch)
-  acc_t* out;                     // s[b] at row h0, contiguous rows
+  acc_t scale;  // 1 / T
+  acc_t* acc;   // n_rows * width accumulator (scratch)
+  acc_t* out;   // s[b] at row h0, contiguous rows
 };
 
 // acc[e] += sum_j planes[j][e] for e in [begin, end).
@@ -242,19 +242,19 @@ template <typename scalar_t, typename acc_t>
 struct ImageArgs {
   const Bank<acc_t>* bank;
   int64_t height, width;
-  const acc_t* s;          // s[b], (H, W)
+  const acc_t* s;  // s[b], (H, W)
   // forward
-  scalar_t* E;             // E[b], (D, H, W)
-  acc_t* mean;             // mean[b], (D)
-  acc_t* var;              // var[b], (D)
+  scalar_t* E;  // E[b], (D, H, W)
+  acc_t* mean;  // mean[b], (D)
+  acc_t* var;   // var[b], (D)
   // backward
-  const scalar_t* grad_E;  // (D, H, W)
-  const acc_t* grad_mean;  // (D)
-  const acc_t* grad_var;   // (D)
-  const acc_t* saved_mean; // (D)
+  const scalar_t* grad_E;   // (D, H, W)
+  const acc_t* grad_mean;   // (D)
+  const acc_t* grad_var;    // (D)
+  const acc_t* saved_mean;  // (D)
   acc_t inv_frames;
-  scalar_t* grad_map;      // (H, W)
-  acc_t* scratch;          // image_scratch_size()
+  scalar_t* grad_map;  // (H, W)
+  acc_t* scratch;      // image_scratch_size()
 };
 
 // Per-thread scratch: s padded on all sides, then R_u per slot, then either (forward)
@@ -369,8 +369,8 @@ PIUMR_ALWAYS_INLINE void filter_slot_along_w(const acc_t* r, int64_t wp, const a
 
 // filter_slot_along_w for the one filter v (a run-time value).
 template <int KS, typename acc_t>
-PIUMR_ALWAYS_INLINE void filter_one_along_w(int64_t v, const acc_t* r, int64_t wp, const acc_t* basis,
-                                            int64_t height, int64_t width, acc_t* const* maps, acc_t* sums) {
+PIUMR_ALWAYS_INLINE void filter_one_along_w(int64_t v, const acc_t* r, int64_t wp, const acc_t* basis, int64_t height,
+                                            int64_t width, acc_t* const* maps, acc_t* sums) {
   [&]<int... V>(std::integer_sequence<int, V...>) PIUMR_ALWAYS_INLINE_LAMBDA {
     ((V == v ? filter_slot_along_w<KS, V>(r, wp, basis, height, width, maps, sums) : void()), ...);
   }(std::make_integer_sequence<int, KS>{});
@@ -466,9 +466,9 @@ struct BackwardImageKernel {
     const int64_t wp = width + 2 * pad, map = height * wp, span = map - 2 * pad;
     const int64_t padded = (height + 2 * pad) * wp;
     acc_t* s_padded = a.scratch;
-    acc_t* r = s_padded + padded;                // R_u per slot
-    acc_t* q = r + bank.n_slots * map;           // Q_u per slot, p zero rows above and below
-    acc_t* g = q + bank.n_slots * padded;        // G in the padded layout (pads zero)
+    acc_t* r = s_padded + padded;          // R_u per slot
+    acc_t* q = r + bank.n_slots * map;     // Q_u per slot, p zero rows above and below
+    acc_t* g = q + bank.n_slots * padded;  // G in the padded layout (pads zero)
     acc_t* e = g + map;
     acc_t* out = e + map;
     filter_along_h<KS>(bank, a.s, height, width, s_padded, r);
@@ -525,16 +525,19 @@ struct BackwardImageKernel {
 template <typename F>
 void with_tap_count(int64_t k, F&& f) {
   switch (k) {
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 0>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 7:
+      return f(std::integral_constant<int, 7>{});
+    default:
+      return f(std::integral_constant<int, 0>{});
   }
 }
 
 void check_bank(int64_t kernel_size, const std::vector<int64_t>& frequencies, const char* op) {
-  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, op, ": kernel_size must be odd and >= 1, got ",
-              kernel_size);
+  TORCH_CHECK(kernel_size >= 1 && kernel_size % 2 == 1, op, ": kernel_size must be odd and >= 1, got ", kernel_size);
   TORCH_CHECK(!frequencies.empty(), op, ": frequencies must not be empty");
   for (int64_t d : frequencies) {
     TORCH_CHECK(d >= 0 && d < kernel_size * kernel_size, op, ": frequency index ", d, " outside [0, ",
@@ -600,7 +603,7 @@ class ChannelReduction {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at::Tensor& x, int64_t kernel_size,
-                                                                        at::IntArrayRef frequencies) {
+                                                                       at::IntArrayRef frequencies) {
   const char* op = "dct_filter_bank_cpp";
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 5, op, ": x must be (B, C, T, H, W), got ", x.sizes());
@@ -629,24 +632,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dct_forward(const at:
     acc_t* mean_ptr = mean.data_ptr<acc_t>();
     acc_t* var_ptr = var.data_ptr<acc_t>();
     const int64_t acc_size = fused ? reduction.accumulator_size() : 0;
-    for_each_image<scalar_t>(bank, batch, height, width, acc_size, [&](ImageArgs<scalar_t, acc_t>& args, int64_t b,
-                                                                       acc_t* acc) {
-      if (fused) reduction.run(b, acc);
-      args.s = s_ptr + b * height * width;
-      args.E = E_ptr + b * n_filters * height * width;
-      args.mean = mean_ptr + b * n_filters;
-      args.var = var_ptr + b * n_filters;
-      with_tap_count(kernel_size, [&](auto taps) {
-        run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
-      });
-    });
+    for_each_image<scalar_t>(bank, batch, height, width, acc_size,
+                             [&](ImageArgs<scalar_t, acc_t>& args, int64_t b, acc_t* acc) {
+                               if (fused) reduction.run(b, acc);
+                               args.s = s_ptr + b * height * width;
+                               args.E = E_ptr + b * n_filters * height * width;
+                               args.mean = mean_ptr + b * n_filters;
+                               args.var = var_ptr + b * n_filters;
+                               with_tap_count(kernel_size, [&](auto taps) {
+                                 run_for_this_cpu<ForwardImageKernel<scalar_t, acc_t, decltype(taps)::value>>(args);
+                               });
+                             });
   });
   return {E, mean, var, s};
 }
 
 at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, const at::Tensor& grad_var,
-                        const at::Tensor& s, const at::Tensor& mean, int64_t kernel_size,
-                        at::IntArrayRef frequencies, int64_t frames) {
+                        const at::Tensor& s, const at::Tensor& mean, int64_t kernel_size, at::IntArrayRef frequencies,
+                        int64_t frames) {
   const char* op = "dct_filter_bank_cpp_backward";
   const std::vector<int64_t> freq(frequencies.begin(), frequencies.end());
   check_bank(kernel_size, freq, op);
@@ -655,11 +658,11 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
   const int64_t batch = s.size(0), height = s.size(1), width = s.size(2);
   const int64_t n_filters = static_cast<int64_t>(freq.size());
   const auto acc = accumulation_dtype(grad_E.scalar_type());
-  TORCH_CHECK(grad_E.is_contiguous() && grad_E.sizes() == at::IntArrayRef({batch, n_filters, height, width}),
-              op, ": grad_E must be contiguous (B, D, H, W)");
+  TORCH_CHECK(grad_E.is_contiguous() && grad_E.sizes() == at::IntArrayRef({batch, n_filters, height, width}), op,
+              ": grad_E must be contiguous (B, D, H, W)");
   for (const at::Tensor* t : {&grad_mean, &grad_var, &mean}) {
-    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef({batch, n_filters}) && t->scalar_type() == acc,
-                op, ": grad_mean, grad_var and mean must be contiguous (B, D) of ", acc);
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == at::IntArrayRef({batch, n_filters}) && t->scalar_type() == acc, op,
+                ": grad_mean, grad_var and mean must be contiguous (B, D) of ", acc);
   }
   TORCH_CHECK(s.scalar_type() == acc, op, ": s must be ", acc);
   at::Tensor grad_map = at::empty({batch, height, width}, grad_E.options());
@@ -692,14 +695,14 @@ at::Tensor dct_backward(const at::Tensor& grad_E, const at::Tensor& grad_mean, c
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
   m.def("dct_filter_bank_cpp(Tensor x, int kernel_size, int[] frequencies) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("dct_filter_bank_cpp_backward(Tensor grad_E, Tensor grad_mean, Tensor grad_var, Tensor s, Tensor mean,"
-        " int kernel_size, int[] frequencies, int frames) -> Tensor");
+  m.def(
+      "dct_filter_bank_cpp_backward(Tensor grad_E, Tensor grad_mean, Tensor grad_var, Tensor s, Tensor mean,"
+      " int kernel_size, int[] frequencies, int frames) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("dct_filter_bank_cpp", &dct_forward);
   m.impl("dct_filter_bank_cpp_backward", &dct_backward);
 }
-
 
 }  // namespace piumr

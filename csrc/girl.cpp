@@ -26,11 +26,11 @@
 //    log-sum-exps, updated row-wise for the anchors of I and column-wise for those of J.
 //    Pass 2 (with a gradient): the tile's cosines again, H_IJ, then (HF)_I += H_IJ F_J and
 //    (HF)_J += H_IJ^T F_I; D from it over F's rows at the end. The tiles are split into one
-//    contiguous chunk per thread; each chunk accumulates into its own partial buffers (statistics O(B), gradient O(n*C)),
-//    summed in chunk order afterwards: no races, and deterministic for a thread count.
+//    contiguous chunk per thread; each chunk accumulates into its own partial buffers (statistics O(B), gradient
+//    O(n*C)), summed in chunk order afterwards: no races, and deterministic for a thread count.
 // Tile cosines come from GramKernel (diagonal tiles) or at::mm (single-threaded BLAS inside
-// the parallel region) into per-task scratch, the products H F from ProductKernel; per-pair work runs in the vectorized micro-kernels below. Memory:
-// F (then D), O(B*C); per streamed group one O(n*C) gradient per chunk (thread);
+// the parallel region) into per-task scratch, the products H F from ProductKernel; per-pair work runs in the vectorized
+// micro-kernels below. Memory: F (then D), O(B*C); per streamed group one O(n*C) gradient per chunk (thread);
 // O(kTile^2) scratch per task, plus O(kTile*C) with a gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -53,16 +53,16 @@
 namespace piumr {
 namespace {
 
-constexpr int64_t kTile = 256;          // samples per tile side; larger groups stream
-constexpr double kNormEps = 1e-12;      // f = z / max(||z||, kNormEps)
+constexpr int64_t kTile = 256;      // samples per tile side; larger groups stream
+constexpr double kNormEps = 1e-12;  // f = z / max(||z||, kNormEps)
 // Multiply-adds a thread task should at least get: below that, waking threads costs more
 // than it saves (small batches run inline on the calling thread).
 constexpr int64_t kMinTaskWork = int64_t{1} << 22;
 // Elements a task of a memory-bound pass over rows (normalize, scatter) should at least get.
 constexpr int64_t kMinTaskElements = int64_t{1} << 18;
-constexpr int64_t kNumStats = 5;        // per-sample statistics, rows of a (5, B) buffer
+constexpr int64_t kNumStats = 5;  // per-sample statistics, rows of a (5, B) buffer
 enum Stat { kLogitLse = 0, kEmphasisLse, kPositiveWeight, kAnchorLoss, kNumPositive };
-constexpr int64_t kNumOnline = 7;       // running max/sum of both LSEs, positive sums, |P(i)|
+constexpr int64_t kNumOnline = 7;  // running max/sum of both LSEs, positive sums, |P(i)|
 enum Online { kLogitMax = 0, kLogitSum, kEmphMax, kEmphSum, kPosLogit, kPosWeight, kPosCount };
 
 template <typename acc_t>
@@ -80,10 +80,10 @@ PIUMR_ALWAYS_INLINE acc_t log_emphasis(acc_t c, const Params<acc_t>& p) {
 // ---------------------------------------------------------------- gather + normalize
 template <typename scalar_t, typename acc_t>
 struct NormalizeArgs {
-  const scalar_t* z;        // (B, C) batch order
-  const int64_t* order;     // (B,) row of z for each group-order position
-  acc_t* f;                 // (B, C) normalized rows, group order
-  acc_t* norm;              // (B,) ||z||, group order
+  const scalar_t* z;     // (B, C) batch order
+  const int64_t* order;  // (B,) row of z for each group-order position
+  acc_t* f;              // (B, C) normalized rows, group order
+  acc_t* norm;           // (B,) ||z||, group order
   int64_t begin, end, width;
 };
 
@@ -153,22 +153,21 @@ void finish_stats(const acc_t* online, int64_t stride, int64_t count, int64_t si
     stats[kLogitLse * stats_stride + i] = logit_lse;
     stats[kEmphasisLse * stats_stride + i] = online[kEmphMax * stride + i] + std::log(emph_sum);
     stats[kPositiveWeight * stats_stride + i] = partners * pos_weight / emph_sum;
-    stats[kAnchorLoss * stats_stride + i] = -partners / emph_sum *
-                                            (online[kPosLogit * stride + i] - logit_lse * pos_weight) /
-                                            std::max(num_pos, acc_t(1));
+    stats[kAnchorLoss * stats_stride + i] =
+        -partners / emph_sum * (online[kPosLogit * stride + i] - logit_lse * pos_weight) / std::max(num_pos, acc_t(1));
     stats[kNumPositive * stats_stride + i] = num_pos;
   }
 }
 
 template <typename acc_t>
 struct StatsTileArgs {
-  const acc_t* cosine;          // (rows, cols) tile
-  const int32_t* row_labels;    // (rows,) dense class ids
-  const int32_t* col_labels;    // (cols,)
-  acc_t* online;                // state of the anchors being updated (rows, or columns)
-  acc_t* column_max;            // (2, cols) scratch of the column-wise update
+  const acc_t* cosine;        // (rows, cols) tile
+  const int32_t* row_labels;  // (rows,) dense class ids
+  const int32_t* col_labels;  // (cols,)
+  acc_t* online;              // state of the anchors being updated (rows, or columns)
+  acc_t* column_max;          // (2, cols) scratch of the column-wise update
   int64_t rows, cols, stride;
-  int64_t self_offset;          // column of row r's self pair is r + self_offset (may be outside)
+  int64_t self_offset;  // column of row r's self pair is r + self_offset (may be outside)
   Params<acc_t> params;
 };
 
@@ -292,11 +291,11 @@ struct ColumnStatsKernel {
 // ---------------------------------------------------------------- gradient tile
 template <typename acc_t>
 struct GradTileArgs {
-  acc_t* tile;              // (rows, cols): cosines in, H = gamma (G + G^T) out
+  acc_t* tile;  // (rows, cols): cosines in, H = gamma (G + G^T) out
   const int32_t* row_labels;
   const int32_t* col_labels;
-  const acc_t* row_stats;   // (kNumStats, stats_stride), anchor of tile row 0 first
-  const acc_t* col_stats;   // same, anchor of tile column 0 first
+  const acc_t* row_stats;  // (kNumStats, stats_stride), anchor of tile row 0 first
+  const acc_t* col_stats;  // same, anchor of tile column 0 first
   int64_t stats_stride, rows, cols, self_offset;
   acc_t gamma, partners, inv_partners;  // 1 / |I_g|, |I_g| - 1, 1 / (|I_g| - 1)
   Params<acc_t> params;
@@ -309,9 +308,8 @@ struct GradTileArgs {
 // q_ij = -[j in P(i)] (s_ij - LSE_i) / m_i and dlogr/dc = -(c - eta) / eta^2.
 template <typename acc_t, bool kDetach>
 PIUMR_ALWAYS_INLINE acc_t anchor_cosine_grad(acc_t c, acc_t s, acc_t log_r, bool positive, acc_t logit_lse,
-                                             acc_t emphasis_lse, acc_t positive_weight, acc_t anchor_loss,
-                                             acc_t inv_m, acc_t partners, acc_t inv_partners,
-                                             const Params<acc_t>& p) {
+                                             acc_t emphasis_lse, acc_t positive_weight, acc_t anchor_loss, acc_t inv_m,
+                                             acc_t partners, acc_t inv_partners, const Params<acc_t>& p) {
   const acc_t prob = vexp<acc_t>(s - logit_lse);
   const acc_t w = partners * vexp<acc_t>(log_r - emphasis_lse);
   acc_t g = -p.inv_tau * inv_m * ((positive ? w : acc_t(0)) - positive_weight * prob);
@@ -349,9 +347,9 @@ struct GradTileKernel {
         const acc_t inv_m_j = acc_t(1) / max_of(col_npos[j], acc_t(1));
         const acc_t g_ij = anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, lse_i, emph_i, wpos_i, loss_i,
                                                               inv_m_i, a.partners, a.inv_partners, p);
-        const acc_t g_ji = anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, col_lse[j], col_emph[j],
-                                                              col_wpos[j], col_loss[j], inv_m_j, a.partners,
-                                                              a.inv_partners, p);
+        const acc_t g_ji =
+            anchor_cosine_grad<acc_t, kDetach>(c, s, log_r, positive, col_lse[j], col_emph[j], col_wpos[j], col_loss[j],
+                                               inv_m_j, a.partners, a.inv_partners, p);
         const acc_t value = a.gamma * (g_ij + g_ji);
         h[j] = j != self ? value : acc_t(0);
       }
@@ -362,9 +360,9 @@ struct GradTileKernel {
 // ---------------------------------------------------------------- normalization backward
 template <typename acc_t>
 struct NormBackwardArgs {
-  acc_t* f;                 // (rows, C): normalized rows in, dL/dz out (in place)
-  const acc_t* grad;        // (rows, C) dL/df
-  const acc_t* norm;        // (rows,)
+  acc_t* f;           // (rows, C): normalized rows in, dL/dz out (in place)
+  const acc_t* grad;  // (rows, C) dL/df
+  const acc_t* norm;  // (rows,)
   int64_t rows, width;
 };
 
@@ -390,10 +388,10 @@ struct NormBackwardKernel {
 // ---------------------------------------------------------------- backward: scale + scatter
 template <typename scalar_t, typename acc_t>
 struct ScatterArgs {
-  const acc_t* direction;   // (B, C) dL_g/dz, group order
+  const acc_t* direction;  // (B, C) dL_g/dz, group order
   const int64_t* order;
-  const acc_t* row_scale;   // (B,) upstream dOut/dL_g of each row's group
-  scalar_t* grad;           // (B, C) batch order
+  const acc_t* row_scale;  // (B,) upstream dOut/dL_g of each row's group
+  scalar_t* grad;          // (B, C) batch order
   int64_t begin, end, width;
 };
 
@@ -413,9 +411,9 @@ struct ScatterKernel {
 // ---------------------------------------------------------------- symmetric Gram
 template <typename acc_t>
 struct GramArgs {
-  const acc_t* f;           // (rows, width) contiguous rows
+  const acc_t* f;  // (rows, width) contiguous rows
   int64_t rows, width;
-  acc_t* out;               // (rows, rows) = f f^T
+  acc_t* out;  // (rows, rows) = f f^T
 };
 
 // Only the 4 x 4 blocks on and above the diagonal, then mirrored: 16 dot products at a
@@ -460,12 +458,12 @@ struct GramKernel {
 // ---------------------------------------------------------------- H F products
 template <typename acc_t>
 struct ProductArgs {
-  const acc_t* a;                    // A(i, k) = a[i * a_row_stride + k * a_col_stride]
+  const acc_t* a;                      // A(i, k) = a[i * a_row_stride + k * a_col_stride]
   int64_t a_row_stride, a_col_stride;  // (a transposed tile: swap the strides)
-  const acc_t* b;                    // (inner, width) contiguous rows
+  const acc_t* b;                      // (inner, width) contiguous rows
   int64_t rows, inner, width;
-  acc_t* out;                        // (rows, width) contiguous rows
-  bool accumulate;                   // out += A B instead of out = A B
+  acc_t* out;       // (rows, width) contiguous rows
+  bool accumulate;  // out += A B instead of out = A B
 };
 
 // out (+)= A B for the gradient products H F (A at most kTile x kTile, B = F's rows): a
@@ -532,11 +530,11 @@ struct ProductKernel {
 // Everything a forward needs, in group order.
 template <typename acc_t>
 struct GroupData {
-  at::Tensor f;               // (B, C) normalized rows; with a gradient, D = dL_g/dz at the end
+  at::Tensor f;  // (B, C) normalized rows; with a gradient, D = dL_g/dz at the end
   acc_t* f_ptr;
-  const acc_t* norm;          // (B,)
-  const int32_t* labels;      // (B,) dense class ids
-  acc_t* stats;               // (kNumStats, B)
+  const acc_t* norm;      // (B,)
+  const int32_t* labels;  // (B,) dense class ids
+  acc_t* stats;           // (kNumStats, B)
   bool need_grad;
   int64_t batch, width;
   Params<acc_t> params;
@@ -570,9 +568,9 @@ void small_group(const GroupData<acc_t>& d, int64_t start, int64_t size, at::Ten
   finish_stats(online, kTile, size, size, stats, d.batch);
   if (!d.need_grad) return;
   const acc_t partners = acc_t(size - 1);
-  run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
-      cosine, labels, labels, stats, stats, d.batch, size, size, 0, acc_t(1) / acc_t(size), partners,
-      acc_t(1) / partners, d.params});
+  run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{cosine, labels, labels, stats, stats, d.batch,
+                                                                       size, size, 0, acc_t(1) / acc_t(size), partners,
+                                                                       acc_t(1) / partners, d.params});
   acc_t* grad_rows = grad_scratch.data_ptr<acc_t>();
   run_for_this_cpu<ProductKernel<acc_t>>(
       ProductArgs<acc_t>{cosine, size, 1, d.f_ptr + start * d.width, size, size, d.width, grad_rows, false});
@@ -640,7 +638,8 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
         tile_cosines<acc_t>(tile, f_group, t);
         const StatsTileArgs<acc_t> rows{tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, state + t.row0,
-                                        column_max.data(), t.rows, t.cols, size, t.row0 - t.col0, d.params};
+                                        column_max.data(),      t.rows,          t.cols,          size,
+                                        t.row0 - t.col0,        d.params};
         run_for_this_cpu<RowStatsKernel<acc_t>>(rows);
         if (t.row0 != t.col0) {
           StatsTileArgs<acc_t> columns = rows;
@@ -668,15 +667,15 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
         at::Tensor tile = tile_view(scratch, t.rows, t.cols);
         tile_cosines<acc_t>(tile, f_group, t);
         run_for_this_cpu<GradTileKernel<acc_t, kDetach>>(GradTileArgs<acc_t>{
-            tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, stats + t.row0, stats + t.col0, d.batch,
-            t.rows, t.cols, t.row0 - t.col0, acc_t(1) / acc_t(size), partners, acc_t(1) / partners, d.params});
+            tile.data_ptr<acc_t>(), labels + t.row0, labels + t.col0, stats + t.row0, stats + t.col0, d.batch, t.rows,
+            t.cols, t.row0 - t.col0, acc_t(1) / acc_t(size), partners, acc_t(1) / partners, d.params});
         acc_t* grad_ptr = grad.data_ptr<acc_t>();
         const acc_t* h = tile.data_ptr<acc_t>();
-        run_for_this_cpu<ProductKernel<acc_t>>(ProductArgs<acc_t>{
-            h, t.cols, 1, f_cols.data_ptr<acc_t>(), t.rows, t.cols, width, grad_ptr + t.row0 * width, true});
+        run_for_this_cpu<ProductKernel<acc_t>>(ProductArgs<acc_t>{h, t.cols, 1, f_cols.data_ptr<acc_t>(), t.rows,
+                                                                  t.cols, width, grad_ptr + t.row0 * width, true});
         if (t.row0 != t.col0) {
-          run_for_this_cpu<ProductKernel<acc_t>>(ProductArgs<acc_t>{
-              h, 1, t.cols, f_rows.data_ptr<acc_t>(), t.cols, t.rows, width, grad_ptr + t.col0 * width, true});
+          run_for_this_cpu<ProductKernel<acc_t>>(ProductArgs<acc_t>{h, 1, t.cols, f_rows.data_ptr<acc_t>(), t.cols,
+                                                                    t.rows, width, grad_ptr + t.col0 * width, true});
         }
       }
     }
@@ -686,8 +685,7 @@ void large_group(const GroupData<acc_t>& d, int64_t start, int64_t size) {
   const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
   at::parallel_for(0, size, grain, [&](int64_t begin, int64_t end) {
     run_for_this_cpu<NormBackwardKernel<acc_t>>(NormBackwardArgs<acc_t>{
-        d.f_ptr + (start + begin) * width, grad_ptr + begin * width, d.norm + start + begin, end - begin,
-        width});
+        d.f_ptr + (start + begin) * width, grad_ptr + begin * width, d.norm + start + begin, end - begin, width});
   });
 }
 
@@ -726,12 +724,18 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
     const scalar_t* z = features.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      run_for_this_cpu<NormalizeKernel<scalar_t, acc_t>>(NormalizeArgs<scalar_t, acc_t>{
-          z, order_ptr, f.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), begin, end, width});
+      run_for_this_cpu<NormalizeKernel<scalar_t, acc_t>>(
+          NormalizeArgs<scalar_t, acc_t>{z, order_ptr, f.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), begin, end, width});
     });
   }
-  const GroupData<acc_t> data{f, f.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), label_ids.data_ptr<int32_t>(),
-                              stats.data_ptr<acc_t>(), need_grad, B, width,
+  const GroupData<acc_t> data{f,
+                              f.data_ptr<acc_t>(),
+                              norm.data_ptr<acc_t>(),
+                              label_ids.data_ptr<int32_t>(),
+                              stats.data_ptr<acc_t>(),
+                              need_grad,
+                              B,
+                              width,
                               Params<acc_t>{acc_t(1 / tau), acc_t(eta), acc_t(1 / eta)}};
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t num_groups = offsets.size(0) - 1;
@@ -783,15 +787,15 @@ int64_t check_partition(const char* op, const at::Tensor& order, const at::Tenso
   TORCH_CHECK(order.device().is_cpu() && offsets.device().is_cpu(), op, ": order and offsets must be CPU tensors");
   TORCH_CHECK(order.dim() == 1 && order.size(0) == batch && order.scalar_type() == at::kLong && order.is_contiguous(),
               op, ": order must be a contiguous int64 (B,) tensor");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong &&
-                  offsets.is_contiguous(),
-              op, ": offsets must be a contiguous int64 (G + 1,) tensor");
+  TORCH_CHECK(
+      offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong && offsets.is_contiguous(), op,
+      ": offsets must be a contiguous int64 (G + 1,) tensor");
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t count = offsets.size(0) - 1;
   TORCH_CHECK(off[0] == 0 && off[count] == batch, op, ": offsets must run from 0 to B");
   for (int64_t g = 0; g < count; ++g)
-    TORCH_CHECK(off[g + 1] >= off[g], op, ": offsets must be non-decreasing, group ", g, " has ",
-                off[g + 1] - off[g], " members");
+    TORCH_CHECK(off[g + 1] >= off[g], op, ": offsets must be non-decreasing, group ", g, " has ", off[g + 1] - off[g],
+                " members");
   const int64_t* idx = order.data_ptr<int64_t>();
   std::vector<bool> seen(batch, false);
   for (int64_t i = 0; i < batch; ++i) {
@@ -804,7 +808,8 @@ int64_t check_partition(const char* op, const at::Tensor& order, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> girl_forward(const at::Tensor& features, const at::Tensor& labels,
                                                 const at::Tensor& order, const at::Tensor& offsets, double tau,
                                                 double eta, bool detach_weights, bool need_grad) {
-  TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu(), "girl_cpp: features and labels must be on the CPU");
+  TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu(),
+              "girl_cpp: features and labels must be on the CPU");
   TORCH_CHECK(features.dim() == 2 && features.is_contiguous() && at::isFloatingType(features.scalar_type()),
               "girl_cpp: features must be a contiguous floating (B, C) tensor, got ", features.sizes());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) && labels.scalar_type() == at::kLong &&
@@ -830,10 +835,10 @@ at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& directi
   const int64_t B = order.size(0);
   const int64_t num_groups = check_partition("girl_cpp_backward", order, offsets, B);
   const auto acc = accumulation_dtype(dtype);
-  TORCH_CHECK(direction.dim() == 2 && direction.size(0) == B && direction.scalar_type() == acc &&
-                  direction.is_contiguous(),
-              "girl_cpp_backward: direction must be the contiguous (B, C) ", acc,
-              " output of a forward run with need_grad=True, got shape ", direction.sizes());
+  TORCH_CHECK(
+      direction.dim() == 2 && direction.size(0) == B && direction.scalar_type() == acc && direction.is_contiguous(),
+      "girl_cpp_backward: direction must be the contiguous (B, C) ", acc,
+      " output of a forward run with need_grad=True, got shape ", direction.sizes());
   TORCH_CHECK(grad_risks.dim() == 1 && grad_risks.size(0) == num_groups && grad_risks.device().is_cpu(),
               "girl_cpp_backward: grad_risks must be a (G,) CPU tensor, got shape ", grad_risks.sizes());
   const int64_t width = direction.size(1);
@@ -844,7 +849,8 @@ at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& directi
     const acc_t* up = upstream.data_ptr<acc_t>();
     const int64_t* off = offsets.data_ptr<int64_t>();
     std::vector<acc_t> row_scale(B);
-    for (int64_t g = 0; g < num_groups; ++g) std::fill(row_scale.begin() + off[g], row_scale.begin() + off[g + 1], up[g]);
+    for (int64_t g = 0; g < num_groups; ++g)
+      std::fill(row_scale.begin() + off[g], row_scale.begin() + off[g + 1], up[g]);
     const acc_t* dir = direction.data_ptr<acc_t>();
     const int64_t* order_ptr = order.data_ptr<int64_t>();
     scalar_t* out = grad_features.data_ptr<scalar_t>();
@@ -861,10 +867,12 @@ at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& directi
 
 // Autograd, fakes and the mean/variance combine are registered in Python (piumr_kernels/girl/op.py).
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
-  m.def("girl_cpp(Tensor features, Tensor labels, Tensor order, Tensor offsets, float tau, float eta,"
-        " bool detach_weights, bool need_grad) -> (Tensor group_risks, Tensor direction)");
-  m.def("girl_cpp_backward(Tensor grad_risks, Tensor direction, Tensor order, Tensor offsets, ScalarType dtype)"
-        " -> Tensor");
+  m.def(
+      "girl_cpp(Tensor features, Tensor labels, Tensor order, Tensor offsets, float tau, float eta,"
+      " bool detach_weights, bool need_grad) -> (Tensor group_risks, Tensor direction)");
+  m.def(
+      "girl_cpp_backward(Tensor grad_risks, Tensor direction, Tensor order, Tensor offsets, ScalarType dtype)"
+      " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {

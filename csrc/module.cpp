@@ -14,9 +14,7 @@ std::string cpu_isa() { return selected_isa_name(); }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
-  m.def("cpu_isa() -> str", &cpu_isa);
-}
+TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) { m.def("cpu_isa() -> str", &cpu_isa); }
 
 }  // namespace piumr
 

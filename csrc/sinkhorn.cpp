@@ -200,8 +200,7 @@ PIUMR_ALWAYS_INLINE void store_lanes(const acc_t* src, scalar_t* dst, int64_t co
 // Its stride is kLanes: run_blocks stages plain-rows stats in lanes order.
 template <typename acc_t>
 __attribute__((noinline, optimize("no-tree-vectorize"))) void copy_strided(const acc_t* src, int64_t src_stride,
-                                                                          acc_t* dst, int64_t dst_stride,
-                                                                          int64_t n) {
+                                                                           acc_t* dst, int64_t dst_stride, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k * dst_stride] = src[k * src_stride];
 }
 
@@ -513,8 +512,8 @@ PIUMR_ALWAYS_INLINE void linear_iterations_in_place(const Problem& p, acc_t* x, 
 // L1, then adds u_i x_i to the column sums. Writes the scales alpha_t to rt[t] and beta_t to
 // ct[t]; leaves the cumulative scales in u (N) and v (M); col_sums is M-long scratch.
 template <typename acc_t>
-PIUMR_ALWAYS_INLINE void linear_iterations_read_only(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct,
-                                                     acc_t* u, acc_t* v, acc_t* col_sums) {
+PIUMR_ALWAYS_INLINE void linear_iterations_read_only(const Problem& p, const acc_t* x, acc_t* rt, acc_t* ct, acc_t* u,
+                                                     acc_t* v, acc_t* col_sums) {
   const int64_t n = p.n_rows, m = p.n_cols;
   const acc_t eps = static_cast<acc_t>(p.eps);
   std::fill(u, u + n, acc_t(1));
@@ -563,14 +562,14 @@ PIUMR_ALWAYS_INLINE void linear_forward_tile(const Problem& p, const float* K, f
   const Vec16f eps = Vec16f{} + static_cast<float>(p.eps);
   const Vec16f row_target = Vec16f{} + static_cast<float>(p.row_sum);
   const Vec16f col_target = Vec16f{} + static_cast<float>(p.col_sum);
-  const auto store_scale = [&](const Vec16f& sum, const Vec16f& target, float* dst,
-                               Vec16f& scale) PIUMR_ALWAYS_INLINE_LAMBDA {
-    const Vec16f d = sum + eps;
-    scale = d > 0 ? target / d : Vec16f{};
-    std::memcpy(dst, &scale, sizeof(scale));
-  };
+  const auto store_scale = [&](const Vec16f& sum, const Vec16f& target, float* dst, Vec16f& scale)
+                               PIUMR_ALWAYS_INLINE_LAMBDA {
+                                 const Vec16f d = sum + eps;
+                                 scale = d > 0 ? target / d : Vec16f{};
+                                 std::memcpy(dst, &scale, sizeof(scale));
+                               };
   // v[q] = x's entry chunk * 16 + q times its column's scale.
-  const auto load_scaled = [&](const float* beta, int chunk, Vec16f (&v)[16]) PIUMR_ALWAYS_INLINE_LAMBDA {
+  const auto load_scaled = [&](const float* beta, int chunk, Vec16f(&v)[16]) PIUMR_ALWAYS_INLINE_LAMBDA {
     for (int q = 0; q < 16; ++q) {
       Vec16f b;
       std::memcpy(&b, beta + (q % kM) * kLanes, sizeof(b));
@@ -692,10 +691,9 @@ struct ForwardKernel {
 // column's vectors and each row's scalars once per row, which made the step load-bound;
 // staged in local arrays, they stay in registers. `in` may be `out`.
 template <typename acc_t, int kRows>
-PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t* out, const acc_t* k,
-                                              const acc_t* beta, const acc_t* col, const acc_t* v_prev,
-                                              const acc_t* alpha, const acc_t* u, acc_t inv_r, const acc_t* u_prev,
-                                              acc_t* next_col) {
+PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t* out, const acc_t* k, const acc_t* beta,
+                                              const acc_t* col, const acc_t* v_prev, const acc_t* alpha, const acc_t* u,
+                                              acc_t inv_r, const acc_t* u_prev, acc_t* next_col) {
   constexpr int64_t kWidth = 64 / sizeof(acc_t);
   const int64_t full = m - m % kWidth;
   constexpr auto rows = std::make_integer_sequence<int, kRows>{};
@@ -706,15 +704,17 @@ PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t*
     std::memcpy(c, col + j, sizeof(c));
     std::memcpy(w, v_prev + j, sizeof(w));
     [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
-      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
+      (
+          [&]() PIUMR_ALWAYS_INLINE_LAMBDA {
 #pragma omp simd
-        for (int64_t q = 0; q < kWidth; ++q) {
-          const int64_t e = R * m + j + q;
-          const acc_t g = b[q] * (in[e] - c[q]);
-          out[e] = g;
-          partial[R][q] += g * k[e] * w[q];
-        }
-      }(), ...);
+            for (int64_t q = 0; q < kWidth; ++q) {
+              const int64_t e = R * m + j + q;
+              const acc_t g = b[q] * (in[e] - c[q]);
+              out[e] = g;
+              partial[R][q] += g * k[e] * w[q];
+            }
+          }(),
+          ...);
     }(rows);
   }
   acc_t dot[kRows];
@@ -752,12 +752,14 @@ PIUMR_ALWAYS_INLINE void linear_backward_rows(int64_t m, const acc_t* in, acc_t*
   for (int64_t j = 0; j < m; ++j) {
     acc_t sum = next_col[j];
     [&]<int... R>(std::integer_sequence<int, R...>) PIUMR_ALWAYS_INLINE_LAMBDA {
-      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
-        const int64_t e = R * m + j;
-        const acc_t g = a[R] * (out[e] - dot[R]);
-        out[e] = g;
-        sum += g * k[e] * w[R];
-      }(), ...);
+      (
+          [&]() PIUMR_ALWAYS_INLINE_LAMBDA {
+            const int64_t e = R * m + j;
+            const acc_t g = a[R] * (out[e] - dot[R]);
+            out[e] = g;
+            sum += g * k[e] * w[R];
+          }(),
+          ...);
     }(rows);
     next_col[j] = sum;
   }
@@ -779,15 +781,17 @@ PIUMR_ALWAYS_INLINE void linear_backward_tile_columns(const acc_t* in, acc_t* ou
 #pragma omp simd
     for (int l = 0; l < L; ++l) bc[l] = b[l] * col[j * L + l];
     [&]<int... I>(std::integer_sequence<int, I...>) PIUMR_ALWAYS_INLINE_LAMBDA {
-      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
+      (
+          [&]() PIUMR_ALWAYS_INLINE_LAMBDA {
 #pragma omp simd
-        for (int l = 0; l < L; ++l) {
-          const int64_t e = (I * kM + j) * L + l;
-          const acc_t g = b[l] * in[e] - bc[l];
-          out[e] = g;
-          dot[I][l] += g * k[e] * w[l];
-        }
-      }(), ...);
+            for (int l = 0; l < L; ++l) {
+              const int64_t e = (I * kM + j) * L + l;
+              const acc_t g = b[l] * in[e] - bc[l];
+              out[e] = g;
+              dot[I][l] += g * k[e] * w[l];
+            }
+          }(),
+          ...);
     }(std::make_integer_sequence<int, kN>{});
   }
   for (int i = 0; i < kN; ++i) {
@@ -798,8 +802,8 @@ PIUMR_ALWAYS_INLINE void linear_backward_tile_columns(const acc_t* in, acc_t* ou
 
 template <typename acc_t, int L, int kN, int kM>
 PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const acc_t* k, const acc_t* beta,
-                                              const acc_t* col, const acc_t* v_prev, const acc_t* alpha,
-                                              const acc_t* u, acc_t inv_r, const acc_t* u_prev, acc_t* next_col) {
+                                              const acc_t* col, const acc_t* v_prev, const acc_t* alpha, const acc_t* u,
+                                              acc_t inv_r, const acc_t* u_prev, acc_t* next_col) {
   acc_t dot[kN][L];
   linear_backward_tile_columns<acc_t, L, kN, kM>(in, out, k, beta, col, v_prev, u, inv_r, dot);
   acc_t sums[kM][L];
@@ -811,15 +815,17 @@ PIUMR_ALWAYS_INLINE void linear_backward_tile(const acc_t* in, acc_t* out, const
 #pragma omp simd
     for (int l = 0; l < L; ++l) ad[l] = a[l] * dot[i][l];
     [&]<int... J>(std::integer_sequence<int, J...>) PIUMR_ALWAYS_INLINE_LAMBDA {
-      ([&]() PIUMR_ALWAYS_INLINE_LAMBDA {
+      (
+          [&]() PIUMR_ALWAYS_INLINE_LAMBDA {
 #pragma omp simd
-        for (int l = 0; l < L; ++l) {
-          const int64_t e = (i * kM + J) * L + l;
-          const acc_t g = a[l] * out[e] - ad[l];
-          out[e] = g;
-          if (u_prev != nullptr) sums[J][l] += g * k[e] * w[l];
-        }
-      }(), ...);
+            for (int l = 0; l < L; ++l) {
+              const int64_t e = (i * kM + J) * L + l;
+              const acc_t g = a[l] * out[e] - ad[l];
+              out[e] = g;
+              if (u_prev != nullptr) sums[J][l] += g * k[e] * w[l];
+            }
+          }(),
+          ...);
     }(std::make_integer_sequence<int, kM>{});
   }
   if (u_prev != nullptr) std::memcpy(next_col, sums, sizeof(sums));
@@ -870,9 +876,7 @@ PIUMR_ALWAYS_INLINE void store_last_row_step(const float* gr, const float* alpha
 template <typename scalar_t, typename acc_t, int L, int kN, int kM>
 struct BackwardKernel {
   static constexpr bool kWritesStats = false;
-  static bool needs_tiles(const Problem& p) {
-    return p.log_domain || !p.has_stats || !kDirect<scalar_t, acc_t, L>;
-  }
+  static bool needs_tiles(const Problem& p) { return p.log_domain || !p.has_stats || !kDirect<scalar_t, acc_t, L>; }
 
   static PIUMR_ALWAYS_INLINE void run(const BlockArgs<scalar_t, acc_t>& a) {
     const Problem p = with_fixed_shape<kN, kM>(*a.problem);
@@ -1025,14 +1029,12 @@ struct BackwardKernel {
       acc_t* row = s.row;
       reduce_cols<acc_t, L>(n, m, col, [&](int64_t e, int64_t, int64_t) { return gr[e]; });
       for (int64_t k = 0; k < ml; ++k) col[k] *= inv_c;
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) {
-        gr[e] -= vexp<acc_t>(kx[e] + f[r] + g[c]) * col[c];
-      });
+      for_each_entry<L>(n, m,
+                        [&](int64_t e, int64_t r, int64_t c) { gr[e] -= vexp<acc_t>(kx[e] + f[r] + g[c]) * col[c]; });
       reduce_rows<acc_t, L>(n, m, row, [&](int64_t e, int64_t, int64_t) { return gr[e]; });
       for (int64_t k = 0; k < nl; ++k) row[k] *= inv_r;
-      for_each_entry<L>(n, m, [&](int64_t e, int64_t r, int64_t c) {
-        gr[e] -= vexp<acc_t>(kx[e] + f[r] + g_prev[c]) * row[r];
-      });
+      for_each_entry<L>(
+          n, m, [&](int64_t e, int64_t r, int64_t c) { gr[e] -= vexp<acc_t>(kx[e] + f[r] + g_prev[c]) * row[r]; });
     }
   }
 };
@@ -1046,8 +1048,8 @@ std::unique_ptr<acc_t, decltype(&c10::free_cpu)> aligned_scratch(int64_t values)
 }
 
 template <template <typename, typename, int, int, int> class Kernel, typename scalar_t, int L, int kN = 0, int kM = 0>
-void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, at::Tensor& out,
-                at::Tensor& row_stats, at::Tensor& col_stats) {
+void run_blocks(const Problem& p, const at::Tensor& K, const at::Tensor* grad, at::Tensor& out, at::Tensor& row_stats,
+                at::Tensor& col_stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nm = p.n_rows * p.n_cols;
   const int64_t n_blocks = (p.batch + L - 1) / L;
@@ -1113,8 +1115,10 @@ void run(const Problem& p, const at::Tensor& K, const at::Tensor* grad, at::Tens
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     // Hyper-connection mixing (4x4), 8x8 and TFAM kernels (16x16).
-    if (p.n_rows == 4 && p.n_cols == 4) return run_blocks<Kernel, scalar_t, kLanes, 4, 4>(p, K, grad, out, row_stats, col_stats);
-    if (p.n_rows == 8 && p.n_cols == 8) return run_blocks<Kernel, scalar_t, kLanes, 8, 8>(p, K, grad, out, row_stats, col_stats);
+    if (p.n_rows == 4 && p.n_cols == 4)
+      return run_blocks<Kernel, scalar_t, kLanes, 4, 4>(p, K, grad, out, row_stats, col_stats);
+    if (p.n_rows == 8 && p.n_cols == 8)
+      return run_blocks<Kernel, scalar_t, kLanes, 8, 8>(p, K, grad, out, row_stats, col_stats);
     if (p.n_rows == 16 && p.n_cols == 16) {
       return run_blocks<Kernel, scalar_t, kLanes, 16, 16>(p, K, grad, out, row_stats, col_stats);
     }
@@ -1126,12 +1130,11 @@ void check_matrices(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "sinkhorn_cpp: ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 3, "sinkhorn_cpp: ", name, " must be (batch, N, M), got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "sinkhorn_cpp: ", name, " must be contiguous");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "sinkhorn_cpp: ", name, " must be floating, got ",
-              t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "sinkhorn_cpp: ", name, " must be floating, got ", t.scalar_type());
 }
 
-Problem make_problem(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum,
-                     double col_sum, bool has_stats) {
+Problem make_problem(const at::Tensor& K, int64_t n_iters, double eps, bool log_domain, double row_sum, double col_sum,
+                     bool has_stats) {
   // The bound of sinkhorn() in sinkhorn_knopp/op.py; it also keeps the scratch sizes
   // (n_iters * (N + M) * 32 values per thread) far from overflowing.
   TORCH_CHECK(n_iters >= 1 && n_iters <= kMaxIters, "sinkhorn_cpp: n_iters must be in [1, ", kMaxIters, "], got ",
@@ -1152,15 +1155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward(const at::Tensor
   const int64_t stat_batch = save_stats ? K.size(0) : 0;
   at::Tensor row_stats = at::empty({n_iters, p.n_rows, stat_batch}, stat_opts);
   at::Tensor col_stats = at::empty({n_iters, p.n_cols, stat_batch}, stat_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "sinkhorn_cpp", [&] {
-    run<ForwardKernel, scalar_t>(p, K, nullptr, out, row_stats, col_stats);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "sinkhorn_cpp",
+                                  [&] { run<ForwardKernel, scalar_t>(p, K, nullptr, out, row_stats, col_stats); });
   return {out, row_stats, col_stats};
 }
 
 at::Tensor sinkhorn_backward(const at::Tensor& grad_P, const at::Tensor& K, const at::Tensor& row_stats,
-                             const at::Tensor& col_stats, int64_t n_iters, double eps, bool log_domain,
-                             double row_sum, double col_sum) {
+                             const at::Tensor& col_stats, int64_t n_iters, double eps, bool log_domain, double row_sum,
+                             double col_sum) {
   check_matrices(K, "K");
   check_matrices(grad_P, "grad_P");
   TORCH_CHECK(grad_P.sizes() == K.sizes() && grad_P.scalar_type() == K.scalar_type(),
@@ -1177,25 +1179,25 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_P, const at::Tensor& K, cons
               "sinkhorn_cpp_backward: col_stats must be contiguous (n_iters, M, batch or 0) of ", st);
   at::Tensor grad_K = at::empty(K.sizes(), K.options());
   at::Tensor rs = row_stats, cs = col_stats;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "sinkhorn_cpp_backward", [&] {
-    run<BackwardKernel, scalar_t>(p, K, &grad_P, grad_K, rs, cs);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, K.scalar_type(), "sinkhorn_cpp_backward",
+                                  [&] { run<BackwardKernel, scalar_t>(p, K, &grad_P, grad_K, rs, cs); });
   return grad_K;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
-  m.def("sinkhorn_cpp(Tensor K, int n_iters, float eps, bool log_domain, float row_sum, float col_sum,"
-        " bool save_stats) -> (Tensor, Tensor, Tensor)");
-  m.def("sinkhorn_cpp_backward(Tensor grad_P, Tensor K, Tensor row_stats, Tensor col_stats, int n_iters,"
-        " float eps, bool log_domain, float row_sum, float col_sum) -> Tensor");
+  m.def(
+      "sinkhorn_cpp(Tensor K, int n_iters, float eps, bool log_domain, float row_sum, float col_sum,"
+      " bool save_stats) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sinkhorn_cpp_backward(Tensor grad_P, Tensor K, Tensor row_stats, Tensor col_stats, int n_iters,"
+      " float eps, bool log_domain, float row_sum, float col_sum) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {
   m.impl("sinkhorn_cpp", &sinkhorn_forward);
   m.impl("sinkhorn_cpp_backward", &sinkhorn_backward);
 }
-
 
 }  // namespace piumr

@@ -35,17 +35,16 @@ struct Layout {
 
 Layout layout_of(const at::Tensor& x) {
   const int64_t planes = x.size(1) * x.size(2);
-  return Layout{x.size(0), planes, x.size(2), x.size(3) * x.size(4),
-                (planes + kPlanesPerChunk - 1) / kPlanesPerChunk};
+  return Layout{x.size(0), planes, x.size(2), x.size(3) * x.size(4), (planes + kPlanesPerChunk - 1) / kPlanesPerChunk};
 }
 
 template <typename scalar_t, typename acc_t>
 struct StatisticsArgs {
-  const scalar_t* x;       // first plane of the chunk
-  acc_t* mean;             // per plane
-  acc_t* max;              // per plane
-  int32_t* argmax;         // per plane
-  acc_t* partial;          // this chunk's (H * W) partial spatial sum
+  const scalar_t* x;  // first plane of the chunk
+  acc_t* mean;        // per plane
+  acc_t* max;         // per plane
+  int32_t* argmax;    // per plane
+  acc_t* partial;     // this chunk's (H * W) partial spatial sum
   acc_t inv_positions;
   int64_t planes, positions;
 };
@@ -90,13 +89,13 @@ struct StatisticsKernel {
 
 template <typename scalar_t, typename acc_t>
 struct CombineBackwardArgs {
-  const scalar_t* grad;    // first plane of the chunk
+  const scalar_t* grad;  // first plane of the chunk
   const scalar_t* x;
-  const acc_t* temporal;   // (T,) of this sample
-  const acc_t* spatial;    // (H * W,) of this sample
+  const acc_t* temporal;  // (T,) of this sample
+  const acc_t* spatial;   // (H * W,) of this sample
   scalar_t* grad_x;
-  acc_t* plane_sum;        // per plane: sum_{h,w} dout * x
-  acc_t* partial;          // this chunk's partial sum_{planes} dout * x
+  acc_t* plane_sum;  // per plane: sum_{h,w} dout * x
+  acc_t* partial;    // this chunk's partial sum_{planes} dout * x
   int64_t first_plane, planes, frames, positions;
 };
 
@@ -128,20 +127,20 @@ struct CombineBackwardKernel {
 
 template <typename scalar_t, typename acc_t>
 struct StatisticsBackwardArgs {
-  scalar_t* grad_x;        // one plane
+  scalar_t* grad_x;           // one plane
   const acc_t* grad_spatial;  // (H * W,) of the plane's sample
-  acc_t offset;            // dmean / HW
-  acc_t inv_frames;        // 1 / T
-  acc_t grad_peak;         // dmax, added at `argmax`
+  acc_t offset;               // dmean / HW
+  acc_t inv_frames;           // 1 / T
+  acc_t grad_peak;            // dmax, added at `argmax`
   int64_t argmax, positions;
 };
 
 template <typename scalar_t, typename acc_t>
 struct CombineArgs {
-  const scalar_t* x;       // one plane
+  const scalar_t* x;  // one plane
   scalar_t* out;
-  const acc_t* spatial;    // (H * W,) of the plane's sample
-  acc_t temporal;          // ts[b, t]
+  const acc_t* spatial;  // (H * W,) of the plane's sample
+  acc_t temporal;        // ts[b, t]
   int64_t positions;
 };
 
@@ -214,11 +213,10 @@ void check_video(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.size(3) * x.size(4) <= std::numeric_limits<int32_t>::max(), op, ": H * W must fit in int32");
 }
 
-void check_small(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes,
-                 at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.sizes() == sizes && t.scalar_type() == dtype, op,
-              ": ", name, " must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype, ", got ",
-              t.sizes(), " ", t.scalar_type());
+void check_small(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.sizes() == sizes && t.scalar_type() == dtype, op, ": ",
+              name, " must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype, ", got ", t.sizes(), " ",
+              t.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> statistics_forward(const at::Tensor& x) {
@@ -241,9 +239,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> statistics_forward(co
     const acc_t inv_positions = acc_t(1) / static_cast<acc_t>(l.positions);
     for_each_chunk(l, [&](int64_t b, int64_t task, int64_t first, int64_t planes) {
       const int64_t plane = b * l.planes_per_sample + first;
-      StatisticsArgs<scalar_t, acc_t> args{x_ptr + plane * l.positions, mean_ptr + plane, max_ptr + plane,
-                                           arg_ptr + plane, part_ptr + task * l.positions, inv_positions,
-                                           planes, l.positions};
+      StatisticsArgs<scalar_t, acc_t> args{
+          x_ptr + plane * l.positions,   mean_ptr + plane, max_ptr + plane, arg_ptr + plane,
+          part_ptr + task * l.positions, inv_positions,    planes,          l.positions};
       run_for_this_cpu<StatisticsKernel<scalar_t, acc_t>>(args);
     });
     sum_partials<acc_t>(part_ptr, spatial.data_ptr<acc_t>(), l, acc_t(1) / static_cast<acc_t>(l.frames));
@@ -251,8 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> statistics_forward(co
   return {mean, max, spatial, argmax};
 }
 
-at::Tensor statistics_backward(const at::Tensor& grad_mean, const at::Tensor& grad_max,
-                               const at::Tensor& grad_spatial, const at::Tensor& argmax, const at::Tensor& x) {
+at::Tensor statistics_backward(const at::Tensor& grad_mean, const at::Tensor& grad_max, const at::Tensor& grad_spatial,
+                               const at::Tensor& argmax, const at::Tensor& x) {
   const char* op = "tfam_statistics_cpp_backward";
   check_video(x, op, "x");
   const Layout l = layout_of(x);
@@ -273,8 +271,12 @@ at::Tensor statistics_backward(const at::Tensor& grad_mean, const at::Tensor& gr
     const acc_t inv_positions = acc_t(1) / static_cast<acc_t>(l.positions);
     const acc_t inv_frames = acc_t(1) / static_cast<acc_t>(l.frames);
     for_each_plane(l, [&](int64_t plane, int64_t b) {
-      StatisticsBackwardArgs<scalar_t, acc_t> args{out + plane * l.positions, gs + b * l.positions,
-                                                   gm[plane] * inv_positions, inv_frames, gx[plane], arg[plane],
+      StatisticsBackwardArgs<scalar_t, acc_t> args{out + plane * l.positions,
+                                                   gs + b * l.positions,
+                                                   gm[plane] * inv_positions,
+                                                   inv_frames,
+                                                   gx[plane],
+                                                   arg[plane],
                                                    l.positions};
       run_for_this_cpu<StatisticsBackwardKernel<scalar_t, acc_t>>(args);
     });
@@ -335,10 +337,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_backward(const at::Tensor
     acc_t* part_ptr = partial.data_ptr<acc_t>();
     for_each_chunk(l, [&](int64_t b, int64_t task, int64_t first, int64_t planes) {
       const int64_t offset = (b * l.planes_per_sample + first) * l.positions;
-      CombineBackwardArgs<scalar_t, acc_t> args{g_ptr + offset, x_ptr + offset, ts + b * l.frames,
-                                                ss + b * l.positions, dx_ptr + offset,
+      CombineBackwardArgs<scalar_t, acc_t> args{g_ptr + offset,
+                                                x_ptr + offset,
+                                                ts + b * l.frames,
+                                                ss + b * l.positions,
+                                                dx_ptr + offset,
                                                 sum_ptr + b * l.planes_per_sample + first,
-                                                part_ptr + task * l.positions, first, planes, l.frames,
+                                                part_ptr + task * l.positions,
+                                                first,
+                                                planes,
+                                                l.frames,
                                                 l.positions};
       run_for_this_cpu<CombineBackwardKernel<scalar_t, acc_t>>(args);
     });
@@ -352,11 +360,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_backward(const at::Tensor
 
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
   m.def("tfam_statistics_cpp(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("tfam_statistics_cpp_backward(Tensor grad_mean, Tensor grad_max, Tensor grad_spatial, Tensor argmax,"
-        " Tensor x) -> Tensor");
+  m.def(
+      "tfam_statistics_cpp_backward(Tensor grad_mean, Tensor grad_max, Tensor grad_spatial, Tensor argmax,"
+      " Tensor x) -> Tensor");
   m.def("tfam_combine_cpp(Tensor x, Tensor temporal_scale, Tensor spatial_scale) -> Tensor");
-  m.def("tfam_combine_cpp_backward(Tensor grad_out, Tensor x, Tensor temporal_scale, Tensor spatial_scale)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "tfam_combine_cpp_backward(Tensor grad_out, Tensor x, Tensor temporal_scale, Tensor spatial_scale)"
+      " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {

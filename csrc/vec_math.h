@@ -12,9 +12,13 @@ namespace piumr {
 // Value-semantics min/max for the simd loops: std::max takes references, and under
 // `omp simd` the referenced temporaries become per-lane arrays that block vectorization.
 template <typename T>
-PIUMR_ALWAYS_INLINE T max_of(T a, T b) { return a > b ? a : b; }
+PIUMR_ALWAYS_INLINE T max_of(T a, T b) {
+  return a > b ? a : b;
+}
 template <typename T>
-PIUMR_ALWAYS_INLINE T min_of(T a, T b) { return a < b ? a : b; }
+PIUMR_ALWAYS_INLINE T min_of(T a, T b) {
+  return a < b ? a : b;
+}
 
 // exp for float that the compiler vectorizes (std::exp is a scalar libm call): 2^k * p(r),
 // |r| <= ln2 / 2, degree-7 Taylor (within 1.2 ulp). Below -87 (results under the

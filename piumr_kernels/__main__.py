@@ -10,8 +10,13 @@ from piumr_kernels.backends import BACKENDS
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m piumr_kernels", description=__doc__)
-    parser.add_argument("--require", action="append", choices=BACKENDS, default=[],
-                        help="exit with status 1 when this backend is unavailable (repeatable)")
+    parser.add_argument(
+        "--require",
+        action="append",
+        choices=BACKENDS,
+        default=[],
+        help="exit with status 1 when this backend is unavailable (repeatable)",
+    )
     args = parser.parse_args(argv)
     report = piumr_kernels.info()
     print(report)

@@ -15,16 +15,11 @@ def check_float_tensor(name: str, value: object, min_dim: int = 0, dim: int | No
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
-            f"got {value.dtype}"
-        )
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {value.dtype}")
     if dim is not None and value.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(value.shape)}")
     if value.dim() < min_dim:
-        raise ValueError(
-            f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}")
 
 
 def check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:

@@ -140,10 +140,14 @@ def _compile(directory: Path, digest: str) -> None:
         raise RuntimeError("ninja was not found: `pip install ninja` (a dependency of piumr_kernels)")
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "lock").exists():
-        _say(f"waiting for another process that is compiling in {directory} "
-             "(delete its 'lock' file if no such process runs)")
-    _say(f"compiling the C++ CPU kernels into {directory}: a full build takes minutes on a "
-         "small machine, after a csrc/ change only what changed is recompiled...")
+        _say(
+            f"waiting for another process that is compiling in {directory} "
+            "(delete its 'lock' file if no such process runs)"
+        )
+    _say(
+        f"compiling the C++ CPU kernels into {directory}: a full build takes minutes on a "
+        "small machine, after a csrc/ change only what changed is recompiled..."
+    )
     started = time.perf_counter()
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([ninja_dir, path]) if path else ninja_dir
@@ -190,10 +194,14 @@ def load() -> tuple[Path | None, str, str]:
         else:
             stale = f"{library.name} is older than csrc/"
     if not SOURCE_DIR.is_dir():
-        return None, "", (
-            f"the C++ sources are not installed ({SOURCE_DIR} is missing){'; ' + stale if stale else ''}: "
-            f"install from a source checkout with `pip install -e .`, or compile at install "
-            f"time with `{AOT_COMMAND}`"
+        return (
+            None,
+            "",
+            (
+                f"the C++ sources are not installed ({SOURCE_DIR} is missing){'; ' + stale if stale else ''}: "
+                f"install from a source checkout with `pip install -e .`, or compile at install "
+                f"time with `{AOT_COMMAND}`"
+            ),
         )
     if stale:
         _say(f"{stale}; using the just-in-time build instead")
@@ -202,9 +210,13 @@ def load() -> tuple[Path | None, str, str]:
     library = directory / f"{LIBRARY_NAME}.so"
     if not jit_is_current(directory, digest):
         if jit_failed_before(directory, digest):
-            return None, "", (
-                f"the last build of these sources failed (output: {directory / 'build.log'}); "
-                f"fix it, or delete {directory / 'failed.sha256'} to retry"
+            return (
+                None,
+                "",
+                (
+                    f"the last build of these sources failed (output: {directory / 'build.log'}); "
+                    f"fix it, or delete {directory / 'failed.sha256'} to retry"
+                ),
             )
         try:
             _compile(directory, digest)

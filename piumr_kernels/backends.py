@@ -34,8 +34,10 @@ class BackendUnavailableError(RuntimeError):
 # says so while it runs); see _extension.py for where builds live and which one loads.
 _LIBRARY, _LIBRARY_KIND, _EXTENSION_ERROR = _extension.load()
 if _LIBRARY is None:
-    warnings.warn(f"piumr_kernels: the cpp backend is unavailable, CPU tensors run on the "
-                  f"slower reference: {_EXTENSION_ERROR}", stacklevel=2)
+    warnings.warn(
+        f"piumr_kernels: the cpp backend is unavailable, CPU tensors run on the slower reference: {_EXTENSION_ERROR}",
+        stacklevel=2,
+    )
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -70,8 +72,7 @@ def _availability(backend: str, device: torch.device) -> str:
     if device.type == "cpu" and triton_interpreting():
         return ""
     return (
-        f"the triton backend runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-        f"got a tensor on {device}"
+        f"the triton backend runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a tensor on {device}"
     )
 
 
@@ -96,9 +97,7 @@ def requested_backend() -> str:
         return _forced[-1]
     name = os.environ.get(_ENV_BACKEND, "auto").strip().lower() or "auto"
     if name not in _CHOICES:
-        raise ValueError(
-            f"{_ENV_BACKEND} must be one of {', '.join(_CHOICES)}, got {name!r}"
-        )
+        raise ValueError(f"{_ENV_BACKEND} must be one of {', '.join(_CHOICES)}, got {name!r}")
     return name
 
 
@@ -165,8 +164,10 @@ class Info(dict):
         interpreter = "on" if self["triton_interpret"] else "off"
         lines = [
             f"piumr_kernels {self['version']}",
-            (f"  torch      {self['torch']} (CUDA {self['cuda'] or 'none'}), Python {self['python']}, "
-             f"{self['cpu_threads']} CPU threads"),
+            (
+                f"  torch      {self['torch']} (CUDA {self['cuda'] or 'none'}), Python {self['python']}, "
+                f"{self['cpu_threads']} CPU threads"
+            ),
             f"  triton     {self['triton'] or 'not installed'}, interpreter {interpreter} (TRITON_INTERPRET)",
             f"  requested  {self['requested']}: {chosen}",
             f"  reference  {state('reference')}",

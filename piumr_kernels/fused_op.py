@@ -17,8 +17,8 @@ device, so a launcher never runs on whatever device happens to be current.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.autograd import forward_ad

@@ -20,14 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
-_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY,
-                  torch._C._TorchDispatchModeKey.FUNCTIONAL)
+_TRACING_MODES = (
+    torch._C._TorchDispatchModeKey.FAKE,
+    torch._C._TorchDispatchModeKey.PROXY,
+    torch._C._TorchDispatchModeKey.FUNCTIONAL,
+)
 
 
 def traced(like: torch.Tensor) -> bool:
-    return (type(like) not in (torch.Tensor, torch.nn.Parameter) or like.is_meta or torch.compiler.is_compiling()
-            or any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES)
-            or (like.is_cuda and torch.cuda.is_current_stream_capturing()))
+    return (
+        type(like) not in (torch.Tensor, torch.nn.Parameter)
+        or like.is_meta
+        or torch.compiler.is_compiling()
+        or any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES)
+        or (like.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
 
 
 # (device, stream) -> the largest ticket buffer handed out there.
@@ -44,8 +51,9 @@ def zeroed_tickets(like: torch.Tensor, count: int) -> torch.Tensor:
     key = (like.device, stream)
     tickets = _tickets.get(key)
     if tickets is None or tickets.numel() < count:
-        tickets = _tickets[key] = torch.zeros((-(-count // _TICKET_STEP) * _TICKET_STEP,), dtype=torch.int32,
-                                              device=like.device)
+        tickets = _tickets[key] = torch.zeros(
+            (-(-count // _TICKET_STEP) * _TICKET_STEP,), dtype=torch.int32, device=like.device
+        )
     return tickets
 
 

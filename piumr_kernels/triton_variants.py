@@ -14,24 +14,27 @@ is an error) and compiles each distinct specialization for sm_80 and sm_90.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 
 @dataclass(frozen=True)
 class KernelVariant:
-    name: str                     # e.g. "sinkhorn.forward.one_matrix[bf16,linear,...,warps=16]"
-    kernel: object                # the @triton.jit function
-    constexprs: dict[str, object] = field(default_factory=dict)   # the launcher's constexpr arguments
+    name: str  # e.g. "sinkhorn.forward.one_matrix[bf16,linear,...,warps=16]"
+    kernel: object  # the @triton.jit function
+    constexprs: dict[str, object] = field(default_factory=dict)  # the launcher's constexpr arguments
     num_warps: int = 4
     num_stages: int = 3
-    pointer_types: dict[str, str] = field(default_factory=dict)   # dtype-dependent pointers, e.g. {"K_ptr": "*bf16"}
+    pointer_types: dict[str, str] = field(default_factory=dict)  # dtype-dependent pointers, e.g. {"K_ptr": "*bf16"}
 
     def matches(self, launch: Specialization) -> bool:
-        return (launch.kernel is self.kernel and launch.num_warps == self.num_warps
-                and launch.num_stages == self.num_stages
-                and all(launch.signature[name] == ty for name, ty in self.pointer_types.items())
-                and launch.launcher_constexprs == self.constexprs)
+        return (
+            launch.kernel is self.kernel
+            and launch.num_warps == self.num_warps
+            and launch.num_stages == self.num_stages
+            and all(launch.signature[name] == ty for name, ty in self.pointer_types.items())
+            and launch.launcher_constexprs == self.constexprs
+        )
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,13 @@ class Specialization:
     """One binary of triton's JIT: exactly what `JITFunction.run` hands to `triton.compile`
     for a launch (argument types, constexprs including ints equal to 1, `tt.divisibility`
     attributes of 16-byte aligned pointers and multiple-of-16 ints, parsed options)."""
+
     kernel: object
-    key: str                      # the JIT's own cache key: one binary per key
+    key: str  # the JIT's own cache key: one binary per key
     signature: dict[str, str]
     constexprs: dict[tuple, object]
     attrs: dict[tuple, list]
-    data: str                     # triton's serialized specialization, what `JITFunction.preload` compiles
+    data: str  # triton's serialized specialization, what `JITFunction.preload` compiles
 
     @property
     def options(self) -> dict:
@@ -133,11 +137,16 @@ def capture_specializations(arch: int) -> Iterator[list[Specialization]]:
     captured: list[Specialization] = []
 
     def record(*, key, fn, compile, **_) -> bool:
-        captured.append(Specialization(
-            kernel=fn.jit_function, key=str(key), signature=compile["signature"],
-            constexprs=dict(compile["constants"]), attrs=dict(compile["configs"][0]),
-            data=compile["specialization_data"],
-        ))
+        captured.append(
+            Specialization(
+                kernel=fn.jit_function,
+                key=str(key),
+                signature=compile["signature"],
+                constexprs=dict(compile["constants"]),
+                attrs=dict(compile["configs"][0]),
+                data=compile["specialization_data"],
+            )
+        )
         return True  # "handled": the JIT skips compiling and launching
 
     saved_hook = knobs.runtime.jit_cache_hook

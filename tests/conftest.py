@@ -9,9 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
 
-import pytest  # noqa: E402
+import pytest
 
-from piumr_kernels import backends  # noqa: E402
+from piumr_kernels import backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

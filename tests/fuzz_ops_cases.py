@@ -31,7 +31,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,11 +41,10 @@ import numpy as np
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from op_harness import TOLERANCE
 
 import piumr_kernels
 from piumr_kernels import backends
-
-from op_harness import TOLERANCE
 
 BACKENDS = ("reference", "cpp", "triton")
 OPS = ("sinkhorn", "dct_filter_bank", "girl_loss", "tfam_statistics", "tfam_combine")
@@ -66,9 +65,9 @@ class Case:
     op: str
     label: str
     build: Callable[[], Call]
-    argument: str          # what a clear error must name
-    valid: bool = False    # the reference must return a result
-    finite: bool = True    # outputs and gradients must be finite
+    argument: str  # what a clear error must name
+    valid: bool = False  # the reference must return a result
+    finite: bool = True  # outputs and gradients must be finite
     call: Callable | None = None  # default: piumr_kernels.<op>
 
 
@@ -157,8 +156,15 @@ def special(values: torch.Tensor, kind: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- op cases
 
 
-def tensor_cases(op: str, argument: str, shape: tuple, call: Callable[[torch.Tensor], Call],
-                 ranks: tuple[int, ...], specials: dict[str, bool], other_tensors: bool = False) -> list[Case]:
+def tensor_cases(
+    op: str,
+    argument: str,
+    shape: tuple,
+    call: Callable[[torch.Tensor], Call],
+    ranks: tuple[int, ...],
+    specials: dict[str, bool],
+    other_tensors: bool = False,
+) -> list[Case]:
     """Cases on one tensor argument of `op`: `call(t)` puts `t` into an otherwise valid call.
     `specials` maps a special value kind to whether the results must be finite;
     `other_tensors`: the call has other tensors, so `t` on another device is a mismatch."""
@@ -176,24 +182,45 @@ def tensor_cases(op: str, argument: str, shape: tuple, call: Callable[[torch.Ten
         empty = tuple(0 if d == dim else n for d, n in enumerate(shape))
         add(Case(op, f"{argument} empty dim {dim}", build_with(lambda empty=empty: (uniform(empty),)), argument))
     for dtype in FLOATS:
-        add(Case(op, f"{argument} {dtype} grad", build_with(lambda dtype=dtype: laid_out(uniform(shape, dtype),
-                                                                                          "contiguous", True)),
-                 argument, valid=True))
+        add(
+            Case(
+                op,
+                f"{argument} {dtype} grad",
+                build_with(lambda dtype=dtype: laid_out(uniform(shape, dtype), "contiguous", True)),
+                argument,
+                valid=True,
+            )
+        )
     for dtype in WRONG_DTYPES:
-        add(Case(op, f"{argument} {dtype}", build_with(lambda dtype=dtype: ((uniform(shape) * 3).to(dtype),)),
-                 argument))
+        add(
+            Case(op, f"{argument} {dtype}", build_with(lambda dtype=dtype: ((uniform(shape) * 3).to(dtype),)), argument)
+        )
     for layout in LAYOUTS:
-        add(Case(op, f"{argument} {layout} grad", build_with(lambda layout=layout: laid_out(uniform(shape), layout,
-                                                                                             True)),
-                 argument, valid=True))
+        add(
+            Case(
+                op,
+                f"{argument} {layout} grad",
+                build_with(lambda layout=layout: laid_out(uniform(shape), layout, True)),
+                argument,
+                valid=True,
+            )
+        )
     for kind, finite in specials.items():
         for dtype in (torch.float32, torch.float16):
-            add(Case(op, f"{argument} {kind} {dtype}",
-                     build_with(lambda kind=kind, dtype=dtype: (special(uniform(shape, dtype), kind),)),
-                     argument, valid=True, finite=finite and not (kind == "1e30" and dtype == torch.float16)))
+            add(
+                Case(
+                    op,
+                    f"{argument} {kind} {dtype}",
+                    build_with(lambda kind=kind, dtype=dtype: (special(uniform(shape, dtype), kind),)),
+                    argument,
+                    valid=True,
+                    finite=finite and not (kind == "1e30" and dtype == torch.float16),
+                )
+            )
     if other_tensors:
-        add(Case(op, f"{argument} on meta, the rest on cpu", build_with(lambda: (uniform(shape).to("meta"),)),
-                 argument))
+        add(
+            Case(op, f"{argument} on meta, the rest on cpu", build_with(lambda: (uniform(shape).to("meta"),)), argument)
+        )
     return cases
 
 
@@ -203,8 +230,9 @@ def parameter_cases(op: str, make: Callable[[dict], Call], values: dict[str, lis
     cases = []
     for name, options in values.items():
         for option in options:
-            value, valid = option if isinstance(option, tuple) and len(option) == 2 and option[1] is True \
-                else (option, False)
+            value, valid = (
+                option if isinstance(option, tuple) and len(option) == 2 and option[1] is True else (option, False)
+            )
             label = f"{name}={value!r}" if not isinstance(value, torch.Tensor) else f"{name}=tensor({value.tolist()})"
             cases.append(Case(op, label, lambda name=name, value=value: make({name: value}), name, valid=valid))
     return cases
@@ -222,41 +250,98 @@ def sinkhorn_cases() -> list[Case]:
     def with_K(K, leaves=None):
         return Call((K,), {"n_iters": 3}, leaves or ())
 
-    cases = tensor_cases(op, "K", shape, lambda K, leaves=(): with_K(K, leaves), ranks=(0, 1),
-                         specials={"nan": False, "inf": False, "max": False, "1e30": True, "denormal": True,
-                                   "zeros": True, "negative": False})
+    cases = tensor_cases(
+        op,
+        "K",
+        shape,
+        lambda K, leaves=(): with_K(K, leaves),
+        ranks=(0, 1),
+        specials={
+            "nan": False,
+            "inf": False,
+            "max": False,
+            "1e30": True,
+            "denormal": True,
+            "zeros": True,
+            "negative": False,
+        },
+    )
     for kind in ("nan", "inf", "negative"):
-        cases.append(Case(op, f"K {kind} validate=True",
-                          lambda kind=kind: Call((special(uniform(shape), kind),), {"validate": True}), "K"))
-    cases.append(Case(op, "K log domain nan validate=True",
-                      lambda: Call((special(uniform(shape), "nan"),), {"log_domain": True, "validate": True}), "K"))
-    cases.append(Case(op, "K zero row, 5 iterations, grad", lambda: _zero_row_call(5), "K", valid=True,
-                      finite=False))
+        cases.append(
+            Case(
+                op,
+                f"K {kind} validate=True",
+                lambda kind=kind: Call((special(uniform(shape), kind),), {"validate": True}),
+                "K",
+            )
+        )
+    cases.append(
+        Case(
+            op,
+            "K log domain nan validate=True",
+            lambda: Call((special(uniform(shape), "nan"),), {"log_domain": True, "validate": True}),
+            "K",
+        )
+    )
+    cases.append(Case(op, "K zero row, 5 iterations, grad", lambda: _zero_row_call(5), "K", valid=True, finite=False))
     cases.append(Case(op, "K zero row, 3 iterations, grad", lambda: _zero_row_call(3), "K", valid=True))
     cases.append(Case(op, "K batch 0 grad", lambda: laid_out_call((0, 4, 4)), "K", valid=True))
     cases.append(Case(op, "K (2, 0, 3, 3) grad", lambda: laid_out_call((2, 0, 3, 3)), "K", valid=True))
-    cases.append(Case(op, "K channels_last 4-D grad",
-                      lambda: view_call(laid_out(uniform((2, 3, 4, 4)), "channels_last", True), {"n_iters": 2}),
-                      "K", valid=True))
+    cases.append(
+        Case(
+            op,
+            "K channels_last 4-D grad",
+            lambda: view_call(laid_out(uniform((2, 3, 4, 4)), "channels_last", True), {"n_iters": 2}),
+            "K",
+            valid=True,
+        )
+    )
 
     def make(kwargs):
         return Call((uniform(shape),), kwargs)
 
-    cases += parameter_cases(op, make, {
-        "n_iters": [0, -1, 10_001, 2**31, 2**58, 2**59, 2**63, (np.int64(2), True), (np.int32(3), True),
-                    (10_000, True), True, 3.0, "3", torch.tensor(3), None],
-        "eps": [-1e-3, 1e-300, 1e-45, (0.0, True), (np.float32(1e-6), True), (1e-30, True), 1e300] + BAD_REALS,
-        "row_sum": [0.0, -1.0, 1e-300, 1e39, 1e300, (np.float64(2.0), True), (1e30, True)] + BAD_REALS,
-        "col_sum": [0.0, -2.0, 1e300, (0.5, True)] + BAD_REALS,
-        "log_domain": BAD_FLAGS + GOOD_FLAGS,
-        "validate": ["yes", torch.tensor(True), (True, True)],
-    })
-    cases.append(Case(op, "row_sum=1e5 with float16 K", lambda: Call((uniform(shape, torch.float16),),
-                                                                      {"row_sum": 1e5}), "row_sum"))
-    cases.append(Case(op, "n_iters=2**59 on 16x16x16", lambda: Call((uniform((16, 16, 16)),), {"n_iters": 2**59}),
-                      "n_iters"))
-    cases.append(Case(op, "n_iters=2**58 on 4x40x40", lambda: Call((uniform((4, 40, 40)),), {"n_iters": 2**58}),
-                      "n_iters"))
+    cases += parameter_cases(
+        op,
+        make,
+        {
+            "n_iters": [
+                0,
+                -1,
+                10_001,
+                2**31,
+                2**58,
+                2**59,
+                2**63,
+                (np.int64(2), True),
+                (np.int32(3), True),
+                (10_000, True),
+                True,
+                3.0,
+                "3",
+                torch.tensor(3),
+                None,
+            ],
+            "eps": [-1e-3, 1e-300, 1e-45, (0.0, True), (np.float32(1e-6), True), (1e-30, True), 1e300] + BAD_REALS,
+            "row_sum": [0.0, -1.0, 1e-300, 1e39, 1e300, (np.float64(2.0), True), (1e30, True)] + BAD_REALS,
+            "col_sum": [0.0, -2.0, 1e300, (0.5, True)] + BAD_REALS,
+            "log_domain": BAD_FLAGS + GOOD_FLAGS,
+            "validate": ["yes", torch.tensor(True), (True, True)],
+        },
+    )
+    cases.append(
+        Case(
+            op,
+            "row_sum=1e5 with float16 K",
+            lambda: Call((uniform(shape, torch.float16),), {"row_sum": 1e5}),
+            "row_sum",
+        )
+    )
+    cases.append(
+        Case(op, "n_iters=2**59 on 16x16x16", lambda: Call((uniform((16, 16, 16)),), {"n_iters": 2**59}), "n_iters")
+    )
+    cases.append(
+        Case(op, "n_iters=2**58 on 4x40x40", lambda: Call((uniform((4, 40, 40)),), {"n_iters": 2**58}), "n_iters")
+    )
     module_cases = {
         "SinkhornKernel(n_iters=2**59)": (lambda: piumr_kernels.SinkhornKernel(n_iters=2**59), "n_iters"),
         "SinkhornKernel(eps=inf)": (lambda: piumr_kernels.SinkhornKernel(eps=float("inf")), "eps"),
@@ -265,8 +350,9 @@ def sinkhorn_cases() -> list[Case]:
         "SinkhornKernel(log_domain='no')": (lambda: piumr_kernels.SinkhornKernel(log_domain="no"), "log_domain"),
     }
     for label, (module, argument) in module_cases.items():
-        cases.append(Case(op, label, lambda: Call((uniform(shape),)), argument,
-                          call=lambda K, module=module: module()(K)))
+        cases.append(
+            Case(op, label, lambda: Call((uniform(shape),)), argument, call=lambda K, module=module: module()(K))
+        )
     return cases
 
 
@@ -296,32 +382,111 @@ def dct_cases() -> list[Case]:
     def with_x(x, leaves=()):
         return Call((x,), {"kernel_size": 3, "return_stats": True}, leaves)
 
-    cases = tensor_cases(op, "x", shape, with_x, ranks=(0, 4, 6),
-                         specials={"nan": False, "inf": False, "max": False, "1e30": False, "denormal": True,
-                                   "zeros": True})
-    cases.append(Case(op, "x float16 near 60000 (E beyond float16)",
-                      lambda: with_x(uniform(shape, torch.float16, 50000, 60000)), "x", valid=True, finite=False))
-    cases.append(Case(op, "x float32 1e15 (var 1e30 still finite)",
-                      lambda: with_x(uniform(shape, torch.float32, 0.5e15, 1e15)), "x", valid=True))
-    cases.append(Case(op, "x batch 0 grad", lambda: with_x(*laid_out(uniform((0, 2, 2, 3, 3)), "contiguous", True)),
-                      "x", valid=True))
+    cases = tensor_cases(
+        op,
+        "x",
+        shape,
+        with_x,
+        ranks=(0, 4, 6),
+        specials={"nan": False, "inf": False, "max": False, "1e30": False, "denormal": True, "zeros": True},
+    )
+    cases.append(
+        Case(
+            op,
+            "x float16 near 60000 (E beyond float16)",
+            lambda: with_x(uniform(shape, torch.float16, 50000, 60000)),
+            "x",
+            valid=True,
+            finite=False,
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "x float32 1e15 (var 1e30 still finite)",
+            lambda: with_x(uniform(shape, torch.float32, 0.5e15, 1e15)),
+            "x",
+            valid=True,
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "x batch 0 grad",
+            lambda: with_x(*laid_out(uniform((0, 2, 2, 3, 3)), "contiguous", True)),
+            "x",
+            valid=True,
+        )
+    )
 
     def make(kwargs):
         return Call((uniform(shape),), {"kernel_size": 3, **kwargs})
 
-    cases += parameter_cases(op, make, {
-        "kernel_size": [0, -3, 2, 64, 2**40, 2**40 + 1, True, 3.0, "3", torch.tensor(3), None, (np.int64(5), True),
-                        (1, True), (9, True)],
-        "frequencies": [[], [9], [-1], [0.5], [True], "012", 3, torch.tensor([0.0]), torch.tensor([[0, 1]]),
-                        ([8, 0, 4], True), (torch.tensor([1, 2]), True), ((np.int64(2), 3), True), ([0, 0], True)],
-        "return_stats": BAD_FLAGS + GOOD_FLAGS,
-    })
-    cases.append(Case(op, "dct_basis(kernel_size=4)", lambda: Call((), {"kernel_size": 4}), "kernel_size",
-                      call=piumr_kernels.dct_basis))
-    cases.append(Case(op, "dct_basis(dtype=torch.int64)", lambda: Call((), {"dtype": torch.int64}), "dtype",
-                      call=piumr_kernels.dct_basis))
-    cases.append(Case(op, "DCTFilterBank(kernel_size='7')", lambda: Call((uniform(shape),)), "kernel_size",
-                      call=lambda x: piumr_kernels.DCTFilterBank(kernel_size="7")(x)))
+    cases += parameter_cases(
+        op,
+        make,
+        {
+            "kernel_size": [
+                0,
+                -3,
+                2,
+                64,
+                2**40,
+                2**40 + 1,
+                True,
+                3.0,
+                "3",
+                torch.tensor(3),
+                None,
+                (np.int64(5), True),
+                (1, True),
+                (9, True),
+            ],
+            "frequencies": [
+                [],
+                [9],
+                [-1],
+                [0.5],
+                [True],
+                "012",
+                3,
+                torch.tensor([0.0]),
+                torch.tensor([[0, 1]]),
+                ([8, 0, 4], True),
+                (torch.tensor([1, 2]), True),
+                ((np.int64(2), 3), True),
+                ([0, 0], True),
+            ],
+            "return_stats": BAD_FLAGS + GOOD_FLAGS,
+        },
+    )
+    cases.append(
+        Case(
+            op,
+            "dct_basis(kernel_size=4)",
+            lambda: Call((), {"kernel_size": 4}),
+            "kernel_size",
+            call=piumr_kernels.dct_basis,
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "dct_basis(dtype=torch.int64)",
+            lambda: Call((), {"dtype": torch.int64}),
+            "dtype",
+            call=piumr_kernels.dct_basis,
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "DCTFilterBank(kernel_size='7')",
+            lambda: Call((uniform(shape),)),
+            "kernel_size",
+            call=lambda x: piumr_kernels.DCTFilterBank(kernel_size="7")(x),
+        )
+    )
     return cases
 
 
@@ -335,42 +500,107 @@ def girl_cases() -> list[Case]:
     def with_features(z, leaves=()):
         return Call((z, labels()), {"num_groups": 2}, leaves)
 
-    cases = tensor_cases(op, "features", (batch, width), with_features, ranks=(0, 1, 3),
-                         specials={"nan": False, "inf": False, "max": True, "1e30": True, "denormal": True,
-                                   "zeros": True, "negative": True}, other_tensors=True)
-    for label, value in {"float": labels().float(), "bool": labels().bool(), "2-D": labels()[None],
-                         "short": labels()[:5], "list": [0, 1] * 4, "meta": labels().to("meta")}.items():
+    cases = tensor_cases(
+        op,
+        "features",
+        (batch, width),
+        with_features,
+        ranks=(0, 1, 3),
+        specials={
+            "nan": False,
+            "inf": False,
+            "max": True,
+            "1e30": True,
+            "denormal": True,
+            "zeros": True,
+            "negative": True,
+        },
+        other_tensors=True,
+    )
+    for label, value in {
+        "float": labels().float(),
+        "bool": labels().bool(),
+        "2-D": labels()[None],
+        "short": labels()[:5],
+        "list": [0, 1] * 4,
+        "meta": labels().to("meta"),
+    }.items():
         cases.append(Case(op, f"labels {label}", lambda value=value: Call((uniform((batch, width)), value)), "labels"))
     cases.append(Case(op, "labels int32 grad", _girl_int32_labels, "labels", valid=True))
-    cases.append(Case(op, "features batch 1", lambda: Call((uniform((1, width)), torch.tensor([0]))), "features",
-                      valid=True))
+    cases.append(
+        Case(op, "features batch 1", lambda: Call((uniform((1, width)), torch.tensor([0]))), "features", valid=True)
+    )
 
     def make(kwargs):
         return Call((uniform((batch, width)), labels()), {"num_groups": 2, **kwargs})
 
-    cases += parameter_cases(op, make, {
-        "num_groups": [0, -1, True, 2.0, "2", torch.tensor(2), None, (np.int64(3), True), (2**40, True), (9, True)],
-        "tau": [0.0, -0.1, 1e-30, 1e-4, (1e-3, True), (1e30, True), (np.float32(0.1), True)] + BAD_REALS,
-        "eta": [0.0, -0.2, 1e-30, 1e-6, (1e-3, True), (1e30, True)] + BAD_REALS,
-        "lambda_var": [-1.0, 1e7, 1e300, (0.0, True), (1e6, True)] + BAD_REALS,
-        "var_grad": BAD_FLAGS + GOOD_FLAGS,
-        "detach_weights": BAD_FLAGS + GOOD_FLAGS,
-        "return_details": ["yes", (True, True)],
-        "groups": [torch.tensor([0, 1] * 4).float(), torch.tensor([0, 1, 2, 3]), [0, 1] * 4,
-                   (torch.tensor([0, 1] * 4), True), (torch.tensor([1, 0, 1, 0, 1, 0, 1, 1], dtype=torch.int32), True)],
-    })
-    cases.append(Case(op, "groups with num_groups=2**40",
-                      lambda: Call((uniform((batch, width)), labels()),
-                                   {"num_groups": 2**40, "groups": torch.tensor([0, 1] * 4)}), "num_groups"))
-    cases.append(Case(op, "groups out of range validate=True",
-                      lambda: Call((uniform((batch, width)), labels()),
-                                   {"num_groups": 2, "groups": torch.tensor([0, 5] * 4), "validate": True}), "groups"))
-    cases.append(Case(op, "groups on meta", lambda: Call((uniform((batch, width)), labels()),
-                                                         {"groups": torch.tensor([0, 1] * 4).to("meta")}), "groups"))
-    cases.append(Case(op, "GIRLLoss(tau=1e-30)", lambda: Call((uniform((batch, width)), labels())), "tau",
-                      call=lambda z, y: piumr_kernels.GIRLLoss(tau=1e-30)(z, y)))
-    cases.append(Case(op, "GIRLLoss(lambda_var=inf)", lambda: Call((uniform((batch, width)), labels())),
-                      "lambda_var", call=lambda z, y: piumr_kernels.GIRLLoss(lambda_var=float("inf"))(z, y)))
+    cases += parameter_cases(
+        op,
+        make,
+        {
+            "num_groups": [0, -1, True, 2.0, "2", torch.tensor(2), None, (np.int64(3), True), (2**40, True), (9, True)],
+            "tau": [0.0, -0.1, 1e-30, 1e-4, (1e-3, True), (1e30, True), (np.float32(0.1), True)] + BAD_REALS,
+            "eta": [0.0, -0.2, 1e-30, 1e-6, (1e-3, True), (1e30, True)] + BAD_REALS,
+            "lambda_var": [-1.0, 1e7, 1e300, (0.0, True), (1e6, True)] + BAD_REALS,
+            "var_grad": BAD_FLAGS + GOOD_FLAGS,
+            "detach_weights": BAD_FLAGS + GOOD_FLAGS,
+            "return_details": ["yes", (True, True)],
+            "groups": [
+                torch.tensor([0, 1] * 4).float(),
+                torch.tensor([0, 1, 2, 3]),
+                [0, 1] * 4,
+                (torch.tensor([0, 1] * 4), True),
+                (torch.tensor([1, 0, 1, 0, 1, 0, 1, 1], dtype=torch.int32), True),
+            ],
+        },
+    )
+    cases.append(
+        Case(
+            op,
+            "groups with num_groups=2**40",
+            lambda: Call(
+                (uniform((batch, width)), labels()), {"num_groups": 2**40, "groups": torch.tensor([0, 1] * 4)}
+            ),
+            "num_groups",
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "groups out of range validate=True",
+            lambda: Call(
+                (uniform((batch, width)), labels()),
+                {"num_groups": 2, "groups": torch.tensor([0, 5] * 4), "validate": True},
+            ),
+            "groups",
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "groups on meta",
+            lambda: Call((uniform((batch, width)), labels()), {"groups": torch.tensor([0, 1] * 4).to("meta")}),
+            "groups",
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "GIRLLoss(tau=1e-30)",
+            lambda: Call((uniform((batch, width)), labels())),
+            "tau",
+            call=lambda z, y: piumr_kernels.GIRLLoss(tau=1e-30)(z, y),
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "GIRLLoss(lambda_var=inf)",
+            lambda: Call((uniform((batch, width)), labels())),
+            "lambda_var",
+            call=lambda z, y: piumr_kernels.GIRLLoss(lambda_var=float("inf"))(z, y),
+        )
+    )
     return cases
 
 
@@ -382,15 +612,44 @@ def _girl_int32_labels() -> Call:
 def tfam_statistics_cases() -> list[Case]:
     op = "tfam_statistics"
     shape = (2, 3, 2, 3, 4)
-    cases = tensor_cases(op, "x", shape, lambda x, leaves=(): Call((x,), {}, leaves), ranks=(0, 4, 6),
-                         specials={"nan": False, "inf": False, "max": False, "1e30": True, "denormal": True,
-                                   "zeros": True, "negative": True})
-    cases.append(Case(op, "x float16 near 60000", lambda: Call((uniform(shape, torch.float16, 50000, 60000),)), "x",
-                      valid=True))
-    cases.append(Case(op, "x batch 0 grad", lambda: view_call(laid_out(uniform((0, 2, 2, 3, 3)), "contiguous", True)),
-                      "x", valid=True))
-    cases.append(Case(op, "TFAMStatistics module", lambda: Call((uniform(shape),)), "x", valid=True,
-                      call=lambda x: piumr_kernels.TFAMStatistics()(x)))
+    cases = tensor_cases(
+        op,
+        "x",
+        shape,
+        lambda x, leaves=(): Call((x,), {}, leaves),
+        ranks=(0, 4, 6),
+        specials={
+            "nan": False,
+            "inf": False,
+            "max": False,
+            "1e30": True,
+            "denormal": True,
+            "zeros": True,
+            "negative": True,
+        },
+    )
+    cases.append(
+        Case(op, "x float16 near 60000", lambda: Call((uniform(shape, torch.float16, 50000, 60000),)), "x", valid=True)
+    )
+    cases.append(
+        Case(
+            op,
+            "x batch 0 grad",
+            lambda: view_call(laid_out(uniform((0, 2, 2, 3, 3)), "contiguous", True)),
+            "x",
+            valid=True,
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "TFAMStatistics module",
+            lambda: Call((uniform(shape),)),
+            "x",
+            valid=True,
+            call=lambda x: piumr_kernels.TFAMStatistics()(x),
+        )
+    )
     return cases
 
 
@@ -405,9 +664,23 @@ def tfam_combine_cases() -> list[Case]:
     def with_x(x, leaves=()):
         return Call((x, *scales()), {}, leaves)
 
-    cases = tensor_cases(op, "x", shape, with_x, ranks=(0, 4, 6),
-                         specials={"nan": False, "inf": False, "max": False, "1e30": True, "denormal": True,
-                                   "zeros": True, "negative": True}, other_tensors=True)
+    cases = tensor_cases(
+        op,
+        "x",
+        shape,
+        with_x,
+        ranks=(0, 4, 6),
+        specials={
+            "nan": False,
+            "inf": False,
+            "max": False,
+            "1e30": True,
+            "denormal": True,
+            "zeros": True,
+            "negative": True,
+        },
+        other_tensors=True,
+    )
 
     def with_temporal(t, leaves=()):
         return Call((uniform(shape), t, scales()[1]), {}, leaves)
@@ -415,20 +688,63 @@ def tfam_combine_cases() -> list[Case]:
     def with_spatial(s, leaves=()):
         return Call((uniform(shape), scales()[0], s), {}, leaves)
 
-    cases += tensor_cases(op, "temporal_scale", (batch, frames), with_temporal, ranks=(0, 1, 3),
-                          specials={"nan": False, "1e30": True, "zeros": True}, other_tensors=True)
-    cases += tensor_cases(op, "spatial_scale", (batch, height, width), with_spatial, ranks=(0, 2, 4),
-                          specials={"inf": False, "denormal": True}, other_tensors=True)
-    cases.append(Case(op, "x float16 near 60000 (output beyond float16)",
-                      lambda: Call((uniform(shape, torch.float16, 50000, 60000), *scales())), "x", valid=True,
-                      finite=False))
+    cases += tensor_cases(
+        op,
+        "temporal_scale",
+        (batch, frames),
+        with_temporal,
+        ranks=(0, 1, 3),
+        specials={"nan": False, "1e30": True, "zeros": True},
+        other_tensors=True,
+    )
+    cases += tensor_cases(
+        op,
+        "spatial_scale",
+        (batch, height, width),
+        with_spatial,
+        ranks=(0, 2, 4),
+        specials={"inf": False, "denormal": True},
+        other_tensors=True,
+    )
+    cases.append(
+        Case(
+            op,
+            "x float16 near 60000 (output beyond float16)",
+            lambda: Call((uniform(shape, torch.float16, 50000, 60000), *scales())),
+            "x",
+            valid=True,
+            finite=False,
+        )
+    )
     for grads in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
-        cases.append(Case(op, f"partial requires_grad {grads}", lambda grads=grads: _partial_grad_combine(shape, grads),
-                          "x", valid=True))
-    cases.append(Case(op, "float64 x with float32 scales",
-                      lambda: Call((uniform(shape, torch.float64), *scales(torch.float32))), "x", valid=True))
-    cases.append(Case(op, "TFAMCombine module", lambda: Call((uniform(shape), *scales())), "x", valid=True,
-                      call=lambda x, t, s: piumr_kernels.TFAMCombine()(x, t, s)))
+        cases.append(
+            Case(
+                op,
+                f"partial requires_grad {grads}",
+                lambda grads=grads: _partial_grad_combine(shape, grads),
+                "x",
+                valid=True,
+            )
+        )
+    cases.append(
+        Case(
+            op,
+            "float64 x with float32 scales",
+            lambda: Call((uniform(shape, torch.float64), *scales(torch.float32))),
+            "x",
+            valid=True,
+        )
+    )
+    cases.append(
+        Case(
+            op,
+            "TFAMCombine module",
+            lambda: Call((uniform(shape), *scales())),
+            "x",
+            valid=True,
+            call=lambda x, t, s: piumr_kernels.TFAMCombine()(x, t, s),
+        )
+    )
     return cases
 
 
@@ -448,8 +764,14 @@ def random_cases(op: str, count: int = RANDOM_CASES_PER_OP) -> list[Case]:
     drawn: list[Case] = []
     strategy = RANDOM_STRATEGIES[op]
 
-    @settings(max_examples=count, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=count,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def collect(case):
         drawn.append(case)
@@ -469,25 +791,44 @@ def random_sinkhorn(draw) -> Case:
     n_rows, n_cols = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     dtype, layout, scale = draw(DTYPES), draw(LAYOUT), draw(SCALE)
     log_domain = draw(st.booleans())
-    kwargs = {"n_iters": draw(st.integers(1, 6)), "eps": draw(st.sampled_from((0.0, 1e-8, 1e-3))),
-              "log_domain": log_domain, "row_sum": draw(st.floats(0.1, 10.0))}
+    kwargs = {
+        "n_iters": draw(st.integers(1, 6)),
+        "eps": draw(st.sampled_from((0.0, 1e-8, 1e-3))),
+        "log_domain": log_domain,
+        "row_sum": draw(st.floats(0.1, 10.0)),
+    }
     low = -2.0 if log_domain else 0.1
     label = f"random {(batch, n_rows, n_cols)} {dtype} {layout} x{scale} {kwargs}"
-    return Case("sinkhorn", label, lambda: view_call(laid_out(
-        uniform((batch, n_rows, n_cols), dtype, low * scale, scale), layout, True), kwargs), "K", valid=True)
+    return Case(
+        "sinkhorn",
+        label,
+        lambda: view_call(laid_out(uniform((batch, n_rows, n_cols), dtype, low * scale, scale), layout, True), kwargs),
+        "K",
+        valid=True,
+    )
 
 
 @st.composite
 def random_dct(draw) -> Case:
-    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 6)),
-             draw(st.integers(1, 6)))
+    shape = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 6)),
+        draw(st.integers(1, 6)),
+    )
     dtype, layout, scale = draw(DTYPES), draw(LAYOUT), draw(SCALE)
     kernel_size = draw(st.sampled_from((1, 3, 5)))
     frequencies = draw(st.none() | st.lists(st.integers(0, kernel_size**2 - 1), min_size=1, max_size=4))
     kwargs = {"kernel_size": kernel_size, "frequencies": frequencies, "return_stats": draw(st.booleans())}
     label = f"random {shape} {dtype} {layout} x{scale} {kwargs}"
-    return Case("dct_filter_bank", label, lambda: view_call(laid_out(
-        uniform(shape, dtype, -scale, scale), layout, True), kwargs), "x", valid=True)
+    return Case(
+        "dct_filter_bank",
+        label,
+        lambda: view_call(laid_out(uniform(shape, dtype, -scale, scale), layout, True), kwargs),
+        "x",
+        valid=True,
+    )
 
 
 @st.composite
@@ -496,9 +837,14 @@ def random_girl(draw) -> Case:
     dtype, scale = draw(DTYPES), draw(SCALE)
     num_groups = draw(st.integers(1, 4))
     explicit = draw(st.booleans()) and num_groups <= batch
-    kwargs = {"num_groups": num_groups, "tau": draw(st.floats(0.02, 1.0)), "eta": draw(st.floats(0.05, 2.0)),
-              "lambda_var": draw(st.floats(0.0, 10.0)), "var_grad": draw(st.booleans()),
-              "detach_weights": draw(st.booleans())}
+    kwargs = {
+        "num_groups": num_groups,
+        "tau": draw(st.floats(0.02, 1.0)),
+        "eta": draw(st.floats(0.05, 2.0)),
+        "lambda_var": draw(st.floats(0.0, 10.0)),
+        "var_grad": draw(st.booleans()),
+        "detach_weights": draw(st.booleans()),
+    }
     seed = draw(st.integers(0, 1000))
     label = f"random ({batch}, {width}) {dtype} x{scale} groups={'ids' if explicit else 'random'} {kwargs}"
 
@@ -517,8 +863,13 @@ def random_tfam_statistics(draw) -> Case:
     shape = tuple(draw(st.integers(1, 3)) for _ in range(5))
     dtype, layout, scale = draw(DTYPES), draw(LAYOUT), draw(SCALE)
     label = f"random {shape} {dtype} {layout} x{scale}"
-    return Case("tfam_statistics", label, lambda: view_call(laid_out(
-        uniform(shape, dtype, -scale, scale), layout, True)), "x", valid=True)
+    return Case(
+        "tfam_statistics",
+        label,
+        lambda: view_call(laid_out(uniform(shape, dtype, -scale, scale), layout, True)),
+        "x",
+        valid=True,
+    )
 
 
 @st.composite
@@ -613,7 +964,7 @@ def attempt(case: Case, backend: str) -> dict:
     """{"outputs", "grads"} of the case on `backend`, or {"error": the exception}."""
     try:
         outputs, grads = evaluate(case, backend)
-    except Exception as error:  # noqa: BLE001 - every exception is judged
+    except Exception as error:
         return {"error": error}
     return {"outputs": outputs, "grads": grads}
 
@@ -631,8 +982,9 @@ def judge(case: Case, backend: str, result: dict, reference: dict | None) -> dic
     outputs, grads = result["outputs"], result["grads"]
     problems = []
     if reference is None:
-        for name, values in [(f"output {i}", t) for i, t in enumerate(outputs)] + \
-                            [(f"grad {i}", g) for i, g in enumerate(grads)]:
+        for name, values in [(f"output {i}", t) for i, t in enumerate(outputs)] + [
+            (f"grad {i}", g) for i, g in enumerate(grads)
+        ]:
             if case.finite and values.dtype.is_floating_point and not torch.isfinite(values).all():
                 problems.append(f"{name}: non-finite values")
     elif "error" in reference:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -167,13 +167,17 @@ def assert_close(actual, expected, tol: float, what: str) -> None:
     """`actual` within `tol` (a TOLERANCE entry) of the fp64 `expected` (module docstring);
     integer tensors must match exactly, and everything must be finite."""
     assert isinstance(actual, torch.Tensor), f"{what}: got {type(actual).__name__}, expected a tensor"
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     if not expected.dtype.is_floating_point:
         assert torch.equal(actual.cpu(), expected.cpu()), f"{what}: integer outputs differ"
         return
     actual = actual.detach().to(torch.float64)
     expected = expected.detach().to(torch.float64).to(actual.device)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values ({int((~torch.isfinite(actual)).sum())} of {actual.numel()})"
+    assert torch.isfinite(actual).all(), (
+        f"{what}: non-finite values ({int((~torch.isfinite(actual)).sum())} of {actual.numel()})"
+    )
     scale = max(expected.abs().max().item() if expected.numel() else 0.0, SCALE_FLOOR)
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert error <= tol * scale, f"{what}: max error {error:.3e} > {tol:.1e} * {scale:.3e}"
@@ -199,11 +203,11 @@ class Case:
     reference: Callable[..., tuple]
     grad_inputs: tuple[int, ...] = (0,)
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
-    triton: bool = True            # also on the triton interpreter (keep those small)
+    triton: bool = True  # also on the triton interpreter (keep those small)
     reference_backend: bool = True  # also on the reference backend (False: shapes for cpp paths)
-    gradcheck: bool = False        # fp64 gradcheck (reference, cpp)
-    compile: bool = False          # fullgraph torch.compile vs eager
-    opcheck: bool = False          # source of the library ops' sample arguments
+    gradcheck: bool = False  # fp64 gradcheck (reference, cpp)
+    compile: bool = False  # fullgraph torch.compile vs eager
+    opcheck: bool = False  # source of the library ops' sample arguments
 
     @property
     def name(self) -> str:
@@ -233,7 +237,9 @@ def as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def forward_backward(fn: Callable[..., tuple], inputs: tuple, grad_inputs, upstream: dict | None = None, seed: int = 1000):
+def forward_backward(
+    fn: Callable[..., tuple], inputs: tuple, grad_inputs, upstream: dict | None = None, seed: int = 1000
+):
     """Runs `fn(*inputs)`, then backward with `upstream` (made non-uniform when None) on
     every output carrying a gradient. Returns (outputs, upstream, input gradients)."""
     outputs = as_tuple(fn(*inputs))
@@ -279,7 +285,9 @@ def check_against_reference(case: Case, backend: str, dtype: torch.dtype, device
             assert grad is None or not grad.any(), f"{case.name}: input {i} got a gradient the reference does not have"
             continue
         assert grad is not None, f"{case.name} [{backend}]: input {i} got no gradient"
-        assert grad.dtype == inputs[i].dtype, f"{case.name} [{backend}]: gradient of input {i} is {grad.dtype}, input {inputs[i].dtype}"
+        assert grad.dtype == inputs[i].dtype, (
+            f"{case.name} [{backend}]: gradient of input {i} is {grad.dtype}, input {inputs[i].dtype}"
+        )
         assert_close(grad, ref_grad, tol, f"{case.name} [{backend}, {dtype}] gradient of input {i}")
 
 
@@ -345,8 +353,9 @@ SINKHORN_CASES = [
 # --- dct_filter_bank --------------------------------------------------------------------------
 
 
-def _dct_case(id, shape, kernel_size=7, frequencies=None, return_stats=True, dtypes=(torch.float32, torch.float64),
-              **flags):
+def _dct_case(
+    id, shape, kernel_size=7, frequencies=None, return_stats=True, dtypes=(torch.float32, torch.float64), **flags
+):
     def make(dtype, device):
         values = torch.randn(shape, generator=generator(sum(shape)), dtype=torch.float64)
         return (rounded(values, dtype, device),)
@@ -361,8 +370,14 @@ def _dct_case(id, shape, kernel_size=7, frequencies=None, return_stats=True, dty
 
 
 DCT_CASES = [
-    _dct_case("stats-subset-1x3x4x9x11", (1, 3, 4, 9, 11), frequencies=[5, 0, 48, 13, 13], dtypes=ALL_DTYPES,
-              opcheck=True, compile=True),
+    _dct_case(
+        "stats-subset-1x3x4x9x11",
+        (1, 3, 4, 9, 11),
+        frequencies=[5, 0, 48, 13, 13],
+        dtypes=ALL_DTYPES,
+        opcheck=True,
+        compile=True,
+    ),
     _dct_case("full-bank-2x2x3x7x7", (2, 2, 3, 7, 7), triton=False),  # 49 filters: minutes in the interpreter
     _dct_case("full-bank-3x2x2x4x4", (3, 2, 2, 4, 4), triton=False),
     _dct_case("E-only-subset-1x2x2x4x4", (1, 2, 2, 4, 4), frequencies=[0, 9, 30], return_stats=False),
@@ -417,8 +432,19 @@ def group_index_of_partition(order: torch.Tensor, sizes: list[int]) -> torch.Ten
     return index
 
 
-def _girl_case(id, batch, width, *, num_groups=None, groups=None, return_details=False, generator_seed=None,
-               options=None, dtypes=(torch.float32, torch.float64), **flags):
+def _girl_case(
+    id,
+    batch,
+    width,
+    *,
+    num_groups=None,
+    groups=None,
+    return_details=False,
+    generator_seed=None,
+    options=None,
+    dtypes=(torch.float32, torch.float64),
+    **flags,
+):
     options = dict(options or {})
     num_classes = 3
 
@@ -470,26 +496,76 @@ OPTIONS = dict(tau=0.1, eta=0.3, lambda_var=2.0)
 GIRL_CASES = [
     # (B, C, G) with B % G != 0 and one group, all four (detach_weights, var_grad) pairs
     _girl_case("random-groups-12x8-G3", 12, 8, num_groups=3, generator_seed=5, options=OPTIONS, opcheck=True),
-    _girl_case("random-groups-details-37x24-G4", 37, 24, num_groups=4, generator_seed=6, return_details=True,
-               options=dict(OPTIONS, detach_weights=False)),
-    _girl_case("random-groups-30x16-G4-no-var-grad", 30, 16, num_groups=4, generator_seed=7,
-               options=dict(OPTIONS, var_grad=False)),
-    _girl_case("one-group-20x40", 20, 40, num_groups=1, generator_seed=8,
-               options=dict(OPTIONS, detach_weights=False, var_grad=False)),
-    _girl_case("low-precision-24x16-G3", 24, 16, num_groups=3, generator_seed=9,
-               options=dict(detach_weights=False), dtypes=(torch.float16, torch.bfloat16)),
+    _girl_case(
+        "random-groups-details-37x24-G4",
+        37,
+        24,
+        num_groups=4,
+        generator_seed=6,
+        return_details=True,
+        options=dict(OPTIONS, detach_weights=False),
+    ),
+    _girl_case(
+        "random-groups-30x16-G4-no-var-grad",
+        30,
+        16,
+        num_groups=4,
+        generator_seed=7,
+        options=dict(OPTIONS, var_grad=False),
+    ),
+    _girl_case(
+        "one-group-20x40",
+        20,
+        40,
+        num_groups=1,
+        generator_seed=8,
+        options=dict(OPTIONS, detach_weights=False, var_grad=False),
+    ),
+    _girl_case(
+        "low-precision-24x16-G3",
+        24,
+        16,
+        num_groups=3,
+        generator_seed=9,
+        options=dict(detach_weights=False),
+        dtypes=(torch.float16, torch.bfloat16),
+    ),
     # no generator: the global RNG (run_case seeds it), under torch.compile too
-    _girl_case("global-rng-details-20x8-G3", 20, 8, num_groups=3, return_details=True,
-               options=dict(detach_weights=False), compile=True),
+    _girl_case(
+        "global-rng-details-20x8-G3",
+        20,
+        8,
+        num_groups=3,
+        return_details=True,
+        options=dict(detach_weights=False),
+        compile=True,
+    ),
     # ids in [0, num_groups): group 3 is empty and group 4 a singleton, both left out of the
     # loss (SPEC §3)
-    _girl_case("explicit-groups-details-10x5", 10, 5, num_groups=5, groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 4],
-               return_details=True, options=dict(tau=0.5, eta=0.4, lambda_var=1.5, detach_weights=False),
-               gradcheck=True, compile=True, opcheck=True),
+    _girl_case(
+        "explicit-groups-details-10x5",
+        10,
+        5,
+        num_groups=5,
+        groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 4],
+        return_details=True,
+        options=dict(tau=0.5, eta=0.4, lambda_var=1.5, detach_weights=False),
+        gradcheck=True,
+        compile=True,
+        opcheck=True,
+    ),
     # the paper's Var(stopgrad(L_g)) with no penalty: the gradient is the mean risk's
-    _girl_case("explicit-groups-no-var-10x5", 10, 5, num_groups=5, groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 4],
-               options=dict(tau=0.5, eta=0.4, lambda_var=0.0, var_grad=False, detach_weights=False),
-               dtypes=(torch.float64,), gradcheck=True, triton=False),
+    _girl_case(
+        "explicit-groups-no-var-10x5",
+        10,
+        5,
+        num_groups=5,
+        groups=[0, 2, 0, 2, 2, 0, 1, 1, 0, 4],
+        options=dict(tau=0.5, eta=0.4, lambda_var=0.0, var_grad=False, detach_weights=False),
+        dtypes=(torch.float64,),
+        gradcheck=True,
+        triton=False,
+    ),
 ]
 
 
@@ -533,13 +609,13 @@ TFAM_CASES = [
     _tfam_statistics_case("2x5x4x6x7", (2, 5, 4, 6, 7), dtypes=ALL_DTYPES, opcheck=True, compile=True),
     _tfam_statistics_case("1x2x3x33x35", (1, 2, 3, 33, 35), dtypes=ALL_DTYPES),
     _tfam_statistics_case("3x1x1x1x1", (3, 1, 1, 1, 1), dtypes=ALL_DTYPES),
-    _tfam_statistics_case("gradcheck-2x3x2x3x4", (2, 3, 2, 3, 4), dtypes=(torch.float64,), gradcheck=True,
-                          triton=False),
+    _tfam_statistics_case(
+        "gradcheck-2x3x2x3x4", (2, 3, 2, 3, 4), dtypes=(torch.float64,), gradcheck=True, triton=False
+    ),
     _tfam_combine_case("2x5x4x6x7", (2, 5, 4, 6, 7), dtypes=ALL_DTYPES, opcheck=True, compile=True),
     _tfam_combine_case("1x2x3x33x35", (1, 2, 3, 33, 35), dtypes=ALL_DTYPES),
     _tfam_combine_case("3x1x1x1x1", (3, 1, 1, 1, 1), dtypes=ALL_DTYPES),
-    _tfam_combine_case("gradcheck-2x3x2x3x4", (2, 3, 2, 3, 4), dtypes=(torch.float64,), gradcheck=True,
-                       triton=False),
+    _tfam_combine_case("gradcheck-2x3x2x3x4", (2, 3, 2, 3, 4), dtypes=(torch.float64,), gradcheck=True, triton=False),
 ]
 
 CASES: list[Case] = SINKHORN_CASES + DCT_CASES + GIRL_CASES + TFAM_CASES
@@ -549,7 +625,8 @@ assert len({case.name for case in CASES}) == len(CASES), "case names must be uni
 def cases(op: str | None = None, **flags) -> list[Case]:
     """The cases of `op` (all ops when None) whose flags match, e.g. cases(gradcheck=True)."""
     return [
-        case for case in CASES
+        case
+        for case in CASES
         if (op is None or case.op == op) and all(getattr(case, flag) == value for flag, value in flags.items())
     ]
 

@@ -11,9 +11,28 @@ from tests.train_helpers import REPO_ROOT, TINY_PRESET, TRAIN_SCRIPT, run_script
 
 ABLATE_SCRIPT = REPO_ROOT / "models" / "ablate.py"
 # Two short epochs of the tiny model on a few clips.
-TINY_TRAIN = ["--preset", TINY_PRESET, "--num-frames", "4", "--crop-size", "32", "--epochs", "2", "--batch-size", "8",
-              "--max-train-clips", "16", "--max-eval-clips", "8", "--lr", "0.003", "--warmup-epochs", "0",
-              "--girl-num-groups", "2"]
+TINY_TRAIN = [
+    "--preset",
+    TINY_PRESET,
+    "--num-frames",
+    "4",
+    "--crop-size",
+    "32",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-train-clips",
+    "16",
+    "--max-eval-clips",
+    "8",
+    "--lr",
+    "0.003",
+    "--warmup-epochs",
+    "0",
+    "--girl-num-groups",
+    "2",
+]
 
 
 @pytest.mark.slow  # two short training runs and a rerun: ~30 s of CPU
@@ -21,10 +40,36 @@ def test_runner_writes_csv_table_plot_resumes_and_skips_finished_runs(tmp_path):
     out = tmp_path / "ablation"
     # A run stopped after its first epoch, as an interrupted ablation leaves it.
     stopped = out / "full" / "seed0"
-    run_script([TRAIN_SCRIPT, "--out", stopped, "--seed", "0", "--no-progress", "--workers", "0", "--stop-after-epoch",
-                "1", *ablate.row_args("full"), *TINY_TRAIN])
-    command = [ABLATE_SCRIPT, "--rows", "baseline,full", "--seeds", "1", "--out", out, "--jobs", "2",
-               "--no-progress", "--", *TINY_TRAIN]
+    run_script(
+        [
+            TRAIN_SCRIPT,
+            "--out",
+            stopped,
+            "--seed",
+            "0",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--stop-after-epoch",
+            "1",
+            *ablate.row_args("full"),
+            *TINY_TRAIN,
+        ]
+    )
+    command = [
+        ABLATE_SCRIPT,
+        "--rows",
+        "baseline,full",
+        "--seeds",
+        "1",
+        "--out",
+        out,
+        "--jobs",
+        "2",
+        "--no-progress",
+        "--",
+        *TINY_TRAIN,
+    ]
     run_script(command, timeout=300)
     assert "resumed from" in (stopped / "train.log").read_text()
     with open(out / "ablation.csv") as f:
@@ -48,20 +93,38 @@ def test_runner_writes_csv_table_plot_resumes_and_skips_finished_runs(tmp_path):
 
 
 def test_summary_statistics_and_table():
-    results = [{"row": "full", "seed": s, "test_action_top1": a, "test_body_top1": 0.5, "test_f1_mean": 0.25,
-                "same_action_top1": 0.5, "person_gap": a - 0.5, "seconds": 1.0} for s, a in ((0, 0.2), (1, 0.4))]
+    results = [
+        {
+            "row": "full",
+            "seed": s,
+            "test_action_top1": a,
+            "test_body_top1": 0.5,
+            "test_f1_mean": 0.25,
+            "same_action_top1": 0.5,
+            "person_gap": a - 0.5,
+            "seconds": 1.0,
+        }
+        for s, a in ((0, 0.2), (1, 0.4))
+    ]
     table = ablate.summarize(results, ["baseline", "full"])
     assert list(table) == ["full"]
     mean, std, n = table["full"]["test_action_top1"]
     assert (mean, n) == (pytest.approx(0.3), 2) and std == pytest.approx(0.1414213, rel=1e-5)  # sample std
-    assert "| full | 30.0 ± 14.1 | 50.0 ± 0.0 | 25.0 ± 0.0 | 50.0 ± 0.0 | -20.0 ± 14.1 | 2 |" in ablate.markdown_table(table)
+    assert "| full | 30.0 ± 14.1 | 50.0 ± 0.0 | 25.0 ± 0.0 | 50.0 ± 0.0 | -20.0 ± 14.1 | 2 |" in ablate.markdown_table(
+        table
+    )
 
 
 def test_rows_switch_every_part_explicitly():
     args = ablate.row_args("frequency_only")
     pairs = dict(args[i + 1].split("=", 1) for i in range(0, len(args), 2))
-    assert pairs == {"tfam": "true", "temporal": "false", "frequency": "true", "fusion": '"consistency"',
-                     "girl": "true"}
+    assert pairs == {
+        "tfam": "true",
+        "temporal": "false",
+        "frequency": "true",
+        "fusion": '"consistency"',
+        "girl": "true",
+    }
     with pytest.raises(SystemExit):
         ablate.parse_args(["--rows", "nope"])
     with pytest.raises(SystemExit):

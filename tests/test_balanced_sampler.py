@@ -45,8 +45,9 @@ def test_person_mode_gives_each_person_several_classes_with_m_items():
     batch_size, m, persons = 16, 2, 4
     seen = []
     for rank in range(2):
-        sampler = ClassBalancedSampler(labels, batch_size, m, rank=rank, world_size=2, seed=1, subjects=subjects,
-                                       persons_per_batch=persons)
+        sampler = ClassBalancedSampler(
+            labels, batch_size, m, rank=rank, world_size=2, seed=1, subjects=subjects, persons_per_batch=persons
+        )
         for batch in batches_of(sampler):
             people, per_person = np.unique(subjects[batch], return_counts=True)
             assert len(people) == persons and per_person.tolist() == [batch_size // persons] * persons

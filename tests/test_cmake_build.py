@@ -52,7 +52,14 @@ def test_cmake_build_compiles_and_loads(tmp_path):
     cmake = _tool("cmake")
     BUILD.mkdir(parents=True, exist_ok=True)
     configure = [
-        cmake, "-S", str(ROOT), "-B", str(BUILD), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Debug",
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(BUILD),
+        "-G",
+        "Ninja",
+        "-DCMAKE_BUILD_TYPE=Debug",
         # without Debug's -g: debug information is not what this checks, and costs compile time.
         "-DCMAKE_CXX_FLAGS_DEBUG=-O0",
         f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",

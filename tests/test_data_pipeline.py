@@ -61,8 +61,10 @@ def sum_loss(logits, features, labels, **groups):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_model_sees_what_the_float_pipeline_gave(ma52_root, channels_last):
-    datasets = [MA52Dataset(ma52_root, "train", num_frames=4, size=24, short_side=32, training=True),
-                SyntheticMicroActions("train", num_frames=4, size=32, persons_per_split=1, training=True)]
+    datasets = [
+        MA52Dataset(ma52_root, "train", num_frames=4, size=24, short_side=32, training=True),
+        SyntheticMicroActions("train", num_frames=4, size=32, persons_per_split=1, training=True),
+    ]
     for dataset in datasets:
         items = [dataset[(index, 100 + index)] for index in range(4)]
         batch = collate_clips(items)
@@ -71,8 +73,9 @@ def test_the_model_sees_what_the_float_pipeline_gave(ma52_root, channels_last):
         model_step(model, sum_loss, batch["clip"], None, channels_last=channels_last)
         expected = torch.stack([float_pipeline(item["clip"].numpy()) for item in items])
         assert torch.equal(model.seen, expected)  # bit for bit: normalization moved, not changed
-        assert model.seen.is_contiguous(memory_format=torch.channels_last_3d if channels_last
-                                        else torch.contiguous_format)
+        assert model.seen.is_contiguous(
+            memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format
+        )
 
 
 def test_augmentation_is_a_function_of_the_key(ma52_root):
@@ -90,8 +93,14 @@ def test_augmentation_is_a_function_of_the_key(ma52_root):
     sampler.set_epoch(3)
     batches = []
     for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers,
-                                             collate_fn=collate_clips, persistent_workers=workers > 0)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=2,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_clips,
+            persistent_workers=workers > 0,
+        )
         batches.append([batch["clip"] for _ in range(2) for batch in loader])
     assert all(torch.equal(a, b) for a, b in zip(*batches))
 
@@ -119,8 +128,16 @@ def test_repeated_augmentation_decodes_once_and_gives_k_clips(ma52_root, monkeyp
 
 def _tiny_step_setup():
     # TFAM on the last stage only: its ops and GIRL's are in the graph, and compiling stays short.
-    cfg = resolve_config({"preset": json.loads(TINY_PRESET), "num_frames": 4, "crop_size": 32, "tfam_stages": ["res5"],
-                          "girl_num_groups": 2, "device": "cpu"})
+    cfg = resolve_config(
+        {
+            "preset": json.loads(TINY_PRESET),
+            "num_frames": 4,
+            "crop_size": 32,
+            "tfam_stages": ["res5"],
+            "girl_num_groups": 2,
+            "device": "cpu",
+        }
+    )
     torch.manual_seed(0)
     model = builders.build_model(cfg).train()
     frames = torch.randint(0, 256, (8, 4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -149,8 +166,9 @@ def test_channels_last_step_equals_the_contiguous_step():
     _, model, loss_fn, frames, labels = _tiny_step_setup()
     eager = _one_step(model_step, model, loss_fn, frames, labels, False)
     to_channels_last(model)
-    assert any(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
-               for p in model.parameters())
+    assert any(
+        p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous() for p in model.parameters()
+    )
     _assert_same_step(eager, _one_step(model_step, model, loss_fn, frames, labels, True), 1e-4)
 
 

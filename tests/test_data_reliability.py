@@ -83,15 +83,18 @@ def test_odd_frame_sizes_are_refused_before_any_large_allocation(hostile_root):
     decode.check_frame_size(1296, 1080)
 
 
-@pytest.mark.parametrize("line, expected", [
-    (f"{GOOD}", "expected '<name>.mp4 <action_id>'"),
-    (f"{GOOD} 52", r"expected an action id in \[0, 52\), got 52"),
-    (f"{GOOD} three", "expected '<name>.mp4 <action_id>'"),
-    (f"{GOOD} 1.5", "expected '<name>.mp4 <action_id>'"),
-    ("../../outside.mp4 1", "expected a video name inside the split's folder, got '../../outside.mp4'"),
-    ("sub/../../outside.mp4 1", "expected a video name inside the split's folder"),
-    ("/etc/passwd 1", "expected a video name inside the split's folder, got '/etc/passwd'"),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (f"{GOOD}", "expected '<name>.mp4 <action_id>'"),
+        (f"{GOOD} 52", r"expected an action id in \[0, 52\), got 52"),
+        (f"{GOOD} three", "expected '<name>.mp4 <action_id>'"),
+        (f"{GOOD} 1.5", "expected '<name>.mp4 <action_id>'"),
+        ("../../outside.mp4 1", "expected a video name inside the split's folder, got '../../outside.mp4'"),
+        ("sub/../../outside.mp4 1", "expected a video name inside the split's folder"),
+        ("/etc/passwd 1", "expected a video name inside the split's folder, got '/etc/passwd'"),
+    ],
+)
 def test_a_bad_list_line_is_refused_naming_file_and_line(tmp_path, line, expected):
     root = tmp_path / "ma52"
     (root / "train").mkdir(parents=True)
@@ -123,13 +126,26 @@ def test_missing_root_and_missing_list_are_one_line_errors(tmp_path, capsys):
 
 def test_the_train_script_prints_one_line_and_exits_nonzero_for_a_missing_root(tmp_path):
     missing = tmp_path / "no_such_folder"
-    result = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--data-root", str(missing), "--out",
-                             str(tmp_path / "run"), "--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN_SCRIPT),
+            "--data-root",
+            str(missing),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"train.py: error: MA-52 root: expected a folder holding the lists and videos, but {missing} does not exist"]
+        f"train.py: error: MA-52 root: expected a folder holding the lists and videos, but {missing} does not exist"
+    ]
 
 
 def test_a_loader_worker_survives_every_bad_file(hostile_root):

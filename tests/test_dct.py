@@ -28,6 +28,7 @@ SHAPES = [(2, 3, 4, 9, 11), (2, 2, 3, 7, 7), (3, 2, 2, 4, 4), (1, 1, 1, 1, 1), (
 
 def formula_basis(k: int) -> torch.Tensor:
     """SPEC §2 literally: D_d[i, j] = c(u) c(v) cos(pi (2i+1) u / 2k) cos(pi (2j+1) v / 2k), u = d mod k."""
+
     def c(f):
         return math.sqrt((1.0 if f == 0 else 2.0) / k)
 
@@ -37,7 +38,9 @@ def formula_basis(k: int) -> torch.Tensor:
         for i in range(k):
             for j in range(k):
                 basis[d, i, j] = (
-                    c(u) * c(v) * math.cos(math.pi * (2 * i + 1) * u / (2 * k))
+                    c(u)
+                    * c(v)
+                    * math.cos(math.pi * (2 * i + 1) * u / (2 * k))
                     * math.cos(math.pi * (2 * j + 1) * v / (2 * k))
                 )
     return basis
@@ -405,17 +408,16 @@ def test_bad_basis_and_module_arguments():
 
 
 def test_triton_rejects_float64():
-    if not backends._availability("triton", torch.device("cpu")) == "":
+    if backends._availability("triton", torch.device("cpu")) != "":
         pytest.skip("triton cannot run on CPU tensors here")
-    with piumr_kernels.use_backend("triton"):
-        with pytest.raises(TypeError, match="float64"):
-            dct_filter_bank(torch.randn(1, 1, 1, 3, 3, dtype=torch.float64))
+    with piumr_kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        dct_filter_bank(torch.randn(1, 1, 1, 3, 3, dtype=torch.float64))
 
 
 def test_triton_tables_are_built_once_and_never_cached_from_fake_inputs():
     """The triton launchers reuse the float32 1-D basis (built in float64) and the filter indices
     per (kernel_size, frequencies, device); a fake input builds its own and caches nothing."""
-    if not backends._availability("triton", torch.device("cpu")) == "":
+    if backends._availability("triton", torch.device("cpu")) != "":
         pytest.skip("triton cannot run on CPU tensors here")
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 
+import op_harness as H
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -37,11 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import piumr_kernels
 from piumr_kernels import backends
 from piumr_kernels.dct.reference import dct_filter_bank_reference
-from piumr_kernels.girl.reference import girl_loss_reference
 from piumr_kernels.sinkhorn_knopp.reference import sinkhorn_reference
 from piumr_kernels.tfam_pooling.reference import tfam_combine_reference, tfam_statistics_reference
-
-import op_harness as H
 
 CUDA = torch.device("cuda")
 CUDA_BUILT = torch.backends.cuda.is_built()
@@ -52,8 +50,9 @@ NO_FAKE_CUDA = (
 )
 # (fake device, whether autograd runs on it)
 FAKE_DEVICES = [
-    pytest.param(torch.device("cuda"), True, id="fake-cuda",
-                 marks=[] if CUDA_BUILT else [pytest.mark.skip(reason=NO_FAKE_CUDA)]),
+    pytest.param(
+        torch.device("cuda"), True, id="fake-cuda", marks=[] if CUDA_BUILT else [pytest.mark.skip(reason=NO_FAKE_CUDA)]
+    ),
     pytest.param(torch.device("meta"), True, id="fake-meta"),
 ]
 
@@ -123,6 +122,7 @@ def _sinkhorn(log_domain):
         K = _leaf(torch.rand(3, 5, 6, device=device, dtype=torch.float64), grad)
         P = sinkhorn_reference(K, 3, log_domain=log_domain)
         return P, [K]
+
     return run
 
 
@@ -130,6 +130,7 @@ def _dct(frequencies, return_stats):
     def run(device, grad):
         x = _leaf(torch.randn(2, 3, 2, 6, 5, device=device), grad)
         return dct_filter_bank_reference(x, 7, frequencies, return_stats), [x]
+
     return run
 
 
@@ -138,9 +139,19 @@ def _girl(detach_weights, var_grad):
         features = _leaf(torch.randn(10, 4, device=device, dtype=torch.float64), grad)
         labels = torch.randint(0, 3, (10,), device=device)
         order = torch.randperm(10, device=device)
-        out = H.call_girl_reference(features, labels, order, [4, 3, 3], tau=0.1, eta=0.3, lambda_var=1.0,
-                                    var_grad=var_grad, detach_weights=detach_weights)
+        out = H.call_girl_reference(
+            features,
+            labels,
+            order,
+            [4, 3, 3],
+            tau=0.1,
+            eta=0.3,
+            lambda_var=1.0,
+            var_grad=var_grad,
+            detach_weights=detach_weights,
+        )
         return out, [features]
+
     return run
 
 
@@ -202,8 +213,9 @@ def test_fake_device_catches_a_cpu_constant(mix, device, grad):
 def _public_params():
     params = []
     for case in H.CASES:
-        if case.op == "sinkhorn" and not any(tier in case.id for tier in ("packed-9x4x4", "one-matrix-3x16x16",
-                                                                          "streaming-1x65x64")):
+        if case.op == "sinkhorn" and not any(
+            tier in case.id for tier in ("packed-9x4x4", "one-matrix-3x16x16", "streaming-1x65x64")
+        ):
             continue  # the other shapes run the same Python on fake tensors
         for backend in ("reference", "triton"):
             for device_param in FAKE_DEVICES:
@@ -215,11 +227,20 @@ def _public_params():
                     reason = NO_FAKE_CUDA
                 if backend == "triton" and not reason:
                     if backends.triton_interpreting():
-                        reason = ("TRITON_INTERPRET=1: torch.library.wrap_triton returns the raw kernel under the "
-                                  "interpreter, so a triton op on fake tensors would run the interpreter on them")
-                params.append(pytest.param(case, backend, device, grad,
-                                           marks=[pytest.mark.skip(reason=reason)] if reason else [],
-                                           id=f"{case.name}-{backend}-{device_param.id}"))
+                        reason = (
+                            "TRITON_INTERPRET=1: torch.library.wrap_triton returns the raw kernel under the "
+                            "interpreter, so a triton op on fake tensors would run the interpreter on them"
+                        )
+                params.append(
+                    pytest.param(
+                        case,
+                        backend,
+                        device,
+                        grad,
+                        marks=[pytest.mark.skip(reason=reason)] if reason else [],
+                        id=f"{case.name}-{backend}-{device_param.id}",
+                    )
+                )
     return params
 
 
@@ -241,12 +262,11 @@ def test_public_function_on_fake_device(case, backend, device, grad):
     """The public function, forward and backward, with every input on a fake device."""
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     inputs = fake_inputs(case, torch.float32, device, grad, mode)
-    with fake_mode(mode):
-        with backends.use_backend(backend):
-            outputs = H.as_tuple(case.run(*inputs))
-            _assert_on(device, outputs)
-            if grad:
-                _backward(outputs, [inputs[i] for i in case.grad_inputs])
+    with fake_mode(mode), backends.use_backend(backend):
+        outputs = H.as_tuple(case.run(*inputs))
+        _assert_on(device, outputs)
+        if grad:
+            _backward(outputs, [inputs[i] for i in case.grad_inputs])
 
 
 @pytest.mark.parametrize("device,grad", FAKE_DEVICES)
@@ -269,14 +289,30 @@ def _mixed_calls(make):
     """(description, call, argument names that must appear in the error) for each public
     op with several tensor arguments; `make(shape, dtype, where)` builds one tensor."""
     f32, i64 = torch.float32, torch.int64
-    yield ("girl_loss labels", lambda: piumr_kernels.girl_loss(make((8, 4), f32, 0), make((8,), i64, 1), num_groups=2),
-           ("features", "labels"))
-    yield ("girl_loss groups", lambda: piumr_kernels.girl_loss(make((8, 4), f32, 0), make((8,), i64, 0),
-                                                                groups=make((8,), i64, 1)), ("features", "groups"))
-    yield ("tfam_combine temporal_scale", lambda: piumr_kernels.tfam_combine(
-        make((2, 3, 4, 5, 6), f32, 0), make((2, 4), f32, 1), make((2, 5, 6), f32, 0)), ("x", "temporal_scale"))
-    yield ("tfam_combine spatial_scale", lambda: piumr_kernels.tfam_combine(
-        make((2, 3, 4, 5, 6), f32, 0), make((2, 4), f32, 0), make((2, 5, 6), f32, 1)), ("x", "spatial_scale"))
+    yield (
+        "girl_loss labels",
+        lambda: piumr_kernels.girl_loss(make((8, 4), f32, 0), make((8,), i64, 1), num_groups=2),
+        ("features", "labels"),
+    )
+    yield (
+        "girl_loss groups",
+        lambda: piumr_kernels.girl_loss(make((8, 4), f32, 0), make((8,), i64, 0), groups=make((8,), i64, 1)),
+        ("features", "groups"),
+    )
+    yield (
+        "tfam_combine temporal_scale",
+        lambda: piumr_kernels.tfam_combine(
+            make((2, 3, 4, 5, 6), f32, 0), make((2, 4), f32, 1), make((2, 5, 6), f32, 0)
+        ),
+        ("x", "temporal_scale"),
+    )
+    yield (
+        "tfam_combine spatial_scale",
+        lambda: piumr_kernels.tfam_combine(
+            make((2, 3, 4, 5, 6), f32, 0), make((2, 4), f32, 0), make((2, 5, 6), f32, 1)
+        ),
+        ("x", "spatial_scale"),
+    )
 
 
 def _maker(devices):
@@ -284,6 +320,7 @@ def _maker(devices):
         if dtype.is_floating_point:
             return torch.randn(shape, dtype=dtype, device=devices[where])
         return torch.randint(0, 2, shape, dtype=dtype, device=devices[where])
+
     return make
 
 
@@ -314,8 +351,16 @@ def test_fused_op_call_with_mixed_devices_names_the_arguments(backend):
         pytest.skip(f"{backend} backend unavailable")
     calls = {
         # girl_cpp(features, labels, order, offsets, tau, eta, detach_weights, need_grad)
-        "girl": lambda: (torch.randn(8, 4, device="meta"), torch.zeros(8, dtype=torch.int64),
-                         torch.arange(8), torch.tensor([0, 4, 8]), 0.1, 0.3, True, False),
+        "girl": lambda: (
+            torch.randn(8, 4, device="meta"),
+            torch.zeros(8, dtype=torch.int64),
+            torch.arange(8),
+            torch.tensor([0, 4, 8]),
+            0.1,
+            0.3,
+            True,
+            False,
+        ),
         "tfam_combine": lambda: (torch.randn(2, 3, 4, 5, 6, device="meta"), torch.randn(2, 4), torch.randn(2, 5, 6)),
     }
     ops = H.fused_ops()

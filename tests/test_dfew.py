@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ma52_loader import decoded_indices, index_coded_frames
 
 from models.data.clips import collate_clips, sample_frame_indices
 from models.data.dfew import LABELS, DFEWDataset, read_split_file
 from models.data.ma52 import write_h264_mp4
 from models.errors import DatasetError, InputNotFound
-
-from test_ma52_loader import decoded_indices, index_coded_frames
 
 # clip number -> (DFEW label 1..7, frames); clips 1-3 in part_1, 4-5 in part_2.
 CLIPS = {1: (1, 10), 2: (7, 20), 3: (3, 16), 4: (4, 12), 5: (2, 18)}
@@ -92,12 +91,15 @@ def test_a_listed_clip_without_video_warns_and_is_dropped(tmp_path):
     assert dataset.failed == [9]
 
 
-@pytest.mark.parametrize("text,message", [
-    ("name,label\n1,1\n", "expected the header 'video_name,label'"),
-    ("video_name,label\n1,8\n", r":2: expected a label in 1..7, got 8"),
-    ("video_name,label\n\n1\n", r":3: expected '<clip number>,<label 1-7>'"),
-    ("video_name,label\n", "lists no clip"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name,label\n1,1\n", "expected the header 'video_name,label'"),
+        ("video_name,label\n1,8\n", r":2: expected a label in 1..7, got 8"),
+        ("video_name,label\n\n1\n", r":3: expected '<clip number>,<label 1-7>'"),
+        ("video_name,label\n", "lists no clip"),
+    ],
+)
 def test_malformed_split_files_name_file_and_line(tmp_path, text, message):
     path = tmp_path / "set_1.csv"
     path.write_text(text)
@@ -151,15 +153,42 @@ def test_trains_hdf_on_a_dfew_fold(dfew_root, tmp_path):
     from models import train
     from models.training.checkpointing import load_checkpoint
 
-    summary = train.main(["--dataset", "dfew", "--data-root", str(dfew_root), "--dfew-fold", "2", "--out",
-                          str(tmp_path / "run"), "--preset", '{"name": "test", "depth_factor": 0.2}',
-                          "--num-frames", "4", "--crop-size", "32", "--epochs", "1", "--batch-size", "2",
-                          "--workers", "0", "--no-progress", "--warmup-epochs", "0"])
+    summary = train.main(
+        [
+            "--dataset",
+            "dfew",
+            "--data-root",
+            str(dfew_root),
+            "--dfew-fold",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            "--preset",
+            '{"name": "test", "depth_factor": 0.2}',
+            "--num-frames",
+            "4",
+            "--crop-size",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--warmup-epochs",
+            "0",
+        ]
+    )
     assert set(summary["test"]) == {"war", "uar"} and 0 <= summary["test"]["uar"] <= 1
     assert summary["best"] == {"epoch": 1, "val_uar": summary["history"][0]["val_uar"]}
     config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
     assert (config["model"], config["optimizer"], config["dfew_fold"], config["label_smoothing"]) == (
-        "hdf", "sam_adamw", 2, 0.1)
+        "hdf",
+        "sam_adamw",
+        2,
+        0.1,
+    )
     from models import evaluate
     from models.errors import CheckpointError
 

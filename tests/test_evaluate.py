@@ -32,8 +32,10 @@ def test_evaluate_script_writes_every_file(synthetic_checkpoint, tmp_path):
     assert report["labels_available"] and report["num_clips"] == 30
     metrics = report["metrics"]
     assert {"action_top1", "action_top5", "body_top1", "f1_mean"} <= set(metrics)
-    assert metrics["f1_mean"] == pytest.approx((metrics["action_f1_macro"] + metrics["action_f1_micro"]
-                                                + metrics["body_f1_macro"] + metrics["body_f1_micro"]) / 4)
+    assert metrics["f1_mean"] == pytest.approx(
+        (metrics["action_f1_macro"] + metrics["action_f1_micro"] + metrics["body_f1_macro"] + metrics["body_f1_micro"])
+        / 4
+    )
     with open(out / "prediction.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["vid"] + [f"action_pred_{i}" for i in range(1, 6)] + [f"body_pred_{i}" for i in range(1, 6)]
@@ -41,8 +43,9 @@ def test_evaluate_script_writes_every_file(synthetic_checkpoint, tmp_path):
 
 
 def test_val_split_has_no_submission_file(synthetic_checkpoint, tmp_path):
-    report = evaluate.main([str(synthetic_checkpoint), "--split", "val", "--out", str(tmp_path), "--no-progress",
-                            "--max-points", "20"])
+    report = evaluate.main(
+        [str(synthetic_checkpoint), "--split", "val", "--out", str(tmp_path), "--no-progress", "--max-points", "20"]
+    )
     assert report["split"] == "val" and report["metrics"]["num_samples"] == 30
     assert not (tmp_path / "prediction.csv").exists()
     assert all((tmp_path / name).is_file() for name in (*CONFUSIONS, *FIGURES))

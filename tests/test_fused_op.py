@@ -3,6 +3,7 @@ guard, and no materialized gradients for outputs that take none."""
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import piumr_kernels
@@ -11,15 +12,18 @@ from piumr_kernels.dct.op import DCT_FILTER_BANK
 from piumr_kernels.sinkhorn_knopp.op import SINKHORN
 from piumr_kernels.tfam_pooling.op import TFAM_COMBINE, TFAM_STATISTICS
 
-from conftest import DEVICE
-
 FUSED_OPS = [SINKHORN, DCT_FILTER_BANK, TFAM_STATISTICS, TFAM_COMBINE]
 
 
-@pytest.mark.parametrize("dtype,expected", [
-    (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-    (torch.float32, torch.float32), (torch.float64, torch.float64),
-])
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
 def test_accumulation_dtype_rule(dtype, expected):
     assert fused_op.accumulation_dtype(dtype) == expected
 
@@ -85,8 +89,13 @@ class _CountFills(TorchDispatchMode):
         self.fills = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zero_, torch.ops.aten.fill_,
-                                   torch.ops.aten.zeros_like, torch.ops.aten.new_zeros):
+        if func.overloadpacket in (
+            torch.ops.aten.zeros,
+            torch.ops.aten.zero_,
+            torch.ops.aten.fill_,
+            torch.ops.aten.zeros_like,
+            torch.ops.aten.new_zeros,
+        ):
             self.fills.append(func)
         return func(*args, **(kwargs or {}))
 

@@ -21,7 +21,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from fuzz_ops_cases import OPS
 
 WORKER = Path(__file__).with_name("fuzz_ops_cases.py")
@@ -42,8 +41,14 @@ def run_cases(op: str, worker: Path = WORKER) -> list[dict]:
     resume = ["0"]  # worker arguments after the op: first case index [, backend that crashed there]
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "0", "PYTHONWARNINGS": "ignore"}
     while True:
-        process = subprocess.Popen([sys.executable, str(worker), op, *resume], cwd=WORKER.parent, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(
+            [sys.executable, str(worker), op, *resume],
+            cwd=WORKER.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_lines, args=(process, lines), daemon=True).start()
         running = None
@@ -69,8 +74,9 @@ def run_cases(op: str, worker: Path = WORKER) -> list[dict]:
         if running is None:
             raise RuntimeError(f"the {op} worker failed before its first case: {problem}")
         index, backend = running
-        verdicts.append({"index": index, "label": f"case {index}", "backend": backend, "outcome": "other",
-                         "detail": problem})
+        verdicts.append(
+            {"index": index, "label": f"case {index}", "backend": backend, "outcome": "other", "detail": problem}
+        )
         resume = [str(index), backend]
 
 

@@ -67,8 +67,9 @@ def check_against_reference(features, labels, num_groups=None, groups=None, seed
         kwargs.update(groups=groups, num_groups=num_groups)
     loss, details = girl_loss(z, labels, return_details=True, **kwargs)
     (loss * grad_scale).backward()
-    ref_loss, ref_risks, ref_var, ref_grad = fp64_reference(features, labels, details["group_index"],
-                                                            details["group_risks"].shape[0], **options)
+    ref_loss, ref_risks, ref_var, ref_grad = fp64_reference(
+        features, labels, details["group_index"], details["group_risks"].shape[0], **options
+    )
     loss_tol, grad_tol = TOL[features.dtype]
     assert loss.dtype == features.dtype and z.grad.dtype == features.dtype
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=loss_tol * 1e-2)
@@ -108,7 +109,7 @@ def test_fused_op_forward_and_backward_with_nonuniform_upstream(backend, poisone
         assert_close_scaled(z.grad, ref.grad, 1e-4, f"gradient (detach_weights={detach})")
         if partition == "explicit":
             assert risks[[2, 3, 5]].tolist() == [0.0, 0.0, 0.0]
-            assert torch.count_nonzero(direction[offsets[3]:offsets[4]]) == 0  # the single member
+            assert torch.count_nonzero(direction[offsets[3] : offsets[4]]) == 0  # the single member
         _, no_direction = GIRL(backend, features, labels, order, offsets, 0.07, 0.2, detach, False)
         assert no_direction.shape == (0, 12)
 
@@ -151,9 +152,10 @@ def test_opcheck_cpp():
     offsets = torch.tensor([0, 4, 4, 5, 10])  # an empty and a single-member group
     for detach in (True, False):
         for need_grad in (True, False):
-            torch.library.opcheck(torch.ops.piumr_kernels.girl_cpp,
-                                  (features.cpu().requires_grad_(need_grad), labels.cpu(), order, offsets, 0.1, 0.3,
-                                   detach, need_grad))
+            torch.library.opcheck(
+                torch.ops.piumr_kernels.girl_cpp,
+                (features.cpu().requires_grad_(need_grad), labels.cpu(), order, offsets, 0.1, 0.3, detach, need_grad),
+            )
 
 
 def test_anchors_without_positives(backend):
@@ -184,8 +186,9 @@ def test_groups_of_zero_and_one_member_are_left_out(backend, poisoned_empty, var
     features, labels = make_inputs(26, 10, num_classes=3, seed=2)
     ids = torch.tensor(NONUNIFORM_GROUPS, device=DEVICE)
     z = features.clone().requires_grad_()
-    loss, details = girl_loss(z, labels, 6, groups=ids, detach_weights=False, var_grad=var_grad, lambda_var=1.5,
-                              return_details=True)
+    loss, details = girl_loss(
+        z, labels, 6, groups=ids, detach_weights=False, var_grad=var_grad, lambda_var=1.5, return_details=True
+    )
     loss.backward()
     risks = details["group_risks"]
     assert risks[[2, 3, 5]].tolist() == [0.0, 0.0, 0.0] and bool((risks[[0, 1, 4]] != 0).all())
@@ -262,8 +265,16 @@ def test_cpp_streaming_tiles(batch, num_groups, threads):
     try:
         with use_backend("cpp"):
             for detach_weights, var_grad in ((True, True), (False, False)):
-                check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=detach_weights,
-                                        var_grad=var_grad, tau=0.1, eta=0.3, lambda_var=2.0)
+                check_against_reference(
+                    features.cpu(),
+                    labels.cpu(),
+                    num_groups,
+                    detach_weights=detach_weights,
+                    var_grad=var_grad,
+                    tau=0.1,
+                    eta=0.3,
+                    lambda_var=2.0,
+                )
     finally:
         torch.set_num_threads(previous)
 
@@ -282,8 +293,17 @@ def test_cpp_group_sizes_every_gram_block_remainder(isa, dtype, monkeypatch):
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(2))]
     features, labels = make_inputs(len(ids), 37, num_classes=2, dtype=dtype, seed=8)
     with use_backend("cpp"):
-        details = check_against_reference(features.cpu(), labels.cpu(), len(sizes), groups=ids, detach_weights=False,
-                                          var_grad=True, tau=0.1, eta=0.3, lambda_var=1.5)
+        details = check_against_reference(
+            features.cpu(),
+            labels.cpu(),
+            len(sizes),
+            groups=ids,
+            detach_weights=False,
+            var_grad=True,
+            tau=0.1,
+            eta=0.3,
+            lambda_var=1.5,
+        )
     assert torch.bincount(details["group_index"]).tolist() == sizes
 
 
@@ -301,8 +321,16 @@ def test_cpp_gradient_products_every_block_remainder(isa, dtype, batch, width, n
     monkeypatch.setenv("PIUMR_KERNELS_CPU_ISA", isa)
     features, labels = make_inputs(batch, width, num_classes=4, dtype=dtype, seed=12)
     with use_backend("cpp"):
-        check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=False, var_grad=True,
-                                tau=0.1, eta=0.3, lambda_var=1.5)
+        check_against_reference(
+            features.cpu(),
+            labels.cpu(),
+            num_groups,
+            detach_weights=False,
+            var_grad=True,
+            tau=0.1,
+            eta=0.3,
+            lambda_var=1.5,
+        )
 
 
 def test_zero_feature_rows_stay_finite(backend):
@@ -323,9 +351,18 @@ def test_gradcheck_float64(backend_name, detach_weights, var_grad, lambda_var):
     for ids, num_groups in (([0, 1, 0, 1, 1, 0, 0, 1, 1], 2), ([0, 1, 0, 1, 1, 0, 3, 1, 0], 4)):
         groups = torch.tensor(ids, device=DEVICE)
 
-        def loss_fn(z):
-            return girl_loss(z, labels, num_groups, tau=0.5, eta=0.4, lambda_var=lambda_var, var_grad=var_grad,
-                             detach_weights=detach_weights, groups=groups)
+        def loss_fn(z, num_groups=num_groups, groups=groups):
+            return girl_loss(
+                z,
+                labels,
+                num_groups,
+                tau=0.5,
+                eta=0.4,
+                lambda_var=lambda_var,
+                var_grad=var_grad,
+                detach_weights=detach_weights,
+                groups=groups,
+            )
 
         with use_backend(backend_name):
             assert torch.autograd.gradcheck(loss_fn, (features.clone().requires_grad_(),))
@@ -356,8 +393,15 @@ def test_var_grad_false_gradient_is_mean_risk_gradient(backend):
     grads, losses, details = [], [], []
     for lambda_var in (3.0, 0.0):
         z = features.clone().requires_grad_()
-        loss, d = girl_loss(z, labels, num_groups=4, lambda_var=lambda_var, var_grad=False,
-                            generator=torch.Generator().manual_seed(2), return_details=True)
+        loss, d = girl_loss(
+            z,
+            labels,
+            num_groups=4,
+            lambda_var=lambda_var,
+            var_grad=False,
+            generator=torch.Generator().manual_seed(2),
+            return_details=True,
+        )
         loss.backward()
         grads.append(z.grad)
         losses.append(loss.detach())
@@ -375,16 +419,18 @@ def test_same_seed_same_groups_on_every_backend():
         if piumr_kernels.backends._availability(name, torch.device(DEVICE)):
             continue
         with use_backend(name):
-            _, details = girl_loss(features, labels, num_groups=4, generator=torch.Generator().manual_seed(9),
-                                   return_details=True)
+            _, details = girl_loss(
+                features, labels, num_groups=4, generator=torch.Generator().manual_seed(9), return_details=True
+            )
         seen[name] = details["group_index"]
     assert len(seen) >= 2
     first = next(iter(seen.values()))
     assert all(torch.equal(first, index) for index in seen.values())
     # tensor_split sizes: 23 = 6 + 6 + 6 + 5, and a fresh permutation per call without a generator.
     assert torch.bincount(first).tolist() == [6, 6, 6, 5]
-    _, other = girl_loss(features, labels, num_groups=4, generator=torch.Generator().manual_seed(10),
-                         return_details=True)
+    _, other = girl_loss(
+        features, labels, num_groups=4, generator=torch.Generator().manual_seed(10), return_details=True
+    )
     assert not torch.equal(first, other["group_index"])
 
 
@@ -421,7 +467,11 @@ BAD_INPUTS = [
     (dict(tau=-1.0), ValueError, "tau must be > 0"),
     (dict(eta=0.0), ValueError, "eta must be > 0"),
     (dict(lambda_var=-1.0), ValueError, "lambda_var must be >= 0"),
-    (dict(groups=torch.tensor([0, 0, 1, 1, 2, 2, 2, 4]), validate=True), ValueError, r"groups: ids must lie in .*\[0, 4\)"),
+    (
+        dict(groups=torch.tensor([0, 0, 1, 1, 2, 2, 2, 4]), validate=True),
+        ValueError,
+        r"groups: ids must lie in .*\[0, 4\)",
+    ),
     (dict(groups=torch.zeros(7, dtype=torch.long)), ValueError, "groups must be 1-D of length 8"),
     (dict(groups=torch.zeros(8)), TypeError, "groups must have an integer dtype"),
     (dict(labels=torch.zeros(8, dtype=torch.long, device="meta")), ValueError, "same device"),
@@ -474,13 +524,13 @@ def test_triton_fp32_precision(interpreter_rounds_tf32, precision, loss_tol, gra
     try:
         z = features.clone().requires_grad_()
         with use_backend("triton"):
-            loss, details = girl_loss(z, labels, 2, detach_weights=False, return_details=True,
-                                      generator=torch.Generator().manual_seed(2))
+            loss, details = girl_loss(
+                z, labels, 2, detach_weights=False, return_details=True, generator=torch.Generator().manual_seed(2)
+            )
         (loss * 1.3).backward()
     finally:
         set_triton_fp32_precision(saved)
-    ref_loss, ref_risks, _, ref_grad = fp64_reference(features, labels, details["group_index"], 2,
-                                                      detach_weights=False)
+    ref_loss, ref_risks, _, ref_grad = fp64_reference(features, labels, details["group_index"], 2, detach_weights=False)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=0.0)
     torch.testing.assert_close(details["group_risks"].double(), ref_risks, rtol=loss_tol, atol=0.0)
     assert_close_scaled(z.grad, ref_grad * 1.3, grad_tol, f"gradient ({precision})")
@@ -553,5 +603,6 @@ def test_cpp_cpu_isa_variants(isa, monkeypatch):
     with use_backend("cpp"):
         for batch, num_groups in ((40, 4), (300, 1)):
             features, labels = make_inputs(batch, 10, num_classes=5, seed=6)
-            check_against_reference(features.cpu(), labels.cpu(), num_groups, detach_weights=False, var_grad=True,
-                                    tau=0.1, eta=0.3)
+            check_against_reference(
+                features.cpu(), labels.cpu(), num_groups, detach_weights=False, var_grad=True, tau=0.1, eta=0.3
+            )

@@ -37,8 +37,9 @@ def test_random_cases_against_a_loop():
         batch = int(torch.randint(1, 30, (), generator=generator))
         labels = torch.randint(0, 4, (batch,), generator=generator)
         groups = torch.randint(0, 5, (batch,), generator=generator)
-        with_positive = sum(any(labels[j] == labels[i] and groups[j] == groups[i] for j in range(batch) if j != i)
-                            for i in range(batch))
+        with_positive = sum(
+            any(labels[j] == labels[i] and groups[j] == groups[i] for j in range(batch) if j != i) for i in range(batch)
+        )
         sizes = [int((groups == g).sum()) for g in range(5) if (groups == g).sum() >= 2]
         stats = girl_group_diagnostics(labels, groups, num_groups=5)
         assert stats["positive_fraction"].item() == pytest.approx(with_positive / batch)
@@ -84,12 +85,24 @@ def test_training_logs_the_diagnostics_and_balanced_person_batches_give_every_an
 
     persons = 'synthetic_options={"persons_per_split": {"train": 2, "val": 2, "test": 2}}'
     # 2 persons per batch of 8, each with 2 classes x 2 clips: every subject group has pairs.
-    balanced = train.main(tiny_args(tmp_path / "balanced", epochs=1, train_clips=8, eval_clips=4) + [
-        "--no-test", "--set", persons, "--girl-groups", "subject", "--batch-sampler", "m_per_class",
-        "--m-per-class", "2"])["history"][0]
+    balanced = train.main(
+        tiny_args(tmp_path / "balanced", epochs=1, train_clips=8, eval_clips=4)
+        + [
+            "--no-test",
+            "--set",
+            persons,
+            "--girl-groups",
+            "subject",
+            "--batch-sampler",
+            "m_per_class",
+            "--m-per-class",
+            "2",
+        ]
+    )["history"][0]
     assert balanced["train_girl_positive_fraction"] == 1.0 and balanced["train_girl_group_size"] == 4.0
     assert balanced["train_girl_var"] >= 0.0
-    plain = train.main(tiny_args(tmp_path / "plain", epochs=1, train_clips=8, eval_clips=4) + [
-        "--no-test", "--no-girl"])["history"][0]
+    plain = train.main(
+        tiny_args(tmp_path / "plain", epochs=1, train_clips=8, eval_clips=4) + ["--no-test", "--no-girl"]
+    )["history"][0]
     assert plain["train_girl_positive_fraction"] is None and plain["train_girl_var"] is None
     assert (tmp_path / "plain" / "curves.png").stat().st_size > 0

@@ -14,8 +14,10 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="the counters instrument triton's interpreter (TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the counters instrument triton's interpreter (TRITON_INTERPRET=1)",
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -59,16 +61,19 @@ def test_masked_copy_counts_only_active_lanes(counters):
     (launch,) = log.launches
     assert torch.equal(y, x * 2.0 + 1.0)
     assert launch.programs == 2
-    assert (launch.loaded_bytes, launch.stored_bytes) == (400, 400)   # 800 bytes, not 2 x 64 lanes
+    assert (launch.loaded_bytes, launch.stored_bytes) == (400, 400)  # 800 bytes, not 2 x 64 lanes
     assert (launch.distinct_loaded_bytes, launch.distinct_stored_bytes) == (400, 400)
-    assert launch.flops == 2 * 2 * 64   # a mul and an add on every lane of both blocks, masked or not
+    assert launch.flops == 2 * 2 * 64  # a mul and an add on every lane of both blocks, masked or not
 
 
-@pytest.mark.parametrize("dtype, precision, path", [
-    (torch.float32, "ieee", "fma_dot_macs"),
-    (torch.float32, "tf32", "tf32_macs"),
-    (torch.bfloat16, "ieee", "fp16_macs"),
-])
+@pytest.mark.parametrize(
+    "dtype, precision, path",
+    [
+        (torch.float32, "ieee", "fma_dot_macs"),
+        (torch.float32, "tf32", "tf32_macs"),
+        (torch.bfloat16, "ieee", "fp16_macs"),
+    ],
+)
 def test_dot_counts_multiply_accumulates_per_pipe(counters, dtype, precision, path):
     a, c = torch.randn(16, 16).to(dtype), torch.empty(16, 16)
     with counters.count_launches() as log:
@@ -83,11 +88,11 @@ def test_dot_counts_multiply_accumulates_per_pipe(counters, dtype, precision, pa
 # (op, shape, Triton launches fwd, torch ops fwd, Triton launches fwd+bwd, torch ops fwd+bwd),
 # counted on the current kernels at small shapes.
 LAUNCHES = [
-    ("sinkhorn", (64, 4, 4, 2), 1, 0, 2, 0),      # packed tier
-    ("sinkhorn", (1, 16, 16, 2), 1, 0, 2, 0),     # one_matrix tier
-    ("sinkhorn", (1, 65, 64, 2), 1, 0, 2, 0),     # streaming tier (GPU tiles)
-    ("girl", (12, 16, 2), 3, 5, 6, 6),            # torch: the partition (randperm, offsets); autograd.grad's ones
-    ("tfam_statistics", (1, 2, 2, 8, 8), 1, 0, 2, 0),   # after the first call (test_tfam_allocates_its_tickets_once)
+    ("sinkhorn", (64, 4, 4, 2), 1, 0, 2, 0),  # packed tier
+    ("sinkhorn", (1, 16, 16, 2), 1, 0, 2, 0),  # one_matrix tier
+    ("sinkhorn", (1, 65, 64, 2), 1, 0, 2, 0),  # streaming tier (GPU tiles)
+    ("girl", (12, 16, 2), 3, 5, 6, 6),  # torch: the partition (randperm, offsets); autograd.grad's ones
+    ("tfam_statistics", (1, 2, 2, 8, 8), 1, 0, 2, 0),  # after the first call (test_tfam_allocates_its_tickets_once)
     ("tfam_combine", (1, 2, 2, 8, 8), 1, 0, 2, 0),
 ]
 
@@ -96,7 +101,7 @@ def _op(gpu_model, name):
     return next(op for op in gpu_model.OPS if op.name == name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _count(name, shape, backward):
     """One op call's count, shared by the tests (the interpreter is slow)."""
     import gpu_model
@@ -106,13 +111,15 @@ def _count(name, shape, backward):
     return gpu_model.count_call(_op(gpu_model, name).prepare(shape, backward))
 
 
-@pytest.mark.parametrize("name, shape, fwd, fwd_torch, both, both_torch", LAUNCHES,
-                         ids=[f"{case[0]}-{case[1]}" for case in LAUNCHES])
+@pytest.mark.parametrize(
+    "name, shape, fwd, fwd_torch, both, both_torch", LAUNCHES, ids=[f"{case[0]}-{case[1]}" for case in LAUNCHES]
+)
 def test_launches_per_call(gpu_model, name, shape, fwd, fwd_torch, both, both_torch):
     forward, forward_backward = _count(name, shape, False), _count(name, shape, True)
     assert (len(forward.launches), len(forward.torch_ops)) == (fwd, fwd_torch), [o.name for o in forward.torch_ops]
-    assert (len(forward_backward.launches), len(forward_backward.torch_ops)) == (both, both_torch), \
-        [o.name for o in forward_backward.torch_ops]
+    assert (len(forward_backward.launches), len(forward_backward.torch_ops)) == (both, both_torch), [
+        o.name for o in forward_backward.torch_ops
+    ]
 
 
 def test_dct_builds_its_basis_once(gpu_model):
@@ -122,10 +129,13 @@ def test_dct_builds_its_basis_once(gpu_model):
 
     _allocate_tickets()
     triton_kernels._cached_bank_tensors.cache_clear()
-    calls = [gpu_model.count_call(_op(gpu_model, "dct").prepare((1, 2, 2, 8, 8), backward))
-             for backward in (False, False, True)]
-    assert [(len(call.launches), len(call.torch_ops)) for call in calls] == [(2, 13), (2, 0), (4, 0)], \
-        [[op.name for op in call.torch_ops] for call in calls]
+    calls = [
+        gpu_model.count_call(_op(gpu_model, "dct").prepare((1, 2, 2, 8, 8), backward))
+        for backward in (False, False, True)
+    ]
+    assert [(len(call.launches), len(call.torch_ops)) for call in calls] == [(2, 13), (2, 0), (4, 0)], [
+        [op.name for op in call.torch_ops] for call in calls
+    ]
 
 
 def _allocate_tickets():
@@ -142,10 +152,13 @@ def test_tfam_allocates_its_tickets_once(gpu_model):
     from piumr_kernels import launch_state
 
     launch_state._tickets.clear()
-    calls = [gpu_model.count_call(_op(gpu_model, name).prepare((1, 2, 2, 8, 8), backward))
-             for name, backward in (("tfam_statistics", False), ("tfam_combine", True), ("tfam_statistics", True))]
-    assert [(len(call.launches), len(call.torch_ops)) for call in calls] == [(1, 1), (2, 0), (2, 0)], \
-        [[op.name for op in call.torch_ops] for call in calls]
+    calls = [
+        gpu_model.count_call(_op(gpu_model, name).prepare((1, 2, 2, 8, 8), backward))
+        for name, backward in (("tfam_statistics", False), ("tfam_combine", True), ("tfam_statistics", True))
+    ]
+    assert [(len(call.launches), len(call.torch_ops)) for call in calls] == [(1, 1), (2, 0), (2, 0)], [
+        [op.name for op in call.torch_ops] for call in calls
+    ]
     assert not any(launch_state._tickets[(torch.device("cpu"), None)])
 
 
@@ -169,7 +182,11 @@ def test_tfam_linked_backward_reads_x_once_and_writes_dx_once(gpu_model):
     count = gpu_model.count_call(step)
     x_bytes = x.numel() * FP32
     assert [launch.kernel for launch in count.launches] == [
-        "_statistics_kernel", "_combine_kernel", "_combine_backward_kernel", "_statistics_backward_kernel"]
+        "_statistics_kernel",
+        "_combine_kernel",
+        "_combine_backward_kernel",
+        "_statistics_backward_kernel",
+    ]
     assert all(op.bytes < x_bytes for op in count.torch_ops), [(op.name, op.bytes) for op in count.torch_ops]
     _, _, combine_backward, statistics_backward = count.launches
     assert combine_backward.constexprs["WRITE_DX"] is False
@@ -193,8 +210,10 @@ LINEAR = [
 
 
 def _numbers(count, gpu_model) -> list:
-    return ([(launch.kernel, launch.programs) + tuple(getattr(launch, name) for name in gpu_model.COUNTED_FIELDS)
-             for launch in count.launches] + [(op.name, op.bytes) for op in count.torch_ops])
+    return [
+        (launch.kernel, launch.programs) + tuple(getattr(launch, name) for name in gpu_model.COUNTED_FIELDS)
+        for launch in count.launches
+    ] + [(op.name, op.bytes) for op in count.torch_ops]
 
 
 @pytest.mark.parametrize("name, shape, items", LINEAR, ids=[f"{case[0]}-{case[1]}" for case in LINEAR])
@@ -212,10 +231,15 @@ def test_launch_plan_without_running_programs_matches_the_real_run(gpu_model, na
     assert all(launch.bytes == 0 for launch in plan.launches)
 
 
-@pytest.mark.parametrize("shape", [
-    (64, 4, 4, 2), (1, 16, 16, 2),
-    (1, 65, 64, 2),
-], ids=["packed", "one_matrix", "streaming"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 4, 4, 2),
+        (1, 16, 16, 2),
+        (1, 65, 64, 2),
+    ],
+    ids=["packed", "one_matrix", "streaming"],
+)
 def test_sinkhorn_forward_without_grad_writes_only_P(gpu_model, shape):
     batch, rows, cols, _ = shape
     (launch,) = _count("sinkhorn", shape, False).launches
@@ -227,7 +251,7 @@ def test_sinkhorn_streaming_wide_forward_without_grad_writes_P_and_running_scale
     batch, rows, cols, iters = shape = (1, 3, 1100, 2)
     (launch,) = _count("sinkhorn", shape, False).launches
     matrices, scales = batch * rows * cols * FP32, batch * (rows + cols) * FP32
-    assert launch.stored_bytes == matrices + iters * scales   # no per-iteration stats
+    assert launch.stored_bytes == matrices + iters * scales  # no per-iteration stats
     assert launch.distinct_stored_bytes == matrices + scales
 
 
@@ -249,12 +273,19 @@ def test_sinkhorn_packed_backward_replays_the_forward(gpu_model):
     assert backward.stored_bytes == matrices
 
 
-@pytest.mark.parametrize("name, shape", [("dct", (1, 2, 2, 8, 8)), ("girl", (12, 16, 2)),
-                                         ("tfam_statistics", (1, 2, 2, 8, 8)), ("tfam_combine", (1, 2, 2, 8, 8))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("dct", (1, 2, 2, 8, 8)),
+        ("girl", (12, 16, 2)),
+        ("tfam_statistics", (1, 2, 2, 8, 8)),
+        ("tfam_combine", (1, 2, 2, 8, 8)),
+    ],
+)
 def test_forward_without_grad_writes_no_more_than_with_grad(gpu_model, name, shape):
     without = _count(name, shape, False).launches
     kernels = {launch.kernel for launch in without}
     # The same kernels in the forward with a gradient (GIRL launches its direction between them).
-    with_grad = [launch for launch in _count(name, shape, True).launches if launch.kernel in kernels][:len(without)]
+    with_grad = [launch for launch in _count(name, shape, True).launches if launch.kernel in kernels][: len(without)]
     assert [launch.kernel for launch in without] == [launch.kernel for launch in with_grad]
     assert sum(launch.stored_bytes for launch in without) <= sum(launch.stored_bytes for launch in with_grad)

@@ -16,8 +16,13 @@ import piumr_kernels
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "gpu_selfcheck.py"
 OPS = ("sinkhorn", "dct", "girl", "tfam_statistics", "tfam_combine")
-PART_TITLES = ("## 1. Test suite", "## 2. Host synchronizations", "## 3. PIUmr training step in a CUDA graph",
-               "## 4. Correctness against the float64 references", "## 5. Timing and bandwidth")
+PART_TITLES = (
+    "## 1. Test suite",
+    "## 2. Host synchronizations",
+    "## 3. PIUmr training step in a CUDA graph",
+    "## 4. Correctness against the float64 references",
+    "## 5. Timing and bandwidth",
+)
 
 
 def _load_tool():
@@ -46,9 +51,22 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("selfcheck") / "report.md"
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, str(TOOL), "--device", "cpu", "--dry-run", "--quick", "--backend", "reference",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(TOOL),
+            "--device",
+            "cpu",
+            "--dry-run",
+            "--quick",
+            "--backend",
+            "reference",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     elapsed = time.monotonic() - started
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -64,8 +82,13 @@ def test_dry_run_report_has_every_part_and_the_environment(dry_run):
     completed, report, _ = dry_run
     assert report.startswith("# piumr_kernels GPU self-check")
     assert "**Result: PASS**" in report
-    for line in ("- device: cpu", f"- torch: {torch.__version__}", "- triton: ", "- fused backend: reference",
-                 "- mode: dry run (tiny shapes), --quick"):
+    for line in (
+        "- device: cpu",
+        f"- torch: {torch.__version__}",
+        "- triton: ",
+        "- fused backend: reference",
+        "- mode: dry run (tiny shapes), --quick",
+    ):
         assert line in report
     positions = [report.index(title) for title in PART_TITLES]
     assert positions == sorted(positions), "the parts must appear in order"
@@ -100,14 +123,17 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.mark.parametrize("name, tbps", [
-    ("NVIDIA H100 80GB HBM3", 3.35),
-    ("NVIDIA H100 PCIe", 2.0),
-    ("NVIDIA H200", 4.8),
-    ("NVIDIA A100-SXM4-80GB", 2.04),
-    ("NVIDIA A100-SXM4-40GB", 1.56),
-    ("NVIDIA A100-PCIE-40GB", 1.56),
-])
+@pytest.mark.parametrize(
+    "name, tbps",
+    [
+        ("NVIDIA H100 80GB HBM3", 3.35),
+        ("NVIDIA H100 PCIe", 2.0),
+        ("NVIDIA H200", 4.8),
+        ("NVIDIA A100-SXM4-80GB", 2.04),
+        ("NVIDIA A100-SXM4-40GB", 1.56),
+        ("NVIDIA A100-PCIE-40GB", 1.56),
+    ],
+)
 def test_known_peak_bandwidths(name, tbps):
     peak, source = selfcheck.peak_bandwidth(name)
     assert peak == pytest.approx(tbps * 1e12)
@@ -168,10 +194,12 @@ def test_correctness_check_catches_a_wrong_op():
     def off_by_ten_percent_below_float64(K):  # so only the run under test is wrong, not the reference
         return (piumr_kernels.sinkhorn(K, 3) * (1.0 if K.dtype == torch.float64 else 1.1),)
 
-    wrong = selfcheck.OpCase("sinkhorn", "wrong", good.make_inputs, off_by_ten_percent_below_float64,
-                             output_names=("P",), input_names=("K",))
-    section = selfcheck.check_correctness([good, wrong], torch.device("cpu"), "reference",
-                                          (torch.float32, torch.bfloat16))
+    wrong = selfcheck.OpCase(
+        "sinkhorn", "wrong", good.make_inputs, off_by_ten_percent_below_float64, output_names=("P",), input_names=("K",)
+    )
+    section = selfcheck.check_correctness(
+        [good, wrong], torch.device("cpu"), "reference", (torch.float32, torch.bfloat16)
+    )
     assert (section.passed, section.failed) == (2, 2)
     assert [row[-1] for row in section.rows] == ["pass", "pass", "**FAIL**", "**FAIL**"]
     assert section.rows[2][3] in ("P", "dK")
@@ -186,27 +214,53 @@ def test_timing_rows_with_stubbed_benchmarking(monkeypatch):
     cases = [selfcheck.sinkhorn_case(4, 5, 6, 3), selfcheck.sinkhorn_case(2, 3, 3, 1)]
     timings = selfcheck.time_all(cases, torch.device("cpu"), "reference", selfcheck.Deadline(60), reserve_s=0)
     assert [(t.case.shape, t.mode) for t in timings] == [
-        ("4x5x6 it3", "fwd"), ("4x5x6 it3", "fwd+bwd"), ("2x3x3 it1", "fwd"), ("2x3x3 it1", "fwd+bwd")]
+        ("4x5x6 it3", "fwd"),
+        ("4x5x6 it3", "fwd+bwd"),
+        ("2x3x3 it1", "fwd"),
+        ("2x3x3 it1", "fwd+bwd"),
+    ]
     # K, P, dP and dK: 4 x 120 float32 = 1920 bytes in 0.5 ms = 3.84 MB/s, 96% of a 4 MB/s peak
     assert selfcheck.timing_row(timings[1], peak=4e6) == [
-        "sinkhorn", "4x5x6 it3", "fwd+bwd", "0.0", "0.500 ms (0.00384 GB/s)", "96%",
-        "0.500 ms (0.00384 GB/s)", "0.500 ms (0.00384 GB/s)", "1.00x", "1.00x"]
+        "sinkhorn",
+        "4x5x6 it3",
+        "fwd+bwd",
+        "0.0",
+        "0.500 ms (0.00384 GB/s)",
+        "96%",
+        "0.500 ms (0.00384 GB/s)",
+        "0.500 ms (0.00384 GB/s)",
+        "1.00x",
+        "1.00x",
+    ]
 
 
 def test_compiles_are_skipped_past_the_budget_every_op_first_shape_first(monkeypatch):
     import triton.testing
 
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: 1.0)
-    cases = [selfcheck.sinkhorn_case(4, 5, 6, 3), selfcheck.sinkhorn_case(2, 3, 3, 1),
-             selfcheck.tfam_combine_case((1, 2, 3, 4, 5))]
+    cases = [
+        selfcheck.sinkhorn_case(4, 5, 6, 3),
+        selfcheck.sinkhorn_case(2, 3, 3, 1),
+        selfcheck.tfam_combine_case((1, 2, 3, 4, 5)),
+    ]
     timings = [selfcheck.Timing(case, backward) for case in cases for backward in (False, True)]
     assert [(t.case.shape, t.mode) for t in selfcheck.compile_order(timings)] == [
-        ("4x5x6 it3", "fwd"), ("4x5x6 it3", "fwd+bwd"), ("1x2x3x4x5", "fwd"), ("1x2x3x4x5", "fwd+bwd"),
-        ("2x3x3 it1", "fwd"), ("2x3x3 it1", "fwd+bwd")]
+        ("4x5x6 it3", "fwd"),
+        ("4x5x6 it3", "fwd+bwd"),
+        ("1x2x3x4x5", "fwd"),
+        ("1x2x3x4x5", "fwd+bwd"),
+        ("2x3x3 it1", "fwd"),
+        ("2x3x3 it1", "fwd+bwd"),
+    ]
     timings = selfcheck.time_all(cases, torch.device("cpu"), "reference", selfcheck.Deadline(0), reserve_s=1)
     assert all(t.results["compiled"] == "skipped: time budget" for t in timings)
-    assert selfcheck.timing_row(timings[0], peak=None)[5:] == ["n/a", "1.000 ms (0.00096 GB/s)",
-                                                               "skipped: time budget", "1.00x", "-"]
+    assert selfcheck.timing_row(timings[0], peak=None)[5:] == [
+        "n/a",
+        "1.000 ms (0.00096 GB/s)",
+        "skipped: time budget",
+        "1.00x",
+        "-",
+    ]
 
 
 def test_describe_error_names_the_project_line_and_the_error_it_replaced():
@@ -217,7 +271,7 @@ def test_describe_error_names_the_project_line_and_the_error_it_replaced():
         try:
             failing_op()
         except ValueError:
-            raise RuntimeError("raised while handling it")
+            raise RuntimeError("raised while handling it")  # noqa: B904 (the implicit chain is under test)
     except RuntimeError as error:
         text = selfcheck.describe_error(error)
     here = "tests/test_gpu_selfcheck.py"
@@ -268,11 +322,12 @@ def test_pytest_summary_of_a_run_cut_short_counts_the_finished_tests():
 def test_default_pytest_run_puts_the_kernel_tests_first_and_leaves_out_its_own():
     args = selfcheck.default_pytest_args()
     files = [arg for arg in args if arg.startswith("tests/")]
-    assert sorted(files) == sorted(f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")
-                                   if path.name != "test_gpu_selfcheck.py")
+    assert sorted(files) == sorted(
+        f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py") if path.name != "test_gpu_selfcheck.py"
+    )
     assert files[0] == "tests/test_sinkhorn.py"
     assert files.index("tests/test_tfam_pooling.py") < files.index("tests/test_cmake_build.py")
-    assert args[len(files):] == ["-v", "-m", "not slow", "--maxfail=10", "-p", "no:cacheprovider"]
+    assert args[len(files) :] == ["-v", "-m", "not slow", "--maxfail=10", "-p", "no:cacheprovider"]
 
 
 def test_run_test_suite_reports_counts_failures_and_timeouts(tmp_path):

@@ -16,13 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 from torch import nn
 
-from piumr_kernels import backends, dct_basis
-from models.modelling.hdf import DAM, DSMLoss, HDF, build_hdf, channel_bins
+from models.modelling.hdf import DAM, DSMLoss, build_hdf, channel_bins
 from models.modelling.x3d import X3DPreset
-
-from conftest import DEVICE
+from piumr_kernels import backends, dct_basis
 
 # (B, C, T, H, W): C < T (overlapping channel bins), C not a multiple of T, C a multiple of T.
 SHAPES = [(2, 3, 5, 6, 7), (2, 7, 4, 5, 6), (1, 8, 4, 7, 5)]
@@ -63,16 +62,18 @@ def literal_dam(m: DAM, x: torch.Tensor) -> torch.Tensor:
     q = F.linear(temporal_map, m.query.weight, m.query.bias)
     k = F.linear(temporal_map, m.key.weight, m.key.bias)
     val = F.linear(temporal_map, m.value.weight, m.value.bias)
-    attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / frames ** 0.5, dim=-1)
+    attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / frames**0.5, dim=-1)
     t_gate = torch.sigmoid(torch.bmm(attn, val).mean(dim=2))[:, :, None, None, None]
     x_t = v * t_gate + v
     # The frequency branch: Conv2d of the temporal mean, the same filter on every channel.
     weight = dct_basis(m.kernel_size, dtype=x.dtype).to(x.device)[:, None].repeat(1, channels, 1, 1)
     dct_feat = F.conv2d(v.mean(dim=1), weight, padding=m.kernel_size // 2)
     spread = torch.norm(dct_feat - dct_feat.mean(dim=[2, 3], keepdim=True), p=2, dim=[2, 3], keepdim=True)
-    per_freq = lambda p: p[None, :, None, None]  # noqa: E731
-    adv = dct_feat + (per_freq(m.noise) * per_freq(m.adv_a) * torch.sign(dct_feat)
-                      + 0.05 * per_freq(m.adv_b) * spread * torch.sign(dct_feat))
+    per_freq = lambda p: p[None, :, None, None]
+    adv = dct_feat + (
+        per_freq(m.noise) * per_freq(m.adv_a) * torch.sign(dct_feat)
+        + 0.05 * per_freq(m.adv_b) * spread * torch.sign(dct_feat)
+    )
     dct_feat = (m.al * dct_feat + m.be * adv) / 2
     std = torch.sqrt(dct_feat.var(dim=1, keepdim=True) + 1e-6)
     dct_feat = torch.tanh(m.dyt_alpha / (std + 1e-6) * dct_feat) * per_freq(m.dyt_gamma) + per_freq(m.dyt_beta)
@@ -101,7 +102,9 @@ def test_dam_matches_literal_code_float64(shape):
     torch.testing.assert_close(out, ref_out, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-9, rtol=1e-9)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], atol=1e-9, rtol=1e-9, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("channels,bins", [(3, 5), (7, 4), (8, 4), (24, 16), (1, 3)])
@@ -146,7 +149,9 @@ def test_fused_backends_match_reference_backend(backend):
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-4, rtol=1e-4)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_forward_touches_x_in_exactly_two_fused_passes(backend):
@@ -191,7 +196,11 @@ def test_hdf_model_forward_backward():
     torch.manual_seed(0)
     model = build_hdf(TINY, 7)
     assert {name: (m.channels, m.num_frames) for name, m in model.dam.items()} == {
-        "res2": (24, 4), "res3": (48, 4), "res4": (96, 4), "res5": (192, 4)}
+        "res2": (24, 4),
+        "res3": (48, 4),
+        "res4": (96, 4),
+        "res5": (192, 4),
+    }
     x = _x((2, 3, 4, 64, 64), seed=6)  # res5 at 2 x 2: a 1 x 1 map has no spatial spread to learn from
     logits, features = model(x)
     assert logits.shape == (2, 7) and features.shape == (2, 2048)
@@ -238,8 +247,11 @@ def supcon(features, labels, tau):
         others = [k for k in range(n) if k != i]
         log_norm = torch.logsumexp(logits[i, others], dim=0)
         positives = [j for j in others if labels[j] == labels[i]]
-        losses.append(-sum(logits[i, j] - log_norm for j in positives) / max(len(positives), 1)
-                      if positives else logits.new_zeros(()))
+        losses.append(
+            -sum(logits[i, j] - log_norm for j in positives) / max(len(positives), 1)
+            if positives
+            else logits.new_zeros(())
+        )
     return torch.stack(losses).mean()
 
 
@@ -270,12 +282,13 @@ def test_dsm_flat_weight_limit_is_supcon_plus_ib():
     loss, parts = DSMLoss(eta=1e8, label_smoothing=0.1)(logits, features, labels)
     unit = F.normalize(features, dim=1)
     expected_sc = supcon(features, labels, 0.07)
-    expected = (10 * F.cross_entropy(logits, labels, label_smoothing=0.1)
-                + 0.1 * (expected_sc + 0.1 * torch.trace(torch.cov(unit.T))))
+    expected = 10 * F.cross_entropy(logits, labels, label_smoothing=0.1) + 0.1 * (
+        expected_sc + 0.1 * torch.trace(torch.cov(unit.T))
+    )
     torch.testing.assert_close(parts["girl"], expected_sc.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
-    grad, = torch.autograd.grad(loss, features)
-    expected_grad, = torch.autograd.grad(expected, features)
+    (grad,) = torch.autograd.grad(loss, features)
+    (expected_grad,) = torch.autograd.grad(expected, features)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
 
 
@@ -287,14 +300,14 @@ def test_dsm_code_variants_reproduce_the_code_form(seed):
     loss, _ = criterion(torch.zeros(len(labels), 4, dtype=torch.float64), features, labels)
     expected = code_form_dsm(features, labels)
     torch.testing.assert_close(loss, expected, atol=1e-9, rtol=1e-9)
-    grad, = torch.autograd.grad(loss, features)
-    expected_grad, = torch.autograd.grad(expected, features)
+    (grad,) = torch.autograd.grad(loss, features)
+    (expected_grad,) = torch.autograd.grad(expected, features)
     torch.testing.assert_close(grad, expected_grad, atol=1e-9, rtol=1e-9)
     # Held-constant weights (the default) change the gradient, not the value.
     detached = DSMLoss(lambda_ce=0.0, lambda_sc=1.0, ib_sign=-1)
     loss_detached, _ = detached(torch.zeros(len(labels), 4, dtype=torch.float64), features, labels)
     torch.testing.assert_close(loss_detached, expected, atol=1e-9, rtol=1e-9)
-    grad_detached, = torch.autograd.grad(loss_detached, features)
+    (grad_detached,) = torch.autograd.grad(loss_detached, features)
     assert not torch.allclose(grad_detached, expected_grad, atol=1e-6)
 
 
@@ -374,7 +387,7 @@ def test_sam_step_equals_hand_written_two_pass_step():
             p.grad = g
         adamw.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
     # SAM is not plain AdamW: the gradient at w + e differs from the one at w.
     plain = _small_model()
     optimizer = torch.optim.AdamW(plain.parameters(), lr=0.01, weight_decay=0.05)
@@ -391,7 +404,7 @@ def test_sam_under_grad_scaler_equals_unscaled_and_skips_a_non_finite_ascent():
     x, y = _data(1)
     model, reference = _small_model(), _small_model()
     sam = SAM(torch.optim.AdamW(model.parameters(), lr=0.01))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     _sam_step(model, sam, x, y, scaler)
     reference_sam = SAM(torch.optim.AdamW(reference.parameters(), lr=0.01))
     _sam_step(reference, reference_sam, x, y)
@@ -466,10 +479,13 @@ def test_sam_under_ddp_ascends_along_the_global_gradient(tmp_path):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("model, flags, module_key", [
-    ("hdf", ["--optimizer", "sam_adamw", "--dsm-scaling", "gradient", "--label-smoothing", "0.1"], "dam.res5."),
-    ("piumr", ["--optimizer", "sam_adamw"], "tfam.res5."),  # SAM serves any model
-])
+@pytest.mark.parametrize(
+    "model, flags, module_key",
+    [
+        ("hdf", ["--optimizer", "sam_adamw", "--dsm-scaling", "gradient", "--label-smoothing", "0.1"], "dam.res5."),
+        ("piumr", ["--optimizer", "sam_adamw"], "tfam.res5."),  # SAM serves any model
+    ],
+)
 def test_train_command_runs_an_epoch(tmp_path, model, flags, module_key):
     from models import train
     from models.training.checkpointing import load_checkpoint
@@ -491,12 +507,19 @@ def test_hdf_config_rules():
 
     recipe = resolve_config({"data_root": "/data/DFEW"}, DFEW_CONFIG)  # --data-root keeps the file's dfew
     assert (recipe.dataset, recipe.model, recipe.optimizer, recipe.crop_size, recipe.lr) == (
-        "dfew", "hdf", "sam_adamw", 112, 5e-4)
+        "dfew",
+        "hdf",
+        "sam_adamw",
+        112,
+        5e-4,
+    )
     assert resolve_config({"data_root": "/data/MA-52"}).dataset == "ma52"  # from the synthetic default
-    for overrides, message in (({"model": "hdf", "girl_groups": "subject"}, "DSM contrasts the whole batch"),
-                               ({"dataset": "dfew"}, "the dfew dataset needs --data-root"),
-                               ({"dfew_fold": 6}, r"expected a fold in 1..5, got 6"),
-                               ({"label_smoothing": 1.5}, r"expected a value in \[0, 1\], got 1.5"),
-                               ({"sam_rho": 0.0}, r"'sam_rho': expected a value > 0")):
+    for overrides, message in (
+        ({"model": "hdf", "girl_groups": "subject"}, "DSM contrasts the whole batch"),
+        ({"dataset": "dfew"}, "the dfew dataset needs --data-root"),
+        ({"dfew_fold": 6}, r"expected a fold in 1..5, got 6"),
+        ({"label_smoothing": 1.5}, r"expected a value in \[0, 1\], got 1.5"),
+        ({"sam_rho": 0.0}, r"'sam_rho': expected a value > 0"),
+    ):
         with pytest.raises(ConfigError, match=message):
             resolve_config(overrides)

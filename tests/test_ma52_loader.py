@@ -200,11 +200,14 @@ def test_list_parsing(tmp_path):
         read_video_list(path)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"split": "training"}, "split"),
-    ({"split": "train", "num_frames": 0}, "num_frames"),
-    ({"split": "train", "size": 224, "short_side": 200}, "short_side"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"split": "training"}, "split"),
+        ({"split": "train", "num_frames": 0}, "num_frames"),
+        ({"split": "train", "size": 224, "short_side": 200}, "short_side"),
+    ],
+)
 def test_bad_arguments(ma52_root, kwargs, message):
     with pytest.raises(ValueError, match=message):
         MA52Dataset(ma52_root, **kwargs)

@@ -24,12 +24,12 @@ def scores_with_ranking(rankings):
 # Labels, and each row's top-5 actions (first = prediction).
 LABELS = [0, 5, 11, 11, 24, 48]
 RANKINGS = [
-    [0, 1, 2, 3, 4],        # correct
-    [6, 5, 7, 8, 9],        # wrong (same body), label second: action top-5 hit
-    [11, 12, 13, 14, 15],   # correct
-    [12, 30, 31, 40, 41],   # wrong (same body), label absent; body 2 only from action 12
-    [24, 25, 26, 27, 28],   # correct
-    [0, 1, 2, 3, 4],        # wrong body; class 48 is never predicted by anyone
+    [0, 1, 2, 3, 4],  # correct
+    [6, 5, 7, 8, 9],  # wrong (same body), label second: action top-5 hit
+    [11, 12, 13, 14, 15],  # correct
+    [12, 30, 31, 40, 41],  # wrong (same body), label absent; body 2 only from action 12
+    [24, 25, 26, 27, 28],  # correct
+    [0, 1, 2, 3, 4],  # wrong body; class 48 is never predicted by anyone
 ]
 
 
@@ -85,13 +85,16 @@ def test_ties_go_to_the_lower_action_id():
     assert compute_metrics(scores, torch.tensor([0, 3]))["action_top1"] == 1.0
 
 
-@pytest.mark.parametrize("scores, labels, message", [
-    (torch.zeros(3, 51), torch.zeros(3, dtype=torch.long), "action_scores"),
-    (torch.zeros(3, 52), torch.zeros(4, dtype=torch.long), "labels"),
-    (torch.zeros(0, 52), torch.zeros(0, dtype=torch.long), "at least one"),
-    (torch.zeros(2, 52), torch.tensor([0, 52]), "action_ids"),
-    (torch.full((2, 52), float("nan")), torch.tensor([0, 1]), "finite"),
-])
+@pytest.mark.parametrize(
+    "scores, labels, message",
+    [
+        (torch.zeros(3, 51), torch.zeros(3, dtype=torch.long), "action_scores"),
+        (torch.zeros(3, 52), torch.zeros(4, dtype=torch.long), "labels"),
+        (torch.zeros(0, 52), torch.zeros(0, dtype=torch.long), "at least one"),
+        (torch.zeros(2, 52), torch.tensor([0, 52]), "action_ids"),
+        (torch.full((2, 52), float("nan")), torch.tensor([0, 1]), "finite"),
+    ],
+)
 def test_metrics_reject_bad_input(scores, labels, message):
     with pytest.raises(ValueError, match=message):
         compute_metrics(scores, labels)
@@ -103,8 +106,7 @@ def test_prediction_csv_is_in_challenge_format(tmp_path):
     write_prediction_csv(path, names, scores_with_ranking(RANKINGS))
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == (["vid"] + [f"action_pred_{i}" for i in range(1, 6)]
-                       + [f"body_pred_{i}" for i in range(1, 6)])
+    assert rows[0] == (["vid"] + [f"action_pred_{i}" for i in range(1, 6)] + [f"body_pred_{i}" for i in range(1, 6)])
     assert [row[0] for row in rows[1:]] == names
     for row, ranking in zip(rows[1:], RANKINGS):
         assert [int(value) for value in row[1:6]] == ranking

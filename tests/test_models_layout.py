@@ -16,19 +16,29 @@ TOP_LEVEL_NAMES = sorted({p.stem for p in MODELS.glob("*.py")} | {p.parent.name 
 def test_no_name_in_models_shadows_another_module():
     # Asked of a fresh interpreter (-P: neither the working directory nor a script folder on
     # its path), as the user's environment has it; pytest's own sys.path holds tests/.
-    code = ("import importlib.util, sys; names = sys.argv[1:]; "
-            "print(' '.join(n for n in names if n in sys.stdlib_module_names or importlib.util.find_spec(n)))")
+    code = (
+        "import importlib.util, sys; names = sys.argv[1:]; "
+        "print(' '.join(n for n in names if n in sys.stdlib_module_names or importlib.util.find_spec(n)))"
+    )
     names = [name for name in TOP_LEVEL_NAMES if name != "__init__"]
-    found = subprocess.run([sys.executable, "-P", "-c", code, *names], capture_output=True, text=True, timeout=60,
-                           check=True, cwd="/").stdout.split()
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", code, *names], capture_output=True, text=True, timeout=60, check=True, cwd="/"
+    ).stdout.split()
     assert not found, f"models/ holds {found}, which a script run from models/ would import instead"
 
 
 def test_a_script_run_by_path_imports_models_only_as_a_package():
     # -X importtime lists every module the run imports, by its full name.
-    result = subprocess.run([sys.executable, "-X", "importtime", str(MODELS / "train.py"), "--help"],
-                            capture_output=True, text=True, timeout=120, check=True)
-    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(MODELS / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "models.training.cli" in imported
     assert not imported & set(TOP_LEVEL_NAMES), "a module of models/ was imported under a top-level name"
 

@@ -27,14 +27,13 @@ import os
 import sys
 import threading
 
+import op_harness as H
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import piumr_kernels
 from piumr_kernels import backends
-
-import op_harness as H
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(piumr_kernels.__file__)) + os.sep
 TRITON_DIR = None
@@ -177,9 +176,8 @@ class no_host_sync(contextlib.ContextDecorator):
 
 def _run_guarded(case, backend):
     inputs = case.inputs(torch.float32)
-    with backends.use_backend(backend):
-        with no_host_sync() as guard:
-            H.run_case(case, inputs)
+    with backends.use_backend(backend), no_host_sync() as guard:
+        H.run_case(case, inputs)
     assert not guard.flagged, guard.flagged
 
 
@@ -187,8 +185,11 @@ def _run_guarded(case, backend):
 # groups with a generator, without one (global RNG), explicit groups= with return_details;
 # DCT with and without return_stats, with and without a frequency subset; both TFAM passes.
 SYNC_CASE_NAMES = [
-    *(f"sinkhorn-{shape}-{domain}" for shape in ("packed-9x4x4", "one-matrix-3x16x16", "streaming-1x65x64")
-      for domain in ("linear", "log")),
+    *(
+        f"sinkhorn-{shape}-{domain}"
+        for shape in ("packed-9x4x4", "one-matrix-3x16x16", "streaming-1x65x64")
+        for domain in ("linear", "log")
+    ),
     "girl_loss-random-groups-12x8-G3",
     "girl_loss-global-rng-details-20x8-G3",
     "girl_loss-explicit-groups-details-10x5",
@@ -210,8 +211,14 @@ def _params(backend_names):
             reason = H.backend_skip_reason(backend, dtype)
             if not reason and backend == "triton" and not case.triton:
                 reason = "cpp-path shape: kept off the slow triton interpreter"
-            params.append(pytest.param(case, backend, marks=[pytest.mark.skip(reason=reason)] if reason else [],
-                                       id=f"{case.name}-{backend}"))
+            params.append(
+                pytest.param(
+                    case,
+                    backend,
+                    marks=[pytest.mark.skip(reason=reason)] if reason else [],
+                    id=f"{case.name}-{backend}",
+                )
+            )
     return params
 
 
@@ -273,8 +280,9 @@ def test_guard_flags_reads_from_package_code(read):
             probe(torch.rand(3))
 
 
-@pytest.mark.parametrize("read", [r for k, r in READS.items() if k != "cuda_synchronize"],
-                         ids=[k for k in READS if k != "cuda_synchronize"])
+@pytest.mark.parametrize(
+    "read", [r for k, r in READS.items() if k != "cuda_synchronize"], ids=[k for k in READS if k != "cuda_synchronize"]
+)
 def test_guard_ignores_reads_from_other_code(read):
     namespace = {"torch": torch}
     exec(compile(f"def probe(t):\n    return {read}\n", __file__, "exec"), namespace)
@@ -310,9 +318,8 @@ def test_guard_flags_a_sync_inside_a_real_op(backend, monkeypatch):
 def test_guard_restores_everything():
     before = {name: getattr(torch.Tensor, name) for name in PATCHED_METHODS}
     synchronize = torch.cuda.synchronize
-    with pytest.raises(AssertionError):
-        with no_host_sync():
-            _package_helper("def probe(t):\n    return t.item()\n", "probe")(torch.ones(()))
+    with pytest.raises(AssertionError), no_host_sync():
+        _package_helper("def probe(t):\n    return t.item()\n", "probe")(torch.ones(()))
     assert {name: getattr(torch.Tensor, name) for name in PATCHED_METHODS} == before
     assert torch.cuda.synchronize is synchronize
     assert torch.ones(()).item() == 1.0

@@ -24,15 +24,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import op_harness as H
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-import piumr_kernels
 from piumr_kernels import backends
-
-import op_harness as H
 
 # ----------------------------------------------------------------------------- registration
 
@@ -100,7 +98,7 @@ class CaptureLibraryCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured_calls(case_name: str, backend: str) -> dict[str, list]:
     """{library op name: [(phase, OpOverload, args, kwargs)]} as the public function calls
     them for `case_name` (float32): phase "grad" (forward and backward with gradients) and
@@ -168,7 +166,9 @@ def test_opcheck(op, backend, direction, name, util):
                 # The forward's float inputs are the differentiable ones: opcheck then also
                 # checks the autograd registration and the compiled backward.
                 args = tree_map(
-                    lambda v: v.clone().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v,
+                    lambda v: (
+                        v.clone().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    ),
                     args,
                 )
             # Backward ops take no gradient themselves (no double backward): with no input
@@ -186,7 +186,8 @@ def _compile_params():
     if not _triton_traceable():
         params = [
             pytest.param(*p.values, marks=[pytest.mark.skip(reason=INTERPRETER_CANNOT_TRACE)], id=p.id)
-            if p.values[1] == "triton" and not p.marks else p
+            if p.values[1] == "triton" and not p.marks
+            else p
             for p in params
         ]
     return params
@@ -205,9 +206,9 @@ def test_compile_fullgraph_matches_eager(case, backend, dtype):
         compiled, _, compiled_grads = H.run_case(compiled_case, compiled_inputs, upstream)
     torch._dynamo.reset()
     for i, (out, ref) in enumerate(zip(compiled, eager)):
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"output {i}: {m}")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"output {i}: {m}")
     for i, (grad, ref) in enumerate(zip(compiled_grads, eager_grads)):
-        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"gradient of input {i}: {m}")
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"gradient of input {i}: {m}")
 
 
 # ----------------------------------------------------------------------------- vs fp64 reference

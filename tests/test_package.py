@@ -156,12 +156,16 @@ def test_compile_records_success_and_failure(monkeypatch, tmp_path, capsys):
 
 def _run_setup(*args, aot: bool):
     """setup.py in an interpreter where `import torch` fails, as in pip's isolated build."""
-    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', *sys.argv[1:]]; "
-            "runpy.run_path('setup.py', run_name='__main__')")
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['setup.py', *sys.argv[1:]]; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PIUMR_BUILD_AOT"}
     if aot:
         env["PIUMR_BUILD_AOT"] = "1"
-    return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True
+    )
 
 
 def test_setup_needs_no_torch_unless_building_ahead_of_time():
@@ -229,8 +233,12 @@ def test_dynamo_traces_the_ops_without_warnings_from_the_package(monkeypatch):
         loss = piumr_kernels.girl_loss(z, labels, num_groups=2)
         return P.sum() + E.sum() + mean.sum() + peak.sum() + spatial.sum() + loss
 
-    inputs = (torch.rand(2, 4, 4, requires_grad=True), torch.randn(1, 2, 2, 6, 6, requires_grad=True),
-              torch.randn(8, 16, requires_grad=True), torch.randint(0, 3, (8,)))
+    inputs = (
+        torch.rand(2, 4, 4, requires_grad=True),
+        torch.randn(1, 2, 2, 6, 6, requires_grad=True),
+        torch.randn(8, 16, requires_grad=True),
+        torch.randint(0, 3, (8,)),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(step, fullgraph=True, backend="eager")(*inputs).backward()

@@ -96,7 +96,11 @@ def test_tfam_ablation_rows_build_what_they_claim(name, temporal, frequency, fus
     model = build_piumr("XS", 10, **row.model_kwargs())
     assert len(model.tfam) == 4 and row.girl
     for module in model.tfam.values():
-        assert (module.temporal is not None, module.frequency is not None, module.fusion) == (temporal, frequency, fusion)
+        assert (module.temporal is not None, module.frequency is not None, module.fusion) == (
+            temporal,
+            frequency,
+            fusion,
+        )
 
 
 def test_component_ablation_rows():
@@ -197,7 +201,10 @@ def test_pretrained_backbone_through_build_piumr(tmp_path):
     path = tmp_path / "X3D_XS.pyth"
     torch.save({"model_state": donor.state_dict()}, path)
     model = build_piumr("XS", 52, pretrained=path)
-    assert torch.equal(model.backbone.blocks[3].res_blocks[4].branch2.conv_b.weight, donor.blocks[3].res_blocks[4].branch2.conv_b.weight)
+    assert torch.equal(
+        model.backbone.blocks[3].res_blocks[4].branch2.conv_b.weight,
+        donor.blocks[3].res_blocks[4].branch2.conv_b.weight,
+    )
     assert model.backbone.head.proj.weight.shape == (52, 2048)
 
 

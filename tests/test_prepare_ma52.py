@@ -60,7 +60,7 @@ def test_outputs_lists_and_report(raw_root, prepared):
     assert list(manifest["failed"]) == [f"train/{CORRUPT}"]  # reported, the others still written
     assert manifest["listed"] == {"train": 3, "val": 1, "test": 1}
     assert manifest["bytes"] == sum(path.stat().st_size for path in out.glob("*/*.mp4")) > 0
-    for split, (folder, list_folder, entries) in TREE.items():
+    for split, (_folder, list_folder, entries) in TREE.items():
         name = f"{split}_list_videos.txt"
         assert (out / name).read_bytes() == (raw_root / list_folder / name).read_bytes()  # CRLF kept
         for video, _, num_frames in entries:
@@ -75,8 +75,19 @@ def test_rerun_skips_finished_clips(raw_root, prepared):
     out, _ = prepared
     stamps = {path: path.stat().st_mtime_ns for path in out.glob("*/*.mp4")}
     (out / "val" / "0007_06_0001.mp4").unlink()  # as if interrupted before this clip
-    manifest = main(["--data-root", str(raw_root), "--out", str(out), "--short-side", str(SHORT_SIDE),
-                     "--workers", "1", "--no-progress"])
+    manifest = main(
+        [
+            "--data-root",
+            str(raw_root),
+            "--out",
+            str(out),
+            "--short-side",
+            str(SHORT_SIDE),
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert (manifest["written"], manifest["skipped_existing"], len(manifest["failed"])) == (1, 3, 1)
     for path, stamp in stamps.items():
         assert path.stat().st_mtime_ns == stamp or path.name == "0007_06_0001.mp4"

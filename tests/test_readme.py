@@ -15,8 +15,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 README = (REPO_ROOT / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, re.S)
-SCRIPTS = {"models/train.py": train.parse_args, "models/evaluate.py": evaluate.parse_args,
-           "models/prepare_ma52.py": prepare_ma52.main}
+SCRIPTS = {
+    "models/train.py": train.parse_args,
+    "models/evaluate.py": evaluate.parse_args,
+    "models/prepare_ma52.py": prepare_ma52.main,
+}
 
 
 def test_the_readme_has_blocks_to_check():
@@ -62,7 +65,7 @@ def test_every_documented_flag_exists(capsys):
         script = next((word for word in words if word in SCRIPTS), None)
         if script is None:
             continue
-        for word in words[words.index(script) + 1:]:
+        for word in words[words.index(script) + 1 :]:
             if word.startswith("--"):
                 assert re.search(rf"{re.escape(word)}\b", helps[script]), f"{script} has no {word}"
                 checked += 1
@@ -74,4 +77,4 @@ def test_every_documented_flag_exists(capsys):
 def test_train_commands_parse():
     for words in _commands():
         if "models/train.py" in words:
-            train.parse_args(words[words.index("models/train.py") + 1:])
+            train.parse_args(words[words.index("models/train.py") + 1 :])

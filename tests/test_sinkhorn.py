@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from conftest import DEVICE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,8 +20,6 @@ import piumr_kernels
 from piumr_kernels import backends
 from piumr_kernels.sinkhorn_knopp import op as sinkhorn_op
 from piumr_kernels.sinkhorn_knopp.reference import sinkhorn_reference
-
-from conftest import DEVICE
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
@@ -290,7 +289,11 @@ def test_module_matches_function_and_repr():
     "call,error,message",
     [
         (lambda: piumr_kernels.sinkhorn(torch.rand(4)), ValueError, "K must have at least 2 dimensions"),
-        (lambda: piumr_kernels.sinkhorn(torch.ones(2, 3, 3, dtype=torch.int64)), TypeError, "K must have a floating dtype"),
+        (
+            lambda: piumr_kernels.sinkhorn(torch.ones(2, 3, 3, dtype=torch.int64)),
+            TypeError,
+            "K must have a floating dtype",
+        ),
         (lambda: piumr_kernels.sinkhorn([[1.0]]), TypeError, "K must be a torch.Tensor"),
         (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), n_iters=0), ValueError, "n_iters must be >= 1, got 0"),
         (lambda: piumr_kernels.sinkhorn(torch.rand(2, 3, 3), n_iters=2.5), TypeError, "n_iters must be an int"),
@@ -326,9 +329,8 @@ def test_forced_unavailable_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("PIUMR_KERNELS_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="PIUMR_KERNELS_BACKEND must be one of"):
         piumr_kernels.sinkhorn(torch.rand(2, 3, 3))
-    with pytest.raises(ValueError, match="backend must be one of"):
-        with piumr_kernels.use_backend("fast"):
-            pass
+    with pytest.raises(ValueError, match="backend must be one of"), piumr_kernels.use_backend("fast"):
+        pass
 
 
 def test_triton_rejects_float64():
@@ -419,9 +421,7 @@ def test_cpp_backward_with_and_without_stats(shape, log_domain, dtype):
     (expected,) = torch.autograd.grad(sinkhorn_reference(K64, 3, log_domain=log_domain), K64, upstream)
     col_sum = shape[1] / shape[2]  # the default: the same total mass as the rows
     for save_stats in (False, True):
-        _, row_stats, col_stats = torch.ops.piumr_kernels.sinkhorn_cpp(
-            K, 3, 1e-8, log_domain, 1.0, col_sum, save_stats
-        )
+        _, row_stats, col_stats = torch.ops.piumr_kernels.sinkhorn_cpp(K, 3, 1e-8, log_domain, 1.0, col_sum, save_stats)
         assert row_stats.numel() == (3 * shape[1] * shape[0] if save_stats else 0)
         grad = torch.ops.piumr_kernels.sinkhorn_cpp_backward(
             upstream.to(dtype), K, row_stats, col_stats, 3, 1e-8, log_domain, 1.0, col_sum

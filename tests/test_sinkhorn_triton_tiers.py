@@ -26,19 +26,19 @@ TOLERANCES = {  # dtype -> (forward, backward), relative to the reference's max 
 
 # (batch, N, M, tier the launcher must pick)
 BOUNDARY_CASES = [
-    (130, 4, 4, "packed"),        # two programs of 64 4x4 matrices, the last one partial
-    (1, 8, 8, "packed"),          # largest packed matrix, B=1
-    (7, 3, 5, "packed"),          # odd sizes padded to 4x8
+    (130, 4, 4, "packed"),  # two programs of 64 4x4 matrices, the last one partial
+    (1, 8, 8, "packed"),  # largest packed matrix, B=1
+    (7, 3, 5, "packed"),  # odd sizes padded to 4x8
     (3, 1, 7, "packed"),
-    (2, 9, 9, "one_matrix"),      # just past the packed tier
+    (2, 9, 9, "one_matrix"),  # just past the packed tier
     (2, 8, 9, "one_matrix"),
-    (1, 64, 64, "one_matrix"),    # largest register tile
-    (2, 5, 300, "one_matrix"),    # 8x512 tile: wide but small
-    (1, 65, 64, "streaming"),     # 128x64 padded tile: first streaming size, partial row tile
-    (2, 37, 300, "streaming"),    # several row tiles, the last partial; 512-wide rows
-    (1, 1024, 5, "streaming"),    # largest streaming height
-    (1, 1025, 5, "streaming_wide"),   # just past it: scale vectors in global memory
-    (2, 3, 1100, "streaming_wide"),   # several column tiles, the last partial
+    (1, 64, 64, "one_matrix"),  # largest register tile
+    (2, 5, 300, "one_matrix"),  # 8x512 tile: wide but small
+    (1, 65, 64, "streaming"),  # 128x64 padded tile: first streaming size, partial row tile
+    (2, 37, 300, "streaming"),  # several row tiles, the last partial; 512-wide rows
+    (1, 1024, 5, "streaming"),  # largest streaming height
+    (1, 1025, 5, "streaming_wide"),  # just past it: scale vectors in global memory
+    (2, 3, 1100, "streaming_wide"),  # several column tiles, the last partial
 ]
 
 
@@ -64,8 +64,14 @@ def _check_against_reference(K, upstream, log_domain, n_iters=3, **kwargs):
         P = sinkhorn(K_fused, n_iters, log_domain=log_domain, **kwargs)
     P.backward(upstream.to(K.dtype))
     K_ref = K.detach().double().requires_grad_()
-    P_ref = sinkhorn_reference(K_ref, n_iters, 1e-8 if "eps" not in kwargs else kwargs["eps"], log_domain,
-                               kwargs.get("row_sum", 1.0), kwargs.get("col_sum"))
+    P_ref = sinkhorn_reference(
+        K_ref,
+        n_iters,
+        kwargs.get("eps", 1e-8),
+        log_domain,
+        kwargs.get("row_sum", 1.0),
+        kwargs.get("col_sum"),
+    )
     P_ref.backward(upstream)
     assert P.shape == K.shape and P.dtype == K.dtype
     torch.testing.assert_close(P.double(), P_ref.detach(), rtol=0, atol=forward_tol * _scale(P_ref))

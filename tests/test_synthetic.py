@@ -11,8 +11,15 @@ import torch
 from models.data.clips import collate_clips
 from models.data.labels import ACTION_NAMES, ACTION_TO_BODY, NUM_ACTIONS
 from models.data.ma52 import MA52Dataset
-from models.data.synthetic import (ACTION_MOTIONS, SAME_PERSONS_SPLIT, SyntheticMicroActions, export_ma52,
-                                   make_execution, make_person, render_clip)
+from models.data.synthetic import (
+    ACTION_MOTIONS,
+    SAME_PERSONS_SPLIT,
+    SyntheticMicroActions,
+    export_ma52,
+    make_execution,
+    make_person,
+    render_clip,
+)
 
 SMALL = {"num_frames": 8, "size": 32}
 
@@ -52,8 +59,9 @@ def test_training_mode_draws_new_executions_and_flips():
 
 def test_persons_are_disjoint_across_splits():
     counts = {"train": 5, "val": 3, "test": 2}
-    subjects = {split: set(SyntheticMicroActions(split, persons_per_split=counts, **SMALL).subjects)
-                for split in counts}
+    subjects = {
+        split: set(SyntheticMicroActions(split, persons_per_split=counts, **SMALL).subjects) for split in counts
+    }
     assert {split: len(persons) for split, persons in subjects.items()} == counts
     assert not subjects["train"] & subjects["val"] and not subjects["train"] & subjects["test"]
     assert not subjects["val"] & subjects["test"]
@@ -80,11 +88,14 @@ def test_every_person_performs_every_class_with_its_body():
 
 def test_actions_persons_and_clips_all_look_different():
     dataset = SyntheticMicroActions("train", persons_per_split=2, clips_per_person_class=2, **SMALL)
-    index = {(subject, label, position % 2): position
-             for position, (subject, label) in enumerate(zip(dataset.subjects, dataset.labels))}
+    index = {
+        (subject, label, position % 2): position
+        for position, (subject, label) in enumerate(zip(dataset.subjects, dataset.labels))
+    }
     person_a, person_b = dataset.persons
-    actions = torch.stack([torch.from_numpy(dataset.frames(index[(person_a, action, 0)])).flatten()
-                           for action in range(NUM_ACTIONS)])
+    actions = torch.stack(
+        [torch.from_numpy(dataset.frames(index[(person_a, action, 0)])).flatten() for action in range(NUM_ACTIONS)]
+    )
     distance = torch.cdist(actions, actions, p=1) / actions.shape[1]
     assert (distance + torch.eye(NUM_ACTIONS) > 1e-3).all()  # 52 distinct clips
     for action in (0, 9, 43):
@@ -157,6 +168,7 @@ def test_held_out_persons_are_recognizable_from_motion():
     """Learnability, cheaply: a nearest-class-mean classifier on coarse motion energy
     (|frame difference| pooled on a 4 x 8 x 8 grid), fitted on 8 persons and scored on 4
     unseen ones, reaches about 38% action and 76% body top-1 (chance: 2% and at best 25%)."""
+
     def motion_features(dataset):
         features = []
         for index in range(len(dataset)):
@@ -175,13 +187,16 @@ def test_held_out_persons_are_recognizable_from_motion():
     assert (bodies[predicted] == bodies[test_y]).mean() > 0.5
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"split": "training"}, "split"),
-    ({"split": "train", "persons_per_split": {"val": 3}}, "persons_per_split"),
-    ({"split": "train", "persons_per_split": 1001}, "persons_per_split"),
-    ({"split": "train", "clips_per_person_class": 0}, "clips_per_person_class"),
-    ({"split": "train", "size": 8}, "size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"split": "training"}, "split"),
+        ({"split": "train", "persons_per_split": {"val": 3}}, "persons_per_split"),
+        ({"split": "train", "persons_per_split": 1001}, "persons_per_split"),
+        ({"split": "train", "clips_per_person_class": 0}, "clips_per_person_class"),
+        ({"split": "train", "size": 8}, "size"),
+    ],
+)
 def test_bad_arguments(kwargs, error):
     with pytest.raises(ValueError, match=error):
         SyntheticMicroActions(**kwargs)

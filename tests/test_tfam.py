@@ -15,11 +15,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from piumr_kernels import backends, dct_filter_bank
-from models.modelling.tfam import TFAM, centered_cosine_affinity
-
 from conftest import DEVICE
+
+from models.modelling.tfam import TFAM, centered_cosine_affinity
+from piumr_kernels import backends, dct_filter_bank
 
 SHAPE = (2, 4, 5, 6, 7)  # T = 5 so the eval mask drops frame 3
 CONFIGS = {
@@ -47,6 +46,7 @@ def _module(seed=0, **kwargs):
 
 def literal_tfam(module: TFAM, x: torch.Tensor) -> torch.Tensor:
     """SPEC §5 on full tensors, eval mode (fixed frame mask, no frequency noise)."""
+
     def temporal_branch(v):
         gate = module.temporal(v.mean(dim=(3, 4)), v.amax(dim=(3, 4)))
         return v * gate[:, None, :, None, None] + v
@@ -74,8 +74,9 @@ def literal_tfam(module: TFAM, x: torch.Tensor) -> torch.Tensor:
     s_t = F.cosine_similarity(x_t.mean(dim=(2, 3, 4)), x_t_hat.mean(dim=(2, 3, 4)), dim=-1)
     mean = robust.mean(dim=(2, 3))
     noise_mean = module.frequency.eval_noise.to(x.dtype) / math.sqrt(x.shape[3] * x.shape[4])
-    s_s = F.cosine_similarity(mean, mean + var.clamp(module.frequency.eps_lo, module.frequency.eps_hi) * noise_mean,
-                              dim=-1)
+    s_s = F.cosine_similarity(
+        mean, mean + var.clamp(module.frequency.eps_lo, module.frequency.eps_hi) * noise_mean, dim=-1
+    )
     s_t, s_s = s_t.clamp_min(0), s_s.clamp_min(0)
     weight_t = (s_t / (s_t + s_s + 1e-6))[:, None, None, None, None]
     weight_s = (s_s / (s_t + s_s + 1e-6))[:, None, None, None, None]
@@ -107,8 +108,7 @@ def test_ablation_switches_change_only_what_they_claim():
     diff = x_t - x_s
     weight_t = ((outputs["full"] - x_s) * diff).sum(dim=(1, 2, 3, 4)) / diff.square().sum(dim=(1, 2, 3, 4))
     # lambda_t + lambda_s = 1 - O(1e-6) (the 1e-6 in the denominator), hence the tolerance.
-    torch.testing.assert_close(outputs["full"], x_s + weight_t[:, None, None, None, None] * diff,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs["full"], x_s + weight_t[:, None, None, None, None] * diff, atol=1e-5, rtol=1e-5)
     assert ((weight_t > 0) & (weight_t < ones)).all()
     assert not torch.allclose(weight_t, torch.full_like(weight_t, 0.5))
     # Temporal-only scales whole frames, frequency-only whole positions.
@@ -157,7 +157,9 @@ def test_fused_backends_match_reference_backend(backend, training):
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-4, rtol=1e-4)
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_eval_is_deterministic_and_training_is_not():

@@ -7,12 +7,11 @@ fp64 gradcheck, opcheck and torch.compile run for every op in tests/test_op_cont
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import piumr_kernels
 from piumr_kernels import backends, tfam_combine, tfam_statistics
 from piumr_kernels.tfam_pooling import tfam_combine_reference, tfam_statistics_reference
-
-from conftest import DEVICE
 
 
 def _inputs(shape, dtype, seed=0):
@@ -101,8 +100,12 @@ def test_aot_variants_cover_every_launch():
     variants = triton_kernels.aot_variants()
     names = [v.name for v in variants]
     assert len(names) == len(set(names))
-    kernels = {triton_kernels._statistics_kernel, triton_kernels._statistics_backward_kernel,
-               triton_kernels._combine_kernel, triton_kernels._combine_backward_kernel}
+    kernels = {
+        triton_kernels._statistics_kernel,
+        triton_kernels._statistics_backward_kernel,
+        triton_kernels._combine_kernel,
+        triton_kernels._combine_backward_kernel,
+    }
     for kernel in kernels:
         for dtype in ("fp16", "bf16", "fp32"):
             tiers = {v.constexprs["BLOCK_HW"] for v in variants if v.kernel is kernel and f"[{dtype}," in v.name}
@@ -162,7 +165,7 @@ def test_linked_dx_without_scale_gradients(backend):
 
 def test_link_only_on_triton_with_gradient(backend):
     x = torch.randn(1, 2, 3, 4, 5, device=DEVICE)
-    assert tfam_statistics(x, link=True)[3] is None                          # no gradient needed
+    assert tfam_statistics(x, link=True)[3] is None  # no gradient needed
     tied = tfam_statistics(x.requires_grad_(), link=True)[3]
     assert (tied is not None) == (backend == "triton")
 

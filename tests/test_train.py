@@ -63,17 +63,44 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
 
 def test_torchrun_two_processes_gloo_agree_with_single_process_evaluation(tmp_path):
     out = tmp_path / "ddp"
-    run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN_SCRIPT,
-                *tiny_args(out, epochs=1, eval_clips=23), "--no-test", "--device", "cpu",
-                "--set", "eval_batch_size=1"], timeout=300)
+    run_script(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            TRAIN_SCRIPT,
+            *tiny_args(out, epochs=1, eval_clips=23),
+            "--no-test",
+            "--device",
+            "cpu",
+            "--set",
+            "eval_batch_size=1",
+        ],
+        timeout=300,
+    )
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1
     # The validation metrics gathered over the two ranks (odd split size: unequal shards)
     # equal a one-process evaluation of the saved weights on the whole split.
     # One clip per batch on both sides: the convolutions' rounding depends on the batch size,
     # which would let a near-tie prediction differ between the two runs.
-    run_script([EVALUATE_SCRIPT, out / "last.pt", "--split", "val", "--out", tmp_path / "eval", "--no-progress",
-                "--max-points", "50", "--batch-size", "1"])
+    run_script(
+        [
+            EVALUATE_SCRIPT,
+            out / "last.pt",
+            "--split",
+            "val",
+            "--out",
+            tmp_path / "eval",
+            "--no-progress",
+            "--max-points",
+            "50",
+            "--batch-size",
+            "1",
+        ]
+    )
     single = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     gathered = ckpt["val_metrics"]
     assert gathered["num_samples"] == single["num_samples"] == 23
@@ -150,18 +177,21 @@ def test_grad_scaler_skips_and_counts_a_non_finite_step(tmp_path):
     run.log.close()
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--no-tfam"], {"tfam": False}),
-    (["--temporal-only"], {"temporal": True, "frequency": False}),
-    (["--frequency-only"], {"temporal": False, "frequency": True}),
-    (["--fusion", "mean"], {"fusion": "mean"}),
-    (["--tfam-stages", "res4,res5"], {"tfam_stages": ["res4", "res5"]}),
-    (["--no-girl"], {"girl": False}),
-    (["--girl-groups", "subject"], {"girl_groups": "subject"}),
-    (["--amp", "bf16"], {"amp": "bf16"}),  # CPU bf16 autocast
-    (["--memory-format", "channels_last"], {"memory_format": "channels_last"}),
-    (["--repeated-aug", "2"], {"repeated_augmentation": 2}),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--no-tfam"], {"tfam": False}),
+        (["--temporal-only"], {"temporal": True, "frequency": False}),
+        (["--frequency-only"], {"temporal": False, "frequency": True}),
+        (["--fusion", "mean"], {"fusion": "mean"}),
+        (["--tfam-stages", "res4,res5"], {"tfam_stages": ["res4", "res5"]}),
+        (["--no-girl"], {"girl": False}),
+        (["--girl-groups", "subject"], {"girl_groups": "subject"}),
+        (["--amp", "bf16"], {"amp": "bf16"}),  # CPU bf16 autocast
+        (["--memory-format", "channels_last"], {"memory_format": "channels_last"}),
+        (["--repeated-aug", "2"], {"repeated_augmentation": 2}),
+    ],
+)
 def test_switches_train_a_step(tmp_path, flags, expected):
     args = tiny_args(tmp_path, epochs=1, train_clips=8, eval_clips=4) + ["--no-test"] + flags
     cfg = resolve_config(overrides_from_args(train.parse_args(args)))
@@ -182,8 +212,13 @@ def test_config_layering_and_errors(tmp_path):
         resolve_config({"fusion": "max"})
     with pytest.raises(ValueError, match="--data-root"):
         resolve_config({"dataset": "ma52"})
-    for key, value in (("repeated_augmentation", 0), ("prefetch_factor", 0), ("num_workers", -1), ("compile", "yes"),
-                       ("memory_format", "nhwc")):
+    for key, value in (
+        ("repeated_augmentation", 0),
+        ("prefetch_factor", 0),
+        ("num_workers", -1),
+        ("compile", "yes"),
+        ("memory_format", "nhwc"),
+    ):
         with pytest.raises(ValueError, match=f"'{key}'"):
             resolve_config({key: value})
     assert paper.num_workers is None and paper.memory_format == "contiguous" and not paper.compile
@@ -233,6 +268,7 @@ def test_channels_last_bf16_cpu_refused_where_pytorch_computes_garbage():
     """The refusal guards a real defect: X3D's stem depthwise 5x1x1 conv under CPU bf16
     autocast with channels_last_3d gives a weight gradient that changes between identical
     calls at 4 frames; the guard lets through the layouts and frame counts that are exact."""
+
     def weight_grad_norms(frames: int, channels_last: bool) -> set:
         torch.manual_seed(0)
         conv = torch.nn.Conv3d(24, 24, (5, 1, 1), padding=(2, 0, 0), groups=24, bias=False)

@@ -33,8 +33,9 @@ def test_every_key_has_a_flag_in_its_help_group():
     for f in FIELDS:
         assert f.metadata["group"] in GROUPS, f.name
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        assert re.search(rf"(^|\s|,){re.escape(flag)}(\s|,|$)", sections[f.metadata["group"]], re.M), \
+        assert re.search(rf"(^|\s|,){re.escape(flag)}(\s|,|$)", sections[f.metadata["group"]], re.M), (
             f"{f.name}: {flag} not under '{f.metadata['group']}' in --help"
+        )
 
 
 def test_every_key_round_trips_through_its_flag():
@@ -92,16 +93,19 @@ def test_a_choice_violation_names_key_choices_and_value(tmp_path):
         train.parse_args(["--optimizer", "sgd"])
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("epochs", 2.5, "expected an integer, got 2.5"),
-    ("epochs", 0, "expected a value >= 1, got 0"),
-    ("lr", -1e-3, "expected a value > 0, got -0.001"),
-    ("lr", True, "expected a finite number, got True"),
-    ("compile", "yes", "expected true or false, got 'yes'"),
-    ("max_train_clips", "8", "expected an integer or null, got '8'"),
-    ("lr_milestones", [30, "60"], r"expected a list of integers, got \[30, '60'\]"),
-    ("synthetic_options", [], "expected a JSON object, got \\[\\]"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("epochs", 2.5, "expected an integer, got 2.5"),
+        ("epochs", 0, "expected a value >= 1, got 0"),
+        ("lr", -1e-3, "expected a value > 0, got -0.001"),
+        ("lr", True, "expected a finite number, got True"),
+        ("compile", "yes", "expected true or false, got 'yes'"),
+        ("max_train_clips", "8", "expected an integer or null, got '8'"),
+        ("lr_milestones", [30, "60"], r"expected a list of integers, got \[30, '60'\]"),
+        ("synthetic_options", [], "expected a JSON object, got \\[\\]"),
+    ],
+)
 def test_type_and_bound_errors_name_key_expectation_and_value(key, value, expected):
     with pytest.raises(ConfigError, match=rf"config '{key}': {expected}"):
         TrainConfig(**{key: value})

@@ -15,8 +15,13 @@ from torch.utils.data import Dataset
 from models import train
 from models.errors import CheckpointError, exit_on_input_error
 from models.training import run as run_module
-from models.training.checkpointing import (CHECKPOINT_FORMAT, load_checkpoint, load_resume_checkpoint,
-                                           remove_stale_temporaries, save_atomic)
+from models.training.checkpointing import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    load_resume_checkpoint,
+    remove_stale_temporaries,
+    save_atomic,
+)
 from tests.train_helpers import one_thread, tiny_args  # noqa: F401
 
 
@@ -54,20 +59,35 @@ def unreadable_train_clips(monkeypatch):
     recorder = {}
 
     def bad(indices):
-        monkeypatch.setattr(run_module, "build_dataset", lambda cfg, split, train: UnreadableAt(
-            build_dataset(cfg, split, train), set(indices)) if split == "train" else build_dataset(cfg, split, train))
-        monkeypatch.setattr(run_module, "build_loss", lambda cfg: recorder.setdefault("loss", BatchSizes(build_loss(cfg))))
+        monkeypatch.setattr(
+            run_module,
+            "build_dataset",
+            lambda cfg, split, train: (
+                UnreadableAt(build_dataset(cfg, split, train), set(indices))
+                if split == "train"
+                else build_dataset(cfg, split, train)
+            ),
+        )
+        monkeypatch.setattr(
+            run_module, "build_loss", lambda cfg: recorder.setdefault("loss", BatchSizes(build_loss(cfg)))
+        )
         return recorder
 
     return bad
 
 
 @pytest.mark.parametrize("batch_size", [8, 16, 80])
-def test_one_bad_clip_with_four_groups_drops_the_clip_and_trains_on(tmp_path, capsys, unreadable_train_clips,
-                                                                    batch_size):
+def test_one_bad_clip_with_four_groups_drops_the_clip_and_trains_on(
+    tmp_path, capsys, unreadable_train_clips, batch_size
+):
     recorder = unreadable_train_clips([5])
     args = tiny_args(tmp_path, epochs=1, train_clips=batch_size, eval_clips=4) + [
-        "--batch-size", str(batch_size), "--girl-num-groups", "4", "--no-test"]
+        "--batch-size",
+        str(batch_size),
+        "--girl-num-groups",
+        "4",
+        "--no-test",
+    ]
     summary = train.main(args)
     record = summary["history"][0]
     assert record["train_dropped"] == 1 and record["train_empty_steps"] == 0
@@ -80,8 +100,9 @@ def test_one_bad_clip_with_four_groups_drops_the_clip_and_trains_on(tmp_path, ca
 def test_a_batch_without_a_readable_clip_is_skipped_and_reported(tmp_path, capsys, unreadable_train_clips):
     # 16 clips in batches of 8, only clip 0 readable: one batch of a single clip, one empty batch.
     recorder = unreadable_train_clips(range(1, 16))
-    summary = train.main(tiny_args(tmp_path, epochs=1, train_clips=16, eval_clips=4) + [
-        "--girl-num-groups", "4", "--no-test"])
+    summary = train.main(
+        tiny_args(tmp_path, epochs=1, train_clips=16, eval_clips=4) + ["--girl-num-groups", "4", "--no-test"]
+    )
     record = summary["history"][0]
     assert record["train_dropped"] == 15 and record["train_empty_steps"] == 1
     assert [size for size, _ in recorder["loss"].calls] == [1]
@@ -139,8 +160,10 @@ def test_a_flipped_weight_byte_is_caught_and_resume_falls_back_to_previous(finis
         load_checkpoint(run_dir / "last.pt")
     summary = train.main(["--out", str(run_dir), "--resume", "--no-progress"])
     out = capsys.readouterr().out
-    assert f"warning: {run_dir / 'last.pt'}: the content does not match its stored sha256: the file is damaged; " \
-           f"resuming from {run_dir / 'previous.pt'} (epoch 1) instead" in out
+    assert (
+        f"warning: {run_dir / 'last.pt'}: the content does not match its stored sha256: the file is damaged; "
+        f"resuming from {run_dir / 'previous.pt'} (epoch 1) instead" in out
+    )
     assert summary["epochs_done"] == 2 and [r["epoch"] for r in summary["history"]] == [1, 2]
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2  # rewritten, valid again
 
@@ -153,7 +176,7 @@ def test_a_damaged_last_checkpoint_falls_back_to_previous(finished_run, tmp_path
     if damage == "missing":
         last.unlink()  # a kill between the two renames of a save
     else:
-        last.write_bytes({"truncated": content[:len(content) // 2], "empty": b"", "garbage": b"\x00" * 4096}[damage])
+        last.write_bytes({"truncated": content[: len(content) // 2], "empty": b"", "garbage": b"\x00" * 4096}[damage])
     ckpt, used, problems = load_resume_checkpoint(last)
     assert used == run_dir / "previous.pt" and ckpt["epoch"] == 1
     assert len(problems) == 1 and str(last) in problems[0]
@@ -191,8 +214,13 @@ def test_an_evaluation_checkpoint_is_not_resumed(finished_run):
 
 def test_temporaries_of_a_killed_save_are_removed_and_nothing_else(tmp_path):
     stale = [tmp_path / ".last.pt.k2j4h_x8.tmp", tmp_path / ".best.pt.abc12345.tmp"]
-    kept = [tmp_path / "notes.tmp", tmp_path / ".last.pt.notes.txt", tmp_path / ".last.pt..tmp",
-            tmp_path / "x.last.pt.abcdefgh.tmp", tmp_path / ".last.pt.a-b.tmp"]
+    kept = [
+        tmp_path / "notes.tmp",
+        tmp_path / ".last.pt.notes.txt",
+        tmp_path / ".last.pt..tmp",
+        tmp_path / "x.last.pt.abcdefgh.tmp",
+        tmp_path / ".last.pt.a-b.tmp",
+    ]
     for path in stale + kept:
         path.write_bytes(b"partial")
     save_atomic({"epoch": 1}, tmp_path / "last.pt")

@@ -18,7 +18,12 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
-BENCHMARKS = {"sinkhorn_knopp": "bench_sinkhorn", "dct": "bench_dct", "girl": "bench_girl", "tfam_pooling": "bench_tfam"}
+BENCHMARKS = {
+    "sinkhorn_knopp": "bench_sinkhorn",
+    "dct": "bench_dct",
+    "girl": "bench_girl",
+    "tfam_pooling": "bench_tfam",
+}
 
 
 def _op_modules() -> dict:
@@ -40,11 +45,18 @@ def test_every_launched_specialization_compiles_without_spills():
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
     completed = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "triton_static_check.py")],
-        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    rows = [tuple(cell.strip() for cell in line.split("|")[1:4])
-            for line in completed.stdout.splitlines() if line.startswith("| ") and "| arch |" not in line]
+    rows = [
+        tuple(cell.strip() for cell in line.split("|")[1:4])
+        for line in completed.stdout.splitlines()
+        if line.startswith("| ") and "| arch |" not in line
+    ]
     assert "| SPILL |" not in completed.stdout and "COMPILE ERROR" not in completed.stdout
     binaries = {(name, tag) for name, tag, _ in rows}
     missing_arch = [(name, tag, arch) for name, tag in binaries for arch in ARCHS if (name, tag, arch) not in rows]

@@ -346,7 +346,9 @@ def test_slowfast_checkpoint_loads_with_renamed_keys(tmp_path):
 
 def test_folded_slowfast_bn_equals_unfolded_computation(tmp_path):
     # float64 checkpoint and model: the fold is exact algebra, so only fp64 rounding remains.
-    sf = {k: v.double() if v.is_floating_point() else v for k, v in random_state(slowfast_layout(DEPTHS["M"]), 2).items()}
+    sf = {
+        k: v.double() if v.is_floating_point() else v for k, v in random_state(slowfast_layout(DEPTHS["M"]), 2).items()
+    }
     folded = build_x3d("M", 400).double()
     load_x3d_checkpoint(folded, save(tmp_path, {"model_state": sf}))
 
@@ -418,9 +420,15 @@ def test_checkpoint_without_tensors(tmp_path):
     "state",
     [
         # PyTorchVideo slow_r50: a single 3-D stem conv.
-        {"blocks.0.conv.weight": torch.randn(64, 3, 1, 7, 7), "blocks.1.res_blocks.0.branch2.conv_a.weight": torch.randn(64, 64, 1, 1, 1)},
+        {
+            "blocks.0.conv.weight": torch.randn(64, 3, 1, 7, 7),
+            "blocks.1.res_blocks.0.branch2.conv_a.weight": torch.randn(64, 64, 1, 1, 1),
+        },
         # SlowFast SLOW_8x8_R50: stem conv without X3D's conv_xy.
-        {"s1.pathway0_stem.conv.weight": torch.randn(64, 3, 1, 7, 7), "s2.pathway0_res0.branch2.a.weight": torch.randn(64, 64, 1, 1, 1)},
+        {
+            "s1.pathway0_stem.conv.weight": torch.randn(64, 3, 1, 7, 7),
+            "s2.pathway0_res0.branch2.a.weight": torch.randn(64, 64, 1, 1, 1),
+        },
     ],
     ids=["pytorchvideo-slow_r50", "slowfast-slow_r50"],
 )
@@ -457,7 +465,9 @@ def test_every_problem_is_named_and_strict_loads_nothing(tmp_path):
     message = str(raised.value)
     assert "missing: blocks.2.res_blocks.1.branch2.conv_a.weight" in message
     assert "unexpected: blocks.5.pool.post_norm.weight" in message
-    assert "shape mismatch: blocks.3.res_blocks.0.branch2.conv_b.weight: (216, 1, 1, 3, 3) vs (216, 1, 3, 3, 3)" in message
+    assert (
+        "shape mismatch: blocks.3.res_blocks.0.branch2.conv_b.weight: (216, 1, 1, 3, 3) vs (216, 1, 3, 3, 3)" in message
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     with pytest.warns(UserWarning, match="strict=False"):

@@ -19,18 +19,43 @@ TINY_PRESET = '{"name": "test", "depth_factor": 0.2}'
 
 def tiny_args(out_dir, epochs: int = 2, train_clips: int = 32, eval_clips: int = 24, extra=()) -> list:
     """A run of a few seconds: tiny model, 4 frames of 32x32, a few clips, no workers."""
-    return ["--out", str(out_dir), "--preset", TINY_PRESET, "--num-frames", "4", "--crop-size", "32",
-            "--epochs", str(epochs), "--batch-size", "8", "--max-train-clips", str(train_clips),
-            "--max-eval-clips", str(eval_clips), "--workers", "0", "--no-progress", "--lr", "0.003",
-            "--warmup-epochs", "0", "--girl-num-groups", "2", *extra]
+    return [
+        "--out",
+        str(out_dir),
+        "--preset",
+        TINY_PRESET,
+        "--num-frames",
+        "4",
+        "--crop-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--max-train-clips",
+        str(train_clips),
+        "--max-eval-clips",
+        str(eval_clips),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--lr",
+        "0.003",
+        "--warmup-epochs",
+        "0",
+        "--girl-num-groups",
+        "2",
+        *extra,
+    ]
 
 
 def run_script(args: list, timeout: int = 240, env_extra=None) -> subprocess.CompletedProcess:
     """Run a command from the repo root the way a user would; fail with its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("PYTHONPATH", None)  # the scripts must find `models` by themselves
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 

@@ -37,9 +37,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -85,21 +85,29 @@ COMPILE_RESERVE_S = 15.0
 
 PYTEST_FLAGS = "-v -m 'not slow' --maxfail=10 -p no:cacheprovider"
 # Test files run first, so that a run cut short by the time limit has covered the kernels and the model.
-FIRST_TEST_FILES = ("test_sinkhorn", "test_dct", "test_girl", "test_tfam", "test_op_contract", "test_no_host_sync",
-                    "test_devices", "test_piumr")
+FIRST_TEST_FILES = (
+    "test_sinkhorn",
+    "test_dct",
+    "test_girl",
+    "test_tfam",
+    "test_op_contract",
+    "test_no_host_sync",
+    "test_devices",
+    "test_piumr",
+)
 
 # Bytes each op's bandwidth figure counts (s: bytes per element of the main input;
 # statistics and scales are float32). Every tensor is counted once, at its stored size.
 BYTE_FORMULAS = {
     "sinkhorn": "fwd: K + P = 2·B·N·M·s; fwd+bwd adds dP + dK: 4·B·N·M·s",
     "dct": "fwd: x + E + mean + var = (B·C·T·H·W + B·D·H·W + 2·B·D)·s; fwd+bwd adds dE, dmean, dvar and dx "
-           "(B·C·T·H·W·s, or B·H·W·s where the backend returns dx as an expanded view)",
+    "(B·C·T·H·W·s, or B·H·W·s where the backend returns dx as an expanded view)",
     "girl": "fwd: features B·C·s + labels B·8 + loss; fwd+bwd adds dloss + dfeatures B·C·s "
-            "(compute-bound: about B²·C/G multiply-adds, so far below the bandwidth peak by nature)",
+    "(compute-bound: about B²·C/G multiply-adds, so far below the bandwidth peak by nature)",
     "tfam_statistics": "fwd: x B·C·T·H·W·s + frame_mean, frame_max 2·B·C·T·4 + spatial B·H·W·4; "
-                       "fwd+bwd adds their three gradients + dx B·C·T·H·W·s",
+    "fwd+bwd adds their three gradients + dx B·C·T·H·W·s",
     "tfam_combine": "fwd: x + out 2·B·C·T·H·W·s + temporal_scale B·T·4 + spatial_scale B·H·W·4; "
-                    "fwd+bwd adds dout + dx 2·B·C·T·H·W·s + dtemporal_scale + dspatial_scale",
+    "fwd+bwd adds dout + dx 2·B·C·T·H·W·s + dtemporal_scale + dspatial_scale",
 }
 
 
@@ -189,17 +197,28 @@ def sinkhorn_case(batch: int, n: int, m: int, n_iters: int) -> OpCase:
         K = torch.rand(batch, n, m, generator=seeded_generator(), dtype=torch.float64).add_(0.05)
         return Inputs((K.to(device, dtype),), (0,))
 
-    return OpCase("sinkhorn", f"{batch}x{n}x{m} it{n_iters}", make_inputs,
-                  call=lambda K: (piumr_kernels.sinkhorn(K, n_iters),), output_names=("P",), input_names=("K",))
+    return OpCase(
+        "sinkhorn",
+        f"{batch}x{n}x{m} it{n_iters}",
+        make_inputs,
+        call=lambda K: (piumr_kernels.sinkhorn(K, n_iters),),
+        output_names=("P",),
+        input_names=("K",),
+    )
 
 
 def dct_case(shape: tuple[int, ...], kernel_size: int) -> OpCase:
     def make_inputs(dtype, device):
         return Inputs((video(shape, dtype, device),), (0,))
 
-    return OpCase("dct", "x".join(map(str, shape)) + f" k{kernel_size}", make_inputs,
-                  call=lambda x: piumr_kernels.dct_filter_bank(x, kernel_size, return_stats=True),
-                  output_names=("E", "mean", "var"), input_names=("x",))
+    return OpCase(
+        "dct",
+        "x".join(map(str, shape)) + f" k{kernel_size}",
+        make_inputs,
+        call=lambda x: piumr_kernels.dct_filter_bank(x, kernel_size, return_stats=True),
+        output_names=("E", "mean", "var"),
+        input_names=("x",),
+    )
 
 
 def girl_features(batch: int, width: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +236,15 @@ def girl_random_groups_case(batch: int, width: int, num_groups: int) -> OpCase:
     def make_inputs(dtype, device):
         return Inputs(girl_features(batch, width, dtype, device), (0,))
 
-    return OpCase("girl", f"B{batch} C{width} G{num_groups}", make_inputs,
-                  call=lambda features, labels: (piumr_kernels.girl_loss(features, labels, num_groups),),
-                  output_names=("loss",), input_names=("features", "labels"), compare=False)
+    return OpCase(
+        "girl",
+        f"B{batch} C{width} G{num_groups}",
+        make_inputs,
+        call=lambda features, labels: (piumr_kernels.girl_loss(features, labels, num_groups),),
+        output_names=("loss",),
+        input_names=("features", "labels"),
+        compare=False,
+    )
 
 
 def girl_explicit_groups_case(batch: int, width: int, num_groups: int) -> OpCase:
@@ -235,9 +260,15 @@ def girl_explicit_groups_case(batch: int, width: int, num_groups: int) -> OpCase
         loss, details = piumr_kernels.girl_loss(features, labels, groups=groups, return_details=True)
         return loss, details["group_risks"], details["risk_var"]
 
-    return OpCase("girl", f"B{batch} C{width} G{num_groups} groups= details", make_inputs, call,
-                  output_names=("loss", "group_risks", "risk_var"), input_names=("features", "labels", "groups"),
-                  time=False)
+    return OpCase(
+        "girl",
+        f"B{batch} C{width} G{num_groups} groups= details",
+        make_inputs,
+        call,
+        output_names=("loss", "group_risks", "risk_var"),
+        input_names=("features", "labels", "groups"),
+        time=False,
+    )
 
 
 def video(shape: tuple[int, ...], dtype, device) -> torch.Tensor:
@@ -245,10 +276,14 @@ def video(shape: tuple[int, ...], dtype, device) -> torch.Tensor:
 
 
 def tfam_statistics_case(shape: tuple[int, ...]) -> OpCase:
-    return OpCase("tfam_statistics", "x".join(map(str, shape)),
-                  lambda dtype, device: Inputs((video(shape, dtype, device),), (0,)),
-                  call=piumr_kernels.tfam_statistics,
-                  output_names=("frame_mean", "frame_max", "spatial"), input_names=("x",))
+    return OpCase(
+        "tfam_statistics",
+        "x".join(map(str, shape)),
+        lambda dtype, device: Inputs((video(shape, dtype, device),), (0,)),
+        call=piumr_kernels.tfam_statistics,
+        output_names=("frame_mean", "frame_max", "spatial"),
+        input_names=("x",),
+    )
 
 
 def tfam_combine_case(shape: tuple[int, ...]) -> OpCase:
@@ -259,12 +294,18 @@ def tfam_combine_case(shape: tuple[int, ...]) -> OpCase:
         temporal = 1 + 0.1 * torch.randn(batch, frames, generator=generator, dtype=torch.float64)
         spatial = 1 + 0.1 * torch.randn(batch, height, width, generator=generator, dtype=torch.float64)
         scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        return Inputs((video(shape, dtype, device), temporal.to(device, scale_dtype), spatial.to(device, scale_dtype)),
-                      (0, 1, 2))
+        return Inputs(
+            (video(shape, dtype, device), temporal.to(device, scale_dtype), spatial.to(device, scale_dtype)), (0, 1, 2)
+        )
 
-    return OpCase("tfam_combine", "x".join(map(str, shape)), make_inputs,
-                  call=lambda x, t, s: (piumr_kernels.tfam_combine(x, t, s),),
-                  output_names=("out",), input_names=("x", "temporal_scale", "spatial_scale"))
+    return OpCase(
+        "tfam_combine",
+        "x".join(map(str, shape)),
+        make_inputs,
+        call=lambda x, t, s: (piumr_kernels.tfam_combine(x, t, s),),
+        output_names=("out",),
+        input_names=("x", "temporal_scale", "spatial_scale"),
+    )
 
 
 def op_cases(dry_run: bool) -> list[OpCase]:
@@ -272,8 +313,10 @@ def op_cases(dry_run: bool) -> list[OpCase]:
     if dry_run:
         shapes, kernel_size = DRY_RUN_SHAPES, 7
     else:
-        shapes = {op: [tuple(s) for s in benchmark_constant(f"bench_{op}.py", "SHAPES")]
-                  for op in ("sinkhorn", "dct", "girl", "tfam")}
+        shapes = {
+            op: [tuple(s) for s in benchmark_constant(f"bench_{op}.py", "SHAPES")]
+            for op in ("sinkhorn", "dct", "girl", "tfam")
+        }
         kernel_size = benchmark_constant("bench_dct.py", "KERNEL_SIZE")
     cases = [sinkhorn_case(*shape) for shape in shapes["sinkhorn"]]
     cases += [dct_case(shape, kernel_size) for shape in shapes["dct"]]
@@ -290,8 +333,11 @@ def op_cases(dry_run: bool) -> list[OpCase]:
 def upstream_gradients(outputs: tuple, dtype_of: Callable[[torch.Tensor], torch.dtype]) -> list[torch.Tensor]:
     """Non-uniform gradients (standard normal, seeded) for every output that carries one."""
     generator = torch.Generator().manual_seed(2)
-    return [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, dtype_of(out))
-            for out in outputs if out.requires_grad]
+    return [
+        torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, dtype_of(out))
+        for out in outputs
+        if out.requires_grad
+    ]
 
 
 def input_gradients(outputs: tuple, args: tuple, grad_index: tuple[int, ...], upstream: list) -> tuple:
@@ -310,8 +356,10 @@ def forward_backward(fn: Callable[..., tuple], args: tuple, grad_index: tuple[in
 
 def with_grad(inputs: Inputs) -> tuple:
     """The args, the differentiable ones detached and requiring grad."""
-    return tuple(arg.detach().requires_grad_(i in inputs.grad_index) if arg.is_floating_point() else arg
-                 for i, arg in enumerate(inputs.args))
+    return tuple(
+        arg.detach().requires_grad_(i in inputs.grad_index) if arg.is_floating_point() else arg
+        for i, arg in enumerate(inputs.args)
+    )
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
@@ -332,6 +380,7 @@ def prepare_step(fn: Callable[..., tuple], inputs: Inputs, backward: bool) -> St
     gradients). Building it calls `fn` (once for the forward, twice with the backward: the
     first call gives the outputs' shapes), which is also the warm-up."""
     if not backward:
+
         def run():
             with torch.no_grad():
                 return fn(*inputs.args)
@@ -402,8 +451,14 @@ class PytestSummary:
 _FINAL_LINE = re.compile(r"^=+ (.+) in [\d.]+s.*=+$")
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)")
 _VERBOSE_RESULT = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
-_VERBOSE_COUNT_KEY = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped",
-                      "XFAIL": "xfailed", "XPASS": "xpassed"}
+_VERBOSE_COUNT_KEY = {
+    "PASSED": "passed",
+    "FAILED": "failed",
+    "ERROR": "error",
+    "SKIPPED": "skipped",
+    "XFAIL": "xfailed",
+    "XPASS": "xpassed",
+}
 
 
 def summarize_pytest_output(text: str) -> PytestSummary:
@@ -434,8 +489,10 @@ def default_pytest_args() -> list[str]:
     """Every tests/test_*.py but this tool's own (CPU) tests, the kernel and model tests
     first, with PYTEST_FLAGS."""
     names = sorted(path.name for path in (ROOT / "tests").glob("test_*.py") if path.name != "test_gpu_selfcheck.py")
-    first = sorted((name for name in names if name.startswith(FIRST_TEST_FILES)),
-                   key=lambda name: next(i for i, prefix in enumerate(FIRST_TEST_FILES) if name.startswith(prefix)))
+    first = sorted(
+        (name for name in names if name.startswith(FIRST_TEST_FILES)),
+        key=lambda name: next(i for i, prefix in enumerate(FIRST_TEST_FILES) if name.startswith(prefix)),
+    )
     ordered = first + [name for name in names if name not in first]
     return [f"tests/{name}" for name in ordered] + shlex.split(PYTEST_FLAGS)
 
@@ -443,8 +500,10 @@ def default_pytest_args() -> list[str]:
 def run_test_suite(pytest_args: list[str], timeout_s: float) -> Section:
     section = Section("1. Test suite")
     command = [sys.executable, "-m", "pytest", *pytest_args]
-    section.notes.append(f"`{shlex.join(['python', '-m', 'pytest', *pytest_args])}` from the repository root, "
-                         f"time limit {timeout_s:.0f} s; tests run on CUDA when it is available (tests/conftest.py)")
+    section.notes.append(
+        f"`{shlex.join(['python', '-m', 'pytest', *pytest_args])}` from the repository root, "
+        f"time limit {timeout_s:.0f} s; tests run on CUDA when it is available (tests/conftest.py)"
+    )
     started = time.monotonic()
     try:
         completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -454,14 +513,18 @@ def run_test_suite(pytest_args: list[str], timeout_s: float) -> Section:
     summary = summarize_pytest_output(output)
     elapsed = time.monotonic() - started
     section.headers = ["passed", "failed", "errors", "skipped", "xfailed", "time"]
-    section.rows.append([str(summary.counts.get(key, 0)) for key in ("passed", "failed", "error", "skipped", "xfailed")]
-                        + [f"{elapsed:.0f} s"])
+    section.rows.append(
+        [str(summary.counts.get(key, 0)) for key in ("passed", "failed", "error", "skipped", "xfailed")]
+        + [f"{elapsed:.0f} s"]
+    )
     section.passed = summary.counts.get("passed", 0)
     section.failed = summary.counts.get("failed", 0) + summary.counts.get("error", 0)
     section.skipped = summary.counts.get("skipped", 0)
     if return_code is None:
-        section.notes.append(f"**incomplete**: stopped after the {timeout_s:.0f} s limit; the counts are the tests "
-                             "finished by then (raise --pytest-timeout or narrow --pytest-args)")
+        section.notes.append(
+            f"**incomplete**: stopped after the {timeout_s:.0f} s limit; the counts are the tests "
+            "finished by then (raise --pytest-timeout or narrow --pytest-args)"
+        )
     elif re.search(r"^!+ stopping after \d+ failures", output, re.MULTILINE):
         section.notes.append("**incomplete**: pytest stopped at its --maxfail limit; the later tests did not run")
     elif not summary.finished:
@@ -490,12 +553,14 @@ def skipped_section(title: str, reason: str, gates_exit: bool = True) -> Section
 
 
 def check_synchronizations(cases: list[OpCase], device: torch.device, backend: str) -> Section:
-    section = Section("2. Host synchronizations (torch.cuda.set_sync_debug_mode(\"error\"))")
+    section = Section('2. Host synchronizations (torch.cuda.set_sync_debug_mode("error"))')
     if device.type != "cuda":
         section.notes.append("skipped: no CUDA (sync debug mode is a CUDA feature)")
         return section
-    section.notes.append(f"One forward+backward per case on the {backend} backend in float32, after a warm-up; "
-                         "a case fails when any call in it synchronizes with the host.")
+    section.notes.append(
+        f"One forward+backward per case on the {backend} backend in float32, after a warm-up; "
+        "a case fails when any call in it synchronizes with the host."
+    )
     section.headers = ["op", "shape", "result"]
     for case in cases:
         status, detail = sync_status(case, device, backend)
@@ -509,12 +574,12 @@ def sync_status(case: OpCase, device: torch.device, backend: str) -> tuple[str, 
     try:
         step = prepare_step(on_backend(case.call, backend), case.make_inputs(torch.float32, device), backward=True)
         torch.cuda.synchronize(device)
-    except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
+    except Exception as error:
         return "fail", f"error before the check: {describe_error(error)}"
     torch.cuda.set_sync_debug_mode("error")
     try:
         step.run()
-    except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
+    except Exception as error:
         if "synchroniz" in str(error):
             return "fail", f"**synchronizes**: {describe_error(error)}"
         return "fail", f"error: {describe_error(error)}"
@@ -541,9 +606,9 @@ class TrainingSetup:
 def build_training_setup(device: torch.device, dry_run: bool) -> TrainingSetup:
     """A small PIUmr (TFAM after every stage), CE + GIRL on random pseudo-groups, AdamW and
     the autocast dtype a training run would pick; the clip and labels are static tensors."""
-    from models.training.precision import resolve_amp
     from models.modelling.piumr import PIUmrLoss, build_piumr
     from models.modelling.x3d import X3DPreset
+    from models.training.precision import resolve_amp
 
     if dry_run:
         preset, batch = X3DPreset("selfcheck-tiny", depth_factor=0.2, num_frames=4, crop_size=32), 4
@@ -556,9 +621,11 @@ def build_training_setup(device: torch.device, dry_run: bool) -> TrainingSetup:
     clip = torch.randn(batch, *preset.clip_shape, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     amp_dtype = resolve_amp("auto", device)
-    description = (f"PIUmr on X3D depth factor {preset.depth_factor}, batch {batch} x {preset.num_frames}x"
-                   f"{preset.crop_size}x{preset.crop_size}, CE + GIRL (2 random groups), grad clip 1.0, AdamW"
-                   f"{' (capturable)' if device.type == 'cuda' else ''}, autocast {amp_dtype or 'off'}")
+    description = (
+        f"PIUmr on X3D depth factor {preset.depth_factor}, batch {batch} x {preset.num_frames}x"
+        f"{preset.crop_size}x{preset.crop_size}, CE + GIRL (2 random groups), grad clip 1.0, AdamW"
+        f"{' (capturable)' if device.type == 'cuda' else ''}, autocast {amp_dtype or 'off'}"
+    )
     return TrainingSetup(model, criterion, optimizer, clip, labels, amp_dtype, description)
 
 
@@ -586,7 +653,7 @@ def check_training_step_graph(device: torch.device, backend: str, dry_run: bool)
     section = Section("3. PIUmr training step in a CUDA graph")
     try:
         setup = build_training_setup(device, dry_run)
-    except Exception as error:  # noqa: BLE001 - reported as the check's result
+    except Exception as error:
         status, note = "fail", f"**failed to build the model**: {describe_error(error)}"
     else:
         section.notes.append(setup.description + f"; TFAM and GIRL on the {backend} backend.")
@@ -600,7 +667,7 @@ def check_training_step_graph(device: torch.device, backend: str, dry_run: bool)
 def graph_status(setup: TrainingSetup) -> tuple[str, str]:
     try:
         detail = capture_and_replay(setup)
-    except Exception as error:  # noqa: BLE001 - reported as the check's result
+    except Exception as error:
         return "fail", f"**capture or replay failed**: {describe_error(error)}"
     return "pass", f"captured and replayed: {detail}"
 
@@ -609,10 +676,11 @@ def eager_step_status(setup: TrainingSetup) -> tuple[str, str]:
     """Without CUDA: the same step, run eagerly twice, to check how it is composed."""
     try:
         losses = [float(training_step(setup)) for _ in range(2)]
-    except Exception as error:  # noqa: BLE001 - reported as the check's result
+    except Exception as error:
         return "fail", f"**the eager training step failed**: {describe_error(error)}"
-    return "skip", ("skipped: no CUDA (the step ran eagerly on cpu instead: losses "
-                    f"{', '.join(f'{loss:.4f}' for loss in losses)})")
+    return "skip", (
+        f"skipped: no CUDA (the step ran eagerly on cpu instead: losses {', '.join(f'{loss:.4f}' for loss in losses)})"
+    )
 
 
 def capture_and_replay(setup: TrainingSetup, replays: int = 5) -> str:
@@ -647,8 +715,10 @@ def capture_and_replay(setup: TrainingSetup, replays: int = 5) -> str:
     changed = any(not torch.equal(before, after) for before, after in zip(weights_before, setup.model.parameters()))
     if not changed:
         raise RuntimeError("the replays did not change any weight (the optimizer step was not captured)")
-    return (f"{replays} replays, {start.elapsed_time(end) / replays:.2f} ms per step, losses "
-            f"{', '.join(f'{value:.4f}' for value in values)}, weights updated")
+    return (
+        f"{replays} replays, {start.elapsed_time(end) / replays:.2f} ms per step, losses "
+        f"{', '.join(f'{value:.4f}' for value in values)}, weights updated"
+    )
 
 
 # --------------------------------------------------------------------------- part 4: correctness
@@ -678,8 +748,9 @@ def compare_with_reference(case: OpCase, dtype: torch.dtype, device: torch.devic
     upstream gradients."""
     inputs = case.make_inputs(dtype, device)
     args = with_grad(inputs)
-    reference_args = with_grad(Inputs(tuple(a.double() if a.is_floating_point() else a for a in inputs.args),
-                                      inputs.grad_index))
+    reference_args = with_grad(
+        Inputs(tuple(a.double() if a.is_floating_point() else a for a in inputs.args), inputs.grad_index)
+    )
     with piumr_kernels.use_backend("reference"):
         expected_outputs = case.call(*reference_args)
         upstream = upstream_gradients(expected_outputs, lambda out: torch.float64)
@@ -694,8 +765,9 @@ def compare_with_reference(case: OpCase, dtype: torch.dtype, device: torch.devic
     return Comparison(names[worst], *errors[worst])
 
 
-def check_correctness(cases: list[OpCase], device: torch.device, backend: str,
-                      dtypes: tuple[torch.dtype, ...]) -> Section:
+def check_correctness(
+    cases: list[OpCase], device: torch.device, backend: str, dtypes: tuple[torch.dtype, ...]
+) -> Section:
     section = Section("4. Correctness against the float64 references")
     section.notes.append(
         f"The public op on the {backend} backend vs the same op on the reference backend (the functions of "
@@ -703,7 +775,8 @@ def check_correctness(cases: list[OpCase], device: torch.device, backend: str,
         "and input gradients, with standard normal upstream gradients. rel = max |error| / "
         f"max(max |reference|, {SCALE_FLOOR:g}) of the worst tensor; tolerance: "
         + ", ".join(f"{DTYPE_NAMES[d]} {TOLERANCE[d]:g}" for d in dtypes)
-        + ". GIRL is compared with `groups=` (the random pseudo-groups are not reproducible across backends).")
+        + ". GIRL is compared with `groups=` (the random pseudo-groups are not reproducible across backends)."
+    )
     section.headers = ["op", "shape", "dtype", "worst tensor", "max abs err", "max rel err", "tolerance", "result"]
     for case in (c for c in cases if c.compare):
         for dtype in dtypes:
@@ -719,12 +792,16 @@ def correctness_row(case: OpCase, dtype: torch.dtype, device: torch.device, back
     tolerance = TOLERANCE[dtype]
     try:
         comparison = compare_with_reference(case, dtype, device, backend)
-    except Exception as error:  # noqa: BLE001 - reported, and the other cases still run
+    except Exception as error:
         return "fail", label + ["-", "-", "-", f"{tolerance:g}", f"**error**: {describe_error(error)}"]
     passed = comparison.max_rel <= tolerance
     return ("pass" if passed else "fail"), label + [
-        comparison.worst_tensor, f"{comparison.max_abs:.2e}", f"{comparison.max_rel:.2e}", f"{tolerance:g}",
-        "pass" if passed else "**FAIL**"]
+        comparison.worst_tensor,
+        f"{comparison.max_abs:.2e}",
+        f"{comparison.max_rel:.2e}",
+        f"{tolerance:g}",
+        "pass" if passed else "**FAIL**",
+    ]
 
 
 # --------------------------------------------------------------------------- part 5: timing
@@ -778,7 +855,7 @@ def bench(fn: Callable[..., tuple], inputs: Inputs, backward: bool) -> tuple[int
     try:
         step = prepare_step(fn, inputs, backward)
         return step.bytes_moved, do_bench(step.run, return_mode="median")
-    except Exception as error:  # noqa: BLE001 - reported in the table cell
+    except Exception as error:
         return 0, f"error: {describe_error(error)}"
 
 
@@ -799,23 +876,26 @@ def compile_order(timings: list[Timing]) -> list[Timing]:
     return [timing for _, timing in sorted(zip(position, timings), key=lambda pair: pair[0])]
 
 
-def time_all(cases: list[OpCase], device: torch.device, backend: str, deadline: Deadline,
-             reserve_s: float) -> list[Timing]:
+def time_all(
+    cases: list[OpCase], device: torch.device, backend: str, deadline: Deadline, reserve_s: float
+) -> list[Timing]:
     """fused and eager for every case and mode (cheap), then torch.compile(eager) for as
     many as the time budget allows (each compiles for seconds)."""
     timings = [Timing(case, backward) for case in cases if case.time for backward in (False, True)]
     for timing in timings:
         inputs = timing.case.make_inputs(torch.float32, device)
-        timing.bytes_moved, timing.results["fused"] = bench(on_backend(timing.case.call, backend), inputs,
-                                                            timing.backward)
+        timing.bytes_moved, timing.results["fused"] = bench(
+            on_backend(timing.case.call, backend), inputs, timing.backward
+        )
         _, timing.results["eager"] = bench(on_backend(timing.case.call, "reference"), inputs, timing.backward)
     for timing in compile_order(timings):
         if deadline.left() < reserve_s:
             timing.results["compiled"] = "skipped: time budget"
             continue
         inputs = timing.case.make_inputs(torch.float32, device)
-        _, timing.results["compiled"] = bench(on_backend(compiled(timing.case.call), "reference"), inputs,
-                                              timing.backward)
+        _, timing.results["compiled"] = bench(
+            on_backend(compiled(timing.case.call), "reference"), inputs, timing.backward
+        )
     return timings
 
 
@@ -833,15 +913,23 @@ def speedup(result: str | float, fused_ms: float | str) -> str:
 def timing_row(timing: Timing, peak: float | None) -> list[str]:
     fused_ms = timing.results["fused"]
     share = format_fraction_of_peak(timing.bytes_moved, fused_ms, peak) if isinstance(fused_ms, float) else "-"
-    return [timing.case.op, timing.case.shape, timing.mode, f"{timing.bytes_moved / 1e6:.1f}",
-            timing_cell(fused_ms, timing.bytes_moved), share,
-            timing_cell(timing.results["eager"], timing.bytes_moved),
-            timing_cell(timing.results["compiled"], timing.bytes_moved),
-            speedup(timing.results["eager"], fused_ms), speedup(timing.results["compiled"], fused_ms)]
+    return [
+        timing.case.op,
+        timing.case.shape,
+        timing.mode,
+        f"{timing.bytes_moved / 1e6:.1f}",
+        timing_cell(fused_ms, timing.bytes_moved),
+        share,
+        timing_cell(timing.results["eager"], timing.bytes_moved),
+        timing_cell(timing.results["compiled"], timing.bytes_moved),
+        speedup(timing.results["eager"], fused_ms),
+        speedup(timing.results["compiled"], fused_ms),
+    ]
 
 
-def measure_timings(cases: list[OpCase], device: torch.device, backend: str, deadline: Deadline,
-                    reserve_s: float) -> Section:
+def measure_timings(
+    cases: list[OpCase], device: torch.device, backend: str, deadline: Deadline, reserve_s: float
+) -> Section:
     section = Section("5. Timing and bandwidth", gates_exit=False)
     if device.type != "cuda":
         section.notes.append("skipped: no CUDA (triton.testing.do_bench times CUDA kernels)")
@@ -852,11 +940,24 @@ def measure_timings(cases: list[OpCase], device: torch.device, backend: str, dea
         f"Median of `triton.testing.do_bench` (L2 flushed between runs), float32. fused: the public op on the "
         f"{backend} backend; eager: the public op on the reference backend; compiled: `torch.compile` "
         f"(dynamic=False) of the public op on the reference backend, for as many cases as the time budget "
-        f"allows. GB/s = bytes / time; peak: {source}. Speedups are eager/fused and compiled/fused time.")
-    section.notes.append("Bytes counted (inputs read once + outputs written once):\n"
-                         + "\n".join(f"- {op}: {text}" for op, text in BYTE_FORMULAS.items()))
-    section.headers = ["op", "shape", "mode", "MB", "fused", "% of peak", "eager", "compiled",
-                       "vs eager", "vs compiled"]
+        f"allows. GB/s = bytes / time; peak: {source}. Speedups are eager/fused and compiled/fused time."
+    )
+    section.notes.append(
+        "Bytes counted (inputs read once + outputs written once):\n"
+        + "\n".join(f"- {op}: {text}" for op, text in BYTE_FORMULAS.items())
+    )
+    section.headers = [
+        "op",
+        "shape",
+        "mode",
+        "MB",
+        "fused",
+        "% of peak",
+        "eager",
+        "compiled",
+        "vs eager",
+        "vs compiled",
+    ]
     for timing in time_all(cases, device, backend, deadline, reserve_s):
         section.count("fail" if isinstance(timing.results["fused"], str) else "pass")
         section.rows.append(timing_row(timing, peak))
@@ -884,14 +985,28 @@ def overall_failed(sections: list[Section]) -> bool:
 def render_report(environment: dict[str, str], sections: list[Section]) -> str:
     """The whole report: environment, totals, then one section per part in part order."""
     failed = overall_failed(sections)
-    parts = ["# piumr_kernels GPU self-check", "",
-             f"**Result: {'FAIL' if failed else 'PASS'}**", ""]
+    parts = ["# piumr_kernels GPU self-check", "", f"**Result: {'FAIL' if failed else 'PASS'}**", ""]
     parts += [f"- {key}: {value}" for key, value in environment.items()]
-    parts += ["", "## Totals", "",
-              markdown_table(["part", "status", "passed", "failed", "skipped", "time"],
-                             [[s.title, s.status if s.gates_exit else s.status.lower() + " (informational)",
-                               s.passed, s.failed, s.skipped, f"{s.seconds:.0f} s"] for s in sections]),
-              ""]
+    parts += [
+        "",
+        "## Totals",
+        "",
+        markdown_table(
+            ["part", "status", "passed", "failed", "skipped", "time"],
+            [
+                [
+                    s.title,
+                    s.status if s.gates_exit else s.status.lower() + " (informational)",
+                    s.passed,
+                    s.failed,
+                    s.skipped,
+                    f"{s.seconds:.0f} s",
+                ]
+                for s in sections
+            ],
+        ),
+        "",
+    ]
     for section in sections:
         parts += [f"## {section.title}", ""]
         for note in section.notes:
@@ -939,26 +1054,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="skip part 1 (the pytest run)")
     parser.add_argument("--skip-timing", action="store_true", help="skip part 5 (timings)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="default: %(default)s")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes instead of the benchmark shapes (with --device cpu: the CI smoke mode)")
-    parser.add_argument("--backend", choices=("auto", "reference", "cpp", "triton"), default="auto",
-                        help="the fused backend under test; auto: triton on CUDA, else cpp when built, else reference")
-    parser.add_argument("--budget-s", type=float, default=285.0,
-                        help="time budget of the whole run in seconds: part 1 gets at most what is left of it, "
-                             f"and part 5 starts no torch.compile within {COMPILE_RESERVE_S:.0f} s of its end "
-                             "(default: %(default)s)")
-    parser.add_argument("--pytest-timeout", type=float, default=150.0,
-                        help="time limit of part 1 in seconds (default: %(default)s)")
-    parser.add_argument("--pytest-args", default=None,
-                        help=f"pytest arguments (default: every tests/test_*.py but the self-check's own, the kernel "
-                             f"and model tests first, with {PYTEST_FLAGS})")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes instead of the benchmark shapes (with --device cpu: the CI smoke mode)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "reference", "cpp", "triton"),
+        default="auto",
+        help="the fused backend under test; auto: triton on CUDA, else cpp when built, else reference",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=285.0,
+        help="time budget of the whole run in seconds: part 1 gets at most what is left of it, "
+        f"and part 5 starts no torch.compile within {COMPILE_RESERVE_S:.0f} s of its end "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pytest-timeout", type=float, default=150.0, help="time limit of part 1 in seconds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--pytest-args",
+        default=None,
+        help=f"pytest arguments (default: every tests/test_*.py but the self-check's own, the kernel "
+        f"and model tests first, with {PYTEST_FLAGS})",
+    )
     return parser.parse_args(argv)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_selfcheck: no CUDA device is available; for the CPU smoke mode run "
-                         "`python tools/gpu_selfcheck.py --device cpu --dry-run`")
+        raise SystemExit(
+            "gpu_selfcheck: no CUDA device is available; for the CPU smoke mode run "
+            "`python tools/gpu_selfcheck.py --device cpu --dry-run`"
+        )
     return torch.device(name)
 
 
@@ -993,8 +1125,9 @@ def main(argv: list[str] | None = None) -> int:
         pytest_timeout = min(args.pytest_timeout, deadline.left())
         pytest_args = default_pytest_args() if args.pytest_args is None else shlex.split(args.pytest_args)
         tests = timed("1. test suite", lambda: run_test_suite(pytest_args, pytest_timeout))
-    correctness = timed("4. correctness",
-                        lambda: check_correctness(cases, device, backend, (torch.float32, torch.bfloat16)))
+    correctness = timed(
+        "4. correctness", lambda: check_correctness(cases, device, backend, (torch.float32, torch.bfloat16))
+    )
     synchronizations = timed("2. host synchronizations", lambda: check_synchronizations(cases, device, backend))
     # After parts 2 and 4: a failed capture can leave the device unusable for later work.
     graph = timed("3. training step graph", lambda: check_training_step_graph(device, backend, args.dry_run))

@@ -25,36 +25,45 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
 
-_FLOAT_BINARY_OPS = ("create_fadd", "create_fsub", "create_fmul", "create_fdiv", "create_precise_divf",
-                     "create_frem")
-_FLOAT_UNARY_OPS = ("create_exp", "create_exp2", "create_log", "create_log2", "create_sqrt",
-                    "create_precise_sqrt", "create_rsqrt", "create_sin", "create_cos", "create_erf")
+_FLOAT_BINARY_OPS = ("create_fadd", "create_fsub", "create_fmul", "create_fdiv", "create_precise_divf", "create_frem")
+_FLOAT_UNARY_OPS = (
+    "create_exp",
+    "create_exp2",
+    "create_log",
+    "create_log2",
+    "create_sqrt",
+    "create_precise_sqrt",
+    "create_rsqrt",
+    "create_sin",
+    "create_cos",
+    "create_erf",
+)
 _HALF_OPERANDS = ("fp16", "bf16", "fp8e4nv", "fp8e5", "fp8e4b15")
 
 
 @dataclass
 class Launch:
-    kernel: str                   # the kernel's name
-    function: object              # the Python function under @triton.jit
+    kernel: str  # the kernel's name
+    function: object  # the Python function under @triton.jit
     num_warps: int
     num_stages: int
     constexprs: dict[str, object]
-    pointer_dtypes: dict[str, torch.dtype]    # tensor arguments by parameter name
+    pointer_dtypes: dict[str, torch.dtype]  # tensor arguments by parameter name
     grid: tuple[int, int, int] = (1, 1, 1)
     loaded_bytes: int = 0
     stored_bytes: int = 0
-    distinct_loaded_bytes: int = 0    # each address once: the HBM reads if every re-read hits a cache
+    distinct_loaded_bytes: int = 0  # each address once: the HBM reads if every re-read hits a cache
     distinct_stored_bytes: int = 0
     flops: int = 0
-    tf32_macs: int = 0            # tensor cores, fp32 operands rounded to TF32
-    fp16_macs: int = 0            # tensor cores, 16-bit (or 8-bit) operands
-    fma_dot_macs: int = 0         # FP32 FMA pipe (fp32 operands, input_precision="ieee")
+    tf32_macs: int = 0  # tensor cores, fp32 operands rounded to TF32
+    fp16_macs: int = 0  # tensor cores, 16-bit (or 8-bit) operands
+    fma_dot_macs: int = 0  # FP32 FMA pipe (fp32 operands, input_precision="ieee")
 
     @property
     def programs(self) -> int:
@@ -72,7 +81,7 @@ class Launch:
 class _Footprint:
     """The distinct byte addresses one launch touches, kept per element size."""
 
-    COMPACT_AFTER = 1 << 22   # addresses gathered before de-duplicating (bounds memory)
+    COMPACT_AFTER = 1 << 22  # addresses gathered before de-duplicating (bounds memory)
 
     def __init__(self):
         self.addresses: dict[int, list[np.ndarray]] = {}
@@ -100,7 +109,7 @@ class _Footprint:
 @dataclass
 class LaunchLog:
     launches: list[Launch] = field(default_factory=list)
-    current: Launch | None = None   # the launch whose programs are running, if any
+    current: Launch | None = None  # the launch whose programs are running, if any
 
     @property
     def in_launch(self) -> bool:
@@ -108,7 +117,7 @@ class LaunchLog:
 
 
 def _element_bytes(pointers) -> int:
-    return max(1, pointers.get_element_ty().primitive_bitwidth // 8)   # int1 is stored as a byte
+    return max(1, pointers.get_element_ty().primitive_bitwidth // 8)  # int1 is stored as a byte
 
 
 def _launch_record(kernel, args: tuple, kwargs: dict) -> Launch:
@@ -117,11 +126,18 @@ def _launch_record(kernel, args: tuple, kwargs: dict) -> Launch:
     params = inspect.signature(kernel.fn).parameters
     bound = dict(zip(params, args)) | {name: value for name, value in kwargs.items() if name in params}
     annotations = {name: str(param.annotation) for name, param in params.items()}
-    constexprs = {name: bound.get(name, param.default) for name, param in params.items()
-                  if "constexpr" in annotations[name]}
+    constexprs = {
+        name: bound.get(name, param.default) for name, param in params.items() if "constexpr" in annotations[name]
+    }
     pointer_dtypes = {name: value.dtype for name, value in bound.items() if isinstance(value, torch.Tensor)}
-    return Launch(kernel.fn.__name__, kernel.fn, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3),
-                  constexprs, pointer_dtypes)
+    return Launch(
+        kernel.fn.__name__,
+        kernel.fn,
+        kwargs.get("num_warps", 4),
+        kwargs.get("num_stages", 3),
+        constexprs,
+        pointer_dtypes,
+    )
 
 
 class _GridOnly(Exception):
@@ -171,6 +187,7 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
             if not run_programs:
                 raise _GridOnly
             return original(nx, ny, nz)
+
         return set_grid_dim
 
     def on_masked_load(original):
@@ -178,6 +195,7 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
             size = _element_bytes(ptrs)
             state.current.loaded_bytes += footprints["load"].add(ptrs, mask, size) * size
             return original(ptrs, mask, other, *rest)
+
         return masked_load
 
     def on_masked_store(original):
@@ -185,6 +203,7 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
             size = _element_bytes(ptrs)
             state.current.stored_bytes += footprints["store"].add(ptrs, mask, size) * size
             return original(ptrs, value, mask, *rest)
+
         return masked_store
 
     def on_dot(original):
@@ -199,6 +218,7 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
             else:
                 state.current.fma_dot_macs += macs
             return original(a, b, d, input_precision, max_num_imprecise_acc)
+
         return dot
 
     def counting_flops(per_lane):
@@ -208,7 +228,9 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
                 if state.current is not None and result.dtype.is_floating():
                     state.current.flops += per_lane * result.data.size
                 return result
+
             return op
+
         return make
 
     def counting_sum(self, input):

@@ -76,10 +76,10 @@ _JOBS: list[Job] = []
 @dataclass
 class Result:
     name: str
-    tag: str                          # the JIT's specialization (Specialization.tag)
+    tag: str  # the JIT's specialization (Specialization.tag)
     arch: int
-    resources: dict | None = None     # REG, SHARED (static), STACK, LOCAL from cuobjdump
-    dynamic_shared: int = 0           # bytes Triton asks for at launch
+    resources: dict | None = None  # REG, SHARED (static), STACK, LOCAL from cuobjdump
+    dynamic_shared: int = 0  # bytes Triton asks for at launch
     error: str | None = None
 
     @property
@@ -118,16 +118,21 @@ def plan_jobs(archs: list[int], name_filter: str) -> tuple[list[Job], list[str]]
             for spec in specs:
                 matches = [variant for variant in variants if variant.matches(spec)]
                 if len(matches) != 1:
-                    errors.append(f"{module_name}: a launch of {spec.kernel.__name__} (constexprs "
-                                  f"{spec.launcher_constexprs}, num_warps={spec.num_warps}, num_stages="
-                                  f"{spec.num_stages}, signature {spec.signature}) matches {len(matches)} "
-                                  "aot_variants() entries instead of one")
+                    errors.append(
+                        f"{module_name}: a launch of {spec.kernel.__name__} (constexprs "
+                        f"{spec.launcher_constexprs}, num_warps={spec.num_warps}, num_stages="
+                        f"{spec.num_stages}, signature {spec.signature}) matches {len(matches)} "
+                        "aot_variants() entries instead of one"
+                    )
                     continue
                 reached.add(matches[0].name)
                 if name_filter in matches[0].name:
                     jobs.append(Job(matches[0], spec, arch))
-        errors += [f"{variant.name}: declared in aot_variants() but aot_launches() never launches it"
-                   for variant in variants if variant.name not in reached]
+        errors += [
+            f"{variant.name}: declared in aot_variants() but aot_launches() never launches it"
+            for variant in variants
+            if variant.name not in reached
+        ]
     jobs.sort(key=lambda job: (job.variant.name, job.spec.tag, job.arch))
     return jobs, errors
 
@@ -136,8 +141,9 @@ def read_resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        listing = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", file.name],
-                                 capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run(
+            [str(CUOBJDUMP), "--dump-resource-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
     function_line = next(line for line in listing.splitlines() if "REG:" in line)
     return {field: int(re.search(rf"\b{field}:(\d+)", function_line).group(1)) for field in RESOURCE_FIELDS}
 
@@ -146,17 +152,20 @@ def compile_one(index: int) -> Result:
     job = _JOBS[index]
     try:
         compiled = job.spec.compile(job.arch)
-        return Result(job.variant.name, job.spec.tag, job.arch, read_resources(compiled.asm["cubin"]),
-                      compiled.metadata.shared)
+        return Result(
+            job.variant.name, job.spec.tag, job.arch, read_resources(compiled.asm["cubin"]), compiled.metadata.shared
+        )
     except Exception as error:
         message = " ".join(str(error).split())
         return Result(job.variant.name, job.spec.tag, job.arch, error=f"{type(error).__name__}: {message[:300]}")
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| kernel | JIT specialization | arch | regs | shared static (B) | shared dynamic (B) | "
-             "stack/local (B) | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | JIT specialization | arch | regs | shared static (B) | shared dynamic (B) | "
+        "stack/local (B) | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for result in results:
         cells = f"| {result.name} | {result.tag or '-'} | sm_{result.arch} |"
         if result.error:
@@ -164,8 +173,10 @@ def markdown_table(results: list[Result]) -> str:
             continue
         res = result.resources
         status = "SPILL" if result.spills else "ok"
-        lines.append(f"{cells} {res['REG']} | {res['SHARED']} | {result.dynamic_shared} | "
-                     f"{res['STACK']}/{res['LOCAL']} | {status} |")
+        lines.append(
+            f"{cells} {res['REG']} | {res['SHARED']} | {result.dynamic_shared} | "
+            f"{res['STACK']}/{res['LOCAL']} | {status} |"
+        )
     return "\n".join(lines)
 
 
@@ -177,24 +188,27 @@ def summary(results: list[Result], archs: list[int]) -> str:
         spills = sum(result.spills for result in compiled if result.arch == arch)
         per_arch.append(f"sm_{arch}: max {max(registers, default=0)} registers, {spills} spilling")
     variants = {result.name for result in results}
-    return (f"{len(variants)} variants, {len(results) // max(1, len(archs))} JIT specializations x "
-            f"{len(archs)} archs = {len(results)} compiles ({len(results) - len(compiled)} failed); "
-            + "; ".join(per_arch))
+    return (
+        f"{len(variants)} variants, {len(results) // max(1, len(archs))} JIT specializations x "
+        f"{len(archs)} archs = {len(results)} compiles ({len(results) - len(compiled)} failed); " + "; ".join(per_arch)
+    )
 
 
 def write_markdown(path: Path, results: list[Result], archs: list[int]) -> None:
     """Replaces the generated block of `path` (kept prose around it), or writes the block alone."""
-    block = "\n".join([
-        BEGIN_MARKER,
-        f"Generated by `python tools/triton_static_check.py --markdown {path.as_posix()}` with triton "
-        f"{triton.__version__} (ahead-of-time compiles for {', '.join(f'sm_{arch}' for arch in archs)}, "
-        "resources read with the wheel's `cuobjdump`; no GPU involved). Do not edit by hand.",
-        "",
-        summary(results, archs) + ".",
-        "",
-        markdown_table(results),
-        END_MARKER,
-    ])
+    block = "\n".join(
+        [
+            BEGIN_MARKER,
+            f"Generated by `python tools/triton_static_check.py --markdown {path.as_posix()}` with triton "
+            f"{triton.__version__} (ahead-of-time compiles for {', '.join(f'sm_{arch}' for arch in archs)}, "
+            "resources read with the wheel's `cuobjdump`; no GPU involved). Do not edit by hand.",
+            "",
+            summary(results, archs) + ".",
+            "",
+            markdown_table(results),
+            END_MARKER,
+        ]
+    )
     text = path.read_text() if path.exists() else ""
     if BEGIN_MARKER in text and END_MARKER in text:
         head, rest = text.split(BEGIN_MARKER, 1)
@@ -227,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         write_markdown(args.markdown, results, args.arch)
     failures = errors + [f"{r.name} {{{r.tag}}} sm_{r.arch}: {r.error}" for r in results if r.error]
-    failures += [f"{r.name} {{{r.tag}}} sm_{r.arch}: spills (STACK {r.resources['STACK']}, LOCAL "
-                 f"{r.resources['LOCAL']})" for r in results if r.spills]
+    failures += [
+        f"{r.name} {{{r.tag}}} sm_{r.arch}: spills (STACK {r.resources['STACK']}, LOCAL {r.resources['LOCAL']})"
+        for r in results
+        if r.spills
+    ]
     print(f"\n{summary(results, args.arch)}; {time.perf_counter() - started:.0f} s; {len(failures)} problem(s)")
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)

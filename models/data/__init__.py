@@ -5,13 +5,32 @@ default. Both yield the same items (`{"clip": (T, H, W, 3) frames, "label", "bod
 `normalize_frames`."""
 
 from models.data.clips import SeededSampler, collate_clips, normalize_frames, sample_frame_indices
-from models.data.labels import (ACTION_NAMES, ACTION_TO_BODY, BODY_NAMES, NUM_ACTIONS, NUM_BODIES,
-                                actions_of_body, body_of_action)
+from models.data.labels import (
+    ACTION_NAMES,
+    ACTION_TO_BODY,
+    BODY_NAMES,
+    NUM_ACTIONS,
+    NUM_BODIES,
+    actions_of_body,
+    body_of_action,
+)
 from models.data.ma52 import MA52Dataset, write_h264_mp4
 from models.data.synthetic import SyntheticMicroActions, export_ma52
 
 __all__ = [
-    "ACTION_NAMES", "ACTION_TO_BODY", "BODY_NAMES", "NUM_ACTIONS", "NUM_BODIES",
-    "MA52Dataset", "SeededSampler", "SyntheticMicroActions", "actions_of_body", "body_of_action", "collate_clips",
-    "export_ma52", "normalize_frames", "sample_frame_indices", "write_h264_mp4",
+    "ACTION_NAMES",
+    "ACTION_TO_BODY",
+    "BODY_NAMES",
+    "NUM_ACTIONS",
+    "NUM_BODIES",
+    "MA52Dataset",
+    "SeededSampler",
+    "SyntheticMicroActions",
+    "actions_of_body",
+    "body_of_action",
+    "collate_clips",
+    "export_ma52",
+    "normalize_frames",
+    "sample_frame_indices",
+    "write_h264_mp4",
 ]

@@ -33,8 +33,17 @@ class ClassBalancedSampler(Sampler):
     """`m` items of each of `batch_size / (m * persons_per_batch)` classes per batch (per
     person in person mode); see the module docstring."""
 
-    def __init__(self, labels, batch_size: int, m: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 subjects=None, persons_per_batch: int | None = None):
+    def __init__(
+        self,
+        labels,
+        batch_size: int,
+        m: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        subjects=None,
+        persons_per_batch: int | None = None,
+    ):
         labels = np.asarray(labels, dtype=np.int64)
         for name, value in (("batch_size", batch_size), ("m", m), ("world_size", world_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -44,9 +53,11 @@ class ClassBalancedSampler(Sampler):
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError(f"labels: expected a non-empty list of class ids, got shape {labels.shape}")
         if (subjects is None) != (persons_per_batch is None):
-            raise ValueError("subjects and persons_per_batch: give both (person mode) or neither (class mode), got "
-                             f"subjects={'given' if subjects is not None else None}, "
-                             f"persons_per_batch={persons_per_batch!r}")
+            raise ValueError(
+                "subjects and persons_per_batch: give both (person mode) or neither (class mode), got "
+                f"subjects={'given' if subjects is not None else None}, "
+                f"persons_per_batch={persons_per_batch!r}"
+            )
         persons = 1 if persons_per_batch is None else persons_per_batch
         if isinstance(persons, bool) or not isinstance(persons, int) or persons < 1:
             raise ValueError(f"persons_per_batch: expected a positive integer, got {persons!r}")
@@ -56,8 +67,9 @@ class ClassBalancedSampler(Sampler):
         if subjects is not None:
             subjects = np.asarray(subjects, dtype=np.int64)
             if subjects.shape != labels.shape:
-                raise ValueError(f"subjects: expected one person id per label ({labels.size}), got shape "
-                                 f"{subjects.shape}")
+                raise ValueError(
+                    f"subjects: expected one person id per label ({labels.size}), got shape {subjects.shape}"
+                )
         self.labels, self.subjects = labels, subjects
         self.batch_size, self.m, self.persons_per_batch = batch_size, m, persons
         self.classes_per_batch = batch_size // (persons * m)
@@ -93,7 +105,7 @@ class ClassBalancedSampler(Sampler):
             # when the class's share has fewer than m.
             fresh = rng.permutation(cells[key]).tolist()
             pool.extend([i for i in fresh if i not in pool] + [i for i in fresh if i in pool])
-        taken, pools[key] = pool[:self.m], pool[self.m:]
+        taken, pools[key] = pool[: self.m], pool[self.m :]
         return taken
 
     def _rank_cells(self, epoch: int) -> dict:
@@ -103,11 +115,11 @@ class ClassBalancedSampler(Sampler):
         if self.subjects is None:
             for label in np.unique(self.labels):
                 members = np.flatnonzero(self.labels == label)
-                share = shared.permutation(members)[self.rank::self.world_size]
+                share = shared.permutation(members)[self.rank :: self.world_size]
                 if share.size:
                     cells[(0, int(label))] = share
             return cells
-        persons = shared.permutation(np.unique(self.subjects))[self.rank::self.world_size]
+        persons = shared.permutation(np.unique(self.subjects))[self.rank :: self.world_size]
         for person in persons:
             mine = self.subjects == person
             for label in np.unique(self.labels[mine]):
@@ -119,21 +131,25 @@ class ClassBalancedSampler(Sampler):
         on the worst case (class mode: only the classes with an item for every rank count;
         person mode: a rank dealt the fewest persons, all the unusable ones among them)."""
         if self.num_batches == 0:
-            raise ValueError(f"batch_size: {self.batch_size} per rank x {self.world_size} rank(s) exceeds the "
-                             f"{self.labels.size} items")
+            raise ValueError(
+                f"batch_size: {self.batch_size} per rank x {self.world_size} rank(s) exceeds the "
+                f"{self.labels.size} items"
+            )
         if self.subjects is None:
             counts = np.bincount(self.labels)
             held = int((counts >= self.world_size).sum())  # classes every rank holds
             if held < self.classes_per_batch:
-                raise ValueError(f"m: batches of {self.batch_size} with m = {self.m} need {self.classes_per_batch} "
-                                 f"classes on every rank, but only {held} classes have >= {self.world_size} items")
+                raise ValueError(
+                    f"m: batches of {self.batch_size} with m = {self.m} need {self.classes_per_batch} "
+                    f"classes on every rank, but only {held} classes have >= {self.world_size} items"
+                )
             return
-        classes_per_person = sorted(np.unique(self.labels[self.subjects == p]).size
-                                    for p in np.unique(self.subjects))
+        classes_per_person = sorted(np.unique(self.labels[self.subjects == p]).size for p in np.unique(self.subjects))
         usable = sum(count >= self.classes_per_batch for count in classes_per_person)
         worst = len(classes_per_person) // self.world_size - (len(classes_per_person) - usable)
         if worst < self.persons_per_batch:
             raise ValueError(
                 f"persons_per_batch: {self.persons_per_batch} persons per batch, each with {self.classes_per_batch} "
                 f"classes x m = {self.m} items, need that many persons with >= {self.classes_per_batch} classes "
-                f"on every one of {self.world_size} rank(s); {usable} of {len(classes_per_person)} persons have them")
+                f"on every one of {self.world_size} rank(s); {usable} of {len(classes_per_person)} persons have them"
+            )

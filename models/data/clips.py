@@ -25,7 +25,7 @@ from torch.utils.data import Sampler, default_collate
 # X3D's Kinetics normalization (SPEC §6): RGB / 255, then per channel (x - mean) / std.
 X3D_MEAN = 0.45
 X3D_STD = 0.225
-SEED_BOUND = 2 ** 31
+SEED_BOUND = 2**31
 
 
 def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
@@ -60,7 +60,7 @@ def crop_and_flip(frames: np.ndarray, size: int, rng: np.random.Generator | None
         top, left = (height - size) // 2, (width - size) // 2
     else:
         top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-    frames = frames[:, top:top + size, left:left + size]
+    frames = frames[:, top : top + size, left : left + size]
     if rng is not None and rng.random() < 0.5:
         frames = frames[:, :, ::-1]
     return frames
@@ -69,8 +69,10 @@ def crop_and_flip(frames: np.ndarray, size: int, rng: np.random.Generator | None
 def clip_items(frames: np.ndarray, size: int, rng: np.random.Generator | None, repeats: int, **fields):
     """The item(s) of one decoded clip: `repeats` crops (one when `rng` is None, i.e. not
     training), each a dict of `fields` plus its contiguous `clip`."""
-    items = [dict(fields, clip=torch.from_numpy(np.ascontiguousarray(crop_and_flip(frames, size, rng))))
-             for _ in range(repeats if rng is not None else 1)]
+    items = [
+        dict(fields, clip=torch.from_numpy(np.ascontiguousarray(crop_and_flip(frames, size, rng))))
+        for _ in range(repeats if rng is not None else 1)
+    ]
     return items[0] if len(items) == 1 else items
 
 
@@ -115,8 +117,13 @@ def collate_clips(items: list) -> dict:
     num_dropped = sum(item is None for item in items)
     if not kept:
         empty = torch.empty(0, dtype=torch.int64)
-        batch = {"clip": torch.empty(0, dtype=torch.uint8), "label": empty, "body": empty.clone(),
-                 "subject": empty.clone(), "index": empty.clone()}
+        batch = {
+            "clip": torch.empty(0, dtype=torch.uint8),
+            "label": empty,
+            "body": empty.clone(),
+            "subject": empty.clone(),
+            "index": empty.clone(),
+        }
     else:
         batch = default_collate(kept)
     batch["num_dropped"] = num_dropped

@@ -29,7 +29,6 @@ import numpy as np
 
 from models.data.clips import sample_frame_indices
 
-
 # The largest frame H.264 allows (level 6.2: 139,264 macroblocks of 16x16, e.g. 8192x4352).
 MAX_FRAME_PIXELS = 139_264 * 256
 # Longer side / shorter side; 32:9 panoramas are 3.6.
@@ -45,12 +44,16 @@ def check_frame_size(width: int, height: int) -> None:
     if width < 1 or height < 1:
         raise UnreadableVideo(f"frame size {width}x{height}: expected at least 1x1")
     if width * height > MAX_FRAME_PIXELS:
-        raise UnreadableVideo(f"frame size {width}x{height}: expected at most {MAX_FRAME_PIXELS:,} pixels "
-                              "(H.264's largest level), refused")
+        raise UnreadableVideo(
+            f"frame size {width}x{height}: expected at most {MAX_FRAME_PIXELS:,} pixels "
+            "(H.264's largest level), refused"
+        )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise UnreadableVideo(f"frame size {width}x{height}: expected an aspect ratio of at most "
-                              f"{MAX_ASPECT_RATIO:g}:1, refused (resizing it would need "
-                              f"{max(width, height) / min(width, height):.0f}x the memory of a square frame)")
+        raise UnreadableVideo(
+            f"frame size {width}x{height}: expected an aspect ratio of at most "
+            f"{MAX_ASPECT_RATIO:g}:1, refused (resizing it would need "
+            f"{max(width, height) / min(width, height):.0f}x the memory of a square frame)"
+        )
 
 
 def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -56,8 +56,10 @@ def read_split_file(path: Path) -> tuple[list[int], list[int]]:
         raise DatasetError(f"{path}: expected a UTF-8 CSV, got undecodable bytes at offset {error.start}") from None
     rows = [(number, row) for number, row in enumerate(csv.reader(lines), start=1) if any(f.strip() for f in row)]
     if not rows or [f.strip().lower() for f in rows[0][1][:2]] != ["video_name", "label"]:
-        raise DatasetError(f"{path}:1: expected the header 'video_name,label', got "
-                           f"{','.join(rows[0][1]) if rows else 'an empty file'!r}")
+        raise DatasetError(
+            f"{path}:1: expected the header 'video_name,label', got "
+            f"{','.join(rows[0][1]) if rows else 'an empty file'!r}"
+        )
     clips, labels = [], []
     for number, row in rows[1:]:
         fields = [f.strip() for f in row]
@@ -101,8 +103,18 @@ class DFEWDataset(torch.utils.data.Dataset):
     (list order), `split_path`, `clip_dir`, `source`, `failed`, `missing`.
     """
 
-    def __init__(self, root, split: str, fold: int, num_frames: int = 16, size: int = 112, training: bool = False,
-                 short_side: int | None = None, repeats: int = 1, decode_threads: int = 1):
+    def __init__(
+        self,
+        root,
+        split: str,
+        fold: int,
+        num_frames: int = 16,
+        size: int = 112,
+        training: bool = False,
+        short_side: int | None = None,
+        repeats: int = 1,
+        decode_threads: int = 1,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= NUM_FOLDS:
@@ -114,14 +126,17 @@ class DFEWDataset(torch.utils.data.Dataset):
             raise ValueError(f"short_side: expected >= size ({size}) so the crop fits, got {self.short_side}")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise InputNotFound(f"DFEW root: expected a folder holding EmoLabel_DataSplit and the clips, but "
-                                f"{self.root} {'is not a folder' if self.root.exists() else 'does not exist'}")
+            raise InputNotFound(
+                f"DFEW root: expected a folder holding EmoLabel_DataSplit and the clips, but "
+                f"{self.root} {'is not a folder' if self.root.exists() else 'does not exist'}"
+            )
         self.split, self.fold = split, fold
         self.num_frames, self.size, self.training = num_frames, size, training
         self.repeats = check_repeats(repeats, training)
         self.decode_threads = decode_threads
-        self.split_path = _first_existing(split_file_candidates(self.root, split, fold), f"fold {fold} {split} file",
-                                          is_dir=False)
+        self.split_path = _first_existing(
+            split_file_candidates(self.root, split, fold), f"fold {fold} {split} file", is_dir=False
+        )
         self.clip_dir = _first_existing(clip_dir_candidates(self.root), "clip folder", is_dir=True)
         self.source = f"DFEW fold {fold} ({self.split_path.parent.name}) with clips in {self.clip_dir}"
         self.clips, self.labels = read_split_file(self.split_path)
@@ -129,11 +144,16 @@ class DFEWDataset(torch.utils.data.Dataset):
         self.paths = [videos.get(number) for number in self.clips]
         self.missing = [number for number, path in zip(self.clips, self.paths) if path is None]
         if len(self.missing) == len(self.clips):
-            raise InputNotFound(f"none of the {len(self.clips)} clips listed in {self.split_path} has a video under "
-                                f"{self.clip_dir} (first: clip {self.clips[0]}, looked for {self.clips[0]:05d}.mp4)")
+            raise InputNotFound(
+                f"none of the {len(self.clips)} clips listed in {self.split_path} has a video under "
+                f"{self.clip_dir} (first: clip {self.clips[0]}, looked for {self.clips[0]:05d}.mp4)"
+            )
         if self.missing:
-            warnings.warn(f"DFEW {split}: {len(self.missing)} of {len(self.clips)} listed clips have no video under "
-                          f"{self.clip_dir} (first: {self.missing[:3]}); they will be skipped", stacklevel=2)
+            warnings.warn(
+                f"DFEW {split}: {len(self.missing)} of {len(self.clips)} listed clips have no video under "
+                f"{self.clip_dir} (first: {self.missing[:3]}); they will be skipped",
+                stacklevel=2,
+            )
         self.failed: list[int] = []
 
     def __len__(self) -> int:
@@ -146,10 +166,13 @@ class DFEWDataset(torch.utils.data.Dataset):
             if path is None:
                 raise FileNotFoundError(f"no video for clip {self.clips[index]}")
             frames = read_sampled_frames(path, self.num_frames, self.short_side, self.decode_threads)
-        except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways; none may end the run
+        except Exception as error:
             self.failed.append(self.clips[index])
-            warnings.warn(f"DFEW {self.split}: skipping clip {self.clips[index]} ({path}): {type(error).__name__}: "
-                          f"{error}", stacklevel=2)
+            warnings.warn(
+                f"DFEW {self.split}: skipping clip {self.clips[index]} ({path}): {type(error).__name__}: {error}",
+                stacklevel=2,
+            )
             return None
-        return clip_items(frames, self.size, rng, self.repeats, label=self.labels[index], body=-1, subject=-1,
-                          index=index)
+        return clip_items(
+            frames, self.size, rng, self.repeats, label=self.labels[index], body=-1, subject=-1, index=index
+        )

@@ -105,8 +105,9 @@ def body_of_action(action_ids):
     if isinstance(action_ids, torch.Tensor):
         if action_ids.dtype.is_floating_point or action_ids.dtype == torch.bool:
             raise TypeError(f"action_ids: expected an integer tensor, got dtype {action_ids.dtype}")
-        _check_range(action_ids.min().item() if action_ids.numel() else 0,
-                     action_ids.max().item() if action_ids.numel() else 0)
+        _check_range(
+            action_ids.min().item() if action_ids.numel() else 0, action_ids.max().item() if action_ids.numel() else 0
+        )
         table = torch.tensor(ACTION_TO_BODY, dtype=action_ids.dtype, device=action_ids.device)
         return table[action_ids]
     if isinstance(action_ids, (int, np.integer)):

@@ -70,10 +70,14 @@ def video_dir_candidates(root: Path, split: str) -> list[Path]:
 def find_split_files(root: Path, split: str) -> tuple[Path, Path]:
     """The list file and the video folder of `split` under `root`."""
     if not root.is_dir():
-        raise InputNotFound(f"MA-52 root: expected a folder holding the lists and videos, but {root} "
-                              f"{'is not a folder' if root.exists() else 'does not exist'}")
-    return (_first_existing(list_file_candidates(root, split), f"{split} list", is_dir=False),
-            _first_existing(video_dir_candidates(root, split), f"{split} video folder", is_dir=True))
+        raise InputNotFound(
+            f"MA-52 root: expected a folder holding the lists and videos, but {root} "
+            f"{'is not a folder' if root.exists() else 'does not exist'}"
+        )
+    return (
+        _first_existing(list_file_candidates(root, split), f"{split} list", is_dir=False),
+        _first_existing(video_dir_candidates(root, split), f"{split} video folder", is_dir=True),
+    )
 
 
 def read_video_list(path: Path) -> tuple[list[str], list[int]]:
@@ -82,7 +86,9 @@ def read_video_list(path: Path) -> tuple[list[str], list[int]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: expected a UTF-8 text list, got undecodable bytes at offset {error.start}") from None
+        raise DatasetError(
+            f"{path}: expected a UTF-8 text list, got undecodable bytes at offset {error.start}"
+        ) from None
     names, labels = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
@@ -95,8 +101,10 @@ def read_video_list(path: Path) -> tuple[list[str], list[int]]:
             raise DatasetError(f"{path}:{line_number}: expected an action id in [0, {NUM_ACTIONS}), got {label}")
         name = PurePosixPath(fields[0])
         if name.is_absolute() or ".." in name.parts or "\0" in fields[0]:
-            raise DatasetError(f"{path}:{line_number}: expected a video name inside the split's folder, got "
-                               f"{fields[0]!r} (absolute paths and '..' are refused)")
+            raise DatasetError(
+                f"{path}:{line_number}: expected a video name inside the split's folder, got "
+                f"{fields[0]!r} (absolute paths and '..' are refused)"
+            )
         names.append(fields[0])
         labels.append(label)
     if not names:
@@ -112,7 +120,7 @@ def subject_of_name(name: str) -> int:
 
 def _first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
     for path in candidates:
-        if (path.is_dir() if is_dir else path.is_file()):
+        if path.is_dir() if is_dir else path.is_file():
             return path
     raise InputNotFound(f"MA-52 {what} not found; tried {', '.join(str(path) for path in candidates)}")
 
@@ -140,8 +148,11 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:  # JSON or UTF-8
         raise DatasetError(f"root: {path} is not a {PREPARED_FORMAT} manifest (not JSON: {error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT or not isinstance(
-            manifest.get("short_side"), int):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != PREPARED_FORMAT
+        or not isinstance(manifest.get("short_side"), int)
+    ):
         raise DatasetError(f"root: {path} is not a {PREPARED_FORMAT} manifest")
     return manifest
 
@@ -158,8 +169,17 @@ class MA52Dataset(torch.utils.data.Dataset):
     (which of the two, in words), `failed` (names of videos that could not be read in this
     process), `missing` (listed names with no file)."""
 
-    def __init__(self, root, split: str, num_frames: int = 16, size: int = 224, training: bool = False,
-                 short_side: int | None = None, repeats: int = 1, decode_threads: int = 1):
+    def __init__(
+        self,
+        root,
+        split: str,
+        num_frames: int = 16,
+        size: int = 224,
+        training: bool = False,
+        short_side: int | None = None,
+        repeats: int = 1,
+        decode_threads: int = 1,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if num_frames < 1:
@@ -185,9 +205,11 @@ class MA52Dataset(torch.utils.data.Dataset):
             self.source = f"original MA-52 videos in {self.root} (models/prepare_ma52.py makes a faster copy)"
         else:
             if self.short_side > self.prepared["short_side"]:
-                raise ValueError(f"short_side: {self.short_side} is larger than the prepared copy's "
-                                 f"{self.prepared['short_side']} ({self.root}); prepare it again with "
-                                 f"--short-side {self.short_side} or read the original videos")
+                raise ValueError(
+                    f"short_side: {self.short_side} is larger than the prepared copy's "
+                    f"{self.prepared['short_side']} ({self.root}); prepare it again with "
+                    f"--short-side {self.short_side} or read the original videos"
+                )
             self.source = f"prepared MA-52 copy in {self.root} (H.264, short side {self.prepared['short_side']})"
 
         self.list_path, self.video_dir = find_split_files(self.root, split)
@@ -200,11 +222,14 @@ class MA52Dataset(torch.utils.data.Dataset):
         if len(self.missing) == len(self.names):
             raise InputNotFound(
                 f"none of the {len(self.names)} videos listed in {self.list_path} is in {self.video_dir} "
-                f"(first: {self.names[0]})")
+                f"(first: {self.names[0]})"
+            )
         if self.missing:
-            warnings.warn(f"MA-52 {split}: {len(self.missing)} of {len(self.names)} listed videos are missing "
-                          f"from {self.video_dir} (first: {', '.join(self.missing[:3])}); they will be skipped",
-                          stacklevel=2)
+            warnings.warn(
+                f"MA-52 {split}: {len(self.missing)} of {len(self.names)} listed videos are missing "
+                f"from {self.video_dir} (first: {', '.join(self.missing[:3])}); they will be skipped",
+                stacklevel=2,
+            )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -215,10 +240,19 @@ class MA52Dataset(torch.utils.data.Dataset):
         path = self.video_dir / name
         try:
             frames = read_sampled_frames(path, self.num_frames, self.short_side, self.decode_threads)
-        except Exception as error:  # noqa: BLE001 - a damaged or hostile file fails in many ways; none may end the run
+        except Exception as error:
             self.failed.append(name)
-            warnings.warn(f"MA-52 {self.split}: skipping unreadable video {path}: {type(error).__name__}: {error}",
-                          stacklevel=2)
+            warnings.warn(
+                f"MA-52 {self.split}: skipping unreadable video {path}: {type(error).__name__}: {error}", stacklevel=2
+            )
             return None
-        return clip_items(frames, self.size, rng, self.repeats, label=self.labels[index], body=self.bodies[index],
-                          subject=self.subjects[index], index=index)
+        return clip_items(
+            frames,
+            self.size,
+            rng,
+            self.repeats,
+            label=self.labels[index],
+            body=self.bodies[index],
+            subject=self.subjects[index],
+            index=index,
+        )

@@ -32,8 +32,7 @@ import av
 from tqdm import tqdm
 
 from models.data.decode import UnreadableVideo, decoded_frames, resized_shape
-from models.data.ma52 import (PREPARED_FORMAT, PREPARED_MANIFEST, SPLITS, find_split_files,
-                              read_video_list)
+from models.data.ma52 import PREPARED_FORMAT, PREPARED_MANIFEST, SPLITS, find_split_files, read_video_list
 
 # libx264 settings of the copy; `threads=1` because parallelism comes from the processes.
 ENCODER = "libx264"
@@ -94,8 +93,9 @@ def _prepare_one(job: tuple[str, str, int]) -> tuple[str, int | None, str | None
         return target, None, f"{type(error).__name__}: {error}"
 
 
-def prepare(data_root, out, short_side: int = 256, workers: int | None = None, splits=SPLITS,
-            progress: bool = True) -> dict:
+def prepare(
+    data_root, out, short_side: int = 256, workers: int | None = None, splits=SPLITS, progress: bool = True
+) -> dict:
     """Prepare every listed clip of `splits` under `data_root` into `out`; returns the
     manifest written to `out/prepared.json`."""
     data_root, out = Path(data_root), Path(out)
@@ -111,8 +111,10 @@ def prepare(data_root, out, short_side: int = 256, workers: int | None = None, s
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text())
         if previous.get("short_side") != short_side or previous.get("encoder_options") != ENCODER_OPTIONS:
-            raise ValueError(f"out: {out} holds a copy made with other settings (short side "
-                             f"{previous.get('short_side')}); use another folder")
+            raise ValueError(
+                f"out: {out} holds a copy made with other settings (short side "
+                f"{previous.get('short_side')}); use another folder"
+            )
     jobs, skipped, listed = [], 0, {}
     for split in splits:
         list_path, video_dir = find_split_files(data_root, split)
@@ -130,15 +132,25 @@ def prepare(data_root, out, short_side: int = 256, workers: int | None = None, s
     workers = workers or len(os.sched_getaffinity(0))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_prepare_one, jobs, chunksize=1)
-        for target, _, error in tqdm(results, total=len(jobs), desc="preparing MA-52", unit="clip",
-                                     disable=not progress, dynamic_ncols=True):
+        for target, _, error in tqdm(
+            results, total=len(jobs), desc="preparing MA-52", unit="clip", disable=not progress, dynamic_ncols=True
+        ):
             if error is not None:
                 failed[str(Path(target).relative_to(out))] = error
                 tqdm.write(f"failed: {target}: {error}")
     size = sum(path.stat().st_size for split in splits for path in (out / split).glob("*.mp4"))
-    manifest = {"format": PREPARED_FORMAT, "codec": "h264", "short_side": short_side,
-                "encoder_options": ENCODER_OPTIONS, "source": str(data_root.resolve()), "listed": listed,
-                "written": len(jobs) - len(failed), "skipped_existing": skipped, "failed": failed, "bytes": size}
+    manifest = {
+        "format": PREPARED_FORMAT,
+        "codec": "h264",
+        "short_side": short_side,
+        "encoder_options": ENCODER_OPTIONS,
+        "source": str(data_root.resolve()),
+        "listed": listed,
+        "written": len(jobs) - len(failed),
+        "skipped_existing": skipped,
+        "failed": failed,
+        "bytes": size,
+    }
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -157,9 +169,10 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"--splits: expected names from {SPLITS}, got {unknown}")
     manifest = prepare(args.data_root, args.out, args.short_side, args.workers, splits, args.progress)
-    print(f"prepared {manifest['written']} clips ({manifest['skipped_existing']} already done, "
-          f"{len(manifest['failed'])} failed) into {args.out}: {manifest['bytes'] / 2**20:.1f} MiB on disk")
+    print(
+        f"prepared {manifest['written']} clips ({manifest['skipped_existing']} already done, "
+        f"{len(manifest['failed'])} failed) into {args.out}: {manifest['bytes'] / 2**20:.1f} MiB on disk"
+    )
     for target, error in manifest["failed"].items():
         print(f"  failed: {target}: {error}")
     return manifest
-

@@ -66,11 +66,13 @@ PERSON_ID_BLOCK = 1000  # split i uses person ids [i * 1000, (i + 1) * 1000)
 # The motion vocabulary: each class is a tuple of Moves (a pose parameter animated over
 # the action) and Reaches (a hand, or both, travelling to a named point of the body).
 
+
 @dataclass(frozen=True)
 class Move:
     """Animate pose parameter `param` by `amplitude` (see `_Pose` for the parameters).
     envelope: "bump" (goes there and comes back), "hold" (goes there and stays) or
     "release" (starts there and leaves); `cycles > 0` oscillates inside the envelope."""
+
     param: str
     amplitude: float
     envelope: str = "bump"
@@ -82,6 +84,7 @@ class Reach:
     """The active hand (or both hands, mirrored) travels to `anchor` (see `_anchor`), then
     rubs/scratches there with `rub = (amplitude, cycles, direction in radians)`; `behind`
     draws that arm behind the torso and head."""
+
     anchor: str
     both: bool = False
     envelope: str = "bump"
@@ -93,71 +96,92 @@ _H, _V, _D = 0.0, math.pi / 2, math.pi / 4  # rub directions: horizontal, vertic
 
 ACTION_MOTIONS: tuple[tuple, ...] = (
     # body 0-4
-    (Move("sway", 0.12, cycles=3.0),),                                        # shaking body
-    (Move("slump", 0.18, "release"), Move("rise", 0.04, "hold")),             # sitting straightly
-    (Move("shrug", 0.14),),                                                   # shrugging
-    (Move("turn", 1.0), Move("sway", 0.06)),                                  # turning around
-    (Move("rise", 0.14, "hold"),),                                            # rising up
+    (Move("sway", 0.12, cycles=3.0),),  # shaking body
+    (Move("slump", 0.18, "release"), Move("rise", 0.04, "hold")),  # sitting straightly
+    (Move("shrug", 0.14),),  # shrugging
+    (Move("turn", 1.0), Move("sway", 0.06)),  # turning around
+    (Move("rise", 0.14, "hold"),),  # rising up
     # head 5-10
-    (Move("pitch", 1.0, "hold"),),                                            # bowing head
-    (Move("pitch", -1.0, "hold"),),                                           # head up
-    (Move("roll", 0.6, "hold"),),                                             # tilting head
-    (Move("yaw", 1.0, "hold"),),                                              # turning head
-    (Move("pitch", 0.8, cycles=2.5),),                                        # nodding
-    (Move("yaw", 0.9, cycles=2.5),),                                          # shaking head
+    (Move("pitch", 1.0, "hold"),),  # bowing head
+    (Move("pitch", -1.0, "hold"),),  # head up
+    (Move("roll", 0.6, "hold"),),  # tilting head
+    (Move("yaw", 1.0, "hold"),),  # turning head
+    (Move("pitch", 0.8, cycles=2.5),),  # nodding
+    (Move("yaw", 0.9, cycles=2.5),),  # shaking head
     # upper limb 11-23
-    (Reach("other_arm", rub=(0.075, 4, _V)),),                                # scratching arms
+    (Reach("other_arm", rub=(0.075, 4, _V)),),  # scratching arms
     (Reach("lap_front", both=True, rub=(0.0562, 3, _D)), Move("object", 1.0)),  # playing objects
-    (Reach("together", both=True, envelope="hold"),),                         # putting hands together
-    (Reach("together", both=True, rub=(0.075, 4, _V)),),                      # rubbing hands
+    (Reach("together", both=True, envelope="hold"),),  # putting hands together
+    (Reach("together", both=True, rub=(0.075, 4, _V)),),  # rubbing hands
     (Reach("chest_centre", rub=(0.0562, 2, _D)), Move("finger", 0.8, "hold")),  # pointing oneself
-    (Reach("lap_front", envelope="hold"), Move("finger", -1.0, "hold"),
-     Move("hand_size", -0.25, "hold")),                                       # clenching fist
-    (Reach("overhead", both=True), Move("finger", 0.6)),                      # stretching arms
-    (Reach("side_out", both=True, envelope="release"),),                      # retracting arms
-    (Reach("wave", rub=(0.1313, 3, _H)),),                                    # waving
+    (
+        Reach("lap_front", envelope="hold"),
+        Move("finger", -1.0, "hold"),
+        Move("hand_size", -0.25, "hold"),
+    ),  # clenching fist
+    (Reach("overhead", both=True), Move("finger", 0.6)),  # stretching arms
+    (Reach("side_out", both=True, envelope="release"),),  # retracting arms
+    (Reach("wave", rub=(0.1313, 3, _H)),),  # waving
     (Reach("spread", both=True, envelope="hold"), Move("finger", 0.8, "hold")),  # spreading hands
-    (Reach("fingertips", both=True, rub=(0.03, 3, _H)),),                     # hands touching fingers
+    (Reach("fingertips", both=True, rub=(0.03, 3, _H)),),  # hands touching fingers
     (Reach("lap_front"), Move("wiggle", 1.3, cycles=4.0), Move("finger", 0.5)),  # other finger movements
-    (Reach("gesture", rub=(0.1875, 1.5, _D)),),                               # illustrative gestures
+    (Reach("gesture", rub=(0.1875, 1.5, _D)),),  # illustrative gestures
     # lower limb 24-31
-    (Move("leg_shake", 0.09, cycles=5.0),),                                   # shaking legs
-    (Move("feet_up", 0.18, "hold"),),                                         # curling legs
-    (Move("knees_apart", 0.16, "hold"),),                                     # spread legs
-    (Move("knees_apart", 0.16, "release"),),                                  # closing legs
-    (Move("cross", 1.0, "hold"),),                                            # crossing legs
-    (Move("feet_out", 1.0, "hold"),),                                         # stretching feet
-    (Move("feet_out", 1.0, "release"),),                                      # retracting feet
-    (Move("tiptoe", 1.0),),                                                   # tiptoe
+    (Move("leg_shake", 0.09, cycles=5.0),),  # shaking legs
+    (Move("feet_up", 0.18, "hold"),),  # curling legs
+    (Move("knees_apart", 0.16, "hold"),),  # spread legs
+    (Move("knees_apart", 0.16, "release"),),  # closing legs
+    (Move("cross", 1.0, "hold"),),  # crossing legs
+    (Move("feet_out", 1.0, "hold"),),  # stretching feet
+    (Move("feet_out", 1.0, "release"),),  # retracting feet
+    (Move("tiptoe", 1.0),),  # tiptoe
     # body-hand 32-37
-    (Reach("neck", rub=(0.045, 3, _H)),),                                     # scratching or touching neck
-    (Reach("chest", rub=(0.0562, 3, _V)),),                                   # ... chest
-    (Reach("back", rub=(0.0562, 3, _V), behind=True),),                       # ... back
-    (Reach("other_shoulder", rub=(0.045, 3, _H)),),                           # ... shoulder
-    (Reach("hip", both=True, envelope="hold"),),                              # arms akimbo
-    (Reach("other_arm", both=True, envelope="hold"),),                        # crossing arms
+    (Reach("neck", rub=(0.045, 3, _H)),),  # scratching or touching neck
+    (Reach("chest", rub=(0.0562, 3, _V)),),  # ... chest
+    (Reach("back", rub=(0.0562, 3, _V), behind=True),),  # ... back
+    (Reach("other_shoulder", rub=(0.045, 3, _H)),),  # ... shoulder
+    (Reach("hip", both=True, envelope="hold"),),  # arms akimbo
+    (Reach("other_arm", both=True, envelope="hold"),),  # crossing arms
     # head-hand 38-47
-    (Reach("hair", rub=(0.075, 2, _H)),),                                     # playing or tidying hair
-    (Reach("hindbrain", rub=(0.045, 3, _V), behind=True),),                   # scratching or touching hindbrain
-    (Reach("forehead", rub=(0.045, 3, _H)),),                                 # ... forehead
-    (Reach("cheek", rub=(0.045, 3, _V)),),                                    # ... face
-    (Reach("eye", rub=(0.03, 4, _H)),),                                       # rubbing eyes
-    (Reach("nose"),),                                                         # touching nose
-    (Reach("ear", rub=(0.03, 2, _V)),),                                       # touching ears
-    (Reach("face", both=True),),                                              # covering face
-    (Reach("mouth"),),                                                        # covering mouth
-    (Reach("bridge", rub=(0.0562, 1, _V)),),                                  # pushing glasses
+    (Reach("hair", rub=(0.075, 2, _H)),),  # playing or tidying hair
+    (Reach("hindbrain", rub=(0.045, 3, _V), behind=True),),  # scratching or touching hindbrain
+    (Reach("forehead", rub=(0.045, 3, _H)),),  # ... forehead
+    (Reach("cheek", rub=(0.045, 3, _V)),),  # ... face
+    (Reach("eye", rub=(0.03, 4, _H)),),  # rubbing eyes
+    (Reach("nose"),),  # touching nose
+    (Reach("ear", rub=(0.03, 2, _V)),),  # touching ears
+    (Reach("face", both=True),),  # covering face
+    (Reach("mouth"),),  # covering mouth
+    (Reach("bridge", rub=(0.0562, 1, _V)),),  # pushing glasses
     # leg-hand 48-51
-    (Reach("thigh", rub=(0.0938, 4, _V)),),                                   # patting legs
-    (Reach("knee"),),                                                         # touching legs
-    (Reach("thigh", rub=(0.045, 5, _H)),),                                    # scratching legs
-    (Reach("foot", rub=(0.045, 3, _H)), Move("lean", 0.2)),                   # scratching feet
+    (Reach("thigh", rub=(0.0938, 4, _V)),),  # patting legs
+    (Reach("knee"),),  # touching legs
+    (Reach("thigh", rub=(0.045, 5, _H)),),  # scratching legs
+    (Reach("foot", rub=(0.045, 3, _H)), Move("lean", 0.2)),  # scratching feet
 )
 assert len(ACTION_MOTIONS) == NUM_ACTIONS
 
-_POSE_PARAMS = ("sway", "rise", "slump", "lean", "turn", "shrug", "pitch", "yaw", "roll",
-                "finger", "wiggle", "hand_size", "object",
-                "leg_shake", "feet_up", "knees_apart", "cross", "feet_out", "tiptoe")
+_POSE_PARAMS = (
+    "sway",
+    "rise",
+    "slump",
+    "lean",
+    "turn",
+    "shrug",
+    "pitch",
+    "yaw",
+    "roll",
+    "finger",
+    "wiggle",
+    "hand_size",
+    "object",
+    "leg_shake",
+    "feet_up",
+    "knees_apart",
+    "cross",
+    "feet_out",
+    "tiptoe",
+)
 for _motion in ACTION_MOTIONS:
     for _part in _motion:
         assert not isinstance(_part, Move) or _part.param in _POSE_PARAMS, _part
@@ -166,9 +190,11 @@ for _motion in ACTION_MOTIONS:
 # ---------------------------------------------------------------------------------------
 # Persons and clip executions.
 
+
 @dataclass(frozen=True)
 class PersonStyle:
     """Everything that stays the same for one synthetic person."""
+
     scale: float
     centre: tuple[float, float]
     torso_width: float
@@ -208,7 +234,7 @@ def _colour(rng, saturation=(0.2, 0.8), value=(0.25, 0.9)) -> np.ndarray:
 def make_person(seed: int, person_id: int) -> PersonStyle:
     rng = _rng(seed, person_id, 0x5E55)
     skin_tone = rng.uniform(0, 1)
-    skin = (np.array([0.95, 0.78, 0.65]) * (1 - skin_tone) + np.array([0.42, 0.28, 0.2]) * skin_tone)
+    skin = np.array([0.95, 0.78, 0.65]) * (1 - skin_tone) + np.array([0.42, 0.28, 0.2]) * skin_tone
     shirt = _colour(rng)
     long_sleeves = rng.uniform() < 0.5
     return PersonStyle(
@@ -227,8 +253,10 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
         shoes=_colour(rng, (0.0, 0.5), (0.05, 0.4)),
         chair=_colour(rng, (0.1, 0.6), (0.2, 0.7)),
         background=_colour(rng, (0.05, 0.4), (0.5, 0.9)),
-        pattern=tuple((rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.35),
-                       _colour(rng, (0.05, 0.5), (0.4, 0.95))) for _ in range(rng.integers(1, 4))),
+        pattern=tuple(
+            (rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.35), _colour(rng, (0.05, 0.5), (0.4, 0.95)))
+            for _ in range(rng.integers(1, 4))
+        ),
         handedness=1 if rng.uniform() < 0.8 else -1,
         speed=rng.uniform(0.75, 1.3),
         amplitude=rng.uniform(0.75, 1.25),
@@ -242,6 +270,7 @@ def make_person(seed: int, person_id: int) -> PersonStyle:
 @dataclass(frozen=True)
 class Execution:
     """How one clip performs its action."""
+
     onset: float  # action start, as a fraction of the clip
     duration: float
     ramp: float  # time to reach / leave the pose
@@ -257,11 +286,16 @@ def make_execution(person: PersonStyle, rng: np.random.Generator) -> Execution:
     duration = float(np.clip(rng.uniform(0.5, 0.75) / person.speed, 0.4, 0.85))
     onset = rng.uniform(0.03, max(0.04, 0.97 - duration))
     return Execution(
-        onset=onset, duration=duration, ramp=min(0.3, 0.14 / person.speed) * rng.uniform(0.8, 1.2),
-        amplitude=person.amplitude * rng.uniform(0.85, 1.15), phase=rng.uniform(0, 2 * math.pi),
+        onset=onset,
+        duration=duration,
+        ramp=min(0.3, 0.14 / person.speed) * rng.uniform(0.8, 1.2),
+        amplitude=person.amplitude * rng.uniform(0.85, 1.15),
+        phase=rng.uniform(0, 2 * math.pi),
         side=person.handedness if rng.uniform() < 0.85 else -person.handedness,
-        brightness=rng.uniform(0.97, 1.03), shift=(rng.uniform(-0.006, 0.006), rng.uniform(-0.006, 0.006)),
-        idle_phase=rng.uniform(0, 2 * math.pi))
+        brightness=rng.uniform(0.97, 1.03),
+        shift=(rng.uniform(-0.006, 0.006), rng.uniform(-0.006, 0.006)),
+        idle_phase=rng.uniform(0, 2 * math.pi),
+    )
 
 
 def _smoothstep(x):
@@ -287,6 +321,7 @@ def _oscillation(cycles: float, time: np.ndarray, execution: Execution) -> np.nd
 
 # ---------------------------------------------------------------------------------------
 # Pose: body points per frame, in canvas units (x right, y down, [0, 1] across the image).
+
 
 class _Pose:
     """Animated skeleton of one clip: every attribute is an array over frames."""
@@ -326,9 +361,12 @@ class _Pose:
         self.yaw = np.clip(amount["yaw"] + amount["turn"] * self.side, -1.2, 1.2)
         self.pitch, self.roll = pitch, roll
         neck_length = 0.03 * unit
-        self.head = self.neck_base + np.stack([np.sin(roll) * (head_radius + neck_length) * self.side,
-                                               -np.cos(roll) * (head_radius + neck_length)
-                                               + 0.4 * pitch * head_radius])
+        self.head = self.neck_base + np.stack(
+            [
+                np.sin(roll) * (head_radius + neck_length) * self.side,
+                -np.cos(roll) * (head_radius + neck_length) + 0.4 * pitch * head_radius,
+            ]
+        )
         # Legs: knees and feet of each side.
         leg = person.leg_length * unit
         self.knee, self.foot, self.toe = {}, {}, {}
@@ -353,10 +391,17 @@ class _Pose:
             base, (dx, dy), unit = self.hip, self.person.rest_hands, self.unit
         else:
             base_name, dx, dy, unit_name = _ANCHORS[name]
-            base = {"hip": lambda: self.hip, "hip_top": lambda: self.hip_top, "neck": lambda: self.neck_base,
-                    "head": lambda: self.head, "shoulder": lambda: self.shoulder[s],
-                    "other_shoulder": lambda: self.shoulder[-s], "knee": lambda: self.knee[s],
-                    "thigh": lambda: 0.5 * (self.hip + self.knee[s]), "foot": lambda: self.foot[s]}[base_name]()
+            base = {
+                "hip": lambda: self.hip,
+                "hip_top": lambda: self.hip_top,
+                "neck": lambda: self.neck_base,
+                "head": lambda: self.head,
+                "shoulder": lambda: self.shoulder[s],
+                "other_shoulder": lambda: self.shoulder[-s],
+                "knee": lambda: self.knee[s],
+                "thigh": lambda: 0.5 * (self.hip + self.knee[s]),
+                "foot": lambda: self.foot[s],
+            }[base_name]()
             unit = self.head_radius if unit_name == "head" else self.unit
         return base + np.stack([np.full_like(self.time, s * dx * unit), np.full_like(self.time, dy * unit)])
 
@@ -412,8 +457,13 @@ def _hand_paths(pose: _Pose, motion: tuple) -> dict[int, tuple[np.ndarray, bool]
         rub = 0.0
         if amplitude:
             # The rub lives inside the reach: it fades in and out with it.
-            rub = (amplitude * execution.amplitude * pose.unit * weight
-                   * _oscillation(cycles * pose.person.speed, time, execution))
+            rub = (
+                amplitude
+                * execution.amplitude
+                * pose.unit
+                * weight
+                * _oscillation(cycles * pose.person.speed, time, execution)
+            )
         for s in sides:
             target = pose.anchor(part.anchor, s)
             path = hands[s][0] + weight * (target - hands[s][0])
@@ -431,8 +481,8 @@ def _elbow(shoulder: np.ndarray, hand: np.ndarray, upper: float, fore: float, s:
     reach = np.clip(distance, abs(upper - fore) + 1e-4, upper + fore - 1e-4)
     direction = delta / distance
     hand = shoulder + direction * reach
-    along = (upper ** 2 - fore ** 2 + reach ** 2) / (2 * reach)
-    height = np.sqrt(np.maximum(upper ** 2 - along ** 2, 0.0))
+    along = (upper**2 - fore**2 + reach**2) / (2 * reach)
+    height = np.sqrt(np.maximum(upper**2 - along**2, 0.0))
     normal = np.stack([-direction[1], direction[0]])
     normal = normal * np.where(normal[0] * s >= 0, 1.0, -1.0)
     return shoulder + direction * along + normal * height, hand
@@ -441,6 +491,7 @@ def _elbow(shoulder: np.ndarray, hand: np.ndarray, upper: float, fore: float, s:
 # ---------------------------------------------------------------------------------------
 # Rasterization: anti-aliased capsules (segments with a radius; a disc is a capsule of
 # length zero), painted in order, each over the bounding box it covers in the clip.
+
 
 class _Canvas:
     def __init__(self, background: np.ndarray, num_frames: int):
@@ -497,13 +548,20 @@ def _background(person: PersonStyle, size: int) -> np.ndarray:
         return np.array([[x], [y]], dtype=np.float32)
 
     canvas.capsule(point(cx - 0.1 * u, cy - 0.3 * u), point(cx + 0.1 * u, cy - 0.3 * u), 0.09 * u, person.chair)
-    canvas.capsule(point(cx - 0.15 * u, cy + 0.03 * u), point(cx + 0.15 * u, cy + 0.03 * u), 0.03 * u,
-                   person.chair * 0.8)
+    canvas.capsule(
+        point(cx - 0.15 * u, cy + 0.03 * u), point(cx + 0.15 * u, cy + 0.03 * u), 0.03 * u, person.chair * 0.8
+    )
     return canvas.image[0]
 
 
-def render_clip(person: PersonStyle, execution: Execution, action: int | None, num_frames: int, size: int,
-                background: np.ndarray | None = None) -> np.ndarray:
+def render_clip(
+    person: PersonStyle,
+    execution: Execution,
+    action: int | None,
+    num_frames: int,
+    size: int,
+    background: np.ndarray | None = None,
+) -> np.ndarray:
     """`(num_frames, size, size, 3)` float32 RGB in [0, 1] of `person` doing `action`
     (None: sitting idle, with only the person's sway and breathing)."""
     motion = () if action is None else ACTION_MOTIONS[action]
@@ -537,9 +595,13 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
         canvas.capsule(elbow, hand, 0.042 * u, person.sleeve * 0.85)
         # The finger points along the forearm, wiggling for "other finger movements".
         forearm = (hand - elbow) / np.maximum(np.hypot(*(hand - elbow)), 1e-6)
-        angle = (0.9 * amount["wiggle"] if s == side else 0.0)
-        direction = np.stack([forearm[0] * np.cos(angle) - forearm[1] * np.sin(angle),
-                              forearm[0] * np.sin(angle) + forearm[1] * np.cos(angle)])
+        angle = 0.9 * amount["wiggle"] if s == side else 0.0
+        direction = np.stack(
+            [
+                forearm[0] * np.cos(angle) - forearm[1] * np.sin(angle),
+                forearm[0] * np.sin(angle) + forearm[1] * np.cos(angle),
+            ]
+        )
         hand_scale = hand_radius if s == side else 0.057 * u
         fingers = finger_length if s == side else 0.014 * u
         canvas.capsule(hand, hand + direction * (hand_scale + fingers), 0.018 * u, person.skin * 0.92)
@@ -550,8 +612,7 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
             draw_arm(s)
 
     # Torso, shoulders, neck.
-    canvas.capsule(pose.hip_top, pose.neck_base + np.stack([still, still + 0.05 * u]), pose.torso_radius,
-                   person.shirt)
+    canvas.capsule(pose.hip_top, pose.neck_base + np.stack([still, still + 0.05 * u]), pose.torso_radius, person.shirt)
     canvas.capsule(pose.shoulder[1], pose.shoulder[-1], 0.035 * u, person.shirt)
     canvas.capsule(pose.neck_base, pose.head, 0.025 * u, person.skin * 0.95)
 
@@ -567,11 +628,18 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
     canvas.disc(head_point(0.1 * yaw, 0.12 + 0.1 * pitch), 0.88 * r, person.skin)
     eye_y = -0.05 + 0.6 * pitch
     for eye in (-1, 1):
-        canvas.disc(head_point(0.6 * yaw + eye * 0.36 * (1 - 0.45 * np.abs(yaw)), eye_y), 0.13 * r,
-                    np.array([0.08, 0.06, 0.06], np.float32))
+        canvas.disc(
+            head_point(0.6 * yaw + eye * 0.36 * (1 - 0.45 * np.abs(yaw)), eye_y),
+            0.13 * r,
+            np.array([0.08, 0.06, 0.06], np.float32),
+        )
     mouth_y = 0.5 + 0.5 * pitch
-    canvas.capsule(head_point(0.6 * yaw - 0.22, mouth_y), head_point(0.6 * yaw + 0.22, mouth_y), 0.07 * r,
-                   np.array([0.55, 0.15, 0.15], np.float32))
+    canvas.capsule(
+        head_point(0.6 * yaw - 0.22, mouth_y),
+        head_point(0.6 * yaw + 0.22, mouth_y),
+        0.07 * r,
+        np.array([0.55, 0.15, 0.15], np.float32),
+    )
 
     for s in (1, -1):
         if not hands[s][1]:
@@ -582,8 +650,12 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
         middle = 0.5 * (hands[1][0] + hands[-1][0]) + np.stack([still, still - 0.02 * u])
         visible = amount["object"] > 0.3
         radius = np.where(visible, 0.02 * u, 0.0)
-        canvas.capsule(middle - np.stack([still + 0.012 * u, still]), middle + np.stack([still + 0.012 * u, still]),
-                       radius, np.array([0.95, 0.85, 0.1], np.float32))
+        canvas.capsule(
+            middle - np.stack([still + 0.012 * u, still]),
+            middle + np.stack([still + 0.012 * u, still]),
+            radius,
+            np.array([0.95, 0.85, 0.1], np.float32),
+        )
 
     image = canvas.image
     image *= execution.brightness
@@ -593,6 +665,7 @@ def render_clip(person: PersonStyle, execution: Execution, action: int | None, n
 # ---------------------------------------------------------------------------------------
 # The dataset.
 
+
 def _split_persons(split: str, persons_per_split) -> list[int]:
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
@@ -600,8 +673,9 @@ def _split_persons(split: str, persons_per_split) -> list[int]:
         count = persons_per_split
     else:
         if split not in persons_per_split:
-            raise ValueError(f"persons_per_split: expected an int or a mapping with key {split!r}, "
-                             f"got {persons_per_split!r}")
+            raise ValueError(
+                f"persons_per_split: expected an int or a mapping with key {split!r}, got {persons_per_split!r}"
+            )
         count = persons_per_split[split]
     if not 1 <= int(count) <= PERSON_ID_BLOCK:
         raise ValueError(f"persons_per_split[{split!r}]: expected 1..{PERSON_ID_BLOCK}, got {count}")
@@ -613,17 +687,26 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
     """Synthetic micro-action clips (see the module docstring). Items:
     `{"clip": float32 (num_frames, size, size, 3) RGB in [0, 1], "label", "body", "subject"
     (the person id), "index"}` (a list of `repeats` of them with repeated augmentation);
-    ordered by person, then action, then clip; `key` as in `clips.item_key`. Attributes mirror `MA52Dataset`: `names` (MA-52 style: `SSSS_BB_CCCC.mp4` for
+    ordered by person, then action, then clip; `key` as in `clips.item_key`. Attributes mirror
+    `MA52Dataset`: `names` (MA-52 style: `SSSS_BB_CCCC.mp4` for
     train/val, `testNNNN.mp4` for test), `labels`, `bodies`, `subjects`, `persons`,
     `failed` (always empty)."""
 
-    def __init__(self, split: str, num_frames: int = 16, size: int = 112, seed: int = 0,
-                 persons_per_split=None, clips_per_person_class: int = 1, training: bool = False,
-                 repeats: int = 1):
+    def __init__(
+        self,
+        split: str,
+        num_frames: int = 16,
+        size: int = 112,
+        seed: int = 0,
+        persons_per_split=None,
+        clips_per_person_class: int = 1,
+        training: bool = False,
+        repeats: int = 1,
+    ):
         persons_per_split = DEFAULT_PERSONS_PER_SPLIT if persons_per_split is None else persons_per_split
         if split == SAME_PERSONS_SPLIT:
             train_persons = _split_persons("train", persons_per_split)
-            self.persons = train_persons[:len(_split_persons("test", persons_per_split))]
+            self.persons = train_persons[: len(_split_persons("test", persons_per_split))]
         else:
             self.persons = _split_persons(split, persons_per_split)
         if num_frames < 1:
@@ -668,14 +751,23 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
         execution = make_execution(style, rng or _rng(self.seed, person, self.labels[index], clip, salt))
         if person not in self._backgrounds:
             self._backgrounds[person] = _background(style, self.size)
-        return render_clip(style, execution, self.labels[index], num_frames or self.num_frames, self.size,
-                           self._backgrounds[person])
+        return render_clip(
+            style, execution, self.labels[index], num_frames or self.num_frames, self.size, self._backgrounds[person]
+        )
 
     def __getitem__(self, key):
         index, rng = item_key(key, self.training)
         # Frames fill the crop: the crop only draws the flip (and, repeated, one render gives k flips).
-        return clip_items(self.frames(index, rng=rng), self.size, rng, self.repeats, label=self.labels[index],
-                          body=self.bodies[index], subject=self.subjects[index], index=index)
+        return clip_items(
+            self.frames(index, rng=rng),
+            self.size,
+            rng,
+            self.repeats,
+            label=self.labels[index],
+            body=self.bodies[index],
+            subject=self.subjects[index],
+            index=index,
+        )
 
 
 def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_test_labels: bool = False) -> Path:
@@ -698,11 +790,15 @@ def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_te
     else:
         datasets = list(source)
         if not all(isinstance(dataset, SyntheticMicroActions) for dataset in datasets):
-            raise TypeError("source: expected a SyntheticMicroActions, a sequence of them or a dict of "
-                            f"their keyword arguments, got {type(source).__name__}")
+            raise TypeError(
+                "source: expected a SyntheticMicroActions, a sequence of them or a dict of "
+                f"their keyword arguments, got {type(source).__name__}"
+            )
     if any(dataset.training for dataset in datasets):
-        raise ValueError("source: expected datasets with training=False (training=True draws a new "
-                         "execution on every read, so the export would not match the dataset)")
+        raise ValueError(
+            "source: expected datasets with training=False (training=True draws a new "
+            "execution on every read, so the export would not match the dataset)"
+        )
     if frames_per_video < 1:
         raise ValueError(f"frames_per_video: expected >= 1, got {frames_per_video}")
     root = Path(root)

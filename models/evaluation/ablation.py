@@ -61,17 +61,25 @@ class Job:
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=lambda s: [x for x in s.split(",") if x], default=list(ABLATIONS),
-                   help=f"comma-separated rows (default all: {','.join(ABLATIONS)})")
+    p.add_argument(
+        "--rows",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(ABLATIONS),
+        help=f"comma-separated rows (default all: {','.join(ABLATIONS)})",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST_SEED, FIRST_SEED + 1, ...")
     p.add_argument("--out", default="runs/ablation", help="output folder")
     p.add_argument("--config", help="JSON config file for every run (default: train.py's)")
-    p.add_argument("--jobs", type=int, default=max(1, len(os.sched_getaffinity(0)) // 2),
-                   help="runs at a time (default: one per two cores)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0)) // 2),
+        help="runs at a time (default: one per two cores)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = p.parse_args(own)
     unknown = [row for row in args.rows if row not in ABLATIONS]
@@ -100,8 +108,19 @@ def thread_split(jobs: int) -> tuple[int, int]:
 
 def run_command(job: Job, args: argparse.Namespace, train_args: list[str]) -> list[str]:
     threads, workers = thread_split(args.jobs)
-    command = [sys.executable, str(TRAIN_SCRIPT), "--out", str(job.folder), "--seed", str(job.seed),
-               "--no-progress", "--threads", str(threads), "--workers", str(workers)]
+    command = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        "--out",
+        str(job.folder),
+        "--seed",
+        str(job.seed),
+        "--no-progress",
+        "--threads",
+        str(threads),
+        "--workers",
+        str(workers),
+    ]
     # Options after -- come later and win over the runner's thread split.
     if (job.folder / "last.pt").is_file():
         # A resumed run keeps its saved config (train.py refuses --config with --resume).
@@ -142,8 +161,14 @@ def result_of(folder: Path) -> dict:
 def run_jobs(jobs: list[Job], args: argparse.Namespace, train_args: list[str]) -> list[Job]:
     """Run the unfinished jobs, `args.jobs` at a time; returns the jobs that failed."""
     pending = [job for job in jobs if not (job.folder / RESULT_NAME).is_file()]
-    overall = tqdm(total=len(jobs), initial=len(jobs) - len(pending), desc="ablation runs", position=0,
-                   disable=not args.progress, dynamic_ncols=True)
+    overall = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(pending),
+        desc="ablation runs",
+        position=0,
+        disable=not args.progress,
+        dynamic_ncols=True,
+    )
     free_slots, running, failed = list(range(1, args.jobs + 1)), {}, []
     try:
         while pending or running:
@@ -151,10 +176,22 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, train_args: list[str]) -
                 job, slot = pending.pop(0), free_slots.pop(0)
                 job.folder.mkdir(parents=True, exist_ok=True)
                 log = open(job.folder / "train.log", "a")  # noqa: SIM115 (closed when the run ends)
-                process = subprocess.Popen(run_command(job, args, train_args), cwd=REPO_ROOT, stdout=log,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                bar = tqdm(total=planned_epochs(job.folder), desc=job.name, unit="epoch", position=slot,
-                           leave=False, disable=not args.progress, dynamic_ncols=True)
+                process = subprocess.Popen(
+                    run_command(job, args, train_args),
+                    cwd=REPO_ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+                bar = tqdm(
+                    total=planned_epochs(job.folder),
+                    desc=job.name,
+                    unit="epoch",
+                    position=slot,
+                    leave=False,
+                    disable=not args.progress,
+                    dynamic_ncols=True,
+                )
                 running[process] = (job, slot, log, bar)
             time.sleep(0.5)
             for process, (job, slot, log, bar) in list(running.items()):
@@ -208,9 +245,11 @@ def summarize(results: list[dict], rows: list[str]) -> dict:
     for row in rows:
         mine = [r for r in results if r["row"] == row]
         if mine:
-            table[row] = {key: mean_std(values) + (len(values),)
-                          for key, _ in METRICS + GAP
-                          if (values := [r[key] for r in mine if r[key] is not None])}
+            table[row] = {
+                key: mean_std(values) + (len(values),)
+                for key, _ in METRICS + GAP
+                if (values := [r[key] for r in mine if r[key] is not None])
+            }
     return table
 
 
@@ -234,9 +273,11 @@ def markdown_table(table: dict) -> str:
     for row, stats in table.items():
         seeds = max(n for _, _, n in stats.values())
         lines.append(f"| {row} | " + " | ".join(cell(stats.get(key)) for key, _ in METRICS + GAP) + f" | {seeds} |")
-    note = ("Percent, mean ± standard deviation over the seeds. Held-out persons: the test split (persons "
-            "not seen in training); same persons: new clips of the training persons; person gap: held-out "
-            "minus same-persons action top-1 (closer to 0 is more person-independent).")
+    note = (
+        "Percent, mean ± standard deviation over the seeds. Held-out persons: the test split (persons "
+        "not seen in training); same persons: new clips of the training persons; person gap: held-out "
+        "minus same-persons action top-1 (closer to 0 is more person-independent)."
+    )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -247,19 +288,27 @@ def plot(table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = list(table)
-    fig, (ax_metrics, ax_gap) = plt.subplots(1, 2, figsize=(max(10.0, 1.8 * len(rows) + 4), 4.5),
-                                             gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_metrics, ax_gap) = plt.subplots(
+        1, 2, figsize=(max(10.0, 1.8 * len(rows) + 4), 4.5), gridspec_kw={"width_ratios": [3, 2]}
+    )
     width = 0.8 / len(METRICS)
     for i, (key, title) in enumerate(METRICS):
         stats = [table[row].get(key, (math.nan, 0.0, 0)) for row in rows]
-        ax_metrics.bar([r + (i - (len(METRICS) - 1) / 2) * width for r in range(len(rows))],
-                       [100 * s[0] for s in stats], width, yerr=[100 * s[1] for s in stats], capsize=3, label=title)
+        ax_metrics.bar(
+            [r + (i - (len(METRICS) - 1) / 2) * width for r in range(len(rows))],
+            [100 * s[0] for s in stats],
+            width,
+            yerr=[100 * s[1] for s in stats],
+            capsize=3,
+            label=title,
+        )
     ax_metrics.set_title("held-out persons (test split)", fontsize=10)
     ax_metrics.set_ylabel("percent (mean ± std over seeds)")
     ax_metrics.legend(fontsize=8)
     gap = [table[row].get("person_gap", (math.nan, 0.0, 0)) for row in rows]
-    ax_gap.bar(range(len(rows)), [100 * s[0] for s in gap], 0.6, yerr=[100 * s[1] for s in gap], capsize=3,
-               color="tab:red")
+    ax_gap.bar(
+        range(len(rows)), [100 * s[0] for s in gap], 0.6, yerr=[100 * s[1] for s in gap], capsize=3, color="tab:red"
+    )
     ax_gap.axhline(0.0, color="black", linewidth=0.8)
     ax_gap.set_title("person gap (held-out minus same persons)", fontsize=10)
     ax_gap.set_ylabel("action top-1, percentage points")
@@ -285,8 +334,9 @@ def main(argv=None) -> int:
         (out / "ablation.md").write_text(markdown_table(table))
         plot(table, out / "ablation.png")
         print(markdown_table(table))
-    print(f"{len(results)}/{len(jobs)} runs finished ({time.perf_counter() - started:.0f} s this call); "
-          f"results in {out}")
+    print(
+        f"{len(results)}/{len(jobs)} runs finished ({time.perf_counter() - started:.0f} s this call); results in {out}"
+    )
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(job.name for job in failed)}", file=sys.stderr)
         return 1

@@ -53,12 +53,17 @@ def main(argv=None) -> dict:
     ckpt = load_checkpoint(args.checkpoint)
     if "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{args.checkpoint}: not a models/train.py checkpoint (needs 'config' and 'model')")
-    changes = {key: value for key, value in (("data_root", args.data_root), ("num_workers", args.workers),
-                                             ("amp", args.amp)) if value is not None}
+    changes = {
+        key: value
+        for key, value in (("data_root", args.data_root), ("num_workers", args.workers), ("amp", args.amp))
+        if value is not None
+    }
     cfg = TrainConfig.from_dict({**ckpt["config"], **changes, "device": args.device}, f"{args.checkpoint}'s config")
     if cfg.dataset == "dfew":
-        raise CheckpointError(f"{args.checkpoint}: a DFEW run; evaluate.py writes MA-52's metrics and figures, "
-                              "expected an MA-52 or synthetic checkpoint (DFEW runs report WAR and UAR in training)")
+        raise CheckpointError(
+            f"{args.checkpoint}: a DFEW run; evaluate.py writes MA-52's metrics and figures, "
+            "expected an MA-52 or synthetic checkpoint (DFEW runs report WAR and UAR in training)"
+        )
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
 
     info = dist_utils.setup(cfg.device)
@@ -69,8 +74,15 @@ def main(argv=None) -> dict:
         dataset = build_dataset(cfg, args.split, train=False)
         batch = args.batch_size or cfg.eval_batch_size or max(1, cfg.batch_size // info.world_size)
         loader = build_loader(dataset, cfg, info, train=False, batch_size=batch)
-        pred = predict(model, loader, info, resolve_amp(cfg.amp, info.device), with_features=True,
-                       progress=args.progress, desc=args.split)
+        pred = predict(
+            model,
+            loader,
+            info,
+            resolve_amp(cfg.amp, info.device),
+            with_features=True,
+            progress=args.progress,
+            desc=args.split,
+        )
         if not info.is_main:
             return {}
         return write_report(pred, dataset, cfg, args, out_dir, ckpt.get("epoch"))
@@ -87,26 +99,45 @@ def write_report(pred: dict, dataset, cfg: TrainConfig, args, out_dir: Path, epo
     out_dir.mkdir(parents=True, exist_ok=True)
     labelled = split_has_labels(cfg, args.split)
     action_pred = pred["scores"].argmax(1).numpy()
-    report = {"checkpoint": str(args.checkpoint), "epoch": epoch, "dataset": cfg.dataset, "split": args.split,
-              "num_clips": int(pred["scores"].shape[0]), "num_unreadable": pred["num_dropped"],
-              "labels_available": labelled}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "epoch": epoch,
+        "dataset": cfg.dataset,
+        "split": args.split,
+        "num_clips": int(pred["scores"].shape[0]),
+        "num_unreadable": pred["num_dropped"],
+        "labels_available": labelled,
+    }
     if labelled:
         report["metrics"] = evaluate_predictions(pred)
         action_true = pred["label"].numpy()
-        figures.confusion_png(action_true, action_pred, ACTION_NAMES, out_dir / "confusion_action.png",
-                              f"action confusion ({args.split})")
-        figures.confusion_png(body_of_action(action_true), body_of_action(action_pred), BODY_NAMES,
-                              out_dir / "confusion_body.png", f"body confusion ({args.split})")
+        figures.confusion_png(
+            action_true, action_pred, ACTION_NAMES, out_dir / "confusion_action.png", f"action confusion ({args.split})"
+        )
+        figures.confusion_png(
+            body_of_action(action_true),
+            body_of_action(action_pred),
+            BODY_NAMES,
+            out_dir / "confusion_body.png",
+            f"body confusion ({args.split})",
+        )
         classes, which = action_true, "true"
     else:
-        print(f"{args.split}: labels are not public (dummy zeros); no metrics or confusion matrices, "
-              f"t-SNE and histograms use the predicted classes")
+        print(
+            f"{args.split}: labels are not public (dummy zeros); no metrics or confusion matrices, "
+            f"t-SNE and histograms use the predicted classes"
+        )
         classes, which = action_pred, "predicted"
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(report, f, indent=2)
     features = pred["features"]
-    figures.tsne_png(features, body_of_action(classes), out_dir / "tsne_body.png",
-                     f"t-SNE of features, {args.split}, coloured by {which} body", max_points=args.max_points)
+    figures.tsne_png(
+        features,
+        body_of_action(classes),
+        out_dir / "tsne_body.png",
+        f"t-SNE of features, {args.split}, coloured by {which} body",
+        max_points=args.max_points,
+    )
     intra, inter = figures.pair_cosines(features, classes, max_points=args.max_points)
     figures.cosine_histogram_png(intra, out_dir / "cosine_intra_class.png", f"intra-class ({which} action)", "tab:blue")
     figures.cosine_histogram_png(inter, out_dir / "cosine_inter_class.png", f"inter-class ({which} action)", "tab:red")
@@ -116,8 +147,9 @@ def write_report(pred: dict, dataset, cfg: TrainConfig, args, out_dir: Path, epo
         write_prediction_csv(out_dir / "prediction.csv", names, pred["scores"])
     if labelled:
         m = report["metrics"]
-        print(f"{args.split} ({report['num_clips']} clips): action top-1 {m['action_top1']:.1%}, top-5 "
-              f"{m['action_top5']:.1%}, body top-1 {m['body_top1']:.1%}, F1_mean {m['f1_mean']:.1%}")
+        print(
+            f"{args.split} ({report['num_clips']} clips): action top-1 {m['action_top1']:.1%}, top-5 "
+            f"{m['action_top5']:.1%}, body top-1 {m['body_top1']:.1%}, F1_mean {m['f1_mean']:.1%}"
+        )
     print(f"wrote {out_dir}")
     return report
-

@@ -9,13 +9,13 @@ subsampled to `max_points` clips (fixed seed) so that the pair matrix stays smal
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
-from sklearn.metrics import confusion_matrix  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.manifold import TSNE
+from sklearn.metrics import confusion_matrix
 
-from models.data.labels import BODY_NAMES  # noqa: E402
+from models.data.labels import BODY_NAMES
 
 
 def _subsample(n: int, max_points: int, seed: int) -> np.ndarray:
@@ -40,8 +40,15 @@ def confusion_png(true, pred, class_names, path, title: str) -> None:
     if n <= 10:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{rates[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -50,8 +57,7 @@ def confusion_png(true, pred, class_names, path, title: str) -> None:
     plt.close(fig)
 
 
-def tsne_png(features: torch.Tensor, body: np.ndarray, path, title: str, max_points: int = 2000,
-             seed: int = 0) -> None:
+def tsne_png(features: torch.Tensor, body: np.ndarray, path, title: str, max_points: int = 2000, seed: int = 0) -> None:
     """2-D t-SNE (scikit-learn) of the features, one colour per body part."""
     keep = _subsample(features.shape[0], max_points, seed)
     feats = features[keep].float().numpy()
@@ -73,8 +79,9 @@ def tsne_png(features: torch.Tensor, body: np.ndarray, path, title: str, max_poi
     plt.close(fig)
 
 
-def pair_cosines(features: torch.Tensor, labels: np.ndarray, max_points: int = 3000,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pair_cosines(
+    features: torch.Tensor, labels: np.ndarray, max_points: int = 3000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities of all intra-class and all inter-class pairs (i < j)."""
     keep = _subsample(features.shape[0], max_points, seed)
     f = torch.nn.functional.normalize(features[keep].double(), dim=1)

@@ -60,7 +60,8 @@ def compute_metrics(action_scores, labels) -> dict[str, float]:
     labels = torch.as_tensor(labels).detach().cpu()
     if labels.dim() != 1 or labels.shape[0] != scores.shape[0]:
         raise ValueError(
-            f"labels: expected shape ({scores.shape[0]},) to match action_scores, got {tuple(labels.shape)}")
+            f"labels: expected shape ({scores.shape[0]},) to match action_scores, got {tuple(labels.shape)}"
+        )
     if scores.shape[0] == 0:
         raise ValueError("action_scores: expected at least one sample, got N = 0")
     labels = labels.long()
@@ -84,8 +85,9 @@ def compute_metrics(action_scores, labels) -> dict[str, float]:
         "body_f1_macro": f1(body_true, body_pred, "macro"),
         "body_f1_micro": f1(body_true, body_pred, "micro"),
     }
-    result["f1_mean"] = float(np.mean([result[key] for key in
-                                       ("action_f1_macro", "action_f1_micro", "body_f1_macro", "body_f1_micro")]))
+    result["f1_mean"] = float(
+        np.mean([result[key] for key in ("action_f1_macro", "action_f1_micro", "body_f1_macro", "body_f1_micro")])
+    )
     result["num_samples"] = int(scores.shape[0])
     return result
 
@@ -101,8 +103,11 @@ def write_prediction_csv(path, names, action_scores) -> None:
     if len(names) != top5.shape[0]:
         raise ValueError(f"names: expected one name per score row ({top5.shape[0]}), got {len(names)}")
     bodies = body_of_action(top5)
-    header = (["vid"] + [f"action_pred_{i}" for i in range(1, SUBMISSION_TOP_K + 1)]
-              + [f"body_pred_{i}" for i in range(1, SUBMISSION_TOP_K + 1)])
+    header = (
+        ["vid"]
+        + [f"action_pred_{i}" for i in range(1, SUBMISSION_TOP_K + 1)]
+        + [f"body_pred_{i}" for i in range(1, SUBMISSION_TOP_K + 1)]
+    )
     path = os.fspath(path)
     tmp_path = f"{path}.tmp"
     with open(tmp_path, "w", newline="") as handle:

@@ -20,9 +20,16 @@ from models.training.precision import autocast
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: DataLoader, info: dist_utils.DistInfo, amp_dtype=None,
-            with_features: bool = False, progress: bool = False, desc: str = "eval",
-            channels_last: bool = False) -> dict:
+def predict(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    info: dist_utils.DistInfo,
+    amp_dtype=None,
+    with_features: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+    channels_last: bool = False,
+) -> dict:
     """Scores (N, 52) float32, labels, subjects, dataset indices (and features (N, D)) for the
     whole split, gathered from every rank and sorted by dataset index (= list order)."""
     model.eval()
@@ -71,8 +78,11 @@ def evaluate_predictions(pred: dict, dataset: str = "synthetic") -> dict:
         metrics = expression_metrics(pred["scores"], pred["label"], pred["scores"].shape[1])
         return {"war": metrics["war"], "uar": metrics["uar"]}
     metrics = compute_metrics(pred["scores"], pred["label"])
-    return {key: value if isinstance(value, int) else float(value) for key, value in metrics.items()
-            if isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)}
+    return {
+        key: value if isinstance(value, int) else float(value)
+        for key, value in metrics.items()
+        if isinstance(value, numbers.Real) or (torch.is_tensor(value) and value.numel() == 1)
+    }
 
 
 def split_has_labels(cfg: TrainConfig, split: str) -> bool:

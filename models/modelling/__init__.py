@@ -16,5 +16,19 @@ from models.modelling.tfam import TFAM
 from models.modelling.x3d import PRESETS, X3D, X3DPreset, build_x3d
 from models.modelling.x3d_weights import load_x3d_checkpoint
 
-__all__ = ["ABLATIONS", "DAM", "DSMLoss", "HDF", "PRESETS", "PIUmr", "PIUmrLoss", "TFAM", "X3D", "X3DPreset",
-           "build_hdf", "build_piumr", "build_x3d", "load_x3d_checkpoint"]
+__all__ = [
+    "ABLATIONS",
+    "DAM",
+    "DSMLoss",
+    "HDF",
+    "PRESETS",
+    "PIUmr",
+    "PIUmrLoss",
+    "TFAM",
+    "X3D",
+    "X3DPreset",
+    "build_hdf",
+    "build_piumr",
+    "build_x3d",
+    "load_x3d_checkpoint",
+]

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piumr_kernels import dct_filter_bank, girl_loss, tfam_combine, tfam_statistics
-
 from models.modelling.tfam import attention_logits
 from models.modelling.x3d import STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
 from models.modelling.x3d_weights import load_x3d_checkpoint
+from piumr_kernels import dct_filter_bank, girl_loss, tfam_combine, tfam_statistics
 
 __all__ = ["DAM", "DSM_SCALINGS", "DSMLoss", "HDF", "build_hdf", "channel_bins"]
 
@@ -78,8 +77,15 @@ class DAM(nn.Module):
         wasserstein_reg: weight of the spread term in the frequency perturbation (HDF: 0.05).
     """
 
-    def __init__(self, channels: int, num_frames: int, *, kernel_size: int = 7, noise_std: float = 0.1,
-                 wasserstein_reg: float = 0.05) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_frames: int,
+        *,
+        kernel_size: int = 7,
+        noise_std: float = 0.1,
+        wasserstein_reg: float = 0.05,
+    ) -> None:
         super().__init__()
         for name, value in (("channels", channels), ("num_frames", num_frames)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -142,18 +148,22 @@ class DAM(nn.Module):
         # The norm, not sqrt(H W var): its gradient stays finite on a constant map.
         spread = torch.linalg.vector_norm(energy - mean[..., None, None], dim=(-2, -1), keepdim=True)
         sign = torch.sign(energy)
-        adversarial = (energy + self.noise[:, None, None] * self.adv_a[:, None, None] * sign
-                       + self.wasserstein_reg * self.adv_b[:, None, None] * spread * sign)
+        adversarial = (
+            energy
+            + self.noise[:, None, None] * self.adv_a[:, None, None] * sign
+            + self.wasserstein_reg * self.adv_b[:, None, None] * spread * sign
+        )
         mixed = (self.al * energy + self.be * adversarial) / 2
         std = torch.sqrt(mixed.var(dim=1, keepdim=True) + 1e-6)
-        robust = (torch.tanh(self.dyt_alpha / (std + 1e-6) * mixed) * self.dyt_gamma[:, None, None]
-                  + self.dyt_beta[:, None, None])
+        robust = (
+            torch.tanh(self.dyt_alpha / (std + 1e-6) * mixed) * self.dyt_gamma[:, None, None]
+            + self.dyt_beta[:, None, None]
+        )
         return attention_logits(self.conv, robust)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.channels or x.shape[2] != self.num_frames:
-            raise ValueError(
-                f"x must be (B, C={self.channels}, T={self.num_frames}, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"x must be (B, C={self.channels}, T={self.num_frames}, H, W), got shape {tuple(x.shape)}")
         frame_mean, frame_max, spatial = tfam_statistics(x)
         gate = self.temporal_gate(frame_mean, frame_max)
         attention = torch.sigmoid(self.frequency_logits(spatial))
@@ -174,8 +184,9 @@ class HDF(nn.Module):
     live in `dam[stage]`. Extra keyword arguments go to every DAM.
     """
 
-    def __init__(self, backbone: X3D, num_frames: int, *, dam_stages: tuple[str, ...] | list[str] = STAGE_NAMES,
-                 **dam_kwargs) -> None:
+    def __init__(
+        self, backbone: X3D, num_frames: int, *, dam_stages: tuple[str, ...] | list[str] = STAGE_NAMES, **dam_kwargs
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, X3D):
             raise TypeError(f"backbone must be a models.modelling.x3d.X3D, got {type(backbone).__name__}")
@@ -188,7 +199,8 @@ class HDF(nn.Module):
         self.num_frames = num_frames
         widths = dict(zip(STAGE_NAMES, backbone.stage_widths))
         self.dam = nn.ModuleDict(
-            {stage: DAM(widths[stage], num_frames, **dam_kwargs) for stage in STAGE_NAMES if stage in stages})
+            {stage: DAM(widths[stage], num_frames, **dam_kwargs) for stage in STAGE_NAMES if stage in stages}
+        )
 
     @property
     def num_classes(self) -> int:
@@ -197,8 +209,10 @@ class HDF(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_clip(x)
         if len(self.dam) and x.shape[2] != self.num_frames:
-            raise ValueError(f"x must have T = num_frames = {self.num_frames} frames (DAM's T x T parameters are "
-                             f"sized by it), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have T = num_frames = {self.num_frames} frames (DAM's T x T parameters are "
+                f"sized by it), got shape {tuple(x.shape)}"
+            )
         x = self.backbone.blocks[0](x)  # stem
         for name, stage in self.backbone.stages().items():
             x = stage(x)
@@ -208,9 +222,16 @@ class HDF(nn.Module):
         return self.backbone.head.classify(features), features
 
 
-def build_hdf(preset: str | X3DPreset, num_classes: int, *, dam_stages: tuple[str, ...] | list[str] = STAGE_NAMES,
-              num_frames: int | None = None, pretrained: str | os.PathLike | None = None, dropout_rate: float = 0.5,
-              **dam_kwargs) -> HDF:
+def build_hdf(
+    preset: str | X3DPreset,
+    num_classes: int,
+    *,
+    dam_stages: tuple[str, ...] | list[str] = STAGE_NAMES,
+    num_frames: int | None = None,
+    pretrained: str | os.PathLike | None = None,
+    dropout_rate: float = 0.5,
+    **dam_kwargs,
+) -> HDF:
     """HDF on X3D-`preset` (XS, S, M, L or an `X3DPreset`) with `num_classes` outputs.
 
     `dam_stages` picks the stages a DAM follows (default res2..res5); `num_frames` defaults
@@ -244,10 +265,21 @@ class DSMLoss(nn.Module):
     contrasts the whole batch, so `groups` must be None.
     """
 
-    def __init__(self, *, scaling: str = "fixed", lambda_ce: float = 10.0, lambda_sc: float = 0.1,
-                 alpha: float = 10.0, beta: float = 0.1, lambda_ib: float = 0.1, ib_sign: int = 1,
-                 tau: float = 0.07, eta: float = 0.2, detach_weights: bool = True,
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        scaling: str = "fixed",
+        lambda_ce: float = 10.0,
+        lambda_sc: float = 0.1,
+        alpha: float = 10.0,
+        beta: float = 0.1,
+        lambda_ib: float = 0.1,
+        ib_sign: int = 1,
+        tau: float = 0.07,
+        eta: float = 0.2,
+        detach_weights: bool = True,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         if scaling not in DSM_SCALINGS:
             raise ValueError(f"scaling must be one of {DSM_SCALINGS}, got {scaling!r}")
@@ -282,14 +314,29 @@ class DSMLoss(nn.Module):
         g = self.grad_norm.float()
         return self.alpha * g / (g + 1), self.beta / (g + 1)
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-                groups: torch.Tensor | None = None, num_groups: int | None = None):
+    def forward(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        num_groups: int | None = None,
+    ):
         if groups is not None or num_groups is not None:
-            raise ValueError("groups: DSM contrasts the whole batch as one group, expected None "
-                             f"(use girl_groups='random'), got a {type(groups).__name__}")
+            raise ValueError(
+                "groups: DSM contrasts the whole batch as one group, expected None "
+                f"(use girl_groups='random'), got a {type(groups).__name__}"
+            )
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        contrastive = girl_loss(features, labels, num_groups=1, tau=self.tau, eta=self.eta, lambda_var=0.0,
-                                detach_weights=self.detach_weights)
+        contrastive = girl_loss(
+            features,
+            labels,
+            num_groups=1,
+            tau=self.tau,
+            eta=self.eta,
+            lambda_var=0.0,
+            detach_weights=self.detach_weights,
+        )
         unit = F.normalize(features, dim=1)
         # trace(cov f) = sum of the per-dimension unbiased variances (no C x C matrix).
         ib = unit.var(dim=0, correction=1).sum() if unit.shape[0] > 1 else unit.new_zeros(())
@@ -298,5 +345,7 @@ class DSMLoss(nn.Module):
         return loss, {"ce": ce.detach(), "girl": contrastive.detach(), "ib": ib.detach()}
 
     def extra_repr(self) -> str:
-        return (f"scaling={self.scaling!r}, lambda_ib={self.lambda_ib}, ib_sign={self.ib_sign}, tau={self.tau}, "
-                f"eta={self.eta}, detach_weights={self.detach_weights}, label_smoothing={self.label_smoothing}")
+        return (
+            f"scaling={self.scaling!r}, lambda_ib={self.lambda_ib}, ib_sign={self.ib_sign}, tau={self.tau}, "
+            f"eta={self.eta}, detach_weights={self.detach_weights}, label_smoothing={self.label_smoothing}"
+        )

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piumr_kernels import GIRLLoss
-
 from models.modelling.girl_diagnostics import girl_group_diagnostics
 from models.modelling.tfam import FUSIONS, TFAM
 from models.modelling.x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
 from models.modelling.x3d_weights import load_x3d_checkpoint
+from piumr_kernels import GIRLLoss
 
 __all__ = ["ABLATIONS", "Ablation", "PIUmr", "PIUmrLoss", "PRESETS", "STAGE_NAMES", "build_piumr"]
 
@@ -79,7 +78,9 @@ class PIUmr(nn.Module):
         widths = dict(zip(STAGE_NAMES, backbone.stage_widths))
         self.tfam = nn.ModuleDict(
             {
-                stage: TFAM(widths[stage], num_frames, temporal=temporal, frequency=frequency, fusion=fusion, **tfam_kwargs)
+                stage: TFAM(
+                    widths[stage], num_frames, temporal=temporal, frequency=frequency, fusion=fusion, **tfam_kwargs
+                )
                 for stage in STAGE_NAMES
                 if stage in stages
             }
@@ -120,16 +121,20 @@ class PIUmrLoss(nn.Module):
     cross-entropy's (0: none, the paper).
     """
 
-    def __init__(self, lambda_girl: float = 1.0, girl: bool = True, label_smoothing: float = 0.0,
-                 **girl_kwargs) -> None:
+    def __init__(
+        self, lambda_girl: float = 1.0, girl: bool = True, label_smoothing: float = 0.0, **girl_kwargs
+    ) -> None:
         super().__init__()
         if isinstance(lambda_girl, bool) or not isinstance(lambda_girl, numbers.Real):
             raise TypeError(f"lambda_girl must be a real number, got {type(lambda_girl).__name__}")
         if not (math.isfinite(lambda_girl) and lambda_girl >= 0):
             raise ValueError(f"lambda_girl must be a finite number >= 0, got {lambda_girl}")
         self.lambda_girl = float(lambda_girl)
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not (
-                0 <= label_smoothing <= 1):
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, numbers.Real)
+            or not (0 <= label_smoothing <= 1)
+        ):
             raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
         if not girl and girl_kwargs:
@@ -150,9 +155,13 @@ class PIUmrLoss(nn.Module):
         girl, details = self.girl(features, labels, groups, num_groups=num_groups, return_details=True)
         loss = ce + self.lambda_girl * girl
         groups_seen = girl_group_diagnostics(labels, details["group_index"], details["group_risks"].shape[0])
-        return loss, {"ce": ce.detach(), "girl": girl.detach(), "girl_var": details["risk_var"],
-                      "girl_positive_fraction": groups_seen["positive_fraction"],
-                      "girl_group_size": groups_seen["group_size"]}
+        return loss, {
+            "ce": ce.detach(),
+            "girl": girl.detach(),
+            "girl_var": details["risk_var"],
+            "girl_positive_fraction": groups_seen["positive_fraction"],
+            "girl_group_size": groups_seen["group_size"],
+        }
 
     def extra_repr(self) -> str:
         return f"lambda_girl={self.lambda_girl}"

@@ -153,9 +153,7 @@ class FrequencyAttention(nn.Module):
     0.5); `sigmoid(Conv2d(D -> 1, 7x7, padding 3, bias=False))`.
     """
 
-    def __init__(
-        self, *, kernel_size: int, alpha_f: float, eps_lo: float, eps_hi: float, eval_seed: int
-    ) -> None:
+    def __init__(self, *, kernel_size: int, alpha_f: float, eps_lo: float, eps_hi: float, eval_seed: int) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.alpha_f = alpha_f
@@ -238,8 +236,12 @@ class TFAM(nn.Module):
         eval_seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("channels", channels), ("num_frames", num_frames), ("sinkhorn_iters", sinkhorn_iters),
-                            ("eval_mask_period", eval_mask_period)):
+        for name, value in (
+            ("channels", channels),
+            ("num_frames", num_frames),
+            ("sinkhorn_iters", sinkhorn_iters),
+            ("eval_mask_period", eval_mask_period),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if fusion not in FUSIONS:
@@ -256,14 +258,18 @@ class TFAM(nn.Module):
         self.mask_prob = mask_prob
         self.eval_mask_period = eval_mask_period
         self.temporal = (
-            TemporalGate(num_frames, sinkhorn_iters=sinkhorn_iters, tau_min=tau_min, tau_scale=tau_scale,
-                         gamma_w=gamma_w)
-            if temporal else None
+            TemporalGate(
+                num_frames, sinkhorn_iters=sinkhorn_iters, tau_min=tau_min, tau_scale=tau_scale, gamma_w=gamma_w
+            )
+            if temporal
+            else None
         )
         self.frequency = (
-            FrequencyAttention(kernel_size=kernel_size, alpha_f=alpha_f, eps_lo=eps_lo, eps_hi=eps_hi,
-                               eval_seed=eval_seed)
-            if frequency else None
+            FrequencyAttention(
+                kernel_size=kernel_size, alpha_f=alpha_f, eps_lo=eps_lo, eps_hi=eps_hi, eval_seed=eval_seed
+            )
+            if frequency
+            else None
         )
 
     def frame_keep_mask(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -287,9 +293,7 @@ class TFAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.channels or x.shape[2] != self.num_frames:
-            raise ValueError(
-                f"x must be (B, C={self.channels}, T={self.num_frames}, H, W), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must be (B, C={self.channels}, T={self.num_frames}, H, W), got shape {tuple(x.shape)}")
         if self.temporal is None and self.frequency is None:
             return x
         batch, _, frames, height, width = x.shape

@@ -108,8 +108,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             if isinstance(content.get(container), dict):
                 state = content[container]
                 break
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items())
     ):
         summary = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
@@ -134,7 +136,8 @@ def detect_format(state: dict[str, torch.Tensor], source: str | os.PathLike = "t
             f"first keys: {sorted(state)[:6]}"
         )
     raise CheckpointError(
-        f"{os.fspath(source)!r} is not an X3D checkpoint in the PyTorchVideo ('blocks.0.conv.conv_t.weight', ...) or SlowFast "
+        f"{os.fspath(source)!r} is not an X3D checkpoint in the PyTorchVideo "
+        "('blocks.0.conv.conv_t.weight', ...) or SlowFast "
         f"('s1.pathway0_stem.conv_xy.weight', ...) layout; first keys: {sorted(state)[:6]}"
     )
 
@@ -227,7 +230,9 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     with `strict=False` the matching tensors are loaded and the rest reported (warning).
     """
     if not isinstance(model, X3D):
-        raise TypeError(f"model must be a models.modelling.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a models.modelling.x3d.X3D (for PIUmr pass model.backbone), got {type(model).__name__}"
+        )
     state = read_checkpoint(path)
     report = LoadReport(detect_format(state, path))
     if report.source_format == SLOWFAST:
@@ -253,15 +258,10 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
                 report.mismatched.append(f"{key}: {tuple(value.shape)} vs {tuple(expected[key].shape)}")
         else:
             to_load[key] = value
-    report.missing = [
-        key
-        for key in expected
-        if key not in state and not key.endswith("num_batches_tracked")
-    ]
+    report.missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
     if report.problems:
-        message = (
-            f"{os.fspath(path)!r} ({report.source_format} format) does not match the model:\n  "
-            + "\n  ".join(report.problems)
+        message = f"{os.fspath(path)!r} ({report.source_format} format) does not match the model:\n  " + "\n  ".join(
+            report.problems
         )
         if strict:
             raise CheckpointError(message)
@@ -269,4 +269,3 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     return report
-

@@ -32,27 +32,47 @@ def build_model(cfg: TrainConfig, load_pretrained: bool = True) -> torch.nn.Modu
     pretrained = cfg.pretrained if load_pretrained else None
     if cfg.model == "hdf":
         return build_hdf(model_preset(cfg), num_classes(cfg), num_frames=cfg.num_frames, pretrained=pretrained)
-    return build_piumr(model_preset(cfg), num_classes(cfg), tfam=cfg.tfam, tfam_stages=tuple(cfg.tfam_stages),
-                       temporal=cfg.temporal, frequency=cfg.frequency, fusion=cfg.fusion,
-                       num_frames=cfg.num_frames, pretrained=pretrained)
+    return build_piumr(
+        model_preset(cfg),
+        num_classes(cfg),
+        tfam=cfg.tfam,
+        tfam_stages=tuple(cfg.tfam_stages),
+        temporal=cfg.temporal,
+        frequency=cfg.frequency,
+        fusion=cfg.fusion,
+        num_frames=cfg.num_frames,
+        pretrained=pretrained,
+    )
 
 
 def build_loss(cfg: TrainConfig) -> torch.nn.Module:
     """PIUmr's CE + GIRL, or HDF's DSM objective (`model` hdf)."""
     if cfg.model == "hdf":
-        return DSMLoss(scaling=cfg.dsm_scaling, lambda_ib=cfg.lambda_ib, tau=cfg.girl_tau, eta=cfg.girl_eta,
-                       label_smoothing=cfg.label_smoothing)
+        return DSMLoss(
+            scaling=cfg.dsm_scaling,
+            lambda_ib=cfg.lambda_ib,
+            tau=cfg.girl_tau,
+            eta=cfg.girl_eta,
+            label_smoothing=cfg.label_smoothing,
+        )
     if not cfg.girl:
         return PIUmrLoss(lambda_girl=cfg.lambda_girl, girl=False, label_smoothing=cfg.label_smoothing)
-    return PIUmrLoss(lambda_girl=cfg.lambda_girl, label_smoothing=cfg.label_smoothing, num_groups=cfg.girl_num_groups,
-                     tau=cfg.girl_tau, eta=cfg.girl_eta, lambda_var=cfg.girl_lambda_var)
+    return PIUmrLoss(
+        lambda_girl=cfg.lambda_girl,
+        label_smoothing=cfg.label_smoothing,
+        num_groups=cfg.girl_num_groups,
+        tau=cfg.girl_tau,
+        eta=cfg.girl_eta,
+        lambda_var=cfg.girl_lambda_var,
+    )
 
 
 # Each `optimizer` choice (TrainConfig.optimizer): a function of (parameters, cfg) returning the optimiser.
 OPTIMIZERS = {
     "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-    "sam_adamw": lambda params, cfg: SAM(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-                                         rho=cfg.sam_rho),
+    "sam_adamw": lambda params, cfg: SAM(
+        torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), rho=cfg.sam_rho
+    ),
 }
 
 

@@ -38,7 +38,18 @@ CHECKPOINT_FORMAT = "piumr-train-v2"
 UNVERIFIED_FORMATS = ("piumr-train-v1",)
 CHECKSUM_KEY = "sha256"
 LAST_NAME, PREVIOUS_NAME = "last.pt", "previous.pt"
-TRAINING_KEYS = ("config", "epoch", "global_step", "model", "optimizer", "scheduler", "scaler", "rng", "history", "best")
+TRAINING_KEYS = (
+    "config",
+    "epoch",
+    "global_step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "history",
+    "best",
+)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -58,8 +69,13 @@ def capture_rng_state() -> dict:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -70,8 +86,15 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -156,8 +179,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a damaged or foreign file fails in many ways (EOFError, UnpicklingError, ...)
-        raise CheckpointError(f"{path}: not a checkpoint torch.load(weights_only=True) can read (damaged or "
-                              f"foreign file): {_load_failure(error)}") from None
+        raise CheckpointError(
+            f"{path}: not a checkpoint torch.load(weights_only=True) can read (damaged or "
+            f"foreign file): {_load_failure(error)}"
+        ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(payload).__name__}")
     if CHECKSUM_KEY in payload:
@@ -166,8 +191,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     elif payload.get("format") in UNVERIFIED_FORMATS:
         warnings.warn(f"{path}: a {payload['format']} checkpoint has no checksum; loaded unverified", stacklevel=2)
     else:
-        raise CheckpointError(f"{path}: expected a checkpoint with a '{CHECKSUM_KEY}' checksum (written by "
-                              f"models/train.py), found keys {sorted(map(str, payload))[:8]}")
+        raise CheckpointError(
+            f"{path}: expected a checkpoint with a '{CHECKSUM_KEY}' checksum (written by "
+            f"models/train.py), found keys {sorted(map(str, payload))[:8]}"
+        )
     return payload
 
 
@@ -185,8 +212,9 @@ def _load_failure(error: Exception) -> str:
 def check_training_checkpoint(ckpt: dict, path) -> None:
     """CheckpointError unless `ckpt` is a full training checkpoint (last.pt / previous.pt)."""
     if ckpt.get("format") not in (CHECKPOINT_FORMAT, *UNVERIFIED_FORMATS):
-        raise CheckpointError(f"{path}: expected a {CHECKPOINT_FORMAT} training checkpoint, got format "
-                              f"{ckpt.get('format')!r}")
+        raise CheckpointError(
+            f"{path}: expected a {CHECKPOINT_FORMAT} training checkpoint, got format {ckpt.get('format')!r}"
+        )
     missing = [key for key in TRAINING_KEYS if key not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not a full training checkpoint (use last.pt of a run): no {missing}")

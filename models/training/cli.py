@@ -57,8 +57,9 @@ def _flag(field) -> str:
 def build_parser() -> argparse.ArgumentParser:
     # Every option defaults to "not given" so that the config file (or a resumed run's saved
     # config) supplies the value unless the user typed it.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
+    )
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in FIELDS:
         kind, meta, group = TYPES[f.name], f.metadata, groups[f.metadata["group"]]
@@ -66,20 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             group.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            group.add_argument(_flag(f), dest=f.name, type=_parser_of(kind), choices=meta["choices"] if kind is str
-                               else None, metavar=meta["metavar"] or _metavar(kind), help=text)
-    groups["model"].add_argument("--temporal-only", action="store_true",
-                                 help="TFAM without the frequency branch (--no-frequency)")
-    groups["model"].add_argument("--frequency-only", action="store_true",
-                                 help="TFAM without the temporal branch (--no-temporal)")
+            group.add_argument(
+                _flag(f),
+                dest=f.name,
+                type=_parser_of(kind),
+                choices=meta["choices"] if kind is str else None,
+                metavar=meta["metavar"] or _metavar(kind),
+                help=text,
+            )
+    groups["model"].add_argument(
+        "--temporal-only", action="store_true", help="TFAM without the frequency branch (--no-frequency)"
+    )
+    groups["model"].add_argument(
+        "--frequency-only", action="store_true", help="TFAM without the temporal branch (--no-temporal)"
+    )
     run = groups["run"]
     run.add_argument("--config", metavar="PATH", help="JSON config file (see configs/)")
-    run.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                     help="continue a run (default: OUT/last.pt)")
-    run.add_argument("--stop-after-epoch", type=int, metavar="N",
-                     help="stop after epoch N of the schedule (continue later with --resume)")
-    run.add_argument("--set", action="append", metavar="KEY=JSON", help="set any config key, e.g. --set "
-                     "'synthetic_options={\"persons_train\": 12}' (repeatable)")
+    run.add_argument(
+        "--resume", nargs="?", const="auto", metavar="CHECKPOINT", help="continue a run (default: OUT/last.pt)"
+    )
+    run.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        metavar="N",
+        help="stop after epoch N of the schedule (continue later with --resume)",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=JSON",
+        help="set any config key, e.g. --set 'synthetic_options={\"persons_train\": 12}' (repeatable)",
+    )
     return p
 
 
@@ -124,7 +142,9 @@ def main(argv=None) -> dict:
                 raise SystemExit("--resume without a checkpoint path needs --out (the run's folder)")
             resume = str(Path(out_dir) / LAST_NAME)
         if hasattr(args, "config"):
-            raise SystemExit("--resume continues with the run's saved config; drop --config (override single options instead)")
+            raise SystemExit(
+                "--resume continues with the run's saved config; drop --config (override single options instead)"
+            )
         base = load_resume_checkpoint(resume)[0]["config"]  # the run reports a fallback to previous.pt
         overrides.setdefault("out_dir", str(Path(resume).parent))
     cfg = resolve_config(overrides, getattr(args, "config", None), base=base)
@@ -132,4 +152,3 @@ def main(argv=None) -> dict:
     from models.training.run import run_training
 
     return run_training(cfg, resume_path=resume, stop_after_epoch=getattr(args, "stop_after_epoch", None))
-

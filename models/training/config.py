@@ -45,13 +45,29 @@ GROUPS = ("data", "model", "loss", "optimisation", "run")
 TFAM_STAGES = ("res2", "res3", "res4", "res5")
 
 
-def option(group: str, default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-           above: float | None = None, flag: str | None = None, metavar: str | None = None):
+def option(
+    group: str,
+    default,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+):
     """A configuration key: `group` of `--help`, `choices` (for a list: of each element),
     `minimum` (>=) or `above` (>) for numbers, `flag`: the command-line name when it is not
     `--<name with dashes>`."""
-    metadata = {"group": group, "help": help, "choices": choices, "minimum": minimum, "above": above, "flag": flag,
-                "metavar": metavar}
+    metadata = {
+        "group": group,
+        "help": help,
+        "choices": choices,
+        "minimum": minimum,
+        "above": above,
+        "flag": flag,
+        "metavar": metavar,
+    }
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -61,95 +77,175 @@ def option(group: str, default, help: str, *, choices: tuple | None = None, mini
 class TrainConfig:
     # data
     dataset: str = option("data", "synthetic", "the dataset to train on", choices=("synthetic", "ma52", "dfew"))
-    data_root: str | None = option("data", None, "MA-52 root folder (lists in the root or annotations/; given "
-                                   "alone it implies --dataset ma52) or DFEW root (EmoLabel_DataSplit/, Clip/)",
-                                   metavar="PATH")
-    dfew_fold: int = option("data", 1, "DFEW fold 1..5: train on its train file, validate and test on its test file",
-                            minimum=1)
+    data_root: str | None = option(
+        "data",
+        None,
+        "MA-52 root folder (lists in the root or annotations/; given "
+        "alone it implies --dataset ma52) or DFEW root (EmoLabel_DataSplit/, Clip/)",
+        metavar="PATH",
+    )
+    dfew_fold: int = option(
+        "data", 1, "DFEW fold 1..5: train on its train file, validate and test on its test file", minimum=1
+    )
     num_frames: int = option("data", 16, "frames sampled uniformly over each clip", minimum=1)
     crop_size: int = option("data", 224, "side of the square crop fed to the network", minimum=1)
-    synthetic_options: dict = option("data", {}, "extra keyword arguments of SyntheticMicroActions, as JSON, "
-                                     "e.g. '{\"persons_train\": 12}'")
-    num_workers: int | None = option("data", None, "DataLoader worker processes per process (default: the CPU "
-                                     "cores per process)", minimum=0, flag="--workers")
+    synthetic_options: dict = option(
+        "data", {}, "extra keyword arguments of SyntheticMicroActions, as JSON, e.g. '{\"persons_train\": 12}'"
+    )
+    num_workers: int | None = option(
+        "data",
+        None,
+        "DataLoader worker processes per process (default: the CPU cores per process)",
+        minimum=0,
+        flag="--workers",
+    )
     prefetch_factor: int = option("data", 2, "batches each worker loads ahead", minimum=1, flag="--prefetch")
-    repeated_augmentation: int = option("data", 1, "repeated augmentation: K augmented clips per decoded training "
-                                        "video (batch_size / K videos per step)", minimum=1, flag="--repeated-aug",
-                                        metavar="K")
-    batch_sampler: str = option("data", "random", "training batches: random, or m_per_class (class-balanced: "
-                                "m_per_class clips of each of batch/m classes, so GIRL's groups hold same-class "
-                                "partners)", choices=("random", "m_per_class"))
-    m_per_class: int = option("data", 4, "clips per class in a batch with batch_sampler m_per_class (a multiple of "
-                              "repeated_augmentation)", minimum=1, metavar="M")
-    max_train_clips: int | None = option("data", None, "train on this many clips only, evenly spaced (smoke tests)",
-                                         minimum=1)
+    repeated_augmentation: int = option(
+        "data",
+        1,
+        "repeated augmentation: K augmented clips per decoded training video (batch_size / K videos per step)",
+        minimum=1,
+        flag="--repeated-aug",
+        metavar="K",
+    )
+    batch_sampler: str = option(
+        "data",
+        "random",
+        "training batches: random, or m_per_class (class-balanced: "
+        "m_per_class clips of each of batch/m classes, so GIRL's groups hold same-class "
+        "partners)",
+        choices=("random", "m_per_class"),
+    )
+    m_per_class: int = option(
+        "data",
+        4,
+        "clips per class in a batch with batch_sampler m_per_class (a multiple of repeated_augmentation)",
+        minimum=1,
+        metavar="M",
+    )
+    max_train_clips: int | None = option(
+        "data", None, "train on this many clips only, evenly spaced (smoke tests)", minimum=1
+    )
     max_eval_clips: int | None = option("data", None, "validate and test on this many clips only", minimum=1)
     # model (build_piumr or build_hdf); the ablation switches of the paper's Table 3
-    model: str = option("model", "piumr", "PIUmr (X3D + TFAM, CE + GIRL) or HDF (X3D + DAM, HDF's DSM loss: "
-                        "docs/hdf.md)", choices=("piumr", "hdf"))
-    preset: str | dict = option("model", "M", "X3D preset XS|S|M|L, or a JSON object of X3DPreset fields, e.g. "
-                                "'{\"name\": \"cpu\", \"depth_factor\": 0.5}'", choices=("XS", "S", "M", "L"),
-                                metavar="NAME|JSON")
+    model: str = option(
+        "model",
+        "piumr",
+        "PIUmr (X3D + TFAM, CE + GIRL) or HDF (X3D + DAM, HDF's DSM loss: docs/hdf.md)",
+        choices=("piumr", "hdf"),
+    )
+    preset: str | dict = option(
+        "model",
+        "M",
+        'X3D preset XS|S|M|L, or a JSON object of X3DPreset fields, e.g. \'{"name": "cpu", "depth_factor": 0.5}\'',
+        choices=("XS", "S", "M", "L"),
+        metavar="NAME|JSON",
+    )
     tfam: bool = option("model", True, "TFAM after the stages of tfam_stages (--no-tfam: plain X3D)")
-    tfam_stages: list[str] = option("model", list(TFAM_STAGES), "comma-separated stages to insert TFAM after, "
-                                    "e.g. res4,res5", choices=TFAM_STAGES)
+    tfam_stages: list[str] = option(
+        "model", list(TFAM_STAGES), "comma-separated stages to insert TFAM after, e.g. res4,res5", choices=TFAM_STAGES
+    )
     temporal: bool = option("model", True, "TFAM's temporal branch")
     frequency: bool = option("model", True, "TFAM's frequency branch")
-    fusion: str = option("model", "consistency", "fusion of TFAM's branches (mean: 0.5/0.5)",
-                         choices=("consistency", "mean"))
-    pretrained: str | None = option("model", None, "X3D checkpoint (PyTorchVideo X3D_*.pyth or SlowFast x3d_*.pyth)",
-                                  metavar="PATH")
+    fusion: str = option(
+        "model", "consistency", "fusion of TFAM's branches (mean: 0.5/0.5)", choices=("consistency", "mean")
+    )
+    pretrained: str | None = option(
+        "model", None, "X3D checkpoint (PyTorchVideo X3D_*.pyth or SlowFast x3d_*.pyth)", metavar="PATH"
+    )
     sync_bn: bool = option("model", False, "SyncBatchNorm under torchrun")
     # loss: CE + lambda_girl * GIRL
     girl: bool = option("loss", True, "the GIRL term (--no-girl: cross-entropy only)")
     lambda_girl: float = option("loss", 1.0, "weight of GIRL in CE + lambda * GIRL", above=0)
-    girl_groups: str = option("loss", "random", "GIRL groups: random pseudo-groups (the paper) or real persons "
-                              "(subject ids)", choices=("random", "subject"))
-    girl_num_groups: int = option("loss", 4, "random pseudo-groups per batch (with girl_groups subject and "
-                                  "batch_sampler m_per_class: persons per batch)", minimum=1)
+    girl_groups: str = option(
+        "loss",
+        "random",
+        "GIRL groups: random pseudo-groups (the paper) or real persons (subject ids)",
+        choices=("random", "subject"),
+    )
+    girl_num_groups: int = option(
+        "loss",
+        4,
+        "random pseudo-groups per batch (with girl_groups subject and batch_sampler m_per_class: persons per batch)",
+        minimum=1,
+    )
     girl_tau: float = option("loss", 0.07, "GIRL's temperature", above=0)
     girl_eta: float = option("loss", 0.2, "GIRL's eta (SPEC §3)", above=0)
     girl_lambda_var: float = option("loss", 1.0, "weight of GIRL's variance term", minimum=0)
     label_smoothing: float = option("loss", 0.0, "label smoothing of the cross-entropy, in [0, 1]", minimum=0)
-    dsm_scaling: str = option("loss", "fixed", "HDF's loss weights: fixed (10 CE + 0.1 DSM, HDF's code) or "
-                              "gradient (from the previous step's gradient norm, HDF's paper)",
-                              choices=("fixed", "gradient"))
-    lambda_ib: float = option("loss", 0.1, "HDF: weight of DSM's information-bottleneck term (girl_tau and "
-                              "girl_eta set DSM's contrastive term)", minimum=0)
+    dsm_scaling: str = option(
+        "loss",
+        "fixed",
+        "HDF's loss weights: fixed (10 CE + 0.1 DSM, HDF's code) or "
+        "gradient (from the previous step's gradient norm, HDF's paper)",
+        choices=("fixed", "gradient"),
+    )
+    lambda_ib: float = option(
+        "loss",
+        0.1,
+        "HDF: weight of DSM's information-bottleneck term (girl_tau and girl_eta set DSM's contrastive term)",
+        minimum=0,
+    )
     # optimisation
     epochs: int = option("optimisation", 120, "epochs of the schedule", minimum=1)
     batch_size: int = option("optimisation", 80, "global batch, split evenly over the torchrun processes", minimum=1)
-    eval_batch_size: int | None = option("optimisation", None, "validation/test clips per process and step "
-                                         "(default: the per-process training batch)", minimum=1)
-    optimizer: str = option("optimisation", "adamw", "the optimiser (sam_adamw: SAM around AdamW, two forward/"
-                            "backward passes per step)", choices=("adamw", "sam_adamw"))
+    eval_batch_size: int | None = option(
+        "optimisation",
+        None,
+        "validation/test clips per process and step (default: the per-process training batch)",
+        minimum=1,
+    )
+    optimizer: str = option(
+        "optimisation",
+        "adamw",
+        "the optimiser (sam_adamw: SAM around AdamW, two forward/backward passes per step)",
+        choices=("adamw", "sam_adamw"),
+    )
     sam_rho: float = option("optimisation", 0.05, "SAM's ascent radius (optimizer sam_adamw)", above=0)
     lr: float = option("optimisation", 1e-3, "peak learning rate", above=0)
     weight_decay: float = option("optimisation", 1e-4, "decoupled weight decay", minimum=0)
-    lr_schedule: str = option("optimisation", "multistep", "learning-rate schedule after the warm-up",
-                              choices=("multistep", "cosine"))
-    lr_milestones: list[int] = option("optimisation", [30, 60], "comma-separated epochs at which multistep "
-                                      "multiplies the learning rate by lr_gamma", minimum=1)
+    lr_schedule: str = option(
+        "optimisation", "multistep", "learning-rate schedule after the warm-up", choices=("multistep", "cosine")
+    )
+    lr_milestones: list[int] = option(
+        "optimisation",
+        [30, 60],
+        "comma-separated epochs at which multistep multiplies the learning rate by lr_gamma",
+        minimum=1,
+    )
     lr_gamma: float = option("optimisation", 0.1, "multistep's factor at each milestone", above=0)
     warmup_epochs: float = option("optimisation", 0.0, "linear warm-up, in (fractional) epochs", minimum=0)
-    grad_clip_norm: float | None = option("optimisation", None, "clip the global gradient norm (default: no "
-                                          "clipping)", above=0)
-    max_consecutive_skips: int = option("optimisation", 20, "fp16: stop when the GradScaler skips this many steps "
-                                        "in a row", minimum=1)
+    grad_clip_norm: float | None = option(
+        "optimisation", None, "clip the global gradient norm (default: no clipping)", above=0
+    )
+    max_consecutive_skips: int = option(
+        "optimisation", 20, "fp16: stop when the GradScaler skips this many steps in a row", minimum=1
+    )
     # run
     seed: int = option("run", 0, "seed of everything random (exact resume on CPU)")
     device: str = option("run", "auto", "where to train", choices=("auto", "cpu", "cuda"))
-    amp: str = option("run", "auto", "mixed precision (auto: bf16, or fp16 with a GradScaler, on a GPU; off on "
-                      "CPU; fp16 only on CUDA)", choices=("auto", "none", "bf16", "fp16"))
+    amp: str = option(
+        "run",
+        "auto",
+        "mixed precision (auto: bf16, or fp16 with a GradScaler, on a GPU; off on CPU; fp16 only on CUDA)",
+        choices=("auto", "none", "bf16", "fp16"),
+    )
     compile: bool = option("run", False, "torch.compile (fullgraph) the step's normalization, model and loss")
-    memory_format: str = option("run", "contiguous", "activation and 3D-weight layout (channels_last: NDHWC)",
-                                choices=("contiguous", "channels_last"))
-    torch_threads: int | None = option("run", None, "CPU threads per process for torch (default: torch's)",
-                                       minimum=1, flag="--threads")
-    out_dir: str = option("run", "runs/synthetic", "output folder for checkpoints and logs", flag="--out",
-                          metavar="PATH")
-    test_at_end: bool = option("run", True, "evaluate the best checkpoint on the test split at the end "
-                               "(labelled splits only)", flag="--test")
+    memory_format: str = option(
+        "run",
+        "contiguous",
+        "activation and 3D-weight layout (channels_last: NDHWC)",
+        choices=("contiguous", "channels_last"),
+    )
+    torch_threads: int | None = option(
+        "run", None, "CPU threads per process for torch (default: torch's)", minimum=1, flag="--threads"
+    )
+    out_dir: str = option(
+        "run", "runs/synthetic", "output folder for checkpoints and logs", flag="--out", metavar="PATH"
+    )
+    test_at_end: bool = option(
+        "run", True, "evaluate the best checkpoint on the test split at the end (labelled splits only)", flag="--test"
+    )
     progress: bool = option("run", True, "tqdm progress bars")
 
     def __post_init__(self) -> None:
@@ -175,23 +271,31 @@ class TrainConfig:
         for f in FIELDS:
             check_value(f, getattr(self, f.name))
         if self.tfam and not (self.temporal or self.frequency):
-            raise ConfigError("config: TFAM needs at least one branch; 'temporal' and 'frequency' are both false "
-                              "(use tfam=false / --no-tfam to drop TFAM)")
+            raise ConfigError(
+                "config: TFAM needs at least one branch; 'temporal' and 'frequency' are both false "
+                "(use tfam=false / --no-tfam to drop TFAM)"
+            )
         if not self.tfam_stages:
             raise ConfigError(f"config 'tfam_stages': expected a non-empty subset of {TFAM_STAGES}, got []")
         if self.dataset == "ma52" and not self.data_root:
-            raise ConfigError("config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the "
-                              "MA-52 lists and videos)")
+            raise ConfigError(
+                "config 'data_root': the ma52 dataset needs --data-root PATH (the folder holding the "
+                "MA-52 lists and videos)"
+            )
         if self.dataset == "dfew" and not self.data_root:
-            raise ConfigError("config 'data_root': the dfew dataset needs --data-root PATH (the folder holding "
-                              "EmoLabel_DataSplit and Clip)")
+            raise ConfigError(
+                "config 'data_root': the dfew dataset needs --data-root PATH (the folder holding "
+                "EmoLabel_DataSplit and Clip)"
+            )
         if self.dfew_fold > DFEW_FOLDS:
             raise ConfigError(f"config 'dfew_fold': expected a fold in 1..{DFEW_FOLDS}, got {self.dfew_fold}")
         if self.label_smoothing > 1:
             raise ConfigError(f"config 'label_smoothing': expected a value in [0, 1], got {self.label_smoothing}")
         if self.model == "hdf" and self.girl_groups == "subject":
-            raise ConfigError("config 'girl_groups': HDF's DSM contrasts the whole batch as one group, expected "
-                              "'random' with model 'hdf', got 'subject'")
+            raise ConfigError(
+                "config 'girl_groups': HDF's DSM contrasts the whole batch as one group, expected "
+                "'random' with model 'hdf', got 'subject'"
+            )
         if sorted(self.lr_milestones) != list(self.lr_milestones):
             raise ConfigError(f"config 'lr_milestones': expected increasing epochs, got {self.lr_milestones!r}")
 
@@ -227,8 +331,9 @@ def describe(kind) -> str:
         return " or ".join(describe(k) for k in typing.get_args(kind))
     if typing.get_origin(kind) is list:
         return f"a list of {describe(typing.get_args(kind)[0]).split(' ', 1)[1]}s"
-    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-            dict: "a JSON object"}[kind]
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", dict: "a JSON object"}[
+        kind
+    ]
 
 
 def check_value(f: dataclasses.Field, value) -> None:

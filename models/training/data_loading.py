@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips
-from models.data.dfew import DFEWDataset
 from models.data.balanced import ClassBalancedSampler
+from models.data.dfew import DFEWDataset
 from models.errors import ConfigError
 from models.training.config import TrainConfig
 from models.training.distributed import DistInfo
@@ -40,8 +40,13 @@ def num_workers(cfg: TrainConfig) -> int:
 def build_dataset(cfg: TrainConfig, split: str, train: bool):
     """The split of the configured dataset; `train` turns on training augmentation (random
     crop and flip, repeated `repeated_augmentation` times per decode)."""
-    common = dict(split=split, num_frames=cfg.num_frames, size=cfg.crop_size, training=train,
-                  repeats=cfg.repeated_augmentation if train else 1)
+    common = dict(
+        split=split,
+        num_frames=cfg.num_frames,
+        size=cfg.crop_size,
+        training=train,
+        repeats=cfg.repeated_augmentation if train else 1,
+    )
     if cfg.dataset == "synthetic":
         dataset = SyntheticMicroActions(**common, **cfg.synthetic_options)
     else:
@@ -94,21 +99,31 @@ def training_order(dataset, cfg: TrainConfig, info: DistInfo, videos_per_batch: 
     clips, so that every person group holds same-class partners). With repeated
     augmentation k, m / k videos per class each give k clips."""
     if cfg.batch_sampler == "random":
-        return DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                  seed=cfg.seed, drop_last=True)
+        return DistributedSampler(
+            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
     repeats = cfg.repeated_augmentation
     if cfg.m_per_class % repeats:
-        raise ConfigError(f"config 'm_per_class': expected a multiple of repeated_augmentation ({repeats}), got "
-                          f"{cfg.m_per_class}")
+        raise ConfigError(
+            f"config 'm_per_class': expected a multiple of repeated_augmentation ({repeats}), got {cfg.m_per_class}"
+        )
     by_person = cfg.girl and cfg.girl_groups == "subject"
     try:
-        return ClassBalancedSampler(item_attribute(dataset, "labels"), videos_per_batch, cfg.m_per_class // repeats,
-                                    info.rank, info.world_size, cfg.seed,
-                                    subjects=item_attribute(dataset, "subjects") if by_person else None,
-                                    persons_per_batch=cfg.girl_num_groups if by_person else None)
+        return ClassBalancedSampler(
+            item_attribute(dataset, "labels"),
+            videos_per_batch,
+            cfg.m_per_class // repeats,
+            info.rank,
+            info.world_size,
+            cfg.seed,
+            subjects=item_attribute(dataset, "subjects") if by_person else None,
+            persons_per_batch=cfg.girl_num_groups if by_person else None,
+        )
     except ValueError as error:
-        raise ConfigError(f"config 'batch_sampler' m_per_class with m_per_class={cfg.m_per_class}, "
-                          f"{videos_per_batch} videos per batch and rank: {error}") from None
+        raise ConfigError(
+            f"config 'batch_sampler' m_per_class with m_per_class={cfg.m_per_class}, "
+            f"{videos_per_batch} videos per batch and rank: {error}"
+        ) from None
 
 
 def item_attribute(dataset, name: str) -> list:
@@ -119,8 +134,9 @@ def item_attribute(dataset, name: str) -> list:
     return getattr(dataset, name)
 
 
-def build_loader(dataset, cfg: TrainConfig, info: DistInfo, train: bool, batch_size: int,
-                 persistent: bool = True) -> DataLoader:
+def build_loader(
+    dataset, cfg: TrainConfig, info: DistInfo, train: bool, batch_size: int, persistent: bool = True
+) -> DataLoader:
     """`batch_size` clips per step (with repeated augmentation k: batch_size / k videos)."""
     if train:
         batch_size //= cfg.repeated_augmentation
@@ -128,10 +144,17 @@ def build_loader(dataset, cfg: TrainConfig, info: DistInfo, train: bool, batch_s
     else:
         sampler = ShardSampler(len(dataset), info.rank, info.world_size)
     workers = num_workers(cfg)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_clips, drop_last=train, pin_memory=info.device.type == "cuda",
-                      persistent_workers=persistent and workers > 0,
-                      prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-                      # Its own generator: the worker base seeds it draws (whenever an iterator
-                      # starts) must not move the global RNG, which GIRL and TFAM use.
-                      generator=torch.Generator())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_clips,
+        drop_last=train,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        # Its own generator: the worker base seeds it draws (whenever an iterator
+        # starts) must not move the global RNG, which GIRL and TFAM use.
+        generator=torch.Generator(),
+    )

@@ -29,7 +29,6 @@ from models.training.config import TrainConfig
 from models.training.precision import autocast
 from models.training.sam import SAM
 
-
 # Whether GIRL acts, per epoch (mean over the epoch's clips of each step's value): the fraction of
 # anchors with a same-class partner in their group, the mean size of the groups GIRL counts, the
 # variance of the group risks. None when GIRL is off.
@@ -59,8 +58,9 @@ def subject_groups(subjects: torch.Tensor) -> tuple[torch.Tensor, int]:
     return groups, num_kept + (num_pooled > 0)
 
 
-def model_step(model, loss_fn, frames, labels, groups=None, num_groups=None, amp_dtype=None,
-               channels_last: bool = False):
+def model_step(
+    model, loss_fn, frames, labels, groups=None, num_groups=None, amp_dtype=None, channels_last: bool = False
+):
     """The forward part of a training step: normalize the batch's frames on their device,
     run the model (autocast to `amp_dtype`), compute the float32 loss. Returns
     `(loss, parts, logits)`; what `compile` hands to torch.compile."""
@@ -94,12 +94,27 @@ def train_one_epoch(run, epoch: int) -> dict:
     cfg, info = run.cfg, run.info
     run.model.train()
     _seed_epoch(cfg, epoch, info, run.train_loader)
-    sums = {"loss": 0.0, "ce": 0.0, "girl": 0.0, "correct": 0.0, "clips": 0.0, "dropped": 0.0, "skipped": 0.0,
-            "empty": 0.0, **dict.fromkeys(GIRL_DIAGNOSTICS, 0.0)}
+    sums = {
+        "loss": 0.0,
+        "ce": 0.0,
+        "girl": 0.0,
+        "correct": 0.0,
+        "clips": 0.0,
+        "dropped": 0.0,
+        "skipped": 0.0,
+        "empty": 0.0,
+        **dict.fromkeys(GIRL_DIAGNOSTICS, 0.0),
+    }
     consecutive_skips = 0
     steps = len(run.train_loader)
-    bar = tqdm(run.train_loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-               disable=not (info.is_main and cfg.progress), dynamic_ncols=True)
+    bar = tqdm(
+        run.train_loader,
+        total=steps,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        leave=False,
+        disable=not (info.is_main and cfg.progress),
+        dynamic_ncols=True,
+    )
     for step, batch in enumerate(bar, start=1):
         where = f"epoch {epoch}, step {step}/{steps} (global step {run.global_step + 1})"
         sums["dropped"] += batch["num_dropped"]
@@ -113,19 +128,25 @@ def train_one_epoch(run, epoch: int) -> dict:
         if cfg.girl_groups == "subject":
             groups, num_groups = subject_groups(batch["subject"])
             groups = groups.to(info.device, non_blocking=True)
-        loss, parts, logits = run.step(run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype,
-                                       run.channels_last)
+        loss, parts, logits = run.step(
+            run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype, run.channels_last
+        )
         loss_finite = bool(torch.isfinite(loss))
         if run.scaler is None and dist_utils.any_rank(not loss_finite, info):
             raise NonFiniteLossError(
-                f"non-finite loss at {where}: loss={loss.item()}, ce={float(parts['ce'])}, girl={float(parts['girl'])}. "
+                f"non-finite loss at {where}: loss={loss.item()}, ce={float(parts['ce'])}, "
+                f"girl={float(parts['girl'])}. "
                 f"The weights were not updated; {run.last_checkpoint_note()} Lower the learning rate or enable "
-                f"gradient clipping (grad_clip_norm), then continue with --resume.")
+                f"gradient clipping (grad_clip_norm), then continue with --resume."
+            )
         run.optimizer.zero_grad(set_to_none=True)
         skipped = False
         # SAM: the step's gradient is the second pass's, at the ascended weights (models/training/sam.py).
-        second_pass = (run.step, (run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype,
-                                  run.channels_last)) if isinstance(run.optimizer, SAM) else None
+        second_pass = (
+            (run.step, (run.model, run.loss_fn, frames, labels, groups, num_groups, run.amp_dtype, run.channels_last))
+            if isinstance(run.optimizer, SAM)
+            else None
+        )
         if run.scaler is not None:
             backward(run.optimizer, run.scaler.scale(loss), second_pass, run.scaler.scale)
             run.scaler.unscale_(run.optimizer)
@@ -138,14 +159,17 @@ def train_one_epoch(run, epoch: int) -> dict:
             if consecutive_skips >= cfg.max_consecutive_skips:
                 raise NonFiniteLossError(
                     f"the fp16 GradScaler skipped {consecutive_skips} steps in a row up to {where} (non-finite loss "
-                    f"or gradients; scale now {run.scaler.get_scale():.3g}). {run.last_checkpoint_note()}")
+                    f"or gradients; scale now {run.scaler.get_scale():.3g}). {run.last_checkpoint_note()}"
+                )
         else:
             backward(run.optimizer, loss, second_pass)
             grad_norm = run.grad_norm()
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"non-finite gradient norm at {where} (loss {loss.item():.4f} was finite). The weights were not "
-                    f"updated; {run.last_checkpoint_note()} Lower the learning rate or set grad_clip_norm, then --resume.")
+                    f"updated; {run.last_checkpoint_note()} Lower the learning rate or set grad_clip_norm, "
+                    "then --resume."
+                )
             run.optimizer.step()
         if hasattr(run.loss_fn, "observe_grad_norm"):  # HDF's gradient-norm loss scaling
             run.loss_fn.observe_grad_norm(grad_norm)
@@ -167,7 +191,13 @@ def train_one_epoch(run, epoch: int) -> dict:
             run.log.step_scalars(run.global_step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm})
     totals = dict(zip(sums, dist_utils.all_reduce_sum(list(sums.values()), info)))
     clips = max(totals["clips"], 1.0)
-    return {"train_loss": totals["loss"] / clips, "train_ce": totals["ce"] / clips, "train_girl": totals["girl"] / clips,
-            "train_action_top1": totals["correct"] / clips, "train_dropped": int(totals["dropped"]),
-            "train_skipped_steps": int(totals["skipped"]), "train_empty_steps": int(totals["empty"]),
-            **{f"train_{key}": totals[key] / clips if cfg.girl else None for key in GIRL_DIAGNOSTICS}}
+    return {
+        "train_loss": totals["loss"] / clips,
+        "train_ce": totals["ce"] / clips,
+        "train_girl": totals["girl"] / clips,
+        "train_action_top1": totals["correct"] / clips,
+        "train_dropped": int(totals["dropped"]),
+        "train_skipped_steps": int(totals["skipped"]),
+        "train_empty_steps": int(totals["empty"]),
+        **{f"train_{key}": totals[key] / clips if cfg.girl else None for key in GIRL_DIAGNOSTICS},
+    }

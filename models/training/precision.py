@@ -44,8 +44,9 @@ def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def check_memory_format(channels_last: bool, amp_dtype: torch.dtype | None, device: torch.device,
-                        num_frames: int) -> None:
+def check_memory_format(
+    channels_last: bool, amp_dtype: torch.dtype | None, device: torch.device, num_frames: int
+) -> None:
     """Refuses the one combination known to train on garbage: under CPU bf16 autocast with
     channels_last_3d, PyTorch 2.13's depthwise 5x1x1 convolution (X3D's stem `conv_xy`) reads
     uninitialized memory in its weight gradient when the clip has 3 or 4 frames (seen as

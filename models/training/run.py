@@ -24,9 +24,18 @@ from models.errors import ConfigError
 from models.evaluation.prediction import evaluate_predictions, predict, selection_metric, split_has_labels
 from models.training import distributed as dist_utils
 from models.training.builders import build_loss, build_model, build_optimizer, build_scheduler
-from models.training.checkpointing import (CHECKPOINT_FORMAT, LAST_NAME, PREVIOUS_NAME, capture_rng_state,
-                                           load_checkpoint, load_resume_checkpoint, remove_stale_temporaries,
-                                           restore_rng_state, save_atomic, seed_everything)
+from models.training.checkpointing import (
+    CHECKPOINT_FORMAT,
+    LAST_NAME,
+    PREVIOUS_NAME,
+    capture_rng_state,
+    load_checkpoint,
+    load_resume_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+    save_atomic,
+    seed_everything,
+)
 from models.training.config import TrainConfig
 from models.training.data_loading import build_dataset, build_loader, num_workers
 from models.training.loop import model_step, train_one_epoch
@@ -43,16 +52,26 @@ class Run:
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.out_dir)
         if cfg.batch_size % info.world_size:
-            raise ConfigError(f"config 'batch_size' ({cfg.batch_size}) is the global batch and must be divisible "
-                              f"by the number of processes ({info.world_size})")
+            raise ConfigError(
+                f"config 'batch_size' ({cfg.batch_size}) is the global batch and must be divisible "
+                f"by the number of processes ({info.world_size})"
+            )
         self.batch_per_rank = cfg.batch_size // info.world_size
         if self.batch_per_rank % cfg.repeated_augmentation:
-            raise ConfigError(f"config 'repeated_augmentation' ({cfg.repeated_augmentation}) must divide the "
-                              f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips")
-        if cfg.model == "piumr" and cfg.girl and cfg.girl_groups == "random" and \
-                self.batch_per_rank < 2 * cfg.girl_num_groups:
-            raise ConfigError(f"GIRL needs >= 2 clips in each of its {cfg.girl_num_groups} groups, but each rank "
-                              f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups")
+            raise ConfigError(
+                f"config 'repeated_augmentation' ({cfg.repeated_augmentation}) must divide the "
+                f"per-rank batch ({self.batch_per_rank} clips): each video gives that many clips"
+            )
+        if (
+            cfg.model == "piumr"
+            and cfg.girl
+            and cfg.girl_groups == "random"
+            and self.batch_per_rank < 2 * cfg.girl_num_groups
+        ):
+            raise ConfigError(
+                f"GIRL needs >= 2 clips in each of its {cfg.girl_num_groups} groups, but each rank "
+                f"gets {self.batch_per_rank} clips: raise batch_size or lower girl_num_groups"
+            )
         if info.is_main:
             for name in (LAST_NAME, PREVIOUS_NAME, BEST_NAME):  # a run killed while saving leaves temporaries
                 remove_stale_temporaries(self.out_dir / name)
@@ -61,10 +80,13 @@ class Run:
         self.val_set = build_dataset(cfg, "val", train=False)
         self.train_loader = build_loader(self.train_set, cfg, info, train=True, batch_size=self.batch_per_rank)
         if len(self.train_loader) == 0:
-            raise ConfigError(f"the training split has {len(self.train_set)} clips, fewer than one batch of "
-                              f"{cfg.batch_size}: lower batch_size")
-        self.val_loader = build_loader(self.val_set, cfg, info, train=False,
-                                       batch_size=cfg.eval_batch_size or self.batch_per_rank)
+            raise ConfigError(
+                f"the training split has {len(self.train_set)} clips, fewer than one batch of "
+                f"{cfg.batch_size}: lower batch_size"
+            )
+        self.val_loader = build_loader(
+            self.val_set, cfg, info, train=False, batch_size=cfg.eval_batch_size or self.batch_per_rank
+        )
         self.channels_last = cfg.memory_format == "channels_last"
         self.amp_dtype = resolve_amp(cfg.amp, info.device)
         check_memory_format(self.channels_last, self.amp_dtype, info.device, cfg.num_frames)
@@ -78,7 +100,8 @@ class Run:
             if cfg.sync_bn:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+            )
         self.model = model
         self.loss_fn = build_loss(cfg).to(info.device)
         self.step = torch.compile(model_step, fullgraph=True) if cfg.compile else model_step
@@ -149,21 +172,29 @@ class Run:
     def describe(self) -> str:
         cfg = self.cfg
         preset = cfg.preset
-        name = (f"X3D-{preset.get('name', 'custom')} (depth factor {preset.get('depth_factor')})"
-                if isinstance(preset, dict) else f"X3D-{preset}")
+        name = (
+            f"X3D-{preset.get('name', 'custom')} (depth factor {preset.get('depth_factor')})"
+            if isinstance(preset, dict)
+            else f"X3D-{preset}"
+        )
         dataset = getattr(self.train_set, "dataset", self.train_set)  # through a max_train_clips Subset
         source = f"\nreading {dataset.source}" if hasattr(dataset, "source") else ""
-        parts = (f"TFAM {'on ' + ','.join(cfg.tfam_stages) if cfg.tfam else 'off'}; GIRL "
-                 f"{cfg.girl_groups + ' groups' if cfg.girl else 'off'}" if cfg.model == "piumr"
-                 else f"DAM after every stage; DSM, {cfg.dsm_scaling} scaling")
-        return (f"{'PIUmr' if cfg.model == 'piumr' else 'HDF'} on {name} ({self.num_parameters / 1e6:.2f} M "
-                f"parameters; {parts}; {cfg.optimizer}) on {cfg.dataset}: "
-                f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg.num_frames}x"
-                f"{cfg.crop_size}^2; {cfg.epochs} epochs x {len(self.train_loader)} steps, batch "
-                f"{cfg.batch_size} ({self.info.world_size} process(es) on {self.info.device.type}), amp "
-                f"{self.amp_dtype or 'off'}, {'compiled' if cfg.compile else 'eager'}, "
-                f"{'channels_last' if self.channels_last else 'contiguous'}; {num_workers(cfg)} loader workers per "
-                f"process; writing to {self.out_dir}{source}")
+        parts = (
+            f"TFAM {'on ' + ','.join(cfg.tfam_stages) if cfg.tfam else 'off'}; GIRL "
+            f"{cfg.girl_groups + ' groups' if cfg.girl else 'off'}"
+            if cfg.model == "piumr"
+            else f"DAM after every stage; DSM, {cfg.dsm_scaling} scaling"
+        )
+        return (
+            f"{'PIUmr' if cfg.model == 'piumr' else 'HDF'} on {name} ({self.num_parameters / 1e6:.2f} M "
+            f"parameters; {parts}; {cfg.optimizer}) on {cfg.dataset}: "
+            f"{len(self.train_set)} train / {len(self.val_set)} val clips of {cfg.num_frames}x"
+            f"{cfg.crop_size}^2; {cfg.epochs} epochs x {len(self.train_loader)} steps, batch "
+            f"{cfg.batch_size} ({self.info.world_size} process(es) on {self.info.device.type}), amp "
+            f"{self.amp_dtype or 'off'}, {'compiled' if cfg.compile else 'eager'}, "
+            f"{'channels_last' if self.channels_last else 'contiguous'}; {num_workers(cfg)} loader workers per "
+            f"process; writing to {self.out_dir}{source}"
+        )
 
 
 def run_training(cfg: TrainConfig, resume_path=None, stop_after_epoch: int | None = None) -> dict:
@@ -199,8 +230,15 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, resume_path, stop_after_
             epoch_start = time.perf_counter()
             record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
             record.update(train_one_epoch(run, epoch))
-            pred = predict(run.bare_model, run.val_loader, info, run.amp_dtype, progress=cfg.progress,
-                           desc=f"val {epoch}", channels_last=run.channels_last)
+            pred = predict(
+                run.bare_model,
+                run.val_loader,
+                info,
+                run.amp_dtype,
+                progress=cfg.progress,
+                desc=f"val {epoch}",
+                channels_last=run.channels_last,
+            )
             val_metrics = evaluate_predictions(pred, cfg.dataset)
             record.update({f"val_{k}": v for k, v in val_metrics.items()})
             record["val_dropped"] = pred["num_dropped"]
@@ -213,16 +251,20 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, resume_path, stop_after_
                 payload = run.checkpoint(epoch, val_metrics)
                 save_atomic(payload, run.out_dir / LAST_NAME, previous=PREVIOUS_NAME)
                 if improved:
-                    save_atomic({k: payload[k] for k in ("format", "epoch", "config", "model", "val_metrics")},
-                                run.out_dir / BEST_NAME)
+                    save_atomic(
+                        {k: payload[k] for k in ("format", "epoch", "config", "model", "val_metrics")},
+                        run.out_dir / BEST_NAME,
+                    )
                 run.log.epoch_end(run.history, run.global_step)
             run.say(RunLog.row(record))
             for kind in ("train_dropped", "val_dropped"):
                 if record[kind]:
                     run.say(f"warning: epoch {epoch}: {record[kind]} unreadable clip(s) skipped in {kind[:-8]}")
             if record["train_empty_steps"]:
-                run.say(f"warning: epoch {epoch}: {record['train_empty_steps']} step(s) skipped: no readable clip "
-                        f"in the batch")
+                run.say(
+                    f"warning: epoch {epoch}: {record['train_empty_steps']} step(s) skipped: no readable clip "
+                    f"in the batch"
+                )
             if record["train_skipped_steps"]:
                 run.say(f"note: epoch {epoch}: the fp16 GradScaler skipped {record['train_skipped_steps']} step(s)")
             dist_utils.barrier(info)
@@ -231,9 +273,16 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, resume_path, stop_after_
         raise
     finally:
         run.log.close()
-    summary = {"epochs_done": run.history[-1]["epoch"] if run.history else 0, "best": run.best,
-               "val": val_metrics, "history": run.history, "test": None, "test_same_persons": None,
-               "seconds": time.perf_counter() - started, "out_dir": str(run.out_dir)}
+    summary = {
+        "epochs_done": run.history[-1]["epoch"] if run.history else 0,
+        "best": run.best,
+        "val": val_metrics,
+        "history": run.history,
+        "test": None,
+        "test_same_persons": None,
+        "seconds": time.perf_counter() - started,
+        "out_dir": str(run.out_dir),
+    }
     finished = summary["epochs_done"] == cfg.epochs
     if finished and cfg.test_at_end and split_has_labels(cfg, "test"):
         # Synthetic data also has new clips of the training persons: the person gap.
@@ -261,10 +310,23 @@ def _test_best(run: Run, splits) -> dict:
         model = to_channels_last(model)
     results = {}
     for split in splits:
-        loader = build_loader(build_dataset(run.cfg, split, train=False), run.cfg, run.info, train=False,
-                              batch_size=run.cfg.eval_batch_size or run.batch_per_rank, persistent=False)
-        pred = predict(model, loader, run.info, run.amp_dtype, progress=run.cfg.progress, desc=split,
-                       channels_last=run.channels_last)
+        loader = build_loader(
+            build_dataset(run.cfg, split, train=False),
+            run.cfg,
+            run.info,
+            train=False,
+            batch_size=run.cfg.eval_batch_size or run.batch_per_rank,
+            persistent=False,
+        )
+        pred = predict(
+            model,
+            loader,
+            run.info,
+            run.amp_dtype,
+            progress=run.cfg.progress,
+            desc=split,
+            channels_last=run.channels_last,
+        )
         results[split] = evaluate_predictions(pred, run.cfg.dataset)
     return results
 
@@ -273,25 +335,32 @@ def _summary_text(summary: dict, cfg: TrainConfig, finished: bool) -> str:
     def fmt(m: dict) -> str:
         if cfg.dataset == "dfew":
             return f"WAR {m['war']:.1%}, UAR {m['uar']:.1%}"
-        return (f"action top-1 {m['action_top1']:.1%}, top-5 {m['action_top5']:.1%}, body top-1 "
-                f"{m['body_top1']:.1%}, F1_mean {m['f1_mean']:.1%}")
+        return (
+            f"action top-1 {m['action_top1']:.1%}, top-5 {m['action_top5']:.1%}, body top-1 "
+            f"{m['body_top1']:.1%}, F1_mean {m['f1_mean']:.1%}"
+        )
 
-    lines = [f"{'finished' if finished else 'stopped after'} epoch {summary['epochs_done']}/{cfg.epochs} in "
-             f"{summary['seconds'] / 60:.1f} min; checkpoints in {summary['out_dir']}"]
+    lines = [
+        f"{'finished' if finished else 'stopped after'} epoch {summary['epochs_done']}/{cfg.epochs} in "
+        f"{summary['seconds'] / 60:.1f} min; checkpoints in {summary['out_dir']}"
+    ]
     if summary["val"]:
         lines.append(f"last epoch, validation: {fmt(summary['val'])}")
     if summary["best"]["epoch"] is not None:
         key, metric = selection_metric(cfg.dataset)
-        lines.append(f"best epoch {summary['best']['epoch']} by validation {metric} "
-                     f"({summary['best']['val_' + key]:.1%})")
+        lines.append(
+            f"best epoch {summary['best']['epoch']} by validation {metric} ({summary['best']['val_' + key]:.1%})"
+        )
     if summary["test"]:
         held_out = " (held-out persons)" if cfg.dataset == "synthetic" else ""
         lines.append(f"best checkpoint, test{held_out}: {fmt(summary['test'])}")
     if summary["test_same_persons"]:
         same = summary["test_same_persons"]
-        lines.append(f"best checkpoint, new clips of training persons: {fmt(same)}; person gap (held-out minus "
-                     f"same persons, action top-1) {100 * (summary['test']['action_top1'] - same['action_top1']):+.1f} "
-                     f"points")
+        lines.append(
+            f"best checkpoint, new clips of training persons: {fmt(same)}; person gap (held-out minus "
+            f"same persons, action top-1) {100 * (summary['test']['action_top1'] - same['action_top1']):+.1f} "
+            f"points"
+        )
     if not finished:
         lines.append("continue with --resume")
     return "\n".join(lines)

@@ -12,8 +12,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 # Columns of the console table: (history key, header, width, format spec)
 TABLE_COLUMNS = (
@@ -51,8 +51,10 @@ class RunLog:
 
     @staticmethod
     def row(record: dict) -> str:
-        return "  ".join(f"{record[key]:>{width}{spec}}" if record.get(key) is not None else f"{'-':>{width}}"
-                         for key, _, width, spec in TABLE_COLUMNS)
+        return "  ".join(
+            f"{record[key]:>{width}{spec}}" if record.get(key) is not None else f"{'-':>{width}}"
+            for key, _, width, spec in TABLE_COLUMNS
+        )
 
     def step_scalars(self, step: int, scalars: dict) -> None:
         if self.tb is not None:
@@ -105,12 +107,23 @@ class RunLog:
         (loss, train, val), (girl, positives, size) = axes
         panel(loss, ("train_loss", "train_ce", "train_girl"), "training loss", "loss (mean over clips)")
         panel(train, ("train_action_top1",), "training clips (augmented)", "action top-1", fraction=True)
-        panel(val, ("val_action_top1", "val_action_top5", "val_body_top1", "val_f1_mean"), "validation persons",
-              "accuracy / F1", fraction=True)
-        panel(girl, ("train_girl", "train_girl_var"), "GIRL term and group-risk variance", "value (log scale)",
-              log=True)
-        panel(positives, ("train_girl_positive_fraction",), "GIRL anchors with a positive in their group",
-              "fraction of anchors", fraction=True)
+        panel(
+            val,
+            ("val_action_top1", "val_action_top5", "val_body_top1", "val_f1_mean"),
+            "validation persons",
+            "accuracy / F1",
+            fraction=True,
+        )
+        panel(
+            girl, ("train_girl", "train_girl_var"), "GIRL term and group-risk variance", "value (log scale)", log=True
+        )
+        panel(
+            positives,
+            ("train_girl_positive_fraction",),
+            "GIRL anchors with a positive in their group",
+            "fraction of anchors",
+            fraction=True,
+        )
         panel(size, ("train_girl_group_size",), "GIRL group size", "mean clips per group (>= 2 members)")
         size.set_ylim(bottom=0)
         fig.tight_layout()

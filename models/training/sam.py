@@ -89,8 +89,11 @@ class SAM:
         torch._foreach_copy_(params, saved)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
-            marker = torch.where(finite, torch.ones_like(finite, dtype=grads[0].dtype),
-                                 torch.full_like(finite, float("nan"), dtype=grads[0].dtype))
+            marker = torch.where(
+                finite,
+                torch.ones_like(finite, dtype=grads[0].dtype),
+                torch.full_like(finite, float("nan"), dtype=grads[0].dtype),
+            )
             torch._foreach_mul_(grads, marker)
 
     def step(self, closure=None):

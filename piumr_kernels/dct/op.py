@@ -14,7 +14,7 @@ gradient of `x` is that map expanded over `(C, T)` (a view, no large write).
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -62,8 +62,14 @@ def _backward(ctx, backward_op, grad_E, grad_mean, grad_var, _grad_s):
     grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mean)
     grad_var = grad_var if grad_var is not None else torch.zeros_like(mean)
     grad_map = backward_op(
-        grad_E.contiguous(), grad_mean.contiguous(), grad_var.contiguous(), s, mean,
-        kernel_size, frequencies, ctx.x_shape[2],
+        grad_E.contiguous(),
+        grad_mean.contiguous(),
+        grad_var.contiguous(),
+        s,
+        mean,
+        kernel_size,
+        frequencies,
+        ctx.x_shape[2],
     )
     # dx[b, c, t] = g[b] / T for every (c, t): an expanded view, never materialized here.
     batch, _, _, height, width = ctx.x_shape
@@ -90,9 +96,7 @@ MAX_KERNEL_SIZE = 63
 def _check_kernel_size(kernel_size: object) -> int:
     kernel_size = check_int("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE)
     if kernel_size % 2 == 0:
-        raise ValueError(
-            f"kernel_size must be odd (3, 5, 7, ...) so the filter has a centre, got {kernel_size}"
-        )
+        raise ValueError(f"kernel_size must be odd (3, 5, 7, ...) so the filter has a centre, got {kernel_size}")
     return kernel_size
 
 
@@ -116,8 +120,7 @@ def _check_frequencies(frequencies: object, kernel_size: int) -> list[int]:
             raise TypeError(f"frequencies must hold ints, got {index!r} ({type(index).__name__})")
         if not 0 <= index < n_filters:
             raise ValueError(
-                f"frequencies must be filter indices in [0, {n_filters}) for kernel_size={kernel_size}, "
-                f"got {index}"
+                f"frequencies must be filter indices in [0, {n_filters}) for kernel_size={kernel_size}, got {index}"
             )
     return [int(index) for index in frequencies]
 

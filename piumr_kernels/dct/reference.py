@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from ..fused_op import accumulation_dtype
 
 
-def dct_basis_1d(kernel_size: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
-                 ) -> torch.Tensor:
+def dct_basis_1d(
+    kernel_size: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
     """`(k, k)` orthonormal 1-D DCT-II: row `u` is `c(u) cos(pi (2i + 1) u / 2k)` over `i`.
     Built on `device` (no host-to-device copy), in float64, then cast to `dtype`."""
     k = kernel_size
@@ -27,8 +28,9 @@ def dct_basis_1d(kernel_size: int, dtype: torch.dtype = torch.float64, device: t
     return (scale * torch.cos(math.pi * (2 * i + 1) * u / (2 * k))).to(dtype)
 
 
-def dct_basis_reference(kernel_size: int, dtype: torch.dtype = torch.float64,
-                        device: torch.device | str | None = None) -> torch.Tensor:
+def dct_basis_reference(
+    kernel_size: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> torch.Tensor:
     """`(k*k, k, k)`: filter `d` is `a[d % k, i] * a[d // k, j]` (u = d mod k along H, v = d div k along W)."""
     a = dct_basis_1d(kernel_size, device=device)
     k = kernel_size

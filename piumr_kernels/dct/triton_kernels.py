@@ -50,17 +50,33 @@ def _finish_split_sum(partials_ptr, out_ptr, item, n_splits, n_pixels, pixels, i
     if is_last_program(tickets_ptr, ticket, n_splits):
         acc = tl.zeros(pixels.shape, dtype=tl.float32)
         for k in range(n_splits):
-            acc += tl.load(partials_ptr + (item * n_splits + k) * n_pixels + pixels, mask=inside, other=0.0,
-                           cache_modifier=".cg")
+            acc += tl.load(
+                partials_ptr + (item * n_splits + k) * n_pixels + pixels, mask=inside, other=0.0, cache_modifier=".cg"
+            )
         tl.store(out_ptr + item * n_pixels + pixels, acc.to(out_ptr.dtype.element_ty), mask=inside)
         tl.store(tickets_ptr + ticket, 0)
 
 
 @triton.jit
 def _reduce_kernel(
-    x_ptr, s_ptr, partials_ptr, tickets_ptr, channels, frames, n_pixels, width,
-    stride_b, stride_c, stride_t, stride_h, stride_w, planes_per_split,
-    PLANES: tl.constexpr, PIXELS: tl.constexpr, FLAT_PIXELS: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr,
+    s_ptr,
+    partials_ptr,
+    tickets_ptr,
+    channels,
+    frames,
+    n_pixels,
+    width,
+    stride_b,
+    stride_c,
+    stride_t,
+    stride_h,
+    stride_w,
+    planes_per_split,
+    PLANES: tl.constexpr,
+    PIXELS: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """s[b] = (1/T) sum of x[b, c, t] over all planes p = c * T + t (through per-split partials if SPLIT)."""
     b = tl.program_id(0).to(tl.int64)
@@ -87,8 +103,17 @@ def _reduce_kernel(
     partial = tl.sum(acc, axis=0) / frames
     if SPLIT:
         tl.store(partials_ptr + (b * n_splits + split) * n_pixels + pixels, partial, mask=inside)
-        _finish_split_sum(partials_ptr, s_ptr, b, n_splits, n_pixels, pixels, inside, tickets_ptr,
-                          b * tl.num_programs(1) + tl.program_id(1))
+        _finish_split_sum(
+            partials_ptr,
+            s_ptr,
+            b,
+            n_splits,
+            n_pixels,
+            pixels,
+            inside,
+            tickets_ptr,
+            b * tl.num_programs(1) + tl.program_id(1),
+        )
     else:
         tl.store(s_ptr + b * n_pixels + pixels, partial, mask=inside)
 
@@ -115,8 +140,18 @@ def _filter_tile(s_ptr, basis_ptr, pixels, inside, width, height, u, v, K, K_PAD
 
 @triton.jit
 def _filter_stats_kernel(
-    s_ptr, basis_ptr, freq_ptr, E_ptr, mean_ptr, var_ptr, n_filters, height, width, K,
-    BLOCK: tl.constexpr, K_PAD: tl.constexpr,
+    s_ptr,
+    basis_ptr,
+    freq_ptr,
+    E_ptr,
+    mean_ptr,
+    var_ptr,
+    n_filters,
+    height,
+    width,
+    K,
+    BLOCK: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
@@ -154,8 +189,20 @@ def _filter_stats_kernel(
 
 @triton.jit
 def _grad_kernel(
-    grad_E_ptr, grad_mean_ptr, grad_var_ptr, mean_ptr, s_ptr, basis_ptr, freq_ptr, G_ptr,
-    n_filters, height, width, K, BLOCK: tl.constexpr, K_PAD: tl.constexpr,
+    grad_E_ptr,
+    grad_mean_ptr,
+    grad_var_ptr,
+    mean_ptr,
+    s_ptr,
+    basis_ptr,
+    freq_ptr,
+    G_ptr,
+    n_filters,
+    height,
+    width,
+    K,
+    BLOCK: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):
     """G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mean_d) / HW, with E_d rebuilt from s."""
     b = tl.program_id(0).to(tl.int64)
@@ -176,8 +223,21 @@ def _grad_kernel(
 
 @triton.jit
 def _adjoint_kernel(
-    G_ptr, basis_ptr, freq_ptr, out_ptr, partials_ptr, tickets_ptr, n_filters, height, width, K, frames,
-    filters_per_split, BLOCK: tl.constexpr, K_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    G_ptr,
+    basis_ptr,
+    freq_ptr,
+    out_ptr,
+    partials_ptr,
+    tickets_ptr,
+    n_filters,
+    height,
+    width,
+    K,
+    frames,
+    filters_per_split,
+    BLOCK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """out[b, y, x] = (1/T) sum_n sum_{i,j} a_{u_n}[i] a_{v_n}[j] G_n[y - i + k//2, x - j + k//2],
     over the filters of this split (through per-split partials if SPLIT)."""
@@ -207,8 +267,17 @@ def _adjoint_kernel(
     acc = acc / frames
     if SPLIT:
         tl.store(partials_ptr + (b * n_splits + split) * n_pixels + pixels, acc, mask=inside)
-        _finish_split_sum(partials_ptr, out_ptr, b, n_splits, n_pixels, pixels, inside, tickets_ptr,
-                          b * tl.num_programs(1) + tl.program_id(1))
+        _finish_split_sum(
+            partials_ptr,
+            out_ptr,
+            b,
+            n_splits,
+            n_pixels,
+            pixels,
+            inside,
+            tickets_ptr,
+            b * tl.num_programs(1) + tl.program_id(1),
+        )
     else:
         tl.store(out_ptr + b * n_pixels + pixels, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -267,8 +336,20 @@ def _channel_sum(x: torch.Tensor) -> torch.Tensor:
     *_, stride_h, stride_w = x.stride()
     flat = (width == 1 or stride_w == 1) and (height == 1 or stride_h == width)
     wrap_triton(_reduce_kernel)[(batch, tiles, splits)](
-        x, s, partials, tickets, channels, frames, n_pixels, width, *x.stride(), planes_per_split,
-        PLANES=REDUCE_ELEMENTS // pixels, PIXELS=pixels, FLAT_PIXELS=flat, SPLIT=split,
+        x,
+        s,
+        partials,
+        tickets,
+        channels,
+        frames,
+        n_pixels,
+        width,
+        *x.stride(),
+        planes_per_split,
+        PLANES=REDUCE_ELEMENTS // pixels,
+        PIXELS=pixels,
+        FLAT_PIXELS=flat,
+        SPLIT=split,
     )
     return s
 
@@ -284,15 +365,31 @@ def dct_forward(
     var = x.new_empty((batch, n_filters), dtype=torch.float32)
     s = _channel_sum(x)
     wrap_triton(_filter_stats_kernel)[(batch, n_filters)](
-        s, basis, freq, E, mean, var, n_filters, height, width, kernel_size, BLOCK=TILE_BLOCK,
+        s,
+        basis,
+        freq,
+        E,
+        mean,
+        var,
+        n_filters,
+        height,
+        width,
+        kernel_size,
+        BLOCK=TILE_BLOCK,
         K_PAD=triton.next_power_of_2(kernel_size),
     )
     return E, mean, var, s
 
 
 def dct_backward(
-    grad_E: torch.Tensor, grad_mean: torch.Tensor, grad_var: torch.Tensor, s: torch.Tensor, mean: torch.Tensor,
-    kernel_size: int, frequencies: list[int], frames: int,
+    grad_E: torch.Tensor,
+    grad_mean: torch.Tensor,
+    grad_var: torch.Tensor,
+    s: torch.Tensor,
+    mean: torch.Tensor,
+    kernel_size: int,
+    frequencies: list[int],
+    frames: int,
 ) -> torch.Tensor:
     batch, height, width = s.shape
     n_filters = len(frequencies)
@@ -300,8 +397,20 @@ def dct_backward(
     tiles = triton.cdiv(height * width, TILE_BLOCK)
     G = s.new_empty((batch, n_filters, height, width))
     wrap_triton(_grad_kernel)[(batch, n_filters, tiles)](
-        grad_E, grad_mean, grad_var, mean, s, basis, freq, G, n_filters, height, width, kernel_size,
-        BLOCK=TILE_BLOCK, K_PAD=triton.next_power_of_2(kernel_size),
+        grad_E,
+        grad_mean,
+        grad_var,
+        mean,
+        s,
+        basis,
+        freq,
+        G,
+        n_filters,
+        height,
+        width,
+        kernel_size,
+        BLOCK=TILE_BLOCK,
+        K_PAD=triton.next_power_of_2(kernel_size),
     )
     grad_map = grad_E.new_empty((batch, height, width))
     splits, filters_per_split = _splits(batch * tiles, n_filters, MIN_FILTERS_PER_SPLIT)
@@ -309,8 +418,21 @@ def dct_backward(
     partials = s.new_empty((batch, splits, height, width) if split else (0,))
     tickets = zeroed_tickets(s, batch * tiles) if split else partials
     wrap_triton(_adjoint_kernel)[(batch, tiles, splits)](
-        G, basis, freq, grad_map, partials, tickets, n_filters, height, width, kernel_size, frames,
-        filters_per_split, BLOCK=TILE_BLOCK, K_PAD=triton.next_power_of_2(kernel_size), SPLIT=split,
+        G,
+        basis,
+        freq,
+        grad_map,
+        partials,
+        tickets,
+        n_filters,
+        height,
+        width,
+        kernel_size,
+        frames,
+        filters_per_split,
+        BLOCK=TILE_BLOCK,
+        K_PAD=triton.next_power_of_2(kernel_size),
+        SPLIT=split,
     )
     return grad_map
 
@@ -336,21 +458,36 @@ def aot_variants() -> list[KernelVariant]:
             reductions.append((256, False, True))
         for pixels, flat, split in reductions:
             constexprs = {"PLANES": REDUCE_ELEMENTS // pixels, "PIXELS": pixels, "FLAT_PIXELS": flat, "SPLIT": split}
-            variants.append(KernelVariant(
-                f"dct.forward.reduce[{ty},PLANES={REDUCE_ELEMENTS // pixels},PIXELS={pixels},"
-                f"{'flat' if flat else 'strided'}{',split' if split else ''}]", _reduce_kernel, constexprs,
-                pointer_types={"x_ptr": f"*{ty}"},
-            ))
+            variants.append(
+                KernelVariant(
+                    f"dct.forward.reduce[{ty},PLANES={REDUCE_ELEMENTS // pixels},PIXELS={pixels},"
+                    f"{'flat' if flat else 'strided'}{',split' if split else ''}]",
+                    _reduce_kernel,
+                    constexprs,
+                    pointer_types={"x_ptr": f"*{ty}"},
+                )
+            )
         variants += [
-            KernelVariant(f"dct.forward.filter_stats[{ty},BLOCK={TILE_BLOCK}]", _filter_stats_kernel,
-                          {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD}, pointer_types={"E_ptr": f"*{ty}"}),
-            KernelVariant(f"dct.backward.grad[{ty},BLOCK={TILE_BLOCK}]", _grad_kernel,
-                          {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD}, pointer_types={"grad_E_ptr": f"*{ty}"}),
+            KernelVariant(
+                f"dct.forward.filter_stats[{ty},BLOCK={TILE_BLOCK}]",
+                _filter_stats_kernel,
+                {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD},
+                pointer_types={"E_ptr": f"*{ty}"},
+            ),
+            KernelVariant(
+                f"dct.backward.grad[{ty},BLOCK={TILE_BLOCK}]",
+                _grad_kernel,
+                {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD},
+                pointer_types={"grad_E_ptr": f"*{ty}"},
+            ),
         ]
         variants += [
-            KernelVariant(f"dct.backward.adjoint[{ty},BLOCK={TILE_BLOCK}{',split' if split else ''}]", _adjoint_kernel,
-                          {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD, "SPLIT": split},
-                          pointer_types={"out_ptr": f"*{ty}"})
+            KernelVariant(
+                f"dct.backward.adjoint[{ty},BLOCK={TILE_BLOCK}{',split' if split else ''}]",
+                _adjoint_kernel,
+                {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD, "SPLIT": split},
+                pointer_types={"out_ptr": f"*{ty}"},
+            )
             for split in (True, False)
         ]
     return variants

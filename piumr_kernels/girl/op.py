@@ -101,7 +101,8 @@ def _combine_backward(ctx, grad_loss, _grad_var):
     group_risks, offsets = ctx.saved_tensors
     with device_guard([grad_loss]):
         grad_risks = torch.ops.piumr_kernels.girl_combine_triton_backward(
-            grad_loss, group_risks, offsets, ctx.lambda_var, ctx.var_grad)
+            grad_loss, group_risks, offsets, ctx.lambda_var, ctx.var_grad
+        )
     return grad_risks, None, None, None
 
 
@@ -113,10 +114,12 @@ def _register_triton_combine() -> None:
     from . import triton_kernels
 
     torch.library.triton_op("piumr_kernels::girl_combine_triton", triton_kernels.girl_combine, mutates_args=())
-    torch.library.triton_op("piumr_kernels::girl_combine_triton_backward", triton_kernels.girl_combine_backward,
-                            mutates_args=())
-    torch.library.register_autograd("piumr_kernels::girl_combine_triton", _combine_backward,
-                                    setup_context=_combine_setup_context)
+    torch.library.triton_op(
+        "piumr_kernels::girl_combine_triton_backward", triton_kernels.girl_combine_backward, mutates_args=()
+    )
+    torch.library.register_autograd(
+        "piumr_kernels::girl_combine_triton", _combine_backward, setup_context=_combine_setup_context
+    )
 
 
 if backends.backend_available("triton"):
@@ -170,9 +173,7 @@ def _check_group_ids(groups: torch.Tensor, num_groups: int) -> None:
     outside = (groups < 0) | (groups >= num_groups)
     if bool(outside.any()):
         bad = groups[outside][:5].tolist()
-        raise ValueError(
-            f"groups: ids must lie in [0, num_groups) = [0, {num_groups}), got {bad}"
-        )
+        raise ValueError(f"groups: ids must lie in [0, num_groups) = [0, {num_groups}), got {bad}")
 
 
 def girl_loss(
@@ -261,9 +262,7 @@ def girl_loss(
     if groups is not None:
         _check_integer_vector("groups", groups, batch)
         if num_groups > MAX_EXPLICIT_GROUPS:
-            raise ValueError(
-                f"num_groups must be <= {MAX_EXPLICIT_GROUPS} with explicit groups, got {num_groups}"
-            )
+            raise ValueError(f"num_groups must be <= {MAX_EXPLICIT_GROUPS} with explicit groups, got {num_groups}")
         tensors["groups"] = groups
     check_same_device(tensors)
 
@@ -283,8 +282,17 @@ def girl_loss(
         if backend == "triton" and features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
         need_grad = torch.is_grad_enabled() and features.requires_grad
-        group_risks, _ = GIRL(backend, features.contiguous(), labels.to(torch.int64).contiguous(), order, offsets,
-                              tau, eta, detach_weights, need_grad)
+        group_risks, _ = GIRL(
+            backend,
+            features.contiguous(),
+            labels.to(torch.int64).contiguous(),
+            order,
+            offsets,
+            tau,
+            eta,
+            detach_weights,
+            need_grad,
+        )
     if backend == "triton":
         with device_guard([group_risks]):
             loss, risk_var = torch.ops.piumr_kernels.girl_combine_triton(group_risks, offsets, lambda_var, var_grad)
@@ -337,9 +345,18 @@ class GIRLLoss(nn.Module):
         validate: bool | None = None,
     ):
         return girl_loss(
-            features, labels, self.num_groups if num_groups is None else num_groups, self.tau, self.eta,
-            self.lambda_var, self.var_grad, self.detach_weights, groups=groups, generator=generator,
-            return_details=return_details, validate=validate,
+            features,
+            labels,
+            self.num_groups if num_groups is None else num_groups,
+            self.tau,
+            self.eta,
+            self.lambda_var,
+            self.var_grad,
+            self.detach_weights,
+            groups=groups,
+            generator=generator,
+            return_details=return_details,
+            validate=validate,
         )
 
     def extra_repr(self) -> str:

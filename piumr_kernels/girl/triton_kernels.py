@@ -42,16 +42,16 @@ from ..backends import triton_interpreting
 from ..triton_variants import KernelVariant
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 
-BLOCK_K = 32           # feature-width chunk of the tile products
-MAX_TILE = 64          # partners per tile for large groups
-MAX_ANCHORS = 32       # anchors per tile, at most half the partners (64 x 64 and 32 x 32 direction tiles spill)
-DIRECTION_WARPS = 8    # warps of the direction kernel (spill-free at every tile plan)
+BLOCK_K = 32  # feature-width chunk of the tile products
+MAX_TILE = 64  # partners per tile for large groups
+MAX_ANCHORS = 32  # anchors per tile, at most half the partners (64 x 64 and 32 x 32 direction tiles spill)
+DIRECTION_WARPS = 8  # warps of the direction kernel (spill-free at every tile plan)
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
-ROW_BLOCK = 32         # rows per program of the scatter kernel
-ROW_BLOCK_W = 128      # feature-width chunk of the scatter kernel
-SCATTER_WARPS = 8      # 4 spill in its least specialized sm_90 binary
-RISK_BLOCK = 128       # anchors per step of the group-risk kernel
-COMBINE_BLOCK = 128    # groups per step of the combination kernels
+ROW_BLOCK = 32  # rows per program of the scatter kernel
+ROW_BLOCK_W = 128  # feature-width chunk of the scatter kernel
+SCATTER_WARPS = 8  # 4 spill in its least specialized sm_90 binary
+RISK_BLOCK = 128  # anchors per step of the group-risk kernel
+COMBINE_BLOCK = 128  # groups per step of the combination kernels
 NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
 # Per-sample statistics of the forward kernel, a (NUM_STATS, B) buffer with rows in this
 # order: ||z_i||, LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij, l_i, |P(i)|.
@@ -99,18 +99,32 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _cosine_tile(z_ptr, row_samples, col_samples, row_ok, col_ok, width, acc, col_sum_sq,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, COL_NORMS: tl.constexpr):
+def _cosine_tile(
+    z_ptr,
+    row_samples,
+    col_samples,
+    row_ok,
+    col_ok,
+    width,
+    acc,
+    col_sum_sq,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    COL_NORMS: tl.constexpr,
+):
     """z_rows . z_cols over the width in BLOCK_K chunks (loads pipelined over NUM_STAGES),
     and with COL_NORMS the columns' squared norms from the same loads."""
     k = tl.arange(0, BLOCK_K)
     for k0 in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
         k_ok = k0 + k < width
-        a = tl.load(z_ptr + row_samples[:, None] * width + k0 + k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(z_ptr + col_samples[:, None] * width + k0 + k[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(
+            z_ptr + row_samples[:, None] * width + k0 + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        b = tl.load(
+            z_ptr + col_samples[:, None] * width + k0 + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
+        )
         acc = _dot(a, tl.trans(b), acc, PRECISION, NATIVE_BF16)
         if COL_NORMS:
             b32 = b.to(tl.float32)
@@ -132,20 +146,38 @@ def _scaled_cosines(acc, inv_rows, inv_cols):
 
 @triton.jit
 def _forward_kernel(
-    z_ptr, order_ptr, labels_ptr, offsets_ptr, stats_ptr, batch, width, num_groups, search_steps, tau, eta,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    NATIVE_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
+    z_ptr,
+    order_ptr,
+    labels_ptr,
+    offsets_ptr,
+    stats_ptr,
+    batch,
+    width,
+    num_groups,
+    search_steps,
+    tau,
+    eta,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
-        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M)
+        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
+    )
     inv_tau = 1.0 / tl.cast(tau, tl.float32)
     eta = tl.cast(eta, tl.float32)
     inv_eta = 1.0 / eta
     k = tl.arange(0, BLOCK_K)
     row_sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, width, BLOCK_K):
-        z = tl.load(z_ptr + row_samples[:, None] * width + k0 + k[None, :],
-                    mask=row_ok[:, None] & (k0 + k < width)[None, :], other=0.0).to(tl.float32)
+        z = tl.load(
+            z_ptr + row_samples[:, None] * width + k0 + k[None, :],
+            mask=row_ok[:, None] & (k0 + k < width)[None, :],
+            other=0.0,
+        ).to(tl.float32)
         row_sum_sq += tl.sum(z * z, axis=1)
     row_norm = tl.sqrt(row_sum_sq)
     inv_rows = _inverse_norm(row_norm)
@@ -165,11 +197,27 @@ def _forward_kernel(
         col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
         col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
         acc, col_sum_sq = _cosine_tile(
-            z_ptr, row_samples, col_samples, row_ok, col_ok, width, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-            tl.zeros((BLOCK_N,), dtype=tl.float32), BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, True)
+            z_ptr,
+            row_samples,
+            col_samples,
+            row_ok,
+            col_ok,
+            width,
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            tl.zeros((BLOCK_N,), dtype=tl.float32),
+            BLOCK_K,
+            PRECISION,
+            NATIVE_BF16,
+            NUM_STAGES,
+            True,
+        )
         c = _scaled_cosines(acc, inv_rows, _inverse_norm(tl.sqrt(col_sum_sq)))
-        partner = (row_ok[:, None] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
-                   & (rows[:, None] != cols[None, :]))
+        partner = (
+            row_ok[:, None]
+            & (cols[None, :] >= start[:, None])
+            & (cols[None, :] < end[:, None])
+            & (rows[:, None] != cols[None, :])
+        )
         positive = partner & (row_labels[:, None] == col_labels[None, :])
         s = c * inv_tau
         d = (c - eta) * inv_eta
@@ -223,8 +271,22 @@ def _group_risk_kernel(offsets_ptr, stats_ptr, risks_ptr, batch, BLOCK: tl.const
 
 
 @triton.jit
-def _anchor_cosine_grad(c, s, log_r, positive, logit_lse, emphasis_lse, positive_weight, anchor_loss,
-                        inv_m, partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS: tl.constexpr):
+def _anchor_cosine_grad(
+    c,
+    s,
+    log_r,
+    positive,
+    logit_lse,
+    emphasis_lse,
+    positive_weight,
+    anchor_loss,
+    inv_m,
+    partners,
+    inv_tau,
+    eta,
+    inv_eta,
+    DETACH_WEIGHTS: tl.constexpr,
+):
     """dl_i/dc_ij for anchors along rows (stats as (BLOCK, 1) or (1, BLOCK) columns); see girl.cpp."""
     prob = tl.exp(s - logit_lse)
     w = partners * tl.exp(log_r - emphasis_lse)
@@ -247,9 +309,26 @@ def _load_anchor_stats(stats_ptr, idx, ok, batch):
 
 @triton.jit
 def _direction_kernel(
-    z_ptr, order_ptr, labels_ptr, offsets_ptr, stats_ptr, direction_ptr, batch, width, slice_width, num_groups,
-    search_steps, tau, eta, DETACH_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
+    z_ptr,
+    order_ptr,
+    labels_ptr,
+    offsets_ptr,
+    stats_ptr,
+    direction_ptr,
+    batch,
+    width,
+    slice_width,
+    num_groups,
+    search_steps,
+    tau,
+    eta,
+    DETACH_WEIGHTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    NATIVE_BF16: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """direction[rows, slice] = dL_g/dz for the program's anchors (unit upstream gradient)
     over its slice of `slice_width` features (grid axis 1, a multiple of BLOCK_K): dF
@@ -258,7 +337,8 @@ def _direction_kernel(
     projection f_i . dF_i = sum_j H_ij c_ij from the same tiles, so a program needs no other
     slice. Rows of groups of fewer than 2 members are 0."""
     rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
-        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M)
+        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
+    )
     inv_tau = 1.0 / tl.cast(tau, tl.float32)
     eta = tl.cast(eta, tl.float32)
     inv_eta = 1.0 / eta
@@ -269,7 +349,6 @@ def _direction_kernel(
     inv_rows = _inverse_norm(row_norm)
     lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
     lanes = tl.arange(0, BLOCK_N).to(tl.int64)
-    k = tl.arange(0, BLOCK_K)
     # dF and the normalization pass walk the slice in half chunks: an fp32 (BLOCK_N x BLOCK_K)
     # partner chunk beside the product tiles spills at 16x64 tiles.
     DF_K: tl.constexpr = BLOCK_K // 2
@@ -287,25 +366,75 @@ def _direction_kernel(
         inv_cols = _inverse_norm(tl.load(stats_ptr + cols, mask=col_ok, other=1.0))
         lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(stats_ptr, cols, col_ok, batch)
         acc, _ = _cosine_tile(
-            z_ptr, row_samples, col_samples, row_ok, col_ok, width, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-            tl.zeros((BLOCK_N,), dtype=tl.float32), BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False)
+            z_ptr,
+            row_samples,
+            col_samples,
+            row_ok,
+            col_ok,
+            width,
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            tl.zeros((BLOCK_N,), dtype=tl.float32),
+            BLOCK_K,
+            PRECISION,
+            NATIVE_BF16,
+            NUM_STAGES,
+            False,
+        )
         c = _scaled_cosines(acc, inv_rows, inv_cols)
-        partner = (row_ok[:, None] & (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
-                   & (rows[:, None] != cols[None, :]))
+        partner = (
+            row_ok[:, None]
+            & (cols[None, :] >= start[:, None])
+            & (cols[None, :] < end[:, None])
+            & (rows[:, None] != cols[None, :])
+        )
         positive = partner & (row_labels[:, None] == col_labels[None, :])
         s = c * inv_tau
         d = (c - eta) * inv_eta
         log_r = -0.5 * d * d
-        g_ij = _anchor_cosine_grad(c, s, log_r, positive, lse_i[:, None], emph_i[:, None], wpos_i[:, None],
-                                   loss_i[:, None], inv_m_i[:, None], partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS)
-        g_ji = _anchor_cosine_grad(c, s, log_r, positive, lse_j[None, :], emph_j[None, :], wpos_j[None, :],
-                                   loss_j[None, :], inv_m_j[None, :], partners, inv_tau, eta, inv_eta, DETACH_WEIGHTS)
+        g_ij = _anchor_cosine_grad(
+            c,
+            s,
+            log_r,
+            positive,
+            lse_i[:, None],
+            emph_i[:, None],
+            wpos_i[:, None],
+            loss_i[:, None],
+            inv_m_i[:, None],
+            partners,
+            inv_tau,
+            eta,
+            inv_eta,
+            DETACH_WEIGHTS,
+        )
+        g_ji = _anchor_cosine_grad(
+            c,
+            s,
+            log_r,
+            positive,
+            lse_j[None, :],
+            emph_j[None, :],
+            wpos_j[None, :],
+            loss_j[None, :],
+            inv_m_j[None, :],
+            partners,
+            inv_tau,
+            eta,
+            inv_eta,
+            DETACH_WEIGHTS,
+        )
         h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
         projection += tl.sum(h * c, axis=1)
         for k0 in range(slice_start, slice_end, DF_K):
             k_ok = (k0 + kf < slice_end) & (k0 + kf < width)
-            f_cols = tl.load(z_ptr + col_samples[:, None] * width + k0 + kf[None, :],
-                             mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * inv_cols[:, None]
+            f_cols = (
+                tl.load(
+                    z_ptr + col_samples[:, None] * width + k0 + kf[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                * inv_cols[:, None]
+            )
             out = direction_ptr + rows[:, None] * width + k0 + kf[None, :]
             out_mask = row_ok[:, None] & k_ok[None, :]
             # The first partner block writes, the later ones add: no zero-filled buffer.
@@ -325,8 +454,19 @@ def _direction_kernel(
 
 
 @triton.jit
-def _scatter_kernel(grad_risks_ptr, direction_ptr, order_ptr, offsets_ptr, out_ptr, batch, width, num_groups,
-                    search_steps, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _scatter_kernel(
+    grad_risks_ptr,
+    direction_ptr,
+    order_ptr,
+    offsets_ptr,
+    out_ptr,
+    batch,
+    width,
+    num_groups,
+    search_steps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """out[order[i]] = grad_risks[group of i] * direction[i], in out's dtype."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < batch
@@ -336,8 +476,9 @@ def _scatter_kernel(grad_risks_ptr, direction_ptr, order_ptr, offsets_ptr, out_p
     cols = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
     mask = row_ok[:, None] & (cols < width)[None, :]
     d = tl.load(direction_ptr + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + samples[:, None] * width + cols[None, :],
-             (d * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + samples[:, None] * width + cols[None, :], (d * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -377,8 +518,16 @@ def _combine_kernel(risks_ptr, offsets_ptr, loss_ptr, var_ptr, num_groups, lambd
 
 
 @triton.jit
-def _combine_backward_kernel(grad_loss_ptr, risks_ptr, offsets_ptr, grad_risks_ptr, num_groups, lambda_var,
-                             VAR_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_backward_kernel(
+    grad_loss_ptr,
+    risks_ptr,
+    offsets_ptr,
+    grad_risks_ptr,
+    num_groups,
+    lambda_var,
+    VAR_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """dloss/dL_g = w_g / G' (1 + 2 lambda_var (L_g - mean)) with var_grad, else w_g / G'
     (w_g: counted or not), times the upstream gradient (one program)."""
     counted, mean = _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK)
@@ -410,8 +559,11 @@ def tile_launch_options(block_m: int, block_n: int) -> dict:
     """Warps of the forward kernel (2 for 16x16 tiles, 4 below 32x32, else 8; the direction kernel runs
     DIRECTION_WARPS); the feature-chunk loads of the products are pipelined over NUM_STAGES
     stages, the other loops are not (num_stages 1). Checked spill-free on sm_80/sm_90."""
-    return {"num_warps": 2 if block_m * block_n <= 256 else 4 if block_m * block_n < 1024 else 8, "num_stages": 1,
-            "NUM_STAGES": 2}
+    return {
+        "num_warps": 2 if block_m * block_n <= 256 else 4 if block_m * block_n < 1024 else 8,
+        "num_stages": 1,
+        "NUM_STAGES": 2,
+    }
 
 
 def direction_slices(batch: int, width: int, block_m: int) -> tuple[int, int]:
@@ -427,12 +579,18 @@ def direction_slices(batch: int, width: int, block_m: int) -> tuple[int, int]:
 
 
 def _search_steps(num_groups: int) -> int:
-    return num_groups.bit_length()   # halvings of G + 1 candidates down to one
+    return num_groups.bit_length()  # halvings of G + 1 candidates down to one
 
 
 def girl_forward(
-    features: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, tau: float,
-    eta: float, detach_weights: bool, need_grad: bool,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    tau: float,
+    eta: float,
+    detach_weights: bool,
+    need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(group_risks (G,), direction)`, both float32; `direction` is `dL_g/dz` in group
     order, `(B, C)` with `need_grad`, else `(0, C)`."""
@@ -443,23 +601,47 @@ def girl_forward(
     stats = features.new_empty((NUM_STATS, batch), dtype=torch.float32)
     block_m, block_n = tile_plan(batch, num_groups)
     tiles = (triton.cdiv(batch, block_m),)
-    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": triton_fp32_precision(),
-            "NATIVE_BF16": not triton_interpreting(), **tile_launch_options(block_m, block_n)}
+    tile = {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": BLOCK_K,
+        "PRECISION": triton_fp32_precision(),
+        "NATIVE_BF16": not triton_interpreting(),
+        **tile_launch_options(block_m, block_n),
+    }
     wrap_triton(_forward_kernel)[tiles](
-        features, order, labels, offsets, stats, batch, width, num_groups, steps, tau, eta, **tile)
+        features, order, labels, offsets, stats, batch, width, num_groups, steps, tau, eta, **tile
+    )
     wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=RISK_BLOCK, num_stages=1)
     if not need_grad:
         return risks, features.new_empty((0, width), dtype=torch.float32)
     direction = features.new_empty((batch, width), dtype=torch.float32)
     slices, slice_width = direction_slices(batch, width, block_m)
     wrap_triton(_direction_kernel)[(tiles[0], slices)](
-        features, order, labels, offsets, stats, direction, batch, width, slice_width, num_groups, steps, tau, eta,
-        DETACH_WEIGHTS=detach_weights, **{**tile, "num_warps": DIRECTION_WARPS})
+        features,
+        order,
+        labels,
+        offsets,
+        stats,
+        direction,
+        batch,
+        width,
+        slice_width,
+        num_groups,
+        steps,
+        tau,
+        eta,
+        DETACH_WEIGHTS=detach_weights,
+        **{**tile, "num_warps": DIRECTION_WARPS},
+    )
     return risks, direction
 
 
 def girl_backward(
-    grad_risks: torch.Tensor, direction: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+    grad_risks: torch.Tensor,
+    direction: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """`grad_features[order[i]] = grad_risks[group of i] * direction[i]`, in `dtype`."""
@@ -467,29 +649,53 @@ def girl_backward(
     num_groups = offsets.shape[0] - 1
     grad_features = direction.new_empty((batch, width), dtype=dtype)
     grid = (triton.cdiv(batch, ROW_BLOCK), triton.cdiv(width, ROW_BLOCK_W))
-    wrap_triton(_scatter_kernel)[grid](grad_risks, direction, order, offsets, grad_features, batch, width,
-                                       num_groups, _search_steps(num_groups), BLOCK_R=ROW_BLOCK, BLOCK_W=ROW_BLOCK_W,
-                                       num_warps=SCATTER_WARPS, num_stages=1)
+    wrap_triton(_scatter_kernel)[grid](
+        grad_risks,
+        direction,
+        order,
+        offsets,
+        grad_features,
+        batch,
+        width,
+        num_groups,
+        _search_steps(num_groups),
+        BLOCK_R=ROW_BLOCK,
+        BLOCK_W=ROW_BLOCK_W,
+        num_warps=SCATTER_WARPS,
+        num_stages=1,
+    )
     return grad_features
 
 
-def girl_combine(group_risks: torch.Tensor, offsets: torch.Tensor, lambda_var: float,
-                 var_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def girl_combine(
+    group_risks: torch.Tensor, offsets: torch.Tensor, lambda_var: float, var_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(loss, risk_var)`, float32 scalars: `reference.combine_group_risks` in one launch,
     the counted groups read from `offsets`. `var_grad` only matters to the backward."""
     loss = group_risks.new_empty(())
     risk_var = group_risks.new_empty(())
-    wrap_triton(_combine_kernel)[(1,)](group_risks, offsets, loss, risk_var, group_risks.shape[0], lambda_var,
-                                       BLOCK=COMBINE_BLOCK, num_stages=1)
+    wrap_triton(_combine_kernel)[(1,)](
+        group_risks, offsets, loss, risk_var, group_risks.shape[0], lambda_var, BLOCK=COMBINE_BLOCK, num_stages=1
+    )
     return loss, risk_var
 
 
-def girl_combine_backward(grad_loss: torch.Tensor, group_risks: torch.Tensor, offsets: torch.Tensor,
-                          lambda_var: float, var_grad: bool) -> torch.Tensor:
+def girl_combine_backward(
+    grad_loss: torch.Tensor, group_risks: torch.Tensor, offsets: torch.Tensor, lambda_var: float, var_grad: bool
+) -> torch.Tensor:
     """`dloss/dgroup_risks` for the upstream `grad_loss`, float32 `(G,)`."""
     grad_risks = torch.empty_like(group_risks)
-    wrap_triton(_combine_backward_kernel)[(1,)](grad_loss, group_risks, offsets, grad_risks, group_risks.shape[0],
-                                                lambda_var, VAR_GRAD=var_grad, BLOCK=COMBINE_BLOCK, num_stages=1)
+    wrap_triton(_combine_backward_kernel)[(1,)](
+        grad_loss,
+        group_risks,
+        offsets,
+        grad_risks,
+        group_risks.shape[0],
+        lambda_var,
+        VAR_GRAD=var_grad,
+        BLOCK=COMBINE_BLOCK,
+        num_stages=1,
+    )
     return grad_risks
 
 
@@ -507,30 +713,49 @@ def aot_variants() -> list[KernelVariant]:
     variants = {}
 
     def add(name, kernel, constexprs, options=None, pointer_types=None):
-        variants[name] = KernelVariant(name, kernel, constexprs, **(options or {}),
-                                       pointer_types=pointer_types or {})
+        variants[name] = KernelVariant(name, kernel, constexprs, **(options or {}), pointer_types=pointer_types or {})
 
     add(f"girl.group_risk[BLOCK={RISK_BLOCK}]", _group_risk_kernel, {"BLOCK": RISK_BLOCK}, {"num_stages": 1})
     add("girl.combine", _combine_kernel, {"BLOCK": COMBINE_BLOCK}, {"num_stages": 1})
     for var_grad in (True, False):
-        add(f"girl.combine_backward[VAR_GRAD={var_grad}]", _combine_backward_kernel,
-            {"VAR_GRAD": var_grad, "BLOCK": COMBINE_BLOCK}, {"num_stages": 1})
+        add(
+            f"girl.combine_backward[VAR_GRAD={var_grad}]",
+            _combine_backward_kernel,
+            {"VAR_GRAD": var_grad, "BLOCK": COMBINE_BLOCK},
+            {"num_stages": 1},
+        )
     for batch, _, num_groups in AOT_SHAPES:
         block_m, block_n = tile_plan(batch, num_groups)
         options = tile_launch_options(block_m, block_n)
         warps = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages")}
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
-            add(f"girl.scatter[{dtype}]", _scatter_kernel, {"BLOCK_R": ROW_BLOCK, "BLOCK_W": ROW_BLOCK_W},
-                {"num_warps": SCATTER_WARPS, "num_stages": 1}, {"out_ptr": f"*{dtype}"})
+            add(
+                f"girl.scatter[{dtype}]",
+                _scatter_kernel,
+                {"BLOCK_R": ROW_BLOCK, "BLOCK_W": ROW_BLOCK_W},
+                {"num_warps": SCATTER_WARPS, "num_stages": 1},
+                {"out_ptr": f"*{dtype}"},
+            )
             for precision in TRITON_FP32_PRECISIONS:
-                tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": precision,
-                        "NATIVE_BF16": True, **options}
+                tile = {
+                    "BLOCK_M": block_m,
+                    "BLOCK_N": block_n,
+                    "BLOCK_K": BLOCK_K,
+                    "PRECISION": precision,
+                    "NATIVE_BF16": True,
+                    **options,
+                }
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
                 add(f"girl.forward[{plan}]", _forward_kernel, tile, warps, z)
                 for detach in (True, False):
-                    add(f"girl.direction[{plan},DETACH_WEIGHTS={detach}]", _direction_kernel,
-                        {"DETACH_WEIGHTS": detach, **tile}, {**warps, "num_warps": DIRECTION_WARPS}, z)
+                    add(
+                        f"girl.direction[{plan},DETACH_WEIGHTS={detach}]",
+                        _direction_kernel,
+                        {"DETACH_WEIGHTS": detach, **tile},
+                        {**warps, "num_warps": DIRECTION_WARPS},
+                        z,
+                    )
     return list(variants.values())
 
 

@@ -84,8 +84,11 @@ MAX_N_ITERS = 10_000
 # dtype of K -> (smallest normal and largest accumulation value, largest value of K's
 # dtype), looked up once: torch.finfo costs microseconds per call.
 _LIMITS = {
-    dtype: (torch.finfo(accumulation_dtype(dtype)).tiny, torch.finfo(accumulation_dtype(dtype)).max,
-            torch.finfo(dtype).max)
+    dtype: (
+        torch.finfo(accumulation_dtype(dtype)).tiny,
+        torch.finfo(accumulation_dtype(dtype)).max,
+        torch.finfo(dtype).max,
+    )
     for dtype in FLOAT_DTYPES
 }
 
@@ -99,22 +102,27 @@ def _check_masses(K: torch.Tensor, eps: float, row_sum: float, col_sum: float) -
     tiny, largest, largest_entry = _LIMITS[K.dtype]
     for name, target, count in (("row_sum", row_sum, n_rows), ("col_sum", col_sum, n_cols)):
         if not tiny <= target <= largest_entry:
-            raise ValueError(f"{name} must lie in [{tiny:.3g}, {largest_entry:.3g}] for K of dtype {K.dtype}, "
-                             f"got {target}")
+            raise ValueError(
+                f"{name} must lie in [{tiny:.3g}, {largest_entry:.3g}] for K of dtype {K.dtype}, got {target}"
+            )
         if target * count > largest:
-            raise ValueError(f"{name}: the total mass {name} * {count} = {target * count:.3g} exceeds the largest "
-                             f"accumulation value {largest:.3g}")
+            raise ValueError(
+                f"{name}: the total mass {name} * {count} = {target * count:.3g} exceeds the largest "
+                f"accumulation value {largest:.3g}"
+            )
         if eps > largest or (eps > 0 and target > eps * largest):
-            raise ValueError(f"eps must be 0 or in [{name} / {largest:.3g}, {largest:.3g}] = "
-                             f"[{target / largest:.3g}, {largest:.3g}] (a zero row's scale {name} / eps must be "
-                             f"finite in the accumulation dtype), got {eps}")
+            raise ValueError(
+                f"eps must be 0 or in [{name} / {largest:.3g}, {largest:.3g}] = "
+                f"[{target / largest:.3g}, {largest:.3g}] (a zero row's scale {name} / eps must be "
+                f"finite in the accumulation dtype), got {eps}"
+            )
 
 
 def _check_values(K: torch.Tensor, log_domain: bool) -> None:
     if log_domain:
-        if torch.isnan(K).any() or (K == float("inf")).any():
+        if torch.isnan(K).any() or (float("inf") == K).any():
             raise ValueError("K (log domain) must not contain NaN or +inf")
-        masked = K == float("-inf")
+        masked = float("-inf") == K
         if masked.all(dim=-1).any() or masked.all(dim=-2).any():
             raise ValueError("K (log domain) must not have a whole row or column of -inf")
     elif not torch.isfinite(K).all() or (K < 0).any():

@@ -44,20 +44,20 @@ from torch.library import wrap_triton
 from ..backends import triton_interpreting
 from ..triton_variants import KernelVariant
 
-PACKED_MAX = 8                 # N, M <= 8: many matrices per program
-PACKED_ELEMENTS = 1024         # elements of one packed program's tile
-REGISTER_MAX_ELEMENTS = 4096   # padded tile of a register-resident matrix (64x64, 32x128)
-STREAM_ELEMENTS = 1024         # elements of one streaming tile (2048 spills the backward at 8 warps)
-STREAM_MAX_COLS = 128          # widest streaming_wide tile (512 contiguous bytes in fp32)
+PACKED_MAX = 8  # N, M <= 8: many matrices per program
+PACKED_ELEMENTS = 1024  # elements of one packed program's tile
+REGISTER_MAX_ELEMENTS = 4096  # padded tile of a register-resident matrix (64x64, 32x128)
+STREAM_ELEMENTS = 1024  # elements of one streaming tile (2048 spills the backward at 8 warps)
+STREAM_MAX_COLS = 128  # widest streaming_wide tile (512 contiguous bytes in fp32)
 # Streaming with whole rows per tile and U, V in registers up to 1024x1024 (padded): 8 values
 # per thread each at 4 warps, and picking a tile's U costs at most as much as the tile.
 STREAM_MAX_VECTOR = 1024
-STREAM_MAX_ROWS = 64           # tallest streaming tile (128x8 spills the backward on sm_80)
+STREAM_MAX_ROWS = 64  # tallest streaming tile (128x8 spills the backward on sm_80)
 STREAM_WARPS = 4
 # Software pipelining of the loops that stream K tiles: the next tile's loads are issued
 # while the current one is reduced.
 STREAM_STAGES = tl.constexpr(2)
-REGISTERS_PER_SM = 65536      # sm_80 / sm_90: also the most one program may hold
+REGISTERS_PER_SM = 65536  # sm_80 / sm_90: also the most one program may hold
 # The interpreter pays per tile operation, not per element, and has no registers to spill:
 # it streams 4096-element tiles of any height so the tests stay fast.
 INTERPRETED_STREAM_ELEMENTS = 4096
@@ -127,8 +127,9 @@ def _normalized_sum(target, scale, eps, LOG_DOMAIN: tl.constexpr):
 
 
 @triton.jit
-def _register_tile(n_matrices, n_rows, n_cols, n_iters,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _register_tile(
+    n_matrices, n_rows, n_cols, n_iters, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """This program's first matrix (int64) and int32 offsets/masks inside its tile, for the
     matrices and for their row/column stats (int32 tile offsets keep register use low)."""
     first = tl.program_id(0).to(tl.int64) * BLOCK_B
@@ -178,10 +179,22 @@ def _register_step(x, ok, target, eps, AXIS: tl.constexpr, LOG_DOMAIN: tl.conste
 
 @triton.jit
 def _forward_register_kernel(
-    K_ptr, P_ptr, row_stats_ptr, col_stats_ptr,
-    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, SAVE_STATS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    K_ptr,
+    P_ptr,
+    row_stats_ptr,
+    col_stats_ptr,
+    n_matrices,
+    n_rows,
+    n_cols,
+    n_iters,
+    eps,
+    row_sum,
+    col_sum,
+    LOG_DOMAIN: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """`SAVE_STATS`: store each iteration's row/column vectors for the backward (without it
     the stats pointers are 0-element buffers and never touched)."""
@@ -189,7 +202,8 @@ def _forward_register_kernel(
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
     first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
-        n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
+        n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M
+    )
     K_ptr += first * n_rows * n_cols
     P_ptr += first * n_rows * n_cols
     row_stats_ptr += first
@@ -227,8 +241,7 @@ def _register_iteration(x, row_ok, col_ok, row_target, col_target, eps, LOG_DOMA
 
 
 @triton.jit
-def _register_backward_step(grad, after_row, after_col, alpha, beta, last, inv_row, inv_col,
-                            LOG_DOMAIN: tl.constexpr):
+def _register_backward_step(grad, after_row, after_col, alpha, beta, last, inv_row, inv_col, LOG_DOMAIN: tl.constexpr):
     """The gradient through one iteration, from the matrices after its row and its column
     step (log domain: their exponentials) and its scales (linear); `last`: the final
     iteration, whose log-domain gradient starts as `dP * P`."""
@@ -244,10 +257,23 @@ def _register_backward_step(grad, after_row, after_col, alpha, beta, last, inv_r
 
 @triton.jit
 def _backward_register_kernel(
-    grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, grad_K_ptr,
-    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, RECOMPUTE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    grad_ptr,
+    K_ptr,
+    row_stats_ptr,
+    col_stats_ptr,
+    grad_K_ptr,
+    n_matrices,
+    n_rows,
+    n_cols,
+    n_iters,
+    eps,
+    row_sum,
+    col_sum,
+    LOG_DOMAIN: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Walks the iterations backwards with the gradient in registers: a column step
     `Y = X diag(beta)` maps `dY` to `beta * (dY - colsum(dY * Y) / col_sum)`, a row step
@@ -264,7 +290,8 @@ def _backward_register_kernel(
     inv_row = 1.0 / row_sum
     inv_col = 1.0 / col_sum
     first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
-        n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M)
+        n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M
+    )
     grad_ptr += first * n_rows * n_cols
     K_ptr += first * n_rows * n_cols
     grad_K_ptr += first * n_rows * n_cols
@@ -296,8 +323,9 @@ def _backward_register_kernel(
                 # would grow the gradient's padding entries past float32, and inf * 0 is NaN.
                 alpha = tl.where(row_ok, alpha, 1.0)
                 beta = tl.where(col_ok, beta, 1.0)
-                grad = _register_backward_step(grad, after_row, after_col, alpha, beta, t == n_iters - 1,
-                                               inv_row, inv_col, LOG_DOMAIN)
+                grad = _register_backward_step(
+                    grad, after_row, after_col, alpha, beta, t == n_iters - 1, inv_row, inv_col, LOG_DOMAIN
+                )
     else:
         if not LOG_DOMAIN:
             # Cumulative scales U_t = prod alpha_s, V_t = prod beta_s (s <= t), from t = T-1
@@ -319,7 +347,7 @@ def _backward_register_kernel(
                 after_col = tl.exp(k + f[:, :, None] + g[:, None, :])
                 g = tl.load(col_stats_ptr + (t - 1) * col_step, mask=tl.where(t > 0, col_ok, False), other=0.0)
                 after_row = tl.exp(k + f[:, :, None] + g[:, None, :])
-                alpha, beta = f, g   # the log-domain step takes no scales
+                alpha, beta = f, g  # the log-domain step takes no scales
             else:
                 alpha = tl.load(row_stats_ptr + t * row_step, mask=row_ok, other=1.0)
                 beta = tl.load(col_stats_ptr + t * col_step, mask=col_ok, other=1.0)
@@ -327,8 +355,9 @@ def _backward_register_kernel(
                 v = tl.where(beta > 0, v / beta, 0.0)
                 after_row = u[:, :, None] * k * v[:, None, :]
                 u = tl.where(alpha > 0, u / alpha, 0.0)
-            grad = _register_backward_step(grad, after_row, after_col, alpha, beta, step == 0,
-                                           inv_row, inv_col, LOG_DOMAIN)
+            grad = _register_backward_step(
+                grad, after_row, after_col, alpha, beta, step == 0, inv_row, inv_col, LOG_DOMAIN
+            )
     tl.store(grad_K_ptr + offsets, grad.to(grad_K_ptr.dtype.element_ty), mask=mask)
 
 
@@ -339,15 +368,28 @@ def _backward_register_kernel(
 
 @triton.jit
 def _forward_rows_kernel(
-    K_ptr, P_ptr, row_stats_ptr, col_stats_ptr,
-    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, SAVE_STATS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
+    K_ptr,
+    P_ptr,
+    row_stats_ptr,
+    col_stats_ptr,
+    n_matrices,
+    n_rows,
+    n_cols,
+    n_iters,
+    eps,
+    row_sum,
+    col_sum,
+    LOG_DOMAIN: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROW_TILES: tl.constexpr,
 ):
     """One pass over `K` per iteration: a tile holds whole rows (`BLOCK_C >= M`), so its row
     step needs only `V` (log: `g`), kept in registers, and its new `U_i` (log: `f_i`) adds the
     tile's share of the next column sums at once; after the pass the column step is a vector
-    update. Log domain: `f_t = log r - logsumexp_j(K + g_{t-1})`, `g_t = log c - logsumexp_i(K + f_t)`. `U` (log: `f`, needed only for `P`) stays in registers too, as `[ROW_TILES, BLOCK_R]`
+    update. Log domain: `f_t = log r - logsumexp_j(K + g_{t-1})`, `g_t = log c - logsumexp_i(K + f_t)`.
+    `U` (log: `f`, needed only for `P`) stays in registers too, as `[ROW_TILES, BLOCK_R]`
     (a tile's entries picked by a masked sum over the row tiles), so nothing but `P` and, with
     `SAVE_STATS`, the per-iteration stats is stored."""
     matrix = tl.program_id(0).to(tl.int64)
@@ -419,9 +461,23 @@ def _forward_rows_kernel(
 
 @triton.jit
 def _forward_streaming_kernel(
-    K_ptr, P_ptr, row_stats_ptr, col_stats_ptr, row_scale_ptr, col_scale_ptr,
-    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, SAVE_STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    K_ptr,
+    P_ptr,
+    row_stats_ptr,
+    col_stats_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    n_matrices,
+    n_rows,
+    n_cols,
+    n_iters,
+    eps,
+    row_sum,
+    col_sum,
+    LOG_DOMAIN: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Row step t: linear `rowsum_i = U_i * sum_j K_ij V_j`, `alpha = row_sum / (rowsum + eps)`,
     `U <- U * alpha`; log `f_i = log(row_sum) - logsumexp_j(K_ij + g_j)` (online logsumexp).
@@ -455,7 +511,11 @@ def _forward_streaming_kernel(
                 offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
                 if LOG_DOMAIN:
                     if SAVE_STATS:
-                        g = tl.load(col_stats_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=0.0)
+                        g = tl.load(
+                            col_stats_ptr + _stat_index(t - 1, n_cols, cols, n_matrices),
+                            mask=tl.where(t > 0, col_ok, False),
+                            other=0.0,
+                        )
                     else:
                         g = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=0.0)
                     x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + g[None, :]
@@ -547,10 +607,25 @@ def _forward_streaming_kernel(
 
 @triton.jit
 def _backward_streaming_kernel(
-    grad_ptr, K_ptr, row_stats_ptr, col_stats_ptr, row_potential_ptr, col_potential_ptr,
-    row_work_ptr, col_work_ptr, grad_K_ptr,
-    n_matrices, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-    LOG_DOMAIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    grad_ptr,
+    K_ptr,
+    row_stats_ptr,
+    col_stats_ptr,
+    row_potential_ptr,
+    col_potential_ptr,
+    row_work_ptr,
+    col_work_ptr,
+    grad_K_ptr,
+    n_matrices,
+    n_rows,
+    n_cols,
+    n_iters,
+    eps,
+    row_sum,
+    col_sum,
+    LOG_DOMAIN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Backward in `H = dX * X` form, where every step only subtracts rank-one-scaled copies
     of the step's matrix: a column step `t` (`Y = P_{t+1}`) gives `H <- H - Y diag(w_t / c)`
@@ -561,7 +636,8 @@ def _backward_streaming_kernel(
     `S(t, s) = U_t V_s^T` (linear) or `exp(K + f_t + g_s)` (log).
 
     `row_potential`/`col_potential` hold `U_t, V_t` (linear: the running products of the
-    stats, written here first; stats-shaped) or `f_t, g_t` (log: the stats themselves). `row_work` is `(n_iters + 1, N)` per matrix:
+    stats, written here first; stats-shaped) or `f_t, g_t` (log: the stats themselves).
+    `row_work` is `(n_iters + 1, N)` per matrix:
     `z_t` then `R`; `col_work` likewise `w_t` then `C`."""
     matrix = tl.program_id(0).to(tl.int64)
     eps = tl.cast(eps, tl.float32)
@@ -664,7 +740,11 @@ def _backward_streaming_kernel(
         for col_start in range(0, n_cols, BLOCK_C):
             cols = col_start + tile_cols
             col_ok = cols < n_cols
-            g = tl.load(col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
+            g = tl.load(
+                col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices),
+                mask=tl.where(t > 0, col_ok, False),
+                other=NEUTRAL,
+            )
             total = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
             for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
                 rows = row_start + tile_rows
@@ -697,7 +777,11 @@ def _backward_streaming_kernel(
                 g = tl.load(col_potential_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
                 w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
                 result -= _scaling(k, f, g, LOG_DOMAIN) * (w[None, :] / col_sum)
-                g = tl.load(col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices), mask=tl.where(t > 0, col_ok, False), other=NEUTRAL)
+                g = tl.load(
+                    col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices),
+                    mask=tl.where(t > 0, col_ok, False),
+                    other=NEUTRAL,
+                )
                 z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
                 result -= _scaling(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum)
             tl.store(grad_K_ptr + offsets, result.to(grad_K_ptr.dtype.element_ty), mask=tile)
@@ -710,11 +794,11 @@ def _backward_streaming_kernel(
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    tier: str                 # "packed" | "one_matrix" | "streaming" | "streaming_wide"
-    constexprs: dict          # block sizes (LOG_DOMAIN is added per call)
+    tier: str  # "packed" | "one_matrix" | "streaming" | "streaming_wide"
+    constexprs: dict  # block sizes (LOG_DOMAIN is added per call)
     num_warps: int
     matrices_per_program: int
-    row_tiles: int = 0        # streaming: row tiles per matrix, padded to a power of 2
+    row_tiles: int = 0  # streaming: row tiles per matrix, padded to a power of 2
 
     @property
     def forward_constexprs(self) -> dict:
@@ -797,8 +881,21 @@ def sinkhorn_forward(
         plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
         if plan.tier == "streaming":
             wrap_triton(_forward_rows_kernel)[(batch,)](
-                K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-                LOG_DOMAIN=log_domain, SAVE_STATS=save_stats, **plan.launch_options, **plan.forward_constexprs,
+                K,
+                P,
+                row_stats,
+                col_stats,
+                batch,
+                n_rows,
+                n_cols,
+                n_iters,
+                eps,
+                row_sum,
+                col_sum,
+                LOG_DOMAIN=log_domain,
+                SAVE_STATS=save_stats,
+                **plan.launch_options,
+                **plan.forward_constexprs,
             )
         elif plan.tier == "streaming_wide":
             # Running U, V (linear) or potentials (log without stats; with them they live in the stats).
@@ -806,21 +903,55 @@ def sinkhorn_forward(
             row_scale = K.new_empty((batch, n_rows) if scaled else (0,), dtype=torch.float32)
             col_scale = K.new_empty((batch, n_cols) if scaled else (0,), dtype=torch.float32)
             wrap_triton(_forward_streaming_kernel)[(batch,)](
-                K, P, row_stats, col_stats, row_scale, col_scale,
-                batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-                LOG_DOMAIN=log_domain, SAVE_STATS=save_stats, **plan.launch_options, **plan.constexprs,
+                K,
+                P,
+                row_stats,
+                col_stats,
+                row_scale,
+                col_scale,
+                batch,
+                n_rows,
+                n_cols,
+                n_iters,
+                eps,
+                row_sum,
+                col_sum,
+                LOG_DOMAIN=log_domain,
+                SAVE_STATS=save_stats,
+                **plan.launch_options,
+                **plan.constexprs,
             )
         else:
             wrap_triton(_forward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
-                K, P, row_stats, col_stats, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-                LOG_DOMAIN=log_domain, SAVE_STATS=save_stats, **plan.launch_options, **plan.constexprs,
+                K,
+                P,
+                row_stats,
+                col_stats,
+                batch,
+                n_rows,
+                n_cols,
+                n_iters,
+                eps,
+                row_sum,
+                col_sum,
+                LOG_DOMAIN=log_domain,
+                SAVE_STATS=save_stats,
+                **plan.launch_options,
+                **plan.constexprs,
             )
     return P, row_stats, col_stats
 
 
 def sinkhorn_backward(
-    grad_P: torch.Tensor, K: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-    n_iters: int, eps: float, log_domain: bool, row_sum: float, col_sum: float,
+    grad_P: torch.Tensor,
+    K: torch.Tensor,
+    row_stats: torch.Tensor,
+    col_stats: torch.Tensor,
+    n_iters: int,
+    eps: float,
+    log_domain: bool,
+    row_sum: float,
+    col_sum: float,
 ) -> torch.Tensor:
     batch, n_rows, n_cols = K.shape
     grad_K = torch.empty_like(K)
@@ -834,9 +965,25 @@ def sinkhorn_backward(
         row_work = K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32)
         col_work = K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32)
         wrap_triton(_backward_streaming_kernel)[(batch,)](
-            grad_P, K, row_stats, col_stats, row_potential, col_potential, row_work, col_work, grad_K,
-            batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, **plan.launch_options, **plan.constexprs,
+            grad_P,
+            K,
+            row_stats,
+            col_stats,
+            row_potential,
+            col_potential,
+            row_work,
+            col_work,
+            grad_K,
+            batch,
+            n_rows,
+            n_cols,
+            n_iters,
+            eps,
+            row_sum,
+            col_sum,
+            LOG_DOMAIN=log_domain,
+            **plan.launch_options,
+            **plan.constexprs,
         )
     else:
         recompute = row_stats.shape[-1] == 0
@@ -846,8 +993,22 @@ def sinkhorn_backward(
             # SM) and spills 16 B on sm_80 to get there; a cap of 128 lets it keep everything.
             options = {**options, "maxnreg": REPLAY_MAX_REGISTERS}
         wrap_triton(_backward_register_kernel)[(triton.cdiv(batch, plan.matrices_per_program),)](
-            grad_P, K, row_stats, col_stats, grad_K, batch, n_rows, n_cols, n_iters, eps, row_sum, col_sum,
-            LOG_DOMAIN=log_domain, RECOMPUTE=recompute, **options, **plan.constexprs,
+            grad_P,
+            K,
+            row_stats,
+            col_stats,
+            grad_K,
+            batch,
+            n_rows,
+            n_cols,
+            n_iters,
+            eps,
+            row_sum,
+            col_sum,
+            LOG_DOMAIN=log_domain,
+            RECOMPUTE=recompute,
+            **options,
+            **plan.constexprs,
         )
     return grad_K
 
@@ -858,8 +1019,16 @@ def sinkhorn_backward(
 # n_iters are not multiples of 16 or are 1 so the JIT's less specialized binaries are
 # compiled too.
 AOT_SHAPES = [
-    (160, 16, 16, 3), (65536, 4, 4, 20), (256, 64, 64, 3), (32, 128, 128, 3),
-    (7, 8, 8, 1), (2, 16, 32, 3), (3, 32, 32, 3), (5, 30, 60, 3), (2, 200, 300, 3), (2, 2048, 8, 3),
+    (160, 16, 16, 3),
+    (65536, 4, 4, 20),
+    (256, 64, 64, 3),
+    (32, 128, 128, 3),
+    (7, 8, 8, 1),
+    (2, 16, 32, 3),
+    (3, 32, 32, 3),
+    (5, 30, 60, 3),
+    (2, 200, 300, 3),
+    (2, 2048, 8, 3),
 ]
 _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -891,11 +1060,16 @@ def aot_variants() -> list[KernelVariant]:
             blocks = ",".join(f"{key}={value}" for key, value in constexprs.items())
             for dtype in _AOT_DTYPES:
                 for log_domain in (False, True):
-                    name = (f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},"
-                            f"{blocks},warps={plan.num_warps}]")
+                    name = (
+                        f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},"
+                        f"{blocks},warps={plan.num_warps}]"
+                    )
                     flags = {"LOG_DOMAIN": log_domain, **flag}
                     variants[name] = KernelVariant(
-                        name, kernel, {**flags, **constexprs}, plan.num_warps,
+                        name,
+                        kernel,
+                        {**flags, **constexprs},
+                        plan.num_warps,
                         pointer_types={"K_ptr": f"*{dtype}"},
                     )
     return list(variants.values())
@@ -903,7 +1077,8 @@ def aot_variants() -> list[KernelVariant]:
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
     """Runs the launchers at `shapes` on uninitialized CPU tensors, forward (with and without
-    stats) and backward (packed: with and without stats), every dtype and domain (for `triton_variants.capture_specializations`,
+    stats) and backward (packed: with and without stats), every dtype and domain
+    (for `triton_variants.capture_specializations`,
     which stops each launch)."""
     for batch, n_rows, n_cols, n_iters in shapes:
         for dtype in _AOT_DTYPES.values():

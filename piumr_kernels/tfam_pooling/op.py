@@ -33,7 +33,6 @@ its first position).
 from __future__ import annotations
 
 import torch
-
 from torch import nn
 from torch.autograd import forward_ad
 
@@ -112,7 +111,11 @@ def _triton_combine():
 
 
 TFAM_STATISTICS = FusedOp(
-    "tfam_statistics", _fake_statistics, _fake_statistics_backward, _statistics_setup, _statistics_backward,
+    "tfam_statistics",
+    _fake_statistics,
+    _fake_statistics_backward,
+    _statistics_setup,
+    _statistics_backward,
     _triton_statistics,
 )
 TFAM_COMBINE = FusedOp(
@@ -130,8 +133,8 @@ class TFAMLink:
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x
-        self.tensor = None      # the statistics node's extra output, an input of the combine node
-        self.pending = None     # (graph task, dout, temporal_scale, spatial_scale) from the combine backward
+        self.tensor = None  # the statistics node's extra output, an input of the combine node
+        self.pending = None  # (graph task, dout, temporal_scale, spatial_scale) from the combine backward
         self.used = False
 
 
@@ -189,7 +192,8 @@ class _LinkedCombine(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             with device_guard([x]):
                 grad_temporal, grad_spatial = triton_kernels.combine_scale_gradients(
-                    grad_out, x, temporal_scale, spatial_scale)
+                    grad_out, x, temporal_scale, spatial_scale
+                )
         if ctx.needs_input_grad[0]:
             ctx.link.pending = (torch._C._current_graph_task_id(), grad_out, temporal_scale, spatial_scale)
             grad_link = grad_out.new_empty((0,))
@@ -230,8 +234,14 @@ def tfam_statistics(x: torch.Tensor, *, link: bool = False):
     _check_video(x)
     check_flag("link", link)
     backend = _fused_backend(x)
-    linked = (link and backend == "triton" and torch.is_grad_enabled() and x.requires_grad
-              and not torch.compiler.is_compiling() and forward_ad._current_level < 0)
+    linked = (
+        link
+        and backend == "triton"
+        and torch.is_grad_enabled()
+        and x.requires_grad
+        and not torch.compiler.is_compiling()
+        and forward_ad._current_level < 0
+    )
     if linked:
         tied = TFAMLink(x)
         frame_mean, frame_max, spatial, tied.tensor = _LinkedStatistics.apply(x.contiguous(), tied)
@@ -279,8 +289,9 @@ def tfam_combine(
     inputs = (x.contiguous(), temporal_scale.to(acc).contiguous(), spatial_scale.to(acc).contiguous())
     if link is not None:
         if not isinstance(link, TFAMLink):
-            raise TypeError(f"link must be None or the TFAMLink from tfam_statistics(x, link=True), "
-                            f"got {type(link).__name__}")
+            raise TypeError(
+                f"link must be None or the TFAMLink from tfam_statistics(x, link=True), got {type(link).__name__}"
+            )
         if link.x is not x:
             raise ValueError("link: it belongs to tfam_statistics of another tensor than this x")
         if link.used:

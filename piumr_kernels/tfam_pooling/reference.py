@@ -31,9 +31,7 @@ def tfam_statistics_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return frame_mean, frame_max, spatial
 
 
-def tfam_combine_reference(
-    x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: torch.Tensor
-) -> torch.Tensor:
+def tfam_combine_reference(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale: torch.Tensor) -> torch.Tensor:
     """`x * (temporal_scale[:, None, :, None, None] + spatial_scale[:, None, None])`."""
     acc = accumulation_dtype(x.dtype)
     scale = temporal_scale.to(acc)[:, None, :, None, None] + spatial_scale.to(acc)[:, None, None]

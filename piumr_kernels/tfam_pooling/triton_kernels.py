@@ -59,14 +59,26 @@ def _finish_map(partial_ptr, out_ptr, sample, n_groups, positions, divisor, FINI
         inside = hw < positions
         acc = tl.zeros((FINISH,), dtype=tl.float32)
         for g in range(n_groups):
-            acc += tl.load(partial_ptr + (sample * n_groups + g) * positions + hw, mask=inside, other=0.0,
-                           cache_modifier=".cg")
+            acc += tl.load(
+                partial_ptr + (sample * n_groups + g) * positions + hw, mask=inside, other=0.0, cache_modifier=".cg"
+            )
         tl.store(out_ptr + sample * positions + hw, acc / divisor, mask=inside)
 
 
 @triton.jit
-def _finish_planes(block_sum_ptr, block_max_ptr, block_arg_ptr, mean_ptr, max_ptr, argmax_ptr, sample,
-                   planes_per_sample, positions, n_blocks, FINISH: tl.constexpr):
+def _finish_planes(
+    block_sum_ptr,
+    block_max_ptr,
+    block_arg_ptr,
+    mean_ptr,
+    max_ptr,
+    argmax_ptr,
+    sample,
+    planes_per_sample,
+    positions,
+    n_blocks,
+    FINISH: tl.constexpr,
+):
     """Mean, max and argmax of each plane of the sample from its per-block partials."""
     for start in range(0, planes_per_sample, FINISH):
         local = start + tl.arange(0, FINISH).to(tl.int64)
@@ -92,9 +104,24 @@ def _finish_planes(block_sum_ptr, block_max_ptr, block_arg_ptr, mean_ptr, max_pt
 
 @triton.jit
 def _statistics_kernel(
-    x_ptr, mean_ptr, max_ptr, argmax_ptr, spatial_ptr, block_sum_ptr, block_max_ptr, block_arg_ptr, partial_ptr,
-    tickets_ptr, planes_per_sample, positions, frames, n_groups, n_blocks,
-    PLANES_PER_PROGRAM: tl.constexpr, BLOCK_HW: tl.constexpr, FINISH: tl.constexpr,
+    x_ptr,
+    mean_ptr,
+    max_ptr,
+    argmax_ptr,
+    spatial_ptr,
+    block_sum_ptr,
+    block_max_ptr,
+    block_arg_ptr,
+    partial_ptr,
+    tickets_ptr,
+    planes_per_sample,
+    positions,
+    frames,
+    n_groups,
+    n_blocks,
+    PLANES_PER_PROGRAM: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1).to(tl.int64)
@@ -108,8 +135,9 @@ def _statistics_kernel(
         plane = sample * planes_per_sample + local
         v = tl.load(x_ptr + plane * positions + hw, mask=inside, other=0.0).to(tl.float32)
         spatial += v
-        peak, where = tl.max(tl.where(inside, v, float("-inf")), axis=0, return_indices=True,
-                             return_indices_tie_break_left=True)
+        peak, where = tl.max(
+            tl.where(inside, v, float("-inf")), axis=0, return_indices=True, return_indices_tie_break_left=True
+        )
         # A NaN is the maximum, at its first position (torch.max semantics).
         is_nan = inside & (v != v)
         first_nan = tl.min(tl.where(is_nan, tl.arange(0, BLOCK_HW), BLOCK_HW), axis=0)
@@ -122,17 +150,42 @@ def _statistics_kernel(
     tl.store(partial_ptr + pid * positions + hw, spatial, mask=inside)
 
     if is_last_program(tickets_ptr, sample, n_groups * n_blocks):
-        _finish_planes(block_sum_ptr, block_max_ptr, block_arg_ptr, mean_ptr, max_ptr, argmax_ptr, sample,
-                       planes_per_sample, positions, n_blocks, FINISH)
+        _finish_planes(
+            block_sum_ptr,
+            block_max_ptr,
+            block_arg_ptr,
+            mean_ptr,
+            max_ptr,
+            argmax_ptr,
+            sample,
+            planes_per_sample,
+            positions,
+            n_blocks,
+            FINISH,
+        )
         _finish_map(partial_ptr, spatial_ptr, sample, n_groups, positions, frames, FINISH)
         tl.store(tickets_ptr + sample, 0)
 
 
 @triton.jit
 def _statistics_backward_kernel(
-    grad_mean_ptr, grad_max_ptr, grad_spatial_ptr, argmax_ptr, grad_out_ptr, temporal_ptr, spatial_scale_ptr,
-    grad_x_ptr, n_planes, planes_per_sample, frames, positions, inv_positions, inv_frames,
-    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr, COMBINE: tl.constexpr,
+    grad_mean_ptr,
+    grad_max_ptr,
+    grad_spatial_ptr,
+    argmax_ptr,
+    grad_out_ptr,
+    temporal_ptr,
+    spatial_scale_ptr,
+    grad_x_ptr,
+    n_planes,
+    planes_per_sample,
+    frames,
+    positions,
+    inv_positions,
+    inv_frames,
+    BLOCK_P: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    COMBINE: tl.constexpr,
 ):
     """dx = dmean / HW + dspatial / T + dmax at the argmax, plus (COMBINE) the combine's
     own term dout * (temporal_scale + spatial_scale)."""
@@ -161,9 +214,16 @@ def _statistics_backward_kernel(
 
 @triton.jit
 def _combine_kernel(
-    x_ptr, temporal_ptr, spatial_ptr, out_ptr,
-    n_planes, planes_per_sample, frames, positions,
-    BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr,
+    x_ptr,
+    temporal_ptr,
+    spatial_ptr,
+    out_ptr,
+    n_planes,
+    planes_per_sample,
+    frames,
+    positions,
+    BLOCK_P: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     plane = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -194,9 +254,25 @@ def _finish_frames(plane_sum_ptr, out_ptr, sample, channels, frames, n_blocks, F
 
 @triton.jit
 def _combine_backward_kernel(
-    grad_ptr, x_ptr, temporal_ptr, spatial_ptr, grad_x_ptr, grad_temporal_ptr, grad_spatial_ptr, plane_sum_ptr,
-    partial_ptr, tickets_ptr, channels, frames, positions, n_groups, n_blocks,
-    PLANES_PER_PROGRAM: tl.constexpr, BLOCK_HW: tl.constexpr, FINISH: tl.constexpr, WRITE_DX: tl.constexpr,
+    grad_ptr,
+    x_ptr,
+    temporal_ptr,
+    spatial_ptr,
+    grad_x_ptr,
+    grad_temporal_ptr,
+    grad_spatial_ptr,
+    plane_sum_ptr,
+    partial_ptr,
+    tickets_ptr,
+    channels,
+    frames,
+    positions,
+    n_groups,
+    n_blocks,
+    PLANES_PER_PROGRAM: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    FINISH: tl.constexpr,
+    WRITE_DX: tl.constexpr,
 ):
     """Reduces sum_{c,h,w} dout * x `(B, T)` and sum_{c,t} dout * x `(B, H, W)`; writes
     dx = dout * (temporal + spatial) only if WRITE_DX (else the statistics backward adds it)."""
@@ -218,8 +294,7 @@ def _combine_backward_kernel(
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         if WRITE_DX:
             temporal = tl.load(temporal_ptr + sample * frames + local % frames).to(tl.float32)
-            tl.store(grad_x_ptr + offsets, (grad * (temporal + spatial)).to(grad_x_ptr.dtype.element_ty),
-                     mask=inside)
+            tl.store(grad_x_ptr + offsets, (grad * (temporal + spatial)).to(grad_x_ptr.dtype.element_ty), mask=inside)
         product = grad * x
         spatial_grad += product
         tl.store(plane_sum_ptr + plane * n_blocks + block, tl.sum(product, axis=0))
@@ -239,8 +314,9 @@ def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
     positions = height * width
     n_groups = triton.cdiv(channels * frames, PLANES_PER_PROGRAM)
     tiers = [tier for tier in BLOCK_HW_TIERS if tier <= block_hw(positions)]
-    tier = next((tier for tier in reversed(tiers) if batch * n_groups * triton.cdiv(positions, tier) >= GPU_PROGRAMS),
-                tiers[0])
+    tier = next(
+        (tier for tier in reversed(tiers) if batch * n_groups * triton.cdiv(positions, tier) >= GPU_PROGRAMS), tiers[0]
+    )
     return n_groups, triton.cdiv(positions, tier), tier, positions
 
 
@@ -263,23 +339,47 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     block_arg = x.new_empty((n_planes, n_blocks), dtype=torch.int32)
     partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
     wrap_triton(_statistics_kernel)[(batch * n_groups, n_blocks)](
-        x, frame_mean, frame_max, argmax, spatial, block_sum, block_max, block_arg, partial,
-        zeroed_tickets(x, batch), channels * frames, positions, frames, n_groups, n_blocks,
-        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, FINISH=FINISH, num_warps=REDUCTION_WARPS[tier],
+        x,
+        frame_mean,
+        frame_max,
+        argmax,
+        spatial,
+        block_sum,
+        block_max,
+        block_arg,
+        partial,
+        zeroed_tickets(x, batch),
+        channels * frames,
+        positions,
+        frames,
+        n_groups,
+        n_blocks,
+        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM,
+        BLOCK_HW=tier,
+        FINISH=FINISH,
+        num_warps=REDUCTION_WARPS[tier],
     )
     return frame_mean, frame_max, spatial, argmax
 
 
 def statistics_backward(
-    grad_mean: torch.Tensor, grad_max: torch.Tensor, grad_spatial: torch.Tensor, argmax: torch.Tensor,
+    grad_mean: torch.Tensor,
+    grad_max: torch.Tensor,
+    grad_spatial: torch.Tensor,
+    argmax: torch.Tensor,
     x: torch.Tensor,
 ) -> torch.Tensor:
     return statistics_backward_with_combine(grad_mean, grad_max, grad_spatial, argmax, x)
 
 
 def statistics_backward_with_combine(
-    grad_mean: torch.Tensor, grad_max: torch.Tensor, grad_spatial: torch.Tensor, argmax: torch.Tensor,
-    x: torch.Tensor, grad_out: torch.Tensor | None = None, temporal_scale: torch.Tensor | None = None,
+    grad_mean: torch.Tensor,
+    grad_max: torch.Tensor,
+    grad_spatial: torch.Tensor,
+    argmax: torch.Tensor,
+    x: torch.Tensor,
+    grad_out: torch.Tensor | None = None,
+    temporal_scale: torch.Tensor | None = None,
     spatial_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The statistics' `dx`, plus `grad_out * (temporal_scale + spatial_scale)` (the combine's
@@ -290,10 +390,24 @@ def statistics_backward_with_combine(
     grid, planes_per_tile, tier = _tile_grid(n_planes, positions)
     combine = grad_out is not None
     wrap_triton(_statistics_backward_kernel)[grid](
-        grad_mean, grad_max, grad_spatial, argmax, grad_out if combine else x,
-        temporal_scale if combine else grad_mean, spatial_scale if combine else grad_spatial, grad_x,
-        n_planes, channels * frames, frames, positions, 1.0 / positions, 1.0 / frames,
-        BLOCK_P=planes_per_tile, BLOCK_HW=tier, COMBINE=combine, num_warps=TILE_WARPS,
+        grad_mean,
+        grad_max,
+        grad_spatial,
+        argmax,
+        grad_out if combine else x,
+        temporal_scale if combine else grad_mean,
+        spatial_scale if combine else grad_spatial,
+        grad_x,
+        n_planes,
+        channels * frames,
+        frames,
+        positions,
+        1.0 / positions,
+        1.0 / frames,
+        BLOCK_P=planes_per_tile,
+        BLOCK_HW=tier,
+        COMBINE=combine,
+        num_warps=TILE_WARPS,
     )
     return grad_x
 
@@ -304,8 +418,17 @@ def combine_forward(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale
     out = torch.empty_like(x)
     grid, planes_per_tile, tier = _tile_grid(n_planes, positions)
     wrap_triton(_combine_kernel)[grid](
-        x, temporal_scale, spatial_scale, out, n_planes, channels * frames, frames, positions,
-        BLOCK_P=planes_per_tile, BLOCK_HW=tier, num_warps=TILE_WARPS,
+        x,
+        temporal_scale,
+        spatial_scale,
+        out,
+        n_planes,
+        channels * frames,
+        frames,
+        positions,
+        BLOCK_P=planes_per_tile,
+        BLOCK_HW=tier,
+        num_warps=TILE_WARPS,
     )
     return out
 
@@ -333,9 +456,25 @@ def _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx):
     plane_sum = x.new_empty((batch * channels * frames, n_blocks), dtype=torch.float32)
     partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
     wrap_triton(_combine_backward_kernel)[(batch * n_groups, n_blocks)](
-        grad_out, x, temporal_scale, spatial_scale, grad_x, grad_temporal, grad_spatial, plane_sum, partial,
-        zeroed_tickets(x, batch), channels, frames, positions, n_groups, n_blocks,
-        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM, BLOCK_HW=tier, FINISH=FINISH, WRITE_DX=write_dx,
+        grad_out,
+        x,
+        temporal_scale,
+        spatial_scale,
+        grad_x,
+        grad_temporal,
+        grad_spatial,
+        plane_sum,
+        partial,
+        zeroed_tickets(x, batch),
+        channels,
+        frames,
+        positions,
+        n_groups,
+        n_blocks,
+        PLANES_PER_PROGRAM=PLANES_PER_PROGRAM,
+        BLOCK_HW=tier,
+        FINISH=FINISH,
+        WRITE_DX=write_dx,
         num_warps=REDUCTION_WARPS[tier],
     )
     return grad_x, grad_temporal, grad_spatial
@@ -357,20 +496,37 @@ def aot_variants() -> list[KernelVariant]:
             ptr = f"*{dtype}"
             tags = f"[{dtype},BLOCK_HW={tier}"
             variants += [
-                KernelVariant(f"tfam_statistics.forward{tags}]", _statistics_kernel, reduction,
-                              REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}),
-                KernelVariant(f"tfam_combine.forward{tags}]", _combine_kernel, tile, TILE_WARPS,
-                              pointer_types={"x_ptr": ptr}),
+                KernelVariant(
+                    f"tfam_statistics.forward{tags}]",
+                    _statistics_kernel,
+                    reduction,
+                    REDUCTION_WARPS[tier],
+                    pointer_types={"x_ptr": ptr},
+                ),
+                KernelVariant(
+                    f"tfam_combine.forward{tags}]", _combine_kernel, tile, TILE_WARPS, pointer_types={"x_ptr": ptr}
+                ),
             ]
             for combine in (False, True):
-                variants.append(KernelVariant(
-                    f"tfam_statistics.backward{tags}{',with_combine' if combine else ''}]",
-                    _statistics_backward_kernel, {**tile, "COMBINE": combine}, TILE_WARPS,
-                    pointer_types={"grad_x_ptr": ptr}))
+                variants.append(
+                    KernelVariant(
+                        f"tfam_statistics.backward{tags}{',with_combine' if combine else ''}]",
+                        _statistics_backward_kernel,
+                        {**tile, "COMBINE": combine},
+                        TILE_WARPS,
+                        pointer_types={"grad_x_ptr": ptr},
+                    )
+                )
             for write_dx in (True, False):
-                variants.append(KernelVariant(
-                    f"tfam_combine.backward{tags}{'' if write_dx else ',scales_only'}]", _combine_backward_kernel,
-                    {**reduction, "WRITE_DX": write_dx}, REDUCTION_WARPS[tier], pointer_types={"x_ptr": ptr}))
+                variants.append(
+                    KernelVariant(
+                        f"tfam_combine.backward{tags}{'' if write_dx else ',scales_only'}]",
+                        _combine_backward_kernel,
+                        {**reduction, "WRITE_DX": write_dx},
+                        REDUCTION_WARPS[tier],
+                        pointer_types={"x_ptr": ptr},
+                    )
+                )
     return variants
 
 
@@ -385,8 +541,9 @@ def aot_launches(shapes=AOT_SHAPES) -> None:
             temporal_scale = torch.empty((batch, frames))
             spatial_scale = torch.empty((batch, height, width))
             statistics_backward(frame_mean, frame_max, spatial, argmax, x)
-            statistics_backward_with_combine(frame_mean, frame_max, spatial, argmax, x, torch.empty_like(x),
-                                             temporal_scale, spatial_scale)
+            statistics_backward_with_combine(
+                frame_mean, frame_max, spatial, argmax, x, torch.empty_like(x), temporal_scale, spatial_scale
+            )
             combine_forward(x, temporal_scale, spatial_scale)
             combine_backward(torch.empty_like(x), x, temporal_scale, spatial_scale)
             combine_scale_gradients(torch.empty_like(x), x, temporal_scale, spatial_scale)
