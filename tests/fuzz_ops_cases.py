@@ -833,7 +833,11 @@ def random_dct(draw) -> Case:
 
 @st.composite
 def random_girl(draw) -> Case:
-    batch, width = draw(st.integers(1, 10)), draw(st.integers(1, 6))
+    # Width 1 is not drawn: every cosine is then +-1 and the gradient through the
+    # normalization is exactly zero by cancellation, so any float32 backend (the reference's
+    # own float32 run included) returns rounding noise amplified by 1/|z| (~1e-2 at |z| = 1e-3),
+    # which no tolerance relative to the result can judge.
+    batch, width = draw(st.integers(1, 10)), draw(st.integers(2, 6))
     dtype, scale = draw(DTYPES), draw(SCALE)
     num_groups = draw(st.integers(1, 4))
     explicit = draw(st.booleans()) and num_groups <= batch

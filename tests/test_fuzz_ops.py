@@ -89,6 +89,7 @@ def table(op: str, verdicts: list[dict]) -> str:
     return "\n".join(rows)
 
 
+@pytest.mark.slow  # hundreds of cases per op in worker processes: 10-40 s each
 @pytest.mark.parametrize("op", OPS)
 def test_every_case_ends_in_a_clear_error_or_a_sensible_result(op, capsys):
     verdicts = run_cases(op)

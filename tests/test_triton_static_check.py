@@ -39,6 +39,7 @@ def _op_modules() -> dict:
     return modules
 
 
+@pytest.mark.slow  # compiles every variant for two archs: minutes from a cold triton cache
 def test_every_launched_specialization_compiles_without_spills():
     test_only = ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")  # set by conftest for the interpreter
     environment = {key: value for key, value in os.environ.items() if key not in test_only}
