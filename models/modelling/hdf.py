@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.modelling.tfam import attention_logits
-from models.modelling.x3d import STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
+from models.modelling.x3d import STAGE_NAMES, X3D, X3DPreset, build_x3d, forward_with_stage_modules, get_preset
 from models.modelling.x3d_weights import load_x3d_checkpoint
 from piumr_kernels import dct_filter_bank, girl_loss, tfam_combine, tfam_statistics
 
@@ -207,19 +207,7 @@ class HDF(nn.Module):
         return self.backbone.num_classes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_clip(x)
-        if len(self.dam) and x.shape[2] != self.num_frames:
-            raise ValueError(
-                f"x must have T = num_frames = {self.num_frames} frames (DAM's T x T parameters are "
-                f"sized by it), got shape {tuple(x.shape)}"
-            )
-        x = self.backbone.blocks[0](x)  # stem
-        for name, stage in self.backbone.stages().items():
-            x = stage(x)
-            if name in self.dam:
-                x = self.dam[name](x)
-        features = self.backbone.head.features(x)
-        return self.backbone.head.classify(features), features
+        return forward_with_stage_modules(self.backbone, self.dam, self.num_frames, x, "DAM")
 
 
 def build_hdf(

@@ -32,7 +32,7 @@ from torch import nn
 
 from models.modelling.girl_diagnostics import girl_group_diagnostics
 from models.modelling.tfam import FUSIONS, TFAM
-from models.modelling.x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, check_clip, get_preset
+from models.modelling.x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, forward_with_stage_modules, get_preset
 from models.modelling.x3d_weights import load_x3d_checkpoint
 from piumr_kernels import GIRLLoss
 
@@ -91,19 +91,7 @@ class PIUmr(nn.Module):
         return self.backbone.num_classes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_clip(x)
-        if len(self.tfam) and x.shape[2] != self.num_frames:
-            raise ValueError(
-                f"x must have T = num_frames = {self.num_frames} frames (TFAM's T x T parameters are "
-                f"sized by it), got shape {tuple(x.shape)}"
-            )
-        x = self.backbone.blocks[0](x)  # stem
-        for name, stage in self.backbone.stages().items():
-            x = stage(x)
-            if name in self.tfam:
-                x = self.tfam[name](x)
-        features = self.backbone.head.features(x)
-        return self.backbone.head.classify(features), features
+        return forward_with_stage_modules(self.backbone, self.tfam, self.num_frames, x, "TFAM")
 
 
 class PIUmrLoss(nn.Module):

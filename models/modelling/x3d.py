@@ -302,6 +302,26 @@ class X3D(nn.Module):
         return self.head.classify(self.forward_features(x))
 
 
+def forward_with_stage_modules(
+    backbone: X3D, modules: nn.ModuleDict, num_frames: int, x: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logits, features)` of `backbone` on clips `x` with `modules[stage]` applied after each
+    stage it names (PIUmr's TFAMs, HDF's DAMs, whose T x T parameters need `T == num_frames`)."""
+    check_clip(x)
+    if len(modules) and x.shape[2] != num_frames:
+        raise ValueError(
+            f"x must have T = num_frames = {num_frames} frames ({kind}'s T x T parameters are "
+            f"sized by it), got shape {tuple(x.shape)}"
+        )
+    x = backbone.blocks[0](x)  # stem
+    for name, stage in backbone.stages().items():
+        x = stage(x)
+        if name in modules:
+            x = modules[name](x)
+    features = backbone.head.features(x)
+    return backbone.head.classify(features), features
+
+
 def check_clip(x: object, name: str = "x") -> None:
     """A video batch `(B, 3, T, H, W)` in a floating dtype, else a clear error."""
     if not isinstance(x, torch.Tensor):
