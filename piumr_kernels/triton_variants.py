@@ -9,6 +9,10 @@ in its benchmark's shape format):
 `tools/triton_static_check.py` runs `aot_launches()` under `capture_specializations`, maps
 every launch to its variant (a launch of an unlisted variant, or a variant never launched,
 is an error) and compiles each distinct specialization for sm_80 and sm_90.
+
+An autotuned kernel (`triton_autotune.autotune`) declares its variants with
+`autotuned_variants`, one per config; under `capture_specializations` each of its launches
+launches every config, so every config a GPU can pick is checked.
 """
 
 from __future__ import annotations
@@ -35,6 +39,30 @@ class KernelVariant:
             and all(launch.signature[name] == ty for name, ty in self.pointer_types.items())
             and launch.launcher_constexprs == self.constexprs
         )
+
+
+def autotuned_variants(
+    name: str, kernel, constexprs: dict[str, object] | None = None, pointer_types: dict[str, str] | None = None
+) -> list[KernelVariant]:
+    """One variant per config an autotuned `kernel` can pick (`kernel.tuning_configs`): the
+    launcher's `constexprs` plus the config's, its warps and stages. `name` (e.g.
+    `"dct.forward.reduce[fp32,split]"`) gets the config appended inside its brackets."""
+    variants = []
+    for config in kernel.tuning_configs:
+        tuned = ",".join([f"{arg}={value}" for arg, value in config.kwargs.items()])
+        tuned += f"{',' if tuned else ''}warps={config.num_warps},stages={config.num_stages}"
+        full_name = f"{name[:-1]},{tuned}]" if name.endswith("]") else f"{name}[{tuned}]"
+        variants.append(
+            KernelVariant(
+                full_name,
+                kernel.fn,
+                {**(constexprs or {}), **config.kwargs},
+                config.num_warps,
+                config.num_stages,
+                dict(pointer_types or {}),
+            )
+        )
+    return variants
 
 
 @dataclass(frozen=True)
@@ -131,8 +159,12 @@ def capture_specializations(arch: int) -> Iterator[list[Specialization]]:
     `JITFunction.run` as on an sm_`arch` GPU: triton's binder specializes the real arguments,
     then `knobs.runtime.jit_cache_hook` records what would be compiled and stops the launch
     (nothing is compiled or run, so CPU tensors do). Yields the list of records, filled as
-    the block runs. Needs real JIT kernels: TRITON_INTERPRET must be unset at import."""
+    the block runs. An autotuned kernel launches every config it can pick
+    (`triton_autotune.launching_every_config`). Needs real JIT kernels: TRITON_INTERPRET must
+    be unset at import."""
     from triton import knobs
+
+    from .triton_autotune import launching_every_config
 
     captured: list[Specialization] = []
 
@@ -152,7 +184,7 @@ def capture_specializations(arch: int) -> Iterator[list[Specialization]]:
     saved_hook = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = record
     try:
-        with _stand_in_gpu(arch):
+        with _stand_in_gpu(arch), launching_every_config():
             yield captured
     finally:
         knobs.runtime.jit_cache_hook = saved_hook

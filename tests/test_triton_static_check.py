@@ -6,6 +6,7 @@ the benchmarks' shapes."""
 import ast
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 import subprocess
@@ -39,15 +40,19 @@ def _op_modules() -> dict:
     return modules
 
 
-@pytest.mark.slow  # compiles every variant for two archs: minutes from a cold triton cache
-def test_every_launched_specialization_compiles_without_spills():
+def _static_check_environment(*paths) -> dict:
     test_only = ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")  # set by conftest for the interpreter
     environment = {key: value for key, value in os.environ.items() if key not in test_only}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    environment["PYTHONPATH"] = os.pathsep.join(map(str, filter(None, [*paths, ROOT, environment.get("PYTHONPATH")])))
+    return environment
+
+
+@pytest.mark.slow  # compiles every variant for two archs: minutes from a cold triton cache
+def test_every_launched_specialization_compiles_without_spills():
     completed = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "triton_static_check.py")],
         cwd=ROOT,
-        env=environment,
+        env=_static_check_environment(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -83,3 +88,74 @@ def test_covered_shapes_include_the_benchmark_shapes(op):
     shapes = _op_modules()[op].AOT_SHAPES
     missing = [shape for shape in _benchmark_shapes(BENCHMARKS[op]) if tuple(shape) not in map(tuple, shapes)]
     assert not missing, f"benchmark shapes missing from {op}'s AOT_SHAPES: {missing}"
+
+
+# An op module with one autotuned kernel of two configs, its aot_variants() declaring the
+# configs listed in `DECLARED`; the plan of the static check for every declaration in `_PLAN`.
+_AUTOTUNED_OP = """
+import torch
+import triton
+import triton.language as tl
+
+from piumr_kernels.triton_autotune import autotune
+from piumr_kernels.triton_variants import autotuned_variants
+
+CONFIGS = [triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128}, num_warps=4, num_stages=2)]
+DECLARED = [0, 1]
+
+
+@autotune(CONFIGS, key=["n"])
+@triton.jit
+def _scale_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, 2 * tl.load(x_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
+
+def aot_variants():
+    variants = autotuned_variants("demo.scale[fp32]", _scale_kernel)
+    return [variants[i] for i in DECLARED]
+
+
+def aot_launches():
+    x = torch.empty(1000)
+    _scale_kernel[lambda meta: (triton.cdiv(1000, meta["BLOCK"]),)](x, torch.empty_like(x), 1000)
+"""
+
+_PLAN = """
+import json
+import sys
+
+sys.path.insert(0, sys.argv[1])
+import autotuned_demo_op
+import triton_static_check
+
+plans = {}
+for declared in ([0, 1], [0]):
+    autotuned_demo_op.DECLARED = declared
+    jobs, errors = triton_static_check.plan_jobs([80, 90], "", ["autotuned_demo_op"])
+    plans[len(declared)] = {"jobs": sorted({(job.variant.name, job.arch) for job in jobs}), "errors": errors}
+print(json.dumps(plans))
+"""
+
+
+def test_every_config_of_an_autotuned_kernel_must_be_a_declared_variant(tmp_path):
+    """Every config a GPU can pick is launched under the static check, each mapped to a declared
+    variant: a config left out of aot_variants() is an error naming the launch."""
+    (tmp_path / "autotuned_demo_op.py").write_text(_AUTOTUNED_OP)
+    completed = subprocess.run(
+        [sys.executable, "-c", _PLAN, str(ROOT / "tools")],
+        cwd=tmp_path,
+        env=_static_check_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    plans = json.loads(completed.stdout.splitlines()[-1])
+    names = ["demo.scale[fp32,BLOCK=64,warps=2,stages=3]", "demo.scale[fp32,BLOCK=128,warps=4,stages=2]"]
+    assert plans["2"] == {"jobs": sorted([name, arch] for name in names for arch in (80, 90)), "errors": []}
+    assert plans["1"]["jobs"] == [[names[0], 80], [names[0], 90]]
+    assert len(plans["1"]["errors"]) == 2, plans["1"]["errors"]  # one per arch
+    for error in plans["1"]["errors"]:
+        assert "a launch of _scale_kernel" in error and "'BLOCK': 128" in error, error
+        assert "num_warps=4, num_stages=2" in error and "matches 0 aot_variants() entries" in error, error

@@ -96,12 +96,13 @@ def _op_modules() -> list[str]:
     return names
 
 
-def plan_jobs(archs: list[int], name_filter: str) -> tuple[list[Job], list[str]]:
+def plan_jobs(archs: list[int], name_filter: str, module_names: list[str] | None = None) -> tuple[list[Job], list[str]]:
     """Every distinct specialization the launchers make at the covered shapes, per arch,
     with its declared variant; and the errors (launcher failures, unmapped launches,
-    declared variants no launch reaches)."""
+    declared variants no launch reaches). `module_names`: the ops' `triton_kernels` modules
+    (default: every op's)."""
     jobs, errors = [], []
-    for module_name in _op_modules():
+    for module_name in _op_modules() if module_names is None else module_names:
         try:
             module = importlib.import_module(module_name)
             variants = module.aot_variants()
