@@ -4,7 +4,7 @@ several ranks."""
 import numpy as np
 import pytest
 
-from models.data.balanced import ClassBalancedSampler
+from models.data.balanced import ClassBalancedSampler, _Deck
 
 
 def random_dataset(seed: int, classes: int = 13, persons: int = 9, size: int = 400):
@@ -38,6 +38,30 @@ def test_every_batch_has_m_of_each_class_and_ranks_are_disjoint(world_size, batc
         for a in range(world_size):
             for b in range(a + 1, world_size):
                 assert not seen[a] & seen[b], f"ranks {a} and {b} share items in epoch {epoch}"
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_balanced_epoch_visits_every_item_once_as_a_random_order_does(world_size):
+    # 13 classes x 24 items; per rank 156 // 12 = 13 batches of 3 classes x 4: each class 3 times.
+    labels = np.random.default_rng(world_size).permutation(np.repeat(np.arange(13), 24))
+    for epoch in (0, 1):
+        visited = []
+        for rank in range(world_size):
+            sampler = ClassBalancedSampler(labels, 12, 4, rank=rank, world_size=world_size, seed=2)
+            sampler.set_epoch(epoch)
+            visited += list(sampler)
+        assert sorted(visited) == list(range(len(labels)))
+
+
+@pytest.mark.parametrize("cards", [1, 2, 5, 13])
+def test_the_deck_deals_distinct_cards_and_every_card_equally_often(cards):
+    for k in range(1, cards + 1):
+        deck, counts = _Deck(list(range(cards)), np.random.default_rng(k)), np.zeros(cards, dtype=int)
+        for _ in range(3 * cards):
+            hand = deck.deal(k)
+            assert len(set(hand)) == k
+            counts[hand] += 1
+            assert counts.max() - counts.min() <= 1
 
 
 def test_person_mode_gives_each_person_several_classes_with_m_items():

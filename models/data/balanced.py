@@ -9,11 +9,15 @@ a function of (`seed`, epoch, rank):
 - the ranks get disjoint shares of the data: in class mode each class's items are dealt
   out to the ranks (a permutation drawn from (`seed`, epoch), the same on every rank), in
   person mode each person's items go to one rank;
-- each rank composes its batches from its share only: `classes_per_batch` distinct classes
-  drawn uniformly from the classes its share holds, `m` items of each, taken from a
-  shuffled pool of that class's share; a pool that runs out is reshuffled and reused, so a
-  rare class repeats its items (within a batch too when its share has fewer than `m`)
-  rather than being left out.
+- each rank composes its batches from its share only: `classes_per_batch` distinct classes,
+  `m` items of each, taken from a shuffled pool of that class's share; a pool that runs out
+  is reshuffled and reused, so a rare class repeats its items (within a batch too when its
+  share has fewer than `m`) rather than being left out.
+- classes (and persons) are dealt from a deck, a shuffled list of all of them followed by a
+  new shuffle when it runs out: within an epoch every class comes up equally often (to one
+  draw), so a balanced dataset's epoch visits every item once, as a random order does.
+  (Classes drawn independently per batch left 12-19% of the main job's clips unseen in an
+  epoch and gave some classes no clip, others twice their share.)
 - person mode (`subjects` and `persons_per_batch` given, for GIRL's subject groups): a batch
   holds `persons_per_batch` distinct persons, each with `batch_size / persons_per_batch`
   items made of `m` items of each of some of that person's classes, so every person group
@@ -90,11 +94,12 @@ class ClassBalancedSampler(Sampler):
         persons = sorted({person for person, _ in cells})
         classes_of = {person: sorted(c for p, c in cells if p == person) for person in persons}
         # Persons that can fill their part of a batch with distinct classes.
-        usable = [p for p in persons if len(classes_of[p]) >= self.classes_per_batch]
+        usable = _Deck([p for p in persons if len(classes_of[p]) >= self.classes_per_batch], rng)
+        class_decks = {person: _Deck(classes_of[person], rng) for person in persons}
         indices = []
         for _ in range(self.num_batches):
-            for person in rng.choice(usable, size=self.persons_per_batch, replace=False).tolist():
-                for label in rng.choice(classes_of[person], size=self.classes_per_batch, replace=False).tolist():
+            for person in usable.deal(self.persons_per_batch):
+                for label in class_decks[person].deal(self.classes_per_batch):
                     indices.extend(self._take(pools, cells, (person, label), rng))
         return iter(indices)
 
@@ -153,3 +158,23 @@ class ClassBalancedSampler(Sampler):
                 f"classes x m = {self.m} items, need that many persons with >= {self.classes_per_batch} classes "
                 f"on every one of {self.world_size} rank(s); {usable} of {len(classes_per_person)} persons have them"
             )
+
+
+class _Deck:
+    """Deals distinct cards `k` at a time (`k <= len(cards)`) from a line of shuffles of
+    `cards`, a new shuffle joining when the line runs out; a card that would repeat within a
+    deal waits first in line for the next deal. A shuffle is thus dealt out before the next
+    one starts: after any number of deals, two cards' counts differ by at most one."""
+
+    def __init__(self, cards: list, rng: np.random.Generator):
+        self.cards, self.rng, self.line = list(cards), rng, []
+
+    def deal(self, k: int) -> list:
+        dealt, waiting = [], []
+        while len(dealt) < k:
+            if not self.line:
+                self.line = self.rng.permutation(self.cards).tolist()
+            card = self.line.pop(0)
+            (waiting if card in dealt else dealt).append(card)
+        self.line = waiting + self.line
+        return dealt
