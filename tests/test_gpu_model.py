@@ -289,3 +289,21 @@ def test_forward_without_grad_writes_no_more_than_with_grad(gpu_model, name, sha
     with_grad = [launch for launch in _count(name, shape, True).launches if launch.kernel in kernels][: len(without)]
     assert [launch.kernel for launch in without] == [launch.kernel for launch in with_grad]
     assert sum(launch.stored_bytes for launch in without) <= sum(launch.stored_bytes for launch in with_grad)
+
+
+def test_markdown_with_a_filter_replaces_only_the_matching_ops_rows(gpu_model, tmp_path):
+    def block(rows_by_op):
+        tables = []
+        for header in ("| op, shape | mode | x |", "| op, shape | launch |"):
+            rows = [f"| {op} {shape} | {value} |" for op, shape, value in rows_by_op]
+            tables.append("\n".join([header, "|---|---|", *rows]))
+        return "\n".join(
+            [gpu_model.BEGIN_MARKER, "text", "", tables[0], "", "### launches", "", tables[1], gpu_model.END_MARKER]
+        )
+
+    path = tmp_path / "model.md"
+    old = [("sinkhorn", "8x8", "s1"), ("dct", "8x24", "d1"), ("girl", "B=80", "g1"), ("tfam_combine", "4x24", "t1")]
+    path.write_text("prose before\n" + block(old) + "\nprose after\n")
+    gpu_model.write_markdown(path, block([("dct", "8x24", "d2"), ("dct", "8x48", "d3")]), "dct")
+    expected = [old[0], ("dct", "8x24", "d2"), ("dct", "8x48", "d3"), *old[2:]]
+    assert path.read_text() == "prose before\n" + block(expected) + "\nprose after\n"

@@ -159,3 +159,44 @@ def test_every_config_of_an_autotuned_kernel_must_be_a_declared_variant(tmp_path
     for error in plans["1"]["errors"]:
         assert "a launch of _scale_kernel" in error and "'BLOCK': 128" in error, error
         assert "num_warps=4, num_stages=2" in error and "matches 0 aot_variants() entries" in error, error
+
+
+@pytest.fixture
+def static_check():
+    """tools/triton_static_check.py as a module; its import removes the interpreter settings
+    (for its own compiles), which the rest of this process still needs."""
+    saved = {key: os.environ[key] for key in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION") if key in os.environ}
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        yield importlib.import_module("triton_static_check")
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+        os.environ.update(saved)
+
+
+def test_markdown_with_a_filter_replaces_only_the_matching_rows(static_check, tmp_path):
+    Result = static_check.Result
+
+    def result(name, tag, arch, registers, stack=0):
+        return Result(name, tag, arch, {"REG": registers, "SHARED": 0, "STACK": stack, "LOCAL": 0}, 1024)
+
+    path = tmp_path / "table.md"
+    markers = f"{static_check.BEGIN_MARKER}\n{static_check.END_MARKER}"
+    path.write_text(f"# Static check\n\nprose before\n\n{markers}\n\nprose after\n")
+    old = [
+        result("dct.a[fp32]", "", 80, 40),
+        result("dct.a[fp32]", "", 90, 41),
+        result("sinkhorn.b[fp32]", "n%16", 80, 50),
+        result("sinkhorn.b[fp32]", "n%16", 90, 51, stack=8),
+        Result("tfam.c[bf16]", "", 90, error="CompilationError: at 1:2"),
+    ]
+    static_check.write_markdown(path, old, [80, 90])
+    assert static_check.parse_table(path.read_text()) == old
+
+    new = [result("dct.a[fp32,warps=8]", "", 80, 60), result("dct.a[fp32,warps=8]", "", 90, 61)]
+    static_check.write_markdown(path, new, [80, 90], "dct")
+    text = path.read_text()
+    assert text.startswith("# Static check\n\nprose before\n") and text.endswith("\nprose after\n")
+    assert static_check.parse_table(text) == new + old[2:]
+    assert "\n3 variants, " in text and " = 5 compiles (1 failed)" in text
+    assert "sm_80: max 60 registers, 0 spilling; sm_90: max 61 registers, 1 spilling" in text

@@ -30,6 +30,9 @@ Latency hiding is not modelled: at low occupancy the real time is longer, which 
 "programs per SM" column flags. Every time printed is MODELLED.
 
     python tools/gpu_model.py [--filter girl] [--markdown docs/gpu_model.md]
+
+`--markdown` rewrites the generated block of that file; with `--filter` only the rows of the
+ops whose name contains the filter are replaced (the others' rows stay as they were).
 """
 
 from __future__ import annotations
@@ -243,8 +246,11 @@ def _dct_step(shape, backward):
 
 
 def _girl_step(shape, backward):
+    from piumr_kernels.launch_state import zeroed_tickets
+
     batch, width, groups = shape
     features = torch.randn(batch, width, generator=_generator()).requires_grad_(backward)
+    zeroed_tickets(features, 1)  # the forward's ticket: allocated by a process's first call, reused after
     labels = torch.randint(0, 52, (batch,), generator=_generator())
     call = lambda: piumr_kernels.girl_loss(features, labels, num_groups=groups, generator=_generator())
     if not backward:
@@ -780,9 +786,51 @@ def report(pairs: list[tuple[OpModel, OpModel]]) -> str:
     )
 
 
-def write_markdown(path: Path, block: str) -> None:
-    """Replaces the generated block of `path` (keeping the prose around it), or writes the block alone."""
+def _row_op(row: str) -> str:
+    """The op a table row belongs to (its first cell starts with the op's name)."""
+    return row.split("|")[1].split()[0]
+
+
+def _tables(block: str) -> list[list[str]]:
+    """The block's tables: runs of consecutive lines starting with "|" (header, rule, rows)."""
+    tables, previous = [], False
+    for line in block.splitlines():
+        row = line.startswith("|")
+        if row and not previous:
+            tables.append([])
+        if row:
+            tables[-1].append(line)
+        previous = row
+    return tables
+
+
+def merge_tables(old_block: str, new_block: str, name_filter: str) -> str:
+    """`new_block` (counted for the ops whose name contains `name_filter`), with the rows of
+    every other op taken from the same table of `old_block`, in OPS order."""
+    order = {op.name: index for index, op in enumerate(OPS)}
+    old_tables = _tables(old_block)
+    merged = []
+    for index, table in enumerate(_tables(new_block)):
+        old_rows = old_tables[index][2:] if index < len(old_tables) else []
+        kept = [row for row in old_rows if name_filter not in _row_op(row)]
+        merged.append(table[:2] + sorted(kept + table[2:], key=lambda row: order.get(_row_op(row), len(order))))
+    lines, previous = [], False
+    for line in new_block.splitlines():
+        row = line.startswith("|")
+        if row and not previous:
+            lines += merged.pop(0)
+        elif not row:
+            lines.append(line)
+        previous = row
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, block: str, name_filter: str = "") -> None:
+    """Replaces the generated block of `path` (keeping the prose around it), or writes the block
+    alone; with `name_filter`, only the rows of the ops whose name contains it (`merge_tables`)."""
     text = path.read_text() if path.exists() else ""
+    if name_filter and BEGIN_MARKER in text and END_MARKER in text:
+        block = merge_tables(text.split(BEGIN_MARKER, 1)[1].split(END_MARKER, 1)[0], block, name_filter)
     if BEGIN_MARKER in text and END_MARKER in text:
         head, rest = text.split(BEGIN_MARKER, 1)
         text = head + block + rest.split(END_MARKER, 1)[1]
@@ -796,8 +844,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="only ops whose name contains this")
     parser.add_argument("--markdown", type=Path, help="rewrite the generated block of this markdown file")
     args = parser.parse_args(argv)
-    if args.markdown and args.filter:
-        parser.error("--markdown rewrites the whole table: run it without --filter")
     resources, variants = static_check_resources(), _declared_variants()
     pairs = []
     for op in OPS:
@@ -817,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     block = report(pairs)
     print(block)
     if args.markdown:
-        write_markdown(args.markdown, block)
+        write_markdown(args.markdown, block, args.filter)
     return 0
 
 

@@ -20,7 +20,8 @@ STACK or LOCAL: Triton inlines everything, so stack space is spilled registers).
     python tools/triton_static_check.py [--jobs 2] [--filter sinkhorn] [--arch 80 90]
                                         [--markdown docs/triton_static_check.md]
 
-`--markdown` rewrites the generated part of that file (between its BEGIN/END markers).
+`--markdown` rewrites the generated part of that file (between its BEGIN/END markers); with
+`--filter` only the rows of the variants whose name contains the filter are replaced.
 The interpreter replaces `@triton.jit` functions with Python ones that cannot be compiled,
 and the test suite's `TRITON_DEFAULT_FP_FUSION=0` is not what runs (the launchers leave FP
 fusion at triton's default), so both variables are removed before triton is imported.
@@ -195,8 +196,35 @@ def summary(results: list[Result], archs: list[int]) -> str:
     )
 
 
-def write_markdown(path: Path, results: list[Result], archs: list[int]) -> None:
-    """Replaces the generated block of `path` (kept prose around it), or writes the block alone."""
+def parse_table(text: str) -> list[Result]:
+    """The results in the rows of a table `markdown_table` wrote."""
+    results = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or not re.fullmatch(r"sm_\d+", cells[2]):
+            continue
+        name, tag, arch = cells[0], "" if cells[1] == "-" else cells[1], int(cells[2][3:])
+        if cells[7].startswith("COMPILE ERROR: "):
+            results.append(Result(name, tag, arch, error=cells[7].removeprefix("COMPILE ERROR: ")))
+            continue
+        stack, local = (int(value) for value in cells[6].split("/"))
+        resources = {"REG": int(cells[3]), "SHARED": int(cells[4]), "STACK": stack, "LOCAL": local}
+        results.append(Result(name, tag, arch, resources, int(cells[5])))
+    return results
+
+
+def write_markdown(path: Path, results: list[Result], archs: list[int], name_filter: str = "") -> None:
+    """Replaces the generated block of `path` (kept prose around it), or writes the block alone.
+    With `name_filter`, the block's rows of other variants stay (the summary counts all rows)."""
+    text = path.read_text() if path.exists() else ""
+    if name_filter and BEGIN_MARKER in text:
+        kept = [
+            result
+            for result in parse_table(text.split(BEGIN_MARKER, 1)[1].split(END_MARKER, 1)[0])
+            if name_filter not in result.name
+        ]
+        results = sorted(kept + results, key=lambda result: (result.name, result.tag, result.arch))
+        archs = sorted({result.arch for result in results})
     block = "\n".join(
         [
             BEGIN_MARKER,
@@ -210,7 +238,6 @@ def write_markdown(path: Path, results: list[Result], archs: list[int]) -> None:
             END_MARKER,
         ]
     )
-    text = path.read_text() if path.exists() else ""
     if BEGIN_MARKER in text and END_MARKER in text:
         head, rest = text.split(BEGIN_MARKER, 1)
         text = head + block + rest.split(END_MARKER, 1)[1]
@@ -240,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(markdown_table(results))
     if args.markdown:
-        write_markdown(args.markdown, results, args.arch)
+        write_markdown(args.markdown, results, args.arch, args.filter)
     failures = errors + [f"{r.name} {{{r.tag}}} sm_{r.arch}: {r.error}" for r in results if r.error]
     failures += [
         f"{r.name} {{{r.tag}}} sm_{r.arch}: spills (STACK {r.resources['STACK']}, LOCAL {r.resources['LOCAL']})"
