@@ -231,19 +231,41 @@ def test_launch_plan_without_running_programs_matches_the_real_run(gpu_model, na
     assert all(launch.bytes == 0 for launch in plan.launches)
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [
-        (64, 4, 4, 2),
-        (1, 16, 16, 2),
-        (1, 65, 64, 2),
-    ],
-    ids=["packed", "one_matrix", "streaming"],
-)
+@pytest.mark.parametrize("shape", [(64, 4, 4, 2), (1, 16, 16, 2)], ids=["packed", "one_matrix"])
 def test_sinkhorn_forward_without_grad_writes_only_P(gpu_model, shape):
     batch, rows, cols, _ = shape
     (launch,) = _count("sinkhorn", shape, False).launches
     assert launch.stored_bytes == launch.distinct_stored_bytes == batch * rows * cols * FP32
+
+
+def test_sinkhorn_streaming_forward_without_grad_writes_P_scales_and_slice_partials(gpu_model):
+    """The streaming forward splits each matrix into row slices: per iteration each slice
+    rewrites its rows of U and its column-sum partial, the last slice V; no per-iteration
+    stats."""
+    from piumr_kernels.sinkhorn_knopp import triton_kernels
+
+    batch, rows, cols, iters = shape = (1, 65, 64, 2)
+    slices, _ = triton_kernels.stream_slices(triton_kernels.launch_plan(rows, cols), batch, rows, torch.device("cpu"))
+    assert slices == 5  # 16-row tiles, one per slice
+    (launch,) = _count("sinkhorn", shape, False).launches
+    vectors = batch * (rows + cols + slices * cols) * FP32
+    # int32 ticket resets: the arrival count after each of the iters + 1 stages, the queue once.
+    resets, tickets = (iters + 2) * 4, 2 * 4
+    assert launch.programs == batch * slices
+    assert launch.stored_bytes == batch * rows * cols * FP32 + iters * vectors + resets
+    assert launch.distinct_stored_bytes == batch * rows * cols * FP32 + vectors + tickets
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_sinkhorn_streaming_launches_fill_an_h100(gpu_model, backward):
+    """32 128x128 matrices: each streaming launch splits them into row slices for at least 2
+    programs per SM of an H100 (counted from the grids alone)."""
+    step = _op(gpu_model, "sinkhorn").prepare((32, 128, 128, 3), backward)
+    launches = gpu_model.count_call(step, run_programs=False).launches
+    assert [launch.kernel for launch in launches] == ["_forward_rows_kernel", "_backward_streaming_kernel"][
+        : 1 + backward
+    ]
+    assert all(launch.programs == 256 and -(-launch.programs // gpu_model.H100.sms) >= 2 for launch in launches)
 
 
 def test_sinkhorn_streaming_wide_forward_without_grad_writes_P_and_running_scales_only(gpu_model):
@@ -271,6 +293,17 @@ def test_sinkhorn_packed_backward_replays_the_forward(gpu_model):
     assert forward.stored_bytes == forward.distinct_stored_bytes == matrices
     assert backward.loaded_bytes == backward.distinct_loaded_bytes == 2 * matrices
     assert backward.stored_bytes == matrices
+
+
+@pytest.mark.parametrize(
+    "shape", [(64, 4, 4, 2), (1, 16, 16, 2), (1, 65, 64, 2)], ids=["packed", "one_matrix", "streaming"]
+)
+def test_sinkhorn_moves_at_most_the_target_bytes(gpu_model, shape):
+    """Every tier within 1.3x of the op's minimum bytes forward and 2x forward+backward
+    (statistics, the streaming slices' partials and running vectors included)."""
+    op = _op(gpu_model, "sinkhorn")
+    assert _count("sinkhorn", shape, False).bytes <= 1.3 * op.minimum_bytes(shape, False)
+    assert _count("sinkhorn", shape, True).bytes <= 2 * op.minimum_bytes(shape, True)
 
 
 @pytest.mark.parametrize(

@@ -5,19 +5,23 @@ Four tiers, picked by the launchers from the matrix size `(N, M)` (see `launch_p
   register tile (64 hyper-connection 4x4 mixings per program);
 - **one matrix** (padded tile up to 4096 elements: 64x64, 32x128, ...): the same
   register-resident kernel with `BLOCK_B = 1`, `num_warps` growing with the matrix;
-- **streaming** (larger tiles up to 1024x1024 padded, including 128x128): one program per
-  matrix, `K` stays in global memory, using the factorization `P_t = diag(U) K diag(V)`
-  (linear) or `L_t = K + f + g` (log). The forward streams tiles of whole rows with `U`, `V`
-  (`f`, `g`) in registers: one pass over `K` per iteration (each row step fused with the
-  next column sums) and one to write `P`. The backward makes two passes per iteration;
-- **streaming_wide** (past 1024 padded rows or columns, where the vectors would crowd the
-  registers): the same backward; the forward makes one pass per half-step over row or
-  column tiles, with the scale vectors / potentials in small global buffers. It covers
-  every size.
+- **streaming** (larger tiles up to 1024x1024 padded, including 128x128): `K` stays in
+  global memory, using the factorization `P_t = diag(U) K diag(V)` (linear) or
+  `L_t = K + f + g` (log). Each matrix is split into row slices, enough for the batch to
+  fill the GPU (`stream_slices`), whose programs meet in-launch: the work items (stage,
+  matrix, slice) are claimed from an int32 ticket queue in stage order and the last slice
+  of a stage finishes it (the column step from the slices' partial sums). The forward
+  streams tiles of whole rows: one pass over the slice per iteration (its row step fused
+  with its share of the next column sums) and one to write `P`. The backward makes two
+  passes per iteration;
+- **streaming_wide** (past 1024 padded rows or columns): the same backward; the forward,
+  one program per matrix, makes one pass per half-step over row or column tiles, with the
+  scale vectors / potentials in small global buffers. It covers every size.
 
-Both streaming tiers are fast when the batch fills the GPU (one program per matrix): a
-matrix's iterations need its whole row and column sums, which one program owns without
-synchronizing with others; a single huge matrix is slow.
+Programs of the same matrix wait for each other's stages (a spin on the matrix's finished
+stage count): items are claimed in stage order, so every stage waited for is held by a
+running program, whatever the number of programs resident. Under the interpreter one
+program claims every item in order and never waits.
 
 The backward recomputes the intermediate matrices from `K` and the forward's per-iteration
 row/column scales or potentials (`O(n_iters * (N + M))` per matrix); the packed tier, up to
@@ -34,6 +38,7 @@ Offsets are int64 so batches past 2**31 elements index correctly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +47,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ..triton_variants import KernelVariant
+from ..launch_state import is_last_program, zeroed_tickets
+from ..triton_autotune import Autotuned, autotune
+from ..triton_variants import KernelVariant, autotuned_variants
 
 PACKED_MAX = 8  # N, M <= 8: many matrices per program
 PACKED_ELEMENTS = 1024  # elements of one packed program's tile
@@ -57,6 +64,11 @@ STREAM_WARPS = 4
 # Software pipelining of the loops that stream K tiles: the next tile's loads are issued
 # while the current one is reduced.
 STREAM_STAGES = tl.constexpr(2)
+# The streaming kernels' configurations, tuned per shape on a GPU: the design one first (what
+# the interpreter runs and the traffic model counts), then twice the warps per program (more
+# loads in flight per SM). `maxnreg`: see `LaunchPlan.launch_options`.
+STREAM_CONFIGS = [triton.Config({}, num_warps=4, maxnreg=255), triton.Config({}, num_warps=8, maxnreg=255)]
+STREAM_TUNING_KEY = ["n_matrices", "n_rows", "n_cols", "n_slices"]
 REGISTERS_PER_SM = 65536  # sm_80 / sm_90: also the most one program may hold
 # The interpreter pays per tile operation, not per element, and has no registers to spill:
 # it streams 4096-element tiles of any height so the tests stay fast.
@@ -367,15 +379,56 @@ def _backward_register_kernel(
 
 
 @triton.jit
+def _claim(queue_ptr):
+    """The next work item of the launch (int32 ticket)."""
+    return tl.atomic_add(queue_ptr, 1, sem="relaxed")
+
+
+@triton.jit
+def _wait_for_stage(progress_ptr, stage):
+    """Spins until the matrix has finished `stage` stages. Items are claimed in stage order,
+    so the programs holding the earlier stages are running: the wait ends. Under the
+    interpreter one program claims every item in order and never waits."""
+    done = tl.atomic_add(progress_ptr, 0, sem="acquire")
+    while done < stage:
+        done = tl.atomic_add(progress_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _end_stage(arrivals_ptr, progress_ptr, stage, n_stages):
+    """The finishing program of a stage: resets the arrival count and publishes the stage
+    (after the last stage, resets the progress for the next launch)."""
+    tl.store(arrivals_ptr, 0)
+    tl.debug_barrier()
+    tl.atomic_xchg(progress_ptr, tl.where(stage < n_stages - 1, stage + 1, 0), sem="release")
+
+
+@triton.jit
+def _release_queue(queue_ptr, item, n_items):
+    """The program making the launch's last claim (every other program has made its final
+    one, so all items are done) resets the queue for the next launch."""
+    if item == n_items + tl.num_programs(0) - 1:
+        tl.store(queue_ptr, 0)
+
+
+@autotune(STREAM_CONFIGS, key=STREAM_TUNING_KEY)
+@triton.jit
 def _forward_rows_kernel(
     K_ptr,
     P_ptr,
     row_stats_ptr,
     col_stats_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    partial_ptr,
+    tickets_ptr,
     n_matrices,
     n_rows,
     n_cols,
     n_iters,
+    n_slices,
+    slice_tiles,
     eps,
     row_sum,
     col_sum,
@@ -383,80 +436,120 @@ def _forward_rows_kernel(
     SAVE_STATS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    ROW_TILES: tl.constexpr,
 ):
-    """One pass over `K` per iteration: a tile holds whole rows (`BLOCK_C >= M`), so its row
-    step needs only `V` (log: `g`), kept in registers, and its new `U_i` (log: `f_i`) adds the
-    tile's share of the next column sums at once; after the pass the column step is a vector
-    update. Log domain: `f_t = log r - logsumexp_j(K + g_{t-1})`, `g_t = log c - logsumexp_i(K + f_t)`.
-    `U` (log: `f`, needed only for `P`) stays in registers too, as `[ROW_TILES, BLOCK_R]`
-    (a tile's entries picked by a masked sum over the row tiles), so nothing but `P` and, with
-    `SAVE_STATS`, the per-iteration stats is stored."""
-    matrix = tl.program_id(0).to(tl.int64)
+    """Each matrix is split into `n_slices` slices of `slice_tiles` row tiles (tiles of whole
+    rows, `BLOCK_C >= M`); the work items are (stage, matrix, slice), claimed from a queue
+    in that order by however many programs run. Stage `t < n_iters`: the slice's row step of
+    iteration t (linear `U_i <- U_i * r / (U_i sum_j K_ij V_j + eps)`; log
+    `f_i = log r - logsumexp_j(K_ij + g_j)`) fused with the slice's share of the next column
+    sums (log: an online logsumexp, peak and total), stored as the slice's partial; the
+    matrix's last slice to finish adds the partials in slice order and makes the column step.
+    Stage `n_iters`: each slice writes its rows of `P = diag(U) K diag(V)` (log:
+    `exp(K + f + g)`). `U`, `V` (log: `f`, `g`) live in `row_scale`/`col_scale`, written and
+    re-read within the launch by other programs (hence `.cg` loads past L1). Tickets: the
+    queue, then per matrix an arrival count and its finished stages."""
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
-    K_ptr += matrix * n_rows * n_cols
-    P_ptr += matrix * n_rows * n_cols
-    row_stats_ptr += matrix
-    col_stats_ptr += matrix
+    NEUTRAL: tl.constexpr = 0.0 if LOG_DOMAIN else 1.0  # potential / scale before any step
+    queue_ptr = tickets_ptr
+    arrivals_ptr = tickets_ptr + 1
+    progress_ptr = arrivals_ptr + n_matrices
     tile_rows = tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
-    tile_ids = tl.arange(0, ROW_TILES)[:, None]
     n_tiles = tl.cdiv(n_rows, BLOCK_R)
-    # Before any step: U = V = 1 (linear), f = g = 0 (log).
-    row_potential = tl.full((ROW_TILES, BLOCK_R), 0.0 if LOG_DOMAIN else 1.0, tl.float32)
-    col_potential = tl.full((BLOCK_C,), 0.0 if LOG_DOMAIN else 1.0, tl.float32)
-    for t in range(n_iters):
-        peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_C,), tl.float32)
-        for tile in tl.range(n_tiles, num_stages=STREAM_STAGES):
-            rows = tile * BLOCK_R + tile_rows
-            row_ok = rows < n_rows
-            mask = row_ok[:, None] & col_ok[None, :]
-            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-            selected = tile_ids == tile
+    per_stage = n_matrices * n_slices
+    n_items = (n_iters + 1) * per_stage
+    item = _claim(queue_ptr)
+    while item < n_items:
+        stage = item // per_stage
+        matrix = (item % per_stage // n_slices).to(tl.int64)
+        part = item % n_slices
+        _wait_for_stage(progress_ptr + matrix, stage)
+        K_matrix = K_ptr + matrix * n_rows * n_cols
+        row_scale = row_scale_ptr + matrix * n_rows
+        col_scale = col_scale_ptr + matrix * n_cols
+        partial = partial_ptr + (matrix * n_slices + part) * 2 * n_cols
+        first_tile = part * slice_tiles
+        end_tile = tl.minimum(first_tile + slice_tiles, n_tiles)
+        col_potential = tl.load(
+            col_scale + cols, mask=tl.where(stage > 0, col_ok, False), other=NEUTRAL, cache_modifier=".cg"
+        )
+        if stage < n_iters:
+            peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+            total = tl.zeros((BLOCK_C,), tl.float32)
+            for tile in tl.range(first_tile, end_tile, num_stages=STREAM_STAGES):
+                rows = tile * BLOCK_R + tile_rows
+                row_ok = rows < n_rows
+                mask = row_ok[:, None] & col_ok[None, :]
+                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                if LOG_DOMAIN:
+                    k = tl.load(K_matrix + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+                    new = tl.where(row_ok, tl.log(row_sum) - _logsumexp(k + col_potential[None, :], 1), 0.0)
+                    x = k + new[:, None]
+                    new_peak = tl.maximum(peak, tl.max(x, axis=0))
+                    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+                    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
+                    peak = new_peak
+                    stat = new
+                else:
+                    u = tl.load(
+                        row_scale + rows, mask=tl.where(stage > 0, row_ok, False), other=1.0, cache_modifier=".cg"
+                    )
+                    k = tl.load(K_matrix + offsets, mask=mask, other=0.0).to(tl.float32)
+                    row_total = tl.sum(k * col_potential[None, :], axis=1)
+                    stat = _safe_scale(row_sum, u * row_total, eps)
+                    # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
+                    new = tl.where(row_total == 0, 0.0, u * stat)
+                    total += tl.sum(new[:, None] * k, axis=0)
+                if SAVE_STATS:
+                    tl.store(row_stats_ptr + matrix + _stat_index(stage, n_rows, rows, n_matrices), stat, mask=row_ok)
+                tl.store(row_scale + rows, new, mask=row_ok)
+            tl.store(partial + cols, total, mask=col_ok)
             if LOG_DOMAIN:
-                k = tl.load(K_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
-                new = tl.where(row_ok, tl.log(row_sum) - _logsumexp(k + col_potential[None, :], 1), 0.0)
-                # Online logsumexp of K + f over the row tiles (g_t = log c - logsumexp_i(K + f_t)).
-                x = k + new[:, None]
-                new_peak = tl.maximum(peak, tl.max(x, axis=0))
-                shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-                total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
-                peak = new_peak
-                stat = new
-            else:
-                u = tl.sum(tl.where(selected, row_potential, 0.0), axis=0)
-                k = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                row_total = tl.sum(k * col_potential[None, :], axis=1)
-                stat = _safe_scale(row_sum, u * row_total, eps)
-                # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
-                new = tl.where(row_total == 0, 0.0, u * stat)
-                total += tl.sum(new[:, None] * k, axis=0)
-            if SAVE_STATS:
-                tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), stat, mask=row_ok)
-            row_potential = tl.where(selected, new[None, :], row_potential)
-        if LOG_DOMAIN:
-            shift = tl.where(peak == float("-inf"), 0.0, peak)
-            col_potential = tl.where(col_ok, tl.log(col_sum) - (shift + tl.log(total)), 0.0)
-            stat = col_potential
+                tl.store(partial + n_cols + cols, peak, mask=col_ok)
         else:
-            stat = _safe_scale(col_sum, col_potential * total, eps)
-            col_potential = tl.where(total == 0, 0.0, col_potential * stat)
-        if SAVE_STATS:
-            tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), stat, mask=col_ok)
-    # Output pass: P = U K V (linear) or exp(K + f + g) (log).
-    for tile in tl.range(n_tiles, num_stages=STREAM_STAGES):
-        rows = tile * BLOCK_R + tile_rows
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        potential = tl.sum(tl.where(tile_ids == tile, row_potential, 0.0), axis=0)
-        k = tl.load(K_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        p = _entries(k, potential, col_potential, LOG_DOMAIN)
-        tl.store(P_ptr + offsets, p.to(P_ptr.dtype.element_ty), mask=mask)
+            for tile in tl.range(first_tile, end_tile, num_stages=STREAM_STAGES):
+                rows = tile * BLOCK_R + tile_rows
+                row_ok = rows < n_rows
+                mask = row_ok[:, None] & col_ok[None, :]
+                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                row_potential = tl.load(row_scale + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                k = tl.load(K_matrix + offsets, mask=mask, other=0.0).to(tl.float32)
+                p = _entries(k, row_potential, col_potential, LOG_DOMAIN)
+                tl.store(P_ptr + matrix * n_rows * n_cols + offsets, p.to(P_ptr.dtype.element_ty), mask=mask)
+        if is_last_program(arrivals_ptr, matrix, n_slices):
+            if stage < n_iters:
+                # Column step t from the slices' partials, added in slice order.
+                peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+                total = tl.zeros((BLOCK_C,), tl.float32)
+                for other in range(n_slices):
+                    partial = partial_ptr + (matrix * n_slices + other) * 2 * n_cols
+                    part_total = tl.load(partial + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                    if LOG_DOMAIN:
+                        part_peak = tl.load(
+                            partial + n_cols + cols, mask=col_ok, other=float("-inf"), cache_modifier=".cg"
+                        )
+                        new_peak = tl.maximum(peak, part_peak)
+                        shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+                        total = total * tl.exp(peak - shift) + part_total * tl.exp(part_peak - shift)
+                        peak = new_peak
+                    else:
+                        total += part_total
+                if LOG_DOMAIN:
+                    shift = tl.where(peak == float("-inf"), 0.0, peak)
+                    stat = tl.where(col_ok, tl.log(col_sum) - (shift + tl.log(total)), 0.0)
+                    new = stat
+                else:
+                    stat = _safe_scale(col_sum, col_potential * total, eps)
+                    new = tl.where(total == 0, 0.0, col_potential * stat)
+                if SAVE_STATS:
+                    tl.store(col_stats_ptr + matrix + _stat_index(stage, n_cols, cols, n_matrices), stat, mask=col_ok)
+                tl.store(col_scale + cols, new, mask=col_ok)
+            _end_stage(arrivals_ptr + matrix, progress_ptr + matrix, stage, n_iters + 1)
+        item = _claim(queue_ptr)
+    _release_queue(queue_ptr, item, n_items)
 
 
 @triton.jit
@@ -606,6 +699,21 @@ def _forward_streaming_kernel(
 
 
 @triton.jit
+def _running_products(stats_ptr, products_ptr, entries, ok, n_entries, n_iters, n_matrices, STORE: tl.constexpr):
+    """Linear domain: the running products `U_t = prod_{s <= t} alpha_s` (or `V_t` of the
+    betas) of some entries, stored for every `t` with `STORE`; returns the last. Capped like
+    the register tier's products (a zero row's scale overflows otherwise)."""
+    product = tl.full(entries.shape, 1.0, tl.float32)
+    for t in range(n_iters):
+        index = _stat_index(t, n_entries, entries, n_matrices)
+        product = tl.minimum(product * tl.load(stats_ptr + index, mask=ok, other=1.0), FLOAT32_MAX)
+        if STORE:
+            tl.store(products_ptr + index, product, mask=ok)
+    return product
+
+
+@autotune(STREAM_CONFIGS, key=STREAM_TUNING_KEY)
+@triton.jit
 def _backward_streaming_kernel(
     grad_ptr,
     K_ptr,
@@ -615,11 +723,15 @@ def _backward_streaming_kernel(
     col_potential_ptr,
     row_work_ptr,
     col_work_ptr,
+    partial_ptr,
+    tickets_ptr,
     grad_K_ptr,
     n_matrices,
     n_rows,
     n_cols,
     n_iters,
+    n_slices,
+    slice_tiles,
     eps,
     row_sum,
     col_sum,
@@ -635,156 +747,229 @@ def _backward_streaming_kernel(
     end `dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1))`, with
     `S(t, s) = U_t V_s^T` (linear) or `exp(K + f_t + g_s)` (log).
 
+    Work items (stage, matrix, row slice) as in `_forward_rows_kernel`. Stage 0: the slice's
+    share of `C = colsum(G * P_T)` (linear: after its rows' running products `U_t`); the
+    last slice adds the shares, writes `V_t` (linear) and `w_{T-1}`. Stage `k = T - t`
+    (`t = T-1 .. 0`): the slice's rows of `R` (`z_t`, `R`: row-local) and its share of the
+    column step's `C` update; the last slice finishes `C` and writes `w_{t-1}`. Stage `T + 1`:
+    the slice's rows of `dK`.
+
     `row_potential`/`col_potential` hold `U_t, V_t` (linear: the running products of the
     stats, written here first; stats-shaped) or `f_t, g_t` (log: the stats themselves).
-    `row_work` is `(n_iters + 1, N)` per matrix:
-    `z_t` then `R`; `col_work` likewise `w_t` then `C`."""
-    matrix = tl.program_id(0).to(tl.int64)
+    `row_work` is `(n_iters + 1, N)` per matrix: `z_t` then `R`; `col_work` likewise `w_t`
+    then `C` (before the pending column update)."""
     eps = tl.cast(eps, tl.float32)
     row_sum = tl.cast(row_sum, tl.float32)
     col_sum = tl.cast(col_sum, tl.float32)
     NEUTRAL: tl.constexpr = 0.0 if LOG_DOMAIN else 1.0  # potential / scale before any step
-    grad_ptr += matrix * n_rows * n_cols
-    K_ptr += matrix * n_rows * n_cols
-    grad_K_ptr += matrix * n_rows * n_cols
-    row_stats_ptr += matrix
-    col_stats_ptr += matrix
-    row_potential_ptr += matrix
-    col_potential_ptr += matrix
-    z_ptr = row_work_ptr + matrix * (n_iters + 1) * n_rows
-    w_ptr = col_work_ptr + matrix * (n_iters + 1) * n_cols
-    R_ptr = z_ptr + n_iters * n_rows
-    C_ptr = w_ptr + n_iters * n_cols
+    queue_ptr = tickets_ptr
+    arrivals_ptr = tickets_ptr + 1
+    progress_ptr = arrivals_ptr + n_matrices
     tile_rows = tl.arange(0, BLOCK_R)
     tile_cols = tl.arange(0, BLOCK_C)
     last = n_iters - 1
-
-    if not LOG_DOMAIN:
-        # U_t, V_t: running products of the stats, capped like the register tier's products
-        # (a zero row's U overflows otherwise).
-        for row_start in range(0, n_rows, BLOCK_R):
-            rows = row_start + tile_rows
-            row_ok = rows < n_rows
-            u = tl.full((BLOCK_R,), 1.0, tl.float32)
-            for t in range(n_iters):
-                index = _stat_index(t, n_rows, rows, n_matrices)
-                u = tl.minimum(u * tl.load(row_stats_ptr + index, mask=row_ok, other=1.0), FLOAT32_MAX)
-                tl.store(row_potential_ptr + index, u, mask=row_ok)
-        for col_start in range(0, n_cols, BLOCK_C):
-            cols = col_start + tile_cols
-            col_ok = cols < n_cols
-            v = tl.full((BLOCK_C,), 1.0, tl.float32)
-            for t in range(n_iters):
-                index = _stat_index(t, n_cols, cols, n_matrices)
-                v = tl.minimum(v * tl.load(col_stats_ptr + index, mask=col_ok, other=1.0), FLOAT32_MAX)
-                tl.store(col_potential_ptr + index, v, mask=col_ok)
-        tl.debug_barrier()
-
-    # C = colsum(G * P_T).
-    for col_start in range(0, n_cols, BLOCK_C):
-        cols = col_start + tile_cols
-        col_ok = cols < n_cols
-        g = tl.load(col_potential_ptr + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
-        total = tl.zeros((BLOCK_C,), tl.float32)
-        for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
-            rows = row_start + tile_rows
-            row_ok = rows < n_rows
-            tile = row_ok[:, None] & col_ok[None, :]
-            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-            f = tl.load(row_potential_ptr + _stat_index(last, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-            k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-            upstream = tl.load(grad_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-            total += tl.sum(upstream * _entries(k, f, g, LOG_DOMAIN), axis=0)
-        tl.store(C_ptr + cols, total, mask=col_ok)
-    tl.debug_barrier()
-
-    for step in range(n_iters):
-        t = n_iters - 1 - step
-        # Column step t: w_t = C; C <- C - colsum(P_{t+1}) * w_t / c.
-        for col_start in range(0, n_cols, BLOCK_C):
-            cols = col_start + tile_cols
-            col_ok = cols < n_cols
-            w = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
-            beta = tl.load(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
-            tl.store(w_ptr + t * n_cols + cols, w, mask=col_ok)
-            tl.store(C_ptr + cols, w - _normalized_sum(col_sum, beta, eps, LOG_DOMAIN) * w / col_sum, mask=col_ok)
-        tl.debug_barrier()
-        # R <- R - P_{t+1} w_t / c (at the first step R starts as rowsum(G * P_T), P_T = P_{t+1}).
-        for row_start in range(0, n_rows, BLOCK_R):
-            rows = row_start + tile_rows
-            row_ok = rows < n_rows
-            f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-            total = tl.load(R_ptr + rows, mask=tl.where(step > 0, row_ok, False), other=0.0)
-            for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
+    per_stage = n_matrices * n_slices
+    n_stages = n_iters + 2
+    n_items = n_stages * per_stage
+    item = _claim(queue_ptr)
+    while item < n_items:
+        stage = item // per_stage
+        matrix = (item % per_stage // n_slices).to(tl.int64)
+        part = item % n_slices
+        _wait_for_stage(progress_ptr + matrix, stage)
+        grad = grad_ptr + matrix * n_rows * n_cols
+        K_matrix = K_ptr + matrix * n_rows * n_cols
+        row_stats = row_stats_ptr + matrix
+        col_stats = col_stats_ptr + matrix
+        row_potential = row_potential_ptr + matrix
+        col_potential = col_potential_ptr + matrix
+        z_ptr = row_work_ptr + matrix * (n_iters + 1) * n_rows
+        w_ptr = col_work_ptr + matrix * (n_iters + 1) * n_cols
+        R_ptr = z_ptr + n_iters * n_rows
+        C_ptr = w_ptr + n_iters * n_cols
+        partial = partial_ptr + (matrix * n_slices + part) * n_cols
+        first_row = part * slice_tiles * BLOCK_R
+        end_row = tl.minimum(first_row + slice_tiles * BLOCK_R, n_rows)
+        t = n_iters - stage  # the step of stages 1 .. n_iters
+        if stage == 0:
+            if not LOG_DOMAIN:
+                for row_start in range(first_row, end_row, BLOCK_R):
+                    rows = row_start + tile_rows
+                    row_ok = rows < n_rows
+                    _running_products(row_stats, row_potential, rows, row_ok, n_rows, n_iters, n_matrices, True)
+                tl.debug_barrier()
+            # The slice's share of C = colsum(G * P_T).
+            for col_start in range(0, n_cols, BLOCK_C):
                 cols = col_start + tile_cols
                 col_ok = cols < n_cols
-                tile = row_ok[:, None] & col_ok[None, :]
-                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                g = tl.load(col_potential_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
-                w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
-                k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-                upstream = tl.load(grad_ptr + offsets, mask=tl.where(step == 0, tile, False), other=0.0).to(tl.float32)
-                total += tl.sum(_entries(k, f, g, LOG_DOMAIN) * (upstream - w[None, :] / col_sum), axis=1)
-            tl.store(R_ptr + rows, total, mask=row_ok)
-        tl.debug_barrier()
-        # Row step t: z_t = R; R <- R - rowsum(A_t) * z_t / r.
-        for row_start in range(0, n_rows, BLOCK_R):
-            rows = row_start + tile_rows
-            row_ok = rows < n_rows
-            z = tl.load(R_ptr + rows, mask=row_ok, other=0.0)
-            alpha = tl.load(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-            tl.store(z_ptr + t * n_rows + rows, z, mask=row_ok)
-            tl.store(R_ptr + rows, z - _normalized_sum(row_sum, alpha, eps, LOG_DOMAIN) * z / row_sum, mask=row_ok)
-        tl.debug_barrier()
-        # C <- C - A_t^T z_t / r, A_t = S(t, t-1) * K.
-        for col_start in range(0, n_cols, BLOCK_C):
-            cols = col_start + tile_cols
-            col_ok = cols < n_cols
-            g = tl.load(
-                col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices),
-                mask=tl.where(t > 0, col_ok, False),
-                other=NEUTRAL,
-            )
-            total = tl.load(C_ptr + cols, mask=col_ok, other=0.0)
-            for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
+                if LOG_DOMAIN:
+                    g = tl.load(col_stats + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
+                else:
+                    g = _running_products(col_stats, col_potential, cols, col_ok, n_cols, n_iters, n_matrices, False)
+                total = tl.zeros((BLOCK_C,), tl.float32)
+                for row_start in tl.range(first_row, end_row, BLOCK_R, num_stages=STREAM_STAGES):
+                    rows = row_start + tile_rows
+                    row_ok = rows < n_rows
+                    tile = row_ok[:, None] & col_ok[None, :]
+                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                    f = tl.load(
+                        row_potential + _stat_index(last, n_rows, rows, n_matrices),
+                        mask=row_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
+                    upstream = tl.load(grad + offsets, mask=tile, other=0.0).to(tl.float32)
+                    total += tl.sum(upstream * _entries(k, f, g, LOG_DOMAIN), axis=0)
+                tl.store(partial + cols, total, mask=col_ok)
+        elif stage <= n_iters:
+            # R <- R - P_{t+1} w_t / c (at the first step R starts as rowsum(G * P_T), P_T = P_{t+1}),
+            # then row step t: z_t = R; R <- R - rowsum(A_t) * z_t / r.
+            for row_start in range(first_row, end_row, BLOCK_R):
                 rows = row_start + tile_rows
                 row_ok = rows < n_rows
-                tile = row_ok[:, None] & col_ok[None, :]
-                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-                z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
-                k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-                total -= tl.sum(_entries(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum), axis=0)
-            tl.store(C_ptr + cols, total, mask=col_ok)
-        tl.debug_barrier()
-
-    # dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1)).
-    for row_start in range(0, n_rows, BLOCK_R):
-        rows = row_start + tile_rows
-        row_ok = rows < n_rows
-        for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
-            cols = col_start + tile_cols
-            col_ok = cols < n_cols
-            tile = row_ok[:, None] & col_ok[None, :]
-            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-            k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-            upstream = tl.load(grad_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-            f = tl.load(row_potential_ptr + _stat_index(last, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-            g = tl.load(col_potential_ptr + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
-            result = _scaling(k, f, g, LOG_DOMAIN) * upstream
-            for t in range(n_iters):
-                f = tl.load(row_potential_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-                g = tl.load(col_potential_ptr + _stat_index(t, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
-                w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0)
-                result -= _scaling(k, f, g, LOG_DOMAIN) * (w[None, :] / col_sum)
+                f = tl.load(
+                    row_potential + _stat_index(t, n_rows, rows, n_matrices),
+                    mask=row_ok,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                total = tl.load(R_ptr + rows, mask=tl.where(stage > 1, row_ok, False), other=0.0, cache_modifier=".cg")
+                for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
+                    cols = col_start + tile_cols
+                    col_ok = cols < n_cols
+                    tile = row_ok[:, None] & col_ok[None, :]
+                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                    g = tl.load(
+                        col_potential + _stat_index(t, n_cols, cols, n_matrices),
+                        mask=col_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                    k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
+                    upstream = tl.load(grad + offsets, mask=tl.where(stage == 1, tile, False), other=0.0).to(tl.float32)
+                    total += tl.sum(_entries(k, f, g, LOG_DOMAIN) * (upstream - w[None, :] / col_sum), axis=1)
+                alpha = tl.load(row_stats + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
+                tl.store(z_ptr + t * n_rows + rows, total, mask=row_ok)
+                tl.store(
+                    R_ptr + rows,
+                    total - _normalized_sum(row_sum, alpha, eps, LOG_DOMAIN) * total / row_sum,
+                    mask=row_ok,
+                )
+            tl.debug_barrier()
+            # The slice's share of the update C <- C - A_t^T z_t / r, A_t = S(t, t-1) * K.
+            for col_start in range(0, n_cols, BLOCK_C):
+                cols = col_start + tile_cols
+                col_ok = cols < n_cols
                 g = tl.load(
-                    col_potential_ptr + _stat_index(t - 1, n_cols, cols, n_matrices),
+                    col_potential + _stat_index(t - 1, n_cols, cols, n_matrices),
                     mask=tl.where(t > 0, col_ok, False),
                     other=NEUTRAL,
+                    cache_modifier=".cg",
                 )
-                z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0)
-                result -= _scaling(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum)
-            tl.store(grad_K_ptr + offsets, result.to(grad_K_ptr.dtype.element_ty), mask=tile)
+                total = tl.zeros((BLOCK_C,), tl.float32)
+                for row_start in tl.range(first_row, end_row, BLOCK_R, num_stages=STREAM_STAGES):
+                    rows = row_start + tile_rows
+                    row_ok = rows < n_rows
+                    tile = row_ok[:, None] & col_ok[None, :]
+                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                    f = tl.load(
+                        row_potential + _stat_index(t, n_rows, rows, n_matrices),
+                        mask=row_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
+                    total += tl.sum(_entries(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum), axis=0)
+                tl.store(partial + cols, total, mask=col_ok)
+        else:
+            # dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1)).
+            for row_start in range(first_row, end_row, BLOCK_R):
+                rows = row_start + tile_rows
+                row_ok = rows < n_rows
+                for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
+                    cols = col_start + tile_cols
+                    col_ok = cols < n_cols
+                    tile = row_ok[:, None] & col_ok[None, :]
+                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                    k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
+                    upstream = tl.load(grad + offsets, mask=tile, other=0.0).to(tl.float32)
+                    f = tl.load(
+                        row_potential + _stat_index(last, n_rows, rows, n_matrices),
+                        mask=row_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    g = tl.load(
+                        col_potential + _stat_index(last, n_cols, cols, n_matrices),
+                        mask=col_ok,
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    result = _scaling(k, f, g, LOG_DOMAIN) * upstream
+                    for s in range(n_iters):
+                        f = tl.load(
+                            row_potential + _stat_index(s, n_rows, rows, n_matrices),
+                            mask=row_ok,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        g = tl.load(
+                            col_potential + _stat_index(s, n_cols, cols, n_matrices),
+                            mask=col_ok,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        w = tl.load(w_ptr + s * n_cols + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                        result -= _scaling(k, f, g, LOG_DOMAIN) * (w[None, :] / col_sum)
+                        g = tl.load(
+                            col_potential + _stat_index(s - 1, n_cols, cols, n_matrices),
+                            mask=tl.where(s > 0, col_ok, False),
+                            other=NEUTRAL,
+                            cache_modifier=".cg",
+                        )
+                        z = tl.load(z_ptr + s * n_rows + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                        result -= _scaling(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum)
+                    tl.store(
+                        grad_K_ptr + matrix * n_rows * n_cols + offsets,
+                        result.to(grad_K_ptr.dtype.element_ty),
+                        mask=tile,
+                    )
+        if is_last_program(arrivals_ptr, matrix, n_slices):
+            if stage <= n_iters:
+                # C from the slices' shares, added in slice order (stage 0: C = the sum;
+                # later: C = the stored C minus the sum), then column step t - 1's
+                # w = C and C <- C - colsum(P_t) * w / c, pending the next stage's update.
+                for col_start in range(0, n_cols, BLOCK_C):
+                    cols = col_start + tile_cols
+                    col_ok = cols < n_cols
+                    total = tl.load(
+                        C_ptr + cols, mask=tl.where(stage > 0, col_ok, False), other=0.0, cache_modifier=".cg"
+                    )
+                    for other in range(n_slices):
+                        share = tl.load(
+                            partial_ptr + (matrix * n_slices + other) * n_cols + cols,
+                            mask=col_ok,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        total = tl.where(stage > 0, total - share, total + share)
+                    if not LOG_DOMAIN:
+                        if stage == 0:
+                            _running_products(col_stats, col_potential, cols, col_ok, n_cols, n_iters, n_matrices, True)
+                    if t > 0:
+                        beta = tl.load(col_stats + _stat_index(t - 1, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
+                        tl.store(w_ptr + (t - 1) * n_cols + cols, total, mask=col_ok)
+                        tl.store(
+                            C_ptr + cols,
+                            total - _normalized_sum(col_sum, beta, eps, LOG_DOMAIN) * total / col_sum,
+                            mask=col_ok,
+                        )
+            _end_stage(arrivals_ptr + matrix, progress_ptr + matrix, stage, n_stages)
+        item = _claim(queue_ptr)
+    _release_queue(queue_ptr, item, n_items)
 
 
 # ---------------------------------------------------------------------------------------
@@ -798,14 +983,6 @@ class LaunchPlan:
     constexprs: dict  # block sizes (LOG_DOMAIN is added per call)
     num_warps: int
     matrices_per_program: int
-    row_tiles: int = 0  # streaming: row tiles per matrix, padded to a power of 2
-
-    @property
-    def forward_constexprs(self) -> dict:
-        """The forward's block sizes: the streaming forward also sizes its register-resident `U`."""
-        if self.tier == "streaming":
-            return {**self.constexprs, "ROW_TILES": self.row_tiles}
-        return self.constexprs
 
     @property
     def launch_options(self) -> dict:
@@ -845,9 +1022,29 @@ def launch_plan(n_rows: int, n_cols: int, interpreted: bool = False) -> LaunchPl
     else:
         block_r = max(1, min(STREAM_ELEMENTS // block_c, STREAM_MAX_ROWS, block_n))
     blocks = {"BLOCK_R": block_r, "BLOCK_C": block_c}
-    if whole_rows:
-        return LaunchPlan("streaming", blocks, STREAM_WARPS, 1, triton.next_power_of_2(triton.cdiv(n_rows, block_r)))
-    return LaunchPlan("streaming_wide", blocks, STREAM_WARPS, 1)
+    return LaunchPlan("streaming" if whole_rows else "streaming_wide", blocks, STREAM_WARPS, 1)
+
+
+# Programs a streaming launch aims at: 2 per SM of an H100 SXM (132 SMs) where the device
+# is not a GPU (the interpreter, the traffic model), else 2 per SM of the device.
+FILL_PROGRAMS = 264
+MAX_SLICES = 16  # row slices per matrix: the last slice to finish adds up this many partials
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def stream_slices(plan: LaunchPlan, batch: int, n_rows: int, device: torch.device) -> tuple[int, int]:
+    """`(slices per matrix, row tiles per slice)` of a streaming launch: one slice per matrix
+    when the batch alone fills the GPU, else enough slices (at most `MAX_SLICES`, at least
+    one row tile each) for `batch * slices` programs to fill it."""
+    n_tiles = triton.cdiv(n_rows, plan.constexprs["BLOCK_R"])
+    fill = 2 * _sm_count(device) if device.type == "cuda" else FILL_PROGRAMS
+    wanted = min(MAX_SLICES, n_tiles, triton.cdiv(fill, batch))
+    slice_tiles = triton.cdiv(n_tiles, wanted)
+    return triton.cdiv(n_tiles, slice_tiles), slice_tiles
 
 
 # Iterations up to which the packed backward replays the forward instead of reading stats.
@@ -880,22 +1077,28 @@ def sinkhorn_forward(
     if batch > 0:
         plan = launch_plan(n_rows, n_cols, interpreted=triton_interpreting())
         if plan.tier == "streaming":
-            wrap_triton(_forward_rows_kernel)[(batch,)](
+            n_slices, slice_tiles = stream_slices(plan, batch, n_rows, K.device)
+            wrap_triton(_forward_rows_kernel)[(batch * n_slices,)](
                 K,
                 P,
                 row_stats,
                 col_stats,
+                K.new_empty((batch, n_rows), dtype=torch.float32),
+                K.new_empty((batch, n_cols), dtype=torch.float32),
+                K.new_empty((batch, n_slices, 2, n_cols), dtype=torch.float32),
+                zeroed_tickets(K, 1 + 2 * batch),
                 batch,
                 n_rows,
                 n_cols,
                 n_iters,
+                n_slices,
+                slice_tiles,
                 eps,
                 row_sum,
                 col_sum,
                 LOG_DOMAIN=log_domain,
                 SAVE_STATS=save_stats,
-                **plan.launch_options,
-                **plan.forward_constexprs,
+                **plan.constexprs,
             )
         elif plan.tier == "streaming_wide":
             # Running U, V (linear) or potentials (log without stats; with them they live in the stats).
@@ -962,27 +1165,29 @@ def sinkhorn_backward(
         # Log domain: the potentials are the stats; linear: the kernel writes U_t, V_t there.
         row_potential = row_stats if log_domain else torch.empty_like(row_stats)
         col_potential = col_stats if log_domain else torch.empty_like(col_stats)
-        row_work = K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32)
-        col_work = K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32)
-        wrap_triton(_backward_streaming_kernel)[(batch,)](
+        n_slices, slice_tiles = stream_slices(plan, batch, n_rows, K.device)
+        wrap_triton(_backward_streaming_kernel)[(batch * n_slices,)](
             grad_P,
             K,
             row_stats,
             col_stats,
             row_potential,
             col_potential,
-            row_work,
-            col_work,
+            K.new_empty((batch, n_iters + 1, n_rows), dtype=torch.float32),
+            K.new_empty((batch, n_iters + 1, n_cols), dtype=torch.float32),
+            K.new_empty((batch, n_slices, n_cols), dtype=torch.float32),
+            zeroed_tickets(K, 1 + 2 * batch),
             grad_K,
             batch,
             n_rows,
             n_cols,
             n_iters,
+            n_slices,
+            slice_tiles,
             eps,
             row_sum,
             col_sum,
             LOG_DOMAIN=log_domain,
-            **plan.launch_options,
             **plan.constexprs,
         )
     else:
@@ -1036,7 +1241,8 @@ _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 def aot_variants() -> list[KernelVariant]:
     """The kernel variants `launch_plan` picks at `AOT_SHAPES`: forward (with and without
     stats) and backward of each tile (packed: also the one replaying the forward),
-    fp32/fp16/bf16, linear and log domain."""
+    fp32/fp16/bf16, linear and log domain; the streaming kernels in each of their tuning
+    configurations."""
     kernels = {
         "packed": (_forward_register_kernel, _backward_register_kernel),
         "one_matrix": (_forward_register_kernel, _backward_register_kernel),
@@ -1056,22 +1262,18 @@ def aot_variants() -> list[KernelVariant]:
         else:
             directions.append(("backward", backward, {}))
         for direction, kernel, flag in directions:
-            constexprs = plan.forward_constexprs if direction.startswith("forward") else plan.constexprs
-            blocks = ",".join(f"{key}={value}" for key, value in constexprs.items())
+            blocks = ",".join(f"{key}={value}" for key, value in plan.constexprs.items())
             for dtype in _AOT_DTYPES:
                 for log_domain in (False, True):
-                    name = (
-                        f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},"
-                        f"{blocks},warps={plan.num_warps}]"
-                    )
-                    flags = {"LOG_DOMAIN": log_domain, **flag}
-                    variants[name] = KernelVariant(
-                        name,
-                        kernel,
-                        {**flags, **constexprs},
-                        plan.num_warps,
-                        pointer_types={"K_ptr": f"*{dtype}"},
-                    )
+                    name = f"sinkhorn.{direction}.{plan.tier}[{dtype},{'log' if log_domain else 'linear'},{blocks}]"
+                    constexprs = {"LOG_DOMAIN": log_domain, **flag, **plan.constexprs}
+                    pointer_types = {"K_ptr": f"*{dtype}"}
+                    if isinstance(kernel, Autotuned):
+                        tuned = autotuned_variants(name, kernel, constexprs, pointer_types)
+                    else:
+                        name = f"{name[:-1]},warps={plan.num_warps}]"
+                        tuned = [KernelVariant(name, kernel, constexprs, plan.num_warps, pointer_types=pointer_types)]
+                    variants.update((variant.name, variant) for variant in tuned)
     return list(variants.values())
 
 
