@@ -115,6 +115,37 @@ def test_summary_statistics_and_table():
     )
 
 
+def test_paired_differences_subtract_full_seed_by_seed():
+    def result(row, seed, action, gap=None):
+        return {
+            "row": row,
+            "seed": seed,
+            "test_action_top1": action,
+            "test_body_top1": 0.5,
+            "test_f1_mean": 0.25,
+            "same_action_top1": None if gap is None else action - gap,
+            "person_gap": gap,
+            "seconds": 1.0,
+        }
+
+    results = [
+        result("full", 0, 0.6, -0.1),
+        result("full", 1, 0.2, -0.3),
+        result("baseline", 0, 0.5, -0.2),
+        result("baseline", 1, 0.3, -0.1),
+        result("baseline", 2, 0.9),  # no full run with seed 2: not paired
+        result("girl_only", 2, 0.4),
+    ]
+    diffs = ablate.paired_differences(results, ["baseline", "girl_only", "full"])
+    assert list(diffs) == ["baseline"]
+    mean, std, n = diffs["baseline"]["test_action_top1"]
+    assert (mean, n) == (pytest.approx(0.0), 2) and std == pytest.approx(0.1 * 2**0.5)
+    assert diffs["baseline"]["person_gap"][:2] == (pytest.approx(0.05), pytest.approx(0.15 * 2**0.5))
+    assert diffs["baseline"]["test_body_top1"] == (0.0, 0.0, 2)
+    text = ablate.markdown_table(ablate.summarize(results, ["baseline", "full"]), diffs)
+    assert "| baseline | 0.0 ± 14.1 | 0.0 ± 0.0 | 0.0 ± 0.0 | 5.0 ± 21.2 | 2 |" in text and "paired by seed" in text
+
+
 def test_rows_switch_every_part_explicitly():
     args = ablate.row_args("frequency_only")
     pairs = dict(args[i + 1].split("=", 1) for i in range(0, len(args), 2))

@@ -19,7 +19,9 @@ Writes to --out (default runs/ablation):
   ablation.csv     one line per finished run: the held-out persons' (test split) action top-1,
                    body top-1, F1_mean, the same persons' (new clips of training persons) action
                    top-1, the person gap (held-out minus same persons) and the run's seconds
-  ablation.md      per row, mean +- standard deviation over the seeds
+  ablation.md      per row, mean +- standard deviation over the seeds; then each row minus
+                   `full`, paired by seed (the seed fixes initialization and data order, so
+                   the paired difference is what a row changes, less the seed's own spread)
   ablation.png     the same as bars with standard-deviation error bars
 """
 
@@ -253,6 +255,23 @@ def summarize(results: list[dict], rows: list[str]) -> dict:
     return table
 
 
+def paired_differences(results: list[dict], rows: list[str], reference: str = "full") -> dict:
+    """`{row: {key: (mean, std, n)}}` of `row - reference` per seed, over the seeds both
+    finished (rows other than `reference` with at least one such seed)."""
+    by_seed = {r["seed"]: r for r in results if r["row"] == reference}
+    table = {}
+    for row in rows:
+        pairs = [(r, by_seed[r["seed"]]) for r in results if r["row"] == row != reference and r["seed"] in by_seed]
+        stats = {
+            key: mean_std(values) + (len(values),)
+            for key, _ in METRICS + GAP[1:]
+            if (values := [r[key] - ref[key] for r, ref in pairs if r[key] is not None and ref[key] is not None])
+        }
+        if stats:
+            table[row] = stats
+    return table
+
+
 def write_csv(results: list[dict], path: Path) -> None:
     keys = ["row", "seed"] + [key for key, _ in METRICS + GAP] + ["seconds"]
     with open(path, "w", newline="") as f:
@@ -261,24 +280,39 @@ def write_csv(results: list[dict], path: Path) -> None:
         writer.writerows(results)
 
 
-def markdown_table(table: dict) -> str:
+def _rows_of(table: dict, columns) -> list[str]:
+    """Markdown lines of `table` (`{row: {key: (mean, std, n)}}`) over `columns` ((key, title)
+    pairs), in percent: mean ± std, or the mean alone for one seed."""
+
     def cell(stats):
         if stats is None:
             return "-"
         mean, std, n = stats
         return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
-    titles = [title for _, title in METRICS + GAP]
+    titles = [title for _, title in columns]
     lines = ["| row | " + " | ".join(titles) + " | seeds |", "|---" * (len(titles) + 2) + "|"]
     for row, stats in table.items():
         seeds = max(n for _, _, n in stats.values())
-        lines.append(f"| {row} | " + " | ".join(cell(stats.get(key)) for key, _ in METRICS + GAP) + f" | {seeds} |")
+        lines.append(f"| {row} | " + " | ".join(cell(stats.get(key)) for key, _ in columns) + f" | {seeds} |")
+    return lines
+
+
+def markdown_table(table: dict, differences: dict | None = None) -> str:
+    """The summary table; with `differences` (`paired_differences`), the paired one below it."""
     note = (
         "Percent, mean ± standard deviation over the seeds. Held-out persons: the test split (persons "
         "not seen in training); same persons: new clips of the training persons; person gap: held-out "
         "minus same-persons action top-1 (closer to 0 is more person-independent)."
     )
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    text = "\n".join(_rows_of(table, METRICS + GAP)) + "\n\n" + note + "\n"
+    if differences:
+        paired = (
+            "Row minus `full`, paired by seed: percentage points, mean ± standard deviation of the "
+            "per-seed differences (negative: the row is below the full model)."
+        )
+        text += "\n" + "\n".join(_rows_of(differences, METRICS + GAP[1:])) + "\n\n" + paired + "\n"
+    return text
 
 
 def plot(table: dict, path: Path) -> None:
@@ -330,10 +364,11 @@ def main(argv=None) -> int:
     results = collect(jobs)
     if results:
         table = summarize(results, args.rows)
+        text = markdown_table(table, paired_differences(results, args.rows))
         write_csv(results, out / "ablation.csv")
-        (out / "ablation.md").write_text(markdown_table(table))
+        (out / "ablation.md").write_text(text)
         plot(table, out / "ablation.png")
-        print(markdown_table(table))
+        print(text)
     print(
         f"{len(results)}/{len(jobs)} runs finished ({time.perf_counter() - started:.0f} s this call); results in {out}"
     )
