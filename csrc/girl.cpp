@@ -1,19 +1,22 @@
-// Fused GIRL group risks on the CPU (SPEC §3): the risk L_g of every group and, with it,
-// dL_g/dz for every row, without ever forming a B x B matrix. The mean and variance over
-// the groups are combined in Python (piumr_kernels/girl/op.py), like the autograd formula.
+// Fused GIRL loss on the CPU (SPEC §3): the risk L_g of every group, their combination
+// loss = mean L_g + lambda_var Var L_g and, with it, dloss/dz for every row, without ever
+// forming a B x B matrix. Fakes and the autograd formula are registered in Python
+// (piumr_kernels/girl/op.py, shared with the triton backend).
 //
 // Input: the raw features in batch order, their labels, the partition as `order` (group g
 // is the samples order[offsets[g]..offsets[g+1]]) and the options. The rows are gathered
 // into group order and normalized once into an O(B*C) buffer F. A group with fewer than 2
 // members has no partner pairs: it is skipped, its risk is 0 and its rows of D are 0.
 //
-// The gradient is computed in the forward. dL_g/dz depends only on the forward's own
+// The gradient is computed in the forward. dloss/dz depends only on the forward's own
 // quantities, so when the caller needs a gradient the forward also forms D = dL_g/dz for
 // every row of group g and writes it over that group's rows of F once they are no longer
-// read, so F's buffer becomes D (one (B, C) buffer for both). The backward then only
-// scales each group's rows by the upstream dOut/dL_g and scatters them back to batch
-// order: no second pass over the pairs, and the cosines of a small group are used for
-// the statistics and for the gradient while they are in cache.
+// read, so F's buffer becomes D (one (B, C) buffer for both); once the risks are combined,
+// each group's rows are scaled by dloss/dL_g. The backward then only scales D by the
+// upstream gradient of the loss and scatters it back to batch order: no second pass over
+// the pairs, and the cosines of a small group are used for the statistics and for the
+// gradient while they are in cache. (The backward's schema also takes the forward's
+// inputs, which the triton backend recomputes from; this one ignores them.)
 //
 // Within a group, with gamma = 1 / |I_g| and g_ij = dl_i/dc_ij (a function of c_ij and the
 // per-sample statistics of i), dL_g/dF_i = gamma sum_j (g_ij + g_ji) F_j = (H F)_i with H
@@ -390,8 +393,8 @@ template <typename scalar_t, typename acc_t>
 struct ScatterArgs {
   const acc_t* direction;  // (B, C) dL_g/dz, group order
   const int64_t* order;
-  const acc_t* row_scale;  // (B,) upstream dOut/dL_g of each row's group
-  scalar_t* grad;          // (B, C) batch order
+  acc_t scale;     // the upstream gradient of the loss
+  scalar_t* grad;  // (B, C) batch order
   int64_t begin, end, width;
 };
 
@@ -401,9 +404,8 @@ struct ScatterKernel {
     for (int64_t i = a.begin; i < a.end; ++i) {
       const acc_t* d = a.direction + i * a.width;
       scalar_t* out = a.grad + a.order[i] * a.width;
-      const acc_t scale = a.row_scale[i];
 #pragma omp simd
-      for (int64_t k = 0; k < a.width; ++k) out[k] = static_cast<scalar_t>(scale * d[k]);
+      for (int64_t k = 0; k < a.width; ++k) out[k] = static_cast<scalar_t>(a.scale * d[k]);
     }
   }
 };
@@ -707,11 +709,41 @@ at::Tensor group_order_labels(const at::Tensor& labels, const int64_t* order) {
   return out;
 }
 
-// Writes the group risks; returns D = dL_g/dz (B, C) in group order with `need_grad`.
-// Groups of fewer than 2 members are left out: risk 0, rows of D 0.
+// The combination over the groups of at least 2 members (G' of them):
+// loss = mean L_g + lambda_var Var L_g (population variance; both 0 when G' = 0). With
+// `grad`, dloss/dL_g of every group: (1 + 2 lambda_var (L_g - mean)) / G' with var_grad,
+// 1 / G' without (the variance then carries no gradient), 0 for the left-out groups.
+template <typename acc_t>
+std::pair<acc_t, acc_t> combine_risks(const acc_t* risks, const int64_t* off, int64_t num_groups, acc_t lambda_var,
+                                      bool var_grad, acc_t* grad) {
+  int64_t counted = 0;
+  acc_t total = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (off[g + 1] - off[g] < 2) continue;
+    ++counted;
+    total += risks[g];
+  }
+  const acc_t count = acc_t(std::max<int64_t>(counted, 1));
+  const acc_t mean = total / count;
+  acc_t spread = 0;
+  for (int64_t g = 0; g < num_groups; ++g)
+    if (off[g + 1] - off[g] >= 2) spread += (risks[g] - mean) * (risks[g] - mean);
+  const acc_t risk_var = spread / count;
+  if (grad != nullptr) {
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const acc_t slope = var_grad ? acc_t(1) + acc_t(2) * lambda_var * (risks[g] - mean) : acc_t(1);
+      grad[g] = off[g + 1] - off[g] >= 2 ? slope / count : acc_t(0);
+    }
+  }
+  return {mean + lambda_var * risk_var, risk_var};
+}
+
+// Writes the group risks, the loss and the variance; returns D = dloss/dz (B, C) in group
+// order with `need_grad`. Groups of fewer than 2 members are left out: risk 0, rows of D 0.
 template <typename scalar_t, bool kDetach>
 at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order,
-                        const at::Tensor& offsets, double tau, double eta, bool need_grad, at::Tensor& risks) {
+                        const at::Tensor& offsets, double tau, double eta, double lambda_var, bool var_grad,
+                        bool need_grad, at::Tensor& risks, at::Tensor& loss, at::Tensor& risk_var) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = features.size(0), width = features.size(1);
   const auto acc_opts = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -778,7 +810,25 @@ at::Tensor forward_impl(const at::Tensor& features, const at::Tensor& labels, co
     }
     risk_ptr[g] = total;
   }
-  return need_grad ? f : at::empty({0, width}, acc_opts);
+  std::vector<acc_t> risk_grad(need_grad ? num_groups : 0);
+  const auto [value, spread] = combine_risks<acc_t>(risk_ptr, off, num_groups, acc_t(lambda_var), var_grad,
+                                                    need_grad ? risk_grad.data() : nullptr);
+  loss.fill_(value);
+  risk_var.fill_(spread);
+  if (!need_grad) return at::empty({0, width}, acc_opts);
+  std::vector<acc_t> row_scale(B);
+  for (int64_t g = 0; g < num_groups; ++g)
+    std::fill(row_scale.begin() + off[g], row_scale.begin() + off[g + 1], risk_grad[g]);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* row = data.f_ptr + i * width;
+      const acc_t scale = row_scale[i];
+#pragma omp simd
+      for (int64_t k = 0; k < width; ++k) row[k] *= scale;
+    }
+  });
+  return f;
 }
 
 // ---------------------------------------------------------------- op entry points
@@ -805,9 +855,9 @@ int64_t check_partition(const char* op, const at::Tensor& order, const at::Tenso
   return count;
 }
 
-std::tuple<at::Tensor, at::Tensor> girl_forward(const at::Tensor& features, const at::Tensor& labels,
-                                                const at::Tensor& order, const at::Tensor& offsets, double tau,
-                                                double eta, bool detach_weights, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> girl_forward(
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& order, const at::Tensor& offsets,
+    double tau, double eta, double lambda_var, bool var_grad, bool detach_weights, bool need_grad) {
   TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu(),
               "girl_cpp: features and labels must be on the CPU");
   TORCH_CHECK(features.dim() == 2 && features.is_contiguous() && at::isFloatingType(features.scalar_type()),
@@ -816,48 +866,52 @@ std::tuple<at::Tensor, at::Tensor> girl_forward(const at::Tensor& features, cons
                   labels.is_contiguous(),
               "girl_cpp: labels must be a contiguous int64 (B,) tensor");
   TORCH_CHECK(tau > 0 && eta > 0, "girl_cpp: need tau > 0 and eta > 0, got ", tau, ", ", eta);
+  TORCH_CHECK(lambda_var >= 0, "girl_cpp: need lambda_var >= 0, got ", lambda_var);
   const int64_t num_groups = check_partition("girl_cpp", order, offsets, features.size(0));
-  at::Tensor risks = at::empty({num_groups}, features.options().dtype(accumulation_dtype(features.scalar_type())));
+  const auto acc_opts = features.options().dtype(accumulation_dtype(features.scalar_type()));
+  at::Tensor risks = at::empty({num_groups}, acc_opts);
+  at::Tensor loss = at::empty({}, features.options());
+  at::Tensor risk_var = at::empty({}, acc_opts);
   at::Tensor direction;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "girl_cpp", [&] {
     if (detach_weights) {
-      direction = forward_impl<scalar_t, true>(features, labels, order, offsets, tau, eta, need_grad, risks);
+      direction = forward_impl<scalar_t, true>(features, labels, order, offsets, tau, eta, lambda_var, var_grad,
+                                               need_grad, risks, loss, risk_var);
     } else {
-      direction = forward_impl<scalar_t, false>(features, labels, order, offsets, tau, eta, need_grad, risks);
+      direction = forward_impl<scalar_t, false>(features, labels, order, offsets, tau, eta, lambda_var, var_grad,
+                                                need_grad, risks, loss, risk_var);
     }
   });
-  return {risks, direction};
+  return {loss, risks, risk_var, direction};
 }
 
-// grad_features[order[i]] = grad_risks[group of i] * direction[i], in `dtype`.
-at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& direction, const at::Tensor& order,
-                         const at::Tensor& offsets, at::ScalarType dtype) {
+// grad_features[order[i]] = grad_loss * direction[i], in the features' dtype (the other
+// inputs of the shared schema are not needed here).
+at::Tensor girl_backward(const at::Tensor& grad_loss, const at::Tensor& direction, const at::Tensor& features,
+                         const at::Tensor& /*labels*/, const at::Tensor& order, const at::Tensor& offsets,
+                         double /*tau*/, double /*eta*/, bool /*detach_weights*/) {
   const int64_t B = order.size(0);
-  const int64_t num_groups = check_partition("girl_cpp_backward", order, offsets, B);
+  check_partition("girl_cpp_backward", order, offsets, B);
+  const auto dtype = features.scalar_type();
   const auto acc = accumulation_dtype(dtype);
   TORCH_CHECK(
       direction.dim() == 2 && direction.size(0) == B && direction.scalar_type() == acc && direction.is_contiguous(),
-      "girl_cpp_backward: direction must be the contiguous (B, C) ", acc,
-      " output of a forward run with need_grad=True, got shape ", direction.sizes());
-  TORCH_CHECK(grad_risks.dim() == 1 && grad_risks.size(0) == num_groups && grad_risks.device().is_cpu(),
-              "girl_cpp_backward: grad_risks must be a (G,) CPU tensor, got shape ", grad_risks.sizes());
+      "girl_cpp_backward: saved must be the contiguous (B, C) ", acc,
+      " direction of a forward run with need_grad=True, got shape ", direction.sizes());
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device().is_cpu(),
+              "girl_cpp_backward: grad_loss must be a one-element CPU tensor, got shape ", grad_loss.sizes());
   const int64_t width = direction.size(1);
   at::Tensor grad_features = at::empty({B, width}, direction.options().dtype(dtype));
-  const at::Tensor upstream = grad_risks.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "girl_cpp_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* up = upstream.data_ptr<acc_t>();
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    std::vector<acc_t> row_scale(B);
-    for (int64_t g = 0; g < num_groups; ++g)
-      std::fill(row_scale.begin() + off[g], row_scale.begin() + off[g + 1], up[g]);
+    const acc_t scale = grad_loss.to(acc).item<acc_t>();
     const acc_t* dir = direction.data_ptr<acc_t>();
     const int64_t* order_ptr = order.data_ptr<int64_t>();
     scalar_t* out = grad_features.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(width, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       run_for_this_cpu<ScatterKernel<scalar_t, acc_t>>(
-          ScatterArgs<scalar_t, acc_t>{dir, order_ptr, row_scale.data(), out, begin, end, width});
+          ScatterArgs<scalar_t, acc_t>{dir, order_ptr, scale, out, begin, end, width});
     });
   });
   return grad_features;
@@ -865,14 +919,15 @@ at::Tensor girl_backward(const at::Tensor& grad_risks, const at::Tensor& directi
 
 }  // namespace
 
-// Autograd, fakes and the mean/variance combine are registered in Python (piumr_kernels/girl/op.py).
+// Autograd and fakes are registered in Python (piumr_kernels/girl/op.py).
 TORCH_LIBRARY_FRAGMENT(piumr_kernels, m) {
   m.def(
       "girl_cpp(Tensor features, Tensor labels, Tensor order, Tensor offsets, float tau, float eta,"
-      " bool detach_weights, bool need_grad) -> (Tensor group_risks, Tensor direction)");
+      " float lambda_var, bool var_grad, bool detach_weights, bool need_grad)"
+      " -> (Tensor loss, Tensor group_risks, Tensor risk_var, Tensor saved)");
   m.def(
-      "girl_cpp_backward(Tensor grad_risks, Tensor direction, Tensor order, Tensor offsets, ScalarType dtype)"
-      " -> Tensor");
+      "girl_cpp_backward(Tensor grad_loss, Tensor saved, Tensor features, Tensor labels, Tensor order,"
+      " Tensor offsets, float tau, float eta, bool detach_weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(piumr_kernels, CPU, m) {

@@ -350,7 +350,7 @@ def test_fused_op_call_with_mixed_devices_names_the_arguments(backend):
     if not backends.backend_available(backend):
         pytest.skip(f"{backend} backend unavailable")
     calls = {
-        # girl_cpp(features, labels, order, offsets, tau, eta, detach_weights, need_grad)
+        # girl_cpp(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad)
         "girl": lambda: (
             torch.randn(8, 4, device="meta"),
             torch.zeros(8, dtype=torch.int64),
@@ -358,6 +358,8 @@ def test_fused_op_call_with_mixed_devices_names_the_arguments(backend):
             torch.tensor([0, 4, 8]),
             0.1,
             0.3,
+            1.0,
+            True,
             True,
             False,
         ),

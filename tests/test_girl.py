@@ -84,10 +84,11 @@ NONUNIFORM_GROUPS = [0, 1, 4, 0, 1, 1, 3, 4, 0, 4, 1, 0, 4, 1, 0, 1, 4, 0, 4, 1,
 
 
 @pytest.mark.parametrize("partition", ["random", "explicit"])
-def test_fused_op_forward_and_backward_with_nonuniform_upstream(backend, poisoned_empty, partition):
-    """The fused op itself (one schema on cpp and triton): group risks and, with an arbitrary
-    upstream vector on them, the feature gradient against the fp64 reference; left-out
-    groups have risk 0 and zero direction rows; without need_grad, no direction."""
+def test_fused_op_forward_and_backward(backend, poisoned_empty, partition):
+    """The fused op itself (one schema on cpp and triton): loss, group risks and variance,
+    and with a non-unit upstream gradient on the loss the feature gradient, against the fp64
+    reference for each weight and variance option; left-out groups have risk 0 and their
+    members a zero gradient; without need_grad, the same loss and nothing saved."""
     if backend == "reference":
         pytest.skip("the reference has no library op")
     features, labels = make_inputs(26, 12, num_classes=3)
@@ -95,23 +96,33 @@ def test_fused_op_forward_and_backward_with_nonuniform_upstream(backend, poisone
         order, offsets = random_partition(26, 3, features.device, torch.Generator().manual_seed(1))
     else:
         order, offsets = explicit_partition(torch.tensor(NONUNIFORM_GROUPS, device=DEVICE), 6)
-    num_groups = offsets.shape[0] - 1
-    upstream = torch.linspace(-1.2, 2.0, num_groups, dtype=torch.float64, device=DEVICE)
-    for detach in (True, False):
+    for detach, var_grad, lambda_var in ((True, True, 0.7), (False, False, 2.5)):
+        options = dict(lambda_var=lambda_var, var_grad=var_grad, detach_weights=detach)
         z = features.clone().requires_grad_()
-        risks, direction = GIRL(backend, z, labels, order, offsets, 0.07, 0.2, detach, True)
-        assert risks.dtype == direction.dtype == torch.float32 and direction.shape == (26, 12)
-        (risks * upstream.float()).sum().backward()
+        loss, risks, risk_var, _ = GIRL(
+            backend, z, labels, order, offsets, 0.07, 0.2, lambda_var, var_grad, detach, True
+        )
+        assert loss.dtype == risks.dtype == risk_var.dtype == torch.float32 and loss.shape == risk_var.shape == ()
+        (loss * -1.7).backward()
         ref = features.double().requires_grad_()
-        _, ref_risks, _ = girl_loss_reference(ref, labels, order, offsets, detach_weights=detach)
-        (ref_risks * upstream).sum().backward()
-        torch.testing.assert_close(risks.double(), ref_risks.detach(), rtol=1e-4, atol=1e-6)
-        assert_close_scaled(z.grad, ref.grad, 1e-4, f"gradient (detach_weights={detach})")
+        ref_loss, ref_risks, ref_var = girl_loss_reference(ref, labels, order, offsets, **options)
+        (ref_loss * -1.7).backward()
+        for name, value, expected in (
+            ("loss", loss, ref_loss),
+            ("risks", risks, ref_risks),
+            ("var", risk_var, ref_var),
+        ):
+            error = (value.double() - expected.detach()).abs().max().item()
+            assert error <= 1e-6 + 1e-4 * expected.detach().abs().max().item(), f"{name} ({options}): error {error:.3e}"
+        assert_close_scaled(z.grad, ref.grad, 1e-4, f"gradient ({options})")
         if partition == "explicit":
             assert risks[[2, 3, 5]].tolist() == [0.0, 0.0, 0.0]
-            assert torch.count_nonzero(direction[offsets[3] : offsets[4]]) == 0  # the single member
-        _, no_direction = GIRL(backend, features, labels, order, offsets, 0.07, 0.2, detach, False)
-        assert no_direction.shape == (0, 12)
+            assert torch.count_nonzero(z.grad[order[offsets[3] : offsets[4]]]) == 0  # the single member
+        no_grad_loss, _, _, saved = GIRL(
+            backend, features, labels, order, offsets, 0.07, 0.2, lambda_var, var_grad, detach, False
+        )
+        assert saved.shape[0] == 0
+        torch.testing.assert_close(no_grad_loss, loss.detach())
 
 
 def test_cpp_forward_without_gradient_and_wide_labels():
@@ -138,9 +149,9 @@ def test_cpp_forward_without_gradient_and_wide_labels():
     assert_close_scaled(z.grad, z_ref.grad.double(), 1e-4, "gradient with wide labels")
     order, offsets = torch.arange(20), torch.tensor([0, 10, 20])
     z = features.clone().requires_grad_()
-    risks, _ = GIRL("cpp", z, labels, order, offsets, 0.07, 0.2, True, False)
+    loss, *_ = GIRL("cpp", z, labels, order, offsets, 0.07, 0.2, 1.0, True, True, False)
     with pytest.raises(RuntimeError, match="without need_grad"):
-        risks.sum().backward()
+        loss.backward()
 
 
 def test_opcheck_cpp():
@@ -154,7 +165,18 @@ def test_opcheck_cpp():
         for need_grad in (True, False):
             torch.library.opcheck(
                 torch.ops.piumr_kernels.girl_cpp,
-                (features.cpu().requires_grad_(need_grad), labels.cpu(), order, offsets, 0.1, 0.3, detach, need_grad),
+                (
+                    features.cpu().requires_grad_(need_grad),
+                    labels.cpu(),
+                    order,
+                    offsets,
+                    0.1,
+                    0.3,
+                    0.5,
+                    not detach,
+                    detach,
+                    need_grad,
+                ),
             )
 
 
@@ -576,21 +598,22 @@ def test_torch_compile_fullgraph(backend_name):
 
 def test_aot_variants_cover_every_launch_choice():
     """tools/triton_static_check.py compiles aot_variants(); every tile plan the launchers can
-    pick must be listed there (forward, both direction variants, every dtype and fp32 product
-    precision), with the group risks and the scatter."""
+    pick must be listed there (the forward and both gradient variants, every dtype and fp32
+    product precision)."""
     triton_kernels = pytest.importorskip("piumr_kernels.girl.triton_kernels")
     names = {variant.name for variant in triton_kernels.aot_variants()}
-    assert f"girl.group_risk[BLOCK={triton_kernels.RISK_BLOCK}]" in names
     plans = {triton_kernels.tile_plan(batch, groups) for batch in range(1, 20000, 37) for groups in (1, 2, 8, 64, 500)}
     assert plans == {(16, 16), (16, 32), (16, 64), (32, 64)}
-    for block_m, block_n in plans:
-        for dtype in ("fp32", "fp16", "bf16"):
-            assert f"girl.scatter[{dtype}]" in names
-            for precision in ("tf32", "ieee"):
-                plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
-                assert f"girl.forward[{plan}]" in names
+    gradient_plans = {triton_kernels.gradient_plan(width) for width in range(1, 5000, 7)}
+    assert len(gradient_plans) == 2
+    for dtype in ("fp32", "fp16", "bf16"):
+        for precision in ("tf32", "ieee"):
+            for block_m, block_n in plans:
+                assert f"girl.forward[{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}]" in names
+            for block_m, block_n, slice_width in gradient_plans:
+                plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n},SLICE={slice_width}"
                 for detach in (True, False):
-                    assert f"girl.direction[{plan},DETACH_WEIGHTS={detach}]" in names
+                    assert f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]" in names
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])

@@ -249,8 +249,6 @@ def _dct_step(shape, backward):
 
 
 def _girl_step(shape, backward):
-    from piumr_kernels.launch_state import zeroed_tickets
-
     batch, width, groups = shape
     features = torch.randn(batch, width, generator=_generator()).requires_grad_(backward)
     zeroed_tickets(features, 1)  # the forward's ticket: allocated by a process's first call, reused after

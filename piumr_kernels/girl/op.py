@@ -1,5 +1,4 @@
-"""Public GIRL loss op (SPEC §3): the partition, argument checks, backend choice, the
-mean/variance combine.
+"""Public GIRL loss op (SPEC §3): the partition, argument checks, backend choice.
 
 Every backend sees the same partition `(order, offsets)`: group `g` is the samples
 `order[offsets[g]:offsets[g+1]]`, both int64 tensors built on the features' device without
@@ -9,11 +8,15 @@ A group with fewer than 2 members has no partner pairs and is left out: risk 0, 
 counted in the mean or the variance.
 
 The fused backends (cpp, triton) share one forward and one backward library op schema
-(see `piumr_kernels/fused_op.py`): the forward returns the group risks `L_g` and, when a
-gradient is coming (`need_grad`), `direction = dL_g/dz` for every row in group order (rows
-of left-out groups 0); the backward scales each row by its group's upstream gradient and
-scatters it back to batch order. The mean and the variance penalty over the risks are
-combined in PyTorch for every backend, so autograd runs loss -> risks -> the op.
+(see `piumr_kernels/fused_op.py`): the forward returns the loss (the mean and the variance
+penalty over the group risks, combined inside the op), the group risks `L_g` and the
+variance, and when a gradient is coming (`need_grad`) a `saved` tensor for the backward,
+which turns the upstream gradient of the loss into the features' gradient; the forward's
+inputs are passed to it too. Only the loss is differentiable. What `saved` holds is the
+backend's choice: cpp forms `dloss/dz` for every row in group order in the forward and the
+backward scales and scatters it; triton saves per-anchor statistics and per-group slopes and
+the backward recomputes the tiles from them, writing the gradient once (see the modules).
+The reference backend combines the risks in PyTorch (`reference.combine_group_risks`).
 """
 
 from __future__ import annotations
@@ -23,39 +26,44 @@ from torch import nn
 
 from .. import backends
 from .._checks import check_flag, check_float_tensor, check_int, check_real, check_same_device
-from ..fused_op import FusedOp, accumulation_dtype, device_guard
+from ..fused_op import FusedOp, accumulation_dtype
 from .reference import combine_group_risks, girl_group_risks_reference, group_sizes, position_groups
 
 
-def _fake_forward(features, labels, order, offsets, tau, eta, detach_weights, need_grad):
+def _fake_forward(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad):
+    """The cpp op's outputs (the triton op's fake comes from tracing its launcher)."""
     dtype = accumulation_dtype(features.dtype)
     rows = features.shape[0] if need_grad else 0
     return (
+        features.new_empty(()),
         features.new_empty((offsets.shape[0] - 1,), dtype=dtype),
+        features.new_empty((), dtype=dtype),
         features.new_empty((rows, features.shape[1]), dtype=dtype),
     )
 
 
-def _fake_backward(grad_risks, direction, order, offsets, dtype):
-    return direction.new_empty(direction.shape, dtype=dtype)
+def _fake_backward(grad_loss, saved, features, labels, order, offsets, tau, eta, detach_weights):
+    return torch.empty_like(features)
 
 
 def _setup_context(ctx, inputs, output):
-    features, _, order, offsets, *_ = inputs
-    _, direction = output
-    ctx.save_for_backward(direction, order, offsets)
-    ctx.dtype = features.dtype
-    ctx.mark_non_differentiable(direction)
+    features, labels, order, offsets, tau, eta, _, _, detach_weights, _ = inputs
+    _, group_risks, risk_var, saved = output
+    ctx.save_for_backward(saved, features, labels, order, offsets)
+    ctx.tau, ctx.eta, ctx.detach_weights = tau, eta, detach_weights
+    ctx.mark_non_differentiable(group_risks, risk_var, saved)
 
 
-def _backward(ctx, backward_op, grad_risks, _grad_direction):
-    if grad_risks is None:
-        return (None,) * 8
-    direction, order, offsets = ctx.saved_tensors
-    if direction.shape[0] != order.shape[0]:
-        raise RuntimeError("girl: the forward ran without need_grad, so it saved no gradient direction")
-    grad_features = backward_op(grad_risks.contiguous(), direction, order, offsets, ctx.dtype)
-    return (grad_features,) + (None,) * 7
+def _backward(ctx, backward_op, grad_loss, _grad_risks, _grad_var, _grad_saved):
+    if grad_loss is None:
+        return (None,) * 10
+    saved, features, labels, order, offsets = ctx.saved_tensors
+    if saved.shape[0] == 0:
+        raise RuntimeError("girl: the forward ran without need_grad, so it saved nothing for the gradient")
+    grad_features = backward_op(
+        grad_loss.contiguous(), saved, features, labels, order, offsets, ctx.tau, ctx.eta, ctx.detach_weights
+    )
+    return (grad_features,) + (None,) * 9
 
 
 def _triton_launchers():
@@ -85,45 +93,6 @@ def check_parameters(tau: object, eta: object, lambda_var: object) -> tuple[floa
 
 GIRL = FusedOp("girl", _fake_forward, _fake_backward, _setup_context, _backward, _triton_launchers)
 GIRL.register()
-
-
-def _combine_setup_context(ctx, inputs, output):
-    group_risks, offsets, lambda_var, var_grad = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(group_risks, offsets)
-    ctx.lambda_var, ctx.var_grad = lambda_var, var_grad
-    ctx.mark_non_differentiable(output[1])
-
-
-def _combine_backward(ctx, grad_loss, _grad_var):
-    if grad_loss is None:
-        return (None,) * 4
-    group_risks, offsets = ctx.saved_tensors
-    with device_guard([grad_loss]):
-        grad_risks = torch.ops.piumr_kernels.girl_combine_triton_backward(
-            grad_loss, group_risks, offsets, ctx.lambda_var, ctx.var_grad
-        )
-    return grad_risks, None, None, None
-
-
-def _register_triton_combine() -> None:
-    """The triton backend finishes the loss in one launch per direction instead of the ~30
-    torch ops of `combine_group_risks` and their backward: `girl_combine_triton` (risks,
-    offsets, lambda_var, var_grad) -> (loss, risk_var), with its own autograd formula. The
-    cpp backend has no such op (its schema is in csrc/) and combines in PyTorch."""
-    from . import triton_kernels
-
-    torch.library.triton_op("piumr_kernels::girl_combine_triton", triton_kernels.girl_combine, mutates_args=())
-    torch.library.triton_op(
-        "piumr_kernels::girl_combine_triton_backward", triton_kernels.girl_combine_backward, mutates_args=()
-    )
-    torch.library.register_autograd(
-        "piumr_kernels::girl_combine_triton", _combine_backward, setup_context=_combine_setup_context
-    )
-
-
-if backends.backend_available("triton"):
-    _register_triton_combine()
 
 
 def _check_integer_vector(name: str, value: object, length: int) -> None:
@@ -278,11 +247,13 @@ def girl_loss(
     backend = backends.resolve_backend(features, cpp_op="girl_cpp")
     if backend == "reference":
         group_risks = girl_group_risks_reference(features, labels, order, offsets, tau, eta, detach_weights)
+        loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, var_grad)
+        loss = loss.to(features.dtype)
     else:
         if backend == "triton" and features.dtype == torch.float64:
             raise TypeError("features: the triton backend supports float16, bfloat16 and float32, got float64")
         need_grad = torch.is_grad_enabled() and features.requires_grad
-        group_risks, _ = GIRL(
+        loss, group_risks, risk_var, _ = GIRL(
             backend,
             features.contiguous(),
             labels.to(torch.int64).contiguous(),
@@ -290,15 +261,11 @@ def girl_loss(
             offsets,
             tau,
             eta,
+            lambda_var,
+            var_grad,
             detach_weights,
             need_grad,
         )
-    if backend == "triton":
-        with device_guard([group_risks]):
-            loss, risk_var = torch.ops.piumr_kernels.girl_combine_triton(group_risks, offsets, lambda_var, var_grad)
-    else:
-        loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, var_grad)
-    loss = loss.to(features.dtype)
     if not return_details:
         return loss
     details = {

@@ -1,5 +1,5 @@
-"""Triton kernels for the GIRL group risks (SPEC §3) and their launchers (registered as
-triton_op through `FusedOp` in op.py; same schemas as the cpp ops).
+"""Triton kernels for the GIRL loss (SPEC §3) and their launchers (registered as triton_op
+through `FusedOp` in op.py; same schemas as the cpp ops).
 
 Layout: the samples in group order (`order`; `offsets`, `G + 1` boundaries into it) are cut
 into tiles of `BLOCK_M` consecutive anchors, one program per tile, so the grid is
@@ -12,19 +12,24 @@ kernels (no gathered copy of the features).
 
 Cosine tiles are raw products `z_i . z_j` accumulated over the feature width in chunks of
 `BLOCK_K` with `tl.dot` (tensor cores: bf16/fp16 operands as they come, fp32 operands as
-TF32 unless the exact mode is selected, see `precision.py`; fp32
-accumulation), scaled by the inverse norms afterwards. A row whose squared norm overflows
-has inverse norm 0 and gives cosine 0 (a zero row, as `F.normalize`), not `inf * 0`.
+TF32 unless the exact mode is selected, see `precision.py`; fp32 accumulation), scaled by the
+inverse norms afterwards. A row whose squared norm overflows has inverse norm 0 and gives
+cosine 0 (a zero row, as `F.normalize`), not `inf * 0`.
 
-Kernels: the forward (per-sample stats, see `NUM_STATS`; row norms computed in the kernel);
-the per-group risks (0 for groups of fewer than 2 members); with `need_grad`, the direction
-`dL_g/dz` for a unit upstream gradient, `dF_i = sum_j (G_ij + G_ji) f_j` from the saved
-stats and the normalization backward, one program per (anchor tile, feature slice), each
-writing only its own block (accumulated in place over the partner blocks). The backward op
-scales each row by its group's upstream gradient and scatters it to batch order (one
-kernel). `girl_combine` / `girl_combine_backward` (op.py registers them as their own triton
-ops, with autograd) finish the loss from the group risks (mean plus `lambda_var` times the
-variance over the groups of at least 2 members) and its gradient, one program each.
+One launch per direction:
+- the forward kernel: per-anchor statistics (see `NUM_STATS`; row norms computed in the
+  kernel); the last program to finish (an int32 ticket, `launch_state.is_last_program`)
+  forms the group risks, the loss `mean L_g + lambda_var Var L_g` over the groups of at
+  least 2 members and the variance, and with a gradient coming `dloss/dL_g / |I_g|` per
+  group. The statistics and those slopes are what the backward recomputes from; without a
+  gradient only the anchor losses are stored.
+- the gradient kernel (the backward): `dloss/dz` for the program's anchors over one slice of
+  `SLICE` features, one program per (anchor tile, slice). It recomputes the tiles' cosines,
+  forms `H_ij = s_g (g_ij + g_ji)` (`g_ij = dl_i/dc_ij` from the saved statistics, `s_g` the
+  group's slope times the upstream gradient), accumulates `dF = H f` for the slice in
+  registers over the partner blocks with the projection `f_i . dF_i = sum_j H_ij c_ij`, and
+  writes the normalization backward once, in the features' dtype and batch order. Rows of
+  groups of fewer than 2 members get 0.
 
 Elementwise math is float32 (loads are upcast at once; the interpreter mishandles bf16
 arithmetic), scalar arguments are cast to float32 in the kernels (Inductor passes float64),
@@ -39,23 +44,30 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
+from ..launch_state import is_last_program, zeroed_tickets
 from ..triton_variants import KernelVariant
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 
-BLOCK_K = 32  # feature-width chunk of the tile products
-MAX_TILE = 64  # partners per tile for large groups
-MAX_ANCHORS = 32  # anchors per tile, at most half the partners (64 x 64 and 32 x 32 direction tiles spill)
-DIRECTION_WARPS = 8  # warps of the direction kernel (spill-free at every tile plan)
+BLOCK_K = 64  # feature-width chunk of the cosine products
+MAX_TILE = 64  # partners per forward tile for large groups
+MAX_ANCHORS = 32  # anchors per tile, at most half the partners
+# The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
+# B = 4096) over steps of 32 partners, and slices of 256 features (64 for widths up to 64),
+# whose dF block stays in registers; every slice recomputes its tiles' cosines, so wide
+# slices keep that work low (one slice up to C = 256).
+GRAD_TILE = (16, 32)
+SLICES = (64, 256)
+GRAD_WARPS = 8
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
-ROW_BLOCK = 32  # rows per program of the scatter kernel
-ROW_BLOCK_W = 128  # feature-width chunk of the scatter kernel
-SCATTER_WARPS = 8  # 4 spill in its least specialized sm_90 binary
-RISK_BLOCK = 128  # anchors per step of the group-risk kernel
-COMBINE_BLOCK = 128  # groups per step of the combination kernels
+FINISH_GROUPS = tl.constexpr(32)  # groups per step of the loss combination (last forward program)
+FINISH_ANCHORS = tl.constexpr(128)  # anchors per step of the group sums
 NORM_EPS = tl.constexpr(1e-12)  # f = z / max(||z||, NORM_EPS)
-# Per-sample statistics of the forward kernel, a (NUM_STATS, B) buffer with rows in this
-# order: ||z_i||, LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij, l_i, |P(i)|.
+# Per-sample statistics of the forward kernel, rows of a (NUM_STATS, B) buffer in this
+# order: l_i, ||z_i||, LSE_i of the logits, log sum_k r_ik, sum_{j in P(i)} w_ij, |P(i)|.
+# Without a gradient only the first row is stored. With one, the saved buffer is these rows
+# followed by the G slopes dloss/dL_g / |I_g|.
 NUM_STATS = 6
+_NUM_STATS = tl.constexpr(NUM_STATS)  # for the kernels
 
 
 @triton.jit
@@ -74,7 +86,7 @@ def _group_of(offsets_ptr, positions, num_groups, search_steps):
 
 @triton.jit
 def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M: tl.constexpr):
-    """The program's anchors: positions in group order, sample ids, labels, group bounds."""
+    """The program's anchors: positions in group order, sample ids, labels, groups and their bounds."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < batch
     safe_rows = tl.minimum(rows, batch - 1)
@@ -83,7 +95,7 @@ def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_s
     start = tl.load(offsets_ptr + group)
     end = tl.load(offsets_ptr + group + 1)
     row_labels = tl.load(labels_ptr + samples)
-    return rows, row_ok, samples, start, end, row_labels
+    return rows, row_ok, samples, group, start, end, row_labels
 
 
 @triton.jit
@@ -151,12 +163,19 @@ def _forward_kernel(
     labels_ptr,
     offsets_ptr,
     stats_ptr,
+    risks_ptr,
+    loss_ptr,
+    var_ptr,
+    tickets_ptr,
     batch,
     width,
     num_groups,
     search_steps,
     tau,
     eta,
+    lambda_var,
+    lambda_grad,
+    need_grad,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -164,7 +183,7 @@ def _forward_kernel(
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
+    rows, row_ok, row_samples, _, start, end, row_labels = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
     )
     inv_tau = 1.0 / tl.cast(tau, tl.float32)
@@ -248,26 +267,91 @@ def _forward_kernel(
     partners = (end - start - 1).to(tl.float32)
     logit_lse = logit_max + tl.log(logit_sum)
     loss = -partners / emph_sum * (pos_logit - logit_lse * pos_weight) / tl.maximum(pos_count, 1.0)
-    tl.store(stats_ptr + rows, row_norm, mask=row_ok)
-    tl.store(stats_ptr + 1 * batch + rows, logit_lse, mask=row_ok)
-    tl.store(stats_ptr + 2 * batch + rows, emph_max + tl.log(emph_sum), mask=row_ok)
-    tl.store(stats_ptr + 3 * batch + rows, partners * pos_weight / emph_sum, mask=row_ok)
-    tl.store(stats_ptr + 4 * batch + rows, loss, mask=row_ok)
-    tl.store(stats_ptr + 5 * batch + rows, pos_count, mask=row_ok)
+    tl.store(stats_ptr + rows, loss, mask=row_ok)
+    saved = row_ok & (need_grad != 0)
+    tl.store(stats_ptr + 1 * batch + rows, row_norm, mask=saved)
+    tl.store(stats_ptr + 2 * batch + rows, logit_lse, mask=saved)
+    tl.store(stats_ptr + 3 * batch + rows, emph_max + tl.log(emph_sum), mask=saved)
+    tl.store(stats_ptr + 4 * batch + rows, partners * pos_weight / emph_sum, mask=saved)
+    tl.store(stats_ptr + 5 * batch + rows, pos_count, mask=saved)
+    if is_last_program(tickets_ptr, 0, tl.num_programs(0)):
+        _finish_loss(
+            offsets_ptr,
+            stats_ptr,
+            risks_ptr,
+            loss_ptr,
+            var_ptr,
+            stats_ptr + _NUM_STATS * batch,
+            num_groups,
+            lambda_var,
+            lambda_grad,
+            need_grad,
+            FINISH_GROUPS,
+            FINISH_ANCHORS,
+        )
+        tl.store(tickets_ptr, 0)
 
 
 @triton.jit
-def _group_risk_kernel(offsets_ptr, stats_ptr, risks_ptr, batch, BLOCK: tl.constexpr):
-    """L_g = mean of the anchors' losses; 0 for a group of fewer than 2 members (left out)."""
-    group = tl.program_id(0).to(tl.int64)
-    start = tl.load(offsets_ptr + group)
-    end = tl.load(offsets_ptr + group + 1)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK):
-        total += tl.load(stats_ptr + 4 * batch + r0 + lanes, mask=r0 + lanes < end, other=0.0)
-    risk = tl.sum(total, axis=0) / tl.maximum(end - start, 1).to(tl.float32)
-    tl.store(risks_ptr + group, tl.where(end - start >= 2, risk, 0.0))
+def _finish_loss(
+    offsets_ptr,
+    losses_ptr,
+    risks_ptr,
+    loss_ptr,
+    var_ptr,
+    slopes_ptr,
+    num_groups,
+    lambda_var,
+    lambda_grad,
+    need_grad,
+    GROUPS: tl.constexpr,
+    ANCHORS: tl.constexpr,
+):
+    """Run by the forward's last program, once every anchor loss is stored: the group risks
+    L_g (mean anchor loss; 0 for a group of fewer than 2 members, left out), over the G'
+    counted groups the loss `mean + lambda_var * Var` and the variance, and with need_grad
+    each group's slope dloss/dL_g / |I_g| (`lambda_grad` is lambda_var with var_grad, else
+    0). Group sums run GROUPS groups at a time over the anchors of their range (deterministic,
+    no atomics); loads of other programs' stores bypass L1."""
+    lanes = tl.arange(0, GROUPS).to(tl.int64)
+    anchors = tl.arange(0, ANCHORS).to(tl.int64)
+    count = tl.zeros((GROUPS,), dtype=tl.float32)
+    total = tl.zeros((GROUPS,), dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        groups = g0 + lanes
+        ok = groups < num_groups
+        start = tl.load(offsets_ptr + groups, mask=ok, other=0)
+        end = tl.load(offsets_ptr + groups + 1, mask=ok, other=0)
+        sums = tl.zeros((GROUPS,), dtype=tl.float32)
+        range_end = tl.load(offsets_ptr + tl.minimum(g0 + GROUPS, num_groups))
+        for a0 in range(tl.load(offsets_ptr + g0), range_end, ANCHORS):
+            positions = a0 + anchors
+            losses = tl.load(losses_ptr + positions, mask=positions < range_end, other=0.0, cache_modifier=".cg")
+            inside = (positions[None, :] >= start[:, None]) & (positions[None, :] < end[:, None])
+            sums += tl.sum(tl.where(inside, losses[None, :], 0.0), axis=1)
+        counted = ok & (end - start >= 2)
+        risk = tl.where(counted, sums / tl.maximum(end - start, 1).to(tl.float32), 0.0)
+        tl.store(risks_ptr + groups, risk, mask=ok)
+        count += counted.to(tl.float32)
+        total += risk
+    counted_groups = tl.maximum(tl.sum(count, axis=0), 1.0)
+    mean = tl.sum(total, axis=0) / counted_groups
+    # The risks are read back below by other threads of this program.
+    tl.debug_barrier()
+    spread = tl.zeros((GROUPS,), dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        groups = g0 + lanes
+        ok = groups < num_groups
+        size = tl.load(offsets_ptr + groups + 1, mask=ok, other=0) - tl.load(offsets_ptr + groups, mask=ok, other=0)
+        risk = tl.load(risks_ptr + groups, mask=ok, other=0.0)
+        counted = ok & (size >= 2)
+        spread += tl.where(counted, (risk - mean) * (risk - mean), 0.0)
+        slope = (1.0 + 2.0 * tl.cast(lambda_grad, tl.float32) * (risk - mean)) / counted_groups
+        slope = tl.where(counted, slope / tl.maximum(size, 1).to(tl.float32), 0.0)
+        tl.store(slopes_ptr + groups, slope, mask=ok & (need_grad != 0))
+    risk_var = tl.sum(spread, axis=0) / counted_groups
+    tl.store(loss_ptr, (mean + tl.cast(lambda_var, tl.float32) * risk_var).to(loss_ptr.dtype.element_ty))
+    tl.store(var_ptr, risk_var)
 
 
 @triton.jit
@@ -299,25 +383,26 @@ def _anchor_cosine_grad(
 
 @triton.jit
 def _load_anchor_stats(stats_ptr, idx, ok, batch):
-    logit_lse = tl.load(stats_ptr + 1 * batch + idx, mask=ok, other=0.0)
-    emphasis_lse = tl.load(stats_ptr + 2 * batch + idx, mask=ok, other=0.0)
-    positive_weight = tl.load(stats_ptr + 3 * batch + idx, mask=ok, other=0.0)
-    anchor_loss = tl.load(stats_ptr + 4 * batch + idx, mask=ok, other=0.0)
+    """(LSE_i, log sum_k r_ik, W_i, l_i, 1 / max(|P(i)|, 1)) of the anchors `idx`."""
+    anchor_loss = tl.load(stats_ptr + idx, mask=ok, other=0.0)
+    logit_lse = tl.load(stats_ptr + 2 * batch + idx, mask=ok, other=0.0)
+    emphasis_lse = tl.load(stats_ptr + 3 * batch + idx, mask=ok, other=0.0)
+    positive_weight = tl.load(stats_ptr + 4 * batch + idx, mask=ok, other=0.0)
     inv_m = 1.0 / tl.maximum(tl.load(stats_ptr + 5 * batch + idx, mask=ok, other=1.0), 1.0)
     return logit_lse, emphasis_lse, positive_weight, anchor_loss, inv_m
 
 
 @triton.jit
-def _direction_kernel(
+def _gradient_kernel(
     z_ptr,
     order_ptr,
     labels_ptr,
     offsets_ptr,
-    stats_ptr,
-    direction_ptr,
+    saved_ptr,
+    grad_loss_ptr,
+    out_ptr,
     batch,
     width,
-    slice_width,
     num_groups,
     search_steps,
     tau,
@@ -326,35 +411,28 @@ def _direction_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SLICE: tl.constexpr,
     PRECISION: tl.constexpr,
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """direction[rows, slice] = dL_g/dz for the program's anchors (unit upstream gradient)
-    over its slice of `slice_width` features (grid axis 1, a multiple of BLOCK_K): dF
-    accumulates H_tile @ f[cols, chunk] per partner block in `direction` itself (the first
-    block writes), then the normalization backward rewrites the slice in place with the
-    projection f_i . dF_i = sum_j H_ij c_ij from the same tiles, so a program needs no other
-    slice. Rows of groups of fewer than 2 members are 0."""
-    rows, row_ok, row_samples, start, end, row_labels = _anchor_tile(
+    """out[order[rows], slice] = dloss/dz for the program's anchors and its SLICE features
+    (grid axis 1), times the upstream gradient `grad_loss`, in out's dtype."""
+    rows, row_ok, row_samples, group, start, end, row_labels = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
     )
     inv_tau = 1.0 / tl.cast(tau, tl.float32)
     eta = tl.cast(eta, tl.float32)
     inv_eta = 1.0 / eta
-    members = (end - start).to(tl.float32)
-    partners = (members - 1.0)[:, None]
-    gamma = (1.0 / tl.maximum(members, 1.0))[:, None]
-    row_norm = tl.load(stats_ptr + rows, mask=row_ok, other=1.0)
+    partners = ((end - start).to(tl.float32) - 1.0)[:, None]
+    slope = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(saved_ptr + _NUM_STATS * batch + group)
+    row_norm = tl.load(saved_ptr + batch + rows, mask=row_ok, other=1.0)
     inv_rows = _inverse_norm(row_norm)
-    lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(stats_ptr, rows, row_ok, batch)
+    lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(saved_ptr, rows, row_ok, batch)
     lanes = tl.arange(0, BLOCK_N).to(tl.int64)
-    # dF and the normalization pass walk the slice in half chunks: an fp32 (BLOCK_N x BLOCK_K)
-    # partner chunk beside the product tiles spills at 16x64 tiles.
-    DF_K: tl.constexpr = BLOCK_K // 2
-    kf = tl.arange(0, DF_K)
-    slice_start = tl.program_id(1).to(tl.int64) * slice_width
-    slice_end = slice_start + slice_width
+    k = tl.program_id(1).to(tl.int64) * SLICE + tl.arange(0, SLICE)
+    k_ok = k < width
+    d_features = tl.zeros((BLOCK_M, SLICE), dtype=tl.float32)
     projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first = tl.min(tl.where(row_ok, start, batch), axis=0)
     last = tl.max(tl.where(row_ok, end, 0), axis=0)
@@ -363,8 +441,8 @@ def _direction_kernel(
         col_ok = cols < last
         col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
         col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
-        inv_cols = _inverse_norm(tl.load(stats_ptr + cols, mask=col_ok, other=1.0))
-        lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(stats_ptr, cols, col_ok, batch)
+        inv_cols = _inverse_norm(tl.load(saved_ptr + batch + cols, mask=col_ok, other=1.0))
+        lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(saved_ptr, cols, col_ok, batch)
         acc, _ = _cosine_tile(
             z_ptr,
             row_samples,
@@ -423,131 +501,29 @@ def _direction_kernel(
             inv_eta,
             DETACH_WEIGHTS,
         )
-        h = tl.where(partner, gamma * (g_ij + g_ji), 0.0)
+        h = tl.where(partner, slope[:, None] * (g_ij + g_ji), 0.0)
         projection += tl.sum(h * c, axis=1)
-        for k0 in range(slice_start, slice_end, DF_K):
-            k_ok = (k0 + kf < slice_end) & (k0 + kf < width)
-            f_cols = (
-                tl.load(
-                    z_ptr + col_samples[:, None] * width + k0 + kf[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                * inv_cols[:, None]
-            )
-            out = direction_ptr + rows[:, None] * width + k0 + kf[None, :]
-            out_mask = row_ok[:, None] & k_ok[None, :]
-            # The first partner block writes, the later ones add: no zero-filled buffer.
-            previous = tl.load(out, mask=tl.where(c0 > first, out_mask, False), other=0.0)
-            tl.store(out, tl.dot(h, f_cols, previous, input_precision=PRECISION), mask=out_mask)
+        f_cols = (
+            tl.load(
+                z_ptr + col_samples[:, None] * width + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
+            ).to(tl.float32)
+            * inv_cols[:, None]
+        )
+        d_features = tl.dot(h, f_cols, d_features, input_precision=PRECISION)
     # f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps.
-    # The barrier makes this program's stores of dF visible to all its threads.
-    tl.debug_barrier()
     projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
-    counted = (members >= 2.0)[:, None]
-    for k0 in range(slice_start, slice_end, DF_K):
-        mask = row_ok[:, None] & ((k0 + kf < slice_end) & (k0 + kf < width))[None, :]
-        f = tl.load(z_ptr + row_samples[:, None] * width + k0 + kf[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = direction_ptr + rows[:, None] * width + k0 + kf[None, :]
-        dz = inv_rows[:, None] * (tl.load(out, mask=mask, other=0.0) - f * inv_rows[:, None] * projection[:, None])
-        tl.store(out, tl.where(counted, dz, 0.0), mask=mask)
-
-
-@triton.jit
-def _scatter_kernel(
-    grad_risks_ptr,
-    direction_ptr,
-    order_ptr,
-    offsets_ptr,
-    out_ptr,
-    batch,
-    width,
-    num_groups,
-    search_steps,
-    BLOCK_R: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
-    """out[order[i]] = grad_risks[group of i] * direction[i], in out's dtype."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < batch
-    safe_rows = tl.minimum(rows, batch - 1)
-    scale = tl.load(grad_risks_ptr + _group_of(offsets_ptr, safe_rows, num_groups, search_steps)).to(tl.float32)
-    samples = tl.load(order_ptr + safe_rows)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
-    mask = row_ok[:, None] & (cols < width)[None, :]
-    d = tl.load(direction_ptr + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
-    tl.store(
-        out_ptr + samples[:, None] * width + cols[None, :], (d * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask
-    )
-
-
-@triton.jit
-def _counted_risks(risks_ptr, offsets_ptr, groups, num_groups):
-    """(1 for groups of at least 2 members else 0, the risk) for `groups`; 0, 0 past the end."""
-    ok = groups < num_groups
-    sizes = tl.load(offsets_ptr + groups + 1, mask=ok, other=0) - tl.load(offsets_ptr + groups, mask=ok, other=0)
-    return (sizes >= 2).to(tl.float32), tl.load(risks_ptr + groups, mask=ok, other=0.0)
-
-
-@triton.jit
-def _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK: tl.constexpr):
-    """(max(G', 1), mean risk over the G' counted groups)."""
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    count = tl.zeros((BLOCK,), dtype=tl.float32)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for g0 in range(0, num_groups, BLOCK):
-        weight, risk = _counted_risks(risks_ptr, offsets_ptr, g0 + lanes, num_groups)
-        count += weight
-        total += weight * risk
-    counted = tl.maximum(tl.sum(count, axis=0), 1.0)
-    return counted, tl.sum(total, axis=0) / counted
-
-
-@triton.jit
-def _combine_kernel(risks_ptr, offsets_ptr, loss_ptr, var_ptr, num_groups, lambda_var, BLOCK: tl.constexpr):
-    """loss = mean L_g + lambda_var * Var L_g over the counted groups (one program)."""
-    counted, mean = _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    spread = tl.zeros((BLOCK,), dtype=tl.float32)
-    for g0 in range(0, num_groups, BLOCK):
-        weight, risk = _counted_risks(risks_ptr, offsets_ptr, g0 + lanes, num_groups)
-        spread += weight * (risk - mean) * (risk - mean)
-    risk_var = tl.sum(spread, axis=0) / counted
-    tl.store(loss_ptr, mean + tl.cast(lambda_var, tl.float32) * risk_var)
-    tl.store(var_ptr, risk_var)
-
-
-@triton.jit
-def _combine_backward_kernel(
-    grad_loss_ptr,
-    risks_ptr,
-    offsets_ptr,
-    grad_risks_ptr,
-    num_groups,
-    lambda_var,
-    VAR_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """dloss/dL_g = w_g / G' (1 + 2 lambda_var (L_g - mean)) with var_grad, else w_g / G'
-    (w_g: counted or not), times the upstream gradient (one program)."""
-    counted, mean = _counted_mean(risks_ptr, offsets_ptr, num_groups, BLOCK)
-    grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    for g0 in range(0, num_groups, BLOCK):
-        groups = g0 + lanes
-        weight, risk = _counted_risks(risks_ptr, offsets_ptr, groups, num_groups)
-        grad = grad_loss * weight / counted
-        if VAR_GRAD:
-            grad *= 1.0 + 2.0 * tl.cast(lambda_var, tl.float32) * (risk - mean)
-        tl.store(grad_risks_ptr + groups, grad, mask=groups < num_groups)
+    mask = row_ok[:, None] & k_ok[None, :]
+    f = tl.load(z_ptr + row_samples[:, None] * width + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    dz = inv_rows[:, None] * (d_features - f * inv_rows[:, None] * projection[:, None])
+    tl.store(out_ptr + row_samples[:, None] * width + k[None, :], dz.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
     """`(BLOCK_M, BLOCK_N)`: partner blocks as wide as the random partition's largest group
     (`cdiv(B, G)`, 16 to MAX_TILE); anchor tiles start at half that (16 to MAX_ANCHORS) and
-    are halved (down to 16)
-    while the grid `cdiv(B, BLOCK_M)` holds at most TARGET_PROGRAMS / 2 programs, so small
-    batches still spread over the SMs. The grid never depends on the group sizes."""
+    are halved (down to 16) while the grid `cdiv(B, BLOCK_M)` holds at most
+    TARGET_PROGRAMS / 2 programs, so small batches still spread over the SMs. The grid never
+    depends on the group sizes."""
     block_n = min(MAX_TILE, max(16, triton.next_power_of_2(triton.cdiv(batch, num_groups))))
     block_m = max(16, min(block_n // 2, MAX_ANCHORS))
     while block_m > 16 and 2 * triton.cdiv(batch, block_m) <= TARGET_PROGRAMS:
@@ -556,9 +532,9 @@ def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
 
 
 def tile_launch_options(block_m: int, block_n: int) -> dict:
-    """Warps of the forward kernel (2 for 16x16 tiles, 4 below 32x32, else 8; the direction kernel runs
-    DIRECTION_WARPS); the feature-chunk loads of the products are pipelined over NUM_STAGES
-    stages, the other loops are not (num_stages 1). Checked spill-free on sm_80/sm_90."""
+    """Warps of the forward kernel (2 for 16x16 tiles, 4 below 32x32, else 8); the feature-chunk
+    loads of the products are pipelined over NUM_STAGES stages, the other loops are not
+    (num_stages 1). Checked spill-free on sm_80/sm_90."""
     return {
         "num_warps": 2 if block_m * block_n <= 256 else 4 if block_m * block_n < 1024 else 8,
         "num_stages": 1,
@@ -566,20 +542,23 @@ def tile_launch_options(block_m: int, block_n: int) -> dict:
     }
 
 
-def direction_slices(batch: int, width: int, block_m: int) -> tuple[int, int]:
-    """`(slices, features per slice)` of the direction kernel. Each slice recomputes its
-    tiles' cosines, so a grid of at least TARGET_PROGRAMS / 2 anchor tiles keeps one slice;
-    fewer tiles get enough slices (whole BLOCK_K chunks) to reach 2 x TARGET_PROGRAMS
-    programs where the width allows (small batches with wide features, C = 2048)."""
-    chunks = triton.cdiv(width, BLOCK_K)
-    tiles = triton.cdiv(batch, block_m)
-    wanted = 1 if 2 * tiles >= TARGET_PROGRAMS else min(chunks, triton.cdiv(2 * TARGET_PROGRAMS, tiles))
-    per_slice = triton.cdiv(chunks, wanted) * BLOCK_K
-    return triton.cdiv(width, per_slice), per_slice
+def gradient_plan(width: int) -> tuple[int, int, int]:
+    """`(BLOCK_M, BLOCK_N, SLICE)` of the gradient kernel (see GRAD_TILE, SLICES)."""
+    return (*GRAD_TILE, SLICES[0] if width <= SLICES[0] else SLICES[1])
 
 
 def _search_steps(num_groups: int) -> int:
     return num_groups.bit_length()  # halvings of G + 1 candidates down to one
+
+
+def _tile_constexprs(block_m: int, block_n: int) -> dict:
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": BLOCK_K,
+        "PRECISION": triton_fp32_precision(),
+        "NATIVE_BF16": not triton_interpreting(),
+    }
 
 
 def girl_forward(
@@ -589,197 +568,146 @@ def girl_forward(
     offsets: torch.Tensor,
     tau: float,
     eta: float,
+    lambda_var: float,
+    var_grad: bool,
     detach_weights: bool,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(group_risks (G,), direction)`, both float32; `direction` is `dL_g/dz` in group
-    order, `(B, C)` with `need_grad`, else `(0, C)`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(loss, group_risks (G,), risk_var, saved)`: the loss in the features' dtype, the
+    others float32; `saved` is the backward's float32 statistics and slopes with `need_grad`,
+    else empty. `detach_weights` only matters to the backward."""
     batch, width = features.shape
     num_groups = offsets.shape[0] - 1
-    steps = _search_steps(num_groups)
     risks = features.new_empty((num_groups,), dtype=torch.float32)
-    stats = features.new_empty((NUM_STATS, batch), dtype=torch.float32)
+    loss = features.new_empty(())
+    risk_var = features.new_empty((), dtype=torch.float32)
+    stats = features.new_empty((NUM_STATS * batch + num_groups if need_grad else batch,), dtype=torch.float32)
     block_m, block_n = tile_plan(batch, num_groups)
-    tiles = (triton.cdiv(batch, block_m),)
-    tile = {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "BLOCK_K": BLOCK_K,
-        "PRECISION": triton_fp32_precision(),
-        "NATIVE_BF16": not triton_interpreting(),
-        **tile_launch_options(block_m, block_n),
-    }
-    wrap_triton(_forward_kernel)[tiles](
-        features, order, labels, offsets, stats, batch, width, num_groups, steps, tau, eta, **tile
-    )
-    wrap_triton(_group_risk_kernel)[(num_groups,)](offsets, stats, risks, batch, BLOCK=RISK_BLOCK, num_stages=1)
-    if not need_grad:
-        return risks, features.new_empty((0, width), dtype=torch.float32)
-    direction = features.new_empty((batch, width), dtype=torch.float32)
-    slices, slice_width = direction_slices(batch, width, block_m)
-    wrap_triton(_direction_kernel)[(tiles[0], slices)](
+    wrap_triton(_forward_kernel)[(triton.cdiv(batch, block_m),)](
         features,
         order,
         labels,
         offsets,
         stats,
-        direction,
+        risks,
+        loss,
+        risk_var,
+        zeroed_tickets(features, 1),
         batch,
         width,
-        slice_width,
         num_groups,
-        steps,
+        _search_steps(num_groups),
         tau,
         eta,
-        DETACH_WEIGHTS=detach_weights,
-        **{**tile, "num_warps": DIRECTION_WARPS},
+        lambda_var,
+        lambda_var if var_grad else 0.0,
+        int(need_grad),
+        **_tile_constexprs(block_m, block_n),
+        **tile_launch_options(block_m, block_n),
     )
-    return risks, direction
+    return loss, risks, risk_var, stats if need_grad else stats[:0]
 
 
 def girl_backward(
-    grad_risks: torch.Tensor,
-    direction: torch.Tensor,
+    grad_loss: torch.Tensor,
+    saved: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
     order: torch.Tensor,
     offsets: torch.Tensor,
-    dtype: torch.dtype,
+    tau: float,
+    eta: float,
+    detach_weights: bool,
 ) -> torch.Tensor:
-    """`grad_features[order[i]] = grad_risks[group of i] * direction[i]`, in `dtype`."""
-    batch, width = direction.shape
+    """`grad_loss * dloss/dfeatures`, in the features' dtype, recomputed from `saved`."""
+    batch, width = features.shape
     num_groups = offsets.shape[0] - 1
-    grad_features = direction.new_empty((batch, width), dtype=dtype)
-    grid = (triton.cdiv(batch, ROW_BLOCK), triton.cdiv(width, ROW_BLOCK_W))
-    wrap_triton(_scatter_kernel)[grid](
-        grad_risks,
-        direction,
+    grad_features = torch.empty_like(features)
+    block_m, block_n, slice_width = gradient_plan(width)
+    wrap_triton(_gradient_kernel)[(triton.cdiv(batch, block_m), triton.cdiv(width, slice_width))](
+        features,
         order,
+        labels,
         offsets,
+        saved,
+        grad_loss,
         grad_features,
         batch,
         width,
         num_groups,
         _search_steps(num_groups),
-        BLOCK_R=ROW_BLOCK,
-        BLOCK_W=ROW_BLOCK_W,
-        num_warps=SCATTER_WARPS,
-        num_stages=1,
+        tau,
+        eta,
+        DETACH_WEIGHTS=detach_weights,
+        SLICE=slice_width,
+        **_tile_constexprs(block_m, block_n),
+        **{**tile_launch_options(block_m, block_n), "num_warps": GRAD_WARPS},
     )
     return grad_features
 
 
-def girl_combine(
-    group_risks: torch.Tensor, offsets: torch.Tensor, lambda_var: float, var_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(loss, risk_var)`, float32 scalars: `reference.combine_group_risks` in one launch,
-    the counted groups read from `offsets`. `var_grad` only matters to the backward."""
-    loss = group_risks.new_empty(())
-    risk_var = group_risks.new_empty(())
-    wrap_triton(_combine_kernel)[(1,)](
-        group_risks, offsets, loss, risk_var, group_risks.shape[0], lambda_var, BLOCK=COMBINE_BLOCK, num_stages=1
-    )
-    return loss, risk_var
-
-
-def girl_combine_backward(
-    grad_loss: torch.Tensor, group_risks: torch.Tensor, offsets: torch.Tensor, lambda_var: float, var_grad: bool
-) -> torch.Tensor:
-    """`dloss/dgroup_risks` for the upstream `grad_loss`, float32 `(G,)`."""
-    grad_risks = torch.empty_like(group_risks)
-    wrap_triton(_combine_backward_kernel)[(1,)](
-        grad_loss,
-        group_risks,
-        offsets,
-        grad_risks,
-        group_risks.shape[0],
-        lambda_var,
-        VAR_GRAD=var_grad,
-        BLOCK=COMBINE_BLOCK,
-        num_stages=1,
-    )
-    return grad_risks
-
-
 # (B, C, G), as in benchmarks/bench_girl.py: the benchmark shapes, then one shape per further
-# tile plan (BLOCK_M x BLOCK_N 16x16); widths that are not multiples of 16 make the JIT build
-# its less specialized binaries too.
+# tile plan (forward BLOCK_M x BLOCK_N 16x16, gradient slices of 64); widths that are not
+# multiples of 16 make the JIT build its less specialized binaries too.
 AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3)]
 _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def aot_variants() -> list[KernelVariant]:
-    """The kernel variants the launchers pick at `AOT_SHAPES`: forward and direction (both
-    `detach_weights`) per dtype and fp32 product precision, the group risks, the scatter per
-    output dtype."""
+    """The kernel variants the launchers pick at `AOT_SHAPES`: the forward and the gradient
+    kernel (both `detach_weights`) per dtype and fp32 product precision."""
     variants = {}
 
-    def add(name, kernel, constexprs, options=None, pointer_types=None):
-        variants[name] = KernelVariant(name, kernel, constexprs, **(options or {}), pointer_types=pointer_types or {})
+    def add(name, kernel, constexprs, options, pointer_types):
+        variants[name] = KernelVariant(name, kernel, constexprs, **options, pointer_types=pointer_types)
 
-    add(f"girl.group_risk[BLOCK={RISK_BLOCK}]", _group_risk_kernel, {"BLOCK": RISK_BLOCK}, {"num_stages": 1})
-    add("girl.combine", _combine_kernel, {"BLOCK": COMBINE_BLOCK}, {"num_stages": 1})
-    for var_grad in (True, False):
-        add(
-            f"girl.combine_backward[VAR_GRAD={var_grad}]",
-            _combine_backward_kernel,
-            {"VAR_GRAD": var_grad, "BLOCK": COMBINE_BLOCK},
-            {"num_stages": 1},
-        )
-    for batch, _, num_groups in AOT_SHAPES:
+    for batch, width, num_groups in AOT_SHAPES:
         block_m, block_n = tile_plan(batch, num_groups)
-        options = tile_launch_options(block_m, block_n)
-        warps = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages")}
+        grad_block_m, grad_block_n, slice_width = gradient_plan(width)
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
-            add(
-                f"girl.scatter[{dtype}]",
-                _scatter_kernel,
-                {"BLOCK_R": ROW_BLOCK, "BLOCK_W": ROW_BLOCK_W},
-                {"num_warps": SCATTER_WARPS, "num_stages": 1},
-                {"out_ptr": f"*{dtype}"},
-            )
             for precision in TRITON_FP32_PRECISIONS:
-                tile = {
-                    "BLOCK_M": block_m,
-                    "BLOCK_N": block_n,
-                    "BLOCK_K": BLOCK_K,
-                    "PRECISION": precision,
-                    "NATIVE_BF16": True,
-                    **options,
-                }
+                forward = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": precision}
+                forward_options = tile_launch_options(block_m, block_n)
+                warps = {"num_warps": forward_options.pop("num_warps"), "num_stages": forward_options.pop("num_stages")}
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
-                add(f"girl.forward[{plan}]", _forward_kernel, tile, warps, z)
+                add(
+                    f"girl.forward[{plan}]",
+                    _forward_kernel,
+                    {**forward, "NATIVE_BF16": True, **forward_options},
+                    warps,
+                    z,
+                )
+                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n}
+                gradient.update(NATIVE_BF16=True, **forward_options)
+                plan = f"{dtype},{precision},BLOCK_M={grad_block_m},BLOCK_N={grad_block_n},SLICE={slice_width}"
                 for detach in (True, False):
                     add(
-                        f"girl.direction[{plan},DETACH_WEIGHTS={detach}]",
-                        _direction_kernel,
-                        {"DETACH_WEIGHTS": detach, **tile},
-                        {**warps, "num_warps": DIRECTION_WARPS},
+                        f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]",
+                        _gradient_kernel,
+                        {"DETACH_WEIGHTS": detach, "SLICE": slice_width, **gradient},
+                        {**warps, "num_warps": GRAD_WARPS},
                         z,
                     )
     return list(variants.values())
 
 
 def aot_launches(shapes=AOT_SHAPES) -> None:
-    """Runs the forward launcher with `need_grad`, the backward launcher and the combination
-    launchers at `shapes` on uninitialized CPU tensors, every dtype, fp32 product precision,
-    `detach_weights` and `var_grad` (for `triton_variants.capture_specializations`, which
-    stops each launch)."""
-    saved = triton_fp32_precision()
+    """Runs the forward launcher with `need_grad` and the backward launcher at `shapes` on
+    uninitialized CPU tensors, every dtype, fp32 product precision and `detach_weights` (for
+    `triton_variants.capture_specializations`, which stops each launch)."""
+    saved_precision = triton_fp32_precision()
     try:
         for batch, width, num_groups in shapes:
             order = torch.arange(batch)
             offsets = torch.arange(num_groups + 1) * batch // num_groups
             labels = torch.zeros(batch, dtype=torch.int64)
-            grad_risks = torch.ones(num_groups)
             for dtype in _AOT_DTYPES.values():
                 features = torch.empty((batch, width), dtype=dtype)
                 for precision in TRITON_FP32_PRECISIONS:
                     set_triton_fp32_precision(precision)
+                    loss, _, _, saved = girl_forward(features, labels, order, offsets, 0.07, 0.2, 1.0, True, True, True)
                     for detach in (True, False):
-                        _, direction = girl_forward(features, labels, order, offsets, 0.07, 0.2, detach, True)
-                girl_backward(grad_risks, direction, order, offsets, dtype)
-            loss, _ = girl_combine(grad_risks, offsets, 1.0, True)
-            for var_grad in (True, False):
-                girl_combine_backward(loss, grad_risks, offsets, 1.0, var_grad)
+                        girl_backward(torch.ones_like(loss), saved, features, labels, order, offsets, 0.07, 0.2, detach)
     finally:
-        set_triton_fp32_precision(saved)
+        set_triton_fp32_precision(saved_precision)
