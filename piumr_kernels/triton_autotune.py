@@ -27,7 +27,8 @@
 - Every config is a variant of the static check: `triton_variants.autotuned_variants` declares
   one per config, and under `triton_variants.capture_specializations` a launch launches every
   config (`launching_every_config`), so a config cannot be left out of the check unnoticed.
-- `use_config(kernel, config)` runs one given config (tests check each against the reference).
+- `use_config(kernel, config)` runs one given config (tests check each against the reference);
+  `autotuned_kernels(module)` lists a module's autotuned kernels.
 """
 
 from __future__ import annotations
@@ -128,3 +129,14 @@ def use_config(kernel: Autotuned, config: triton.Config) -> Iterator[None]:
         yield
     finally:
         kernel.configs = saved
+
+
+def autotuned_kernels(module) -> list[Autotuned]:
+    """The autotuned kernels `module` defines: its attributes, and the values of its dict
+    attributes (kernels autotuned per tile size)."""
+    found = []
+    for value in vars(module).values():
+        for candidate in value.values() if isinstance(value, dict) else (value,):
+            if isinstance(candidate, Autotuned) and candidate not in found:
+                found.append(candidate)
+    return found

@@ -11,6 +11,7 @@ float16 4e-3, bfloat16 3e-2 (output rounding of E, stats and the gradient map).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -264,6 +265,35 @@ def test_triton_split_adjoint_matches_fp64(poisoned_empty):
     (dx,) = torch.autograd.grad((E, mean, var), x, [g.float() for g in grads])
     (dx_ref,) = torch.autograd.grad((E_ref, mean_ref, var_ref), x64, grads)
     assert_close(dx, dx_ref, TOLERANCE[torch.float32], "dx")
+
+
+@pytest.mark.parametrize("index", [1])
+def test_triton_every_autotuned_config_matches_fp64(index, poisoned_empty):
+    """Config `index` of every autotuned DCT kernel (what a GPU may pick; the rest of the suite
+    runs the first): split plane reduction and split adjoint, forward and backward."""
+    if backends._availability("triton", torch.device("cpu")) != "":
+        pytest.skip("triton cannot run on CPU tensors here")
+    from piumr_kernels import triton_autotune
+    from piumr_kernels.dct import triton_kernels
+
+    kernels = triton_autotune.autotuned_kernels(triton_kernels)
+    assert max(len(kernel.tuning_configs) for kernel in kernels) == 2  # every index is tested
+    frequencies = list(range(0, 49, 3))
+    x = random_input((1, 7, 10, 5, 6), torch.float32).requires_grad_()
+    with contextlib.ExitStack() as stack, piumr_kernels.use_backend("triton"):
+        for kernel in kernels:
+            stack.enter_context(triton_autotune.use_config(kernel, kernel.tuning_configs[index]))
+        E, mean, var = dct_filter_bank(x, 7, frequencies, return_stats=True)
+        x64 = x.detach().to(torch.float64).requires_grad_()
+        E_ref, mean_ref, var_ref = straightforward(x64, 7, frequencies)
+        tol = TOLERANCE[torch.float32]
+        assert_close(E, E_ref, tol, "E")
+        assert_close(mean, mean_ref, tol, "mean")
+        assert_close(var, var_ref, tol, "var")
+        grads = [torch.randn_like(E_ref), torch.randn_like(mean_ref), torch.randn_like(var_ref)]
+        (dx,) = torch.autograd.grad((E, mean, var), x, [g.float() for g in grads])
+    (dx_ref,) = torch.autograd.grad((E_ref, mean_ref, var_ref), x64, grads)
+    assert_close(dx, dx_ref, tol, "dx")
 
 
 def test_fused_gradient_is_an_expanded_view(backend):

@@ -5,6 +5,8 @@ fp64 gradcheck, opcheck and torch.compile run for every op in tests/test_op_cont
 (shapes and tolerances in tests/op_harness.py).
 """
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -147,6 +149,40 @@ def test_linked_passes_match_the_reference(backend, dtype, detach_max):
     _close(out, expected, tol, "out")
     _close(grads[0], expected_grads[0], tol, "dx")
     _close(grads[1], expected_grads[1], 10 * tol, "dweights")
+
+
+@pytest.mark.parametrize("index", [1])
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 4, 6, 7), (1, 3, 4, 10, 20), (1, 2, 3, 20, 30)], ids=["tile64", "tile256", "tile1024"]
+)
+def test_triton_every_autotuned_config_matches_the_reference(index, shape, poisoned_empty):
+    """Config `index` of every autotuned TFAM kernel (what a GPU may pick; the rest of the suite
+    runs the first), with the element-wise passes at each BLOCK_HW tier: the passes linked (one
+    dx write) and separate, output and gradients of x and the scale weights against fp64."""
+    if backends._availability("triton", torch.device("cpu")):
+        pytest.skip("triton cannot run on CPU tensors here")
+    from piumr_kernels import triton_autotune
+    from piumr_kernels.tfam_pooling import triton_kernels
+
+    kernels = triton_autotune.autotuned_kernels(triton_kernels)
+    assert max(len(kernel.tuning_configs) for kernel in kernels) == 2  # every index is tested
+    x, _, _ = _inputs(shape, torch.float32, seed=10)
+    weights = torch.randn(3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    x_ref, w_ref = x.double().requires_grad_(), weights.clone().requires_grad_()
+    with backends.use_backend("reference"):
+        expected = _linked_model(x_ref, w_ref, False)
+    expected_grads = torch.autograd.grad(expected, (x_ref, w_ref), grad)
+    for link in (True, False):
+        x_fused, w_fused = x.clone().requires_grad_(), weights.float().requires_grad_()
+        with contextlib.ExitStack() as stack, backends.use_backend("triton"):
+            for kernel in kernels:
+                stack.enter_context(triton_autotune.use_config(kernel, kernel.tuning_configs[index]))
+            out = _linked_model(x_fused, w_fused, link)
+            grads = torch.autograd.grad(out, (x_fused, w_fused), grad.float())
+        _close(out, expected, 2e-5, f"out (link={link})")
+        _close(grads[0], expected_grads[0], 2e-5, f"dx (link={link})")
+        _close(grads[1], expected_grads[1], 2e-4, f"dweights (link={link})")
 
 
 def test_linked_dx_without_scale_gradients(backend):

@@ -186,15 +186,13 @@ def test_every_config_of_every_autotuned_op_kernel_is_declared():
     maps each launched config to its variant: tests/test_triton_static_check.py)."""
     for module in _op_kernel_modules():
         variants = module.aot_variants()
-        for attribute in vars(module).values():
-            if not isinstance(attribute, triton_autotune.Autotuned):
-                continue
-            for config in attribute.tuning_configs:
+        for kernel in triton_autotune.autotuned_kernels(module):
+            for config in kernel.tuning_configs:
                 declared = [
                     v
                     for v in variants
-                    if v.kernel is attribute.fn
+                    if v.kernel is kernel.fn
                     and (v.num_warps, v.num_stages) == (config.num_warps, config.num_stages)
                     and config.kwargs.items() <= v.constexprs.items()
                 ]
-                assert declared, f"{module.__name__}.{attribute.fn.__name__}: config {config} is not declared"
+                assert declared, f"{module.__name__}.{kernel.fn.__name__}: config {config} is not declared"

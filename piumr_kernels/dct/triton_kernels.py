@@ -13,6 +13,7 @@ Backward: `_grad_kernel` forms G_d = dE_d + dmean_d / HW + dvar_d * 2 (E_d - mea
 (E_d rebuilt from s the same way); `_adjoint_kernel`, grid (B, pixel tiles, filter splits),
 applies the adjoint sum_d D_d (convolved with) G_d and writes the (B, H, W) map g / T, split
 over the filters like the reduction over planes when B * tiles alone would not fill the GPU.
+Each kernel is autotuned on its shape arguments (`triton_autotune`; configs below).
 Loads are upcast to float32 at once; offsets are int64.
 """
 
@@ -26,10 +27,12 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..launch_state import is_last_program, traced, zeroed_tickets
-from ..triton_variants import KernelVariant
+from ..triton_autotune import autotune
+from ..triton_variants import KernelVariant, autotuned_variants
 from .reference import dct_basis_1d, select_filters
 
-TILE_BLOCK = 256
+# Pixels per program of the adjoint (its grid and its split workspace follow them).
+ADJOINT_BLOCK = 256
 # The reduction loads a (planes, pixels) block of this many elements per iteration.
 REDUCE_ELEMENTS = 2048
 # Splitting the C*T planes: a launch needs about 2 programs per SM of a 132-SM H100 to stream
@@ -40,6 +43,12 @@ REDUCE_ELEMENTS = 2048
 GPU_PROGRAMS = 2 * 132
 MIN_PLANES_PER_SPLIT = 16
 MIN_FILTERS_PER_SPLIT = 4
+# Autotuned configs (triton_autotune; the first is the design configuration). The reduction
+# and the adjoint keep their tiles (the grid, the split workspace and the tickets depend on
+# them) and tune their warps; the filter and gradient passes also tune their pixel block
+# (the gradient's grid follows it).
+WARP_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
+BLOCK_CONFIGS = [triton.Config({"BLOCK": 256}, num_warps=4), triton.Config({"BLOCK": 512}, num_warps=8)]
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -57,6 +66,7 @@ def _finish_split_sum(partials_ptr, out_ptr, item, n_splits, n_pixels, pixels, i
         tl.store(tickets_ptr + ticket, 0)
 
 
+@autotune(WARP_CONFIGS, key=["channels", "frames", "n_pixels", "planes_per_split"])
 @triton.jit
 def _reduce_kernel(
     x_ptr,
@@ -138,6 +148,7 @@ def _filter_tile(s_ptr, basis_ptr, pixels, inside, width, height, u, v, K, K_PAD
     return acc
 
 
+@autotune(BLOCK_CONFIGS, key=["n_filters", "height", "width", "K"])
 @triton.jit
 def _filter_stats_kernel(
     s_ptr,
@@ -187,6 +198,7 @@ def _filter_stats_kernel(
     tl.store(var_ptr + b * n_filters + n, m2 / n_pixels)
 
 
+@autotune(BLOCK_CONFIGS, key=["n_filters", "height", "width", "K"])
 @triton.jit
 def _grad_kernel(
     grad_E_ptr,
@@ -221,6 +233,7 @@ def _grad_kernel(
     tl.store(G_ptr + item * n_pixels + pixels, g, mask=inside)
 
 
+@autotune(WARP_CONFIGS, key=["n_filters", "height", "width", "K", "filters_per_split"])
 @triton.jit
 def _adjoint_kernel(
     G_ptr,
@@ -375,7 +388,6 @@ def dct_forward(
         height,
         width,
         kernel_size,
-        BLOCK=TILE_BLOCK,
         K_PAD=triton.next_power_of_2(kernel_size),
     )
     return E, mean, var, s
@@ -394,9 +406,8 @@ def dct_backward(
     batch, height, width = s.shape
     n_filters = len(frequencies)
     basis, freq = _bank_tensors(kernel_size, frequencies, s)
-    tiles = triton.cdiv(height * width, TILE_BLOCK)
     G = s.new_empty((batch, n_filters, height, width))
-    wrap_triton(_grad_kernel)[(batch, n_filters, tiles)](
+    wrap_triton(_grad_kernel)[lambda meta: (batch, n_filters, triton.cdiv(height * width, meta["BLOCK"]))](
         grad_E,
         grad_mean,
         grad_var,
@@ -409,10 +420,10 @@ def dct_backward(
         height,
         width,
         kernel_size,
-        BLOCK=TILE_BLOCK,
         K_PAD=triton.next_power_of_2(kernel_size),
     )
     grad_map = grad_E.new_empty((batch, height, width))
+    tiles = triton.cdiv(height * width, ADJOINT_BLOCK)
     splits, filters_per_split = _splits(batch * tiles, n_filters, MIN_FILTERS_PER_SPLIT)
     split = splits > 1
     partials = s.new_empty((batch, splits, height, width) if split else (0,))
@@ -430,7 +441,7 @@ def dct_backward(
         kernel_size,
         frames,
         filters_per_split,
-        BLOCK=TILE_BLOCK,
+        BLOCK=ADJOINT_BLOCK,
         K_PAD=triton.next_power_of_2(kernel_size),
         SPLIT=split,
     )
@@ -447,10 +458,10 @@ AOT_STRIDED_SHAPE = (8, 48, 16, 28, 28)
 
 
 def aot_variants() -> list[KernelVariant]:
-    """Every kernel the launchers above can pick: one BLOCK each, every x dtype where it matters;
-    the reduction's 256-pixel tiles (64 for the 7x7 maps) with flat planes, and fp32 strided,
-    each with and without plane splits (TFAM's (B, 1, 1, H, W) map has one plane: no split),
-    and the adjoint with and without filter splits."""
+    """Every kernel the launchers above can pick, in each of its autotuned configs: every x
+    dtype where it matters; the reduction's 256-pixel tiles (64 for the 7x7 maps) with flat
+    planes, and fp32 strided, each with and without plane splits (TFAM's (B, 1, 1, H, W) map
+    has one plane: no split), and the adjoint with and without filter splits."""
     variants = []
     for ty in _TRITON_DTYPES.values():
         reductions = [(256, True, True), (64, True, True), (256, True, False)]
@@ -458,38 +469,26 @@ def aot_variants() -> list[KernelVariant]:
             reductions.append((256, False, True))
         for pixels, flat, split in reductions:
             constexprs = {"PLANES": REDUCE_ELEMENTS // pixels, "PIXELS": pixels, "FLAT_PIXELS": flat, "SPLIT": split}
-            variants.append(
-                KernelVariant(
-                    f"dct.forward.reduce[{ty},PLANES={REDUCE_ELEMENTS // pixels},PIXELS={pixels},"
-                    f"{'flat' if flat else 'strided'}{',split' if split else ''}]",
-                    _reduce_kernel,
-                    constexprs,
-                    pointer_types={"x_ptr": f"*{ty}"},
-                )
+            variants += autotuned_variants(
+                f"dct.forward.reduce[{ty},PLANES={REDUCE_ELEMENTS // pixels},PIXELS={pixels},"
+                f"{'flat' if flat else 'strided'}{',split' if split else ''}]",
+                _reduce_kernel,
+                constexprs,
+                {"x_ptr": f"*{ty}"},
             )
-        variants += [
-            KernelVariant(
-                f"dct.forward.filter_stats[{ty},BLOCK={TILE_BLOCK}]",
-                _filter_stats_kernel,
-                {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD},
-                pointer_types={"E_ptr": f"*{ty}"},
-            ),
-            KernelVariant(
-                f"dct.backward.grad[{ty},BLOCK={TILE_BLOCK}]",
-                _grad_kernel,
-                {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD},
-                pointer_types={"grad_E_ptr": f"*{ty}"},
-            ),
-        ]
-        variants += [
-            KernelVariant(
-                f"dct.backward.adjoint[{ty},BLOCK={TILE_BLOCK}{',split' if split else ''}]",
+        variants += autotuned_variants(
+            f"dct.forward.filter_stats[{ty}]", _filter_stats_kernel, {"K_PAD": AOT_K_PAD}, {"E_ptr": f"*{ty}"}
+        )
+        variants += autotuned_variants(
+            f"dct.backward.grad[{ty}]", _grad_kernel, {"K_PAD": AOT_K_PAD}, {"grad_E_ptr": f"*{ty}"}
+        )
+        for split in (True, False):
+            variants += autotuned_variants(
+                f"dct.backward.adjoint[{ty},BLOCK={ADJOINT_BLOCK}{',split' if split else ''}]",
                 _adjoint_kernel,
-                {"BLOCK": TILE_BLOCK, "K_PAD": AOT_K_PAD, "SPLIT": split},
-                pointer_types={"out_ptr": f"*{ty}"},
+                {"BLOCK": ADJOINT_BLOCK, "K_PAD": AOT_K_PAD, "SPLIT": split},
+                {"out_ptr": f"*{ty}"},
             )
-            for split in (True, False)
-        ]
     return variants
 
 

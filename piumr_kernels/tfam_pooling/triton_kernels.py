@@ -10,9 +10,13 @@ pass is one launch:
   of `x`). The last program of sample `b` to finish (a ticket counter per sample) adds up
   that sample's partials in a fixed order and writes its results: no float atomics, so
   results are deterministic, and no finishing launch.
-- Element-wise passes (statistics backward, combine forward) use 2-D tiles of
-  `TILE // BLOCK_HW` planes by `BLOCK_HW` positions. The statistics backward can also add
+- Element-wise passes (statistics backward, combine forward) use 2-D tiles of `BLOCK_P`
+  planes by `BLOCK_HW` positions (`TILE_SIZES` values). The statistics backward can also add
   the combine's own `dx` term, so TFAM's backward writes `dx` once (see `op.py`).
+
+Each kernel is autotuned on its shape arguments (`triton_autotune`), one autotuned kernel
+per `BLOCK_HW` tier: the reductions over their warps (their grid and workspaces follow the
+tier), the element-wise passes over their tile size (`BLOCK_P` planes, the grid following).
 
 Loads are upcast to float32 at once (the interpreter mishandles bf16 arithmetic); offsets
 are int64.
@@ -26,15 +30,18 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..launch_state import is_last_program, zeroed_tickets
-from ..triton_variants import KernelVariant
+from ..triton_autotune import autotune
+from ..triton_variants import KernelVariant, autotuned_variants
 
 PLANES_PER_PROGRAM = 16
 TILE = 2048
 # Larger maps loop over 1024-position blocks (a 2048 tier spills in the combine backward).
 BLOCK_HW_TIERS = (64, 256, 1024)
-# Warps of the reduction kernels per BLOCK_HW tier (at most 8 positions per thread); the
-# element-wise tiles always hold TILE values.
-REDUCTION_WARPS = {64: 2, 256: 2, 1024: 4}
+# Warps the reduction kernels try per BLOCK_HW tier, the design choice first (at most 8
+# positions per thread: 16 spill in the combine backward).
+REDUCTION_WARPS = {64: (2, 1), 256: (2, 4), 1024: (4, 8)}
+# Values per element-wise tile the element-wise kernels try (TILE first), at 8 warps.
+TILE_SIZES = (TILE, 2 * TILE)
 TILE_WARPS = 8
 # A launch needs about 2 programs per SM of a 132-SM H100 to stream at full bandwidth.
 GPU_PROGRAMS = 2 * 132
@@ -306,6 +313,31 @@ def _combine_backward_kernel(
         tl.store(tickets_ptr + sample, 0)
 
 
+def _autotuned_per_tier(kernel, configs, key: list[str]) -> dict:
+    """{BLOCK_HW tier: `kernel` autotuned over `configs(tier)` on `key`}."""
+    return {tier: autotune(configs(tier), key=key)(kernel) for tier in BLOCK_HW_TIERS}
+
+
+def _reduction_configs(tier: int) -> list:
+    return [triton.Config({}, num_warps=warps) for warps in REDUCTION_WARPS[tier]]
+
+
+def _tile_configs(tier: int) -> list:
+    return [triton.Config({"BLOCK_P": size // tier}, num_warps=TILE_WARPS) for size in TILE_SIZES]
+
+
+_statistics_kernels = _autotuned_per_tier(
+    _statistics_kernel, _reduction_configs, ["planes_per_sample", "positions", "n_groups", "n_blocks"]
+)
+_combine_backward_kernels = _autotuned_per_tier(
+    _combine_backward_kernel, _reduction_configs, ["channels", "frames", "positions", "n_groups", "n_blocks"]
+)
+_statistics_backward_kernels = _autotuned_per_tier(
+    _statistics_backward_kernel, _tile_configs, ["n_planes", "planes_per_sample", "frames", "positions"]
+)
+_combine_kernels = _autotuned_per_tier(_combine_kernel, _tile_configs, ["n_planes", "planes_per_sample", "positions"])
+
+
 def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
     """(n_groups, n_blocks, BLOCK_HW, positions) of a reduction pass over `x`: the largest
     tier up to the map's own whose grid has GPU_PROGRAMS programs (narrower blocks when the
@@ -320,10 +352,10 @@ def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
     return n_groups, triton.cdiv(positions, tier), tier, positions
 
 
-def _tile_grid(n_planes: int, positions: int) -> tuple[tuple[int, int], int, int]:
+def _tile_grid(n_planes: int, positions: int):
+    """(grid of a tile config's meta-parameters, BLOCK_HW tier) of an element-wise pass."""
     tier = block_hw(positions)
-    planes_per_tile = TILE // tier
-    return (triton.cdiv(n_planes, planes_per_tile), triton.cdiv(positions, tier)), planes_per_tile, tier
+    return lambda meta: (triton.cdiv(n_planes, meta["BLOCK_P"]), triton.cdiv(positions, tier)), tier
 
 
 def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,7 +370,7 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     block_max = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
     block_arg = x.new_empty((n_planes, n_blocks), dtype=torch.int32)
     partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
-    wrap_triton(_statistics_kernel)[(batch * n_groups, n_blocks)](
+    wrap_triton(_statistics_kernels[tier])[(batch * n_groups, n_blocks)](
         x,
         frame_mean,
         frame_max,
@@ -357,7 +389,6 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         PLANES_PER_PROGRAM=PLANES_PER_PROGRAM,
         BLOCK_HW=tier,
         FINISH=FINISH,
-        num_warps=REDUCTION_WARPS[tier],
     )
     return frame_mean, frame_max, spatial, argmax
 
@@ -387,9 +418,9 @@ def statistics_backward_with_combine(
     batch, channels, frames, height, width = x.shape
     n_planes, positions = batch * channels * frames, height * width
     grad_x = torch.empty_like(x)
-    grid, planes_per_tile, tier = _tile_grid(n_planes, positions)
+    grid, tier = _tile_grid(n_planes, positions)
     combine = grad_out is not None
-    wrap_triton(_statistics_backward_kernel)[grid](
+    wrap_triton(_statistics_backward_kernels[tier])[grid](
         grad_mean,
         grad_max,
         grad_spatial,
@@ -404,10 +435,8 @@ def statistics_backward_with_combine(
         positions,
         1.0 / positions,
         1.0 / frames,
-        BLOCK_P=planes_per_tile,
         BLOCK_HW=tier,
         COMBINE=combine,
-        num_warps=TILE_WARPS,
     )
     return grad_x
 
@@ -416,8 +445,8 @@ def combine_forward(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale
     batch, channels, frames, height, width = x.shape
     n_planes, positions = batch * channels * frames, height * width
     out = torch.empty_like(x)
-    grid, planes_per_tile, tier = _tile_grid(n_planes, positions)
-    wrap_triton(_combine_kernel)[grid](
+    grid, tier = _tile_grid(n_planes, positions)
+    wrap_triton(_combine_kernels[tier])[grid](
         x,
         temporal_scale,
         spatial_scale,
@@ -426,9 +455,7 @@ def combine_forward(x: torch.Tensor, temporal_scale: torch.Tensor, spatial_scale
         channels * frames,
         frames,
         positions,
-        BLOCK_P=planes_per_tile,
         BLOCK_HW=tier,
-        num_warps=TILE_WARPS,
     )
     return out
 
@@ -455,7 +482,7 @@ def _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx):
     grad_spatial = x.new_empty((batch, height, width), dtype=torch.float32)
     plane_sum = x.new_empty((batch * channels * frames, n_blocks), dtype=torch.float32)
     partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
-    wrap_triton(_combine_backward_kernel)[(batch * n_groups, n_blocks)](
+    wrap_triton(_combine_backward_kernels[tier])[(batch * n_groups, n_blocks)](
         grad_out,
         x,
         temporal_scale,
@@ -475,7 +502,6 @@ def _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx):
         BLOCK_HW=tier,
         FINISH=FINISH,
         WRITE_DX=write_dx,
-        num_warps=REDUCTION_WARPS[tier],
     )
     return grad_x, grad_temporal, grad_spatial
 
@@ -487,45 +513,33 @@ AOT_SHAPES = [(4, 24, 16, 28, 28), (4, 48, 16, 14, 14), (4, 96, 16, 7, 7), (80, 
 
 
 def aot_variants() -> list[KernelVariant]:
-    """The (kernel, dtype, BLOCK_HW tier, mode) variants the launchers pick at `AOT_SHAPES`."""
+    """The (kernel, dtype, BLOCK_HW tier, mode, autotuned config) variants the launchers pick
+    at `AOT_SHAPES`."""
     variants = []
     for tier in BLOCK_HW_TIERS:
         reduction = {"PLANES_PER_PROGRAM": PLANES_PER_PROGRAM, "BLOCK_HW": tier, "FINISH": FINISH}
-        tile = {"BLOCK_P": TILE // tier, "BLOCK_HW": tier}
         for dtype in _DTYPES.values():
             ptr = f"*{dtype}"
             tags = f"[{dtype},BLOCK_HW={tier}"
-            variants += [
-                KernelVariant(
-                    f"tfam_statistics.forward{tags}]",
-                    _statistics_kernel,
-                    reduction,
-                    REDUCTION_WARPS[tier],
-                    pointer_types={"x_ptr": ptr},
-                ),
-                KernelVariant(
-                    f"tfam_combine.forward{tags}]", _combine_kernel, tile, TILE_WARPS, pointer_types={"x_ptr": ptr}
-                ),
-            ]
+            variants += autotuned_variants(
+                f"tfam_statistics.forward{tags}]", _statistics_kernels[tier], reduction, {"x_ptr": ptr}
+            )
+            variants += autotuned_variants(
+                f"tfam_combine.forward{tags}]", _combine_kernels[tier], {"BLOCK_HW": tier}, {"x_ptr": ptr}
+            )
             for combine in (False, True):
-                variants.append(
-                    KernelVariant(
-                        f"tfam_statistics.backward{tags}{',with_combine' if combine else ''}]",
-                        _statistics_backward_kernel,
-                        {**tile, "COMBINE": combine},
-                        TILE_WARPS,
-                        pointer_types={"grad_x_ptr": ptr},
-                    )
+                variants += autotuned_variants(
+                    f"tfam_statistics.backward{tags}{',with_combine' if combine else ''}]",
+                    _statistics_backward_kernels[tier],
+                    {"BLOCK_HW": tier, "COMBINE": combine},
+                    {"grad_x_ptr": ptr},
                 )
             for write_dx in (True, False):
-                variants.append(
-                    KernelVariant(
-                        f"tfam_combine.backward{tags}{'' if write_dx else ',scales_only'}]",
-                        _combine_backward_kernel,
-                        {**reduction, "WRITE_DX": write_dx},
-                        REDUCTION_WARPS[tier],
-                        pointer_types={"x_ptr": ptr},
-                    )
+                variants += autotuned_variants(
+                    f"tfam_combine.backward{tags}{'' if write_dx else ',scales_only'}]",
+                    _combine_backward_kernels[tier],
+                    {**reduction, "WRITE_DX": write_dx},
+                    {"x_ptr": ptr},
                 )
     return variants
 
