@@ -1,4 +1,4 @@
-"""The MA-52 input pipeline against the training step (issue 24).
+"""The MA-52 input pipeline against the training step.
 
 `loader`: clips per second of one DataLoader worker (this process, one torch thread, one
 FFmpeg thread) for `MA52Dataset(training=True)` at 16x224 (short side 256), on clips generated

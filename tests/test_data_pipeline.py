@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import MA52Dataset, SeededSampler, SyntheticMicroActions, collate_clips
+from models.data import (
+    MA52Dataset,
+    SeededSampler,
+    SyntheticMicroActions,
+    collate_clips,
+    sample_frame_indices,
+    synthetic,
+)
+from models.data.decode import decoded_frames, read_sampled_frames
 from models.data.ma52 import write_h264_mp4
 from models.training import builders, data_loading
 from models.training.config import TrainConfig, resolve_config
@@ -39,6 +47,65 @@ def ma52_root(tmp_path_factory):
         write_h264_mp4(root / "train" / name, rng.integers(0, 256, (9, 40, 32, 3), dtype=np.uint8))
     (root / "train_list_videos.txt").write_text("".join(f"{name} {i}\n" for i, name in enumerate(names)))
     return root
+
+
+@pytest.mark.parametrize("short_side", [16, 24, 32])  # downscaled, odd scale factor, native size
+def test_sampled_frames_are_the_per_frame_conversion(ma52_root, short_side):
+    """The decoder's one swscale context per clip gives what a fresh conversion of each frame gives."""
+    path = ma52_root / "train" / "0001_01_0001.mp4"
+    width, height = short_side, round(40 * short_side / 32)
+    frames = list(decoded_frames(path))
+    expected = np.stack(
+        [
+            frames[index].to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
+            for index in sample_frame_indices(len(frames), 5)
+        ]
+    )
+    assert np.array_equal(read_sampled_frames(path, 5, short_side), expected)
+
+
+def reference_capsule(self, start, end, radius, colour) -> None:
+    """The renderer's capsule in its plain form (one numpy expression per step)."""
+    size = self.size
+    radius = np.broadcast_to(np.asarray(radius, dtype=np.float32), start[0].shape)
+    pad = radius.max() + 1.5 / size
+    x0 = max(int((min(start[0].min(), end[0].min()) - pad) * size), 0)
+    x1 = min(int(np.ceil((max(start[0].max(), end[0].max()) + pad) * size)), size)
+    y0 = max(int((min(start[1].min(), end[1].min()) - pad) * size), 0)
+    y1 = min(int(np.ceil((max(start[1].max(), end[1].max()) + pad) * size)), size)
+    if x0 >= x1 or y0 >= y1:
+        return
+    px = self.grid[None, None, x0:x1] - start[0][:, None, None].astype(np.float32)
+    py = self.grid[None, y0:y1, None] - start[1][:, None, None].astype(np.float32)
+    bx = (end[0] - start[0]).astype(np.float32)[:, None, None]
+    by = (end[1] - start[1]).astype(np.float32)[:, None, None]
+    if np.any(bx) or np.any(by):
+        along = np.clip((px * bx + py * by) * (1.0 / (bx * bx + by * by + 1e-12)), 0.0, 1.0)
+        px = px - along * bx
+        py = py - along * by
+    coverage = np.clip((radius[:, None, None] * size + 0.5) - np.sqrt(px * px + py * py) * size, 0.0, 1.0)
+    region = self.image[:, y0:y1, x0:x1]
+    region += coverage[..., None] * (colour - region)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_synthetic_clips_are_the_reference_rasterization(seed, monkeypatch):
+    """Bit for bit: the rasterizer's speed-ups must not change a single pixel."""
+    kinds = [("train", {"training": True}), ("val", {}), ("test", {"num_frames": 5, "size": 48})]
+    datasets = [
+        synthetic.SyntheticMicroActions(split, **{"num_frames": 8, "size": 32, "seed": seed, **options})
+        for split, options in kinds
+    ]
+    keys = [
+        [(index, seed + index) if dataset.training else index for index in range(0, len(dataset), 97)]
+        for dataset in datasets
+    ]
+    fast = [[dataset[key]["clip"] for key in dataset_keys] for dataset, dataset_keys in zip(datasets, keys)]
+    monkeypatch.setattr(synthetic._Canvas, "capsule", reference_capsule)
+    for dataset, dataset_keys, clips in zip(datasets, keys, fast):
+        dataset._backgrounds.clear()  # rendered again with the reference
+        for key, clip in zip(dataset_keys, clips):
+            assert torch.equal(dataset[key]["clip"], clip), (dataset.split, key)
 
 
 class Recorder(torch.nn.Module):

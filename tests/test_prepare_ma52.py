@@ -66,6 +66,8 @@ def test_outputs_lists_and_report(raw_root, prepared):
         for video, _, num_frames in entries:
             frames = list(decoded_frames(out / split / video))
             assert len(frames) == num_frames  # every frame kept, in order
+            # Timestamps number the frames at 30 fps, so timestamp-based readers see the same order.
+            assert [frame.time for frame in frames] == pytest.approx([index / 30 for index in range(num_frames)])
             assert (frames[0].width, frames[0].height) == (SHORT_SIDE, 32)
     assert not (out / "train" / CORRUPT).exists()
     assert not list(out.glob("*/.*"))  # no partial files left

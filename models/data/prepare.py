@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -37,6 +38,7 @@ from models.data.ma52 import PREPARED_FORMAT, PREPARED_MANIFEST, SPLITS, find_sp
 # libx264 settings of the copy; `threads=1` because parallelism comes from the processes.
 ENCODER = "libx264"
 ENCODER_OPTIONS = {"crf": "18", "preset": "veryfast", "tune": "fastdecode", "threads": "1"}
+FPS = 30
 
 
 def prepared_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -71,13 +73,14 @@ def _encode(source: Path, partial: Path, short_side: int) -> tuple[int, tuple[in
         for frame in decoded_frames(source):
             if stream is None:
                 shape = prepared_shape(frame.width, frame.height, short_side)
-                stream = output.add_stream(ENCODER, rate=30)
+                stream = output.add_stream(ENCODER, rate=FPS)
                 stream.width, stream.height = shape
                 stream.pix_fmt = "yuv420p"
                 stream.options = dict(ENCODER_OPTIONS)
-            # Frame positions, not timestamps, define a frame for the loader: number them 0, 1, ...
+            # Frame positions, not the source's timestamps, define a frame for the loader: number
+            # them 0, 1, ... at FPS, so that timestamp-based readers (players, seeking decoders) agree.
             picture = frame.reformat(width=shape[0], height=shape[1], format="yuv420p", interpolation="AREA")
-            picture.pts = None
+            picture.pts, picture.time_base = count, Fraction(1, FPS)
             output.mux(stream.encode(picture))
             count += 1
         if stream is not None:

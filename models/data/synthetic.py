@@ -493,6 +493,12 @@ def _elbow(shoulder: np.ndarray, hand: np.ndarray, upper: float, fore: float, s:
 # length zero), painted in order, each over the bounding box it covers in the clip.
 
 
+def _clip_unit(values: np.ndarray) -> None:
+    """`np.clip(values, 0, 1, out=values)` without np.clip's dispatch overhead."""
+    np.maximum(values, 0.0, out=values)
+    np.minimum(values, 1.0, out=values)
+
+
 class _Canvas:
     def __init__(self, background: np.ndarray, num_frames: int):
         self.size = background.shape[0]
@@ -502,29 +508,35 @@ class _Canvas:
     def capsule(self, start, end, radius, colour) -> None:
         """Paint a capsule from `start` to `end` ((2, T) canvas points) with `radius`
         (scalar or (T,)) in `colour` (3,)."""
+        # The clips are small (the main job's are 8x32x32), so the cost is numpy's per-call
+        # overhead: few calls, in-place where a temporary is not needed.
         size = self.size
         radius = np.broadcast_to(np.asarray(radius, dtype=np.float32), start[0].shape)
         pad = radius.max() + 1.5 / size
-        x0 = max(int((min(start[0].min(), end[0].min()) - pad) * size), 0)
-        x1 = min(int(math.ceil((max(start[0].max(), end[0].max()) + pad) * size)), size)
-        y0 = max(int((min(start[1].min(), end[1].min()) - pad) * size), 0)
-        y1 = min(int(math.ceil((max(start[1].max(), end[1].max()) + pad) * size)), size)
+        low, high = np.minimum(start, end).min(axis=1), np.maximum(start, end).max(axis=1)
+        x0 = max(int((low[0] - pad) * size), 0)
+        x1 = min(int(math.ceil((high[0] + pad) * size)), size)
+        y0 = max(int((low[1] - pad) * size), 0)
+        y1 = min(int(math.ceil((high[1] + pad) * size)), size)
         if x0 >= x1 or y0 >= y1:
             return
-        px = self.grid[None, None, x0:x1] - start[0][:, None, None].astype(np.float32)
-        py = self.grid[None, y0:y1, None] - start[1][:, None, None].astype(np.float32)
+        start32 = start.astype(np.float32)
+        px = self.grid[None, None, x0:x1] - start32[0][:, None, None]
+        py = self.grid[None, y0:y1, None] - start32[1][:, None, None]
         bx = (end[0] - start[0]).astype(np.float32)[:, None, None]
         by = (end[1] - start[1]).astype(np.float32)[:, None, None]
-        if np.any(bx) or np.any(by):
+        if bx.any() or by.any():
             # Distance to the segment: project onto it, clamp to its ends.
-            along = (px * bx + py * by) * (1.0 / (bx * bx + by * by + 1e-12))
-            np.clip(along, 0.0, 1.0, out=along)
+            along = px * bx + py * by
+            along *= 1.0 / (bx * bx + by * by + 1e-12)
+            _clip_unit(along)
             px = px - along * bx
             py = py - along * by
         distance = np.sqrt(px * px + py * py)
         # Anti-aliasing: coverage ramps from 1 to 0 across the pixel at the edge.
-        coverage = (radius[:, None, None] * size + 0.5) - distance * size
-        np.clip(coverage, 0.0, 1.0, out=coverage)
+        distance *= size
+        coverage = (radius[:, None, None] * size + 0.5) - distance
+        _clip_unit(coverage)
         region = self.image[:, y0:y1, x0:x1]
         region += coverage[..., None] * (colour - region)
 
