@@ -18,9 +18,13 @@ decode (repeated augmentation, as in VideoMAE and MViT); `collate_clips` flatten
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Sampler, default_collate
+
+from models.errors import InputNotFound
 
 # X3D's Kinetics normalization (SPEC §6): RGB / 255, then per channel (x - mean) / std.
 X3D_MEAN = 0.45
@@ -37,6 +41,15 @@ def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
         raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
     centres = (np.arange(num_frames) + 0.5) * (num_available / num_frames)
     return np.minimum(centres.astype(np.int64), num_available - 1)
+
+
+def first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
+    """The first of `candidates` that is a folder (`is_dir`) or a file; else InputNotFound
+    naming `what` and every path tried."""
+    for path in candidates:
+        if path.is_dir() if is_dir else path.is_file():
+            return path
+    raise InputNotFound(f"{what} not found; tried {', '.join(str(path) for path in candidates)}")
 
 
 def item_key(key, training: bool) -> tuple[int, np.random.Generator | None]:

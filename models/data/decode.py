@@ -7,6 +7,8 @@ and `models/prepare_ma52.py`.
   conversion). Every frame is decoded (H.264 frames depend on each other); only the picked
   ones are converted.
 - `decoded_frames(path, threads)`: every frame as an `av.VideoFrame` (the prepare step).
+- `sampled_frames_or_none(path, ..., skipping)`: what a dataset item reads: the sampled
+  frames, or None and a warning when the video is missing or cannot be read.
 
 Frame sizes are bounded before anything is decoded or converted, so that one odd or hostile
 file cannot exhaust a worker's memory: more than `MAX_FRAME_PIXELS` pixels, or an aspect
@@ -22,6 +24,7 @@ help while cores are idle. torchcodec and DALI were evaluated as alternatives (R
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import av
@@ -107,6 +110,21 @@ def read_sampled_frames(path: Path, num_frames: int, short_side: int, threads: i
         if recount != count:
             raise UnreadableVideo(f"decoding gave {count} frames, then {recount}")
     return np.stack([converted[int(index)] for index in sample_frame_indices(count, num_frames)])
+
+
+def sampled_frames_or_none(
+    path: Path | None, num_frames: int, short_side: int, threads: int, skipping: str
+) -> np.ndarray | None:
+    """`read_sampled_frames`, or None with the warning "`skipping`: <error>" when `path` is
+    None (no video for the item), missing or unreadable: one bad clip must not end a run.
+    The warning points at the caller of the dataset's `__getitem__`."""
+    try:
+        if path is None:
+            raise FileNotFoundError("no video file")
+        return read_sampled_frames(path, num_frames, short_side, threads)
+    except Exception as error:
+        warnings.warn(f"{skipping}: {type(error).__name__}: {error}", stacklevel=3)
+        return None
 
 
 def _wanted(num_available: int, num_frames: int) -> set[int]:

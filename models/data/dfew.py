@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from models.data.clips import check_repeats, clip_items, item_key
-from models.data.decode import read_sampled_frames
+from models.data.clips import check_repeats, clip_items, first_existing, item_key
+from models.data.decode import sampled_frames_or_none
 from models.errors import DatasetError, InputNotFound
 
 LABELS = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
@@ -88,13 +88,6 @@ def index_videos(folder: Path) -> dict[int, Path]:
     return found
 
 
-def _first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
-    for path in candidates:
-        if path.is_dir() if is_dir else path.is_file():
-            return path
-    raise InputNotFound(f"DFEW {what} not found; tried {', '.join(str(path) for path in candidates)}")
-
-
 class DFEWDataset(torch.utils.data.Dataset):
     """One split of one DFEW fold (see the module docstring for the layout and items).
 
@@ -134,10 +127,10 @@ class DFEWDataset(torch.utils.data.Dataset):
         self.num_frames, self.size, self.training = num_frames, size, training
         self.repeats = check_repeats(repeats, training)
         self.decode_threads = decode_threads
-        self.split_path = _first_existing(
-            split_file_candidates(self.root, split, fold), f"fold {fold} {split} file", is_dir=False
+        self.split_path = first_existing(
+            split_file_candidates(self.root, split, fold), f"DFEW fold {fold} {split} file", is_dir=False
         )
-        self.clip_dir = _first_existing(clip_dir_candidates(self.root), "clip folder", is_dir=True)
+        self.clip_dir = first_existing(clip_dir_candidates(self.root), "DFEW clip folder", is_dir=True)
         self.source = f"DFEW fold {fold} ({self.split_path.parent.name}) with clips in {self.clip_dir}"
         self.clips, self.labels = read_split_file(self.split_path)
         videos = index_videos(self.clip_dir)
@@ -162,16 +155,15 @@ class DFEWDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, rng = item_key(key, self.training)
         path = self.paths[index]
-        try:
-            if path is None:
-                raise FileNotFoundError(f"no video for clip {self.clips[index]}")
-            frames = read_sampled_frames(path, self.num_frames, self.short_side, self.decode_threads)
-        except Exception as error:
+        frames = sampled_frames_or_none(
+            path,
+            self.num_frames,
+            self.short_side,
+            self.decode_threads,
+            f"DFEW {self.split}: skipping clip {self.clips[index]} ({path})",
+        )
+        if frames is None:
             self.failed.append(self.clips[index])
-            warnings.warn(
-                f"DFEW {self.split}: skipping clip {self.clips[index]} ({path}): {type(error).__name__}: {error}",
-                stacklevel=2,
-            )
             return None
         return clip_items(
             frames, self.size, rng, self.repeats, label=self.labels[index], body=-1, subject=-1, index=index

@@ -47,8 +47,8 @@ import av
 import numpy as np
 import torch
 
-from models.data.clips import check_repeats, clip_items, item_key
-from models.data.decode import read_sampled_frames
+from models.data.clips import check_repeats, clip_items, first_existing, item_key
+from models.data.decode import sampled_frames_or_none
 from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
 from models.errors import DatasetError, InputNotFound
 
@@ -75,8 +75,8 @@ def find_split_files(root: Path, split: str) -> tuple[Path, Path]:
             f"{'is not a folder' if root.exists() else 'does not exist'}"
         )
     return (
-        _first_existing(list_file_candidates(root, split), f"{split} list", is_dir=False),
-        _first_existing(video_dir_candidates(root, split), f"{split} video folder", is_dir=True),
+        first_existing(list_file_candidates(root, split), f"MA-52 {split} list", is_dir=False),
+        first_existing(video_dir_candidates(root, split), f"MA-52 {split} video folder", is_dir=True),
     )
 
 
@@ -116,13 +116,6 @@ def subject_of_name(name: str) -> int:
     """Subject id from an `SSSS_BB_CCCC.mp4` name, -1 for any other name."""
     match = _SUBJECT_NAME.match(name)
     return int(match.group(1)) if match else -1
-
-
-def _first_existing(candidates: list[Path], what: str, is_dir: bool) -> Path:
-    for path in candidates:
-        if path.is_dir() if is_dir else path.is_file():
-            return path
-    raise InputNotFound(f"MA-52 {what} not found; tried {', '.join(str(path) for path in candidates)}")
 
 
 def write_h264_mp4(path, frames: np.ndarray, fps: int = 30, crf: int = 18) -> None:
@@ -238,13 +231,15 @@ class MA52Dataset(torch.utils.data.Dataset):
         index, rng = item_key(key, self.training)
         name = self.names[index]
         path = self.video_dir / name
-        try:
-            frames = read_sampled_frames(path, self.num_frames, self.short_side, self.decode_threads)
-        except Exception as error:
+        frames = sampled_frames_or_none(
+            path,
+            self.num_frames,
+            self.short_side,
+            self.decode_threads,
+            f"MA-52 {self.split}: skipping unreadable video {path}",
+        )
+        if frames is None:
             self.failed.append(name)
-            warnings.warn(
-                f"MA-52 {self.split}: skipping unreadable video {path}: {type(error).__name__}: {error}", stacklevel=2
-            )
             return None
         return clip_items(
             frames,
