@@ -610,7 +610,7 @@ def test_aot_variants_cover_every_launch_choice():
         for precision in ("tf32", "ieee"):
             for block_m, block_n in plans:
                 assert f"girl.forward[{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}]" in names
-            for block_m, block_n, slice_width in gradient_plans:
+            for block_m, block_n, slice_width, _ in gradient_plans:
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n},SLICE={slice_width}"
                 for detach in (True, False):
                     assert f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]" in names

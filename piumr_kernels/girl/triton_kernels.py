@@ -52,12 +52,15 @@ BLOCK_K = 64  # feature-width chunk of the cosine products
 MAX_TILE = 64  # partners per forward tile for large groups
 MAX_ANCHORS = 32  # anchors per tile, at most half the partners
 # The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
-# B = 4096) over steps of 32 partners, and slices of 256 features (64 for widths up to 64),
-# whose dF block stays in registers; every slice recomputes its tiles' cosines, so wide
-# slices keep that work low (one slice up to C = 256).
+# B = 4096) over steps of 32 partners, cosines in 32-wide feature chunks, and slices of 128
+# features whose dF block stays in registers; every slice recomputes its tiles' cosines.
+# Widths up to 32 take slices of 32 over steps of 16 partners with 4 warps and unpipelined
+# loads (fp32 exact products spill otherwise); slices of 256 or 64-wide chunks spill on
+# sm_80/sm_90.
 GRAD_TILE = (16, 32)
-SLICES = (64, 256)
-GRAD_WARPS = 8
+GRAD_BLOCK_K = 32
+SLICES = (32, 128)
+GRAD_WARPS = (4, 8)
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
 FINISH_GROUPS = tl.constexpr(32)  # groups per step of the loss combination (last forward program)
 FINISH_ANCHORS = tl.constexpr(128)  # anchors per step of the group sums
@@ -532,30 +535,37 @@ def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
 
 
 def tile_launch_options(block_m: int, block_n: int) -> dict:
-    """Warps of the forward kernel (2 for 16x16 tiles, 4 below 32x32, else 8); the feature-chunk
+    """Warps of the forward kernel (4 below 32x32 tiles, else 8); the feature-chunk
     loads of the products are pipelined over NUM_STAGES stages, the other loops are not
     (num_stages 1). Checked spill-free on sm_80/sm_90."""
     return {
-        "num_warps": 2 if block_m * block_n <= 256 else 4 if block_m * block_n < 1024 else 8,
+        "num_warps": 4 if block_m * block_n < 1024 else 8,
         "num_stages": 1,
         "NUM_STAGES": 2,
     }
 
 
-def gradient_plan(width: int) -> tuple[int, int, int]:
-    """`(BLOCK_M, BLOCK_N, SLICE)` of the gradient kernel (see GRAD_TILE, SLICES)."""
-    return (*GRAD_TILE, SLICES[0] if width <= SLICES[0] else SLICES[1])
+def gradient_plan(width: int) -> tuple[int, int, int, int]:
+    """`(BLOCK_M, BLOCK_N, SLICE, num_warps)` of the gradient kernel (see GRAD_TILE, SLICES;
+    narrow slices step over 16 partners)."""
+    wide = width > SLICES[0]
+    return GRAD_TILE[0], GRAD_TILE[1] if wide else 16, SLICES[wide], GRAD_WARPS[wide]
+
+
+def _grad_stages(slice_width: int) -> int:
+    """Pipeline stages of the gradient kernel's cosine loads: none for narrow slices."""
+    return 2 if slice_width > SLICES[0] else 1
 
 
 def _search_steps(num_groups: int) -> int:
     return num_groups.bit_length()  # halvings of G + 1 candidates down to one
 
 
-def _tile_constexprs(block_m: int, block_n: int) -> dict:
+def _tile_constexprs(block_m: int, block_n: int, block_k: int = BLOCK_K) -> dict:
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
-        "BLOCK_K": BLOCK_K,
+        "BLOCK_K": block_k,
         "PRECISION": triton_fp32_precision(),
         "NATIVE_BF16": not triton_interpreting(),
     }
@@ -601,7 +611,8 @@ def girl_forward(
         eta,
         lambda_var,
         lambda_var if var_grad else 0.0,
-        int(need_grad),
+        # A float flag: the JIT would specialize an int 1 into another binary than 0.
+        float(need_grad),
         **_tile_constexprs(block_m, block_n),
         **tile_launch_options(block_m, block_n),
     )
@@ -623,7 +634,7 @@ def girl_backward(
     batch, width = features.shape
     num_groups = offsets.shape[0] - 1
     grad_features = torch.empty_like(features)
-    block_m, block_n, slice_width = gradient_plan(width)
+    block_m, block_n, slice_width, warps = gradient_plan(width)
     wrap_triton(_gradient_kernel)[(triton.cdiv(batch, block_m), triton.cdiv(width, slice_width))](
         features,
         order,
@@ -640,14 +651,14 @@ def girl_backward(
         eta,
         DETACH_WEIGHTS=detach_weights,
         SLICE=slice_width,
-        **_tile_constexprs(block_m, block_n),
-        **{**tile_launch_options(block_m, block_n), "num_warps": GRAD_WARPS},
+        **_tile_constexprs(block_m, block_n, GRAD_BLOCK_K),
+        **{**tile_launch_options(block_m, block_n), "num_warps": warps, "NUM_STAGES": _grad_stages(slice_width)},
     )
     return grad_features
 
 
 # (B, C, G), as in benchmarks/bench_girl.py: the benchmark shapes, then one shape per further
-# tile plan (forward BLOCK_M x BLOCK_N 16x16, gradient slices of 64); widths that are not
+# tile plan (forward BLOCK_M x BLOCK_N 16x16, gradient slices of 32); widths that are not
 # multiples of 16 make the JIT build its less specialized binaries too.
 AOT_SHAPES = [(80, 2048, 4), (1024, 2048, 8), (4096, 256, 1), (7, 7, 3)]
 _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -663,7 +674,7 @@ def aot_variants() -> list[KernelVariant]:
 
     for batch, width, num_groups in AOT_SHAPES:
         block_m, block_n = tile_plan(batch, num_groups)
-        grad_block_m, grad_block_n, slice_width = gradient_plan(width)
+        grad_block_m, grad_block_n, slice_width, grad_warps = gradient_plan(width)
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
             for precision in TRITON_FP32_PRECISIONS:
@@ -678,15 +689,15 @@ def aot_variants() -> list[KernelVariant]:
                     warps,
                     z,
                 )
-                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n}
-                gradient.update(NATIVE_BF16=True, **forward_options)
+                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n, "BLOCK_K": GRAD_BLOCK_K}
+                gradient.update(NATIVE_BF16=True, NUM_STAGES=_grad_stages(slice_width))
                 plan = f"{dtype},{precision},BLOCK_M={grad_block_m},BLOCK_N={grad_block_n},SLICE={slice_width}"
                 for detach in (True, False):
                     add(
                         f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]",
                         _gradient_kernel,
                         {"DETACH_WEIGHTS": detach, "SLICE": slice_width, **gradient},
-                        {**warps, "num_warps": GRAD_WARPS},
+                        {**warps, "num_warps": grad_warps},
                         z,
                     )
     return list(variants.values())
