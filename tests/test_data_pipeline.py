@@ -173,11 +173,11 @@ def test_augmentation_is_a_function_of_the_key(ma52_root):
 
 
 def test_repeated_augmentation_decodes_once_and_gives_k_clips(ma52_root, monkeypatch):
-    import models.data.ma52 as ma52
+    import models.data.decode as decode
 
     calls = []
-    real = ma52.read_sampled_frames
-    monkeypatch.setattr(ma52, "read_sampled_frames", lambda *args: calls.append(args) or real(*args))
+    real = decode.read_sampled_frames
+    monkeypatch.setattr(decode, "read_sampled_frames", lambda *args: calls.append(args) or real(*args))
     dataset = MA52Dataset(ma52_root, "train", num_frames=4, size=16, short_side=32, training=True, repeats=3)
     items = dataset[(1, 5)]
     assert len(calls) == 1 and len(items) == 3
