@@ -89,7 +89,8 @@ def _group_of(offsets_ptr, positions, num_groups, search_steps):
 
 @triton.jit
 def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M: tl.constexpr):
-    """The program's anchors: positions in group order, sample ids, labels, groups and their bounds."""
+    """The program's anchors: positions in group order, sample ids, labels, groups and their
+    bounds, and the tile's partner range (first anchor's group start to last anchor's end)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < batch
     safe_rows = tl.minimum(rows, batch - 1)
@@ -98,7 +99,9 @@ def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_s
     start = tl.load(offsets_ptr + group)
     end = tl.load(offsets_ptr + group + 1)
     row_labels = tl.load(labels_ptr + samples)
-    return rows, row_ok, samples, group, start, end, row_labels
+    first = tl.min(tl.where(row_ok, start, batch), axis=0)
+    last = tl.max(tl.where(row_ok, end, 0), axis=0)
+    return rows, row_ok, samples, group, start, end, row_labels, first, last
 
 
 @triton.jit
@@ -114,23 +117,53 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _cosine_tile(
-    z_ptr,
-    row_samples,
-    col_samples,
-    row_ok,
-    col_ok,
-    width,
-    acc,
-    col_sum_sq,
+def _inverse_norm(norm):
+    return 1.0 / tl.maximum(norm, NORM_EPS)
+
+
+@triton.jit
+def _scaled_cosines(acc, inv_rows, inv_cols):
+    """Cosines from raw products; 0 where a row's norm overflowed (its inverse is 0)."""
+    scale = inv_rows[:, None] * inv_cols[None, :]
+    return tl.where(scale == 0.0, 0.0, acc * scale)
+
+
+@triton.jit
+def _pair_inputs(z_ptr, order_ptr, labels_ptr, width, last, anchors, tau, eta):
+    """What every partner block of a program reads: the inputs, the end of the tile's partner
+    range, the `anchors` (positions, validity, sample ids, group starts and ends, labels,
+    inverse norms) and (1 / tau, eta, 1 / eta) in float32 (Inductor passes float64 scalars)."""
+    eta = tl.cast(eta, tl.float32)
+    return z_ptr, order_ptr, labels_ptr, width, last, anchors, (1.0 / tl.cast(tau, tl.float32), eta, 1.0 / eta)
+
+
+@triton.jit
+def _pair_tile(
+    tile,
+    norms_ptr,
+    c0,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    COL_NORMS: tl.constexpr,
+    SAVED_NORMS: tl.constexpr,
 ):
-    """z_rows . z_cols over the width in BLOCK_K chunks (loads pipelined over NUM_STAGES),
-    and with COL_NORMS the columns' squared norms from the same loads."""
+    """The anchors' pairs with the partners at positions `c0 .. c0 + BLOCK_N`: the columns,
+    their inverse norms (from the product's loads, or with SAVED_NORMS read at `norms_ptr`),
+    cosines, logits `s`, log-emphases `log r` and the partner and positive masks. `tile` is
+    the program's `_pair_inputs`."""
+    z_ptr, order_ptr, labels_ptr, width, last, anchors, constants = tile
+    rows, row_ok, row_samples, start, end, row_labels, inv_rows = anchors
+    inv_tau, eta, inv_eta = constants
+    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < last
+    col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
+    col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
+    # z_rows . z_cols over the width in BLOCK_K chunks (loads pipelined over NUM_STAGES), and
+    # without SAVED_NORMS the columns' squared norms from the same loads.
+    acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
+    col_sum_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k = tl.arange(0, BLOCK_K)
     for k0 in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
         k_ok = k0 + k < width
@@ -141,22 +174,23 @@ def _cosine_tile(
             z_ptr + col_samples[:, None] * width + k0 + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
         )
         acc = _dot(a, tl.trans(b), acc, PRECISION, NATIVE_BF16)
-        if COL_NORMS:
+        if not SAVED_NORMS:
             b32 = b.to(tl.float32)
             col_sum_sq += tl.sum(b32 * b32, axis=1)
-    return acc, col_sum_sq
-
-
-@triton.jit
-def _inverse_norm(norm):
-    return 1.0 / tl.maximum(norm, NORM_EPS)
-
-
-@triton.jit
-def _scaled_cosines(acc, inv_rows, inv_cols):
-    """Cosines from raw products; 0 where a row's norm overflowed (its inverse is 0)."""
-    scale = inv_rows[:, None] * inv_cols[None, :]
-    return tl.where(scale == 0.0, 0.0, acc * scale)
+    if SAVED_NORMS:
+        inv_cols = _inverse_norm(tl.load(norms_ptr + cols, mask=col_ok, other=1.0))
+    else:
+        inv_cols = _inverse_norm(tl.sqrt(col_sum_sq))
+    c = _scaled_cosines(acc, inv_rows, inv_cols)
+    partner = (
+        row_ok[:, None]
+        & (cols[None, :] >= start[:, None])
+        & (cols[None, :] < end[:, None])
+        & (rows[:, None] != cols[None, :])
+    )
+    positive = partner & (row_labels[:, None] == col_labels[None, :])
+    d = (c - eta) * inv_eta
+    return cols, col_ok, col_samples, inv_cols, c, c * inv_tau, -0.5 * d * d, partner, positive
 
 
 @triton.jit
@@ -186,12 +220,9 @@ def _forward_kernel(
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    rows, row_ok, row_samples, _, start, end, row_labels = _anchor_tile(
+    rows, row_ok, row_samples, _, start, end, row_labels, first, last = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
     )
-    inv_tau = 1.0 / tl.cast(tau, tl.float32)
-    eta = tl.cast(eta, tl.float32)
-    inv_eta = 1.0 / eta
     k = tl.arange(0, BLOCK_K)
     row_sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, width, BLOCK_K):
@@ -203,6 +234,8 @@ def _forward_kernel(
         row_sum_sq += tl.sum(z * z, axis=1)
     row_norm = tl.sqrt(row_sum_sq)
     inv_rows = _inverse_norm(row_norm)
+    anchors = (rows, row_ok, row_samples, start, end, row_labels, inv_rows)
+    tile = _pair_inputs(z_ptr, order_ptr, labels_ptr, width, last, anchors, tau, eta)
     logit_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     emph_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -210,40 +243,10 @@ def _forward_kernel(
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    lanes = tl.arange(0, BLOCK_N).to(tl.int64)
-    first = tl.min(tl.where(row_ok, start, batch), axis=0)
-    last = tl.max(tl.where(row_ok, end, 0), axis=0)
     for c0 in range(first, last, BLOCK_N):
-        cols = c0 + lanes
-        col_ok = cols < last
-        col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
-        col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
-        acc, col_sum_sq = _cosine_tile(
-            z_ptr,
-            row_samples,
-            col_samples,
-            row_ok,
-            col_ok,
-            width,
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-            tl.zeros((BLOCK_N,), dtype=tl.float32),
-            BLOCK_K,
-            PRECISION,
-            NATIVE_BF16,
-            NUM_STAGES,
-            True,
+        _, _, _, _, _, s, log_r, partner, positive = _pair_tile(
+            tile, stats_ptr, c0, BLOCK_N, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False
         )
-        c = _scaled_cosines(acc, inv_rows, _inverse_norm(tl.sqrt(col_sum_sq)))
-        partner = (
-            row_ok[:, None]
-            & (cols[None, :] >= start[:, None])
-            & (cols[None, :] < end[:, None])
-            & (rows[:, None] != cols[None, :])
-        )
-        positive = partner & (row_labels[:, None] == col_labels[None, :])
-        s = c * inv_tau
-        d = (c - eta) * inv_eta
-        log_r = -0.5 * d * d
         s_masked = tl.where(partner, s, float("-inf"))
         log_r_masked = tl.where(partner, log_r, float("-inf"))
         new_logit_max = tl.maximum(logit_max, tl.max(s_masked, axis=1))
@@ -404,12 +407,12 @@ def _gradient_kernel(
     saved_ptr,
     grad_loss_ptr,
     out_ptr,
+    tau,
+    eta,
     batch,
     width,
     num_groups,
     search_steps,
-    tau,
-    eta,
     DETACH_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -421,57 +424,26 @@ def _gradient_kernel(
 ):
     """out[order[rows], slice] = dloss/dz for the program's anchors and its SLICE features
     (grid axis 1), times the upstream gradient `grad_loss`, in out's dtype."""
-    rows, row_ok, row_samples, group, start, end, row_labels = _anchor_tile(
+    rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
     )
-    inv_tau = 1.0 / tl.cast(tau, tl.float32)
-    eta = tl.cast(eta, tl.float32)
-    inv_eta = 1.0 / eta
     partners = ((end - start).to(tl.float32) - 1.0)[:, None]
     slope = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(saved_ptr + _NUM_STATS * batch + group)
     row_norm = tl.load(saved_ptr + batch + rows, mask=row_ok, other=1.0)
     inv_rows = _inverse_norm(row_norm)
+    anchors = (rows, row_ok, row_samples, start, end, row_labels, inv_rows)
+    tile = _pair_inputs(z_ptr, order_ptr, labels_ptr, width, last, anchors, tau, eta)
+    inv_tau, eta, inv_eta = tile[-1]
     lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(saved_ptr, rows, row_ok, batch)
-    lanes = tl.arange(0, BLOCK_N).to(tl.int64)
     k = tl.program_id(1).to(tl.int64) * SLICE + tl.arange(0, SLICE)
     k_ok = k < width
     d_features = tl.zeros((BLOCK_M, SLICE), dtype=tl.float32)
     projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    first = tl.min(tl.where(row_ok, start, batch), axis=0)
-    last = tl.max(tl.where(row_ok, end, 0), axis=0)
     for c0 in range(first, last, BLOCK_N):
-        cols = c0 + lanes
-        col_ok = cols < last
-        col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
-        col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
-        inv_cols = _inverse_norm(tl.load(saved_ptr + batch + cols, mask=col_ok, other=1.0))
+        cols, col_ok, col_samples, inv_cols, c, s, log_r, partner, positive = _pair_tile(
+            tile, saved_ptr + batch, c0, BLOCK_N, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, True
+        )
         lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(saved_ptr, cols, col_ok, batch)
-        acc, _ = _cosine_tile(
-            z_ptr,
-            row_samples,
-            col_samples,
-            row_ok,
-            col_ok,
-            width,
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-            tl.zeros((BLOCK_N,), dtype=tl.float32),
-            BLOCK_K,
-            PRECISION,
-            NATIVE_BF16,
-            NUM_STAGES,
-            False,
-        )
-        c = _scaled_cosines(acc, inv_rows, inv_cols)
-        partner = (
-            row_ok[:, None]
-            & (cols[None, :] >= start[:, None])
-            & (cols[None, :] < end[:, None])
-            & (rows[:, None] != cols[None, :])
-        )
-        positive = partner & (row_labels[:, None] == col_labels[None, :])
-        s = c * inv_tau
-        d = (c - eta) * inv_eta
-        log_r = -0.5 * d * d
         g_ij = _anchor_cosine_grad(
             c,
             s,
@@ -643,12 +615,12 @@ def girl_backward(
         saved,
         grad_loss,
         grad_features,
+        tau,
+        eta,
         batch,
         width,
         num_groups,
         _search_steps(num_groups),
-        tau,
-        eta,
         DETACH_WEIGHTS=detach_weights,
         SLICE=slice_width,
         **_tile_constexprs(block_m, block_n, GRAD_BLOCK_K),
