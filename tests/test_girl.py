@@ -466,6 +466,29 @@ def test_partitions_sort_samples_by_group():
     assert group_index_of(order, offsets).tolist() == [3, 1, 3, 1, 1]
 
 
+def test_triton_keeps_the_random_partition_offsets_but_never_fake_ones():
+    """The triton backend builds the random partition's boundaries once per (B, G, device)
+    (tensor_split sizes, as the other backends); a fake input builds its own, caching nothing."""
+    if backends_reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip(backends_reason)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from piumr_kernels.girl import triton_kernels
+
+    triton_kernels._cached_offsets.cache_clear()
+    with FakeTensorMode():
+        fake = triton_kernels.partition_offsets(23, 4, torch.empty(1, device="meta"))
+    assert triton_kernels._cached_offsets.cache_info().currsize == 0 and fake.device.type == "meta"
+    features, labels = make_inputs(23, 4, num_classes=3)
+    with use_backend("triton"):
+        _, details = girl_loss(features, labels, 4, generator=torch.Generator().manual_seed(3), return_details=True)
+    offsets = triton_kernels.partition_offsets(23, 4, features)
+    assert triton_kernels.partition_offsets(23, 4, features) is offsets
+    assert offsets.tolist() == [0, 6, 12, 18, 23] == [0, *torch.bincount(details["group_index"]).cumsum(0).tolist()]
+    _, expected = random_partition(23, 4, features.device)
+    assert torch.equal(offsets, expected)
+
+
 def test_module_matches_function():
     features, labels = make_inputs(16, 8, num_classes=2)
     module = GIRLLoss(num_groups=2, tau=0.1, eta=0.3, lambda_var=0.5, var_grad=False, detach_weights=False)

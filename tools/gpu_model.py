@@ -61,6 +61,7 @@ from interpreter_counters import Launch, count_launches  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import piumr_kernels  # noqa: E402
+from piumr_kernels.girl.triton_kernels import partition_offsets  # noqa: E402
 from piumr_kernels.launch_state import zeroed_tickets  # noqa: E402
 
 STATIC_CHECK_TABLE = ROOT / "docs" / "triton_static_check.md"
@@ -252,6 +253,7 @@ def _girl_step(shape, backward):
     batch, width, groups = shape
     features = torch.randn(batch, width, generator=_generator()).requires_grad_(backward)
     zeroed_tickets(features, 1)  # the forward's ticket: allocated by a process's first call, reused after
+    partition_offsets(batch, groups, features)  # the partition's boundaries: the same
     labels = torch.randint(0, 52, (batch,), generator=_generator())
     call = lambda: piumr_kernels.girl_loss(features, labels, num_groups=groups, generator=_generator())
     if not backward:

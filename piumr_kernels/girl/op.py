@@ -27,7 +27,13 @@ from torch import nn
 from .. import backends
 from .._checks import check_flag, check_float_tensor, check_int, check_real, check_same_device
 from ..fused_op import FusedOp, accumulation_dtype
-from .reference import combine_group_risks, girl_group_risks_reference, group_sizes, position_groups
+from .reference import (
+    combine_group_risks,
+    girl_group_risks_reference,
+    group_sizes,
+    position_groups,
+    uniform_offsets,
+)
 
 
 def _fake_forward(features, labels, order, offsets, tau, eta, lambda_var, var_grad, detach_weights, need_grad):
@@ -66,10 +72,15 @@ def _backward(ctx, backward_op, grad_loss, _grad_risks, _grad_var, _grad_saved):
     return (grad_features,) + (None,) * 9
 
 
-def _triton_launchers():
+def _triton_kernels():
     from . import triton_kernels
 
-    return triton_kernels.girl_forward, triton_kernels.girl_backward
+    return triton_kernels
+
+
+def _triton_launchers():
+    kernels = _triton_kernels()
+    return kernels.girl_forward, kernels.girl_backward
 
 
 # Accepted parameter ranges (SPEC §3). The loss and its gradient grow like 1 / tau, and an
@@ -104,6 +115,11 @@ def _check_integer_vector(name: str, value: object, length: int) -> None:
         raise ValueError(f"{name} must be 1-D of length {length} (one per feature row), got shape {tuple(value.shape)}")
 
 
+def _draw_order(batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    draw_device = generator.device if generator is not None else device
+    return torch.randperm(batch, generator=generator, device=draw_device).to(device)
+
+
 def random_partition(
     batch: int, num_groups: int, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +127,9 @@ def random_partition(
 
     Returns `(order (B,), offsets (G + 1,))`. The permutation is drawn on the generator's
     device (the features' device without one, so no copy), so one seed gives one partition
-    on every backend. The offsets `g * base + min(g, extra)` are computed on `device`.
+    on every backend. The offsets (`reference.uniform_offsets`) are computed on `device`.
     """
-    draw_device = generator.device if generator is not None else device
-    order = torch.randperm(batch, generator=generator, device=draw_device).to(device)
-    base, extra = divmod(batch, num_groups)
-    boundary = torch.arange(num_groups + 1, device=device)
-    return order, boundary * base + boundary.clamp(max=extra)
+    return _draw_order(batch, device, generator), uniform_offsets(batch, num_groups, device)
 
 
 def explicit_partition(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,16 +247,20 @@ def girl_loss(
         tensors["groups"] = groups
     check_same_device(tensors)
 
+    backend = backends.resolve_backend(features, cpp_op="girl_cpp")
     if groups is None:
         if 2 * num_groups > batch:
             num_groups = max(1, batch // 2)  # a short batch: fewer groups of >= 2 members
-        order, offsets = random_partition(batch, num_groups, features.device, generator)
+        order = _draw_order(batch, features.device, generator)
+        if backend == "triton":
+            offsets = _triton_kernels().partition_offsets(batch, num_groups, features)
+        else:
+            offsets = uniform_offsets(batch, num_groups, features.device)
     else:
         if backends.validation_enabled(validate):
             _check_group_ids(groups, num_groups)
         order, offsets = explicit_partition(groups, num_groups)
 
-    backend = backends.resolve_backend(features, cpp_op="girl_cpp")
     if backend == "reference":
         group_risks = girl_group_risks_reference(features, labels, order, offsets, tau, eta, detach_weights)
         loss, risk_var = combine_group_risks(group_risks, group_sizes(offsets) >= 2, lambda_var, var_grad)

@@ -22,6 +22,14 @@ def group_sizes(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[1:] - offsets[:-1]
 
 
+def uniform_offsets(batch: int, num_groups: int, device: torch.device) -> torch.Tensor:
+    """`(G + 1,)` boundaries of `batch` positions cut into `num_groups` chunks of
+    `torch.tensor_split` sizes: `g * base + min(g, extra)`, `(base, extra) = divmod(B, G)`."""
+    base, extra = divmod(batch, num_groups)
+    boundary = torch.arange(num_groups + 1, device=device)
+    return boundary * base + boundary.clamp(max=extra)
+
+
 def position_groups(offsets: torch.Tensor, batch: int) -> torch.Tensor:
     """`(B,)` group of each position of `order` (`output_size` keeps it free of host reads)."""
     groups = torch.arange(offsets.shape[0] - 1, device=offsets.device)

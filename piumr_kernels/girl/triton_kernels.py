@@ -38,15 +38,18 @@ and offsets are int64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ..launch_state import is_last_program, zeroed_tickets
+from ..launch_state import is_last_program, traced, zeroed_tickets
 from ..triton_variants import KernelVariant
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
+from .reference import uniform_offsets
 
 BLOCK_K = 64  # feature-width chunk of the cosine products
 MAX_TILE = 64  # partners per forward tile for large groups
@@ -541,6 +544,19 @@ def _tile_constexprs(block_m: int, block_n: int, block_k: int = BLOCK_K) -> dict
         "PRECISION": triton_fp32_precision(),
         "NATIVE_BF16": not triton_interpreting(),
     }
+
+
+# The random partition's boundaries depend only on (batch, G, device) and the kernels only
+# read them: each is built once (three small launches per call otherwise). Bounded.
+_cached_offsets = functools.lru_cache(maxsize=64)(uniform_offsets)
+
+
+def partition_offsets(batch: int, num_groups: int, like: torch.Tensor) -> torch.Tensor:
+    """`uniform_offsets` on `like`'s device, kept between calls; built fresh for a traced call
+    or inside a CUDA-graph capture (`launch_state.traced`)."""
+    if traced(like):
+        return uniform_offsets(batch, num_groups, like.device)
+    return _cached_offsets(batch, num_groups, like.device)
 
 
 def girl_forward(
