@@ -126,6 +126,9 @@ def laid_out(values: torch.Tensor, layout: str, grad: bool) -> tuple[torch.Tenso
     raise ValueError(layout)
 
 
+SPECIAL_KINDS = ("nan", "inf", "-inf", "max", "1e30", "denormal", "zeros", "negative")
+
+
 def special(values: torch.Tensor, kind: str) -> torch.Tensor:
     """`values` with one entry set to NaN/inf/-inf/its negative, or all of them scaled to the
     dtype's largest value, 1e30, its denormal range, or zero."""
@@ -162,11 +165,13 @@ def tensor_cases(
     shape: tuple,
     call: Callable[[torch.Tensor], Call],
     ranks: tuple[int, ...],
-    specials: dict[str, bool],
+    finite: tuple[str, ...],
+    non_finite: tuple[str, ...] = (),
     other_tensors: bool = False,
 ) -> list[Case]:
     """Cases on one tensor argument of `op`: `call(t)` puts `t` into an otherwise valid call.
-    `specials` maps a special value kind to whether the results must be finite;
+    `finite` and `non_finite` name the special values (`SPECIAL_KINDS`) tried, with results
+    that must stay finite or that may not;
     `other_tensors`: the call has other tensors, so `t` on another device is a mismatch."""
     cases = []
     add = cases.append
@@ -205,7 +210,10 @@ def tensor_cases(
                 valid=True,
             )
         )
-    for kind, finite in specials.items():
+    unknown = set(finite + non_finite) - set(SPECIAL_KINDS)
+    if unknown:
+        raise ValueError(f"finite, non_finite: expected kinds from {SPECIAL_KINDS}, got {sorted(unknown)}")
+    for kind in (kind for kind in SPECIAL_KINDS if kind in finite + non_finite):
         for dtype in (torch.float32, torch.float16):
             add(
                 Case(
@@ -214,7 +222,7 @@ def tensor_cases(
                     build_with(lambda kind=kind, dtype=dtype: (special(uniform(shape, dtype), kind),)),
                     argument,
                     valid=True,
-                    finite=finite and not (kind == "1e30" and dtype == torch.float16),
+                    finite=kind in finite and not (kind == "1e30" and dtype == torch.float16),
                 )
             )
     if other_tensors:
@@ -256,15 +264,8 @@ def sinkhorn_cases() -> list[Case]:
         shape,
         lambda K, leaves=(): with_K(K, leaves),
         ranks=(0, 1),
-        specials={
-            "nan": False,
-            "inf": False,
-            "max": False,
-            "1e30": True,
-            "denormal": True,
-            "zeros": True,
-            "negative": False,
-        },
+        finite=("1e30", "denormal", "zeros"),
+        non_finite=("nan", "inf", "max", "negative"),
     )
     for kind in ("nan", "inf", "negative"):
         cases.append(
@@ -388,36 +389,15 @@ def dct_cases() -> list[Case]:
         shape,
         with_x,
         ranks=(0, 4, 6),
-        specials={"nan": False, "inf": False, "max": False, "1e30": False, "denormal": True, "zeros": True},
+        finite=("denormal", "zeros"),
+        non_finite=("nan", "inf", "max", "1e30"),
     )
-    cases.append(
-        Case(
-            op,
-            "x float16 near 60000 (E beyond float16)",
-            lambda: with_x(uniform(shape, torch.float16, 50000, 60000)),
-            "x",
-            valid=True,
-            finite=False,
-        )
-    )
-    cases.append(
-        Case(
-            op,
-            "x float32 1e15 (var 1e30 still finite)",
-            lambda: with_x(uniform(shape, torch.float32, 0.5e15, 1e15)),
-            "x",
-            valid=True,
-        )
-    )
-    cases.append(
-        Case(
-            op,
-            "x batch 0 grad",
-            lambda: with_x(*laid_out(uniform((0, 2, 2, 3, 3)), "contiguous", True)),
-            "x",
-            valid=True,
-        )
-    )
+    for label, build, finite in (
+        ("x float16 near 60000 (E beyond float16)", lambda: with_x(uniform(shape, torch.float16, 50000, 60000)), False),
+        ("x float32 1e15 (var 1e30 still finite)", lambda: with_x(uniform(shape, torch.float32, 0.5e15, 1e15)), True),
+        ("x batch 0 grad", lambda: with_x(*laid_out(uniform((0, 2, 2, 3, 3)), "contiguous", True)), True),
+    ):
+        cases.append(Case(op, label, build, "x", valid=True, finite=finite))
 
     def make(kwargs):
         return Call((uniform(shape),), {"kernel_size": 3, **kwargs})
@@ -506,15 +486,8 @@ def girl_cases() -> list[Case]:
         (batch, width),
         with_features,
         ranks=(0, 1, 3),
-        specials={
-            "nan": False,
-            "inf": False,
-            "max": True,
-            "1e30": True,
-            "denormal": True,
-            "zeros": True,
-            "negative": True,
-        },
+        finite=("max", "1e30", "denormal", "zeros", "negative"),
+        non_finite=("nan", "inf"),
         other_tensors=True,
     )
     for label, value in {
@@ -609,25 +582,27 @@ def _girl_int32_labels() -> Call:
     return Call((z, torch.tensor([0, 1, 0, 1, 2, 2, 0, 1], dtype=torch.int32)), {"num_groups": 2}, (z,))
 
 
-def tfam_statistics_cases() -> list[Case]:
-    op = "tfam_statistics"
-    shape = (2, 3, 2, 3, 4)
-    cases = tensor_cases(
+def tfam_x_cases(
+    op: str, shape: tuple, call: Callable[[torch.Tensor], Call], other_tensors: bool = False
+) -> list[Case]:
+    """`tensor_cases` on the activation `x` (rank 5) of a TFAM op: its results stay finite
+    for every special value but NaN, inf and the dtype's largest values."""
+    return tensor_cases(
         op,
         "x",
         shape,
-        lambda x, leaves=(): Call((x,), {}, leaves),
+        call,
         ranks=(0, 4, 6),
-        specials={
-            "nan": False,
-            "inf": False,
-            "max": False,
-            "1e30": True,
-            "denormal": True,
-            "zeros": True,
-            "negative": True,
-        },
+        finite=("1e30", "denormal", "zeros", "negative"),
+        non_finite=("nan", "inf", "max"),
+        other_tensors=other_tensors,
     )
+
+
+def tfam_statistics_cases() -> list[Case]:
+    op = "tfam_statistics"
+    shape = (2, 3, 2, 3, 4)
+    cases = tfam_x_cases(op, shape, lambda x, leaves=(): Call((x,), {}, leaves))
     cases.append(
         Case(op, "x float16 near 60000", lambda: Call((uniform(shape, torch.float16, 50000, 60000),)), "x", valid=True)
     )
@@ -664,23 +639,7 @@ def tfam_combine_cases() -> list[Case]:
     def with_x(x, leaves=()):
         return Call((x, *scales()), {}, leaves)
 
-    cases = tensor_cases(
-        op,
-        "x",
-        shape,
-        with_x,
-        ranks=(0, 4, 6),
-        specials={
-            "nan": False,
-            "inf": False,
-            "max": False,
-            "1e30": True,
-            "denormal": True,
-            "zeros": True,
-            "negative": True,
-        },
-        other_tensors=True,
-    )
+    cases = tfam_x_cases(op, shape, with_x, other_tensors=True)
 
     def with_temporal(t, leaves=()):
         return Call((uniform(shape), t, scales()[1]), {}, leaves)
@@ -694,7 +653,8 @@ def tfam_combine_cases() -> list[Case]:
         (batch, frames),
         with_temporal,
         ranks=(0, 1, 3),
-        specials={"nan": False, "1e30": True, "zeros": True},
+        finite=("1e30", "zeros"),
+        non_finite=("nan",),
         other_tensors=True,
     )
     cases += tensor_cases(
@@ -703,7 +663,8 @@ def tfam_combine_cases() -> list[Case]:
         (batch, height, width),
         with_spatial,
         ranks=(0, 2, 4),
-        specials={"inf": False, "denormal": True},
+        finite=("denormal",),
+        non_finite=("inf",),
         other_tensors=True,
     )
     cases.append(
