@@ -89,6 +89,22 @@ def clip_items(frames: np.ndarray, size: int, rng: np.random.Generator | None, r
     return items[0] if len(items) == 1 else items
 
 
+def labelled_clip_items(dataset, index: int, frames: np.ndarray, rng: np.random.Generator | None):
+    """`clip_items` of `dataset`'s clip `index` from its decoded or rendered `frames`, with the
+    dataset's `size` and `repeats` and the clip's label, body and subject (the MA-52 loader
+    and the synthetic dataset keep them in `labels`, `bodies` and `subjects`)."""
+    return clip_items(
+        frames,
+        dataset.size,
+        rng,
+        dataset.repeats,
+        label=dataset.labels[index],
+        body=dataset.bodies[index],
+        subject=dataset.subjects[index],
+        index=index,
+    )
+
+
 def check_repeats(repeats: int, training: bool) -> int:
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: expected a positive integer, got {repeats!r}")

@@ -47,7 +47,7 @@ import av
 import numpy as np
 import torch
 
-from models.data.clips import check_repeats, clip_items, first_existing, item_key
+from models.data.clips import check_repeats, first_existing, item_key, labelled_clip_items
 from models.data.decode import sampled_frames_or_none
 from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
 from models.errors import DatasetError, InputNotFound
@@ -241,13 +241,4 @@ class MA52Dataset(torch.utils.data.Dataset):
         if frames is None:
             self.failed.append(name)
             return None
-        return clip_items(
-            frames,
-            self.size,
-            rng,
-            self.repeats,
-            label=self.labels[index],
-            body=self.bodies[index],
-            subject=self.subjects[index],
-            index=index,
-        )
+        return labelled_clip_items(self, index, frames, rng)

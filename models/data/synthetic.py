@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data.clips import check_repeats, clip_items, item_key
+from models.data.clips import check_repeats, item_key, labelled_clip_items
 from models.data.labels import ACTION_TO_BODY, NUM_ACTIONS
 from models.data.ma52 import write_h264_mp4
 
@@ -770,16 +770,7 @@ class SyntheticMicroActions(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, rng = item_key(key, self.training)
         # Frames fill the crop: the crop only draws the flip (and, repeated, one render gives k flips).
-        return clip_items(
-            self.frames(index, rng=rng),
-            self.size,
-            rng,
-            self.repeats,
-            label=self.labels[index],
-            body=self.bodies[index],
-            subject=self.subjects[index],
-            index=index,
-        )
+        return labelled_clip_items(self, index, self.frames(index, rng=rng), rng)
 
 
 def export_ma52(source, root, frames_per_video: int = 48, fps: int = 30, hide_test_labels: bool = False) -> Path:
