@@ -7,32 +7,11 @@ import json
 import pytest
 
 from models.evaluation import ablation as ablate
-from tests.train_helpers import REPO_ROOT, TINY_PRESET, TRAIN_SCRIPT, run_script
+from tests.train_helpers import REPO_ROOT, TRAIN_SCRIPT, run_script, tiny_train_args
 
 ABLATE_SCRIPT = REPO_ROOT / "models" / "ablate.py"
 # Two short epochs of the tiny model on a few clips.
-TINY_TRAIN = [
-    "--preset",
-    TINY_PRESET,
-    "--num-frames",
-    "4",
-    "--crop-size",
-    "32",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--max-train-clips",
-    "16",
-    "--max-eval-clips",
-    "8",
-    "--lr",
-    "0.003",
-    "--warmup-epochs",
-    "0",
-    "--girl-num-groups",
-    "2",
-]
+TINY_TRAIN = tiny_train_args(epochs=2, train_clips=16, eval_clips=8)
 
 
 @pytest.mark.slow  # two short training runs and a rerun: ~30 s of CPU

@@ -17,11 +17,10 @@ EVALUATE_SCRIPT = REPO_ROOT / "models" / "evaluate.py"
 TINY_PRESET = '{"name": "test", "depth_factor": 0.2}'
 
 
-def tiny_args(out_dir, epochs: int = 2, train_clips: int = 32, eval_clips: int = 24, extra=()) -> list:
-    """A run of a few seconds: tiny model, 4 frames of 32x32, a few clips, no workers."""
+def tiny_train_args(epochs: int = 2, train_clips: int = 32, eval_clips: int = 24) -> list:
+    """The tiny model, 4 frames of 32x32 and a few clips: train.py options of a run of a few
+    seconds, without its output folder (models/ablate.py gives each run its own)."""
     return [
-        "--out",
-        str(out_dir),
         "--preset",
         TINY_PRESET,
         "--num-frames",
@@ -36,15 +35,24 @@ def tiny_args(out_dir, epochs: int = 2, train_clips: int = 32, eval_clips: int =
         str(train_clips),
         "--max-eval-clips",
         str(eval_clips),
-        "--workers",
-        "0",
-        "--no-progress",
         "--lr",
         "0.003",
         "--warmup-epochs",
         "0",
         "--girl-num-groups",
         "2",
+    ]
+
+
+def tiny_args(out_dir, epochs: int = 2, train_clips: int = 32, eval_clips: int = 24, extra=()) -> list:
+    """`tiny_train_args` writing to `out_dir`, with no workers and no progress bar."""
+    return [
+        "--out",
+        str(out_dir),
+        *tiny_train_args(epochs, train_clips, eval_clips),
+        "--workers",
+        "0",
+        "--no-progress",
         *extra,
     ]
 
