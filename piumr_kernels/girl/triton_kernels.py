@@ -223,7 +223,9 @@ def _forward_kernel(
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    rows, row_ok, row_samples, _, start, end, row_labels, first, last = _anchor_tile(
+    # `group` goes unused here rather than into `_`, which the loop below assigns: a name bound
+    # before a loop is carried through it, and its type may not change there.
+    rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
     )
     k = tl.arange(0, BLOCK_K)
