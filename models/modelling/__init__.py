@@ -8,6 +8,8 @@
   (`PIUmrLoss`), the paper's ablation rows (`ABLATIONS`).
 - `models.modelling.hdf`: the predecessor method HDF, X3D + DAM (`build_hdf`, `HDF`, `DAM`)
   and its DSM objective (`DSMLoss`), docs/hdf.md.
+- `models.modelling.objective`: the call both objectives share (`Objective`: cross-entropy
+  plus a term on the features).
 """
 
 from models.modelling.hdf import DAM, HDF, DSMLoss, build_hdf

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.modelling.objective import Objective
 from models.modelling.tfam import attention_logits
-from models.modelling.x3d import STAGE_NAMES, X3D, X3DPreset, build_x3d, forward_with_stage_modules, get_preset
-from models.modelling.x3d_weights import load_x3d_checkpoint
+from models.modelling.x3d import STAGE_NAMES, X3D, X3DPreset, check_stage_model, forward_with_stage_modules, get_preset
+from models.modelling.x3d_weights import build_x3d_backbone
 from piumr_kernels import dct_filter_bank, girl_loss, tfam_combine, tfam_statistics
 
 __all__ = ["DAM", "DSM_SCALINGS", "DSMLoss", "HDF", "build_hdf", "channel_bins"]
@@ -188,13 +189,7 @@ class HDF(nn.Module):
         self, backbone: X3D, num_frames: int, *, dam_stages: tuple[str, ...] | list[str] = STAGE_NAMES, **dam_kwargs
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, X3D):
-            raise TypeError(f"backbone must be a models.modelling.x3d.X3D, got {type(backbone).__name__}")
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
-        stages = tuple(dam_stages)
-        if any(stage not in STAGE_NAMES for stage in stages) or len(set(stages)) != len(stages):
-            raise ValueError(f"dam_stages must be distinct names from {STAGE_NAMES}, got {stages}")
+        stages = check_stage_model(backbone, num_frames, dam_stages, "dam_stages")
         self.backbone = backbone
         self.num_frames = num_frames
         widths = dict(zip(STAGE_NAMES, backbone.stage_widths))
@@ -227,13 +222,11 @@ def build_hdf(
     backbone (see `build_piumr`); the DAMs start fresh.
     """
     spec = get_preset(preset)
-    backbone = build_x3d(spec, num_classes, dropout_rate=dropout_rate)
-    if pretrained is not None:
-        load_x3d_checkpoint(backbone, pretrained)
+    backbone = build_x3d_backbone(spec, num_classes, pretrained, dropout_rate)
     return HDF(backbone, spec.num_frames if num_frames is None else num_frames, dam_stages=dam_stages, **dam_kwargs)
 
 
-class DSMLoss(nn.Module):
+class DSMLoss(Objective):
     """HDF's objective: `lambda_CE CE(logits, labels) + lambda_SC DSM(features, labels)` (SPEC §8).
 
     `DSM = girl_loss(features, labels, num_groups=1, lambda_var=0, tau, eta, detach_weights)
@@ -302,20 +295,12 @@ class DSMLoss(nn.Module):
         g = self.grad_norm.float()
         return self.alpha * g / (g + 1), self.beta / (g + 1)
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        groups: torch.Tensor | None = None,
-        num_groups: int | None = None,
-    ):
+    def combine(self, ce, features, labels, groups, num_groups) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if groups is not None or num_groups is not None:
             raise ValueError(
                 "groups: DSM contrasts the whole batch as one group, expected None "
                 f"(use girl_groups='random'), got a {type(groups).__name__}"
             )
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         contrastive = girl_loss(
             features,
             labels,

@@ -27,13 +27,21 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.modelling.girl_diagnostics import girl_group_diagnostics
+from models.modelling.objective import Objective
 from models.modelling.tfam import FUSIONS, TFAM
-from models.modelling.x3d import PRESETS, STAGE_NAMES, X3D, X3DPreset, build_x3d, forward_with_stage_modules, get_preset
-from models.modelling.x3d_weights import load_x3d_checkpoint
+from models.modelling.x3d import (
+    PRESETS,
+    STAGE_NAMES,
+    X3D,
+    X3DPreset,
+    check_stage_model,
+    forward_with_stage_modules,
+    get_preset,
+)
+from models.modelling.x3d_weights import build_x3d_backbone
 from piumr_kernels import GIRLLoss
 
 __all__ = ["ABLATIONS", "Ablation", "PIUmr", "PIUmrLoss", "PRESETS", "STAGE_NAMES", "build_piumr"]
@@ -61,14 +69,7 @@ class PIUmr(nn.Module):
         **tfam_kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, X3D):
-            raise TypeError(f"backbone must be a models.modelling.x3d.X3D, got {type(backbone).__name__}")
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
-        stages = tuple(tfam_stages)
-        unknown = [stage for stage in stages if stage not in STAGE_NAMES]
-        if unknown or len(set(stages)) != len(stages):
-            raise ValueError(f"tfam_stages must be distinct names from {STAGE_NAMES}, got {stages}")
+        stages = check_stage_model(backbone, num_frames, tfam_stages, "tfam_stages")
         if stages and not (temporal or frequency):
             raise ValueError("TFAM with both branches off is the identity: pass tfam=False (or tfam_stages=()) instead")
         if fusion not in FUSIONS:
@@ -94,7 +95,7 @@ class PIUmr(nn.Module):
         return forward_with_stage_modules(self.backbone, self.tfam, self.num_frames, x, "TFAM")
 
 
-class PIUmrLoss(nn.Module):
+class PIUmrLoss(Objective):
     """`CE(logits, labels) + lambda_girl * GIRL(features, labels, groups)`.
 
     `forward(logits, features, labels, groups=None, num_groups=None) -> (loss, parts)`, the
@@ -129,15 +130,7 @@ class PIUmrLoss(nn.Module):
             raise ValueError(f"GIRL options {sorted(girl_kwargs)} were given with girl=False")
         self.girl = GIRLLoss(**girl_kwargs) if girl else None
 
-    def forward(
-        self,
-        logits: torch.Tensor,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        groups: torch.Tensor | None = None,
-        num_groups: int | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+    def combine(self, ce, features, labels, groups, num_groups) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.girl is None:
             return ce, {"ce": ce.detach(), "girl": torch.zeros_like(ce).detach()}
         girl, details = self.girl(features, labels, groups, num_groups=num_groups, return_details=True)
@@ -179,9 +172,7 @@ def build_piumr(
     fresh).
     """
     spec = get_preset(preset)
-    backbone = build_x3d(spec, num_classes, dropout_rate=dropout_rate)
-    if pretrained is not None:
-        load_x3d_checkpoint(backbone, pretrained)
+    backbone = build_x3d_backbone(spec, num_classes, pretrained, dropout_rate)
     return PIUmr(
         backbone,
         spec.num_frames if num_frames is None else num_frames,

@@ -302,6 +302,21 @@ class X3D(nn.Module):
         return self.head.classify(self.forward_features(x))
 
 
+def check_stage_model(backbone: object, num_frames: object, stages, argument: str) -> tuple[str, ...]:
+    """`stages` as a tuple, for a model that runs a module after those stages of `backbone`
+    on clips of `num_frames` frames (PIUmr's TFAMs, HDF's DAMs); a clear error for a
+    `backbone` that is not an X3D, a `num_frames` that is not an int >= 1, or `stages` (the
+    parameter `argument`) that are not distinct stage names."""
+    if not isinstance(backbone, X3D):
+        raise TypeError(f"backbone must be a models.modelling.x3d.X3D, got {type(backbone).__name__}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    stages = tuple(stages)
+    if any(stage not in STAGE_NAMES for stage in stages) or len(set(stages)) != len(stages):
+        raise ValueError(f"{argument} must be distinct names from {STAGE_NAMES}, got {stages}")
+    return stages
+
+
 def forward_with_stage_modules(
     backbone: X3D, modules: nn.ModuleDict, num_frames: int, x: torch.Tensor, kind: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

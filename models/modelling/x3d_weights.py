@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.errors import CheckpointError
-from models.modelling.x3d import PRESETS, X3D, stage_depths
+from models.modelling.x3d import PRESETS, X3D, X3DPreset, build_x3d, stage_depths
 
 PYTORCHVIDEO = "pytorchvideo"
 SLOWFAST = "slowfast"
@@ -269,3 +269,14 @@ def load_x3d_checkpoint(model: X3D, path: str | os.PathLike, *, strict: bool = T
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     return report
+
+
+def build_x3d_backbone(
+    preset: str | X3DPreset, num_classes: int, pretrained: str | os.PathLike | None, dropout_rate: float
+) -> X3D:
+    """The backbone of `build_piumr` and `build_hdf`: `build_x3d(preset, num_classes)` with
+    the checkpoint `pretrained`, when given, loaded strictly (`load_x3d_checkpoint`)."""
+    backbone = build_x3d(preset, num_classes, dropout_rate=dropout_rate)
+    if pretrained is not None:
+        load_x3d_checkpoint(backbone, pretrained)
+    return backbone
