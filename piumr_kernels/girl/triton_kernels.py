@@ -55,13 +55,14 @@ BLOCK_K = 64  # feature-width chunk of the cosine products
 MAX_TILE = 64  # partners per forward tile for large groups
 MAX_ANCHORS = 32  # anchors per tile, at most half the partners
 # The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
-# B = 4096) over steps of 32 partners, cosines in 32-wide feature chunks, and slices of 128
-# features whose dF block stays in registers; every slice recomputes its tiles' cosines.
-# Widths up to 32 take slices of 32 over steps of 16 partners with 4 warps and unpipelined
-# loads (fp32 exact products spill otherwise); slices of 256 or 64-wide chunks spill on
-# sm_80/sm_90.
+# B = 4096) over steps of 32 partners, cosines in 64-wide feature chunks on tensor cores, and
+# slices of 128 features whose dF block stays in registers; every slice recomputes its
+# tiles' cosines. Exact fp32 products run on the FMA pipe with their operands in registers:
+# they take 32-wide chunks (64 spill on sm_80/sm_90). Widths up to 32 take slices of 32
+# over steps of 16 partners with 4 warps and unpipelined loads (fp32 exact products spill
+# otherwise); slices of 256 spill on sm_80/sm_90.
 GRAD_TILE = (16, 32)
-GRAD_BLOCK_K = 32
+GRAD_BLOCK_K = (64, 32)  # tensor-core products, exact fp32 products
 SLICES = (32, 128)
 GRAD_WARPS = (4, 8)
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
@@ -247,7 +248,7 @@ def _forward_kernel(
     emph_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for c0 in range(first, last, BLOCK_N):
         _, _, _, _, _, s, log_r, partner, positive = _pair_tile(
             tile, stats_ptr, c0, BLOCK_N, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False
@@ -266,7 +267,7 @@ def _forward_kernel(
         emph_sum = emph_sum * emph_scale + tl.sum(r, axis=1)
         pos_logit = pos_logit * emph_scale + tl.sum(tl.where(positive, r * s, 0.0), axis=1)
         pos_weight = pos_weight * emph_scale + tl.sum(tl.where(positive, r, 0.0), axis=1)
-        pos_count += tl.sum(positive.to(tl.float32), axis=1)
+        pos_count += tl.sum(positive.to(tl.int32), axis=1)  # integer adds, off the FP32 pipe
         logit_max = new_logit_max
         emph_max = new_emph_max
     # Anchors without partners (groups of 1) keep neutral values so everything stays finite.
@@ -276,6 +277,7 @@ def _forward_kernel(
     logit_sum = tl.where(has_partner, logit_sum, 1.0)
     emph_sum = tl.where(has_partner, emph_sum, 1.0)
     partners = (end - start - 1).to(tl.float32)
+    pos_count = pos_count.to(tl.float32)
     logit_lse = logit_max + tl.log(logit_sum)
     loss = -partners / emph_sum * (pos_logit - logit_lse * pos_weight) / tl.maximum(pos_count, 1.0)
     tl.store(stats_ptr + rows, loss, mask=row_ok)
@@ -483,13 +485,12 @@ def _gradient_kernel(
         )
         h = tl.where(partner, slope[:, None] * (g_ij + g_ji), 0.0)
         projection += tl.sum(h * c, axis=1)
-        f_cols = (
-            tl.load(
-                z_ptr + col_samples[:, None] * width + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
-            ).to(tl.float32)
-            * inv_cols[:, None]
+        # H f = (H / ||z_cols||) z: the partners' norms scale the tile, not their slice (fewer
+        # multiplies when the slice is wider than the anchor tile).
+        z_cols = tl.load(
+            z_ptr + col_samples[:, None] * width + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
         )
-        d_features = tl.dot(h, f_cols, d_features, input_precision=PRECISION)
+        d_features = tl.dot(h * inv_cols[None, :], z_cols.to(tl.float32), d_features, input_precision=PRECISION)
     # f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps.
     projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
     mask = row_ok[:, None] & k_ok[None, :]
@@ -527,6 +528,11 @@ def gradient_plan(width: int) -> tuple[int, int, int, int]:
     narrow slices step over 16 partners)."""
     wide = width > SLICES[0]
     return GRAD_TILE[0], GRAD_TILE[1] if wide else 16, SLICES[wide], GRAD_WARPS[wide]
+
+
+def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
+    """The gradient kernel's feature chunk for features of `dtype` at fp32 product `precision`."""
+    return GRAD_BLOCK_K[dtype == torch.float32 and precision == "ieee"]
 
 
 def _grad_stages(slice_width: int) -> int:
@@ -641,7 +647,7 @@ def girl_backward(
         _search_steps(num_groups),
         DETACH_WEIGHTS=detach_weights,
         SLICE=slice_width,
-        **_tile_constexprs(block_m, block_n, GRAD_BLOCK_K),
+        **_tile_constexprs(block_m, block_n, gradient_block_k(features.dtype, triton_fp32_precision())),
         **{**tile_launch_options(block_m, block_n), "num_warps": warps, "NUM_STAGES": _grad_stages(slice_width)},
     )
     return grad_features
@@ -679,7 +685,8 @@ def aot_variants() -> list[KernelVariant]:
                     warps,
                     z,
                 )
-                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n, "BLOCK_K": GRAD_BLOCK_K}
+                grad_block_k = gradient_block_k(_AOT_DTYPES[dtype], precision)
+                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n, "BLOCK_K": grad_block_k}
                 gradient.update(NATIVE_BF16=True, NUM_STAGES=_grad_stages(slice_width))
                 plan = f"{dtype},{precision},BLOCK_M={grad_block_m},BLOCK_N={grad_block_n},SLICE={slice_width}"
                 for detach in (True, False):
