@@ -619,6 +619,20 @@ def test_torch_compile_fullgraph(backend_name):
     assert_close_scaled(z.grad, ref_grad, 1e-4, "compiled gradient")
 
 
+def test_triton_wide_gradient_slices_match_fp64(monkeypatch):
+    """The gradient's slices of 256 features (picked where the grid fills the GPU anyway; here
+    forced by a program target of 1), the last one partial, against the fp64 reference."""
+    if backends_reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip(backends_reason)
+    from piumr_kernels.girl import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "TARGET_PROGRAMS", 1)
+    assert triton_kernels.gradient_plan(24, 300)[2] == 256
+    features, labels = make_inputs(24, 300, num_classes=3, seed=11)
+    with use_backend("triton"):
+        check_against_reference(features, labels, 2, detach_weights=False, tau=0.1, eta=0.3)
+
+
 def test_aot_variants_cover_every_launch_choice():
     """tools/triton_static_check.py compiles aot_variants(); every tile plan the launchers can
     pick must be listed there (the forward and both gradient variants, every dtype and fp32
@@ -627,8 +641,10 @@ def test_aot_variants_cover_every_launch_choice():
     names = {variant.name for variant in triton_kernels.aot_variants()}
     plans = {triton_kernels.tile_plan(batch, groups) for batch in range(1, 20000, 37) for groups in (1, 2, 8, 64, 500)}
     assert plans == {(16, 16), (16, 32), (16, 64), (32, 64)}
-    gradient_plans = {triton_kernels.gradient_plan(width) for width in range(1, 5000, 7)}
-    assert len(gradient_plans) == 2
+    gradient_plans = {
+        triton_kernels.gradient_plan(batch, width) for batch in range(1, 20000, 37) for width in range(1, 5000, 97)
+    }
+    assert {plan[2] for plan in gradient_plans} == {32, 128, 256} and len(gradient_plans) == 3
     for dtype in ("fp32", "fp16", "bf16"):
         for precision in ("tf32", "ieee"):
             for block_m, block_n in plans:

@@ -55,16 +55,16 @@ BLOCK_K = 64  # feature-width chunk of the cosine products
 MAX_TILE = 64  # partners per forward tile for large groups
 MAX_ANCHORS = 32  # anchors per tile, at most half the partners
 # The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
-# B = 4096) over steps of 32 partners, cosines in 64-wide feature chunks on tensor cores, and
-# slices of 128 features whose dF block stays in registers; every slice recomputes its
-# tiles' cosines. Exact fp32 products run on the FMA pipe with their operands in registers:
-# they take 32-wide chunks (64 spill on sm_80/sm_90). Widths up to 32 take slices of 32
-# over steps of 16 partners with 4 warps and unpipelined loads (fp32 exact products spill
-# otherwise); slices of 256 spill on sm_80/sm_90.
-GRAD_TILE = (16, 32)
+# B = 4096), cosines in 64-wide feature chunks on tensor cores, and slices of features whose
+# dF block stays in registers; every slice recomputes its tiles' cosines, so a grid that
+# fills the GPU anyway takes slices of 256 (over steps of 16 partners), else 128 (over steps
+# of 32: twice the programs). Exact fp32 products run on the FMA pipe with their operands in
+# registers: they take 32-wide chunks (64 spill on sm_80/sm_90). Widths up to 32 take
+# slices of 32 over steps of 16 partners with 4 warps and unpipelined loads (fp32 exact
+# products spill otherwise); slices of 256 over 32 partners spill on sm_80/sm_90.
+GRAD_BLOCK_M = 16
 GRAD_BLOCK_K = (64, 32)  # tensor-core products, exact fp32 products
-SLICES = (32, 128)
-GRAD_WARPS = (4, 8)
+GRAD_SLICES = {32: (16, 4), 128: (32, 8), 256: (16, 8)}  # slice -> (BLOCK_N, num_warps)
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
 FINISH_GROUPS = tl.constexpr(32)  # groups per step of the loss combination (last forward program)
 FINISH_ANCHORS = tl.constexpr(128)  # anchors per step of the group sums
@@ -523,11 +523,17 @@ def tile_launch_options(block_m: int, block_n: int) -> dict:
     }
 
 
-def gradient_plan(width: int) -> tuple[int, int, int, int]:
-    """`(BLOCK_M, BLOCK_N, SLICE, num_warps)` of the gradient kernel (see GRAD_TILE, SLICES;
-    narrow slices step over 16 partners)."""
-    wide = width > SLICES[0]
-    return GRAD_TILE[0], GRAD_TILE[1] if wide else 16, SLICES[wide], GRAD_WARPS[wide]
+def gradient_plan(batch: int, width: int) -> tuple[int, int, int, int]:
+    """`(BLOCK_M, BLOCK_N, SLICE, num_warps)` of the gradient kernel (see GRAD_SLICES): slices
+    of 32 for widths up to 32, else of 256 when `cdiv(B, BLOCK_M) * cdiv(C, 256)` programs
+    reach TARGET_PROGRAMS, else of 128."""
+    if width <= 32:
+        slice_width = 32
+    elif triton.cdiv(batch, GRAD_BLOCK_M) * triton.cdiv(width, 256) >= TARGET_PROGRAMS:
+        slice_width = 256
+    else:
+        slice_width = 128
+    return GRAD_BLOCK_M, GRAD_SLICES[slice_width][0], slice_width, GRAD_SLICES[slice_width][1]
 
 
 def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
@@ -537,7 +543,7 @@ def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
 
 def _grad_stages(slice_width: int) -> int:
     """Pipeline stages of the gradient kernel's cosine loads: none for narrow slices."""
-    return 2 if slice_width > SLICES[0] else 1
+    return 2 if slice_width > 32 else 1
 
 
 def _search_steps(num_groups: int) -> int:
@@ -630,7 +636,7 @@ def girl_backward(
     batch, width = features.shape
     num_groups = offsets.shape[0] - 1
     grad_features = torch.empty_like(features)
-    block_m, block_n, slice_width, warps = gradient_plan(width)
+    block_m, block_n, slice_width, warps = gradient_plan(batch, width)
     wrap_triton(_gradient_kernel)[(triton.cdiv(batch, block_m), triton.cdiv(width, slice_width))](
         features,
         order,
@@ -670,7 +676,7 @@ def aot_variants() -> list[KernelVariant]:
 
     for batch, width, num_groups in AOT_SHAPES:
         block_m, block_n = tile_plan(batch, num_groups)
-        grad_block_m, grad_block_n, slice_width, grad_warps = gradient_plan(width)
+        grad_block_m, grad_block_n, slice_width, grad_warps = gradient_plan(batch, width)
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
             for precision in TRITON_FP32_PRECISIONS:
