@@ -59,11 +59,17 @@ def block_hw(positions: int) -> int:
 
 
 @triton.jit
+def _lanes(start, end, FINISH: tl.constexpr):
+    """Indices `start .. start + FINISH - 1` (int64) of a finishing loop and which are below `end`."""
+    index = start + tl.arange(0, FINISH).to(tl.int64)
+    return index, index < end
+
+
+@triton.jit
 def _finish_map(partial_ptr, out_ptr, sample, n_groups, positions, divisor, FINISH: tl.constexpr):
     """out[sample] = (sum over the sample's chunks of partial[sample, g]) / divisor, in chunk order."""
     for start in range(0, positions, FINISH):
-        hw = start + tl.arange(0, FINISH).to(tl.int64)
-        inside = hw < positions
+        hw, inside = _lanes(start, positions, FINISH)
         acc = tl.zeros((FINISH,), dtype=tl.float32)
         for g in range(n_groups):
             acc += tl.load(
@@ -73,40 +79,26 @@ def _finish_map(partial_ptr, out_ptr, sample, n_groups, positions, divisor, FINI
 
 
 @triton.jit
-def _finish_planes(
-    block_sum_ptr,
-    block_max_ptr,
-    block_arg_ptr,
-    mean_ptr,
-    max_ptr,
-    argmax_ptr,
-    sample,
-    planes_per_sample,
-    positions,
-    n_blocks,
-    FINISH: tl.constexpr,
-):
-    """Mean, max and argmax of each plane of the sample from its per-block partials."""
-    for start in range(0, planes_per_sample, FINISH):
-        local = start + tl.arange(0, FINISH).to(tl.int64)
-        ok = local < planes_per_sample
-        plane = sample * planes_per_sample + local
-        total = tl.zeros((FINISH,), dtype=tl.float32)
-        best = tl.full((FINISH,), float("-inf"), dtype=tl.float32)
-        best_at = tl.zeros((FINISH,), dtype=tl.int32)
-        for j in range(n_blocks):
-            at = plane * n_blocks + j
-            total += tl.load(block_sum_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
-            peak = tl.load(block_max_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            peak_at = tl.load(block_arg_ptr + at, mask=ok, other=0, cache_modifier=".cg")
-            # Blocks come in position order: only a larger value or a first NaN replaces the
-            # best so far (torch.max's first maximum).
-            better = (peak > best) | ((peak != peak) & (best == best))
-            best = tl.where(better, peak, best)
-            best_at = tl.where(better, peak_at, best_at)
-        tl.store(mean_ptr + plane, total / positions, mask=ok)
-        tl.store(max_ptr + plane, best, mask=ok)
-        tl.store(argmax_ptr + plane, best_at, mask=ok)
+def _reduction_program(n_groups, positions, BLOCK_HW: tl.constexpr):
+    """Program `(sample * n_groups + group, block)` of a reduction pass: its index, block,
+    sample and group, and its positions and which are inside the map."""
+    pid = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    sample = pid // n_groups
+    group = pid % n_groups
+    hw = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    return pid, block, sample, group, hw, hw < positions
+
+
+@triton.jit
+def _plane_tile(n_planes, planes_per_sample, positions, BLOCK_P: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The `[BLOCK_P, BLOCK_HW]` tile of an element-wise pass: its planes, its positions,
+    which planes exist, its mask and the planes' samples."""
+    plane = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    plane_ok = plane < n_planes
+    mask = plane_ok[:, None] & (hw < positions)[None, :]
+    return plane, hw, plane_ok, mask, plane // planes_per_sample
 
 
 @triton.jit
@@ -130,12 +122,7 @@ def _statistics_kernel(
     BLOCK_HW: tl.constexpr,
     FINISH: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1).to(tl.int64)
-    sample = pid // n_groups
-    group = pid % n_groups
-    hw = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    inside = hw < positions
+    pid, block, sample, group, hw, inside = _reduction_program(n_groups, positions, BLOCK_HW)
     spatial = tl.zeros((BLOCK_HW,), dtype=tl.float32)
     first = group * PLANES_PER_PROGRAM
     for local in tl.range(first, tl.minimum(first + PLANES_PER_PROGRAM, planes_per_sample), num_stages=2):
@@ -157,19 +144,27 @@ def _statistics_kernel(
     tl.store(partial_ptr + pid * positions + hw, spatial, mask=inside)
 
     if is_last_program(tickets_ptr, sample, n_groups * n_blocks):
-        _finish_planes(
-            block_sum_ptr,
-            block_max_ptr,
-            block_arg_ptr,
-            mean_ptr,
-            max_ptr,
-            argmax_ptr,
-            sample,
-            planes_per_sample,
-            positions,
-            n_blocks,
-            FINISH,
-        )
+        # Mean, max and argmax of each plane of the sample from its per-block partials (names
+        # apart from the loop's above: those of another type would not compile).
+        for start in range(0, planes_per_sample, FINISH):
+            lanes, ok = _lanes(start, planes_per_sample, FINISH)
+            planes = sample * planes_per_sample + lanes
+            total = tl.zeros((FINISH,), dtype=tl.float32)
+            best = tl.full((FINISH,), float("-inf"), dtype=tl.float32)
+            best_at = tl.zeros((FINISH,), dtype=tl.int32)
+            for j in range(n_blocks):
+                at = planes * n_blocks + j
+                total += tl.load(block_sum_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+                block_peak = tl.load(block_max_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                block_at = tl.load(block_arg_ptr + at, mask=ok, other=0, cache_modifier=".cg")
+                # Blocks come in position order: only a larger value or a first NaN replaces the
+                # best so far (torch.max's first maximum).
+                better = (block_peak > best) | ((block_peak != block_peak) & (best == best))
+                best = tl.where(better, block_peak, best)
+                best_at = tl.where(better, block_at, best_at)
+            tl.store(mean_ptr + planes, total / positions, mask=ok)
+            tl.store(max_ptr + planes, best, mask=ok)
+            tl.store(argmax_ptr + planes, best_at, mask=ok)
         _finish_map(partial_ptr, spatial_ptr, sample, n_groups, positions, frames, FINISH)
         tl.store(tickets_ptr + sample, 0)
 
@@ -198,11 +193,7 @@ def _statistics_backward_kernel(
     own term dout * (temporal_scale + spatial_scale)."""
     inv_positions = tl.cast(inv_positions, tl.float32)
     inv_frames = tl.cast(inv_frames, tl.float32)
-    plane = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    plane_ok = plane < n_planes
-    mask = plane_ok[:, None] & (hw < positions)[None, :]
-    sample = plane // planes_per_sample
+    plane, hw, plane_ok, mask, sample = _plane_tile(n_planes, planes_per_sample, positions, BLOCK_P, BLOCK_HW)
     grad_mean = tl.load(grad_mean_ptr + plane, mask=plane_ok, other=0.0).to(tl.float32)
     grad_max = tl.load(grad_max_ptr + plane, mask=plane_ok, other=0.0).to(tl.float32)
     argmax = tl.load(argmax_ptr + plane, mask=plane_ok, other=-1)
@@ -232,11 +223,7 @@ def _combine_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    hw = tl.program_id(1).to(tl.int64) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    plane_ok = plane < n_planes
-    mask = plane_ok[:, None] & (hw < positions)[None, :]
-    sample = plane // planes_per_sample
+    plane, hw, plane_ok, mask, sample = _plane_tile(n_planes, planes_per_sample, positions, BLOCK_P, BLOCK_HW)
     frame = plane % frames
     temporal = tl.load(temporal_ptr + sample * frames + frame, mask=plane_ok, other=0.0).to(tl.float32)
     spatial = tl.load(spatial_ptr + sample[:, None] * positions + hw[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -249,8 +236,7 @@ def _combine_kernel(
 def _finish_frames(plane_sum_ptr, out_ptr, sample, channels, frames, n_blocks, FINISH: tl.constexpr):
     """out[sample, t] = sum over channels and blocks of the per-(plane, block) sums of frame t."""
     for start in range(0, frames, FINISH):
-        frame = start + tl.arange(0, FINISH).to(tl.int64)
-        ok = frame < frames
+        frame, ok = _lanes(start, frames, FINISH)
         acc = tl.zeros((FINISH,), dtype=tl.float32)
         for c in range(channels):
             plane = (sample * channels + c) * frames + frame
@@ -283,13 +269,8 @@ def _combine_backward_kernel(
 ):
     """Reduces sum_{c,h,w} dout * x `(B, T)` and sum_{c,t} dout * x `(B, H, W)`; writes
     dx = dout * (temporal + spatial) only if WRITE_DX (else the statistics backward adds it)."""
-    pid = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1).to(tl.int64)
-    sample = pid // n_groups
-    group = pid % n_groups
+    pid, block, sample, group, hw, inside = _reduction_program(n_groups, positions, BLOCK_HW)
     planes_per_sample = channels * frames
-    hw = block * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    inside = hw < positions
     if WRITE_DX:
         spatial = tl.load(spatial_ptr + sample * positions + hw, mask=inside, other=0.0).to(tl.float32)
     spatial_grad = tl.zeros((BLOCK_HW,), dtype=tl.float32)
@@ -338,10 +319,11 @@ _statistics_backward_kernels = _autotuned_per_tier(
 _combine_kernels = _autotuned_per_tier(_combine_kernel, _tile_configs, ["n_planes", "planes_per_sample", "positions"])
 
 
-def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(n_groups, n_blocks, BLOCK_HW, positions) of a reduction pass over `x`: the largest
-    tier up to the map's own whose grid has GPU_PROGRAMS programs (narrower blocks when the
-    clips and planes alone give too few), else the smallest tier."""
+def _reduction_plan(x: torch.Tensor) -> tuple[int, int, int, int, torch.Tensor]:
+    """(n_groups, n_blocks, BLOCK_HW, positions, partial) of a reduction pass over `x`: the
+    largest tier up to the map's own whose grid has GPU_PROGRAMS programs (narrower blocks
+    when the clips and planes alone give too few), else the smallest tier; `partial` holds
+    the pass's per-chunk maps `(B, n_groups, H * W)`."""
     batch, channels, frames, height, width = x.shape
     positions = height * width
     n_groups = triton.cdiv(channels * frames, PLANES_PER_PROGRAM)
@@ -349,7 +331,8 @@ def _reduction_grid(x: torch.Tensor) -> tuple[int, int, int, int]:
     tier = next(
         (tier for tier in reversed(tiers) if batch * n_groups * triton.cdiv(positions, tier) >= GPU_PROGRAMS), tiers[0]
     )
-    return n_groups, triton.cdiv(positions, tier), tier, positions
+    partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
+    return n_groups, triton.cdiv(positions, tier), tier, positions, partial
 
 
 def _tile_grid(n_planes: int, positions: int):
@@ -360,7 +343,7 @@ def _tile_grid(n_planes: int, positions: int):
 
 def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, channels, frames, height, width = x.shape
-    n_groups, n_blocks, tier, positions = _reduction_grid(x)
+    n_groups, n_blocks, tier, positions, partial = _reduction_plan(x)
     n_planes = batch * channels * frames
     frame_mean = x.new_empty((batch, channels, frames), dtype=torch.float32)
     frame_max = x.new_empty((batch, channels, frames), dtype=torch.float32)
@@ -369,7 +352,6 @@ def statistics_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     block_sum = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
     block_max = x.new_empty((n_planes, n_blocks), dtype=torch.float32)
     block_arg = x.new_empty((n_planes, n_blocks), dtype=torch.int32)
-    partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
     wrap_triton(_statistics_kernels[tier])[(batch * n_groups, n_blocks)](
         x,
         frame_mean,
@@ -476,12 +458,11 @@ def combine_scale_gradients(
 
 def _combine_backward(grad_out, x, temporal_scale, spatial_scale, write_dx):
     batch, channels, frames, height, width = x.shape
-    n_groups, n_blocks, tier, positions = _reduction_grid(x)
+    n_groups, n_blocks, tier, positions, partial = _reduction_plan(x)
     grad_x = torch.empty_like(x) if write_dx else x.new_empty((0,))
     grad_temporal = x.new_empty((batch, frames), dtype=torch.float32)
     grad_spatial = x.new_empty((batch, height, width), dtype=torch.float32)
     plane_sum = x.new_empty((batch * channels * frames, n_blocks), dtype=torch.float32)
-    partial = x.new_empty((batch, n_groups, positions), dtype=torch.float32)
     wrap_triton(_combine_backward_kernels[tier])[(batch * n_groups, n_blocks)](
         grad_out,
         x,
