@@ -83,6 +83,12 @@ FLOAT32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 
 
 @triton.jit
+def _as_float32(eps, row_sum, col_sum):
+    """The scalar arguments in float32 (Inductor passes float64)."""
+    return tl.cast(eps, tl.float32), tl.cast(row_sum, tl.float32), tl.cast(col_sum, tl.float32)
+
+
+@triton.jit
 def _stat_index(t, n_entries, entries, n_matrices):
     """Offset of iteration `t`'s vector `entries` in batch-last `(n_iters, n_entries, B)`
     stats, from the program's own matrix."""
@@ -102,6 +108,22 @@ def _logsumexp(x, AXIS: tl.constexpr):
     peak = tl.max(x, axis=AXIS)
     peak = tl.where(peak == float("-inf"), 0.0, peak)
     return peak + tl.log(tl.sum(tl.exp(x - tl.expand_dims(peak, AXIS)), axis=AXIS))
+
+
+@triton.jit
+def _online_logsumexp(peak, total, x, AXIS: tl.constexpr):
+    """Adds tile `x`, reduced along `AXIS`, to a running logsumexp kept as `(peak, total)`."""
+    new_peak = tl.maximum(peak, tl.max(x, axis=AXIS))
+    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - tl.expand_dims(shift, AXIS)), axis=AXIS)
+    return new_peak, total
+
+
+@triton.jit
+def _logsumexp_of(peak, total):
+    """The logsumexp a running `(peak, total)` stands for."""
+    shift = tl.where(peak == float("-inf"), 0.0, peak)
+    return shift + tl.log(total)
 
 
 @triton.jit
@@ -190,6 +212,32 @@ def _register_step(x, ok, target, eps, AXIS: tl.constexpr, LOG_DOMAIN: tl.conste
 
 
 @triton.jit
+def _register_saved_step(
+    x,
+    potential,
+    ok,
+    target,
+    eps,
+    stats_ptr,
+    stats,
+    offset,
+    AXIS: tl.constexpr,
+    LOG_DOMAIN: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+):
+    """`_register_step`, storing its stat at `stats_ptr + stats + offset` with `SAVE_STATS`
+    (linear: the scale; log: the running `potential` plus the step's change, returned with
+    the new matrices)."""
+    x, stat = _register_step(x, ok, target, eps, AXIS, LOG_DOMAIN)
+    if LOG_DOMAIN:
+        potential += stat
+        stat = potential
+    if SAVE_STATS:
+        tl.store(stats_ptr + stats + offset, stat, mask=ok)
+    return x, potential
+
+
+@triton.jit
 def _forward_register_kernel(
     K_ptr,
     P_ptr,
@@ -210,9 +258,7 @@ def _forward_register_kernel(
 ):
     """`SAVE_STATS`: store each iteration's row/column vectors for the backward (without it
     the stats pointers are 0-element buffers and never touched)."""
-    eps = tl.cast(eps, tl.float32)
-    row_sum = tl.cast(row_sum, tl.float32)
-    col_sum = tl.cast(col_sum, tl.float32)
+    eps, row_sum, col_sum = _as_float32(eps, row_sum, col_sum)
     first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
         n_matrices, n_rows, n_cols, n_iters, BLOCK_B, BLOCK_N, BLOCK_M
     )
@@ -223,22 +269,16 @@ def _forward_register_kernel(
     row_step = n_rows.to(tl.int64) * n_matrices
     col_step = n_cols.to(tl.int64) * n_matrices
     x, row_target, col_target = _register_start(K_ptr + offsets, mask, row_sum, col_sum, LOG_DOMAIN)
-    if LOG_DOMAIN:
-        f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        g = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    # Log domain: the potentials (unused in linear domain).
+    f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    g = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
     for t in range(n_iters):
-        x, stat = _register_step(x, row_ok, row_target, eps, 2, LOG_DOMAIN)
-        if LOG_DOMAIN:
-            f += stat
-            stat = f
-        if SAVE_STATS:
-            tl.store(row_stats_ptr + row_stats + t * row_step, stat, mask=row_ok)
-        x, stat = _register_step(x, col_ok, col_target, eps, 1, LOG_DOMAIN)
-        if LOG_DOMAIN:
-            g += stat
-            stat = g
-        if SAVE_STATS:
-            tl.store(col_stats_ptr + col_stats + t * col_step, stat, mask=col_ok)
+        x, f = _register_saved_step(
+            x, f, row_ok, row_target, eps, row_stats_ptr, row_stats, t * row_step, 2, LOG_DOMAIN, SAVE_STATS
+        )
+        x, g = _register_saved_step(
+            x, g, col_ok, col_target, eps, col_stats_ptr, col_stats, t * col_step, 1, LOG_DOMAIN, SAVE_STATS
+        )
     if LOG_DOMAIN:
         x = tl.exp(x)
     tl.store(P_ptr + offsets, x.to(P_ptr.dtype.element_ty), mask=mask)
@@ -296,9 +336,7 @@ def _backward_register_kernel(
     checkpoint: the iterations go in segments of `REPLAY_SEGMENT` from the last; each
     segment replays `K` to its start once, then each of its steps replays from there (20
     iterations: 90 replayed iterations instead of 210 from `K` every time)."""
-    eps = tl.cast(eps, tl.float32)
-    row_sum = tl.cast(row_sum, tl.float32)
-    col_sum = tl.cast(col_sum, tl.float32)
+    eps, row_sum, col_sum = _as_float32(eps, row_sum, col_sum)
     inv_row = 1.0 / row_sum
     inv_col = 1.0 / col_sum
     first, offsets, mask, row_stats, row_ok, col_stats, col_ok = _register_tile(
@@ -379,6 +417,35 @@ def _backward_register_kernel(
 
 
 @triton.jit
+def _span(start, lanes, n_entries):
+    """Rows (columns) `start + lanes` of a tile and which of them exist."""
+    entries = start + lanes
+    return entries, entries < n_entries
+
+
+@triton.jit
+def _tile(rows, row_ok, cols, col_ok, n_cols):
+    """The mask and int64 offsets of the `[rows, cols]` tile of a matrix."""
+    return row_ok[:, None] & col_ok[None, :], rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+
+
+@triton.jit
+def _load_stat(stats_ptr, t, n_entries, entries, ok, n_matrices, other):
+    """Iteration `t`'s entries of a stats-shaped vector written earlier in the same launch by
+    other programs (`.cg`: past L1)."""
+    return tl.load(
+        stats_ptr + _stat_index(t, n_entries, entries, n_matrices), mask=ok, other=other, cache_modifier=".cg"
+    )
+
+
+@triton.jit
+def _ticket_counters(tickets_ptr, n_matrices):
+    """The launch's tickets: the queue, then per matrix an arrival count, then per matrix its
+    finished stages."""
+    return tickets_ptr, tickets_ptr + 1, tickets_ptr + 1 + n_matrices
+
+
+@triton.jit
 def _claim(queue_ptr):
     """The next work item of the launch (int32 ticket)."""
     return tl.atomic_add(queue_ptr, 1, sem="relaxed")
@@ -393,6 +460,16 @@ def _wait_for_stage(progress_ptr, stage):
     while done < stage:
         done = tl.atomic_add(progress_ptr, 0, sem="acquire")
     tl.debug_barrier()
+
+
+@triton.jit
+def _start_item(item, per_stage, n_slices, progress_ptr):
+    """Work item `item`'s (stage, matrix, slice), once the matrix has finished the earlier stages."""
+    stage = item // per_stage
+    matrix = (item % per_stage // n_slices).to(tl.int64)
+    part = item % n_slices
+    _wait_for_stage(progress_ptr + matrix, stage)
+    return stage, matrix, part
 
 
 @triton.jit
@@ -448,13 +525,9 @@ def _forward_rows_kernel(
     `exp(K + f + g)`). `U`, `V` (log: `f`, `g`) live in `row_scale`/`col_scale`, written and
     re-read within the launch by other programs (hence `.cg` loads past L1). Tickets: the
     queue, then per matrix an arrival count and its finished stages."""
-    eps = tl.cast(eps, tl.float32)
-    row_sum = tl.cast(row_sum, tl.float32)
-    col_sum = tl.cast(col_sum, tl.float32)
+    eps, row_sum, col_sum = _as_float32(eps, row_sum, col_sum)
     NEUTRAL: tl.constexpr = 0.0 if LOG_DOMAIN else 1.0  # potential / scale before any step
-    queue_ptr = tickets_ptr
-    arrivals_ptr = tickets_ptr + 1
-    progress_ptr = arrivals_ptr + n_matrices
+    queue_ptr, arrivals_ptr, progress_ptr = _ticket_counters(tickets_ptr, n_matrices)
     tile_rows = tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
@@ -463,10 +536,7 @@ def _forward_rows_kernel(
     n_items = (n_iters + 1) * per_stage
     item = _claim(queue_ptr)
     while item < n_items:
-        stage = item // per_stage
-        matrix = (item % per_stage // n_slices).to(tl.int64)
-        part = item % n_slices
-        _wait_for_stage(progress_ptr + matrix, stage)
+        stage, matrix, part = _start_item(item, per_stage, n_slices, progress_ptr)
         K_matrix = K_ptr + matrix * n_rows * n_cols
         row_scale = row_scale_ptr + matrix * n_rows
         col_scale = col_scale_ptr + matrix * n_cols
@@ -480,18 +550,13 @@ def _forward_rows_kernel(
             peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
             total = tl.zeros((BLOCK_C,), tl.float32)
             for tile in tl.range(first_tile, end_tile, num_stages=STREAM_STAGES):
-                rows = tile * BLOCK_R + tile_rows
-                row_ok = rows < n_rows
-                mask = row_ok[:, None] & col_ok[None, :]
-                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                rows, row_ok = _span(tile * BLOCK_R, tile_rows, n_rows)
+                mask, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
                 if LOG_DOMAIN:
                     k = tl.load(K_matrix + offsets, mask=mask, other=float("-inf")).to(tl.float32)
                     new = tl.where(row_ok, tl.log(row_sum) - _logsumexp(k + col_potential[None, :], 1), 0.0)
                     x = k + new[:, None]
-                    new_peak = tl.maximum(peak, tl.max(x, axis=0))
-                    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-                    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
-                    peak = new_peak
+                    peak, total = _online_logsumexp(peak, total, x, 0)
                     stat = new
                 else:
                     u = tl.load(
@@ -511,10 +576,8 @@ def _forward_rows_kernel(
                 tl.store(partial + n_cols + cols, peak, mask=col_ok)
         else:
             for tile in tl.range(first_tile, end_tile, num_stages=STREAM_STAGES):
-                rows = tile * BLOCK_R + tile_rows
-                row_ok = rows < n_rows
-                mask = row_ok[:, None] & col_ok[None, :]
-                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                rows, row_ok = _span(tile * BLOCK_R, tile_rows, n_rows)
+                mask, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
                 row_potential = tl.load(row_scale + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                 k = tl.load(K_matrix + offsets, mask=mask, other=0.0).to(tl.float32)
                 p = _entries(k, row_potential, col_potential, LOG_DOMAIN)
@@ -538,8 +601,7 @@ def _forward_rows_kernel(
                     else:
                         total += part_total
                 if LOG_DOMAIN:
-                    shift = tl.where(peak == float("-inf"), 0.0, peak)
-                    stat = tl.where(col_ok, tl.log(col_sum) - (shift + tl.log(total)), 0.0)
+                    stat = tl.where(col_ok, tl.log(col_sum) - _logsumexp_of(peak, total), 0.0)
                     new = stat
                 else:
                     stat = _safe_scale(col_sum, col_potential * total, eps)
@@ -550,6 +612,73 @@ def _forward_rows_kernel(
             _end_stage(arrivals_ptr + matrix, progress_ptr + matrix, stage, n_iters + 1)
         item = _claim(queue_ptr)
     _release_queue(queue_ptr, item, n_items)
+
+
+@triton.jit
+def _wide_step(
+    K_ptr,
+    stats_ptr,
+    scale_ptr,
+    other_stats_ptr,
+    other_scale_ptr,
+    t,
+    n_outer,
+    n_inner,
+    n_matrices,
+    target,
+    eps,
+    tile_outer,
+    tile_inner,
+    AXIS: tl.constexpr,
+    LOG_DOMAIN: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+):
+    """Row step t (`AXIS=1`: rows outer, columns streamed) or column step t (`AXIS=0`) of
+    `_forward_streaming_kernel`, tiles `[rows, cols]` either way. The other side's vector is
+    the columns' of iteration t - 1 (none before the first) in a row step, the rows' of
+    iteration t in a column step. Log: the potential from the online logsumexp, stored in
+    the stats or, without them, in `scale`; linear: the step's scale (stored in the stats)
+    and the running product `U` (`V`) in `scale`."""
+    for outer_start in range(0, n_outer, tile_outer.shape[0]):
+        outer, outer_ok = _span(outer_start, tile_outer, n_outer)
+        peak = tl.full(tile_outer.shape, float("-inf"), tl.float32)
+        total = tl.zeros(tile_outer.shape, tl.float32)
+        for inner_start in tl.range(0, n_inner, tile_inner.shape[0], num_stages=STREAM_STAGES):
+            inner, inner_ok = _span(inner_start, tile_inner, n_inner)
+            if AXIS == 1:
+                tile, offsets = _tile(outer, outer_ok, inner, inner_ok, n_inner)
+                other_t = t - 1
+                other_ok = tl.where(t > 0, inner_ok, False)
+            else:
+                tile, offsets = _tile(inner, inner_ok, outer, outer_ok, n_outer)
+                other_t = t
+                other_ok = inner_ok
+            if LOG_DOMAIN:
+                if SAVE_STATS:
+                    other = tl.load(
+                        other_stats_ptr + _stat_index(other_t, n_inner, inner, n_matrices), mask=other_ok, other=0.0
+                    )
+                else:
+                    other = tl.load(other_scale_ptr + inner, mask=other_ok, other=0.0)
+                x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32)
+                peak, total = _online_logsumexp(peak, total, x + tl.expand_dims(other, 1 - AXIS), AXIS)
+            else:
+                other = tl.load(other_scale_ptr + inner, mask=other_ok, other=1.0 if AXIS == 1 else 0.0)
+                k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+                total += tl.sum(k * tl.expand_dims(other, 1 - AXIS), axis=AXIS)
+        if LOG_DOMAIN:
+            potential = tl.log(target) - _logsumexp_of(peak, total)
+            if SAVE_STATS:
+                tl.store(stats_ptr + _stat_index(t, n_outer, outer, n_matrices), potential, mask=outer_ok)
+            else:
+                tl.store(scale_ptr + outer, potential, mask=outer_ok)
+        else:
+            scale = tl.load(scale_ptr + outer, mask=tl.where(t > 0, outer_ok, False), other=1.0)
+            step = _safe_scale(target, scale * total, eps)
+            if SAVE_STATS:
+                tl.store(stats_ptr + _stat_index(t, n_outer, outer, n_matrices), step, mask=outer_ok)
+            # A zero row (column) keeps scale 0 (stays finite however large step = target/eps gets).
+            tl.store(scale_ptr + outer, tl.where(total == 0, 0.0, scale * step), mask=outer_ok)
 
 
 @triton.jit
@@ -579,9 +708,7 @@ def _forward_streaming_kernel(
     overwritten every iteration in `row_scale`/`col_scale` too. A barrier orders each pass's
     vector stores before the next pass reads them from other threads."""
     matrix = tl.program_id(0).to(tl.int64)
-    eps = tl.cast(eps, tl.float32)
-    row_sum = tl.cast(row_sum, tl.float32)
-    col_sum = tl.cast(col_sum, tl.float32)
+    eps, row_sum, col_sum = _as_float32(eps, row_sum, col_sum)
     K_ptr += matrix * n_rows * n_cols
     P_ptr += matrix * n_rows * n_cols
     row_stats_ptr += matrix
@@ -591,88 +718,43 @@ def _forward_streaming_kernel(
     tile_rows = tl.arange(0, BLOCK_R)
     tile_cols = tl.arange(0, BLOCK_C)
     for t in range(n_iters):
-        # Row step: rows outer, columns streamed.
-        for row_start in range(0, n_rows, BLOCK_R):
-            rows = row_start + tile_rows
-            row_ok = rows < n_rows
-            peak = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-            total = tl.zeros((BLOCK_R,), tl.float32)
-            for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
-                cols = col_start + tile_cols
-                col_ok = cols < n_cols
-                tile = row_ok[:, None] & col_ok[None, :]
-                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                if LOG_DOMAIN:
-                    if SAVE_STATS:
-                        g = tl.load(
-                            col_stats_ptr + _stat_index(t - 1, n_cols, cols, n_matrices),
-                            mask=tl.where(t > 0, col_ok, False),
-                            other=0.0,
-                        )
-                    else:
-                        g = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=0.0)
-                    x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + g[None, :]
-                    new_peak = tl.maximum(peak, tl.max(x, axis=1))
-                    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-                    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-                    peak = new_peak
-                else:
-                    v = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=1.0)
-                    k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-                    total += tl.sum(k * v[None, :], axis=1)
-            if LOG_DOMAIN:
-                shift = tl.where(peak == float("-inf"), 0.0, peak)
-                f = tl.log(row_sum) - (shift + tl.log(total))
-                if SAVE_STATS:
-                    tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), f, mask=row_ok)
-                else:
-                    tl.store(row_scale_ptr + rows, f, mask=row_ok)
-            else:
-                u = tl.load(row_scale_ptr + rows, mask=tl.where(t > 0, row_ok, False), other=1.0)
-                alpha = _safe_scale(row_sum, u * total, eps)
-                if SAVE_STATS:
-                    tl.store(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), alpha, mask=row_ok)
-                # A zero row keeps scale 0 (stays finite however large alpha = row_sum/eps gets).
-                tl.store(row_scale_ptr + rows, tl.where(total == 0, 0.0, u * alpha), mask=row_ok)
+        _wide_step(
+            K_ptr,
+            row_stats_ptr,
+            row_scale_ptr,
+            col_stats_ptr,
+            col_scale_ptr,
+            t,
+            n_rows,
+            n_cols,
+            n_matrices,
+            row_sum,
+            eps,
+            tile_rows,
+            tile_cols,
+            1,
+            LOG_DOMAIN,
+            SAVE_STATS,
+        )
         tl.debug_barrier()
-        # Column step: columns outer, rows streamed.
-        for col_start in range(0, n_cols, BLOCK_C):
-            cols = col_start + tile_cols
-            col_ok = cols < n_cols
-            peak = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-            total = tl.zeros((BLOCK_C,), tl.float32)
-            for row_start in tl.range(0, n_rows, BLOCK_R, num_stages=STREAM_STAGES):
-                rows = row_start + tile_rows
-                row_ok = rows < n_rows
-                tile = row_ok[:, None] & col_ok[None, :]
-                offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                if LOG_DOMAIN:
-                    if SAVE_STATS:
-                        f = tl.load(row_stats_ptr + _stat_index(t, n_rows, rows, n_matrices), mask=row_ok, other=0.0)
-                    else:
-                        f = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-                    x = tl.load(K_ptr + offsets, mask=tile, other=float("-inf")).to(tl.float32) + f[:, None]
-                    new_peak = tl.maximum(peak, tl.max(x, axis=0))
-                    shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
-                    total = total * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
-                    peak = new_peak
-                else:
-                    u = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-                    k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-                    total += tl.sum(u[:, None] * k, axis=0)
-            if LOG_DOMAIN:
-                shift = tl.where(peak == float("-inf"), 0.0, peak)
-                g = tl.log(col_sum) - (shift + tl.log(total))
-                if SAVE_STATS:
-                    tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), g, mask=col_ok)
-                else:
-                    tl.store(col_scale_ptr + cols, g, mask=col_ok)
-            else:
-                v = tl.load(col_scale_ptr + cols, mask=tl.where(t > 0, col_ok, False), other=1.0)
-                beta = _safe_scale(col_sum, v * total, eps)
-                if SAVE_STATS:
-                    tl.store(col_stats_ptr + _stat_index(t, n_cols, cols, n_matrices), beta, mask=col_ok)
-                tl.store(col_scale_ptr + cols, tl.where(total == 0, 0.0, v * beta), mask=col_ok)
+        _wide_step(
+            K_ptr,
+            col_stats_ptr,
+            col_scale_ptr,
+            row_stats_ptr,
+            row_scale_ptr,
+            t,
+            n_cols,
+            n_rows,
+            n_matrices,
+            col_sum,
+            eps,
+            tile_cols,
+            tile_rows,
+            0,
+            LOG_DOMAIN,
+            SAVE_STATS,
+        )
         tl.debug_barrier()
     # Output pass: P = U K V (linear) or exp(K + f + g) (log).
     if LOG_DOMAIN and SAVE_STATS:
@@ -684,14 +766,11 @@ def _forward_streaming_kernel(
         col_potential_ptr = col_scale_ptr
         potential_stride = 1
     for row_start in range(0, n_rows, BLOCK_R):
-        rows = row_start + tile_rows
-        row_ok = rows < n_rows
+        rows, row_ok = _span(row_start, tile_rows, n_rows)
         row_potential = tl.load(row_potential_ptr + rows.to(tl.int64) * potential_stride, mask=row_ok, other=0.0)
         for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
-            cols = col_start + tile_cols
-            col_ok = cols < n_cols
-            tile = row_ok[:, None] & col_ok[None, :]
-            offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            cols, col_ok = _span(col_start, tile_cols, n_cols)
+            tile, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
             col_potential = tl.load(col_potential_ptr + cols.to(tl.int64) * potential_stride, mask=col_ok, other=0.0)
             k = tl.load(K_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
             p = _entries(k, row_potential, col_potential, LOG_DOMAIN)
@@ -758,13 +837,9 @@ def _backward_streaming_kernel(
     stats, written here first; stats-shaped) or `f_t, g_t` (log: the stats themselves).
     `row_work` is `(n_iters + 1, N)` per matrix: `z_t` then `R`; `col_work` likewise `w_t`
     then `C` (before the pending column update)."""
-    eps = tl.cast(eps, tl.float32)
-    row_sum = tl.cast(row_sum, tl.float32)
-    col_sum = tl.cast(col_sum, tl.float32)
+    eps, row_sum, col_sum = _as_float32(eps, row_sum, col_sum)
     NEUTRAL: tl.constexpr = 0.0 if LOG_DOMAIN else 1.0  # potential / scale before any step
-    queue_ptr = tickets_ptr
-    arrivals_ptr = tickets_ptr + 1
-    progress_ptr = arrivals_ptr + n_matrices
+    queue_ptr, arrivals_ptr, progress_ptr = _ticket_counters(tickets_ptr, n_matrices)
     tile_rows = tl.arange(0, BLOCK_R)
     tile_cols = tl.arange(0, BLOCK_C)
     last = n_iters - 1
@@ -773,10 +848,7 @@ def _backward_streaming_kernel(
     n_items = n_stages * per_stage
     item = _claim(queue_ptr)
     while item < n_items:
-        stage = item // per_stage
-        matrix = (item % per_stage // n_slices).to(tl.int64)
-        part = item % n_slices
-        _wait_for_stage(progress_ptr + matrix, stage)
+        stage, matrix, part = _start_item(item, per_stage, n_slices, progress_ptr)
         grad = grad_ptr + matrix * n_rows * n_cols
         K_matrix = K_ptr + matrix * n_rows * n_cols
         row_stats = row_stats_ptr + matrix
@@ -794,30 +866,21 @@ def _backward_streaming_kernel(
         if stage == 0:
             if not LOG_DOMAIN:
                 for row_start in range(first_row, end_row, BLOCK_R):
-                    rows = row_start + tile_rows
-                    row_ok = rows < n_rows
+                    rows, row_ok = _span(row_start, tile_rows, n_rows)
                     _running_products(row_stats, row_potential, rows, row_ok, n_rows, n_iters, n_matrices, True)
                 tl.debug_barrier()
             # The slice's share of C = colsum(G * P_T).
             for col_start in range(0, n_cols, BLOCK_C):
-                cols = col_start + tile_cols
-                col_ok = cols < n_cols
+                cols, col_ok = _span(col_start, tile_cols, n_cols)
                 if LOG_DOMAIN:
                     g = tl.load(col_stats + _stat_index(last, n_cols, cols, n_matrices), mask=col_ok, other=0.0)
                 else:
                     g = _running_products(col_stats, col_potential, cols, col_ok, n_cols, n_iters, n_matrices, False)
                 total = tl.zeros((BLOCK_C,), tl.float32)
                 for row_start in tl.range(first_row, end_row, BLOCK_R, num_stages=STREAM_STAGES):
-                    rows = row_start + tile_rows
-                    row_ok = rows < n_rows
-                    tile = row_ok[:, None] & col_ok[None, :]
-                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                    f = tl.load(
-                        row_potential + _stat_index(last, n_rows, rows, n_matrices),
-                        mask=row_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                    rows, row_ok = _span(row_start, tile_rows, n_rows)
+                    tile, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
+                    f = _load_stat(row_potential, last, n_rows, rows, row_ok, n_matrices, 0.0)
                     k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
                     upstream = tl.load(grad + offsets, mask=tile, other=0.0).to(tl.float32)
                     total += tl.sum(upstream * _entries(k, f, g, LOG_DOMAIN), axis=0)
@@ -826,26 +889,13 @@ def _backward_streaming_kernel(
             # R <- R - P_{t+1} w_t / c (at the first step R starts as rowsum(G * P_T), P_T = P_{t+1}),
             # then row step t: z_t = R; R <- R - rowsum(A_t) * z_t / r.
             for row_start in range(first_row, end_row, BLOCK_R):
-                rows = row_start + tile_rows
-                row_ok = rows < n_rows
-                f = tl.load(
-                    row_potential + _stat_index(t, n_rows, rows, n_matrices),
-                    mask=row_ok,
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
+                rows, row_ok = _span(row_start, tile_rows, n_rows)
+                f = _load_stat(row_potential, t, n_rows, rows, row_ok, n_matrices, 0.0)
                 total = tl.load(R_ptr + rows, mask=tl.where(stage > 1, row_ok, False), other=0.0, cache_modifier=".cg")
                 for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
-                    cols = col_start + tile_cols
-                    col_ok = cols < n_cols
-                    tile = row_ok[:, None] & col_ok[None, :]
-                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                    g = tl.load(
-                        col_potential + _stat_index(t, n_cols, cols, n_matrices),
-                        mask=col_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                    cols, col_ok = _span(col_start, tile_cols, n_cols)
+                    tile, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
+                    g = _load_stat(col_potential, t, n_cols, cols, col_ok, n_matrices, 0.0)
                     w = tl.load(w_ptr + t * n_cols + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
                     k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
                     upstream = tl.load(grad + offsets, mask=tl.where(stage == 1, tile, False), other=0.0).to(tl.float32)
@@ -860,26 +910,13 @@ def _backward_streaming_kernel(
             tl.debug_barrier()
             # The slice's share of the update C <- C - A_t^T z_t / r, A_t = S(t, t-1) * K.
             for col_start in range(0, n_cols, BLOCK_C):
-                cols = col_start + tile_cols
-                col_ok = cols < n_cols
-                g = tl.load(
-                    col_potential + _stat_index(t - 1, n_cols, cols, n_matrices),
-                    mask=tl.where(t > 0, col_ok, False),
-                    other=NEUTRAL,
-                    cache_modifier=".cg",
-                )
+                cols, col_ok = _span(col_start, tile_cols, n_cols)
+                g = _load_stat(col_potential, t - 1, n_cols, cols, tl.where(t > 0, col_ok, False), n_matrices, NEUTRAL)
                 total = tl.zeros((BLOCK_C,), tl.float32)
                 for row_start in tl.range(first_row, end_row, BLOCK_R, num_stages=STREAM_STAGES):
-                    rows = row_start + tile_rows
-                    row_ok = rows < n_rows
-                    tile = row_ok[:, None] & col_ok[None, :]
-                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                    f = tl.load(
-                        row_potential + _stat_index(t, n_rows, rows, n_matrices),
-                        mask=row_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                    rows, row_ok = _span(row_start, tile_rows, n_rows)
+                    tile, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
+                    f = _load_stat(row_potential, t, n_rows, rows, row_ok, n_matrices, 0.0)
                     z = tl.load(z_ptr + t * n_rows + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                     k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
                     total += tl.sum(_entries(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum), axis=0)
@@ -887,48 +924,22 @@ def _backward_streaming_kernel(
         else:
             # dK = S_T * G - sum_t (S(t, t) * w_t / c + z_t / r * S(t, t-1)).
             for row_start in range(first_row, end_row, BLOCK_R):
-                rows = row_start + tile_rows
-                row_ok = rows < n_rows
+                rows, row_ok = _span(row_start, tile_rows, n_rows)
                 for col_start in tl.range(0, n_cols, BLOCK_C, num_stages=STREAM_STAGES):
-                    cols = col_start + tile_cols
-                    col_ok = cols < n_cols
-                    tile = row_ok[:, None] & col_ok[None, :]
-                    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+                    cols, col_ok = _span(col_start, tile_cols, n_cols)
+                    tile, offsets = _tile(rows, row_ok, cols, col_ok, n_cols)
                     k = tl.load(K_matrix + offsets, mask=tile, other=0.0).to(tl.float32)
                     upstream = tl.load(grad + offsets, mask=tile, other=0.0).to(tl.float32)
-                    f = tl.load(
-                        row_potential + _stat_index(last, n_rows, rows, n_matrices),
-                        mask=row_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    g = tl.load(
-                        col_potential + _stat_index(last, n_cols, cols, n_matrices),
-                        mask=col_ok,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                    f = _load_stat(row_potential, last, n_rows, rows, row_ok, n_matrices, 0.0)
+                    g = _load_stat(col_potential, last, n_cols, cols, col_ok, n_matrices, 0.0)
                     result = _scaling(k, f, g, LOG_DOMAIN) * upstream
                     for s in range(n_iters):
-                        f = tl.load(
-                            row_potential + _stat_index(s, n_rows, rows, n_matrices),
-                            mask=row_ok,
-                            other=0.0,
-                            cache_modifier=".cg",
-                        )
-                        g = tl.load(
-                            col_potential + _stat_index(s, n_cols, cols, n_matrices),
-                            mask=col_ok,
-                            other=0.0,
-                            cache_modifier=".cg",
-                        )
+                        f = _load_stat(row_potential, s, n_rows, rows, row_ok, n_matrices, 0.0)
+                        g = _load_stat(col_potential, s, n_cols, cols, col_ok, n_matrices, 0.0)
                         w = tl.load(w_ptr + s * n_cols + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
                         result -= _scaling(k, f, g, LOG_DOMAIN) * (w[None, :] / col_sum)
-                        g = tl.load(
-                            col_potential + _stat_index(s - 1, n_cols, cols, n_matrices),
-                            mask=tl.where(s > 0, col_ok, False),
-                            other=NEUTRAL,
-                            cache_modifier=".cg",
+                        g = _load_stat(
+                            col_potential, s - 1, n_cols, cols, tl.where(s > 0, col_ok, False), n_matrices, NEUTRAL
                         )
                         z = tl.load(z_ptr + s * n_rows + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                         result -= _scaling(k, f, g, LOG_DOMAIN) * (z[:, None] / row_sum)
@@ -943,8 +954,7 @@ def _backward_streaming_kernel(
                 # later: C = the stored C minus the sum), then column step t - 1's
                 # w = C and C <- C - colsum(P_t) * w / c, pending the next stage's update.
                 for col_start in range(0, n_cols, BLOCK_C):
-                    cols = col_start + tile_cols
-                    col_ok = cols < n_cols
+                    cols, col_ok = _span(col_start, tile_cols, n_cols)
                     total = tl.load(
                         C_ptr + cols, mask=tl.where(stage > 0, col_ok, False), other=0.0, cache_modifier=".cg"
                     )
