@@ -77,11 +77,12 @@ def girl_group_risks_reference(
     positive = partner & (y[:, None] == y[None, :])
     num_positive = positive.sum(dim=1).clamp_min(1)
     anchor_losses = -torch.where(positive, weights * (logits - lse), 0.0).sum(dim=1) / num_positive
-    # An anchor without partners has no positive, so a left-out group's sum is exactly 0. A
-    # one-hot product rather than index_add: inductor's CPU codegen fails on index_add into
-    # one group (torch 2.13), and torch.compile(reference) is the benchmarks' baseline.
-    members = group[None, :] == torch.arange(sizes.shape[0], device=group.device)[:, None]
-    totals = (members.to(anchor_losses.dtype) * anchor_losses).sum(dim=1)
+    # Positions are in group order, so each group's sum is a difference of prefix sums (an
+    # anchor without partners has no positive: a left-out group's sum is 0). Not index_add:
+    # inductor's CPU codegen fails on it into one group (torch 2.13), and
+    # torch.compile(reference) is the benchmarks' baseline.
+    prefix = F.pad(anchor_losses.cumsum(0), (1, 0))
+    totals = prefix.index_select(0, offsets[1:]) - prefix.index_select(0, offsets[:-1])
     return totals / sizes.clamp_min(1).to(totals.dtype)
 
 
