@@ -10,11 +10,15 @@
   ends, so one buffer per (device, stream) serves every later launch on that stream without
   a fill; launches on one stream run one after another, so they never share a counter at
   the same time.
+- `kept_between_calls(build)`: a table `build(*key, device)` kept per (key, device) for
+  later calls, built fresh when `traced` (DCT's filter tables, GIRL's partition boundaries).
 
 Only the Triton launchers import this module.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -35,6 +39,20 @@ def traced(like: torch.Tensor) -> bool:
         or any(torch._C._get_dispatch_mode(mode) is not None for mode in _TRACING_MODES)
         or (like.is_cuda and torch.cuda.is_current_stream_capturing())
     )
+
+
+def kept_between_calls(build):
+    """`build(*key, device)` as `get(*key, like)`: built on `like`'s device once per (key,
+    device) and returned again by later calls (the kernels only read it), built fresh for a
+    traced call. Bounded: 64 entries; `get.cache_clear()`, `get.cache_info()` as lru_cache."""
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    def get(*args):
+        *key, like = args
+        return (build if traced(like) else cached)(*key, like.device)
+
+    get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info
+    return get
 
 
 # (device, stream) -> the largest ticket buffer handed out there.

@@ -455,10 +455,10 @@ def test_triton_tables_are_built_once_and_never_cached_from_fake_inputs():
     from piumr_kernels.dct.reference import dct_basis_1d
 
     frequencies = [5, 0, 48, 13]
-    triton_kernels._cached_bank_tensors.cache_clear()
+    triton_kernels._bank_tables.cache_clear()
     with FakeTensorMode():
         fake = triton_kernels._bank_tensors(7, frequencies, torch.empty(1, device="meta"))
-    assert triton_kernels._cached_bank_tensors.cache_info().currsize == 0
+    assert triton_kernels._bank_tables.cache_info().currsize == 0
     basis, freq = triton_kernels._bank_tensors(7, frequencies, torch.empty(1))
     again = triton_kernels._bank_tensors(7, frequencies, torch.empty(2))
     assert again[0] is basis and again[1] is freq

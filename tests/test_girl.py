@@ -475,10 +475,10 @@ def test_triton_keeps_the_random_partition_offsets_but_never_fake_ones():
 
     from piumr_kernels.girl import triton_kernels
 
-    triton_kernels._cached_offsets.cache_clear()
+    triton_kernels.partition_offsets.cache_clear()
     with FakeTensorMode():
         fake = triton_kernels.partition_offsets(23, 4, torch.empty(1, device="meta"))
-    assert triton_kernels._cached_offsets.cache_info().currsize == 0 and fake.device.type == "meta"
+    assert triton_kernels.partition_offsets.cache_info().currsize == 0 and fake.device.type == "meta"
     features, labels = make_inputs(23, 4, num_classes=3)
     with use_backend("triton"):
         _, details = girl_loss(features, labels, 4, generator=torch.Generator().manual_seed(3), return_details=True)

@@ -128,7 +128,7 @@ def test_dct_builds_its_basis_once(gpu_model):
     from piumr_kernels.dct import triton_kernels
 
     _allocate_tickets()
-    triton_kernels._cached_bank_tensors.cache_clear()
+    triton_kernels._bank_tables.cache_clear()
     calls = [
         gpu_model.count_call(_op(gpu_model, "dct").prepare((1, 2, 2, 8, 8), backward))
         for backward in (False, False, True)

@@ -19,14 +19,12 @@ Loads are upcast to float32 at once; offsets are int64.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..launch_state import is_last_program, traced, zeroed_tickets
+from ..launch_state import is_last_program, kept_between_calls, zeroed_tickets
 from ..triton_autotune import autotune
 from ..triton_variants import KernelVariant, autotuned_variants
 from .reference import dct_basis_1d, select_filters
@@ -304,17 +302,13 @@ def _build_bank_tensors(kernel_size: int, frequencies: tuple[int, ...], device: 
 
 
 # Building the tables costs about a dozen small launches per call; the kernels only read them,
-# so each (kernel_size, frequencies, device) builds them once. Bounded: every distinct
-# selection of filters keeps two tiny tensors.
-_cached_bank_tensors = functools.lru_cache(maxsize=64)(_build_bank_tensors)
+# so each (kernel_size, frequencies, device) builds them once (two tiny tensors each).
+_bank_tables = kept_between_calls(_build_bank_tensors)
 
 
 def _bank_tensors(kernel_size: int, frequencies: list[int], like: torch.Tensor):
-    """The tables for an input like `like`; built fresh for a traced call or inside a CUDA-graph
-    capture (`launch_state.traced`)."""
-    if traced(like):
-        return _build_bank_tensors(kernel_size, tuple(frequencies), like.device)
-    return _cached_bank_tensors(kernel_size, tuple(frequencies), like.device)
+    """The tables for an input like `like`."""
+    return _bank_tables(kernel_size, tuple(frequencies), like)
 
 
 def reduce_pixels(n_pixels: int) -> int:

@@ -38,15 +38,13 @@ and offsets are int64.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
-from ..launch_state import is_last_program, traced, zeroed_tickets
+from ..launch_state import is_last_program, kept_between_calls, zeroed_tickets
 from ..triton_variants import KernelVariant
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 from .reference import uniform_offsets
@@ -561,16 +559,9 @@ def _tile_constexprs(block_m: int, block_n: int, block_k: int = BLOCK_K) -> dict
 
 
 # The random partition's boundaries depend only on (batch, G, device) and the kernels only
-# read them: each is built once (three small launches per call otherwise). Bounded.
-_cached_offsets = functools.lru_cache(maxsize=64)(uniform_offsets)
-
-
-def partition_offsets(batch: int, num_groups: int, like: torch.Tensor) -> torch.Tensor:
-    """`uniform_offsets` on `like`'s device, kept between calls; built fresh for a traced call
-    or inside a CUDA-graph capture (`launch_state.traced`)."""
-    if traced(like):
-        return uniform_offsets(batch, num_groups, like.device)
-    return _cached_offsets(batch, num_groups, like.device)
+# read them: each is built once (three small launches per call otherwise).
+# `partition_offsets(batch, num_groups, like)`.
+partition_offsets = kept_between_calls(uniform_offsets)
 
 
 def girl_forward(
