@@ -106,9 +106,9 @@ def _count(name, shape, backward):
     """One op call's count, shared by the tests (the interpreter is slow)."""
     import gpu_model
 
-    if name.startswith("tfam") or name == "girl":
-        _allocate_tickets()
-    return gpu_model.count_call(_op(gpu_model, name).prepare(shape, backward))
+    op = _op(gpu_model, name)
+    gpu_model.warm_up(op, shape)
+    return gpu_model.count_call(op.prepare(shape, backward))
 
 
 @pytest.mark.parametrize(
@@ -226,6 +226,7 @@ def test_extrapolation_from_n_and_2n_items_equals_the_count_at_3n(gpu_model, nam
 
 @pytest.mark.parametrize("name, shape", [case[:2] for case in LINEAR], ids=[f"{case[0]}-{case[1]}" for case in LINEAR])
 def test_launch_plan_without_running_programs_matches_the_real_run(gpu_model, name, shape):
+    gpu_model.warm_up(_op(gpu_model, name), shape)
     plan = gpu_model.count_call(_op(gpu_model, name).prepare(shape, True), run_programs=False)
     assert gpu_model.launch_plan_of(plan) == gpu_model.launch_plan_of(_count(name, shape, True))
     assert all(launch.bytes == 0 for launch in plan.launches)
