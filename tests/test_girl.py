@@ -14,6 +14,8 @@ The Triton cases run in the interpreter on CPU (tests/conftest.py), so their sha
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -635,24 +637,62 @@ def test_triton_wide_gradient_slices_match_fp64(monkeypatch):
 
 def test_aot_variants_cover_every_launch_choice():
     """tools/triton_static_check.py compiles aot_variants(); every tile plan the launchers can
-    pick must be listed there (the forward and both gradient variants, every dtype and fp32
-    product precision)."""
+    pick must be listed there with every autotuned config (the forward and both gradient
+    variants, every dtype and fp32 product precision)."""
     triton_kernels = pytest.importorskip("piumr_kernels.girl.triton_kernels")
     names = {variant.name for variant in triton_kernels.aot_variants()}
     plans = {triton_kernels.tile_plan(batch, groups) for batch in range(1, 20000, 37) for groups in (1, 2, 8, 64, 500)}
-    assert plans == {(16, 16), (16, 32), (16, 64), (32, 64)}
+    assert plans == set(triton_kernels.FORWARD_PLANS)
     gradient_plans = {
         triton_kernels.gradient_plan(batch, width) for batch in range(1, 20000, 37) for width in range(1, 5000, 97)
     }
-    assert {plan[2] for plan in gradient_plans} == {32, 128, 256} and len(gradient_plans) == 3
+    assert {plan[2] for plan in gradient_plans} == set(triton_kernels.GRAD_SLICES) and len(gradient_plans) == 3
+
+    def configs(kernel):
+        return [
+            f"NUM_STAGES={c.kwargs['NUM_STAGES']},warps={c.num_warps},stages={c.num_stages}]"
+            for c in kernel.tuning_configs
+        ]
+
     for dtype in ("fp32", "fp16", "bf16"):
         for precision in ("tf32", "ieee"):
             for block_m, block_n in plans:
-                assert f"girl.forward[{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}]" in names
-            for block_m, block_n, slice_width, _ in gradient_plans:
+                for config in configs(triton_kernels._forward_kernels[block_m, block_n]):
+                    assert f"girl.forward[{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n},{config}" in names
+            for block_m, block_n, slice_width in gradient_plans:
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n},SLICE={slice_width}"
                 for detach in (True, False):
-                    assert f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]" in names
+                    for config in configs(triton_kernels._gradient_kernels[slice_width]):
+                        assert f"girl.gradient[{plan},DETACH_WEIGHTS={detach},{config}" in names
+
+
+@pytest.mark.parametrize("index", [1])
+def test_triton_every_autotuned_config_matches_fp64(index, monkeypatch):
+    """Config `index` of every autotuned GIRL kernel (what a GPU may pick; the rest of the
+    suite runs the first), forward and backward, at shapes that reach every tile plan (the
+    32x64 forward tiles at a program target of 1) and every gradient slice."""
+    if backends_reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip(backends_reason)
+    from piumr_kernels import triton_autotune
+    from piumr_kernels.girl import triton_kernels
+
+    kernels = triton_autotune.autotuned_kernels(triton_kernels)
+    assert len(kernels) == len(triton_kernels.FORWARD_PLANS) + len(triton_kernels.GRAD_SLICES)
+    assert max(len(kernel.tuning_configs) for kernel in kernels) == 2  # every index is tested
+    cases = [(20, 24, 1, 132), (40, 24, 1, 132), (24, 300, 2, 132), (70, 40, 1, 1)]  # (B, C, G, target)
+    plans, slices = set(), set()
+    with contextlib.ExitStack() as stack:
+        for kernel in kernels:
+            configs = kernel.tuning_configs
+            stack.enter_context(triton_autotune.use_config(kernel, configs[min(index, len(configs) - 1)]))
+        stack.enter_context(use_backend("triton"))
+        for batch, width, num_groups, target in cases:
+            monkeypatch.setattr(triton_kernels, "TARGET_PROGRAMS", target)
+            plans.add(triton_kernels.tile_plan(batch, num_groups))
+            slices.add(triton_kernels.gradient_plan(batch, width)[2])
+            features, labels = make_inputs(batch, width, num_classes=3, seed=batch)
+            check_against_reference(features, labels, num_groups, detach_weights=False, tau=0.1, eta=0.3)
+    assert plans == set(triton_kernels.FORWARD_PLANS) and slices == set(triton_kernels.GRAD_SLICES)
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])

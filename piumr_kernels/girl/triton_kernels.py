@@ -31,6 +31,10 @@ One launch per direction:
   writes the normalization backward once, in the features' dtype and batch order. Rows of
   groups of fewer than 2 members get 0.
 
+Both kernels are autotuned on the shape (`triton_autotune`), one autotuned kernel per tile
+plan (the grid follows the plan, so the launcher keeps it): a GPU picks the pipelining depth
+of the products' feature-chunk loads (configs below).
+
 Elementwise math is float32 (loads are upcast at once; the interpreter mishandles bf16
 arithmetic), scalar arguments are cast to float32 in the kernels (Inductor passes float64),
 and offsets are int64.
@@ -45,7 +49,8 @@ from torch.library import wrap_triton
 
 from ..backends import triton_interpreting
 from ..launch_state import is_last_program, kept_between_calls, zeroed_tickets
-from ..triton_variants import KernelVariant
+from ..triton_autotune import autotune
+from ..triton_variants import KernelVariant, autotuned_variants
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 from .reference import uniform_offsets
 
@@ -58,11 +63,11 @@ MAX_ANCHORS = 32  # anchors per tile, at most half the partners
 # fills the GPU anyway takes slices of 256 (over steps of 16 partners), else 128 (over steps
 # of 32: twice the programs). Exact fp32 products run on the FMA pipe with their operands in
 # registers: they take 32-wide chunks (64 spill on sm_80/sm_90). Widths up to 32 take
-# slices of 32 over steps of 16 partners with 4 warps and unpipelined loads (fp32 exact
-# products spill otherwise); slices of 256 over 32 partners spill on sm_80/sm_90.
+# slices of 32 over steps of 16 partners; slices of 256 over 32 partners spill on
+# sm_80/sm_90. Warps and pipelining: the autotuned configs below.
 GRAD_BLOCK_M = 16
 GRAD_BLOCK_K = (64, 32)  # tensor-core products, exact fp32 products
-GRAD_SLICES = {32: (16, 4), 128: (32, 8), 256: (16, 8)}  # slice -> (BLOCK_N, num_warps)
+GRAD_SLICES = {32: 16, 128: 32, 256: 16}  # slice -> BLOCK_N
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
 FINISH_GROUPS = tl.constexpr(32)  # groups per step of the loss combination (last forward program)
 FINISH_ANCHORS = tl.constexpr(128)  # anchors per step of the group sums
@@ -510,28 +515,17 @@ def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-def tile_launch_options(block_m: int, block_n: int) -> dict:
-    """Warps of the forward kernel (4 below 32x32 tiles, else 8); the feature-chunk
-    loads of the products are pipelined over NUM_STAGES stages, the other loops are not
-    (num_stages 1). Checked spill-free on sm_80/sm_90."""
-    return {
-        "num_warps": 4 if block_m * block_n < 1024 else 8,
-        "num_stages": 1,
-        "NUM_STAGES": 2,
-    }
-
-
-def gradient_plan(batch: int, width: int) -> tuple[int, int, int, int]:
-    """`(BLOCK_M, BLOCK_N, SLICE, num_warps)` of the gradient kernel (see GRAD_SLICES): slices
-    of 32 for widths up to 32, else of 256 when `cdiv(B, BLOCK_M) * cdiv(C, 256)` programs
-    reach TARGET_PROGRAMS, else of 128."""
+def gradient_plan(batch: int, width: int) -> tuple[int, int, int]:
+    """`(BLOCK_M, BLOCK_N, SLICE)` of the gradient kernel (see GRAD_SLICES): slices of 32 for
+    widths up to 32, else of 256 when `cdiv(B, BLOCK_M) * cdiv(C, 256)` programs reach
+    TARGET_PROGRAMS, else of 128."""
     if width <= 32:
         slice_width = 32
     elif triton.cdiv(batch, GRAD_BLOCK_M) * triton.cdiv(width, 256) >= TARGET_PROGRAMS:
         slice_width = 256
     else:
         slice_width = 128
-    return GRAD_BLOCK_M, GRAD_SLICES[slice_width][0], slice_width, GRAD_SLICES[slice_width][1]
+    return GRAD_BLOCK_M, GRAD_SLICES[slice_width], slice_width
 
 
 def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
@@ -539,9 +533,33 @@ def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
     return GRAD_BLOCK_K[dtype == torch.float32 and precision == "ieee"]
 
 
-def _grad_stages(slice_width: int) -> int:
-    """Pipeline stages of the gradient kernel's cosine loads: none for narrow slices."""
-    return 2 if slice_width > 32 else 1
+# Autotuned configs (triton_autotune; the first is the design configuration, which the
+# interpreter runs). The tile plan and the warps are the launcher's design (the grid follows
+# the plan; the other warp count spills on sm_80/sm_90 for most plans); a GPU picks how many
+# stages pipeline the products' feature-chunk loads, 2 or 3 (the other loops are not
+# pipelined: num_stages 1). Forward: 4 warps below 32x32 tiles, else 8. Gradient: 8 warps
+# for slices of 128 and 256; slices of 32 take 4 warps and unpipelined loads (exact fp32
+# products spill otherwise), one config. Every config is checked spill-free.
+FORWARD_PLANS = ((16, 16), (16, 32), (16, 64), (32, 64))  # what tile_plan picks
+
+
+def _forward_configs(block_m: int, block_n: int) -> list[triton.Config]:
+    warps = 4 if block_m * block_n < 1024 else 8
+    return [triton.Config({"NUM_STAGES": stages}, num_warps=warps, num_stages=1) for stages in (2, 3)]
+
+
+def _gradient_configs(slice_width: int) -> list[triton.Config]:
+    if slice_width == 32:
+        return [triton.Config({"NUM_STAGES": 1}, num_warps=4, num_stages=1)]
+    return [triton.Config({"NUM_STAGES": stages}, num_warps=8, num_stages=1) for stages in (2, 3)]
+
+
+TUNING_KEY = ["batch", "width", "num_groups"]
+_forward_kernels = {plan: autotune(_forward_configs(*plan), key=TUNING_KEY)(_forward_kernel) for plan in FORWARD_PLANS}
+_gradient_kernels = {
+    slice_width: autotune(_gradient_configs(slice_width), key=TUNING_KEY)(_gradient_kernel)
+    for slice_width in GRAD_SLICES
+}
 
 
 def _search_steps(num_groups: int) -> int:
@@ -586,7 +604,7 @@ def girl_forward(
     risk_var = features.new_empty((), dtype=torch.float32)
     stats = features.new_empty((NUM_STATS * batch + num_groups if need_grad else batch,), dtype=torch.float32)
     block_m, block_n = tile_plan(batch, num_groups)
-    wrap_triton(_forward_kernel)[(triton.cdiv(batch, block_m),)](
+    wrap_triton(_forward_kernels[block_m, block_n])[(triton.cdiv(batch, block_m),)](
         features,
         order,
         labels,
@@ -607,7 +625,6 @@ def girl_forward(
         # A float flag: the JIT would specialize an int 1 into another binary than 0.
         float(need_grad),
         **_tile_constexprs(block_m, block_n),
-        **tile_launch_options(block_m, block_n),
     )
     return loss, risks, risk_var, stats if need_grad else stats[:0]
 
@@ -627,8 +644,8 @@ def girl_backward(
     batch, width = features.shape
     num_groups = offsets.shape[0] - 1
     grad_features = torch.empty_like(features)
-    block_m, block_n, slice_width, warps = gradient_plan(batch, width)
-    wrap_triton(_gradient_kernel)[(triton.cdiv(batch, block_m), triton.cdiv(width, slice_width))](
+    block_m, block_n, slice_width = gradient_plan(batch, width)
+    wrap_triton(_gradient_kernels[slice_width])[(triton.cdiv(batch, block_m), triton.cdiv(width, slice_width))](
         features,
         order,
         labels,
@@ -645,7 +662,6 @@ def girl_backward(
         DETACH_WEIGHTS=detach_weights,
         SLICE=slice_width,
         **_tile_constexprs(block_m, block_n, gradient_block_k(features.dtype, triton_fp32_precision())),
-        **{**tile_launch_options(block_m, block_n), "num_warps": warps, "NUM_STAGES": _grad_stages(slice_width)},
     )
     return grad_features
 
@@ -659,41 +675,28 @@ _AOT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 def aot_variants() -> list[KernelVariant]:
     """The kernel variants the launchers pick at `AOT_SHAPES`: the forward and the gradient
-    kernel (both `detach_weights`) per dtype and fp32 product precision."""
+    kernel (both `detach_weights`) per dtype, fp32 product precision and autotuned config."""
     variants = {}
-
-    def add(name, kernel, constexprs, options, pointer_types):
-        variants[name] = KernelVariant(name, kernel, constexprs, **options, pointer_types=pointer_types)
-
     for batch, width, num_groups in AOT_SHAPES:
         block_m, block_n = tile_plan(batch, num_groups)
-        grad_block_m, grad_block_n, slice_width, grad_warps = gradient_plan(batch, width)
+        grad_block_m, grad_block_n, slice_width = gradient_plan(batch, width)
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
             for precision in TRITON_FP32_PRECISIONS:
                 forward = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": precision}
-                forward_options = tile_launch_options(block_m, block_n)
-                warps = {"num_warps": forward_options.pop("num_warps"), "num_stages": forward_options.pop("num_stages")}
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
-                add(
-                    f"girl.forward[{plan}]",
-                    _forward_kernel,
-                    {**forward, "NATIVE_BF16": True, **forward_options},
-                    warps,
-                    z,
-                )
+                kernel = _forward_kernels[block_m, block_n]
+                for variant in autotuned_variants(f"girl.forward[{plan}]", kernel, {**forward, "NATIVE_BF16": True}, z):
+                    variants[variant.name] = variant
                 grad_block_k = gradient_block_k(_AOT_DTYPES[dtype], precision)
                 gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n, "BLOCK_K": grad_block_k}
-                gradient.update(NATIVE_BF16=True, NUM_STAGES=_grad_stages(slice_width))
                 plan = f"{dtype},{precision},BLOCK_M={grad_block_m},BLOCK_N={grad_block_n},SLICE={slice_width}"
                 for detach in (True, False):
-                    add(
-                        f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]",
-                        _gradient_kernel,
-                        {"DETACH_WEIGHTS": detach, "SLICE": slice_width, **gradient},
-                        {**warps, "num_warps": grad_warps},
-                        z,
-                    )
+                    constexprs = {"DETACH_WEIGHTS": detach, "SLICE": slice_width, **gradient, "NATIVE_BF16": True}
+                    for variant in autotuned_variants(
+                        f"girl.gradient[{plan},DETACH_WEIGHTS={detach}]", _gradient_kernels[slice_width], constexprs, z
+                    ):
+                        variants[variant.name] = variant
     return list(variants.values())
 
 
