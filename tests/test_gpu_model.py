@@ -332,7 +332,7 @@ def test_girl_moves_at_most_the_target_bytes(gpu_model):
 def test_forward_without_grad_writes_no_more_than_with_grad(gpu_model, name, shape):
     without = _count(name, shape, False).launches
     kernels = {launch.kernel for launch in without}
-    # The same kernels in the forward with a gradient (GIRL launches its direction between them).
+    # The same kernels lead the forward+backward (the backward's launches follow them).
     with_grad = [launch for launch in _count(name, shape, True).launches if launch.kernel in kernels][: len(without)]
     assert [launch.kernel for launch in without] == [launch.kernel for launch in with_grad]
     assert sum(launch.stored_bytes for launch in without) <= sum(launch.stored_bytes for launch in with_grad)
