@@ -554,10 +554,13 @@ def _gradient_configs(slice_width: int) -> list[triton.Config]:
     return [triton.Config({"NUM_STAGES": stages}, num_warps=8, num_stages=1) for stages in (2, 3)]
 
 
-TUNING_KEY = ["batch", "width", "num_groups"]
-_forward_kernels = {plan: autotune(_forward_configs(*plan), key=TUNING_KEY)(_forward_kernel) for plan in FORWARD_PLANS}
+# Tuned per shape and product precision (tensor cores or the FMA pipe; the dtypes are part of
+# every key), the gradient also per weight mode.
+FORWARD_KEY = ["batch", "width", "num_groups", "PRECISION"]
+GRADIENT_KEY = FORWARD_KEY + ["DETACH_WEIGHTS"]
+_forward_kernels = {plan: autotune(_forward_configs(*plan), key=FORWARD_KEY)(_forward_kernel) for plan in FORWARD_PLANS}
 _gradient_kernels = {
-    slice_width: autotune(_gradient_configs(slice_width), key=TUNING_KEY)(_gradient_kernel)
+    slice_width: autotune(_gradient_configs(slice_width), key=GRADIENT_KEY)(_gradient_kernel)
     for slice_width in GRAD_SLICES
 }
 
