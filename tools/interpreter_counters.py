@@ -159,7 +159,7 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
     saved_call = interpreter.InterpretedFunction.__call__
     patched: dict[str, object] = {}
     footprints: dict[str, _Footprint] = {}
-    patched_modules: set[frozenset] = set()
+    patched_helpers: set = set()  # @triton.jit helpers called in the current launch
 
     def patch(name, make):
         original = getattr(builder, name)
@@ -173,7 +173,7 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
         state.launches.append(launch)
         state.current = launch
         footprints["load"], footprints["store"] = _Footprint(), _Footprint()
-        patched_modules.clear()
+        patched_helpers.clear()
         try:
             return saved_run(self, *args, grid=grid, warmup=warmup, **kwargs)
         except _GridOnly:
@@ -237,16 +237,12 @@ def count_launches(run_programs: bool = True) -> Iterator[LaunchLog]:
         return make
 
     def device_call(self, *args, **kwargs):
-        # The interpreter re-patches the language modules a @triton.jit helper sees on every
-        # call (a third of the run time) to the same functions: within a launch, once per
-        # set of modules is enough.
+        # The interpreter re-patches the language modules on every @triton.jit helper call (a
+        # third of the run time), to the same functions: within a launch, once per helper.
         if state.current is None:
             return saved_call(self, *args, **kwargs)
-        import triton.language as tl
-
-        modules = frozenset(id(value) for value in self.fn.__globals__.values() if value is tl or value is tl.core)
-        if modules not in patched_modules:
-            patched_modules.add(modules)
+        if self.fn not in patched_helpers:
+            patched_helpers.add(self.fn)
             interpreter._patch_lang(self.fn)
         try:
             return self.rewrite()(*args, **kwargs)
