@@ -115,21 +115,23 @@ def _check_integer_vector(name: str, value: object, length: int) -> None:
         raise ValueError(f"{name} must be 1-D of length {length} (one per feature row), got shape {tuple(value.shape)}")
 
 
-def _draw_order(batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    draw_device = generator.device if generator is not None else device
-    return torch.randperm(batch, generator=generator, device=draw_device).to(device)
-
-
 def random_partition(
-    batch: int, num_groups: int, device: torch.device, generator: torch.Generator | None = None
+    batch: int,
+    num_groups: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh random split of `0..batch-1` into `num_groups` chunks (tensor_split sizes).
 
     Returns `(order (B,), offsets (G + 1,))`. The permutation is drawn on the generator's
     device (the features' device without one, so no copy), so one seed gives one partition
-    on every backend. The offsets (`reference.uniform_offsets`) are computed on `device`.
+    on every backend. The offsets (`reference.uniform_offsets`) are computed on `device`
+    unless the caller passes the ones it keeps (the triton backend).
     """
-    return _draw_order(batch, device, generator), uniform_offsets(batch, num_groups, device)
+    draw_device = generator.device if generator is not None else device
+    order = torch.randperm(batch, generator=generator, device=draw_device).to(device)
+    return order, uniform_offsets(batch, num_groups, device) if offsets is None else offsets
 
 
 def explicit_partition(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,11 +253,8 @@ def girl_loss(
     if groups is None:
         if 2 * num_groups > batch:
             num_groups = max(1, batch // 2)  # a short batch: fewer groups of >= 2 members
-        order = _draw_order(batch, features.device, generator)
-        if backend == "triton":
-            offsets = _triton_kernels().partition_offsets(batch, num_groups, features)
-        else:
-            offsets = uniform_offsets(batch, num_groups, features.device)
+        kept = _triton_kernels().partition_offsets(batch, num_groups, features) if backend == "triton" else None
+        order, offsets = random_partition(batch, num_groups, features.device, generator, kept)
     else:
         if backends.validation_enabled(validate):
             _check_group_ids(groups, num_groups)
