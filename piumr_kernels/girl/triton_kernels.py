@@ -55,8 +55,7 @@ from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton
 from .reference import uniform_offsets
 
 BLOCK_K = 64  # feature-width chunk of the cosine products
-MAX_TILE = 64  # partners per forward tile for large groups
-MAX_ANCHORS = 32  # anchors per tile, at most half the partners
+MAX_TILE = 64  # the forward's pair tile side for large groups
 # The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
 # B = 4096), cosines in 64-wide feature chunks on tensor cores, and slices of features whose
 # dF block stays in registers; every slice recomputes its tiles' cosines, so a grid that
@@ -95,10 +94,11 @@ def _group_of(offsets_ptr, positions, num_groups, search_steps):
 
 
 @triton.jit
-def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M: tl.constexpr):
-    """The program's anchors: positions in group order, sample ids, labels, groups and their
-    bounds, and the tile's partner range (first anchor's group start to last anchor's end)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+def _anchor_tile(order_ptr, labels_ptr, offsets_ptr, tile, batch, num_groups, search_steps, BLOCK_M: tl.constexpr):
+    """Tile `tile` of BLOCK_M consecutive positions in group order: positions, validity, sample
+    ids, groups and their bounds, labels, and the tile's partner range (first position's group
+    start to last position's group end)."""
+    rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < batch
     safe_rows = tl.minimum(rows, batch - 1)
     samples = tl.load(order_ptr + safe_rows)
@@ -136,41 +136,25 @@ def _scaled_cosines(acc, inv_rows, inv_cols):
 
 
 @triton.jit
-def _pair_inputs(z_ptr, order_ptr, labels_ptr, width, last, anchors, tau, eta):
-    """What every partner block of a program reads: the inputs, the end of the tile's partner
-    range, the `anchors` (positions, validity, sample ids, group starts and ends, labels,
-    inverse norms) and (1 / tau, eta, 1 / eta) in float32 (Inductor passes float64 scalars)."""
-    eta = tl.cast(eta, tl.float32)
-    return z_ptr, order_ptr, labels_ptr, width, last, anchors, (1.0 / tl.cast(tau, tl.float32), eta, 1.0 / eta)
-
-
-@triton.jit
-def _pair_tile(
-    tile,
-    norms_ptr,
-    c0,
-    BLOCK_N: tl.constexpr,
+def _raw_products(
+    z_ptr,
+    row_samples,
+    row_ok,
+    col_samples,
+    col_ok,
+    width,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    SAVED_NORMS: tl.constexpr,
+    ROW_NORMS: tl.constexpr,
+    COLUMN_NORMS: tl.constexpr,
 ):
-    """The anchors' pairs with the partners at positions `c0 .. c0 + BLOCK_N`: the columns,
-    their inverse norms (from the product's loads, or with SAVED_NORMS read at `norms_ptr`),
-    cosines, logits `s`, log-emphases `log r` and the partner and positive masks. `tile` is
-    the program's `_pair_inputs`."""
-    z_ptr, order_ptr, labels_ptr, width, last, anchors, constants = tile
-    rows, row_ok, row_samples, start, end, row_labels, inv_rows = anchors
-    inv_tau, eta, inv_eta = constants
-    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_ok = cols < last
-    col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
-    col_labels = tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
-    # z_rows . z_cols over the width in BLOCK_K chunks (loads pipelined over NUM_STAGES), and
-    # without SAVED_NORMS the columns' squared norms from the same loads.
-    acc = tl.zeros((rows.shape[0], BLOCK_N), dtype=tl.float32)
-    col_sum_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    """`(z_rows . z_cols, sum z_rows^2, sum z_cols^2)` over the width in BLOCK_K chunks (loads
+    pipelined over NUM_STAGES); the squared norms from the same loads, when asked for (else 0)."""
+    acc = tl.zeros((row_samples.shape[0], col_samples.shape[0]), dtype=tl.float32)
+    row_sum_sq = tl.zeros((row_samples.shape[0],), dtype=tl.float32)
+    col_sum_sq = tl.zeros((col_samples.shape[0],), dtype=tl.float32)
     k = tl.arange(0, BLOCK_K)
     for k0 in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
         k_ok = k0 + k < width
@@ -181,23 +165,142 @@ def _pair_tile(
             z_ptr + col_samples[:, None] * width + k0 + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0
         )
         acc = _dot(a, tl.trans(b), acc, PRECISION, NATIVE_BF16)
-        if not SAVED_NORMS:
+        if ROW_NORMS:
+            a32 = a.to(tl.float32)
+            row_sum_sq += tl.sum(a32 * a32, axis=1)
+        if COLUMN_NORMS:
             b32 = b.to(tl.float32)
             col_sum_sq += tl.sum(b32 * b32, axis=1)
-    if SAVED_NORMS:
-        inv_cols = _inverse_norm(tl.load(norms_ptr + cols, mask=col_ok, other=1.0))
-    else:
-        inv_cols = _inverse_norm(tl.sqrt(col_sum_sq))
-    c = _scaled_cosines(acc, inv_rows, inv_cols)
+    return acc, row_sum_sq, col_sum_sq
+
+
+@triton.jit
+def _pair_logits(c, inv_tau, eta, inv_eta):
+    """Logits `s = c / tau` and log-emphases `log r = -0.5 ((c - eta) / eta)^2`."""
+    d = (c - eta) * inv_eta
+    return c * inv_tau, -0.5 * d * d
+
+
+@triton.jit
+def _pair_masks(rows, row_ok, start, end, row_labels, cols, col_labels):
+    """Partners (same group, not the anchor itself) and positives (partners with its label)."""
     partner = (
         row_ok[:, None]
         & (cols[None, :] >= start[:, None])
         & (cols[None, :] < end[:, None])
         & (rows[:, None] != cols[None, :])
     )
-    positive = partner & (row_labels[:, None] == col_labels[None, :])
-    d = (c - eta) * inv_eta
-    return cols, col_ok, col_samples, inv_cols, c, c * inv_tau, -0.5 * d * d, partner, positive
+    return partner, partner & (row_labels[:, None] == col_labels[None, :])
+
+
+@triton.jit
+def _columns(order_ptr, labels_ptr, c0, last, BLOCK_N: tl.constexpr):
+    """Partner positions `c0 .. c0 + BLOCK_N`, their validity (before `last`), ids and labels."""
+    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < last
+    col_samples = tl.load(order_ptr + cols, mask=col_ok, other=0)
+    return cols, col_ok, col_samples, tl.load(labels_ptr + col_samples, mask=col_ok, other=-1)
+
+
+# Partial statistics of one anchor tile from some of its partners, a (NUM_PARTIALS, BLOCK_N)
+# block per contribution, rows in this order: the logits' max and sum exp(s - max), the
+# log-emphases' max and sum r (r = exp(log r - max)), sum_{j in P} r s, sum_{j in P} r, |P|.
+NUM_PARTIALS = 7
+_NUM_PARTIALS = tl.constexpr(NUM_PARTIALS)
+
+
+@triton.jit
+def _no_partials(BLOCK: tl.constexpr):
+    """The partials of no partner."""
+    minus_inf = tl.full((BLOCK,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK,), dtype=tl.float32)
+    return minus_inf, zero, minus_inf, zero, zero, zero, zero
+
+
+@triton.jit
+def _shift(maximum):
+    # A row with no partner keeps a -inf max; shift by 0 there so no inf - inf.
+    return tl.where(maximum == float("-inf"), 0.0, maximum)
+
+
+@triton.jit
+def _tile_partials(s, log_r, partner, positive, AXIS: tl.constexpr):
+    """The partials of a pair tile's anchors along AXIS (1: the rows' over their partners in
+    the columns; 0: the columns' over the rows)."""
+    s_masked = tl.where(partner, s, float("-inf"))
+    log_r_masked = tl.where(partner, log_r, float("-inf"))
+    logit_max = tl.max(s_masked, axis=AXIS)
+    emph_max = tl.max(log_r_masked, axis=AXIS)
+    logit_sum = tl.sum(tl.exp(s_masked - tl.expand_dims(_shift(logit_max), AXIS)), axis=AXIS)
+    r = tl.exp(log_r_masked - tl.expand_dims(_shift(emph_max), AXIS))
+    pos_logit = tl.sum(tl.where(positive, r * s, 0.0), axis=AXIS)
+    pos_weight = tl.sum(tl.where(positive, r, 0.0), axis=AXIS)
+    pos_count = tl.sum(positive.to(tl.int32), axis=AXIS).to(tl.float32)  # integer adds, off the FP32 pipe
+    return logit_max, logit_sum, emph_max, tl.sum(r, axis=AXIS), pos_logit, pos_weight, pos_count
+
+
+@triton.jit
+def _merge_partials(a, b):
+    """The partials of two disjoint sets of partners together (online log-sum-exp)."""
+    a_logit_max, a_logit_sum, a_emph_max, a_emph_sum, a_pos_logit, a_pos_weight, a_pos_count = a
+    b_logit_max, b_logit_sum, b_emph_max, b_emph_sum, b_pos_logit, b_pos_weight, b_pos_count = b
+    logit_max = tl.maximum(a_logit_max, b_logit_max)
+    logit_shift = _shift(logit_max)
+    logit_sum = a_logit_sum * tl.exp(a_logit_max - logit_shift) + b_logit_sum * tl.exp(b_logit_max - logit_shift)
+    emph_max = tl.maximum(a_emph_max, b_emph_max)
+    emph_shift = _shift(emph_max)
+    a_scale = tl.exp(a_emph_max - emph_shift)
+    b_scale = tl.exp(b_emph_max - emph_shift)
+    return (
+        logit_max,
+        logit_sum,
+        emph_max,
+        a_emph_sum * a_scale + b_emph_sum * b_scale,
+        a_pos_logit * a_scale + b_pos_logit * b_scale,
+        a_pos_weight * a_scale + b_pos_weight * b_scale,
+        a_pos_count + b_pos_count,
+    )
+
+
+@triton.jit
+def _store_partials(parts_ptr, slot, first_row, partials, BLOCK_N: tl.constexpr):
+    """Stores `partials` (of len(partials[0]) anchors) at row `first_row` of block `slot`."""
+    logit_max, logit_sum, emph_max, emph_sum, pos_logit, pos_weight, pos_count = partials
+    at = parts_ptr + slot * (_NUM_PARTIALS * BLOCK_N) + first_row + tl.arange(0, logit_max.shape[0])
+    tl.store(at, logit_max)
+    tl.store(at + BLOCK_N, logit_sum)
+    tl.store(at + 2 * BLOCK_N, emph_max)
+    tl.store(at + 3 * BLOCK_N, emph_sum)
+    tl.store(at + 4 * BLOCK_N, pos_logit)
+    tl.store(at + 5 * BLOCK_N, pos_weight)
+    tl.store(at + 6 * BLOCK_N, pos_count)
+
+
+@triton.jit
+def _load_partials(parts_ptr, slot, first_row, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The BLOCK anchors' partials from row `first_row` of block `slot`, stored by this or
+    another program (so past L1)."""
+    at = parts_ptr + slot * (_NUM_PARTIALS * BLOCK_N) + first_row + tl.arange(0, BLOCK)
+    return (
+        tl.load(at, cache_modifier=".cg"),
+        tl.load(at + BLOCK_N, cache_modifier=".cg"),
+        tl.load(at + 2 * BLOCK_N, cache_modifier=".cg"),
+        tl.load(at + 3 * BLOCK_N, cache_modifier=".cg"),
+        tl.load(at + 4 * BLOCK_N, cache_modifier=".cg"),
+        tl.load(at + 5 * BLOCK_N, cache_modifier=".cg"),
+        tl.load(at + 6 * BLOCK_N, cache_modifier=".cg"),
+    )
+
+
+@triton.jit
+def _contributions(offsets_ptr, tile, span, num_tiles, num_groups, search_steps, BLOCK_N: tl.constexpr):
+    """`(first tile, count)`: the tile's partials come from its own `min(span, T - tile)`
+    programs and from one column contribution of every earlier tile its group reaches back
+    to, `first tile .. tile - 1`."""
+    position = tile * BLOCK_N + tl.zeros((2,), dtype=tl.int64)
+    first = tl.min(tl.load(offsets_ptr + _group_of(offsets_ptr, position, num_groups, search_steps)), axis=0)
+    first_tile = first // BLOCK_N
+    return first_tile, tl.minimum(span, num_tiles - tile) + tile - first_tile
 
 
 @triton.jit
@@ -206,6 +309,9 @@ def _forward_kernel(
     order_ptr,
     labels_ptr,
     offsets_ptr,
+    band_ptr,
+    row_parts_ptr,
+    col_parts_ptr,
     stats_ptr,
     risks_ptr,
     loss_ptr,
@@ -215,6 +321,7 @@ def _forward_kernel(
     width,
     num_groups,
     search_steps,
+    span,
     tau,
     eta,
     lambda_var,
@@ -227,52 +334,166 @@ def _forward_kernel(
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    # `group` goes unused here rather than into `_`, which the loop below assigns: a name bound
-    # before a loop is carried through it, and its type may not change there.
-    rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
-        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
+    tile_i = tl.load(band_ptr + 2 * tl.program_id(0)).to(tl.int64)
+    step = tl.load(band_ptr + 2 * tl.program_id(0) + 1).to(tl.int64)
+    num_tiles = tl.cdiv(batch, BLOCK_N)
+    slot = tile_i * span + step
+    inv_tau = 1.0 / tl.cast(tau, tl.float32)
+    eta = tl.cast(eta, tl.float32)
+    inv_eta = 1.0 / eta
+    tile_rows = _anchor_tile(order_ptr, labels_ptr, offsets_ptr, tile_i, batch, num_groups, search_steps, BLOCK_N)
+    tile_first = tile_rows[7]
+    tile_last = tile_rows[8]
+    for half in tl.static_range(BLOCK_N // BLOCK_M):
+        _store_partials(row_parts_ptr, slot, half * BLOCK_M, _no_partials(BLOCK_M), BLOCK_N)
+    # Column tiles tile_i + step, then every span-th up to the tile's partner range end (one
+    # for the random partition, whose groups the band covers).
+    for tile_j in range(tile_i + step, (tile_last - 1) // BLOCK_N + 1, span):
+        cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, tile_j * BLOCK_N, tile_last, BLOCK_N)
+        columns = _no_partials(BLOCK_N)
+        inv_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for half in tl.static_range(BLOCK_N // BLOCK_M):
+            rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
+                order_ptr,
+                labels_ptr,
+                offsets_ptr,
+                tile_i * (BLOCK_N // BLOCK_M) + half,
+                batch,
+                num_groups,
+                search_steps,
+                BLOCK_M,
+            )
+            acc, row_sum_sq, col_sum_sq = _raw_products(
+                z_ptr,
+                row_samples,
+                row_ok,
+                col_samples,
+                col_ok,
+                width,
+                BLOCK_K,
+                PRECISION,
+                NATIVE_BF16,
+                NUM_STAGES,
+                True,
+                half == 0,
+            )
+            if half == 0:
+                inv_cols = _inverse_norm(tl.sqrt(col_sum_sq))
+            c = _scaled_cosines(acc, _inverse_norm(tl.sqrt(row_sum_sq)), inv_cols)
+            s, log_r = _pair_logits(c, inv_tau, eta, inv_eta)
+            partner, positive = _pair_masks(rows, row_ok, start, end, row_labels, cols, col_labels)
+            # This program's earlier stores of the rows' partials (other threads) come first.
+            tl.debug_barrier()
+            rows_so_far = _load_partials(row_parts_ptr, slot, half * BLOCK_M, BLOCK_M, BLOCK_N)
+            rows_now = _tile_partials(s, log_r, partner, positive, 1)
+            _store_partials(row_parts_ptr, slot, half * BLOCK_M, _merge_partials(rows_so_far, rows_now), BLOCK_N)
+            columns = _merge_partials(columns, _tile_partials(s, log_r, partner, positive, 0))
+        if tile_j != tile_i:
+            _store_partials(col_parts_ptr, tile_i * num_tiles + tile_j, 0, columns, BLOCK_N)
+            first_j, count_j = _contributions(offsets_ptr, tile_j, span, num_tiles, num_groups, search_steps, BLOCK_N)
+            if is_last_program(tickets_ptr, tile_j, count_j):
+                _finish_tile(
+                    tile_j,
+                    span,
+                    num_tiles,
+                    z_ptr,
+                    order_ptr,
+                    labels_ptr,
+                    offsets_ptr,
+                    row_parts_ptr,
+                    col_parts_ptr,
+                    stats_ptr,
+                    risks_ptr,
+                    loss_ptr,
+                    var_ptr,
+                    tickets_ptr,
+                    batch,
+                    width,
+                    num_groups,
+                    search_steps,
+                    lambda_var,
+                    lambda_grad,
+                    need_grad,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+    count_i = tl.minimum(span, num_tiles - tile_i) + tile_i - tile_first // BLOCK_N
+    if is_last_program(tickets_ptr, tile_i, count_i):
+        _finish_tile(
+            tile_i,
+            span,
+            num_tiles,
+            z_ptr,
+            order_ptr,
+            labels_ptr,
+            offsets_ptr,
+            row_parts_ptr,
+            col_parts_ptr,
+            stats_ptr,
+            risks_ptr,
+            loss_ptr,
+            var_ptr,
+            tickets_ptr,
+            batch,
+            width,
+            num_groups,
+            search_steps,
+            lambda_var,
+            lambda_grad,
+            need_grad,
+            BLOCK_N,
+            BLOCK_K,
+        )
+
+
+@triton.jit
+def _finish_tile(
+    tile,
+    span,
+    num_tiles,
+    z_ptr,
+    order_ptr,
+    labels_ptr,
+    offsets_ptr,
+    row_parts_ptr,
+    col_parts_ptr,
+    stats_ptr,
+    risks_ptr,
+    loss_ptr,
+    var_ptr,
+    tickets_ptr,
+    batch,
+    width,
+    num_groups,
+    search_steps,
+    lambda_var,
+    lambda_grad,
+    need_grad,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Run by the last program to contribute to `tile`: merges its partials in a fixed order
+    (its own programs', then the earlier tiles' column contributions), stores its anchors'
+    statistics (NUM_STATS) and releases its ticket; the last tile to finish then combines
+    the loss (`_finish_loss`)."""
+    rows, row_ok, samples, group, start, end, row_labels, first, last = _anchor_tile(
+        order_ptr, labels_ptr, offsets_ptr, tile, batch, num_groups, search_steps, BLOCK_N
     )
     k = tl.arange(0, BLOCK_K)
-    row_sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_sum_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, width, BLOCK_K):
         z = tl.load(
-            z_ptr + row_samples[:, None] * width + k0 + k[None, :],
+            z_ptr + samples[:, None] * width + k0 + k[None, :],
             mask=row_ok[:, None] & (k0 + k < width)[None, :],
             other=0.0,
         ).to(tl.float32)
         row_sum_sq += tl.sum(z * z, axis=1)
-    row_norm = tl.sqrt(row_sum_sq)
-    inv_rows = _inverse_norm(row_norm)
-    anchors = (rows, row_ok, row_samples, start, end, row_labels, inv_rows)
-    tile = _pair_inputs(z_ptr, order_ptr, labels_ptr, width, last, anchors, tau, eta)
-    logit_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    emph_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    emph_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_count = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for c0 in range(first, last, BLOCK_N):
-        _, _, _, _, _, s, log_r, partner, positive = _pair_tile(
-            tile, stats_ptr, c0, BLOCK_N, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False
-        )
-        s_masked = tl.where(partner, s, float("-inf"))
-        log_r_masked = tl.where(partner, log_r, float("-inf"))
-        new_logit_max = tl.maximum(logit_max, tl.max(s_masked, axis=1))
-        new_emph_max = tl.maximum(emph_max, tl.max(log_r_masked, axis=1))
-        # A row with no partner yet keeps -inf maxima; shift by 0 there so no inf - inf.
-        logit_shift = tl.where(new_logit_max == float("-inf"), 0.0, new_logit_max)
-        emph_shift = tl.where(new_emph_max == float("-inf"), 0.0, new_emph_max)
-        logit_scale = tl.exp(logit_max - logit_shift)
-        emph_scale = tl.exp(emph_max - emph_shift)
-        r = tl.exp(log_r_masked - emph_shift[:, None])
-        logit_sum = logit_sum * logit_scale + tl.sum(tl.exp(s_masked - logit_shift[:, None]), axis=1)
-        emph_sum = emph_sum * emph_scale + tl.sum(r, axis=1)
-        pos_logit = pos_logit * emph_scale + tl.sum(tl.where(positive, r * s, 0.0), axis=1)
-        pos_weight = pos_weight * emph_scale + tl.sum(tl.where(positive, r, 0.0), axis=1)
-        pos_count += tl.sum(positive.to(tl.int32), axis=1)  # integer adds, off the FP32 pipe
-        logit_max = new_logit_max
-        emph_max = new_emph_max
+    merged = _no_partials(BLOCK_N)
+    for step in range(0, tl.minimum(span, num_tiles - tile)):
+        merged = _merge_partials(merged, _load_partials(row_parts_ptr, tile * span + step, 0, BLOCK_N, BLOCK_N))
+    for tile_i in range(first // BLOCK_N, tile):
+        merged = _merge_partials(merged, _load_partials(col_parts_ptr, tile_i * num_tiles + tile, 0, BLOCK_N, BLOCK_N))
+    logit_max, logit_sum, emph_max, emph_sum, pos_logit, pos_weight, pos_count = merged
     # Anchors without partners (groups of 1) keep neutral values so everything stays finite.
     has_partner = end - start >= 2
     logit_max = tl.where(has_partner, logit_max, 0.0)
@@ -280,17 +501,17 @@ def _forward_kernel(
     logit_sum = tl.where(has_partner, logit_sum, 1.0)
     emph_sum = tl.where(has_partner, emph_sum, 1.0)
     partners = (end - start - 1).to(tl.float32)
-    pos_count = pos_count.to(tl.float32)
     logit_lse = logit_max + tl.log(logit_sum)
     loss = -partners / emph_sum * (pos_logit - logit_lse * pos_weight) / tl.maximum(pos_count, 1.0)
     tl.store(stats_ptr + rows, loss, mask=row_ok)
     saved = row_ok & (need_grad != 0)
-    tl.store(stats_ptr + 1 * batch + rows, row_norm, mask=saved)
+    tl.store(stats_ptr + 1 * batch + rows, tl.sqrt(row_sum_sq), mask=saved)
     tl.store(stats_ptr + 2 * batch + rows, logit_lse, mask=saved)
     tl.store(stats_ptr + 3 * batch + rows, emph_max + tl.log(emph_sum), mask=saved)
     tl.store(stats_ptr + 4 * batch + rows, partners * pos_weight / emph_sum, mask=saved)
     tl.store(stats_ptr + 5 * batch + rows, pos_count, mask=saved)
-    if is_last_program(tickets_ptr, 0, tl.num_programs(0)):
+    tl.store(tickets_ptr + tile, 0)
+    if is_last_program(tickets_ptr, num_tiles, num_tiles):
         _finish_loss(
             offsets_ptr,
             stats_ptr,
@@ -305,7 +526,7 @@ def _forward_kernel(
             FINISH_GROUPS,
             FINISH_ANCHORS,
         )
-        tl.store(tickets_ptr, 0)
+        tl.store(tickets_ptr + num_tiles, 0)
 
 
 @triton.jit
@@ -435,24 +656,29 @@ def _gradient_kernel(
     """out[order[rows], slice] = dloss/dz for the program's anchors and its SLICE features
     (grid axis 1), times the upstream gradient `grad_loss`, in out's dtype."""
     rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
-        order_ptr, labels_ptr, offsets_ptr, batch, num_groups, search_steps, BLOCK_M
+        order_ptr, labels_ptr, offsets_ptr, tl.program_id(0), batch, num_groups, search_steps, BLOCK_M
     )
     partners = ((end - start).to(tl.float32) - 1.0)[:, None]
     slope = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(saved_ptr + _NUM_STATS * batch + group)
     row_norm = tl.load(saved_ptr + batch + rows, mask=row_ok, other=1.0)
     inv_rows = _inverse_norm(row_norm)
-    anchors = (rows, row_ok, row_samples, start, end, row_labels, inv_rows)
-    tile = _pair_inputs(z_ptr, order_ptr, labels_ptr, width, last, anchors, tau, eta)
-    inv_tau, eta, inv_eta = tile[-1]
+    inv_tau = 1.0 / tl.cast(tau, tl.float32)
+    eta = tl.cast(eta, tl.float32)
+    inv_eta = 1.0 / eta
     lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(saved_ptr, rows, row_ok, batch)
     k = tl.program_id(1).to(tl.int64) * SLICE + tl.arange(0, SLICE)
     k_ok = k < width
     d_features = tl.zeros((BLOCK_M, SLICE), dtype=tl.float32)
     projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(first, last, BLOCK_N):
-        cols, col_ok, col_samples, inv_cols, c, s, log_r, partner, positive = _pair_tile(
-            tile, saved_ptr + batch, c0, BLOCK_N, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, True
+        cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, c0, last, BLOCK_N)
+        acc, _, _ = _raw_products(
+            z_ptr, row_samples, row_ok, col_samples, col_ok, width, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False, False
         )
+        inv_cols = _inverse_norm(tl.load(saved_ptr + batch + cols, mask=col_ok, other=1.0))
+        c = _scaled_cosines(acc, inv_rows, inv_cols)
+        s, log_r = _pair_logits(c, inv_tau, eta, inv_eta)
+        partner, positive = _pair_masks(rows, row_ok, start, end, row_labels, cols, col_labels)
         lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(saved_ptr, cols, col_ok, batch)
         g_ij = _anchor_cosine_grad(
             c,
@@ -502,17 +728,44 @@ def _gradient_kernel(
     tl.store(out_ptr + row_samples[:, None] * width + k[None, :], dz.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def tile_span(batch: int, num_groups: int, block_n: int) -> int:
+    """Column tiles `tile_i .. tile_i + span - 1` hold every partner of tile `tile_i`'s
+    anchors when no group is larger than the random partition's largest, `cdiv(B, G)`."""
+    return min(triton.cdiv(batch, block_n), (block_n + triton.cdiv(batch, num_groups) - 2) // block_n + 1)
+
+
+def band_programs(batch: int, num_groups: int, block_n: int) -> int:
+    """Programs of the forward: `min(span, T - tile)` per tile of T."""
+    num_tiles, span = triton.cdiv(batch, block_n), tile_span(batch, num_groups, block_n)
+    return sum(min(span, num_tiles - tile) for tile in range(num_tiles))
+
+
 def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
-    """`(BLOCK_M, BLOCK_N)`: partner blocks as wide as the random partition's largest group
-    (`cdiv(B, G)`, 16 to MAX_TILE); anchor tiles start at half that (16 to MAX_ANCHORS) and
-    are halved (down to 16) while the grid `cdiv(B, BLOCK_M)` holds at most
-    TARGET_PROGRAMS / 2 programs, so small batches still spread over the SMs. The grid never
-    depends on the group sizes."""
+    """`(BLOCK_M, BLOCK_N)` of the forward: square pair tiles as wide as the random
+    partition's largest group (`cdiv(B, G)`, 16 to MAX_TILE), halved (down to 16) while the
+    band holds at most TARGET_PROGRAMS / 2 programs, so small batches still spread over the
+    SMs; a program takes its tile pair in BLOCK_M-row parts (half the width, at least 16).
+    The grid never depends on the group sizes."""
     block_n = min(MAX_TILE, max(16, triton.next_power_of_2(triton.cdiv(batch, num_groups))))
-    block_m = max(16, min(block_n // 2, MAX_ANCHORS))
-    while block_m > 16 and 2 * triton.cdiv(batch, block_m) <= TARGET_PROGRAMS:
-        block_m //= 2
-    return block_m, block_n
+    while block_n > 16 and 2 * band_programs(batch, num_groups, block_n) <= TARGET_PROGRAMS:
+        block_n //= 2
+    return max(16, block_n // 2), block_n
+
+
+def _band(num_tiles: int, span: int, device: torch.device) -> torch.Tensor:
+    """`(P, 2)` int32 `(tile, step)` of the forward's programs, tile by tile; built on the
+    device without a host read."""
+    tiles = torch.arange(num_tiles, device=device)
+    counts = (num_tiles - tiles).clamp(max=span)
+    total = sum(min(span, num_tiles - tile) for tile in range(num_tiles))
+    program_tiles = torch.repeat_interleave(tiles, counts, output_size=total)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=total)
+    steps = torch.arange(total, device=device) - starts
+    return torch.stack([program_tiles, steps], dim=1).to(torch.int32)
+
+
+# The forward's program table depends only on (tiles, span, device): built once.
+band = kept_between_calls(_band)
 
 
 def gradient_plan(batch: int, width: int) -> tuple[int, int, int]:
@@ -540,7 +793,7 @@ def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
 # pipelined: num_stages 1). Forward: 4 warps below 32x32 tiles, else 8. Gradient: 8 warps
 # for slices of 128 and 256; slices of 32 take 4 warps and unpipelined loads (exact fp32
 # products spill otherwise), one config. Every config is checked spill-free.
-FORWARD_PLANS = ((16, 16), (16, 32), (16, 64), (32, 64))  # what tile_plan picks
+FORWARD_PLANS = ((16, 16), (16, 32), (32, 64))  # what tile_plan picks
 
 
 def _forward_configs(block_m: int, block_n: int) -> list[triton.Config]:
@@ -607,20 +860,29 @@ def girl_forward(
     risk_var = features.new_empty((), dtype=torch.float32)
     stats = features.new_empty((NUM_STATS * batch + num_groups if need_grad else batch,), dtype=torch.float32)
     block_m, block_n = tile_plan(batch, num_groups)
-    wrap_triton(_forward_kernels[block_m, block_n])[(triton.cdiv(batch, block_m),)](
+    num_tiles, span = triton.cdiv(batch, block_n), tile_span(batch, num_groups, block_n)
+    programs = band(num_tiles, span, features)
+    partials = NUM_PARTIALS * block_n
+    row_parts = features.new_empty((num_tiles * span * partials,), dtype=torch.float32)
+    col_parts = features.new_empty((num_tiles * num_tiles * partials,), dtype=torch.float32)
+    wrap_triton(_forward_kernels[block_m, block_n])[(programs.shape[0],)](
         features,
         order,
         labels,
         offsets,
+        programs,
+        row_parts,
+        col_parts,
         stats,
         risks,
         loss,
         risk_var,
-        zeroed_tickets(features, 1),
+        zeroed_tickets(features, num_tiles + 1),
         batch,
         width,
         num_groups,
         _search_steps(num_groups),
+        span,
         tau,
         eta,
         lambda_var,
