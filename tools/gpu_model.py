@@ -249,10 +249,11 @@ def _girl_step(shape, backward):
     batch, width, groups = shape
     features = torch.randn(batch, width, generator=_generator()).requires_grad_(backward)
     labels = torch.randint(0, 52, (batch,), generator=_generator())
+    grad = torch.randn((), generator=_generator())  # the upstream gradient, given as for every op
     call = lambda: piumr_kernels.girl_loss(features, labels, num_groups=groups, generator=_generator())
     if not backward:
         return lambda: _no_grad(call)
-    return lambda: torch.autograd.grad(call(), features)
+    return lambda: torch.autograd.grad(call(), features, grad)
 
 
 def _tfam_statistics_step(shape, backward):

@@ -56,6 +56,7 @@ from .reference import uniform_offsets
 
 BLOCK_K = 64  # feature-width chunk of the cosine products
 MAX_TILE = 64  # the forward's pair tile side for large groups
+FORWARD_BLOCK_M = 16  # rows of a pair tile the forward takes at a time
 # The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
 # B = 4096), cosines in 64-wide feature chunks on tensor cores, and slices of features whose
 # dF block stays in registers; every slice recomputes its tiles' cosines, so a grid that
@@ -172,6 +173,19 @@ def _raw_products(
             b32 = b.to(tl.float32)
             col_sum_sq += tl.sum(b32 * b32, axis=1)
     return acc, row_sum_sq, col_sum_sq
+
+
+@triton.jit
+def _squared_norms(z_ptr, samples, ok, width, BLOCK_K: tl.constexpr):
+    """Squared norms of the rows `samples` (0 where not `ok`), over the width in BLOCK_K chunks."""
+    k = tl.arange(0, BLOCK_K)
+    sum_sq = tl.zeros((samples.shape[0],), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        z = tl.load(
+            z_ptr + samples[:, None] * width + k0 + k[None, :], mask=ok[:, None] & (k0 + k < width)[None, :], other=0.0
+        ).to(tl.float32)
+        sum_sq += tl.sum(z * z, axis=1)
+    return sum_sq
 
 
 @triton.jit
@@ -344,15 +358,14 @@ def _forward_kernel(
     tile_rows = _anchor_tile(order_ptr, labels_ptr, offsets_ptr, tile_i, batch, num_groups, search_steps, BLOCK_N)
     tile_first = tile_rows[7]
     tile_last = tile_rows[8]
-    for half in tl.static_range(BLOCK_N // BLOCK_M):
-        _store_partials(row_parts_ptr, slot, half * BLOCK_M, _no_partials(BLOCK_M), BLOCK_N)
+    _store_partials(row_parts_ptr, slot, 0, _no_partials(BLOCK_N), BLOCK_N)
     # Column tiles tile_i + step, then every span-th up to the tile's partner range end (one
     # for the random partition, whose groups the band covers).
     for tile_j in range(tile_i + step, (tile_last - 1) // BLOCK_N + 1, span):
         cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, tile_j * BLOCK_N, tile_last, BLOCK_N)
+        inv_cols = _inverse_norm(tl.sqrt(_squared_norms(z_ptr, col_samples, col_ok, width, BLOCK_K)))
         columns = _no_partials(BLOCK_N)
-        inv_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for half in tl.static_range(BLOCK_N // BLOCK_M):
+        for half in range(BLOCK_N // BLOCK_M):
             rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
                 order_ptr,
                 labels_ptr,
@@ -375,10 +388,8 @@ def _forward_kernel(
                 NATIVE_BF16,
                 NUM_STAGES,
                 True,
-                half == 0,
+                False,
             )
-            if half == 0:
-                inv_cols = _inverse_norm(tl.sqrt(col_sum_sq))
             c = _scaled_cosines(acc, _inverse_norm(tl.sqrt(row_sum_sq)), inv_cols)
             s, log_r = _pair_logits(c, inv_tau, eta, inv_eta)
             partner, positive = _pair_masks(rows, row_ok, start, end, row_labels, cols, col_labels)
@@ -479,15 +490,7 @@ def _finish_tile(
     rows, row_ok, samples, group, start, end, row_labels, first, last = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, tile, batch, num_groups, search_steps, BLOCK_N
     )
-    k = tl.arange(0, BLOCK_K)
-    row_sum_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_K):
-        z = tl.load(
-            z_ptr + samples[:, None] * width + k0 + k[None, :],
-            mask=row_ok[:, None] & (k0 + k < width)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        row_sum_sq += tl.sum(z * z, axis=1)
+    row_sum_sq = _squared_norms(z_ptr, samples, row_ok, width, BLOCK_K // 2)
     merged = _no_partials(BLOCK_N)
     for step in range(0, tl.minimum(span, num_tiles - tile)):
         merged = _merge_partials(merged, _load_partials(row_parts_ptr, tile * span + step, 0, BLOCK_N, BLOCK_N))
@@ -606,16 +609,23 @@ def _anchor_cosine_grad(
     inv_tau,
     eta,
     inv_eta,
-    DETACH_WEIGHTS: tl.constexpr,
 ):
-    """dl_i/dc_ij for anchors along rows (stats as (BLOCK, 1) or (1, BLOCK) columns); see girl.cpp."""
+    """dl_i/dc_ij through the weights too, for anchors along rows (stats as (BLOCK, 1) or
+    (1, BLOCK) columns); see girl.cpp. Detached weights: `_detached_exponents`."""
     prob = tl.exp(s - logit_lse)
     w = partners * tl.exp(log_r - emphasis_lse)
     g = -inv_tau * inv_m * (tl.where(positive, w, 0.0) - positive_weight * prob)
-    if not DETACH_WEIGHTS:
-        q = tl.where(positive, -inv_m * (s - logit_lse), 0.0)
-        g += w * (q - anchor_loss / partners) * (-(c - eta) * inv_eta * inv_eta)
-    return g
+    q = tl.where(positive, -inv_m * (s - logit_lse), 0.0)
+    return g + w * (q - anchor_loss / partners) * (-(c - eta) * inv_eta * inv_eta)
+
+
+@triton.jit
+def _detached_exponents(logit_lse, emphasis_lse, positive_weight, inv_m, inv_tau):
+    """`(A, B)` with which, weights detached, dl_i/dc_ij = exp(s_ij - A_i) - [j in P(i)]
+    (|I_g| - 1) exp(log r_ij - B_i): `_anchor_cosine_grad`'s factors folded into the
+    exponents (A = +inf for an anchor without positives: that term is 0)."""
+    scale = inv_tau * inv_m
+    return logit_lse - tl.log(scale * positive_weight), emphasis_lse - tl.log(scale)
 
 
 @triton.jit
@@ -666,54 +676,78 @@ def _gradient_kernel(
     eta = tl.cast(eta, tl.float32)
     inv_eta = 1.0 / eta
     lse_i, emph_i, wpos_i, loss_i, inv_m_i = _load_anchor_stats(saved_ptr, rows, row_ok, batch)
+    if DETACH_WEIGHTS:
+        logit_i, emph_i_shift = _detached_exponents(lse_i, emph_i, wpos_i, inv_m_i, inv_tau)
     k = tl.program_id(1).to(tl.int64) * SLICE + tl.arange(0, SLICE)
     k_ok = k < width
     d_features = tl.zeros((BLOCK_M, SLICE), dtype=tl.float32)
     projection = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # f_i . dF_i = sum_j H_ij c_ij; with every feature in this program's slice, from dF itself
+    # after the loop (once per anchor instead of once per pair).
+    whole_rows = width <= SLICE
     for c0 in range(first, last, BLOCK_N):
         cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, c0, last, BLOCK_N)
         acc, _, _ = _raw_products(
-            z_ptr, row_samples, row_ok, col_samples, col_ok, width, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False, False
+            z_ptr,
+            row_samples,
+            row_ok,
+            col_samples,
+            col_ok,
+            width,
+            BLOCK_K,
+            PRECISION,
+            NATIVE_BF16,
+            NUM_STAGES,
+            False,
+            False,
         )
         inv_cols = _inverse_norm(tl.load(saved_ptr + batch + cols, mask=col_ok, other=1.0))
         c = _scaled_cosines(acc, inv_rows, inv_cols)
         s, log_r = _pair_logits(c, inv_tau, eta, inv_eta)
         partner, positive = _pair_masks(rows, row_ok, start, end, row_labels, cols, col_labels)
         lse_j, emph_j, wpos_j, loss_j, inv_m_j = _load_anchor_stats(saved_ptr, cols, col_ok, batch)
-        g_ij = _anchor_cosine_grad(
-            c,
-            s,
-            log_r,
-            positive,
-            lse_i[:, None],
-            emph_i[:, None],
-            wpos_i[:, None],
-            loss_i[:, None],
-            inv_m_i[:, None],
-            partners,
-            inv_tau,
-            eta,
-            inv_eta,
-            DETACH_WEIGHTS,
-        )
-        g_ji = _anchor_cosine_grad(
-            c,
-            s,
-            log_r,
-            positive,
-            lse_j[None, :],
-            emph_j[None, :],
-            wpos_j[None, :],
-            loss_j[None, :],
-            inv_m_j[None, :],
-            partners,
-            inv_tau,
-            eta,
-            inv_eta,
-            DETACH_WEIGHTS,
-        )
-        h = tl.where(partner, slope[:, None] * (g_ij + g_ji), 0.0)
-        projection += tl.sum(h * c, axis=1)
+        if DETACH_WEIGHTS:
+            # g_ij = exp(s_ij - A_i) - [j in P(i)] (|I_g| - 1) exp(log r_ij - B_i) (see
+            # `_detached_exponents`): two exponentials per pair and side.
+            logit_j, emph_j_shift = _detached_exponents(lse_j, emph_j, wpos_j, inv_m_j, inv_tau)
+            softmax_part = tl.exp(s - logit_i[:, None]) + tl.exp(s - logit_j[None, :])
+            weight_part = tl.exp(log_r - emph_i_shift[:, None]) + tl.exp(log_r - emph_j_shift[None, :])
+            g_sum = softmax_part - partners * tl.where(positive, weight_part, 0.0)
+        else:
+            g_ij = _anchor_cosine_grad(
+                c,
+                s,
+                log_r,
+                positive,
+                lse_i[:, None],
+                emph_i[:, None],
+                wpos_i[:, None],
+                loss_i[:, None],
+                inv_m_i[:, None],
+                partners,
+                inv_tau,
+                eta,
+                inv_eta,
+            )
+            g_ji = _anchor_cosine_grad(
+                c,
+                s,
+                log_r,
+                positive,
+                lse_j[None, :],
+                emph_j[None, :],
+                wpos_j[None, :],
+                loss_j[None, :],
+                inv_m_j[None, :],
+                partners,
+                inv_tau,
+                eta,
+                inv_eta,
+            )
+            g_sum = g_ij + g_ji
+        h = tl.where(partner, slope[:, None] * g_sum, 0.0)
+        if not whole_rows:
+            projection += tl.sum(h * c, axis=1)
         # H f = (H / ||z_cols||) z: the partners' norms scale the tile, not their slice (fewer
         # multiplies when the slice is wider than the anchor tile).
         z_cols = tl.load(
@@ -721,9 +755,11 @@ def _gradient_kernel(
         )
         d_features = tl.dot(h * inv_cols[None, :], z_cols.to(tl.float32), d_features, input_precision=PRECISION)
     # f = z / max(||z||, eps): dz = (df - f (f . df)) / ||z|| when ||z|| >= eps, else df / eps.
-    projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
     mask = row_ok[:, None] & k_ok[None, :]
     f = tl.load(z_ptr + row_samples[:, None] * width + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if whole_rows:
+        projection = inv_rows * tl.sum(f * d_features, axis=1)
+    projection = tl.where(row_norm >= NORM_EPS, projection, 0.0)
     dz = inv_rows[:, None] * (d_features - f * inv_rows[:, None] * projection[:, None])
     tl.store(out_ptr + row_samples[:, None] * width + k[None, :], dz.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -744,12 +780,12 @@ def tile_plan(batch: int, num_groups: int) -> tuple[int, int]:
     """`(BLOCK_M, BLOCK_N)` of the forward: square pair tiles as wide as the random
     partition's largest group (`cdiv(B, G)`, 16 to MAX_TILE), halved (down to 16) while the
     band holds at most TARGET_PROGRAMS / 2 programs, so small batches still spread over the
-    SMs; a program takes its tile pair in BLOCK_M-row parts (half the width, at least 16).
-    The grid never depends on the group sizes."""
+    SMs; a program takes its tile pair in parts of BLOCK_M = 16 rows (wider parts spill on
+    sm_80/sm_90). The grid never depends on the group sizes."""
     block_n = min(MAX_TILE, max(16, triton.next_power_of_2(triton.cdiv(batch, num_groups))))
     while block_n > 16 and 2 * band_programs(batch, num_groups, block_n) <= TARGET_PROGRAMS:
         block_n //= 2
-    return max(16, block_n // 2), block_n
+    return FORWARD_BLOCK_M, block_n
 
 
 def _band(num_tiles: int, span: int, device: torch.device) -> torch.Tensor:
@@ -793,7 +829,7 @@ def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
 # pipelined: num_stages 1). Forward: 4 warps below 32x32 tiles, else 8. Gradient: 8 warps
 # for slices of 128 and 256; slices of 32 take 4 warps and unpipelined loads (exact fp32
 # products spill otherwise), one config. Every config is checked spill-free.
-FORWARD_PLANS = ((16, 16), (16, 32), (32, 64))  # what tile_plan picks
+FORWARD_PLANS = ((16, 16), (16, 32), (16, 64))  # what tile_plan picks
 
 
 def _forward_configs(block_m: int, block_n: int) -> list[triton.Config]:
