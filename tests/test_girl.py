@@ -274,6 +274,33 @@ def test_large_group_takes_streaming_path(backend, monkeypatch):
         check_against_reference(features, labels, 1, detach_weights=detach_weights, var_grad=True)
 
 
+@pytest.mark.parametrize("sizes", [[60, 4, 6], [5, 70, 1, 14], [1, 63]])
+def test_triton_forward_band_reaches_larger_groups(sizes, monkeypatch):
+    """The forward's band of column tiles covers the random partition's groups; explicit
+    groups larger than that are reached by a program taking every span-th column tile after
+    its first (its rows' partials merged across them). 16-wide tiles (a program target the
+    band never reaches) make the group of 60 or 70 span more tiles than the band."""
+    if reason := piumr_kernels.backends._availability("triton", torch.device(DEVICE)):
+        pytest.skip(reason)
+    from piumr_kernels.girl import triton_kernels
+    from piumr_kernels.launch_state import zeroed_tickets
+
+    monkeypatch.setattr(triton_kernels, "TARGET_PROGRAMS", 10_000)
+    batch, num_groups = sum(sizes), len(sizes)
+    block_m, block_n = triton_kernels.tile_plan(batch, num_groups)
+    assert (block_m, block_n) == (16, 16)
+    span = triton_kernels.tile_span(batch, num_groups, block_n)
+    assert max(sizes) > span * block_n - block_n  # some tile's partners lie beyond its band
+    ids = torch.repeat_interleave(torch.arange(num_groups), torch.tensor(sizes))
+    ids = ids[torch.randperm(batch, generator=torch.Generator().manual_seed(1))].to(DEVICE)
+    features, labels = make_inputs(batch, 20, num_classes=3, seed=len(sizes))
+    with use_backend("triton"):
+        for detach_weights in (True, False):
+            check_against_reference(features, labels, num_groups, groups=ids, detach_weights=detach_weights)
+    # Every ticket is back at zero for the next launch.
+    assert not zeroed_tickets(features, triton_kernels.triton.cdiv(batch, block_n) + 1).any()
+
+
 # (B, G, threads): groups above the cpp tile side (256) are streamed over tiles I <= J,
 # split into one chunk per thread. Three row blocks with a 3-row remainder (515 = 2 * 256
 # + 3), two streamed groups of 300, a 256-sample group (one tile, kept whole) next to a

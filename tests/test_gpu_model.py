@@ -91,7 +91,7 @@ LAUNCHES = [
     ("sinkhorn", (64, 4, 4, 2), 1, 0, 2, 0),  # packed tier
     ("sinkhorn", (1, 16, 16, 2), 1, 0, 2, 0),  # one_matrix tier
     ("sinkhorn", (1, 65, 64, 2), 1, 0, 2, 0),  # streaming tier (GPU tiles)
-    ("girl", (12, 16, 2), 1, 1, 2, 2),  # torch: the permutation (offsets kept); autograd.grad's ones
+    ("girl", (12, 16, 2), 1, 1, 2, 1),  # torch: the permutation (offsets and program table kept)
     ("tfam_statistics", (1, 2, 2, 8, 8), 1, 0, 2, 0),  # after the first call (test_tfam_allocates_its_tickets_once)
     ("tfam_combine", (1, 2, 2, 8, 8), 1, 0, 2, 0),
 ]

@@ -2,13 +2,11 @@
 through `FusedOp` in op.py; same schemas as the cpp ops).
 
 Layout: the samples in group order (`order`; `offsets`, `G + 1` boundaries into it) are cut
-into tiles of `BLOCK_M` consecutive anchors, one program per tile, so the grid is
-`cdiv(B, BLOCK_M)` whatever the group sizes. A tile may hold the end of one group and the
-start of the next: each anchor finds its group by a binary search in `offsets`, and the
-program streams over the partner range of all its anchors (first anchor's group start to
-last anchor's group end) in blocks of `BLOCK_N`, masking pairs from different groups, with
-online log-sum-exps, so nothing `B x B` is formed. Rows are read through `order` inside the
-kernels (no gathered copy of the features).
+into tiles of consecutive positions. A tile may hold the end of one group and the start of
+the next: each position finds its group by a binary search in `offsets`, and pairs from
+different groups are masked. A tile's partner range runs from its first position's group
+start to its last position's group end. Nothing `B x B` is formed, and rows are read through
+`order` inside the kernels (no gathered copy of the features).
 
 Cosine tiles are raw products `z_i . z_j` accumulated over the feature width in chunks of
 `BLOCK_K` with `tl.dot` (tensor cores: bf16/fp16 operands as they come, fp32 operands as
@@ -17,19 +15,27 @@ inverse norms afterwards. A row whose squared norm overflows has inverse norm 0 
 cosine 0 (a zero row, as `F.normalize`), not `inf * 0`.
 
 One launch per direction:
-- the forward kernel: per-anchor statistics (see `NUM_STATS`; row norms computed in the
-  kernel); the last program to finish (an int32 ticket, `launch_state.is_last_program`)
-  forms the group risks, the loss `mean L_g + lambda_var Var L_g` over the groups of at
-  least 2 members and the variance, and with a gradient coming `dloss/dL_g / |I_g|` per
-  group. The statistics and those slopes are what the backward recomputes from; without a
-  gradient only the anchor losses are stored.
+- the forward kernel computes each pair once. Pair tiles are `BLOCK_N` square; tile
+  `tile_i` pairs with the column tiles `tile_j >= tile_i` of its partner range. One program
+  per `(tile_i, step)` of a band (`band`, `tile_span`) takes `tile_j = tile_i + step`, and
+  every `span`-th after it (none for the random partition, whose groups the band covers),
+  in `BLOCK_M`-row parts. From every tile it keeps partial statistics (`NUM_PARTIALS`,
+  online log-sum-exps) both for its rows, over the partners in the columns, and for its
+  columns, over the rows. The last program to contribute to a tile merges them in a fixed
+  order into per-anchor statistics (`NUM_STATS`, int32 tickets, `launch_state.
+  is_last_program`). The last tile finished forms the group risks, the loss
+  `mean L_g + lambda_var Var L_g` over the groups of at least 2 members and the variance,
+  and with a gradient coming `dloss/dL_g / |I_g|` per group. The statistics and those slopes
+  are what the backward recomputes from; without a gradient only the anchor losses are
+  stored. Deterministic: no float atomics.
 - the gradient kernel (the backward): `dloss/dz` for the program's anchors over one slice of
-  `SLICE` features, one program per (anchor tile, slice). It recomputes the tiles' cosines,
-  forms `H_ij = s_g (g_ij + g_ji)` (`g_ij = dl_i/dc_ij` from the saved statistics, `s_g` the
+  `SLICE` features, one program per (anchor tile of `BLOCK_M`, slice), streaming over the
+  tile's partner range in blocks of `BLOCK_N`. It recomputes the tiles' cosines, forms
+  `H_ij = s_g (g_ij + g_ji)` (`g_ij = dl_i/dc_ij` from the saved statistics, `s_g` the
   group's slope times the upstream gradient), accumulates `dF = H f` for the slice in
-  registers over the partner blocks with the projection `f_i . dF_i = sum_j H_ij c_ij`, and
-  writes the normalization backward once, in the features' dtype and batch order. Rows of
-  groups of fewer than 2 members get 0.
+  registers over the partner blocks with the projection `f_i . dF_i`, and writes the
+  normalization backward once, in the features' dtype and batch order. Rows of groups of
+  fewer than 2 members get 0.
 
 Both kernels are autotuned on the shape (`triton_autotune`), one autotuned kernel per tile
 plan (the grid follows the plan, so the launcher keeps it): a GPU picks the pipelining depth
