@@ -155,13 +155,11 @@ def _raw_products(
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     ROW_NORMS: tl.constexpr,
-    COLUMN_NORMS: tl.constexpr,
 ):
-    """`(z_rows . z_cols, sum z_rows^2, sum z_cols^2)` over the width in BLOCK_K chunks (loads
-    pipelined over NUM_STAGES); the squared norms from the same loads, when asked for (else 0)."""
+    """`(z_rows . z_cols, sum z_rows^2)` over the width in BLOCK_K chunks (loads pipelined over
+    NUM_STAGES); the rows' squared norms from the same loads with ROW_NORMS, else 0."""
     acc = tl.zeros((row_samples.shape[0], col_samples.shape[0]), dtype=tl.float32)
     row_sum_sq = tl.zeros((row_samples.shape[0],), dtype=tl.float32)
-    col_sum_sq = tl.zeros((col_samples.shape[0],), dtype=tl.float32)
     k = tl.arange(0, BLOCK_K)
     for k0 in tl.range(0, width, BLOCK_K, num_stages=NUM_STAGES):
         k_ok = k0 + k < width
@@ -175,10 +173,7 @@ def _raw_products(
         if ROW_NORMS:
             a32 = a.to(tl.float32)
             row_sum_sq += tl.sum(a32 * a32, axis=1)
-        if COLUMN_NORMS:
-            b32 = b.to(tl.float32)
-            col_sum_sq += tl.sum(b32 * b32, axis=1)
-    return acc, row_sum_sq, col_sum_sq
+    return acc, row_sum_sq
 
 
 @triton.jit
@@ -354,6 +349,10 @@ def _forward_kernel(
     NATIVE_BF16: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
+    """Program `(tile_i, step)` of the band (`band_ptr`): the pair tiles of row tile `tile_i`
+    with column tiles `tile_i + step + k * span` in its partner range, in BLOCK_M-row parts;
+    row partials in block `tile_i * span + step` of `row_parts_ptr`, column partials of tile
+    `tile_j` in block `tile_i * T + tile_j` of `col_parts_ptr` (T tiles)."""
     tile_i = tl.load(band_ptr + 2 * tl.program_id(0)).to(tl.int64)
     step = tl.load(band_ptr + 2 * tl.program_id(0) + 1).to(tl.int64)
     num_tiles = tl.cdiv(batch, BLOCK_N)
@@ -369,20 +368,21 @@ def _forward_kernel(
     # for the random partition, whose groups the band covers).
     for tile_j in range(tile_i + step, (tile_last - 1) // BLOCK_N + 1, span):
         cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, tile_j * BLOCK_N, tile_last, BLOCK_N)
+        # The columns' norms once, in a pass of their own (in the parts' product loops they spill).
         inv_cols = _inverse_norm(tl.sqrt(_squared_norms(z_ptr, col_samples, col_ok, width, BLOCK_K)))
         columns = _no_partials(BLOCK_N)
-        for half in range(BLOCK_N // BLOCK_M):
+        for part in range(BLOCK_N // BLOCK_M):
             rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
                 order_ptr,
                 labels_ptr,
                 offsets_ptr,
-                tile_i * (BLOCK_N // BLOCK_M) + half,
+                tile_i * (BLOCK_N // BLOCK_M) + part,
                 batch,
                 num_groups,
                 search_steps,
                 BLOCK_M,
             )
-            acc, row_sum_sq, col_sum_sq = _raw_products(
+            acc, row_sum_sq = _raw_products(
                 z_ptr,
                 row_samples,
                 row_ok,
@@ -394,16 +394,15 @@ def _forward_kernel(
                 NATIVE_BF16,
                 NUM_STAGES,
                 True,
-                False,
             )
             c = _scaled_cosines(acc, _inverse_norm(tl.sqrt(row_sum_sq)), inv_cols)
             s, log_r = _pair_logits(c, inv_tau, eta, inv_eta)
             partner, positive = _pair_masks(rows, row_ok, start, end, row_labels, cols, col_labels)
             # This program's earlier stores of the rows' partials (other threads) come first.
             tl.debug_barrier()
-            rows_so_far = _load_partials(row_parts_ptr, slot, half * BLOCK_M, BLOCK_M, BLOCK_N)
+            rows_so_far = _load_partials(row_parts_ptr, slot, part * BLOCK_M, BLOCK_M, BLOCK_N)
             rows_now = _tile_partials(s, log_r, partner, positive, 1)
-            _store_partials(row_parts_ptr, slot, half * BLOCK_M, _merge_partials(rows_so_far, rows_now), BLOCK_N)
+            _store_partials(row_parts_ptr, slot, part * BLOCK_M, _merge_partials(rows_so_far, rows_now), BLOCK_N)
             columns = _merge_partials(columns, _tile_partials(s, log_r, partner, positive, 0))
         if tile_j != tile_i:
             _store_partials(col_parts_ptr, tile_i * num_tiles + tile_j, 0, columns, BLOCK_N)
@@ -693,19 +692,8 @@ def _gradient_kernel(
     whole_rows = width <= SLICE
     for c0 in range(first, last, BLOCK_N):
         cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, c0, last, BLOCK_N)
-        acc, _, _ = _raw_products(
-            z_ptr,
-            row_samples,
-            row_ok,
-            col_samples,
-            col_ok,
-            width,
-            BLOCK_K,
-            PRECISION,
-            NATIVE_BF16,
-            NUM_STAGES,
-            False,
-            False,
+        acc, _ = _raw_products(
+            z_ptr, row_samples, row_ok, col_samples, col_ok, width, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, False
         )
         inv_cols = _inverse_norm(tl.load(saved_ptr + batch + cols, mask=col_ok, other=1.0))
         c = _scaled_cosines(acc, inv_rows, inv_cols)
