@@ -5,13 +5,14 @@
   must build its tables fresh: a cached real tensor must not enter a traced graph, nor a fake
   one be cached, nor a tensor from a graph's private memory pool outlive the graph.
 - `zeroed_tickets(like, count)`: `count` int32 counters, all zero, for kernels whose last
-  program per item finishes a reduction (`is_last_program`, used by TFAM's reductions and
-  DCT's split sums). Each such kernel sets every counter it uses back to zero before it
-  ends, so one buffer per (device, stream) serves every later launch on that stream without
-  a fill; launches on one stream run one after another, so they never share a counter at
-  the same time.
+  program per item finishes a reduction (`is_last_program`, used by TFAM's reductions,
+  DCT's split sums and GIRL's tile statistics). Each such kernel sets every counter it uses
+  back to zero before it ends, so one buffer per (device, stream) serves every later launch
+  on that stream without a fill; launches on one stream run one after another, so they
+  never share a counter at the same time.
 - `kept_between_calls(build)`: a table `build(*key, device)` kept per (key, device) for
-  later calls, built fresh when `traced` (DCT's filter tables, GIRL's partition boundaries).
+  later calls, built fresh when `traced` (DCT's filter tables, GIRL's partition boundaries and
+  forward program table).
 
 Only the Triton launchers import this module.
 """

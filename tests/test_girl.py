@@ -264,7 +264,7 @@ def test_large_group_takes_streaming_path(backend, monkeypatch):
         # Small stand-ins for the GPU block sizes so the interpreter streams over several
         # partner blocks and feature chunks at a small shape.
         monkeypatch.setattr(triton_kernels, "MAX_TILE", 16)
-        monkeypatch.setattr(triton_kernels, "BLOCK_K", 16)
+        monkeypatch.setattr(triton_kernels, "PRODUCT_BLOCK_K", (16, 16))
         batch, width = 45, 40
         assert triton_kernels.tile_plan(batch, 1) == (16, 16)
     else:

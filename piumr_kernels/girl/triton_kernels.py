@@ -60,19 +60,18 @@ from ..triton_variants import KernelVariant, autotuned_variants
 from .precision import TRITON_FP32_PRECISIONS, set_triton_fp32_precision, triton_fp32_precision
 from .reference import uniform_offsets
 
-BLOCK_K = 64  # feature-width chunk of the cosine products
+# Feature chunks of the cosine products: 64 on tensor cores; exact fp32 products run on the
+# FMA pipe with their operands in registers and take 32 (64 spill on sm_80/sm_90).
+PRODUCT_BLOCK_K = (64, 32)  # tensor-core products, exact fp32 products
 MAX_TILE = 64  # the forward's pair tile side for large groups
 FORWARD_BLOCK_M = 16  # rows of a pair tile the forward takes at a time
 # The gradient kernel's tiles: 16 anchors (twice the programs of 32-anchor tiles at
-# B = 4096), cosines in 64-wide feature chunks on tensor cores, and slices of features whose
-# dF block stays in registers; every slice recomputes its tiles' cosines, so a grid that
-# fills the GPU anyway takes slices of 256 (over steps of 16 partners), else 128 (over steps
-# of 32: twice the programs). Exact fp32 products run on the FMA pipe with their operands in
-# registers: they take 32-wide chunks (64 spill on sm_80/sm_90). Widths up to 32 take
+# B = 4096) and slices of features whose dF block stays in registers; every slice recomputes
+# its tiles' cosines, so a grid that fills the GPU anyway takes slices of 256 (over steps of
+# 16 partners), else 128 (over steps of 32: twice the programs). Widths up to 32 take
 # slices of 32 over steps of 16 partners; slices of 256 over 32 partners spill on
 # sm_80/sm_90. Warps and pipelining: the autotuned configs below.
 GRAD_BLOCK_M = 16
-GRAD_BLOCK_K = (64, 32)  # tensor-core products, exact fp32 products
 GRAD_SLICES = {32: 16, 128: 32, 256: 16}  # slice -> BLOCK_N
 TARGET_PROGRAMS = 132  # the tile kernels' programs aim at one per SM of an H100 at least
 FINISH_GROUPS = tl.constexpr(32)  # groups per step of the loss combination (last forward program)
@@ -811,24 +810,23 @@ def gradient_plan(batch: int, width: int) -> tuple[int, int, int]:
     return GRAD_BLOCK_M, GRAD_SLICES[slice_width], slice_width
 
 
-def gradient_block_k(dtype: torch.dtype, precision: str) -> int:
-    """The gradient kernel's feature chunk for features of `dtype` at fp32 product `precision`."""
-    return GRAD_BLOCK_K[dtype == torch.float32 and precision == "ieee"]
+def product_block_k(dtype: torch.dtype, precision: str) -> int:
+    """The products' feature chunk for features of `dtype` at fp32 product `precision`."""
+    return PRODUCT_BLOCK_K[dtype == torch.float32 and precision == "ieee"]
 
 
 # Autotuned configs (triton_autotune; the first is the design configuration, which the
 # interpreter runs). The tile plan and the warps are the launcher's design (the grid follows
 # the plan; the other warp count spills on sm_80/sm_90 for most plans); a GPU picks how many
 # stages pipeline the products' feature-chunk loads, 2 or 3 (the other loops are not
-# pipelined: num_stages 1). Forward: 4 warps below 32x32 tiles, else 8. Gradient: 8 warps
+# pipelined: num_stages 1). Forward: 8 warps (4 spill on sm_80). Gradient: 8 warps
 # for slices of 128 and 256; slices of 32 take 4 warps and unpipelined loads (exact fp32
 # products spill otherwise), one config. Every config is checked spill-free.
 FORWARD_PLANS = ((16, 16), (16, 32), (16, 64))  # what tile_plan picks
 
 
-def _forward_configs(block_m: int, block_n: int) -> list[triton.Config]:
-    warps = 4 if block_m * block_n < 1024 else 8
-    return [triton.Config({"NUM_STAGES": stages}, num_warps=warps, num_stages=1) for stages in (2, 3)]
+def _forward_configs() -> list[triton.Config]:
+    return [triton.Config({"NUM_STAGES": stages}, num_warps=8, num_stages=1) for stages in (2, 3)]
 
 
 def _gradient_configs(slice_width: int) -> list[triton.Config]:
@@ -841,7 +839,7 @@ def _gradient_configs(slice_width: int) -> list[triton.Config]:
 # every key), the gradient also per weight mode.
 FORWARD_KEY = ["batch", "width", "num_groups", "PRECISION"]
 GRADIENT_KEY = FORWARD_KEY + ["DETACH_WEIGHTS"]
-_forward_kernels = {plan: autotune(_forward_configs(*plan), key=FORWARD_KEY)(_forward_kernel) for plan in FORWARD_PLANS}
+_forward_kernels = {plan: autotune(_forward_configs(), key=FORWARD_KEY)(_forward_kernel) for plan in FORWARD_PLANS}
 _gradient_kernels = {
     slice_width: autotune(_gradient_configs(slice_width), key=GRADIENT_KEY)(_gradient_kernel)
     for slice_width in GRAD_SLICES
@@ -852,11 +850,11 @@ def _search_steps(num_groups: int) -> int:
     return num_groups.bit_length()  # halvings of G + 1 candidates down to one
 
 
-def _tile_constexprs(block_m: int, block_n: int, block_k: int = BLOCK_K) -> dict:
+def _tile_constexprs(block_m: int, block_n: int, dtype: torch.dtype) -> dict:
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
-        "BLOCK_K": block_k,
+        "BLOCK_K": product_block_k(dtype, triton_fp32_precision()),
         "PRECISION": triton_fp32_precision(),
         "NATIVE_BF16": not triton_interpreting(),
     }
@@ -919,7 +917,7 @@ def girl_forward(
         lambda_var if var_grad else 0.0,
         # A float flag: the JIT would specialize an int 1 into another binary than 0.
         float(need_grad),
-        **_tile_constexprs(block_m, block_n),
+        **_tile_constexprs(block_m, block_n, features.dtype),
     )
     return loss, risks, risk_var, stats if need_grad else stats[:0]
 
@@ -956,7 +954,7 @@ def girl_backward(
         _search_steps(num_groups),
         DETACH_WEIGHTS=detach_weights,
         SLICE=slice_width,
-        **_tile_constexprs(block_m, block_n, gradient_block_k(features.dtype, triton_fp32_precision())),
+        **_tile_constexprs(block_m, block_n, features.dtype),
     )
     return grad_features
 
@@ -978,13 +976,13 @@ def aot_variants() -> list[KernelVariant]:
         for dtype in _AOT_DTYPES:
             z = {"z_ptr": f"*{dtype}"}
             for precision in TRITON_FP32_PRECISIONS:
-                forward = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": BLOCK_K, "PRECISION": precision}
+                block_k = product_block_k(_AOT_DTYPES[dtype], precision)
+                forward = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "PRECISION": precision}
                 plan = f"{dtype},{precision},BLOCK_M={block_m},BLOCK_N={block_n}"
                 kernel = _forward_kernels[block_m, block_n]
                 for variant in autotuned_variants(f"girl.forward[{plan}]", kernel, {**forward, "NATIVE_BF16": True}, z):
                     variants[variant.name] = variant
-                grad_block_k = gradient_block_k(_AOT_DTYPES[dtype], precision)
-                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n, "BLOCK_K": grad_block_k}
+                gradient = {**forward, "BLOCK_M": grad_block_m, "BLOCK_N": grad_block_n}
                 plan = f"{dtype},{precision},BLOCK_M={grad_block_m},BLOCK_N={grad_block_n},SLICE={slice_width}"
                 for detach in (True, False):
                     constexprs = {"DETACH_WEIGHTS": detach, "SLICE": slice_width, **gradient, "NATIVE_BF16": True}
