@@ -307,17 +307,6 @@ def _load_partials(parts_ptr, slot, first_row, BLOCK: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _contributions(offsets_ptr, tile, span, num_tiles, num_groups, search_steps, BLOCK_N: tl.constexpr):
-    """`(first tile, count)`: the tile's partials come from its own `min(span, T - tile)`
-    programs and from one column contribution of every earlier tile its group reaches back
-    to, `first tile .. tile - 1`."""
-    position = tile * BLOCK_N + tl.zeros((2,), dtype=tl.int64)
-    first = tl.min(tl.load(offsets_ptr + _group_of(offsets_ptr, position, num_groups, search_steps)), axis=0)
-    first_tile = first // BLOCK_N
-    return first_tile, tl.minimum(span, num_tiles - tile) + tile - first_tile
-
-
-@triton.jit
 def _forward_kernel(
     z_ptr,
     order_ptr,
@@ -359,9 +348,17 @@ def _forward_kernel(
     inv_tau = 1.0 / tl.cast(tau, tl.float32)
     eta = tl.cast(eta, tl.float32)
     inv_eta = 1.0 / eta
+    # The tile's partner range: its first position's group start to its last one's end.
     tile_rows = _anchor_tile(order_ptr, labels_ptr, offsets_ptr, tile_i, batch, num_groups, search_steps, BLOCK_N)
-    tile_first = tile_rows[7]
     tile_last = tile_rows[8]
+    # What the last contributor to a tile needs to finish it (`_finish_tile`).
+    finishing = (
+        (z_ptr, order_ptr, labels_ptr, offsets_ptr),
+        (row_parts_ptr, col_parts_ptr, tickets_ptr),
+        (stats_ptr, risks_ptr, loss_ptr, var_ptr),
+        (batch, width, num_groups, search_steps, span),
+        (lambda_var, lambda_grad, need_grad),
+    )
     _store_partials(row_parts_ptr, slot, 0, _no_partials(BLOCK_N), BLOCK_N)
     # Column tiles tile_i + step, then every span-th up to the tile's partner range end (one
     # for the random partition, whose groups the band covers).
@@ -371,7 +368,7 @@ def _forward_kernel(
         inv_cols = _inverse_norm(tl.sqrt(_squared_norms(z_ptr, col_samples, col_ok, width, BLOCK_K)))
         columns = _no_partials(BLOCK_N)
         for part in range(BLOCK_N // BLOCK_M):
-            rows, row_ok, row_samples, group, start, end, row_labels, first, last = _anchor_tile(
+            rows, row_ok, samples, group, start, end, row_labels, first, last = _anchor_tile(
                 order_ptr,
                 labels_ptr,
                 offsets_ptr,
@@ -382,17 +379,7 @@ def _forward_kernel(
                 BLOCK_M,
             )
             acc, row_sum_sq = _raw_products(
-                z_ptr,
-                row_samples,
-                row_ok,
-                col_samples,
-                col_ok,
-                width,
-                BLOCK_K,
-                PRECISION,
-                NATIVE_BF16,
-                NUM_STAGES,
-                True,
+                z_ptr, samples, row_ok, col_samples, col_ok, width, BLOCK_K, PRECISION, NATIVE_BF16, NUM_STAGES, True
             )
             c = _scaled_cosines(acc, _inverse_norm(tl.sqrt(row_sum_sq)), inv_cols)
             s, log_r = _pair_logits(c, inv_tau, eta, inv_eta)
@@ -405,92 +392,44 @@ def _forward_kernel(
             columns = _merge_partials(columns, _tile_partials(s, log_r, partner, positive, 0))
         if tile_j != tile_i:
             _store_partials(col_parts_ptr, tile_i * num_tiles + tile_j, 0, columns, BLOCK_N)
-            first_j, count_j = _contributions(offsets_ptr, tile_j, span, num_tiles, num_groups, search_steps, BLOCK_N)
-            if is_last_program(tickets_ptr, tile_j, count_j):
-                _finish_tile(
-                    tile_j,
-                    span,
-                    num_tiles,
-                    z_ptr,
-                    order_ptr,
-                    labels_ptr,
-                    offsets_ptr,
-                    row_parts_ptr,
-                    col_parts_ptr,
-                    stats_ptr,
-                    risks_ptr,
-                    loss_ptr,
-                    var_ptr,
-                    tickets_ptr,
-                    batch,
-                    width,
-                    num_groups,
-                    search_steps,
-                    lambda_var,
-                    lambda_grad,
-                    need_grad,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
-    count_i = tl.minimum(span, num_tiles - tile_i) + tile_i - tile_first // BLOCK_N
-    if is_last_program(tickets_ptr, tile_i, count_i):
-        _finish_tile(
-            tile_i,
-            span,
-            num_tiles,
-            z_ptr,
-            order_ptr,
-            labels_ptr,
-            offsets_ptr,
-            row_parts_ptr,
-            col_parts_ptr,
-            stats_ptr,
-            risks_ptr,
-            loss_ptr,
-            var_ptr,
-            tickets_ptr,
-            batch,
-            width,
-            num_groups,
-            search_steps,
-            lambda_var,
-            lambda_grad,
-            need_grad,
-            BLOCK_N,
-            BLOCK_K,
-        )
+            first_j = _group_start(offsets_ptr, tile_j * BLOCK_N, num_groups, search_steps)
+            _contributed(tile_j, first_j, finishing, BLOCK_N, BLOCK_K)
+    _contributed(tile_i, tile_rows[7], finishing, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _finish_tile(
-    tile,
-    span,
-    num_tiles,
-    z_ptr,
-    order_ptr,
-    labels_ptr,
-    offsets_ptr,
-    row_parts_ptr,
-    col_parts_ptr,
-    stats_ptr,
-    risks_ptr,
-    loss_ptr,
-    var_ptr,
-    tickets_ptr,
-    batch,
-    width,
-    num_groups,
-    search_steps,
-    lambda_var,
-    lambda_grad,
-    need_grad,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def _group_start(offsets_ptr, position, num_groups, search_steps):
+    """Start of the group holding `position` (in group order)."""
+    positions = position + tl.zeros((2,), dtype=tl.int64)
+    return tl.min(tl.load(offsets_ptr + _group_of(offsets_ptr, positions, num_groups, search_steps)), axis=0)
+
+
+@triton.jit
+def _contributed(tile, first, finishing, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Counts this program's contribution to `tile`, after its stores of the partials. The
+    tile's partials come from its own `min(span, T - tile)` programs and from one column
+    contribution of every earlier tile that the group of its first position (starting at
+    `first`) reaches back to; the last of them finishes the tile (`_finish_tile`)."""
+    tickets_ptr = finishing[1][2]
+    batch, span = finishing[3][0], finishing[3][4]
+    count = tl.minimum(span, tl.cdiv(batch, BLOCK_N) - tile) + tile - first // BLOCK_N
+    if is_last_program(tickets_ptr, tile, count):
+        _finish_tile(tile, finishing, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _finish_tile(tile, finishing, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Run by the last program to contribute to `tile`: merges its partials in a fixed order
     (its own programs', then the earlier tiles' column contributions), stores its anchors'
     statistics (NUM_STATS) and releases its ticket; the last tile to finish then combines
-    the loss (`_finish_loss`)."""
+    the loss (`_finish_loss`). `finishing`: the forward kernel's pointers and sizes."""
+    inputs, parts, outputs, sizes, loss_options = finishing
+    z_ptr, order_ptr, labels_ptr, offsets_ptr = inputs
+    row_parts_ptr, col_parts_ptr, tickets_ptr = parts
+    stats_ptr, risks_ptr, loss_ptr, var_ptr = outputs
+    batch, width, num_groups, search_steps, span = sizes
+    lambda_var, lambda_grad, need_grad = loss_options
+    num_tiles = tl.cdiv(batch, BLOCK_N)
     rows, row_ok, samples, group, start, end, row_labels, first, last = _anchor_tile(
         order_ptr, labels_ptr, offsets_ptr, tile, batch, num_groups, search_steps, BLOCK_N
     )
