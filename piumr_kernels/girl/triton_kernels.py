@@ -340,7 +340,7 @@ def _forward_kernel(
     """Program `(tile_i, step)` of the band (`band_ptr`): the pair tiles of row tile `tile_i`
     with column tiles `tile_i + step + k * span` in its partner range, in BLOCK_M-row parts;
     row partials in block `tile_i * span + step` of `row_parts_ptr`, column partials of tile
-    `tile_j` in block `tile_i * T + tile_j` of `col_parts_ptr` (T tiles)."""
+    `tile_j > tile_i` in block `_pair_slot(tile_i, tile_j, T)` of `col_parts_ptr` (T tiles)."""
     tile_i = tl.load(band_ptr + 2 * tl.program_id(0)).to(tl.int64)
     step = tl.load(band_ptr + 2 * tl.program_id(0) + 1).to(tl.int64)
     num_tiles = tl.cdiv(batch, BLOCK_N)
@@ -391,10 +391,16 @@ def _forward_kernel(
             _store_partials(row_parts_ptr, slot, part * BLOCK_M, _merge_partials(rows_so_far, rows_now), BLOCK_N)
             columns = _merge_partials(columns, _tile_partials(s, log_r, partner, positive, 0))
         if tile_j != tile_i:
-            _store_partials(col_parts_ptr, tile_i * num_tiles + tile_j, 0, columns, BLOCK_N)
+            _store_partials(col_parts_ptr, _pair_slot(tile_i, tile_j, num_tiles), 0, columns, BLOCK_N)
             first_j = _group_start(offsets_ptr, tile_j * BLOCK_N, num_groups, search_steps)
             _contributed(tile_j, first_j, finishing, BLOCK_N, BLOCK_K)
     _contributed(tile_i, tile_rows[7], finishing, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _pair_slot(tile_i, tile_j, num_tiles):
+    """Block of tile pair `tile_i < tile_j` among the T (T - 1) / 2 such pairs, row by row."""
+    return tile_i * (num_tiles - 1) - tile_i * (tile_i - 1) // 2 + tile_j - tile_i - 1
 
 
 @triton.jit
@@ -438,7 +444,8 @@ def _finish_tile(tile, finishing, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     for step in range(0, tl.minimum(span, num_tiles - tile)):
         merged = _merge_partials(merged, _load_partials(row_parts_ptr, tile * span + step, 0, BLOCK_N, BLOCK_N))
     for tile_i in range(first // BLOCK_N, tile):
-        merged = _merge_partials(merged, _load_partials(col_parts_ptr, tile_i * num_tiles + tile, 0, BLOCK_N, BLOCK_N))
+        column_part = _load_partials(col_parts_ptr, _pair_slot(tile_i, tile, num_tiles), 0, BLOCK_N, BLOCK_N)
+        merged = _merge_partials(merged, column_part)
     logit_max, logit_sum, emph_max, emph_sum, pos_logit, pos_weight, pos_count = merged
     # Anchors without partners (groups of 1) keep neutral values so everything stays finite.
     has_partner = end - start >= 2
@@ -831,7 +838,7 @@ def girl_forward(
     programs = band(num_tiles, span, features)
     partials = NUM_PARTIALS * block_n
     row_parts = features.new_empty((num_tiles * span * partials,), dtype=torch.float32)
-    col_parts = features.new_empty((num_tiles * num_tiles * partials,), dtype=torch.float32)
+    col_parts = features.new_empty((num_tiles * (num_tiles - 1) // 2 * partials,), dtype=torch.float32)
     wrap_triton(_forward_kernels[block_m, block_n])[(programs.shape[0],)](
         features,
         order,
