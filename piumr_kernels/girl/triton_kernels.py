@@ -362,6 +362,7 @@ def _forward_kernel(
     _store_partials(row_parts_ptr, slot, 0, _no_partials(BLOCK_N), BLOCK_N)
     # Column tiles tile_i + step, then every span-th up to the tile's partner range end (one
     # for the random partition, whose groups the band covers).
+    pair_slots = _pair_slot(tile_i, 0, num_tiles)  # + tile_j: the block of pair (tile_i, tile_j)
     for tile_j in range(tile_i + step, (tile_last - 1) // BLOCK_N + 1, span):
         cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, tile_j * BLOCK_N, tile_last, BLOCK_N)
         # The columns' norms once, in a pass of their own (in the parts' product loops they spill).
@@ -391,7 +392,7 @@ def _forward_kernel(
             _store_partials(row_parts_ptr, slot, part * BLOCK_M, _merge_partials(rows_so_far, rows_now), BLOCK_N)
             columns = _merge_partials(columns, _tile_partials(s, log_r, partner, positive, 0))
         if tile_j != tile_i:
-            _store_partials(col_parts_ptr, _pair_slot(tile_i, tile_j, num_tiles), 0, columns, BLOCK_N)
+            _store_partials(col_parts_ptr, pair_slots + tile_j, 0, columns, BLOCK_N)
             first_j = _group_start(offsets_ptr, tile_j * BLOCK_N, num_groups, search_steps)
             _contributed(tile_j, first_j, finishing, BLOCK_N, BLOCK_K)
     _contributed(tile_i, tile_rows[7], finishing, BLOCK_N, BLOCK_K)
