@@ -363,7 +363,9 @@ def _forward_kernel(
     # Column tiles tile_i + step, then every span-th up to the tile's partner range end (one
     # for the random partition, whose groups the band covers).
     pair_slots = _pair_slot(tile_i, 0, num_tiles)  # + tile_j: the block of pair (tile_i, tile_j)
-    for tile_j in range(tile_i + step, (tile_last - 1) // BLOCK_N + 1, span):
+    first_j = tile_i + step
+    end_j = (tile_last - 1) // BLOCK_N + 1
+    for tile_j in range(first_j, end_j, span):
         cols, col_ok, col_samples, col_labels = _columns(order_ptr, labels_ptr, tile_j * BLOCK_N, tile_last, BLOCK_N)
         # The columns' norms once, in a pass of their own (in the parts' product loops they spill).
         inv_cols = _inverse_norm(tl.sqrt(_squared_norms(z_ptr, col_samples, col_ok, width, BLOCK_K)))
@@ -393,9 +395,18 @@ def _forward_kernel(
             columns = _merge_partials(columns, _tile_partials(s, log_r, partner, positive, 0))
         if tile_j != tile_i:
             _store_partials(col_parts_ptr, pair_slots + tile_j, 0, columns, BLOCK_N)
-            first_j = _group_start(offsets_ptr, tile_j * BLOCK_N, num_groups, search_steps)
-            _contributed(tile_j, first_j, finishing, BLOCK_N, BLOCK_K)
-    _contributed(tile_i, tile_rows[7], finishing, BLOCK_N, BLOCK_K)
+    # Then this program's contributions count: to each column tile it stored partials of,
+    # and last to its row tile.
+    num_columns = tl.cdiv(tl.maximum(end_j - first_j, 0), span)
+    for k in range(0, num_columns + 1):
+        tile = first_j + k * span
+        group_start = tile_rows[7]
+        if k == num_columns:
+            tile = tile_i
+        elif tile != tile_i:
+            group_start = _group_start(offsets_ptr, tile * BLOCK_N, num_groups, search_steps)
+        if k == num_columns or tile != tile_i:
+            _contributed(tile, group_start, finishing, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
